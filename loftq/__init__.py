@@ -1,0 +1,15 @@
+"""LoftQ maths in pure torch: quantizers, bit packing, the alternating solver, residual tables.
+
+No files, no printing, no device moves: every function runs where its inputs live (CPU or CUDA).
+"""
+from .codebooks import int8_codebook, nf_codebook, uniform_codebook
+from .packing import pack, packed_numel, unpack
+from .quant import (METHODS, QuantConfig, QuantizedTensor, check_finite, dequantize, expected_nbytes,
+                    quantize, stored_absmax)
+from .registry import Registry
+
+__all__ = [
+    "METHODS", "QuantConfig", "QuantizedTensor", "Registry", "check_finite", "dequantize",
+    "expected_nbytes", "int8_codebook", "nf_codebook", "pack", "packed_numel", "quantize",
+    "stored_absmax", "uniform_codebook", "unpack",
+]

@@ -1,0 +1,234 @@
+"""Blockwise codebook quantization: ``quantize(w, bits, ...) -> QuantizedTensor`` and back.
+
+Semantics follow bitsandbytes so its kernels can consume our codes: the tensor is flattened, cut
+into ``ceil(numel / block_size)`` blocks, each block is scaled by ``1 / absmax`` (fp32), clamped to
+[-1, 1] and rounded to the nearest codebook entry (ties go to the lower entry); the tail block is
+divided by its absmax. Dequantization is ``codebook[code] * absmax`` in fp32, cast to the dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from .codebooks import int8_codebook, nf_codebook, uniform_codebook
+from .packing import pack, packed_numel, unpack
+from .registry import Registry
+
+DQ_BLOCK = 256  # block of the second-level (double) quantization of the absmax constants
+
+
+@dataclass(frozen=True)
+class Method:
+    """A quantization scheme: a codebook per width and how blocks are laid out."""
+
+    name: str
+    bits: tuple[int, ...]
+    codebook: Callable[[int], torch.Tensor]
+    rowwise: bool = False  # one block per row of the last dim (bnb's int8 layout)
+    description: str = ""
+
+
+METHODS: Registry[Method] = Registry("quantization method")
+METHODS.add("nf", Method("nf", (2, 4, 8), nf_codebook, description="NormalFloat-k, blockwise absmax"))
+METHODS.add("uniform", Method("uniform", (2, 4, 8), uniform_codebook, description="symmetric uniform, blockwise absmax"))
+METHODS.add("int8", Method("int8", (8,), lambda b: int8_codebook(), rowwise=True,
+                           description="bitsandbytes row-wise int8: round(127 x / row absmax)"))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one weight is quantized. ``block_size`` is ignored by row-wise methods."""
+
+    bits: int
+    method: str = "nf"
+    block_size: int = 64
+    double_quant: bool = False
+
+    def __post_init__(self) -> None:
+        m = METHODS.get(self.method)  # raises listing the known methods
+        if self.bits not in m.bits:
+            raise ValueError(f"method {self.method!r} supports bits {m.bits}, got bits={self.bits!r}")
+        bs = self.block_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 16 or bs & (bs - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {bs!r}")
+
+    @property
+    def spec(self) -> Method:
+        return METHODS.get(self.method)
+
+    @property
+    def quant_name(self) -> str:
+        """Short name for plans and tables: nf4, nf2, nf8, int8, uniform4, ..."""
+        if self.method == "int8":
+            return "int8"
+        return f"{self.method}{self.bits}"
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes plus every constant needed to dequantize.
+
+    ``packed``: uint8 [packed_numel]. Without double quantization ``absmax`` is fp32 [n_blocks];
+    with it, ``absmax`` is None and ``absmax_codes`` (uint8 [n_blocks]), ``absmax_scale`` (fp32
+    [ceil(n_blocks / 256)]) and ``absmax_offset`` (fp32 [1]) hold it. Codebooks are global
+    constants of the method and are not stored per tensor.
+    """
+
+    packed: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    config: QuantConfig
+    absmax: torch.Tensor | None = None
+    absmax_codes: torch.Tensor | None = None
+    absmax_scale: torch.Tensor | None = None
+    absmax_offset: torch.Tensor | None = None
+    block: int = field(default=64)  # effective block length (row length for row-wise methods)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.block)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        names = ("absmax", "absmax_codes", "absmax_scale", "absmax_offset")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes stored: packed codes plus every constant tensor."""
+        total = self.packed.numel() * self.packed.element_size()
+        for t in self.constants().values():
+            total += t.numel() * t.element_size()
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        moved = {k: v.to(device) for k, v in self.constants().items()}
+        return replace(self, packed=self.packed.to(device), **moved)
+
+
+def expected_nbytes(numel: int, config: QuantConfig, row: int | None = None) -> int:
+    """Bytes :func:`quantize` stores for ``numel`` weights (``row``: last-dim size, row-wise methods)."""
+    block = row if config.spec.rowwise else config.block_size
+    if block is None:
+        raise ValueError("row-wise methods need the row length")
+    n_blocks = -(-numel // block)
+    consts = 4 * n_blocks
+    if config.double_quant:
+        consts = n_blocks + 4 * (-(-n_blocks // DQ_BLOCK)) + 4
+    return packed_numel(numel, config.bits) + consts
+
+
+def check_finite(weight: torch.Tensor, what: str = "weight") -> None:
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"{what} contains {bad} non-finite value(s) (NaN or Inf); refusing to quantize")
+
+
+def _blocks(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    """[n] fp32 -> zero-padded [n_blocks, block] and the tail length (0 = no tail)."""
+    tail = flat.numel() % block
+    if tail:
+        flat = torch.cat([flat, flat.new_zeros(block - tail)])
+    return flat.view(-1, block), tail
+
+
+def _encode(flat: torch.Tensor, block: int, codebook: torch.Tensor, absmax: torch.Tensor | None,
+            rowwise: bool, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [n] -> (uint8 codes [n, padded to a whole byte], absmax [n_blocks]).
+
+    ``absmax`` given: use it instead of the blocks' own (double quantization).
+    """
+    n = flat.numel()
+    blocks, tail = _blocks(flat, block)
+    if absmax is None:
+        absmax = blocks.abs().amax(dim=1)
+    safe = absmax.clamp(min=1e-38).unsqueeze(1)
+    if rowwise:  # bnb int8: round(x * (127 / absmax)), code index = value + 127
+        codes = torch.round(blocks * (127.0 / safe)).clamp_(-127, 127).add_(127)
+        return codes.to(torch.uint8).reshape(-1)[:n], absmax
+    # Keep the zero-padded tail codes up to a whole byte: bnb packs the zero code there.
+    keep = n + (-n) % (8 // bits)
+    scaled = blocks * (1.0 / safe)
+    if tail:  # bnb divides the tail block instead of multiplying by the reciprocal
+        scaled[-1] = blocks[-1] / safe[-1]
+    scaled.clamp_(-1.0, 1.0)
+    bounds = (codebook[:-1] + codebook[1:]) / 2
+    codes = torch.bucketize(scaled.reshape(-1)[:keep], bounds, out_int32=True)
+    return codes.to(torch.uint8), absmax
+
+
+def _double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
+    offset = absmax.mean().reshape(1)
+    centred = absmax - offset
+    codes, scale = _encode(centred, DQ_BLOCK, uniform_codebook(8).to(absmax.device), None, False)
+    return {"absmax_codes": codes, "absmax_scale": scale, "absmax_offset": offset}
+
+
+def _dq_absmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    values = uniform_codebook(8).to(codes.device)[codes.long()]
+    blocks, _ = _blocks(values, DQ_BLOCK)
+    return (blocks * scale.unsqueeze(1)).reshape(-1)[: codes.numel()] + offset
+
+
+def quantize(weight: torch.Tensor, bits: int | None = None, *, method: str = "nf", block_size: int = 64,
+             double_quant: bool = False, config: QuantConfig | None = None) -> QuantizedTensor:
+    """Quantize ``weight`` (any shape; fp32, fp16 or bf16) with a codebook and blockwise absmax.
+
+    Either pass ``bits`` (+ method, block_size, double_quant) or a ready :class:`QuantConfig`.
+    Raises ``ValueError`` on non-finite input or an unsupported (method, bits) pair.
+    """
+    if config is None:
+        if bits is None:
+            raise ValueError("quantize() needs bits or a QuantConfig")
+        config = QuantConfig(bits, method, block_size, double_quant)
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    check_finite(weight)
+    spec = config.spec
+    block = weight.shape[-1] if spec.rowwise else config.block_size
+    flat = weight.detach().reshape(-1).float()
+    codebook = spec.codebook(config.bits).to(weight.device)
+    absmax = None
+    consts: dict[str, torch.Tensor] = {}
+    if config.double_quant:
+        true_absmax = _blocks(flat, block)[0].abs().amax(dim=1)
+        consts = _double_quantize(true_absmax)
+        # Encode against the absmax that dequantization will see, not the exact one.
+        absmax = _dq_absmax(consts["absmax_codes"], consts["absmax_scale"], consts["absmax_offset"])
+    codes, absmax = _encode(flat, block, codebook, absmax, spec.rowwise, config.bits)
+    if not config.double_quant:
+        consts = {"absmax": absmax.float()}
+    return QuantizedTensor(pack(codes, config.bits), tuple(weight.shape), weight.dtype, config,
+                           block=block, **consts)
+
+
+def stored_absmax(qt: QuantizedTensor) -> torch.Tensor:
+    """The fp32 [n_blocks] absmax actually used to dequantize."""
+    if qt.absmax is not None:
+        return qt.absmax
+    return _dq_absmax(qt.absmax_codes, qt.absmax_scale, qt.absmax_offset)
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """QuantizedTensor -> tensor of ``qt.shape`` in ``dtype`` (default: the original dtype).
+
+    Computed in fp32 (codebook value times absmax), then cast, as bitsandbytes does.
+    """
+    codes = unpack(qt.packed, qt.config.bits, qt.numel)
+    codebook = qt.config.spec.codebook(qt.config.bits).to(codes.device)
+    values = codebook[codes.long()]
+    blocks, _ = _blocks(values, qt.block)
+    out = (blocks * stored_absmax(qt).unsqueeze(1)).reshape(-1)[: qt.numel]
+    return out.reshape(qt.shape).to(dtype or qt.dtype)
