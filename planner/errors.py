@@ -1,0 +1,8 @@
+"""User-facing errors: the CLI prints ``str(err)`` as one line on stderr and exits with status 2."""
+from __future__ import annotations
+
+
+class PlannerError(Exception):
+    """Bad input or an impossible request (budget, model, plan file, data, ...). One clear line."""
+
+    exit_code = 2

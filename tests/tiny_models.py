@@ -1,0 +1,58 @@
+"""Tiny random-init checkpoints of seven architectures, built offline from transformers configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, BertConfig,
+                          GPT2Config, LlamaConfig, MistralConfig, PhiConfig, PretrainedConfig, Qwen2Config,
+                          T5Config)
+
+ARCHS = ("llama", "mistral", "qwen2", "phi", "gpt2", "bert", "t5", "bart")
+
+
+def tiny_config(arch: str) -> PretrainedConfig:
+    """A small config whose every Linear is distinct in shape where the architecture allows."""
+    common = dict(vocab_size=320, tie_word_embeddings=False)
+    if arch in ("llama", "mistral", "qwen2"):
+        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+        return cls(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "phi":
+        return PhiConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=256, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=256, vocab_size=320, bos_token_id=0,
+                          eos_token_id=1)
+    if arch == "bert":
+        return BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                          max_position_embeddings=256, vocab_size=320)
+    if arch == "t5":
+        return T5Config(d_model=64, d_ff=160, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+                        vocab_size=320, decoder_start_token_id=0)
+    if arch == "bart":
+        return BartConfig(d_model=64, encoder_ffn_dim=160, decoder_ffn_dim=160, encoder_layers=2,
+                          decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                          max_position_embeddings=256, vocab_size=320)
+    raise KeyError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS)}")
+
+
+def build_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    """Random-init model (fp32, eval mode); causal LM head for decoders, seq2seq for t5/bart."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    if arch == "bert":
+        model = AutoModel.from_config(cfg)
+    elif arch in ("t5", "bart"):
+        model = AutoModelForSeq2SeqLM.from_config(cfg)
+    else:
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+def save_tiny_checkpoint(arch: str, directory: Path, max_shard_size: str = "40KB", seed: int = 0) -> Path:
+    """Write the tiny model as SHARDED safetensors (+ config.json) into ``directory``."""
+    model = build_tiny(arch, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, max_shard_size=max_shard_size, safe_serialization=True)
+    return directory
