@@ -13,3 +13,6 @@ __all__ = [
     "expected_nbytes", "int8_codebook", "nf_codebook", "pack", "packed_numel", "quantize",
     "stored_absmax", "uniform_codebook", "unpack",
 ]
+from .solver import DEFAULT_RANKS, LoftQResult, calibration_factor, loftq, residual_table
+
+__all__ += ["DEFAULT_RANKS", "LoftQResult", "calibration_factor", "loftq", "residual_table"]

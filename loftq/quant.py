@@ -16,7 +16,8 @@ from .codebooks import int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack
 from .registry import Registry
 
-DQ_BLOCK = 256  # block of the second-level (double) quantization of the absmax constants
+DQ_BLOCK = 256
+INT8_RECIPROCAL = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it  # block of the second-level (double) quantization of the absmax constants
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,10 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     Computed in fp32 (codebook value times absmax), then cast, as bitsandbytes does.
     """
     codes = unpack(qt.packed, qt.config.bits, qt.numel)
+    if qt.config.spec.rowwise:  # bnb's int8 arithmetic, in its order: c * absmax * (1/127)
+        rows = (codes.float() - 127.0).view(-1, qt.block)
+        out = rows * stored_absmax(qt).view(-1, 1) * INT8_RECIPROCAL
+        return out.reshape(qt.shape).to(dtype or qt.dtype)
     codebook = qt.config.spec.codebook(qt.config.bits).to(codes.device)
     values = codebook[codes.long()]
     blocks, _ = _blocks(values, qt.block)

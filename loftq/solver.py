@@ -1,0 +1,171 @@
+"""The LoftQ alternating solver and residual tables.
+
+For W (out x in) and a quantizer q, from A = B = 0:
+    Q_t = q(W - B_{t-1} A_{t-1});   B_t, A_t = rank-r truncated SVD of (W - Q_t)
+W ~= dequantize(Q) + B @ A with B: out x r, A: r x in (PEFT: lora_B @ lora_A).
+
+Data-aware variant: with H = X^T X / n (in x in, second moment of the layer's inputs) and
+H + damp = L L^T, minimise ||(W - Q - BA) L||_F: the best rank-r BA is the truncated SVD of
+(W - Q) L mapped back by L^{-1}. Residuals are relative to ||W|| (or ||W L||).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from .quant import QuantConfig, QuantizedTensor, check_finite, dequantize, quantize
+
+DEFAULT_RANKS = (0, 8, 16, 32, 64)
+
+
+@dataclass
+class LoftQResult:
+    """Best iterate of the alternating solver.
+
+    ``lora_a``: [rank, in], ``lora_b``: [out, rank] (fp32, on the weight's device).
+    ``errors[t]``: relative residual ||W - deq(Q_t) - B_t A_t||_F / ||W||_F of iteration t+1;
+    ``weighted_errors`` the same under the calibration metric (data-aware runs only).
+    ``best_iter``: 1-based index of the iterate kept.
+    """
+
+    quantized: QuantizedTensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    errors: list[float]
+    weighted_errors: list[float] = field(default_factory=list)
+    best_iter: int = 1
+
+    @property
+    def error(self) -> float:
+        return self.errors[self.best_iter - 1]
+
+
+def calibration_factor(second_moment: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Lower Cholesky factor L of H + damp * mean(diag H) * I; H: [in, in] input second moment."""
+    h = second_moment.double()
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"calibration second moment must be square [in, in], got {tuple(h.shape)}")
+    check_finite(h, "calibration second moment")
+    ridge = damp * h.diagonal().mean().clamp(min=1e-12)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.cholesky(h + ridge * eye).to(second_moment.dtype if second_moment.is_floating_point() else torch.float32)
+
+
+def _low_rank(residual: torch.Tensor, rank: int, factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r (B [out, r], A [r, in]) of ``residual`` [out, in] (in the L-weighted norm if given)."""
+    target = residual if factor is None else residual @ factor
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    root = s[:rank].sqrt()
+    b = u[:, :rank] * root
+    a = root.unsqueeze(1) * vh[:rank]
+    if factor is not None:  # A L = a  =>  A = a L^{-1}
+        a = torch.linalg.solve_triangular(factor, a, upper=False, left=False)
+    return b, a
+
+
+def _config(bits: int, method: str | Mapping[int, str], block_size: int, double_quant: bool) -> QuantConfig:
+    m = method if isinstance(method, str) else method.get(bits, "nf")
+    return QuantConfig(bits, m, block_size, double_quant)
+
+
+def loftq(weight: torch.Tensor, bits: int, rank: int, *, iters: int = 1, method: str | Mapping[int, str] = "nf",
+          block_size: int = 64, double_quant: bool = False, calibration: torch.Tensor | None = None,
+          damp: float = 0.01) -> LoftQResult:
+    """LoftQ for one weight [out, in]; returns the best of ``iters`` iterates.
+
+    ``calibration``: optional input second moment H [in, in]; then the low-rank step and the
+    choice of the best iterate use ||(W - Q - BA) L||, L L^T = H + damp.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"loftq() takes a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    if not isinstance(rank, int) or rank < 0 or rank > min(weight.shape):
+        raise ValueError(f"rank must be an int in [0, {min(weight.shape)}], got {rank!r}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    check_finite(weight)
+    cfg = _config(bits, method, block_size, double_quant)
+    w = weight.detach().float()
+    factor = calibration_factor(calibration.to(w.device).float(), damp) if calibration is not None else None
+    w_norm = w.norm().clamp(min=1e-30)
+    wl_norm = (w @ factor).norm().clamp(min=1e-30) if factor is not None else w_norm
+    b = w.new_zeros(w.shape[0], rank)
+    a = w.new_zeros(rank, w.shape[1])
+    best: LoftQResult | None = None
+    best_score = float("inf")
+    errors: list[float] = []
+    weighted: list[float] = []
+    for t in range(iters):
+        qt = quantize(w - b @ a, config=cfg) if rank and t else quantize(w, config=cfg)
+        residual = w - dequantize(qt, torch.float32)
+        if rank:
+            b, a = _low_rank(residual, rank, factor)
+            residual = residual - b @ a
+        errors.append(float(residual.norm() / w_norm))
+        score = errors[-1]
+        if factor is not None:
+            weighted.append(float((residual @ factor).norm() / wl_norm))
+            score = weighted[-1]
+        if score < best_score:
+            best_score = score
+            best = LoftQResult(qt, a.clone(), b.clone(), errors, weighted, t + 1)
+        if not rank:  # Q no longer changes
+            break
+    assert best is not None
+    best.errors, best.weighted_errors = errors, weighted
+    return best
+
+
+def _spectrum(residual: torch.Tensor, factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared singular values (descending) and squared Frobenius norm, batched over dim 0.
+
+    residual: [L, out, in]. Uses the Gram matrix of the smaller side (eigvalsh in float64).
+    """
+    m = residual if factor is None else residual @ factor
+    gram = m @ m.transpose(1, 2) if m.shape[1] <= m.shape[2] else m.transpose(1, 2) @ m
+    eig = torch.linalg.eigvalsh(gram.double()).flip(-1).clamp(min=0)
+    return eig, m.double().pow(2).sum(dim=(1, 2))
+
+
+def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ranks: Sequence[int] = DEFAULT_RANKS,
+                   iters: int = 1, method: str | Mapping[int, str] = "nf", block_size: int = 64,
+                   double_quant: bool = False, calibration: torch.Tensor | None = None,
+                   damp: float = 0.01) -> torch.Tensor:
+    """Relative LoftQ residuals ||W - Q - BA|| / ||W|| for every (bits, rank) cell.
+
+    weight: [out, in] -> [len(bits), len(ranks)]; or a batch of same-shape weights [L, out, in]
+    -> [L, len(bits), len(ranks)] (one Gram eigendecomposition per matrix and width).
+    With iters == 1, Q = q(W) does not depend on r, so one spectrum per width gives the whole rank
+    row: res_r^2 = ||W - Q||^2 - sum_{i<=r} sigma_i^2. iters > 1 runs the solver once per cell.
+    ``calibration`` (H [in, in], shared by the batch) switches to the data-aware norm ||(.) L||.
+    """
+    single = weight.ndim == 2
+    w = weight.detach().float().unsqueeze(0) if single else weight.detach().float()
+    if w.ndim != 3:
+        raise ValueError(f"residual_table() takes [out, in] or [L, out, in], got {tuple(weight.shape)}")
+    ranks = list(ranks)
+    if any((not isinstance(r, int)) or r < 0 or r > min(w.shape[1:]) for r in ranks):
+        raise ValueError(f"ranks must be ints in [0, {min(w.shape[1:])}], got {ranks}")
+    check_finite(w)
+    factor = calibration_factor(calibration.to(w.device).float(), damp) if calibration is not None else None
+    out = torch.empty(w.shape[0], len(bits), len(ranks), dtype=torch.float64)
+    if iters > 1:
+        for i in range(w.shape[0]):
+            for j, b in enumerate(bits):
+                for k, r in enumerate(ranks):
+                    res = loftq(w[i], b, r, iters=iters, method=method, block_size=block_size,
+                                double_quant=double_quant, calibration=calibration, damp=damp)
+                    out[i, j, k] = res.weighted_errors[res.best_iter - 1] if factor is not None else res.error
+        return out[0].float() if single else out.float()
+    ref = w if factor is None else w @ factor
+    ref_sq = ref.double().pow(2).sum(dim=(1, 2)).clamp(min=1e-60)
+    for j, b in enumerate(bits):
+        cfg = _config(b, method, block_size, double_quant)
+        deq = torch.stack([dequantize(quantize(m, config=cfg), torch.float32) for m in w])
+        eig, total = _spectrum(w - deq, factor)
+        csum = torch.cat([eig.new_zeros(eig.shape[0], 1), eig.cumsum(-1)], dim=-1)
+        for k, r in enumerate(ranks):
+            left = (total - csum[:, min(r, csum.shape[1] - 1)]).clamp(min=0)
+            out[:, j, k] = (left / ref_sq).sqrt().cpu()
+    return out[0].float() if single else out.float()

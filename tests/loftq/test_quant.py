@@ -1,0 +1,139 @@
+"""Quantizers on real weights: bit-exactness against bitsandbytes, error bounds, exact bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loftq import (QuantConfig, dequantize, expected_nbytes, nf_codebook, pack, packed_numel, quantize,
+                   unpack)
+from loftq.codebooks import NF4_PUBLISHED, nf_construct
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+# Layers of different shapes from the real models (SmolLM2: q 576x576, k 192x576, up 1536x576,
+# down 576x1536; MiniLM: 384x384, 1536x384).
+SMOL = ["model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.k_proj",
+        "model.layers.17.mlp.up_proj", "model.layers.29.mlp.down_proj"]
+MINI = ["encoder.layer.0.attention.self.query", "encoder.layer.5.intermediate.dense"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / a.float().norm())
+
+
+def test_nf_tables() -> None:
+    assert (nf_construct(4) - torch.tensor(NF4_PUBLISHED)).abs().max() <= 1.2e-7
+    nf2 = nf_codebook(2)
+    assert nf2[:2].tolist() == [-1.0, 0.0] and nf2[3] == 1.0 and abs(nf2[2] - 0.3379) < 1e-3
+    nf8 = nf_codebook(8)
+    assert nf8.numel() == 256 and torch.all(nf8[1:] > nf8[:-1]) and (nf8 == 0).sum() == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nf4_bit_exact_with_bnb(smollm2_linears, minilm_linears, dtype) -> None:
+    weights = [smollm2_linears[n] for n in SMOL] + [minilm_linears[n] for n in MINI]
+    for w in weights:
+        w = w.to(dtype)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        qt = quantize(w, 4)
+        assert torch.equal(qt.packed, packed.reshape(-1)), "packed nibbles differ from bnb"
+        assert torch.equal(qt.absmax, state.absmax)
+        assert torch.equal(dequantize(qt), bnbf.dequantize_4bit(packed, state))
+        # and bnb's kernel reads our stored codes directly
+        state.absmax = qt.absmax
+        assert torch.equal(bnbf.dequantize_4bit(qt.packed.view(-1, 1), state), dequantize(qt))
+
+
+def test_nf4_bit_exact_odd_shapes() -> None:
+    g = torch.Generator().manual_seed(0)
+    for shape in [(577, 33), (3, 5), (100, 7)]:  # tail blocks, odd element counts
+        w = torch.randn(*shape, generator=g)
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        qt = quantize(w, 4)
+        assert torch.equal(qt.packed, packed.reshape(-1)) and torch.equal(qt.absmax, state.absmax)
+
+
+def test_int8_rowwise_bit_exact_with_bnb(smollm2_linears) -> None:
+    w = smollm2_linears[SMOL[2]]
+    codes, stats, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(w.clone())
+    qt = quantize(w, 8, method="int8")
+    ours = unpack(qt.packed, 8, w.numel()).to(torch.int16) - 127
+    assert torch.equal(ours, codes.reshape(-1).to(torch.int16))
+    assert torch.equal(qt.absmax, stats)
+    assert torch.equal(dequantize(qt), bnbf.int8_vectorwise_dequant(codes, stats))
+
+
+def test_nf8_runs_on_bnb_blockwise_dequant(smollm2_linears) -> None:
+    """bnb's dequantize_blockwise with our NF8 table reproduces our dequantization exactly."""
+    w = smollm2_linears[SMOL[0]]
+    qt = quantize(w, 8)
+    codes = unpack(qt.packed, 8, w.numel()).reshape(w.shape)
+    state = bnbf.QuantState(absmax=qt.absmax, code=nf_codebook(8), blocksize=64, dtype=torch.float32)
+    assert torch.equal(bnbf.dequantize_blockwise(codes, state), dequantize(qt))
+
+
+# Documented bounds (README): relative Frobenius error on real weights, block 64.
+BOUNDS = {("nf", 2): 0.60, ("nf", 4): 0.11, ("nf", 8): 0.0075, ("int8", 8): 0.02,
+          ("uniform", 2): 0.90, ("uniform", 4): 0.17, ("uniform", 8): 0.0075}
+
+
+@pytest.mark.parametrize("method,bits", sorted(BOUNDS))
+def test_error_bounds(smollm2_linears, minilm_linears, method, bits) -> None:
+    for w in [smollm2_linears[n] for n in SMOL] + [minilm_linears[n] for n in MINI]:
+        err = rel(w, dequantize(quantize(w, bits, method=method)))
+        assert 0 < err < BOUNDS[(method, bits)], (method, bits, err)
+
+
+def test_more_bits_less_error(smollm2_linears) -> None:
+    w = smollm2_linears[SMOL[1]]
+    errs = [rel(w, dequantize(quantize(w, b))) for b in (2, 4, 8)]
+    assert errs[0] > 4 * errs[1] > 16 * errs[2]
+
+
+@pytest.mark.parametrize("method,bits,dq", [("nf", 2, False), ("nf", 4, False), ("nf", 8, False),
+                                            ("int8", 8, False), ("nf", 2, True), ("nf", 4, True)])
+def test_nbytes_exact(smollm2_linears, method, bits, dq) -> None:
+    for name in SMOL:
+        w = smollm2_linears[name]
+        qt = quantize(w, bits, method=method, double_quant=dq)
+        stored = qt.packed.numel() * qt.packed.element_size() + sum(
+            t.numel() * t.element_size() for t in qt.constants().values())
+        assert qt.nbytes == stored == expected_nbytes(w.numel(), qt.config, row=w.shape[1])
+        assert qt.packed.dtype == torch.uint8 and qt.packed.numel() == packed_numel(w.numel(), bits)
+        n_blocks = -(-w.numel() // (w.shape[1] if method == "int8" else 64))
+        consts = (n_blocks + 4 * -(-n_blocks // 256) + 4) if dq else 4 * n_blocks
+        assert qt.nbytes == w.numel() * bits // 8 + consts
+
+
+def test_double_quant_saves_bytes_and_costs_little(smollm2_linears) -> None:
+    w = smollm2_linears[SMOL[2]]
+    plain, dq = quantize(w, 2), quantize(w, 2, double_quant=True)
+    assert plain.bits_per_weight == pytest.approx(2.5)  # fp32 absmax per 64 weights: +25% at 2 bits
+    assert dq.bits_per_weight < 2.13
+    assert rel(w, dequantize(dq)) < 1.01 * rel(w, dequantize(plain))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n", [1, 3, 64, 1001])
+def test_pack_roundtrip(bits, n) -> None:
+    codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    packed = pack(codes, bits)
+    assert packed.numel() == packed_numel(n, bits)
+    assert torch.equal(unpack(packed, bits, n), codes)
+
+
+def test_rejects_non_finite_and_bad_config() -> None:
+    w = torch.randn(64, 64)
+    w[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize(w, 4)
+    w[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize(w, 4)
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(3, "int8")
+    with pytest.raises(KeyError, match="known: int8, nf, uniform"):
+        QuantConfig(4, "fp4")
+    with pytest.raises(ValueError, match="block_size"):
+        QuantConfig(4, "nf", block_size=48)
