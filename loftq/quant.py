@@ -237,3 +237,33 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     blocks, _ = _blocks(values, qt.block)
     out = (blocks * stored_absmax(qt).unsqueeze(1)).reshape(-1)[: qt.numel]
     return out.reshape(qt.shape).to(dtype or qt.dtype)
+
+
+def fake_quantize(weight: torch.Tensor, config: QuantConfig, *, checked: bool = False) -> torch.Tensor:
+    """``dequantize(quantize(weight, config=config), float32)`` without packing: fp32, same shape.
+
+    Only the last dim is used for row-wise methods; any leading dims are flattened like quantize().
+    ``checked``: the caller already verified the input is finite.
+    """
+    if not checked:
+        check_finite(weight)
+    spec = config.spec
+    block = weight.shape[-1] if spec.rowwise else config.block_size
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    if config.double_quant:
+        qt = quantize(weight, config=config)
+        return dequantize(qt, torch.float32)
+    codebook = spec.codebook(config.bits).to(weight.device)
+    blocks, tail = _blocks(flat, block)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    safe = absmax.clamp(min=1e-38)
+    if spec.rowwise:
+        codes = torch.round(blocks * (127.0 / safe)).clamp_(-127, 127)
+        return (codes * absmax * INT8_RECIPROCAL).reshape(-1)[:n].view(weight.shape)
+    scaled = blocks * safe.reciprocal_()
+    if tail:
+        scaled[-1] = blocks[-1] / absmax[-1].clamp(min=1e-38)
+    scaled.clamp_(-1.0, 1.0)
+    idx = torch.bucketize(scaled, (codebook[:-1] + codebook[1:]) / 2, out_int32=True)
+    return codebook[idx].mul_(absmax).reshape(-1)[:n].view(weight.shape)

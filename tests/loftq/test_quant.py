@@ -137,3 +137,13 @@ def test_rejects_non_finite_and_bad_config() -> None:
         QuantConfig(4, "fp4")
     with pytest.raises(ValueError, match="block_size"):
         QuantConfig(4, "nf", block_size=48)
+
+
+@pytest.mark.parametrize("method,bits", [("nf", 2), ("nf", 4), ("nf", 8), ("int8", 8), ("uniform", 4)])
+def test_fake_quantize_equals_round_trip(smollm2_linears, method, bits) -> None:
+    from loftq.quant import fake_quantize
+
+    for name in SMOL:
+        w = smollm2_linears[name]
+        cfg = QuantConfig(bits, method)
+        assert torch.equal(fake_quantize(w, cfg), dequantize(quantize(w, config=cfg), torch.float32))
