@@ -131,7 +131,8 @@ def _top_eigenvalues(gram: torch.Tensor, k: int) -> torch.Tensor:
     if 4 * k >= m:
         return torch.linalg.eigvalsh(gram.double()).flip(-1)[:, :k].clamp(min=0)
     gen = torch.Generator(device=gram.device).manual_seed(0)
-    q = torch.randn(gram.shape[0], m, 2 * k, generator=gen, device=gram.device, dtype=gram.dtype)
+    # one sketch shared by the batch: a matrix's estimate does not depend on what it is batched with
+    q = torch.randn(m, 2 * k, generator=gen, device=gram.device, dtype=gram.dtype).expand(gram.shape[0], m, 2 * k)
     for _ in range(POWER_ITERS + 1):
         q, _ = torch.linalg.qr(gram @ q)
     small = q.transpose(1, 2) @ gram @ q

@@ -64,7 +64,7 @@ def test_batched_table_equals_single(smollm2_linears) -> None:
     batch = torch.stack([smollm2_linears[n] for n in names])
     table = residual_table(batch, ranks=(0, 16))
     for i, n in enumerate(names):
-        assert torch.allclose(table[i], residual_table(smollm2_linears[n], ranks=(0, 16)), rtol=1e-5)
+        assert torch.allclose(table[i], residual_table(smollm2_linears[n], ranks=(0, 16)), rtol=1e-4)
 
 
 def test_multi_iter_table(smollm2_linears) -> None:
