@@ -10,8 +10,9 @@ class ModelFacts:
     """Architecture numbers of a transformer, enough for the memory model.
 
     ``kv_heads`` < ``heads`` means grouped-query attention. ``tied_embeddings``: the output head
-    shares the input embedding (counted once). ``encoder_layers``/``decoder_layers`` are used by
-    encoder-decoder models (t5/bart); decoder-only and encoder-only models set ``layers``.
+    shares the input embedding (counted once). Encoder-decoder models (t5/bart) set ``layers`` to
+    encoder + decoder blocks and keep both counts in ``extra["encoder_layers"]`` /
+    ``extra["decoder_layers"]``.
     """
 
     architecture: str  # model_type as transformers names it: "llama", "phi", "bert", ...

@@ -1,0 +1,4 @@
+"""``python -m planner``: see :mod:`planner.cli`."""
+from .cli import entry
+
+entry()

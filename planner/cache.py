@@ -1,0 +1,64 @@
+"""On-disk cache of computed arrays (residual tables, sensitivities): safetensors + a JSON key.
+
+A file is trusted only if it parses, its stored key equals the requested key and every tensor is
+finite; anything else is treated as corrupt, logged and recomputed. Writes go to a temp file in the
+same folder and are renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "tables-v1"  # bump when the maths behind cached numbers changes
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LOFTQ_PLANNER_CACHE", Path.home() / ".cache" / "loftq-planner"))
+
+
+def cache_key(payload: dict[str, Any]) -> str:
+    blob = json.dumps({"code": CODE_VERSION, **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def load_cached(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """Tensors stored under ``key`` at ``path``, or None when missing or corrupt."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                log.warning("cache %s was written for other settings; recomputing", path)
+                return None
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # truncated, garbage, wrong format: all mean "recompute"
+        log.warning("cache %s is corrupt (%s); recomputing", path, err)
+        return None
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        log.warning("cache %s holds non-finite numbers; recomputing", path)
+        return None
+    return tensors
+
+
+def save_cached(path: Path, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"key": key, **(meta or {})})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

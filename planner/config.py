@@ -1,0 +1,60 @@
+"""PlanConfig: every option of ``python -m planner`` with its default and help, defined once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+GRANULARITIES = ("module", "block", "type")
+SEARCHES = ("guided", "direct", "exact")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    model: str = _opt("smollm2-135m", "model id, alias (see `models`), or local HF folder")
+    budget: str = _opt("", "memory budget: 11GB (=11e9 B), 11GiB, 900MB, bytes, or auto (free GPU memory)")
+    bits: tuple[int, ...] = _opt((2, 4, 8), "bit widths to choose from (16 = keep in 16 bits)")
+    ranks: tuple[int, ...] = _opt((0, 8, 16, 32, 64), "LoRA ranks to choose from (0 = no adapter)")
+    block_size: int = _opt(64, "quantization block size")
+    granularity: str = _opt("module", "one choice per module, per block, or per module type", choices=GRANULARITIES)
+    target_modules: tuple[str, ...] | None = _opt(None, "override target modules (leaf names or regexes)")
+    search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; direct: Optuna picks "
+                       "every layer; exact: the solver alone", choices=SEARCHES)
+    trials: int = _opt(12, "Optuna trials")
+    timeout: float | None = _opt(None, "stop the search after this many seconds")
+    seed: int = _opt(0, "random seed (sampler, data order)")
+    storage: str | None = _opt(None, "Optuna storage URL (default: SQLite in the cache dir)")
+    study_name: str | None = _opt(None, "Optuna study name (default: derived from model, settings, budget)")
+    data: str | None = _opt(None, "calibration text: a .txt or .jsonl file (default: Python's pydoc topics)")
+    calib_seqs: int = _opt(16, "sequences for the Fisher sensitivity")
+    proxy_seqs: int = _opt(4, "held-out sequences for the zero-step proxy")
+    calib_seq_len: int = _opt(256, "tokens per calibration / proxy sequence")
+    device: str | None = _opt(None, "device for tables and scoring (default: cuda if available)")
+    out: Path = _opt(Path("plan.json"), "where to write the plan")
+    cache_dir: Path | None = _opt(None, "cache folder (default: $LOFTQ_PLANNER_CACHE or ~/.cache/loftq-planner)")
+    pareto: Path | None = _opt(None, "also write the exact memory/objective Pareto front: PATH.json + PATH.png")
+    trust_remote_code: bool = _opt(False, "allow model code from the hub (off by default)")
+
+    def __post_init__(self) -> None:
+        bad_bits = [b for b in self.bits if b not in (2, 4, 8, 16)]
+        if not self.bits or bad_bits:
+            raise ValueError(f"bits must be a non-empty subset of 2,4,8,16; got {','.join(map(str, self.bits))}")
+        if not self.ranks or any((not isinstance(r, int)) or r < 0 or r > 4096 for r in self.ranks):
+            raise ValueError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if self.trials < 0:
+            raise ValueError(f"trials must be >= 0, got {self.trials}")
+        for name in ("calib_seqs", "proxy_seqs", "calib_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def config_fields() -> list:
+    return list(fields(PlanConfig))

@@ -1,0 +1,291 @@
+"""One planning run: model -> tables + sensitivity -> exact allocation (+ Optuna) -> Plan.
+
+Heavy results (residual tables, Fisher errors) are cached, so re-planning at another budget only
+re-solves the knapsack (and re-runs the search trials, if any).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from search_spaces.facts import TargetLayer
+
+from .allocate import InfeasibleBudget
+from .cache import cache_key, default_cache_dir, load_cached, save_cached
+from .config import PlanConfig
+from .errors import PlannerError
+from .memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
+from .objective import OptionTable
+from .search import Candidate, SearchProblem, assignment, direct_search, guided_search
+from .settings import RunSettings
+from .tables import ResidualTables, TableSettings, pick_device, residual_tables
+
+log = logging.getLogger(__name__)
+METHOD = "nf"  # NF2 / NF4 / NF8; see README "8-bit format" for the measured choice
+
+
+@dataclass
+class Prepared:
+    """What every plan of one model + search space + run shares (independent of the budget)."""
+
+    cfg: PlanConfig
+    run: RunSettings
+    source: Any
+    targets: list[TargetLayer]
+    options: list[tuple[int, int]]
+    costs: torch.Tensor  # [n_layers, n_options] bytes
+    fixed_bytes: int
+    groups: list[list[int]]
+    group_names: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def choice_of(self, option: tuple[int, int]) -> LayerChoice:
+        bits, rank = option
+        return LayerChoice(bits=bits, rank=rank, method=METHOD if bits < 16 else "nf", block_size=self.cfg.block_size)
+
+    def total_bytes(self, choice: Sequence[int]) -> int:
+        return self.fixed_bytes + int(sum(int(self.costs[i, k]) for i, k in enumerate(choice)))
+
+    def estimate(self, choice: Sequence[int]):
+        choices = {t.name: self.choice_of(self.options[k]) for t, k in zip(self.targets, choice)}
+        return estimate(self.source.facts, self.targets, choices, self.run, self.source.non_target_params(self.targets))
+
+
+def options_of(cfg: PlanConfig) -> list[tuple[int, int]]:
+    opts = [(b, r) for b in sorted(set(cfg.bits)) for r in sorted(set(cfg.ranks))]
+    return opts
+
+
+def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
+    """Resolve the model, its targets and the byte cost of every (layer, option); no weights read."""
+    from search_spaces.choices import group_targets
+
+    from .sources import resolve
+
+    source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
+    try:
+        targets = source.targets(list(cfg.target_modules) if cfg.target_modules else None)
+    except ValueError as err:
+        raise PlannerError(str(err)) from None
+    if not targets:
+        raise PlannerError(f"{cfg.model}: no target layers found")
+    options = options_of(cfg)
+    too_big = [(r, t) for t in targets for _, r in options if r > min(t.shape)]
+    if too_big:
+        r, t = max(too_big, key=lambda x: x[0])
+        raise PlannerError(f"rank {r} exceeds layer {t.name} {tuple(t.shape)}; choose smaller --ranks")
+    prep = Prepared(cfg, run, source, targets, options, torch.empty(0), 0, [], [])
+    facts = source.facts
+    prep.costs = torch.tensor([[layer_bytes(t, prep.choice_of(o), run, facts) for o in options] for t in targets],
+                              dtype=torch.int64)
+    prep.fixed_bytes = fixed_bytes(facts, targets, run, source.non_target_params(targets))
+    grouped = group_targets(targets, cfg.granularity)
+    index = {t.name: i for i, t in enumerate(targets)}
+    prep.groups = [[index[t.name] for t in members] for members in grouped.values()]
+    prep.group_names = list(grouped)
+    return prep
+
+
+def extremes(prep: Prepared) -> tuple[list[int], list[int]]:
+    """Option index per layer of the smallest and of the largest plan."""
+    return prep.costs.argmin(1).tolist(), prep.costs.argmax(1).tolist()
+
+
+def check_budget(prep: Prepared, budget: int) -> int:
+    """Allocatable bytes for ``budget``; raises InfeasibleBudget naming the minimum total."""
+    lo, _ = extremes(prep)
+    allocatable = allocatable_bytes(budget, prep.run)
+    if prep.total_bytes(lo) > allocatable:
+        raise InfeasibleBudget(prep.estimate(lo).total_bytes, budget)
+    return allocatable
+
+
+def table_settings(cfg: PlanConfig) -> TableSettings:
+    return TableSettings(bits=tuple(sorted(b for b in set(cfg.bits) if b < 16)) or (4,),
+                         ranks=tuple(sorted(set(cfg.ranks) | {0})), method=METHOD, block_size=cfg.block_size)
+
+
+def fisher_errors_cached(prep: Prepared, tables: ResidualTables, model: torch.nn.Module,
+                         blocks: torch.Tensor, corpus_sha: str) -> torch.Tensor:
+    """[n_layers, len(bits)] Fisher-weighted quantization errors, cached like the tables."""
+    from .sensitivity import empirical_fisher, fisher_errors, module_weight, target_modules
+
+    names = [t.name for t in prep.targets]
+    key = cache_key({"weights": prep.source.weights_sha256(), "targets": names, "bits": tables.settings.bits,
+                     "block": tables.settings.block_size, "method": METHOD, "corpus": corpus_sha,
+                     "blocks": list(blocks.shape), "kind": "fisher"})
+    path = (prep.cfg.cache_dir or default_cache_dir()) / "fisher" / f"{key}.safetensors"
+    cached = load_cached(path, key)
+    if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
+        return cached["fisher_err"]
+    fisher = empirical_fisher(model, names, blocks)
+    mods = target_modules(model, names)
+    weights = {n: module_weight(mods[n]).detach() for n in names}
+    errs = fisher_errors(weights, fisher, tables.settings.bits, METHOD, tables.settings.block_size)
+    save_cached(path, key, {"fisher_err": errs})
+    return errs
+
+
+def study_name_for(prep: Prepared, budget: int) -> str:
+    """Derived from model + search space + run + budget, so a study never mixes budgets."""
+    cfg = prep.cfg
+    blob = json.dumps({"model": cfg.model, "weights": prep.source.weights_sha256(), "bits": cfg.bits,
+                       "ranks": cfg.ranks, "gran": cfg.granularity, "targets": cfg.target_modules,
+                       "run": prep.run.to_dict(), "search": cfg.search, "data": cfg.data,
+                       "calib": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len]}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return f"{cfg.model.replace('/', '_')}-{cfg.search}-{budget}B-{digest}"
+
+
+def default_storage(cfg: PlanConfig) -> str:
+    path = (cfg.cache_dir or default_cache_dir()) / "studies.sqlite3"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+@dataclass
+class PlanOutcome:
+    plan: Any  # planner.plan.Plan
+    budget_binds: bool
+    candidates: list[Candidate]
+    chosen: Candidate
+    exact: Candidate
+
+
+def _calibration(prep: Prepared, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
+    from .data import CorpusConfig, load_corpus, token_blocks
+
+    cfg = prep.cfg
+    corpus = load_corpus(CorpusConfig(source=cfg.data or "pydoc", seed=0))
+    n = cfg.calib_seq_len
+    train = token_blocks(tokenizer, corpus.train, n, max_tokens=n * cfg.calib_seqs)
+    val = token_blocks(tokenizer, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
+    return train, val, corpus.fingerprint
+
+
+def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
+    """The whole planning run for one budget (bytes). Raises PlannerError on bad input."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prep = prepare(cfg, run)
+    allocatable = check_budget(prep, budget)
+    tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_dir,
+                             device=cfg.device)
+    timings["tables_s"] = time.perf_counter() - t0
+    model = prep.source.load_model(torch.float32)
+    train, val, corpus_sha = _calibration(prep, prep.source.tokenizer())
+    fisher_err = fisher_errors_cached(prep, tables, model, train, corpus_sha)
+    timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"]
+    table = OptionTable.build(prep.targets, tables, fisher_err, prep.options)
+    problem = SearchProblem(table, prep.costs, prep.fixed_bytes, prep.groups, prep.group_names, allocatable)
+    t1 = time.perf_counter()
+    exact = problem.solve(problem.neutral)
+    timings["exact_solve_s"] = time.perf_counter() - t1
+    candidates: list[Candidate] = [exact]
+    chosen = exact
+    search_info: dict[str, Any] = {"mode": cfg.search, "seed": cfg.seed, "trials": 0}
+    if cfg.search != "exact" and cfg.trials > 0:
+        storage = cfg.storage or default_storage(cfg)
+        name = cfg.study_name or study_name_for(prep, budget)
+        search_info.update(storage=_redact(storage), study_name=name)
+        if cfg.search == "guided":
+            chosen, candidates, n_trials = _guided(prep, problem, model, val, storage, name)
+        else:
+            chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name)
+        search_info["trials"] = n_trials
+    timings["total_s"] = time.perf_counter() - t0
+    plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings)
+    return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact)
+
+
+def _redact(url: str) -> str:
+    """Storage URL without a password."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val: torch.Tensor, storage: str,
+            name: str) -> tuple[Candidate, list[Candidate], int]:
+    from .proxy import ZeroStepProxy
+    from .sensitivity import WeightBank, module_weight, target_modules
+
+    names = [t.name for t in prep.targets]
+    mods = target_modules(model, names)
+    bank = WeightBank({n: module_weight(mods[n]).detach() for n in names}, table_settings(prep.cfg).bits,
+                      max(prep.cfg.ranks), METHOD, prep.cfg.block_size)
+    proxy = ZeroStepProxy(model, bank, val)
+    from . import progress
+
+    with progress.task(f"search: {prep.cfg.trials} trials (zero-step KL)", prep.cfg.trials) as advance:
+        study, seen = guided_search(problem, proxy, trials=prep.cfg.trials, timeout=prep.cfg.timeout,
+                                    seed=prep.cfg.seed, storage=storage, study_name=name,
+                                    on_trial=lambda c: advance(1))
+    scored = [c for c in seen if c.proxy is not None]
+    if not scored:
+        raise PlannerError("the search finished no trial; raise --trials or --timeout")
+    best = min(scored, key=lambda c: c.proxy.kl)
+    return best, scored, len(study.trials)
+
+
+def _direct(prep: Prepared, problem: SearchProblem, exact: Candidate, storage: str,
+            name: str) -> tuple[Candidate, list[Candidate], int]:
+    seeds = [exact] + [problem.uniform(k) for k in range(len(prep.options))
+                       if problem.uniform(k).bytes <= problem.budget]
+    study, best = direct_search(problem, trials=prep.cfg.trials, timeout=prep.cfg.timeout, seed=prep.cfg.seed,
+                                storage=storage, study_name=name, seeds=seeds)
+    if best is None or best.objective > exact.objective:
+        best = exact
+    return best, [exact] + ([best] if best is not exact else []), len(study.trials)
+
+
+def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chosen: Candidate, exact: Candidate,
+               candidates: list[Candidate], budget: int, search_info: dict[str, Any], timings: dict[str, float]):
+    from .plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
+
+    layers = []
+    for i, (t, k) in enumerate(zip(prep.targets, chosen.choice)):
+        bits, rank = prep.options[k]
+        lc = prep.choice_of((bits, rank))
+        quant = lc.quant_config.quant_name if lc.quant_config is not None else "bf16"
+        residual = tables.cell(t.name, bits, rank) if bits < 16 else 0.0
+        layers.append(LayerPlan(name=t.name, shape=tuple(t.shape), bits=bits, quant=quant,
+                                block_size=prep.cfg.block_size, rank=rank, alpha=float(rank), iters=1,
+                                residual=round(residual, 6), bytes=int(prep.costs[i, k]),
+                                sensitivity=float(table.est[i, k])))
+    est = prep.estimate(chosen.choice)
+
+    def row(c: Candidate) -> dict[str, Any]:
+        out: dict[str, Any] = {"trial": c.trial, "objective": c.objective, "bytes": c.bytes, "chosen": c is chosen}
+        if c.proxy is not None:
+            out.update(kl=c.proxy.kl, loss=c.proxy.loss)
+        if c.shaping is not None:
+            out["shaping"] = c.shaping.to_dict()
+        return out
+
+    search = {**search_info, "objective": "fisher-weighted LoftQ residual (estimated loss rise, nats)",
+              "exact_optimum": exact.objective, "chosen_objective": chosen.objective,
+              "gap": chosen.objective - exact.objective, "budget_binds": exact.budget_binds,
+              "allocatable_bytes": problem_budget(prep, budget), "timings": {k: round(v, 3) for k, v in timings.items()},
+              "proxy": {"kind": "zero-step KL(full || Q+BA) on held-out text",
+                        "ref_loss": chosen.proxy.ref_loss if chosen.proxy else None,
+                        "candidates": [row(c) for c in candidates]}}
+    source = prep.source
+    model = {"id": prep.cfg.model, "source": source.kind, "architecture": source.facts.architecture,
+             "weights_sha256": source.weights_sha256()}
+    return Plan(schema_version=SCHEMA_VERSION, model=model, budget_bytes=int(budget), mode=prep.run.mode,
+                run=prep.run.to_dict(), estimate=est.to_dict(), layers=tuple(layers), search=search,
+                created_with=created_with())
+
+
+def problem_budget(prep: Prepared, budget: int) -> int:
+    return allocatable_bytes(budget, prep.run)

@@ -1,0 +1,69 @@
+"""Zero-step proxy: how far the quantized model (Q + BA at each layer's choice) is from the original.
+
+Reference log-probabilities of the full-precision model are computed once; a candidate is scored by
+the mean per-token KL(p_full || p_candidate) and its own cross-entropy on the same held-out tokens.
+Weights are swapped in place and always restored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sensitivity import WeightBank, target_modules
+
+
+@dataclass(frozen=True)
+class ProxyScore:
+    kl: float  # mean KL(full || candidate) per token, nats
+    loss: float  # candidate's mean next-token cross-entropy, nats
+    ref_loss: float  # full-precision model's cross-entropy on the same tokens
+
+
+class ZeroStepProxy:
+    """Scores assignments {layer name: (bits, rank)} on fixed held-out blocks [n, seq_len]."""
+
+    def __init__(self, model: nn.Module, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2) -> None:
+        self.model, self.bank, self.blocks, self.chunk = model, bank, blocks, chunk
+        self.mods = target_modules(model, list(bank.originals))
+        self.ref_logp = [lp for lp in self._logprobs()]
+        self.ref_loss = self._ce(self.ref_logp)
+
+    @torch.no_grad()
+    def _logprobs(self) -> list[torch.Tensor]:
+        out = []
+        for i in range(0, len(self.blocks), self.chunk):
+            logits = self.model(input_ids=self.blocks[i:i + self.chunk]).logits[:, :-1].float()
+            out.append(F.log_softmax(logits, dim=-1))
+        return out
+
+    def _ce(self, logps: list[torch.Tensor]) -> float:
+        total, count = 0.0, 0
+        for j, lp in enumerate(logps):
+            labels = self.blocks[j * self.chunk:(j + 1) * self.chunk, 1:]
+            total += float(-lp.gather(-1, labels.unsqueeze(-1)).sum())
+            count += labels.numel()
+        return total / count
+
+    def _set(self, name: str, weight: torch.Tensor) -> None:
+        mod = self.mods[name]
+        w = weight.t() if type(mod).__name__ == "Conv1D" else weight
+        mod.weight.data = w.to(mod.weight.dtype)
+
+    @torch.no_grad()
+    def score(self, assignment: Mapping[str, tuple[int, int]]) -> ProxyScore:
+        try:
+            for name, (bits, rank) in assignment.items():
+                self._set(name, self.bank.weight(name, bits, rank))
+            logps = self._logprobs()
+        finally:
+            for name, w in self.bank.originals.items():
+                self._set(name, w)
+        kl, count = 0.0, 0
+        for ref, lp in zip(self.ref_logp, logps):
+            kl += float((ref.exp() * (ref - lp)).sum())
+            count += ref.shape[0] * ref.shape[1]
+        return ProxyScore(kl / count, self._ce(logps), self.ref_loss)

@@ -1,0 +1,147 @@
+"""RunSettings: how the planned model will be run (fine-tune or serve), recorded in every plan.
+
+Every field carries its default and help once (PEFT ``LoraConfig`` style), so the CLI builds its
+options from :func:`run_fields` and the memory model reads the same object.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from loftq import QuantConfig
+
+MODES = ("finetune", "inference")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+ADAPTER_DTYPES = ("fp32", "bf16", "fp16", "compute")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
+ATTENTION = ("sdpa", "eager")
+DEVICES = ("cuda", "cpu")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One run of the planned model. ``auto`` compute dtype means bf16 on a GPU that has it, fp16 on
+    one that does not (2 bytes either way), fp32 on CPU.
+
+    Gradient checkpointing is off by default: it is off by default in transformers' Trainer, so the
+    estimate describes the run a user gets without extra flags, and the LoftQ slides' figures
+    (phi-2 < 11 GB, Mistral-7B < 16 GB at 4 bits, input 1024, batch 1) are reproduced with it off
+    (with it on both would need less than half); turning it on trades about a third more compute
+    for most of the activation memory. Adapters default to the compute dtype: with fp32 adapters
+    PEFT keeps an fp32 copy of every adapted layer's input and Mistral-7B no longer fits 16 GB.
+    """
+
+    mode: str = _opt("finetune", "what the model is planned for", choices=MODES)
+    device: str = _opt("cuda", "where the run happens (cpu: auto compute dtype is fp32 and dropout masks are "
+                       "kept in the input dtype instead of bool)", choices=DEVICES)
+    seq_len: int = _opt(1024, "tokens per sequence")
+    batch_size: int = _opt(1, "sequences per step (micro-batch)")
+    compute_dtype: str = _opt("auto", "dtype of activations and dequantized weights (auto: bf16 on a GPU with "
+                              "bf16, fp16 on one without, fp32 on CPU)", choices=DTYPES)
+    adapter_dtype: str = _opt("compute", "dtype of the LoRA weights and their optimizer states (compute = the "
+                              "compute dtype, as QLoRA; fp32 makes PEFT keep an fp32 copy of every adapted "
+                              "layer's input)", choices=ADAPTER_DTYPES)
+    optimizer: str = _opt("adamw", "optimizer of the adapters: AdamW (2 states in the adapter dtype), 8-bit "
+                          "AdamW (bitsandbytes), paged 8-bit AdamW, or plain SGD (no state)", choices=OPTIMIZERS)
+    gradient_checkpointing: bool = _opt(False, "recompute each block in backward: keep only block inputs")
+    attn_implementation: str = _opt("sdpa", "attention kernel: sdpa keeps no seq x seq scores, eager does",
+                                    choices=ATTENTION)
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA input (> 0 makes PEFT keep a copy and a mask per "
+                               "adapted layer)")
+    reserve_context_bytes: int = _opt(512 * 2**20, "reserve for the CUDA context, cuBLAS workspace and kernels "
+                                      "(not seen by torch.cuda.max_memory_allocated)")
+    reserve_fraction: float = _opt(0.05, "allocator slack (fragmentation, cached blocks) as a fraction of the "
+                                   "allocated bytes")
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("mode", MODES), ("compute_dtype", DTYPES), ("adapter_dtype", ADAPTER_DTYPES),
+                              ("optimizer", OPTIMIZERS), ("attn_implementation", ATTENTION),
+                              ("device", DEVICES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.reserve_context_bytes, int) or self.reserve_context_bytes < 0:
+            raise ValueError(f"reserve_context_bytes must be a non-negative integer, got {self.reserve_context_bytes!r}")
+        if not 0.0 <= self.reserve_fraction < 1.0:
+            raise ValueError(f"reserve_fraction must be in [0, 1), got {self.reserve_fraction!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.batch_size
+
+    @property
+    def finetune(self) -> bool:
+        return self.mode == "finetune"
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per activation element (auto: 2 on a GPU, 4 on CPU)."""
+        if self.compute_dtype == "auto":
+            return 2 if self.device == "cuda" else 4
+        return DTYPE_BYTES[self.compute_dtype]
+
+    @property
+    def adapter_bytes(self) -> int:
+        if self.adapter_dtype == "compute":
+            return self.compute_bytes
+        return DTYPE_BYTES[self.adapter_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def run_fields() -> list:
+    """The dataclass fields of :class:`RunSettings` (name, default, metadata help/choices) for the CLI."""
+    return list(fields(RunSettings))
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What one target layer gets: ``bits`` 2/4/8 (quantized with ``method``) or 16 (kept in a 16-bit
+    dtype), and a LoRA ``rank`` (0 = no adapter)."""
+
+    bits: int
+    rank: int = 0
+    method: str = "nf"
+    block_size: int = 64
+    double_quant: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
+        if self.bits != 16:
+            self.quant_config  # noqa: B018 — QuantConfig validates (method, bits, block_size)
+
+    @property
+    def quant_config(self) -> QuantConfig | None:
+        """The QuantConfig of a quantized choice; None for a 16-bit keep."""
+        if self.bits == 16:
+            return None
+        return QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerChoice":
+        return cls(**d)

@@ -1,0 +1,127 @@
+"""Weight files of a Hugging Face folder: safetensors only, read one tensor at a time.
+
+Pickle checkpoints (``.bin``, ``.pt``, ...) are refused: unpickling can run arbitrary code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors import safe_open
+
+from .errors import PlannerError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MIB = 1 << 20
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding the model's weights (from the shard index when there is one).
+
+    Adapter files (``adapter_model.safetensors``) are not model weights and are skipped.
+    """
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as err:
+            raise PlannerError(f"{index}: unreadable shard index ({err})") from None
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise PlannerError(f"{folder}: shard index names missing files: {', '.join(missing[:3])}")
+        return files
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PlannerError(f"{folder} holds only pickle weights ({', '.join(pickles[:3])}); pickle is refused "
+                           "because loading it can run code: convert the model to safetensors")
+    raise PlannerError(f"{folder} holds no *.safetensors weight files")
+
+
+class WeightIndex:
+    """Checkpoint key -> safetensors file, read from the shard index or from the file headers."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.files = weight_files(folder)
+        index = folder / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {key: folder / name for key, name in weight_map.items()}
+        else:
+            self.file_of = {}
+            for path in self.files:
+                with safe_open(str(path), framework="pt") as handle:  # parses the header only
+                    self.file_of.update((key, path) for key in handle.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.file_of
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor as stored (dtype, layout). The file is opened for this read only: a kept
+        memory map would leave every page read so far resident, and peak memory would grow to the
+        size of the shard instead of the tensor."""
+        with safe_open(str(self.file_of[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+
+def fingerprint(files: Sequence[Path], root: Path) -> str:
+    """sha256 over each file's name relative to ``root``, its size, and its content: whole when the
+    file is at most 2 MiB, else its first and last MiB (the first MiB holds a safetensors header:
+    every tensor's name, dtype, shape and offset). Cheap on 15 GB checkpoints; a change confined to
+    the middle of a large file with the same header goes unnoticed."""
+    digest = hashlib.sha256(b"loftq-planner weights v1\0")
+    for path in sorted(files, key=lambda p: str(p.relative_to(root))):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * MIB:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(MIB))
+                f.seek(size - MIB)
+                digest.update(f.read(MIB))
+    return digest.hexdigest()
+
+
+def build_folder_atomically(final: Path, build: Callable[[Path], None]) -> Path:
+    """Create ``final`` by running ``build`` on a temp folder beside it, then renaming it into place.
+
+    A folder that exists is complete (rename is atomic); a concurrent builder that loses the race
+    discards its copy.
+    """
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from other users
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            log.info("%s was built concurrently; keeping that copy", final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

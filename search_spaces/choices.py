@@ -1,0 +1,121 @@
+"""What the planner may choose per layer (bits x LoRA rank) and how layers share a choice."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+from loftq.registry import Registry
+
+from .discovery import block_path, type_path
+from .facts import TargetLayer
+
+BITS = (2, 4, 8, 16)  # 16 = keep the weight in 16 bits (no quantization)
+KEEP_BITS = 16
+GRANULARITIES = ("module", "block", "type")
+SCHEMA_VERSION = 1
+
+
+def _sorted_unique_ints(name: str, values: Any, allowed: Iterable[int] | None = None) -> None:
+    if not isinstance(values, tuple) or not values:
+        raise ValueError(f"SearchSpace.{name} must be a non-empty tuple, got {values!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"SearchSpace.{name} must hold ints, got {values!r}")
+    if list(values) != sorted(set(values)):
+        raise ValueError(f"SearchSpace.{name} must be sorted and unique, got {values!r}")
+    if allowed is not None and not set(values) <= set(allowed):
+        raise ValueError(f"SearchSpace.{name} must be a subset of {tuple(allowed)}, got {values!r}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Choice set of one plan: every layer (or group) picks one (bits, rank) from ``choices()``.
+
+    ``bits``: quantization widths; ``keep16`` adds the opt-in 16-bit "keep" choice (bits = 16,
+    the weight is stored unquantized). ``ranks``: LoRA ranks, 0 = no adapter. ``block_size``:
+    weights per quantization block (a power of two). ``granularity``: one choice per ``module``,
+    per transformer ``block``, or per module ``type`` (the same module in every block).
+    """
+
+    bits: tuple[int, ...] = (2, 4, 8)
+    ranks: tuple[int, ...] = (0, 8, 16, 32, 64)
+    keep16: bool = False
+    block_size: int = 64
+    granularity: str = "module"
+
+    def __post_init__(self) -> None:
+        _sorted_unique_ints("bits", self.bits, BITS)
+        _sorted_unique_ints("ranks", self.ranks)
+        if self.ranks[0] < 0:
+            raise ValueError(f"SearchSpace.ranks must be non-negative, got {self.ranks!r}")
+        if not isinstance(self.keep16, bool):
+            raise ValueError(f"SearchSpace.keep16 must be a bool, got {self.keep16!r}")
+        bs = self.block_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 2 or bs & (bs - 1) or bs > 4096:
+            raise ValueError(f"SearchSpace.block_size must be a power of two in [2, 4096], got {bs!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"SearchSpace.granularity must be one of {', '.join(GRANULARITIES)}, "
+                             f"got {self.granularity!r}")
+
+    @property
+    def all_bits(self) -> tuple[int, ...]:
+        """``bits`` plus 16 when ``keep16`` is on."""
+        return tuple(sorted(set(self.bits) | ({KEEP_BITS} if self.keep16 else set())))
+
+    def choices(self) -> list[tuple[int, int]]:
+        """Every (bits, rank) pair, bits-major: [(2, 0), (2, 8), ..., (8, 64)]."""
+        return [(b, r) for b in self.all_bits for r in self.ranks]
+
+    def choices_for(self, target: TargetLayer) -> list[tuple[int, int]]:
+        """The pairs valid for ``target``: a rank above min(out, in) cannot be a low-rank factor."""
+        limit = min(target.shape)
+        return [(b, r) for b, r in self.choices() if r <= limit]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
+        d = dict(d)
+        version = d.pop("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"SearchSpace schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        for key in ("bits", "ranks"):
+            if key in d and isinstance(d[key], list):
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+SEARCH_SPACES: Registry[SearchSpace] = Registry("search space")
+SEARCH_SPACES.add("default", SearchSpace())
+SEARCH_SPACES.add("keep16", SearchSpace(keep16=True))
+SEARCH_SPACES.add("low-bit", SearchSpace(bits=(2, 4), ranks=(0, 16, 32, 64)))
+SEARCH_SPACES.add("per-type", SearchSpace(granularity="type"))
+
+
+def group_key(target: TargetLayer, granularity: str) -> str:
+    """The group a target belongs to: its own name, its block path, or its type path.
+
+    Layers outside numbered blocks form their own group at every granularity.
+    """
+    if granularity == "module":
+        return target.name
+    if granularity == "block":
+        return block_path(target.name) or target.name
+    if granularity == "type":
+        return type_path(target.name)
+    raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+
+
+def group_targets(targets: Sequence[TargetLayer], granularity: str) -> dict[str, list[TargetLayer]]:
+    """Targets grouped so that a group shares one choice, groups and members in target order.
+
+    ``module``: one group per layer (key = layer name); ``block``: one per transformer block
+    (key ``"model.layers.3"``; T5's encoder and decoder blocks stay apart); ``type``: one per
+    module position in the block (key ``"model.layers.*.mlp.up_proj"``).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    groups: dict[str, list[TargetLayer]] = {}
+    for target in targets:
+        groups.setdefault(group_key(target, granularity), []).append(target)
+    return groups
