@@ -52,8 +52,11 @@ def add_dataclass_options(parser: argparse.ArgumentParser, dataclass_fields: Seq
         if default is MISSING:
             continue
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        kwargs: dict[str, Any] = {"default": default, "help": f"{meta.get('help', '')} (default: {default})"}
-        if isinstance(default, bool):
+        shown = "" if default is None or "(default" in meta.get("help", "") else f" (default: {default})"
+        kwargs: dict[str, Any] = {"default": default, "help": f"{meta.get('help', '')}{shown}"}
+        if default is None:
+            kwargs["type"] = meta.get("type", str)
+        elif isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
             kwargs["type"] = _int_tuple
@@ -68,32 +71,7 @@ def run_settings_from(args: argparse.Namespace) -> RunSettings:
     return RunSettings(**{f.name: getattr(args, f.name) for f in run_fields()})
 
 
-# ---------------------------------------------------------------- plan / --dry-run
-def _plan_arguments(parser: argparse.ArgumentParser) -> None:
-    from search_spaces.choices import GRANULARITIES, SearchSpace
-
-    space = SearchSpace()
-    parser.add_argument("--model", required=True, help="model id, alias (phi-2, mistral-7b, ...) or local HF folder")
-    parser.add_argument("--budget", default=None, help="memory budget: 11GB (=11e9 B), 11GiB, 900MB, bytes, or auto "
-                        "(free memory of the current GPU)")
-    parser.add_argument("--dry-run", action="store_true", help="compute no residuals: print the memory breakdown "
-                        "of the smallest and the largest plan of the search space")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    group = parser.add_argument_group("search space")
-    group.add_argument("--bits", type=_int_tuple, default=space.bits, help=f"bit widths (default: {space.bits})")
-    group.add_argument("--ranks", type=_int_tuple, default=space.ranks, help=f"LoRA ranks, 0 = no adapter "
-                       f"(default: {space.ranks})")
-    group.add_argument("--keep16", action=argparse.BooleanOptionalAction, default=space.keep16,
-                       help="also allow keeping a layer in 16 bits")
-    group.add_argument("--block-size", type=int, default=space.block_size, help="quantization block size "
-                       f"(default: {space.block_size})")
-    group.add_argument("--granularity", choices=GRANULARITIES, default=space.granularity,
-                       help="one choice per module, per block or per module type")
-    group.add_argument("--target-modules", default=None, help="comma-separated leaf names or regexes (default: "
-                       "discovered per architecture)")
-    add_dataclass_options(parser.add_argument_group("run settings"), run_fields())
-
-
+# ---------------------------------------------------------------- --dry-run (used by the plan command)
 def extreme_choices(targets: Sequence, space: Any, run: RunSettings, facts: Any) -> tuple[dict, dict]:
     """Per group of layers sharing a choice, the option with the fewest and the most bytes: since
     bytes add up per layer, these are the smallest and the largest plan of the space."""
@@ -168,21 +146,29 @@ def _table(report: dict[str, Any], lo: MemoryEstimate, hi: MemoryEstimate) -> st
     return "\n".join(lines) + "\n"
 
 
-def _plan(args: argparse.Namespace) -> int:
-    if args.dry_run:
-        return dry_run(args)
-    raise PlannerError("planning without --dry-run is not wired into the CLI yet; add --dry-run")
-
-
-COMMANDS["plan"] = Command("plan per-layer bits and ranks under a budget (default command)", _plan_arguments, _plan)
-
-
 # ---------------------------------------------------------------- entry points
+COMMAND_MODULES = ("planner.commands_plan",)  # each registers its entries in COMMANDS on import
+
+
+def _register() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one PlannerError line (exit 2) instead of the full usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise PlannerError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     cmd = COMMANDS[command]
     prog = "python -m planner" + ("" if command == DEFAULT_COMMAND else f" {command}")
     others = ", ".join(n for n in COMMANDS if n != DEFAULT_COMMAND)
-    parser = argparse.ArgumentParser(prog=prog, description=cmd.help,
+    parser = _Parser(prog=prog, description=cmd.help,
                                      epilog=f"other commands: {others}" if others else None)
     cmd.add_arguments(parser)
     return parser
@@ -191,6 +177,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 with one line on stderr for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _register()
     command = argv.pop(0) if argv and argv[0] in COMMANDS else DEFAULT_COMMAND
     try:
         args = build_parser(command).parse_args(argv)

@@ -5,8 +5,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-GRANULARITIES = ("module", "block", "type")
+from search_spaces.choices import GRANULARITIES, SearchSpace
+
 SEARCHES = ("guided", "direct", "exact")
+_SPACE = SearchSpace()  # the search-space defaults live there, once
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -17,15 +19,16 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class PlanConfig:
     model: str = _opt("smollm2-135m", "model id, alias (see `models`), or local HF folder")
     budget: str = _opt("", "memory budget: 11GB (=11e9 B), 11GiB, 900MB, bytes, or auto (free GPU memory)")
-    bits: tuple[int, ...] = _opt((2, 4, 8), "bit widths to choose from (16 = keep in 16 bits)")
-    ranks: tuple[int, ...] = _opt((0, 8, 16, 32, 64), "LoRA ranks to choose from (0 = no adapter)")
-    block_size: int = _opt(64, "quantization block size")
-    granularity: str = _opt("module", "one choice per module, per block, or per module type", choices=GRANULARITIES)
-    target_modules: tuple[str, ...] | None = _opt(None, "override target modules (leaf names or regexes)")
+    bits: tuple[int, ...] = _opt(_SPACE.bits, "bit widths to choose from; add 16 to allow keeping a layer in 16 bits")
+    ranks: tuple[int, ...] = _opt(_SPACE.ranks, "LoRA ranks to choose from (0 = no adapter)")
+    block_size: int = _opt(_SPACE.block_size, "quantization block size")
+    granularity: str = _opt(_SPACE.granularity, "one choice per module, per block, or per module type",
+                            choices=GRANULARITIES)
+    target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
     search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; direct: Optuna picks "
                        "every layer; exact: the solver alone", choices=SEARCHES)
     trials: int = _opt(12, "Optuna trials")
-    timeout: float | None = _opt(None, "stop the search after this many seconds")
+    timeout: float | None = _opt(None, "stop the search after this many seconds", type=float)
     seed: int = _opt(0, "random seed (sampler, data order)")
     storage: str | None = _opt(None, "Optuna storage URL (default: SQLite in the cache dir)")
     study_name: str | None = _opt(None, "Optuna study name (default: derived from model, settings, budget)")
@@ -33,13 +36,15 @@ class PlanConfig:
     calib_seqs: int = _opt(16, "sequences for the Fisher sensitivity")
     proxy_seqs: int = _opt(4, "held-out sequences for the zero-step proxy")
     calib_seq_len: int = _opt(256, "tokens per calibration / proxy sequence")
-    device: str | None = _opt(None, "device for tables and scoring (default: cuda if available)")
-    out: Path = _opt(Path("plan.json"), "where to write the plan")
-    cache_dir: Path | None = _opt(None, "cache folder (default: $LOFTQ_PLANNER_CACHE or ~/.cache/loftq-planner)")
-    pareto: Path | None = _opt(None, "also write the exact memory/objective Pareto front: PATH.json + PATH.png")
+    score_device: str | None = _opt(None, "device for residual tables and scoring (default: cuda if available)")
+    out: str = _opt("plan.json", "where to write the plan")
+    cache_dir: str | None = _opt(None, "cache folder (default: $LOFTQ_PLANNER_CACHE or ~/.cache/loftq-planner)")
+    pareto: str | None = _opt(None, "also write the exact memory/objective Pareto front: PATH.json + PATH.png")
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off by default)")
 
     def __post_init__(self) -> None:
+        SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,
+                    block_size=self.block_size, granularity=self.granularity)  # validates, names the value
         bad_bits = [b for b in self.bits if b not in (2, 4, 8, 16)]
         if not self.bits or bad_bits:
             raise ValueError(f"bits must be a non-empty subset of 2,4,8,16; got {','.join(map(str, self.bits))}")
@@ -54,6 +59,14 @@ class PlanConfig:
         for name in ("calib_seqs", "proxy_seqs", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def cache_path(self) -> Path | None:
+        return Path(self.cache_dir) if self.cache_dir else None
+
+    @property
+    def target_list(self) -> list[str] | None:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()] if self.target_modules else None
 
 
 def config_fields() -> list:

@@ -70,9 +70,9 @@ def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
 
     from .sources import resolve
 
-    source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir)
+    source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_path)
     try:
-        targets = source.targets(list(cfg.target_modules) if cfg.target_modules else None)
+        targets = source.targets(cfg.target_list)
     except ValueError as err:
         raise PlannerError(str(err)) from None
     if not targets:
@@ -122,7 +122,7 @@ def fisher_errors_cached(prep: Prepared, tables: ResidualTables, model: torch.nn
     key = cache_key({"weights": prep.source.weights_sha256(), "targets": names, "bits": tables.settings.bits,
                      "block": tables.settings.block_size, "method": METHOD, "corpus": corpus_sha,
                      "blocks": list(blocks.shape), "kind": "fisher"})
-    path = (prep.cfg.cache_dir or default_cache_dir()) / "fisher" / f"{key}.safetensors"
+    path = (prep.cfg.cache_path or default_cache_dir()) / "fisher" / f"{key}.safetensors"
     cached = load_cached(path, key)
     if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
         return cached["fisher_err"]
@@ -146,7 +146,7 @@ def study_name_for(prep: Prepared, budget: int) -> str:
 
 
 def default_storage(cfg: PlanConfig) -> str:
-    path = (cfg.cache_dir or default_cache_dir()) / "studies.sqlite3"
+    path = (cfg.cache_path or default_cache_dir()) / "studies.sqlite3"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -158,13 +158,13 @@ class PlanOutcome:
     candidates: list[Candidate]
     chosen: Candidate
     exact: Candidate
+    problem: SearchProblem
 
 
-def _calibration(prep: Prepared, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
-    from .data import CorpusConfig, load_corpus, token_blocks
+def _calibration(prep: Prepared, tokenizer: Any, corpus: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
+    from .data import token_blocks
 
     cfg = prep.cfg
-    corpus = load_corpus(CorpusConfig(source=cfg.data or "pydoc", seed=0))
     n = cfg.calib_seq_len
     train = token_blocks(tokenizer, corpus.train, n, max_tokens=n * cfg.calib_seqs)
     val = token_blocks(tokenizer, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
@@ -177,11 +177,17 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
     t0 = time.perf_counter()
     prep = prepare(cfg, run)
     allocatable = check_budget(prep, budget)
-    tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_dir,
-                             device=cfg.device)
+    from .data import CorpusConfig, load_corpus
+
+    corpus = load_corpus(CorpusConfig(source=cfg.data or "pydoc", seed=0))  # bad data fails before heavy work
+    tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
+                             device=cfg.score_device)
     timings["tables_s"] = time.perf_counter() - t0
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model = prep.source.load_model(torch.float32)
-    train, val, corpus_sha = _calibration(prep, prep.source.tokenizer())
+    train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
     fisher_err = fisher_errors_cached(prep, tables, model, train, corpus_sha)
     timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"]
     table = OptionTable.build(prep.targets, tables, fisher_err, prep.options)
@@ -203,7 +209,7 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
         search_info["trials"] = n_trials
     timings["total_s"] = time.perf_counter() - t0
     plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings)
-    return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact)
+    return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact, problem)
 
 
 def _redact(url: str) -> str:

@@ -107,17 +107,13 @@ def neutral_params(module_types: Sequence[str], rank_floor: int = 0, capacity: f
             "capacity": capacity, "rank_floor": rank_floor}
 
 
-def _constraint(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
-    return trial.user_attrs.get("constraint", (1.0,))
-
-
 def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials: int, timeout: float | None,
                   seed: int, storage: str | None, study_name: str,
-                  on_trial: Callable[[Candidate], None] | None = None) -> tuple[optuna.Study, list[Candidate]]:
+                  on_trial: Callable[[Candidate | None], None] | None = None) -> tuple[optuna.Study, list[Candidate]]:
     """Optuna over shapings; returns the study and every candidate evaluated in this run."""
     types = sorted({t.module_type for t in problem.table.targets})
     ranks = sorted({r for _, r in problem.table.options})
-    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=_constraint, multivariate=True)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
     study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     if not study.trials:  # seeds: the plain Fisher knapsack, and with an adapter on every layer
@@ -128,9 +124,15 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
 
     def objective(trial: optuna.Trial) -> float:
         shaping = sample_shaping(trial, types, ranks)
-        cand = problem.solve(problem.table.shaped(shaping))
+        try:
+            cand = problem.solve(problem.table.shaped(shaping))
+        except InfeasibleBudget:  # e.g. a rank floor that cannot fit: not a plan, prune it
+            trial.set_user_attr("infeasible", True)
+            if on_trial:
+                on_trial(None)
+            raise optuna.TrialPruned() from None
         cand.shaping, cand.trial = shaping, trial.number
-        trial.set_user_attr("constraint", (float(cand.bytes - problem.budget),))
+        trial.set_constraint("bytes_over_budget", float(cand.bytes - problem.budget))
         trial.set_user_attr("bytes", cand.bytes)
         trial.set_user_attr("objective", cand.objective)
         trial.set_user_attr("choice", cand.choice)
@@ -145,7 +147,7 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
         return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=trials, timeout=timeout, catch=(InfeasibleBudget,))
+    study.optimize(objective, n_trials=trials, timeout=timeout)
     return study, seen
 
 
@@ -153,7 +155,7 @@ def direct_search(problem: SearchProblem, *, trials: int, timeout: float | None,
                   storage: str | None, study_name: str, seeds: Sequence[Candidate] = ()) -> tuple[optuna.Study, Candidate | None]:
     """Per-group categorical parameters (named after module paths), neutral additive objective."""
     labels = [f"{b}b_r{r}" for b, r in problem.table.options]
-    sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=_constraint)
+    sampler = optuna.samplers.TPESampler(seed=seed)
     study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     if not study.trials:
@@ -166,7 +168,7 @@ def direct_search(problem: SearchProblem, *, trials: int, timeout: float | None,
                         for name in problem.group_names]
         choice = problem.expand(group_choice)
         used = problem.bytes_of(choice)
-        trial.set_user_attr("constraint", (float(used - problem.budget),))
+        trial.set_constraint("bytes_over_budget", float(used - problem.budget))
         trial.set_user_attr("bytes", used)
         trial.set_user_attr("choice", choice)
         return problem.objective_of(choice)

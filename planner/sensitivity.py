@@ -92,6 +92,24 @@ class _Entry:
     a: torch.Tensor  # [r_max, in] sqrt(S) V^T
 
 
+def top_factors(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B [out, r] = U sqrt(S), A [r, in] = sqrt(S) V^T of the top-r singular triplets.
+
+    Randomized (4 power iterations, fixed seed) when r is small against the matrix, exact otherwise;
+    only the zero-step proxy uses these: materialize runs the exact LoftQ solver.
+    """
+    if rank == 0:
+        return residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1])
+    if 4 * rank < min(residual.shape):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(residual, q=rank + 16, niter=4)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]
+
+
 class WeightBank:
     """deq(Q) and top-r_max SVD factors of W - deq(Q) per (layer, bits); assembles trial weights."""
 
@@ -107,10 +125,8 @@ class WeightBank:
                         continue
                     deq = dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
                     r = min(max_rank, *w.shape)
-                    u, s, vh = torch.linalg.svd(w - deq, full_matrices=False)
-                    root = s[:r].sqrt()
-                    self.entries[(name, b)] = _Entry(deq.to(dtype), (u[:, :r] * root).to(dtype),
-                                                     (root.unsqueeze(1) * vh[:r]).to(dtype))
+                    b_fac, a_fac = top_factors(w - deq, r)
+                    self.entries[(name, b)] = _Entry(deq.to(dtype), b_fac.to(dtype), a_fac.to(dtype))
                 advance(1)
 
     def weight(self, name: str, bits: int, rank: int) -> torch.Tensor:
