@@ -61,7 +61,7 @@ def test_run_settings_and_search_space_options_reach_the_estimate(capsys: pytest
 
 def test_per_type_granularity_has_the_same_extremes(capsys: pytest.CaptureFixture) -> None:
     _, a, _ = _run(capsys, "--model", "phi-2", "--dry-run", "--json")
-    _, b, _ = _run(capsys, "--model", "phi-2", "--dry-run", "--json", "--granularity", "type", "--keep16")
+    _, b, _ = _run(capsys, "--model", "phi-2", "--dry-run", "--json", "--granularity", "type", "--bits", "2,4,8,16")
     a, b = json.loads(a), json.loads(b)
     assert a["min_bytes"] == b["min_bytes"] and a["max_bytes"] < b["max_bytes"]  # keep16 is the largest
     assert a["fits_min"] is None  # no budget given
@@ -88,7 +88,8 @@ def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture, argv: l
 
 def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
     assert _run(capsys, "--model", "phi-2", "--dry-run", "--bogus")[0] == 2
-    assert _run(capsys, "--dry-run")[0] == 2  # --model is required
+    rc, _, err = _run(capsys, "--model", "phi-2", "--dry-run", "--bits", "x")
+    assert rc == 2 and err.strip().count("\n") == 0 and "--bits" in err  # one line, no usage dump
     assert _run(capsys, "--help")[0] == 0
 
 
