@@ -1,0 +1,52 @@
+"""``make demo``: the tool's main job on the offline default model (SmolLM2-135M), via the real CLI.
+
+1. dry run: the memory range of the search space for a LoRA fine-tune (seq 1024, batch 1);
+2. plan at a budget that binds (between the smallest and the largest plan), Optuna-guided;
+3. show the plan; 4. materialize it (LoftQ backbone + adapters) and verify memory, when available.
+Outputs go to ./demo-out/. Every step is one `python -m planner ...` command a user can copy.
+"""
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .cli import COMMANDS, _register, main
+
+BUDGET = "1.95GB"
+OUT = Path("demo-out")
+
+
+def step(console: Console, title: str, argv: list[str]) -> None:
+    console.rule(f"[bold]{title}")
+    console.print(f"$ python -m planner {shlex.join(argv)}", style="cyan")
+    rc = main(argv)
+    if rc != 0:
+        console.print(f"[red]step failed with exit status {rc}")
+        sys.exit(rc)
+
+
+def run() -> None:
+    console = Console()
+    _register()
+    OUT.mkdir(exist_ok=True)
+    plan = str(OUT / "plan.json")
+    step(console, "1. memory range of the search space (no weights read)", ["--budget", BUDGET, "--dry-run"])
+    step(console, "2. plan SmolLM2-135M for a LoRA fine-tune under the budget",
+         ["--budget", BUDGET, "--trials", "8", "--out", plan, "--pareto", str(OUT / "pareto")])
+    step(console, "3. the plan file", ["show", plan])
+    if "materialize" in COMMANDS:
+        model_dir = OUT / "model"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        step(console, "4. build it: LoftQ backbone + adapters", ["materialize", plan, "--out", str(model_dir)])
+        if "verify" in COMMANDS:
+            step(console, "5. verify memory against the plan", ["verify", str(model_dir), "--steps", "1"])
+    console.rule("[bold]done")
+    console.print(f"outputs in {OUT}/ (plan.json, pareto.json/.png{', model/' if 'materialize' in COMMANDS else ''})")
+
+
+if __name__ == "__main__":
+    run()
