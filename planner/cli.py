@@ -147,7 +147,7 @@ def _table(report: dict[str, Any], lo: MemoryEstimate, hi: MemoryEstimate) -> st
 
 
 # ---------------------------------------------------------------- entry points
-COMMAND_MODULES = ("planner.commands_plan",)  # each registers its entries in COMMANDS on import
+COMMAND_MODULES = ("planner.commands_plan", "planner.commands_build")  # each registers its entries in COMMANDS on import
 
 
 def _register() -> None:

@@ -36,6 +36,10 @@ class PlanConfig:
     calib_seqs: int = _opt(16, "sequences for the Fisher sensitivity")
     proxy_seqs: int = _opt(4, "held-out sequences for the zero-step proxy")
     calib_seq_len: int = _opt(256, "tokens per calibration / proxy sequence")
+    proxy_top: int = _opt(0, "re-score this many diverse candidates by a short LoRA fine-tune each and keep the "
+                          "lowest held-out loss (0 = zero-step proxy only)")
+    proxy_steps: int = _opt(20, "LoRA steps per fine-tune proxy candidate")
+    proxy_lr: float = _opt(3e-4, "learning rate of the fine-tune proxy")
     score_device: str | None = _opt(None, "device for residual tables and scoring (default: cuda if available)")
     out: str = _opt("plan.json", "where to write the plan")
     cache_dir: str | None = _opt(None, "cache folder (default: $LOFTQ_PLANNER_CACHE or ~/.cache/loftq-planner)")
@@ -56,7 +60,11 @@ class PlanConfig:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.trials < 0:
             raise ValueError(f"trials must be >= 0, got {self.trials}")
-        for name in ("calib_seqs", "proxy_seqs", "calib_seq_len"):
+        if self.proxy_top < 0:
+            raise ValueError(f"proxy_top must be >= 0, got {self.proxy_top}")
+        if not self.proxy_lr > 0:
+            raise ValueError(f"proxy_lr must be > 0, got {self.proxy_lr}")
+        for name in ("calib_seqs", "proxy_seqs", "calib_seq_len", "proxy_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -76,8 +76,9 @@ class LoftQBank:
     """
 
     def __init__(self, base: nn.Module, method: str = "nf", block_size: int = 64,
-                 compute_dtype: torch.dtype = torch.float32, adapter_dtype: torch.dtype | None = None) -> None:
-        self.base, self.method, self.block_size = base, method, block_size
+                 compute_dtype: torch.dtype = torch.float32, adapter_dtype: torch.dtype | None = None,
+                 max_rank: int = 64) -> None:
+        self.base, self.method, self.block_size, self.max_rank = base, method, block_size, max_rank
         self.compute_dtype = compute_dtype
         self.adapter_dtype = adapter_dtype or compute_dtype
         self._q: dict[tuple[str, int], Any] = {}
@@ -90,7 +91,10 @@ class LoftQBank:
             qt = quantize(w, config=QuantConfig(bits, self.method, self.block_size))
             self._q[key] = qt
             u, s, vh = torch.linalg.svd(w - dequantize(qt, torch.float32), full_matrices=False)
-            self._f[key] = (u, s, vh)
+            r = self.max_rank
+            self._f[key] = (u[:, :r].contiguous(), s[:r].clone(), vh[:r].contiguous())
+        if rank > self.max_rank:
+            raise ValueError(f"rank {rank} exceeds the bank's max_rank {self.max_rank}")
         if not rank:
             return self._q[key], None
         u, s, vh = self._f[key]
@@ -160,7 +164,7 @@ def finetune(model: nn.Module, train: torch.Tensor, s: FinetuneSettings, val: to
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if val is not None and on_eval is not None and (step % s.eval_every == 0 or step == s.steps):
             if on_eval(step, eval_loss(model, val, s.eval_batch)):
                 return losses, step

@@ -207,8 +207,13 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
         else:
             chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name)
         search_info["trials"] = n_trials
+    ft_records = None
+    if cfg.proxy_top > 0:
+        t2 = time.perf_counter()
+        chosen, ft_records = _finetune_proxy(prep, problem, candidates, model, corpus)
+        timings["finetune_proxy_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
-    plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings)
+    plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings, ft_records)
     return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact, problem)
 
 
@@ -243,6 +248,28 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
     return best, scored, len(study.trials)
 
 
+def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Candidate], model: torch.nn.Module,
+                    corpus: Any) -> tuple[Candidate, list[dict[str, Any]]]:
+    """Re-score ``cfg.proxy_top`` diverse candidates by ``cfg.proxy_steps`` LoRA steps each (train
+    split), choosing the lowest loss on the proxy-validation split; the test split is never read."""
+    from . import progress
+    from .data import token_blocks
+    from .ftproxy import rescore_with_finetune
+
+    cfg = prep.cfg
+    n = cfg.calib_seq_len
+    tok = prep.source.tokenizer()
+    train = token_blocks(tok, corpus.train, n, max_tokens=n * max(cfg.calib_seqs, cfg.proxy_steps))
+    val = token_blocks(tok, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
+    k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates}))
+    with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k) as advance:
+        chosen, records = rescore_with_finetune(problem, candidates, model, train, val, top_k=k,
+                                                steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr,
+                                                method=METHOD, block_size=cfg.block_size,
+                                                on_candidate=lambda rec: advance(1))
+    return chosen, records
+
+
 def _direct(prep: Prepared, problem: SearchProblem, exact: Candidate, storage: str,
             name: str) -> tuple[Candidate, list[Candidate], int]:
     seeds = [exact] + [problem.uniform(k) for k in range(len(prep.options))
@@ -255,7 +282,8 @@ def _direct(prep: Prepared, problem: SearchProblem, exact: Candidate, storage: s
 
 
 def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chosen: Candidate, exact: Candidate,
-               candidates: list[Candidate], budget: int, search_info: dict[str, Any], timings: dict[str, float]):
+               candidates: list[Candidate], budget: int, search_info: dict[str, Any], timings: dict[str, float],
+               ft_records: list[dict[str, Any]] | None = None):
     from .plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
 
     layers = []
@@ -285,6 +313,13 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
               "proxy": {"kind": "zero-step KL(full || Q+BA) on held-out text",
                         "ref_loss": chosen.proxy.ref_loss if chosen.proxy else None,
                         "candidates": [row(c) for c in candidates]}}
+    if ft_records is not None:
+        cfg = prep.cfg
+        search["proxy"]["zero_step_candidates"] = search["proxy"].pop("candidates")
+        search["proxy"].update(kind=f"fine-tune: {cfg.proxy_steps} LoRA steps (lr {cfg.proxy_lr}, seed {cfg.seed}) "
+                                    "on the train split, loss on the proxy-validation split",
+                               zero_step_kind="zero-step KL(full || Q+BA) on held-out text",
+                               steps=cfg.proxy_steps, candidates=ft_records)
     source = prep.source
     model = {"id": prep.cfg.model, "source": source.kind, "architecture": source.facts.architecture,
              "weights_sha256": source.weights_sha256()}

@@ -1,0 +1,284 @@
+"""Does a planned mixed model fine-tune better than uniform choices at the same memory? (SmolLM2, CPU)
+
+    python -m bench.quality --quick [--json] [--out bench/results/quality_quick.json]
+    python -m bench.quality                      # three budgets, more steps and test tokens
+    python -m bench.quality --correlation        # proxy (short fine-tune) vs longer fine-tune, >= 10 plans
+
+Every method is counted by the same byte function (planner.memory.layer_bytes + fixed_bytes, fine-tune
+mode, the run's seq_len / batch, CPU dtypes: fp32 adapters with fp32 grads and AdamW states; no
+reserve). Budgets are named by bits per target weight: 8 * (bytes that depend on the layers'
+choices) / (number of target weights). Baselines take the largest rank of RANK_GRID that fits.
+Methods: planner (make_plan, guided search, zero-step KL), planner+ft (the same candidates re-scored
+by planner.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
+B = 0), loftq-first-k (4-bit first k blocks, 2-bit rest, rank 16, k as large as fits),
+loftq-uniform-2bit. Perplexity on the test split only (never used for a choice); after fine-tuning,
+mean and std over seeds (seed = data order + random init). SmolLM2's packaged weights were Q4_1
+before dequantisation: the fp32 "reference" is a dequantised Q4_1 model, not pristine fp16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.config import PlanConfig
+from planner.data import CorpusConfig, load_corpus, token_blocks
+from planner.ftproxy import FinetuneSettings, LoftQBank, eval_loss, finetune
+from planner.memory import LayerChoice, layer_bytes
+from planner.planning import make_plan, prepare
+from planner.settings import RunSettings
+
+RANK_GRID = (0, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass(frozen=True)
+class Setting:
+    seq_len: int
+    steps: int
+    seeds: int
+    test_tokens: int
+    budgets: tuple[str, ...]  # "u4r16" or bits/weight as a number
+    trials: int
+    lr: float = 3e-4
+    proxy_top: int = 0
+    proxy_steps: int = 0
+
+
+QUICK = Setting(seq_len=128, steps=12, seeds=3, test_tokens=2048, budgets=("u4r16", "3.0"), trials=8)
+FULL = Setting(seq_len=128, steps=40, seeds=3, test_tokens=8192, budgets=("u4r16", "3.5", "3.0"), trials=16,
+               proxy_top=4, proxy_steps=12)
+
+
+class Counter:
+    """Bytes of any per-layer assignment with the planner's own memory function."""
+
+    def __init__(self, prep: Any) -> None:
+        self.prep, self.targets, self.run, self.facts = prep, prep.targets, prep.run, prep.source.facts
+        self.n_weights = sum(t.shape[0] * t.shape[1] for t in self.targets)
+        self._cache: dict[tuple[int, int, int], int] = {}
+
+    def layer(self, i: int, bits: int, rank: int) -> int:
+        key = (i, bits, rank)
+        if key not in self._cache:
+            ch = LayerChoice(bits=bits, rank=rank, block_size=self.prep.cfg.block_size)
+            self._cache[key] = layer_bytes(self.targets[i], ch, self.run, self.facts)
+        return self._cache[key]
+
+    def total(self, assignment: list[tuple[int, int]]) -> int:
+        return self.prep.fixed_bytes + sum(self.layer(i, b, r) for i, (b, r) in enumerate(assignment))
+
+    def bits_per_weight(self, total: int) -> float:
+        return 8 * (total - self.prep.fixed_bytes) / self.n_weights
+
+    def budget_for(self, label: str) -> int:
+        if label == "u4r16":
+            return self.total([(4, 16)] * len(self.targets))
+        return self.prep.fixed_bytes + math.floor(float(label) * self.n_weights / 8)
+
+
+def uniform(counter: Counter, bits: int, budget: int) -> list[tuple[int, int]] | None:
+    n = len(counter.targets)
+    fits = [r for r in RANK_GRID if counter.total([(bits, r)] * n) <= budget]
+    return [(bits, max(fits))] * n if fits else None
+
+
+def first_k(counter: Counter, budget: int, rank: int = 16) -> tuple[list[tuple[int, int]], int] | None:
+    blocks = [t.block for t in counter.targets]
+    for k in range(max(blocks) + 1, -1, -1):
+        plan = [(4 if b < k else 2, rank) for b in blocks]
+        if counter.total(plan) <= budget:
+            return plan, k
+    return None
+
+
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
+    return math.exp(eval_loss(model, blocks, batch_size=4))
+
+
+def run_method(bank: LoftQBank, names: list[str], plan: list[tuple[int, int]], init: str, s: Setting,
+               train: torch.Tensor, test: torch.Tensor) -> dict[str, Any]:
+    assignment = dict(zip(names, plan))
+    torch.manual_seed(0)
+    before = perplexity(bank.build(assignment, init=init), test)
+    after, secs = [], []
+    for seed in range(s.seeds):
+        torch.manual_seed(seed)
+        net = bank.build(assignment, init=init)
+        t0 = time.perf_counter()
+        finetune(net, train, FinetuneSettings(steps=s.steps, lr=s.lr, seed=seed))
+        secs.append(time.perf_counter() - t0)
+        after.append(perplexity(net, test))
+        del net
+    return {"ppl_before": before, "ppl_after": statistics.mean(after),
+            "ppl_after_std": statistics.stdev(after) if len(after) > 1 else 0.0, "ppl_after_seeds": after,
+            "ft_seconds": statistics.mean(secs)}
+
+
+def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s: Setting, model, train_p, val_p,
+             bank) -> dict[str, tuple[list[tuple[int, int]] | None, str, dict]]:
+    out: dict[str, tuple[list[tuple[int, int]] | None, str, dict]] = {}
+    outcome = make_plan(cfg, run, budget)
+    opts, prob = outcome.problem.table.options, outcome.problem
+    out["planner"] = ([opts[k] for k in outcome.chosen.choice], "loftq", {"kl": outcome.chosen.proxy.kl
+                                                                           if outcome.chosen.proxy else None})
+    if s.proxy_top:
+        from planner.ftproxy import rescore_with_finetune
+        chosen, records = rescore_with_finetune(prob, outcome.candidates, model, train_p, val_p, top_k=s.proxy_top,
+                                                steps=s.proxy_steps, seed=0, bank=bank)
+        out["planner+ft"] = ([opts[k] for k in chosen.choice], "loftq", {"proxy_records": records})
+    out["loftq-uniform-4bit"] = (uniform(counter, 4, budget), "loftq", {})
+    out["qlora-uniform-4bit"] = (uniform(counter, 4, budget), "default", {})
+    fk = first_k(counter, budget)
+    out["loftq-first-k"] = (fk[0] if fk else None, "loftq", {"k": fk[1] if fk else None})
+    out["loftq-uniform-2bit"] = (uniform(counter, 2, budget), "loftq", {})
+    return out
+
+
+def describe(plan: list[tuple[int, int]]) -> dict[str, Any]:
+    bits = [b for b, _ in plan]
+    ranks = [r for _, r in plan]
+    return {"bits_hist": {str(b): bits.count(b) for b in sorted(set(bits))},
+            "rank_hist": {str(r): ranks.count(r) for r in sorted(set(ranks))}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--correlation", action="store_true", help="proxy vs longer fine-tune rank correlation")
+    ap.add_argument("--out", default=None, help="also write the rows here (JSON)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--budgets", default=None, help="comma list: u4r16 and/or bits per weight")
+    ap.add_argument("--proxy-top", type=int, default=None)
+    ap.add_argument("--methods", default=None, help="comma list of methods to run (default: all)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    s = QUICK if args.quick else FULL
+    s = replace(s, **{k: v for k, v in (("steps", args.steps), ("seeds", args.seeds), ("proxy_top", args.proxy_top))
+                      if v is not None})
+    if args.budgets:
+        s = replace(s, budgets=tuple(args.budgets.split(",")))
+    if args.correlation:
+        from bench.correlation import correlation
+        result = correlation(s)
+        print(json.dumps(result, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return 0
+    rows = run_quality(s, args.methods.split(",") if args.methods else None)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"setting": s.__dict__, "rows": rows}, indent=1))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print_table(rows)
+    return 0
+
+
+def share_weight_bank() -> None:
+    """make_plan rebuilds its zero-step WeightBank (minutes on 2 cores) at every budget; the bank
+    depends only on the weights, bits and max rank, so the bench memoises it (identical result)."""
+    from planner import sensitivity
+
+    if getattr(sensitivity.WeightBank, "_bench_shared", False):
+        return
+    base, memo = sensitivity.WeightBank, {}
+
+    def shared(weights, bits, max_rank, method="nf", block_size=64, dtype=torch.float32):
+        key = (tuple(weights), tuple(bits), max_rank, method, block_size, dtype)
+        if key not in memo:
+            memo[key] = base(weights, bits, max_rank, method, block_size, dtype)
+        return memo[key]
+
+    shared._bench_shared = True  # type: ignore[attr-defined]
+    sensitivity.WeightBank = shared  # type: ignore[assignment]
+
+
+def setup(s: Setting):
+    share_weight_bank()
+    run = RunSettings(mode="finetune", device="cpu", seq_len=s.seq_len, batch_size=1, reserve_context_bytes=0,
+                      reserve_fraction=0.0)
+    import tempfile
+    db = Path(tempfile.mkdtemp(prefix="bench-quality-")) / "studies.sqlite3"  # a fresh study every bench run
+    cfg = PlanConfig(model="smollm2-135m", search="guided", trials=s.trials, seed=0, storage=f"sqlite:///{db}")
+    prep = prepare(cfg, run)
+    counter = Counter(prep)
+    model = prep.source.load_model(torch.float32)
+    tok = prep.source.tokenizer()
+    corpus = load_corpus(CorpusConfig(source="pydoc", seed=0))
+    train = token_blocks(tok, corpus.train, s.seq_len, max_tokens=s.seq_len * max(64, s.steps * 2))
+    val = token_blocks(tok, corpus.val, s.seq_len, max_tokens=s.seq_len * 8)
+    test = token_blocks(tok, corpus.test, s.seq_len, max_tokens=s.test_tokens)
+    bank = LoftQBank(model, "nf", cfg.block_size)
+    return run, cfg, prep, counter, model, train, val, test, bank
+
+
+def run_quality(s: Setting, methods: list[str] | None = None) -> list[dict[str, Any]]:
+    run, cfg, prep, counter, model, train, val, test, bank = setup(s)
+    names = [t.name for t in prep.targets]
+    print(f"test tokens {test.numel()}, train tokens/run {s.steps * s.seq_len}, seeds {s.seeds}", file=sys.stderr)
+    rows: list[dict[str, Any]] = []
+    for label in s.budgets:
+        budget = counter.budget_for(label)
+        t0 = time.perf_counter()
+        plans = plans_at(counter, cfg, run, budget, s, model, train, val, bank)
+        print(f"[{label}] planning {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        for method, (plan, init, extra) in plans.items():
+            if methods and method not in methods:
+                continue
+            row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget,
+                                   "budget_bits_per_weight": round(counter.bits_per_weight(budget), 3)}
+            if plan is None:
+                rows.append({**row, "bytes": None, "infeasible": True})
+                print(f"[{label}] {method}: does not fit", file=sys.stderr)
+                continue
+            used = counter.total(plan)
+            row.update(bytes=used, bits_per_weight=round(counter.bits_per_weight(used), 3), **describe(plan), **extra)
+            t0 = time.perf_counter()
+            row.update(run_method(bank, names, plan, init, s, train, test))
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(f"[{label}] {method}: {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± "
+                  f"{row['ppl_after_std']:.2f} ({row['seconds']}s)", file=sys.stderr)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'budget':>7} {'method':<20} {'b/w':>6} {'bytes':>12} {'ppl0':>10} {'ppl_ft':>9} {'std':>6}")
+    for r in rows:
+        if r.get("infeasible"):
+            print(f"{r['budget']:>7} {r['method']:<20} {'':>6} {'does not fit':>12}")
+            continue
+        print(f"{r['budget']:>7} {r['method']:<20} {r['bits_per_weight']:>6.2f} {r['bytes']:>12} "
+              f"{r['ppl_before']:>10.2f} {r['ppl_after']:>9.2f} {r['ppl_after_std']:>6.2f}")
+    verdicts(rows)
+
+
+def verdicts(rows: list[dict[str, Any]]) -> None:
+    """Planner vs each baseline per budget: a win or loss only beyond 2 sigma of seed noise."""
+    by = {(r["budget"], r["method"]): r for r in rows if not r.get("infeasible")}
+    for (budget, method), r in by.items():
+        if not method.startswith("planner"):
+            continue
+        for (b2, m2), o in by.items():
+            if b2 != budget or m2.startswith("planner"):
+                continue
+            diff = o["ppl_after"] - r["ppl_after"]
+            sigma = math.sqrt(r["ppl_after_std"] ** 2 + o["ppl_after_std"] ** 2)
+            word = "WIN" if diff > 2 * sigma else "LOSS" if -diff > 2 * sigma else "no significant difference"
+            print(f"  [{budget}] {method} vs {m2}: {r['ppl_after']:.2f} vs {o['ppl_after']:.2f} "
+                  f"(diff {diff:+.2f}, 2σ={2 * sigma:.2f}) -> {word}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Measured memory of a few training steps of a materialized model against the memory model.
+
+CUDA: peak ``torch.cuda.max_memory_allocated`` from before loading to the end of N steps against
+the estimate's allocated bytes, ``max_memory_reserved`` against allocated + allocator slack, and
+the device memory in use (context included) against the total; target within ±5%.
+
+CPU (no allocator statistics): each term is measured on its own. Backbone, non-target, adapter,
+gradient and optimizer bytes are exact tensor byte counts; activations are what autograd saves
+during one forward and loss (``torch.autograd.graph.saved_tensors_hooks``; unique storages that
+are not parameters or buffers) against the estimate's activations + logits; the transient peak is
+not measured; the process RSS is reported for information only.
+
+The estimate is recomputed for the run as it actually happens (device, seq_len, batch): a plan
+made for a GPU has bf16 activations, a CPU run fp32 ones. The backbone bytes do not depend on it
+and are compared with the plan's own number.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .finetune import make_optimizer, trainable_parameters
+from .loading import Artifact, _install, default_device, load, load_backbone, read_artifact
+from .memory import MemoryEstimate, estimate, layer_bytes
+from .plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
+from .runtime import QuantLinear, backbone_nbytes, configure_run
+from .settings import LayerChoice, RunSettings
+
+log = logging.getLogger(__name__)
+TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compared term. ``checked``: counts for the verdict (within ±TOLERANCE, or exact)."""
+
+    term: str
+    estimate: int | None
+    measured: int | None
+    checked: bool = False
+    exact: bool = False
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.estimate or self.measured is None:
+            return None
+        return self.measured / self.estimate
+
+    @property
+    def ok(self) -> bool | None:
+        if not self.checked or self.measured is None or self.estimate is None:
+            return None
+        if self.exact:
+            return self.measured == self.estimate
+        return self.ratio is not None and abs(self.ratio - 1.0) <= TOLERANCE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"term": self.term, "estimate": self.estimate, "measured": self.measured, "ratio": self.ratio,
+                "checked": self.checked, "ok": self.ok, "note": self.note}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    device: str
+    steps: int
+    run: dict[str, Any]
+    rows: tuple[Row, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok is not False for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "steps": self.steps, "run": self.run, "ok": self.ok,
+                "tolerance": TOLERANCE, "rows": [r.to_dict() for r in self.rows], "info": self.info}
+
+
+# ---------------------------------------------------------------- estimates from a plan
+def targets_of(config: Any, names: Sequence[str]) -> list[Any]:
+    """TargetLayers for ``names`` from a transformers config (meta skeleton, no weights)."""
+    from search_spaces.discovery import find_targets
+
+    from .sources import meta_skeleton
+
+    return find_targets(meta_skeleton(config), target_modules=[re.escape(n) for n in names], include_head=True)
+
+
+def choices_of(plan: Plan) -> dict[str, LayerChoice]:
+    from .materialize import method_of
+
+    return {layer.name: LayerChoice(layer.bits, layer.rank, method_of(layer) if layer.bits < 16 else "nf",
+                                    layer.block_size, layer.double_quant) for layer in plan.layers}
+
+
+def estimate_for(art: Artifact, run: RunSettings, non_target_params: int) -> MemoryEstimate:
+    """The memory model for the plan's choices under ``run`` (facts from the artifact's config)."""
+    from transformers import AutoConfig
+
+    from search_spaces.discovery import facts_from_config
+
+    config = AutoConfig.from_pretrained(str(art.backbone))
+    targets = targets_of(config, [layer.name for layer in art.plan.layers])
+    return estimate(facts_from_config(config), targets, choices_of(art.plan), run, non_target_params)
+
+
+def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunSettings, *,
+                      budget_bytes: int | None = None, iters: int = 1) -> Plan:
+    """A plan with explicit per-layer choices (alpha = rank) for ``source``'s targets of those names,
+    its estimate from the memory model: hand-made plans, tests, benchmarks."""
+    targets = source.targets([re.escape(n) for n in choices], include_head=True)
+    facts, non_target = source.facts, source.non_target_params(targets)
+    est = estimate(facts, targets, choices, run, non_target)
+    layers = tuple(LayerPlan(
+        name=t.name, shape=tuple(t.shape), bits=c.bits, block_size=c.block_size, rank=c.rank, alpha=float(c.rank),
+        quant=c.quant_config.quant_name if c.quant_config else "bf16", iters=iters, residual=None,
+        bytes=layer_bytes(t, c, run, facts), double_quant=c.double_quant) for t in targets for c in [choices[t.name]])
+    model = {"id": source.reference, "source": source.kind, "architecture": facts.architecture,
+             "weights_sha256": source.weights_sha256() if source.folder is not None else None}
+    return Plan(SCHEMA_VERSION, model, budget_bytes or est.total_bytes, run.mode, run.to_dict(), est.to_dict(),
+                layers, {"mode": "manual"}, created_with())
+
+
+# ---------------------------------------------------------------- measuring
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def non_target_nbytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes, parameter count) outside the target weights and adapters: parameters that are not
+    LoRA weights, plus the biases QuantLinear keeps as buffers."""
+    params = [p for n, p in model.named_parameters() if "lora_" not in n]
+    biases = [m.bias for m in model.modules() if isinstance(m, QuantLinear) and m.bias is not None]
+    return _nbytes(params + biases), sum(t.numel() for t in params + biases)
+
+
+def _saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Loss of one forward, and the bytes / count of the unique non-parameter storages autograd saved."""
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+    count = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        count += 1
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in owned:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    return loss, sum(seen.values()), count
+
+
+def _rss() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | None = None,
+           seq_len: int | None = None, batch_size: int | None = None, seed: int = 0) -> VerifyReport:
+    """Load DIR, run ``steps`` training steps on random tokens (memory does not depend on the values)
+    with the plan's optimizer and run settings, and compare measured bytes with the estimate."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}")
+    art = read_artifact(path)
+    dev = torch.device(device) if device is not None else default_device()
+    run = dataclasses.replace(art.run, device="cuda" if dev.type == "cuda" else "cpu",
+                              seq_len=seq_len or art.run.seq_len, batch_size=batch_size or art.run.batch_size,
+                              mode="finetune")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_alloc = torch.cuda.memory_allocated(dev)
+        free0, _ = torch.cuda.mem_get_info(dev)
+    rss0 = _rss()
+    model = load(path, dev)
+    configure_run(model, run)
+    n_nt_bytes, n_nt = non_target_nbytes(model)
+    est = estimate_for(art, run, n_nt)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (run.batch_size, run.seq_len), generator=gen).to(dev)
+    params = trainable_parameters(model)
+    opt = make_optimizer(params, run.optimizer, 1e-4)
+    model.train()
+    t0 = time.perf_counter()
+    saved = count = 0
+    grads = 0
+    for step in range(steps):
+        if step == 0:
+            loss, saved, count = _saved_activation_bytes(model, ids)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = _nbytes(p.grad for p in params if p.grad is not None)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    opt_bytes = _nbytes(v for s in opt.state.values() for k, v in s.items()
+                        if isinstance(v, torch.Tensor) and k != "step")
+    b = est.breakdown
+    rows = [
+        Row("backbone", art.plan.estimate["breakdown"].get("backbone"), backbone_nbytes(model), True, True,
+            "plan's estimate; resident QuantLinear codes + constants"),
+        Row("non_target", b.get("non_target"), n_nt_bytes, True, True),
+        Row("adapters", b.get("adapters"), _nbytes(params), True, True),
+        Row("adapter_grads", b.get("adapter_grads"), grads, True, True),
+        Row("optimizer", b.get("optimizer"), opt_bytes, True, True, f"{run.optimizer} states"),
+    ]
+    info: dict[str, Any] = {"seconds": round(seconds, 3), "plan_total_bytes": art.plan.total_bytes,
+                            "estimate": est.to_dict(), "saved_tensors": count, "loss": float(loss.detach())}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        free1, _ = torch.cuda.mem_get_info(dev)
+        rows += [Row("allocated (peak)", est.allocated_bytes, torch.cuda.max_memory_allocated(dev) - base_alloc, True,
+                     note="torch.cuda.max_memory_allocated"),
+                 Row("reserved (peak)", est.allocated_bytes + est.reserve_bytes - run.reserve_context_bytes,
+                     torch.cuda.max_memory_reserved(dev), note="max_memory_reserved vs allocated + slack"),
+                 Row("device in use", est.total_bytes, free0 - free1 + torch.cuda.memory_reserved(dev),
+                     note="after the run; includes the CUDA context only if this process created it here")]
+    else:
+        rows += [Row("activations (saved)", b.get("activations", 0) + b.get("logits", 0), saved, True,
+                     note="autograd saved tensors of one forward vs activations + logits"),
+                 Row("transient", b.get("transient"), None, note="not measurable on CPU")]
+    rss1 = _rss()
+    if rss0 is not None and rss1 is not None:
+        info["rss_bytes"] = {"before_load": rss0, "after_steps": rss1, "growth": rss1 - rss0}
+    return VerifyReport(str(dev), steps, run.to_dict(), tuple(rows), info)
+
+
+def load_dense(path: str | Path, dtype: torch.dtype = torch.float32, *, with_adapter: bool = True) -> nn.Module:
+    """Reference: the stock transformers model with every target weight dequantized (plain nn.Linear)
+    and, if ``with_adapter``, the adapter folder read by ``PeftModel.from_pretrained`` (CPU, eval).
+    Its forward is what :func:`load` computes, up to float rounding."""
+    art = read_artifact(path)
+    base = load_backbone(path, "cpu", torch.float32)
+    for meta in art.meta.layers:
+        layer = base.get_submodule(meta.name)
+        dense = nn.Linear(meta.shape[1], meta.shape[0], bias=layer.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(layer.dense_weight(torch.float32))
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        dense.requires_grad_(False)
+        _install(base, meta.name, dense)
+    base.to(dtype)
+    if not with_adapter or art.adapter is None:
+        return base
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(art.adapter)).eval()
