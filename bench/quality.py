@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -79,8 +80,10 @@ class Counter:
         return 8 * (total - self.prep.fixed_bytes) / self.n_weights
 
     def budget_for(self, label: str) -> int:
-        if label == "u4r16":
-            return self.total([(4, 16)] * len(self.targets))
+        """``u{bits}r{rank}``: the bytes of that uniform plan; a number: bits per target weight."""
+        m = re.fullmatch(r"u(\d+)r(\d+)", label)
+        if m:
+            return self.total([(int(m[1]), int(m[2]))] * len(self.targets))
         return self.prep.fixed_bytes + math.floor(float(label) * self.n_weights / 8)
 
 

@@ -111,7 +111,11 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
     line = f"search {s['mode']}: {s['trials']} trials; objective {s['chosen_objective']:.4g} (exact optimum " \
            f"{s['exact_optimum']:.4g})"
     if chosen and "kl" in chosen:
-        line += f"; zero-step KL {chosen['kl']:.4g} nats/token"
+        kind = proxy.get("zero_step_kind", proxy.get("kind", ""))
+        line += f"; zero-step KL {chosen['kl']:.4g} nats/token" if "KL" in kind else \
+            f"; zero-step 1 - cos {chosen['kl']:.4g}"
+    if chosen and "steps" in proxy and "loss" in chosen:
+        line += f"; fine-tune proxy loss {chosen['loss']:.4f} after {proxy['steps']} steps"
     console.print(line)
     console.print(f"plan written to {path}")
 

@@ -308,10 +308,11 @@ def fixed_breakdown(facts: ModelFacts, targets: Sequence[TargetLayer], run: RunS
         out["logits"] = kept
         out["transient"] = transient_bytes(facts, run, peak, kept, workspace)
     else:
-        out["kv_cache"] = run.tokens * facts.layers * 2 * facts.kv_dim * run.compute_bytes
-        # prefill: one MLP's intermediate tensors, last-token logits in fp32, one dense weight
+        if facts.is_decoder:  # generation keeps keys and values; an encoder keeps nothing between layers
+            out["kv_cache"] = run.tokens * facts.layers * 2 * facts.kv_dim * run.compute_bytes
+        # prefill: one MLP's intermediate tensors, last-token logits in fp32 (decoders), one dense weight
         out["transient"] = workspace + run.tokens * facts.intermediate * 3 * run.compute_bytes \
-            + run.batch_size * facts.vocab * 4
+            + (run.batch_size * facts.vocab * 4 if facts.is_decoder else 0)
     return out
 
 
@@ -333,6 +334,25 @@ def allocatable_bytes(budget: int, run: RunSettings) -> int:
     while k + 1 + reserve_bytes(k + 1, run) <= budget:
         k += 1
     return k
+
+
+def unread_shared_input_bytes(facts: ModelFacts, targets: Sequence[TargetLayer], choices: Mapping[str, LayerChoice],
+                              run: RunSettings) -> int:
+    """How much :func:`estimate` over-counts on purpose: the normed block inputs that adapters share
+    are counted in every block (so per-layer costs stay additive for the knapsack), but autograd
+    keeps one only where some adapter of its group has a rank. Used by verify to compare exactly."""
+    prof = profile_for(facts)
+    if not run.finetune or run.gradient_checkpointing or run.adapter_bytes != run.compute_bytes \
+            or run.lora_dropout != 0:
+        return 0
+    read: set[tuple[int, str]] = set()
+    for t in targets:
+        group = prof.block_input.get(t.module_type)
+        if group is not None and choices[t.name].rank > 0:
+            read.add((t.block, group))
+    groups = set(prof.block_input.values())
+    unread = sum(1 for b in range(facts.layers) for g in groups if (b, g) not in read)
+    return unread * run.tokens * facts.hidden * run.compute_bytes
 
 
 def estimate(facts: ModelFacts, targets: Sequence[TargetLayer], choices: Mapping[str, LayerChoice],

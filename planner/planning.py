@@ -237,7 +237,8 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
     proxy = ZeroStepProxy(model, bank, val)
     from . import progress
 
-    with progress.task(f"search: {prep.cfg.trials} trials (zero-step KL)", prep.cfg.trials) as advance:
+    what = "KL" if proxy.causal else "1 - cos"
+    with progress.task(f"search: {prep.cfg.trials} trials (zero-step {what})", prep.cfg.trials) as advance:
         study, seen = guided_search(problem, proxy, trials=prep.cfg.trials, timeout=prep.cfg.timeout,
                                     seed=prep.cfg.seed, storage=storage, study_name=name,
                                     on_trial=lambda c: advance(1))
@@ -258,6 +259,9 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
 
     cfg = prep.cfg
     n = cfg.calib_seq_len
+    if not prep.source.facts.is_decoder:
+        raise PlannerError(f"--proxy-top needs a causal LM to fine-tune; {cfg.model} is an encoder "
+                           "(its plans are scored by the zero-step embedding proxy)")
     tok = prep.source.tokenizer()
     train = token_blocks(tok, corpus.train, n, max_tokens=n * max(cfg.calib_seqs, cfg.proxy_steps))
     val = token_blocks(tok, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
@@ -306,11 +310,15 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
             out["shaping"] = c.shaping.to_dict()
         return out
 
-    search = {**search_info, "objective": "fisher-weighted LoftQ residual (estimated loss rise, nats)",
+    from .proxy import zero_step_kind
+
+    causal = prep.source.facts.is_decoder
+    what = "estimated loss rise, nats" if causal else "estimated squared shift of the pooled embedding"
+    search = {**search_info, "objective": f"fisher-weighted LoftQ residual ({what})",
               "exact_optimum": exact.objective, "chosen_objective": chosen.objective,
               "gap": chosen.objective - exact.objective, "budget_binds": exact.budget_binds,
               "allocatable_bytes": problem_budget(prep, budget), "timings": {k: round(v, 3) for k, v in timings.items()},
-              "proxy": {"kind": "zero-step KL(full || Q+BA) on held-out text",
+              "proxy": {"kind": zero_step_kind(causal),
                         "ref_loss": chosen.proxy.ref_loss if chosen.proxy else None,
                         "candidates": [row(c) for c in candidates]}}
     if ft_records is not None:
@@ -318,7 +326,7 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
         search["proxy"]["zero_step_candidates"] = search["proxy"].pop("candidates")
         search["proxy"].update(kind=f"fine-tune: {cfg.proxy_steps} LoRA steps (lr {cfg.proxy_lr}, seed {cfg.seed}) "
                                     "on the train split, loss on the proxy-validation split",
-                               zero_step_kind="zero-step KL(full || Q+BA) on held-out text",
+                               zero_step_kind=zero_step_kind(causal),
                                steps=cfg.proxy_steps, candidates=ft_records)
     source = prep.source
     model = {"id": prep.cfg.model, "source": source.kind, "architecture": source.facts.architecture,

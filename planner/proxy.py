@@ -13,14 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sensitivity import WeightBank, target_modules
+from .sensitivity import WeightBank, is_causal_lm, pooled_embedding, target_modules
 
 
 @dataclass(frozen=True)
 class ProxyScore:
-    kl: float  # mean KL(full || candidate) per token, nats
-    loss: float  # candidate's mean next-token cross-entropy, nats
-    ref_loss: float  # full-precision model's cross-entropy on the same tokens
+    """Causal LMs: ``kl`` = mean KL(full || candidate) per token (nats), ``loss`` = the candidate's
+    next-token cross-entropy, ``ref_loss`` = the full model's. Encoders: ``kl`` = mean 1 - cos between
+    the full and the candidate's mean-pooled embeddings, ``loss`` = the same, ``ref_loss`` = 0."""
+
+    kl: float
+    loss: float
+    ref_loss: float
+
+
+def zero_step_kind(causal: bool) -> str:
+    return "zero-step KL(full || Q+BA) on held-out text" if causal else \
+        "zero-step 1 - cos(full, Q+BA) of mean-pooled embeddings on held-out text"
 
 
 class ZeroStepProxy:
@@ -29,8 +38,22 @@ class ZeroStepProxy:
     def __init__(self, model: nn.Module, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2) -> None:
         self.model, self.bank, self.blocks, self.chunk = model, bank, blocks, chunk
         self.mods = target_modules(model, list(bank.originals))
-        self.ref_logp = [lp for lp in self._logprobs()]
-        self.ref_loss = self._ce(self.ref_logp)
+        self.causal = is_causal_lm(model)
+        if self.causal:
+            self.ref_logp = [lp for lp in self._logprobs()]
+            self.ref_loss = self._ce(self.ref_logp)
+        else:
+            self.ref_emb = self._embeddings()
+            self.ref_loss = 0.0
+
+    @property
+    def kind(self) -> str:
+        return zero_step_kind(self.causal)
+
+    @torch.no_grad()
+    def _embeddings(self) -> torch.Tensor:
+        return torch.cat([pooled_embedding(self.model, self.blocks[i:i + self.chunk])
+                          for i in range(0, len(self.blocks), self.chunk)])
 
     @torch.no_grad()
     def _logprobs(self) -> list[torch.Tensor]:
@@ -53,11 +76,30 @@ class ZeroStepProxy:
         w = weight.t() if type(mod).__name__ == "Conv1D" else weight
         mod.weight.data = w.to(mod.weight.dtype)
 
+    def _cosine_distances(self) -> torch.Tensor:
+        return 1 - F.cosine_similarity(self.ref_emb, self._embeddings(), dim=-1)
+
+    @torch.no_grad()
+    def cosine_distances(self, assignment: Mapping[str, tuple[int, int]]) -> torch.Tensor:
+        """Encoders: [n_blocks] 1 - cos(full, candidate) of each block's pooled embedding."""
+        if self.causal:
+            raise ValueError("cosine_distances is for encoders; causal LMs are scored by KL")
+        try:
+            for name, (bits, rank) in assignment.items():
+                self._set(name, self.bank.weight(name, bits, rank))
+            return self._cosine_distances()
+        finally:
+            for name, w in self.bank.originals.items():
+                self._set(name, w)
+
     @torch.no_grad()
     def score(self, assignment: Mapping[str, tuple[int, int]]) -> ProxyScore:
         try:
             for name, (bits, rank) in assignment.items():
                 self._set(name, self.bank.weight(name, bits, rank))
+            if not self.causal:
+                dist = float(self._cosine_distances().mean())
+                return ProxyScore(dist, dist, 0.0)
             logps = self._logprobs()
         finally:
             for name, w in self.bank.originals.items():

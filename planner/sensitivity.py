@@ -37,15 +37,39 @@ def module_weight(module: nn.Module) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for models with a vocabulary head (next-token loss); False for bare encoders."""
+    return model.get_output_embeddings() is not None and bool(getattr(model.config, "is_decoder", False)
+                                                                or getattr(model.config, "is_encoder_decoder", False)
+                                                                or "CausalLM" in type(model).__name__)
+
+
+def pooled_embedding(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[batch, hidden] mean-pooled last hidden state: a sentence embedding (blocks have no padding)."""
+    return model(input_ids=ids).last_hidden_state.float().mean(dim=1)
+
+
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
+
+
+def encoder_probe_loss(model: nn.Module, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """r . f(x) with r ~ N(0, I) fixed by ``seed``: its squared gradient is an unbiased estimate of
+    diag(J^T J), the Gauss-Newton curvature of 1/2 ||f(W + E) - f(W)||^2 for the pooled embedding f,
+    so the same 1/2 sum F E^2 estimates how far a perturbation moves the embeddings."""
+    emb = pooled_embedding(model, ids)
+    r = torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)).to(emb.device)
+    return (emb * r).sum()
 
 
 def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean over sequences of the squared gradient of each target weight ([out, in], fp32).
 
-    blocks: LongTensor [n_seq, seq_len] of token ids; one backward pass per sequence.
+    blocks: LongTensor [n_seq, seq_len] of token ids; one backward pass per sequence. Causal LMs use
+    the next-token loss; encoders the random-probe loss (:func:`encoder_probe_loss`), so F then is the
+    Gauss-Newton curvature of the embedding distance instead of the loss's.
     """
+    causal = is_causal_lm(model)
     mods = target_modules(model, names)
     params = {n: m.weight for n, m in mods.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -56,9 +80,10 @@ def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tenso
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     try:
         with progress.task("Fisher sensitivity", len(blocks)) as advance:
-            for seq in blocks:
+            for i, seq in enumerate(blocks):
                 model.zero_grad(set_to_none=True)
-                lm_loss(model, seq.unsqueeze(0)).backward()
+                ids = seq.unsqueeze(0)
+                (lm_loss(model, ids) if causal else encoder_probe_loss(model, ids, seed=i)).backward()
                 for n, p in params.items():
                     fisher[n].add_(p.grad.float().pow(2))
                 advance(1)

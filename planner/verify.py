@@ -29,7 +29,8 @@ from torch import nn
 
 from .finetune import make_optimizer, trainable_parameters
 from .loading import Artifact, _install, default_device, load, load_backbone, read_artifact
-from .memory import MemoryEstimate, estimate, layer_bytes
+from .budget import format_bytes
+from .memory import MemoryEstimate, estimate, layer_bytes, unread_shared_input_bytes
 from .plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
 from .runtime import QuantLinear, backbone_nbytes, configure_run
 from .settings import LayerChoice, RunSettings
@@ -102,15 +103,19 @@ def choices_of(plan: Plan) -> dict[str, LayerChoice]:
                                     layer.block_size, layer.double_quant) for layer in plan.layers}
 
 
-def estimate_for(art: Artifact, run: RunSettings, non_target_params: int) -> MemoryEstimate:
-    """The memory model for the plan's choices under ``run`` (facts from the artifact's config)."""
+def _facts_targets(art: Artifact) -> tuple[Any, list[Any]]:
     from transformers import AutoConfig
 
     from search_spaces.discovery import facts_from_config
 
     config = AutoConfig.from_pretrained(str(art.backbone))
-    targets = targets_of(config, [layer.name for layer in art.plan.layers])
-    return estimate(facts_from_config(config), targets, choices_of(art.plan), run, non_target_params)
+    return facts_from_config(config), targets_of(config, [layer.name for layer in art.plan.layers])
+
+
+def estimate_for(art: Artifact, run: RunSettings, non_target_params: int) -> MemoryEstimate:
+    """The memory model for the plan's choices under ``run`` (facts from the artifact's config)."""
+    facts, targets = _facts_targets(art)
+    return estimate(facts, targets, choices_of(art.plan), run, non_target_params)
 
 
 def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunSettings, *,
@@ -234,8 +239,11 @@ def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | Non
                  Row("device in use", est.total_bytes, free0 - free1 + torch.cuda.memory_reserved(dev),
                      note="after the run; includes the CUDA context only if this process created it here")]
     else:
-        rows += [Row("activations (saved)", b.get("activations", 0) + b.get("logits", 0), saved, True,
-                     note="autograd saved tensors of one forward vs activations + logits"),
+        slack = unread_shared_input_bytes(*_facts_targets(art), choices_of(art.plan), run)
+        rows += [Row("activations (saved)", b.get("activations", 0) + b.get("logits", 0) - slack, saved, True,
+                     note="autograd saved tensors of one forward vs activations + logits"
+                          + (f", less {format_bytes(slack)} of normed inputs no adapter reads (the plan "
+                             "counts them in every block, on the safe side)" if slack else "")),
                  Row("transient", b.get("transient"), None, note="not measurable on CPU")]
     rss1 = _rss()
     if rss0 is not None and rss1 is not None:

@@ -321,3 +321,27 @@ def test_hf_bnb_is_refused_for_a_plan_with_2_or_8_bits(tmp_path: Path, capsys) -
     out = tmp_path / "out"
     assert main(["materialize", str(plan), "--out", str(out), "--format", "hf-bnb"]) == 2
     assert "NF4" in capsys.readouterr().err and not out.exists() and not partial_dir(out).exists()
+
+
+def test_smollm2_finetune_and_verify_commands(smol: dict, tmp_path: Path, capsys) -> None:
+    """The user-facing commands on the materialized SmolLM2 plan: a short fine-tune lowers the
+    held-out loss and writes a PEFT adapter folder; verify's checked terms agree with the plan."""
+    from peft import PeftConfig
+
+    out = tmp_path / "ft"
+    argv = ["finetune", str(smol["dir"]), "--steps", "6", "--seq-len", "64", "--lr", "1e-3", "--eval-seqs", "2",
+            "--out", str(out), "--json", "--device", "cpu"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (s0, before), (s6, after) = summary["eval_losses"][0], summary["eval_losses"][-1]
+    assert (s0, s6) == (0, 6) and after < before and len(summary["train_losses"]) == 6
+    assert PeftConfig.from_pretrained(str(out)).rank_pattern == json.loads(
+        (smol["dir"] / ADAPTER / "adapter_config.json").read_text())["rank_pattern"]
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err  # no silent overwrite
+
+    assert main(["verify", str(smol["dir"]), "--steps", "1", "--seq-len", "64", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["term"]: r for r in report["rows"]}
+    for term in ("backbone", "non_target", "adapters", "adapter_grads", "optimizer"):
+        assert rows[term]["ok"], rows[term]
+    assert rows["backbone"]["measured"] == load_plan(smol["dir"] / "plan.json").estimate["breakdown"]["backbone"]

@@ -167,3 +167,19 @@ def test_unknown_model_and_bad_plan_files(tmp_path: Path, capsys: pytest.Capture
     assert main(["show", str(newer)]) == 2
     err = capsys.readouterr().err
     assert "t.json" in err and "n.json" in err and "Traceback" not in err
+
+
+def test_finetune_proxy_picks_the_lowest_validation_loss(cfg: PlanConfig) -> None:
+    from dataclasses import replace
+
+    lo, hi = _range(cfg)
+    budget = int(lo + 0.5 * (hi - lo))
+    outcome = make_plan(replace(cfg, trials=4, proxy_top=2, proxy_steps=3), RUN, budget)
+    proxy = outcome.plan.search["proxy"]
+    records = proxy["candidates"]
+    assert proxy["steps"] == 3 and proxy["zero_step_candidates"] and 1 <= len(records) <= 2
+    done = [r for r in records if r["feasible"] and not r["pruned"]]
+    chosen = [r for r in records if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["loss"] == min(r["loss"] for r in done)
+    assert all(r["steps"] == 3 and r["bytes"] <= budget for r in done)
+    assert outcome.chosen.trial == chosen[0]["trial"] and outcome.plan.total_bytes <= budget
