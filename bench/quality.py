@@ -10,7 +10,7 @@ reserve). Budgets are named by bits per target weight: 8 * (bytes that depend on
 choices) / (number of target weights). Baselines take the largest rank of RANK_GRID that fits.
 Methods: planner (make_plan, guided search, zero-step KL), planner+ft (the same candidates re-scored
 by planner.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
-B = 0), loftq-first-k (4-bit first k blocks, 2-bit rest, rank 16, k as large as fits),
+B = 0), loftq-first-k (4-bit first k blocks, 2-bit rest: k as large as fits, then the largest rank),
 loftq-uniform-2bit. Perplexity on the test split only (never used for a choice); after fine-tuning,
 mean and std over seeds (seed = data order + random init). SmolLM2's packaged weights were Q4_1
 before dequantisation: the fp32 "reference" is a dequantised Q4_1 model, not pristine fp16.
@@ -53,8 +53,8 @@ class Setting:
     proxy_steps: int = 0
 
 
-QUICK = Setting(seq_len=128, steps=12, seeds=3, test_tokens=2048, budgets=("u4r16", "3.0"), trials=8)
-FULL = Setting(seq_len=128, steps=40, seeds=3, test_tokens=8192, budgets=("u4r16", "3.5", "3.0"), trials=16,
+QUICK = Setting(seq_len=128, steps=12, seeds=3, test_tokens=2048, budgets=("u4r16",), trials=6)
+FULL = Setting(seq_len=128, steps=40, seeds=3, test_tokens=8192, budgets=("u4r16", "u4r4", "4.0"), trials=16,
                proxy_top=4, proxy_steps=12)
 
 
@@ -93,12 +93,18 @@ def uniform(counter: Counter, bits: int, budget: int) -> list[tuple[int, int]] |
     return [(bits, max(fits))] * n if fits else None
 
 
-def first_k(counter: Counter, budget: int, rank: int = 16) -> tuple[list[tuple[int, int]], int] | None:
+def first_k(counter: Counter, budget: int, rank: int | None = None) -> tuple[list[tuple[int, int]], int] | None:
+    """The LoftQ paper's mixed-precision rule: 4-bit in the first k blocks, 2-bit in the rest, one
+    rank everywhere. With ``rank`` fixed: the largest k that fits. Without: the largest k that fits
+    at rank 0, then the largest rank of RANK_GRID that still fits with that k (the blocks are the
+    rule's point; the paper's rank 16 alone costs ~8 bits/weight on SmolLM2 in fine-tune mode)."""
     blocks = [t.block for t in counter.targets]
+    ranks = (rank,) if rank is not None else (0,)
     for k in range(max(blocks) + 1, -1, -1):
-        plan = [(4 if b < k else 2, rank) for b in blocks]
-        if counter.total(plan) <= budget:
-            return plan, k
+        if any(counter.total([(4 if b < k else 2, r) for b in blocks]) <= budget for r in ranks):
+            fits = [r for r in (ranks if rank is not None else RANK_GRID)
+                    if counter.total([(4 if b < k else 2, r) for b in blocks]) <= budget]
+            return [(4 if b < k else 2, max(fits)) for b in blocks], k
     return None
 
 
@@ -140,7 +146,8 @@ def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s
     out["loftq-uniform-4bit"] = (uniform(counter, 4, budget), "loftq", {})
     out["qlora-uniform-4bit"] = (uniform(counter, 4, budget), "default", {})
     fk = first_k(counter, budget)
-    out["loftq-first-k"] = (fk[0] if fk else None, "loftq", {"k": fk[1] if fk else None})
+    out["loftq-first-k"] = (fk[0] if fk else None, "loftq", {"k": fk[1] if fk else None,
+                                                               "rank": fk[0][0][1] if fk else None})
     out["loftq-uniform-2bit"] = (uniform(counter, 2, budget), "loftq", {})
     return out
 

@@ -1,7 +1,7 @@
 """Search benchmark (SmolLM2, CPU): exact solve time vs plain scipy milp, Optuna-guided vs exact by the
 zero-step proxy, and TPE's unseeded gap to the exact optimum in direct mode.
 
-    python -m bench.search [--json] [--budget-bits 3.0] [--trials 16] [--direct-trials 200]
+    python -m bench.search [--json] [--budget u4r4] [--trials 16] [--direct-trials 200]
 
 Peer for the solve time: ``scipy.optimize.milp`` (HiGHS) on the same multiple-choice knapsack
 (binary x[l, k], one option per group, one budget row, the same costs and neutral objective) with
@@ -52,7 +52,7 @@ def plain_milp(problem: Any) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--budget-bits", type=float, default=3.0)
+    ap.add_argument("--budget", default="u4r4", help="u{bits}r{rank} (that uniform plan's bytes) or bits per weight")
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--direct-trials", type=int, default=200)
     ap.add_argument("--out", default=None)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     s = replace(QUICK, trials=args.trials)
     run, cfg, prep, counter, *_ = setup(s)
-    budget = counter.budget_for(str(args.budget_bits))
+    budget = counter.budget_for(args.budget)
     out = make_plan(cfg, run, budget)
     problem = out.problem
     exact_times = []
@@ -71,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     milp_times, milp_obj = zip(*(plain_milp(problem) for _ in range(3)))
     ours = min(exact_times)
     res: dict[str, Any] = {
-        "budget_bits_per_weight": args.budget_bits, "budget_bytes": budget, "n_layers": len(prep.targets),
+        "budget": args.budget, "budget_bits_per_weight": round(counter.bits_per_weight(budget), 3),
+        "budget_bytes": budget, "n_layers": len(prep.targets),
         "n_options": len(problem.table.options),
         "exact_solve_s": ours, "plain_milp_s": min(milp_times), "speedup_vs_milp": min(milp_times) / ours,
         "exact_objective": exact.objective, "milp_objective": milp_obj[0],
         "objective_agrees": abs(exact.objective - milp_obj[0]) <= 1e-6 * max(1.0, abs(milp_obj[0]))}
     exact_scored = next((c for c in out.candidates if c.choice == exact.choice and c.proxy is not None), None)
-    res.update(guided_trials=len(out.candidates), guided_kl=out.chosen.proxy.kl if out.chosen.proxy else None,
+    res.update(guided_trials=out.plan.search["trials"], guided_feasible=len(out.candidates), guided_kl=out.chosen.proxy.kl if out.chosen.proxy else None,
                exact_kl=exact_scored.proxy.kl if exact_scored else None,
                guided_objective=out.chosen.objective, guided_same_as_exact=out.chosen.choice == exact.choice)
     db = Path(tempfile.mkdtemp(prefix="bench-search-")) / "s.sqlite3"
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"exact solve: {ours * 1e3:.1f} ms (target < 1 s); plain scipy milp: {min(milp_times) * 1e3:.1f} ms "
               f"-> ratio milp/ours = {res['speedup_vs_milp']:.1f}x; objectives agree: {res['objective_agrees']}")
-        print(f"zero-step KL: guided ({res['guided_trials']} trials) {res['guided_kl']} vs plain exact {res['exact_kl']}")
+        print(f"zero-step KL: guided ({res['guided_trials']} trials, {res['guided_feasible']} feasible) "
+              f"{res['guided_kl']} vs plain exact {res['exact_kl']}")
         print(f"direct TPE unseeded, {args.direct_trials} trials: gap to exact {res['direct_gap']} "
               f"(relative {res['direct_rel_gap']})")
     return 0

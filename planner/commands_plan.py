@@ -106,6 +106,9 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
     if not outcome.budget_binds:
         console.print(f"note: the budget does not bind: every layer got its best choice "
                       f"({format_bytes(est['total_bytes'])} of {format_bytes(budget)}).")
+    if plan.mode == "finetune" and not any(layer.rank for layer in plan.layers):
+        console.print("[yellow]note: no layer has an adapter, so there is nothing to fine-tune: raise the budget, "
+                      "lower --seq-len, or use --gradient-checkpointing to free memory for adapters.")
     proxy = s.get("proxy", {})
     chosen = next((c for c in proxy.get("candidates", []) if c.get("chosen")), None)
     line = f"search {s['mode']}: {s['trials']} trials; objective {s['chosen_objective']:.4g} (exact optimum " \

@@ -245,7 +245,14 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
     scored = [c for c in seen if c.proxy is not None]
     if not scored:
         raise PlannerError("the search finished no trial; raise --trials or --timeout")
-    best = min(scored, key=lambda c: c.proxy.kl)
+    pool = scored
+    if prep.run.finetune:  # a plan without any adapter has nothing to fine-tune: never prefer one
+        trainable = [c for c in scored if any(prep.options[k][1] > 0 for k in c.choice)]
+        if trainable:
+            pool = trainable
+        else:
+            log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
+    best = min(pool, key=lambda c: c.proxy.kl)
     return best, scored, len(study.trials)
 
 

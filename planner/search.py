@@ -118,8 +118,10 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
                                 direction="minimize", load_if_exists=True)
     if not study.trials:  # seeds: the plain Fisher knapsack, and with an adapter on every layer
         study.enqueue_trial(neutral_params(types))
-        floor = next((r for r in ranks if r >= 16), ranks[-1])
-        study.enqueue_trial(neutral_params(types, rank_floor=floor))
+        floors = sorted({next((r for r in ranks if r > 0), ranks[-1]), next((r for r in ranks if r >= 16), ranks[-1])})
+        for floor in floors:
+            if floor > 0:
+                study.enqueue_trial(neutral_params(types, rank_floor=floor))
     seen: list[Candidate] = []
 
     def objective(trial: optuna.Trial) -> float:

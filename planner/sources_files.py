@@ -83,15 +83,27 @@ class WeightIndex:
 
 def fingerprint(files: Sequence[Path], root: Path) -> str:
     """sha256 over each file's name relative to ``root``, its size, and its content: whole when the
-    file is at most 2 MiB, else its first and last MiB (the first MiB holds a safetensors header:
-    every tensor's name, dtype, shape and offset). Cheap on 15 GB checkpoints; a change confined to
-    the middle of a large file with the same header goes unnoticed."""
-    digest = hashlib.sha256(b"loftq-planner weights v1\0")
+    file is at most 2 MiB, else its first and last MiB. A safetensors header (every tensor's name,
+    dtype, shape and offset) is hashed in full as canonical JSON (safetensors writes its metadata
+    map in no fixed order, so two writes of the same weights differ in header bytes), then the first
+    and last MiB of the data. Cheap on 15 GB checkpoints; a change confined to the middle of a large
+    file with the same header goes unnoticed."""
+    digest = hashlib.sha256(b"loftq-planner weights v2\0")
     for path in sorted(files, key=lambda p: str(p.relative_to(root))):
         size = path.stat().st_size
         digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
         with open(path, "rb") as f:
-            if size <= 2 * MIB:
+            start = 0
+            if path.suffix == ".safetensors" and size >= 8:
+                n = int.from_bytes(f.read(8), "little")
+                try:
+                    header = json.loads(f.read(n))
+                except ValueError:
+                    raise PlannerError(f"{path}: not a valid safetensors file (unreadable header)") from None
+                digest.update(json.dumps(header, sort_keys=True).encode())
+                start = 8 + n
+            f.seek(start)
+            if size - start <= 2 * MIB:
                 digest.update(f.read())
             else:
                 digest.update(f.read(MIB))

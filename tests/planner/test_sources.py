@@ -128,6 +128,29 @@ def test_weights_sha256_is_stable_and_sensitive(checkpoints: dict[str, Path], tm
     assert resolve(str(other)).weights_sha256() != a
 
 
+def test_fingerprint_ignores_safetensors_metadata_order_not_values(tmp_path: Path) -> None:
+    """safetensors writes its metadata map in no fixed order: two conversions of the same weights
+    must share a fingerprint (plans name it), and a changed weight must not."""
+    from safetensors.torch import save_file
+
+    from planner.sources_files import fingerprint
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(600, 600), "b.weight": torch.randn(8, 8)}  # > 2 MiB: head + tail hashed
+    prints = []
+    for i, meta in enumerate(({"x": "1", "y": "2", "z": "3"}, {"z": "3", "y": "2", "x": "1"})):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file(tensors, str(d / "model.safetensors"), metadata=meta)
+        prints.append(fingerprint([d / "model.safetensors"], d))
+    assert prints[0] == prints[1]
+    tensors["b.weight"][0, 0] += 1  # 'b' sorts after 'a': its bytes are in the last MiB
+    d = tmp_path / "m2"
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"), metadata={"x": "1", "y": "2", "z": "3"})
+    assert fingerprint([d / "model.safetensors"], d) != prints[0]
+
+
 def test_head_lookup_under_tied_alias(checkpoints: dict[str, Path]) -> None:
     """gpt2's lm_head is not in the checkpoint: it is read under its tied name (wte)."""
     source = resolve(str(checkpoints["gpt2"]))
