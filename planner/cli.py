@@ -108,7 +108,7 @@ def dry_run(args: argparse.Namespace) -> int:
     space = SearchSpace(bits=args.bits, ranks=args.ranks, keep16=args.keep16, block_size=args.block_size,
                         granularity=args.granularity)
     budget = parse_budget(args.budget) if args.budget is not None else None
-    source = resolve(args.model)
+    source = resolve(args.model, allow_download=False)  # shape facts suffice: never download for a dry run
     modules = [m.strip() for m in args.target_modules.split(",")] if args.target_modules else None
     targets = source.targets(modules)
     if not targets:

@@ -45,6 +45,8 @@ class PlanConfig:
     cache_dir: str | None = _opt(None, "cache folder (default: $LOFTQ_PLANNER_CACHE or ~/.cache/loftq-planner)")
     pareto: str | None = _opt(None, "also write the exact memory/objective Pareto front: PATH.json + PATH.png")
     trust_remote_code: bool = _opt(False, "allow model code from the hub (off by default)")
+    offline: bool = _opt(False, "never download model weights (hub models are downloaded, safetensors only, "
+                         "unless this is set or HF_HUB_OFFLINE=1)")
 
     def __post_init__(self) -> None:
         SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,

@@ -70,7 +70,8 @@ def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
 
     from .sources import resolve
 
-    source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_path)
+    source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_path,
+                     allow_download=False if cfg.offline else None)
     try:
         targets = source.targets(cfg.target_list)
     except ValueError as err:

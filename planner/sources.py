@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -167,7 +168,7 @@ class ModelSource:
     def _need_weights(self) -> Path:
         if self.folder is None:
             raise PlannerError(f"{self.reference}: only shape facts are available offline; its weights need a "
-                               f"download of {self.hub_id} (allow_download=True, with a network)")
+                               f"download of {self.hub_id} (with a network, without --offline or HF_HUB_OFFLINE=1)")
         return self.folder
 
     @cached_property
@@ -246,7 +247,7 @@ def _known_line() -> str:
 
 def _unknown(reference: str) -> PlannerError:
     return PlannerError(f"unknown model {reference!r}: not a packaged id, alias, local folder or cached hub model; "
-                        f"known: {_known_line()}; other hub ids need a download (allow_download=True)")
+                        f"known: {_known_line()}; other hub ids are downloaded unless HF_HUB_OFFLINE=1 or --offline")
 
 
 def _folder_source(reference: str, kind: str, folder: Path, trust_remote_code: bool,
@@ -283,8 +284,13 @@ def _shipped_record(reference: str) -> dict[str, Any] | None:
     return None
 
 
+def downloads_allowed() -> bool:
+    """Hub downloads are on unless the user set HF_HUB_OFFLINE (the Hugging Face convention)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on")
+
+
 def resolve(reference: str, *, trust_remote_code: bool = False, cache_dir: Path | None = None,
-            allow_download: bool = False) -> ModelSource:
+            allow_download: bool | None = None) -> ModelSource:
     """Turn a model reference into a :class:`ModelSource`.
 
     Order: packaged id (``smollm2-135m``, ``minilm-l6``), alias or hub id with shipped facts
@@ -293,7 +299,10 @@ def resolve(reference: str, *, trust_remote_code: bool = False, cache_dir: Path 
     ``allow_download``; an alias that is not available offline gives a ``facts`` source. Unknown
     references raise :class:`PlannerError` with one line listing the known names. ``cache_dir``
     (default ``$LOFTQ_PLANNER_CACHE`` or ~/.cache/loftq-planner) holds converted GGUF models.
+    ``allow_download=None``: :func:`downloads_allowed`.
     """
+    if allow_download is None:
+        allow_download = downloads_allowed()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ref = str(reference).strip()
     record = _shipped_record(ref)

@@ -330,6 +330,34 @@ def test_download_path_uses_snapshot(monkeypatch: pytest.MonkeyPatch, checkpoint
     assert "*.safetensors" in kwargs["allow_patterns"] and not any(".bin" in p for p in kwargs["allow_patterns"])
 
 
+def test_downloads_follow_hf_hub_offline_and_offline_flag(monkeypatch: pytest.MonkeyPatch,
+                                                          checkpoints: dict[str, Path]) -> None:
+    """By default a hub model is downloaded (what `--model phi-2` needs on a user's machine), unless
+    HF_HUB_OFFLINE is set or the plan command gets --offline; a dry run never downloads."""
+    import huggingface_hub
+
+    from planner.cli import main
+    from planner.config import PlanConfig
+    from planner.planning import prepare
+    from planner.settings import RunSettings
+
+    calls = []
+
+    def fake_snapshot(repo_id: str, **kwargs):
+        calls.append(kwargs["local_files_only"])
+        return str(checkpoints["qwen2"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert resolve("someone/tiny-qwen").kind == "hub" and calls[-1] is False
+    prepare(PlanConfig(model="someone/tiny-qwen", offline=True, ranks=(0, 8)), RunSettings(device="cpu"))
+    assert calls[-1] is True
+    assert main(["--model", "phi-2", "--dry-run", "--json"]) == 0 and calls[-1] is True  # facts, no download
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolve("someone/tiny-qwen")
+    assert calls[-1] is True
+
+
 # -- the packaged offline models -----------------------------------------------------------------
 
 def test_minilm_packaged(minilm_linears: dict[str, torch.Tensor]) -> None:
