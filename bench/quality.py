@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default=None, help="comma list: u4r16 and/or bits per weight")
     ap.add_argument("--proxy-top", type=int, default=None)
     ap.add_argument("--methods", default=None, help="comma list of methods to run (default: all)")
+    ap.add_argument("--plot-from", default=None, help="only draw the plot of a saved --out JSON (next to it, .png)")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text())["rows"], Path(args.plot_from).with_suffix(".png"))
+        return 0
     torch.set_num_threads(2)
     s = QUICK if args.quick else FULL
     s = replace(s, **{k: v for k, v in (("steps", args.steps), ("seeds", args.seeds), ("proxy_top", args.proxy_top))
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"setting": s.__dict__, "rows": rows}, indent=1))
+        plot(rows, Path(args.out).with_suffix(".png"))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -272,6 +277,42 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['budget']:>7} {r['method']:<20} {r['bits_per_weight']:>6.2f} {r['bytes']:>12} "
               f"{r['ppl_before']:>10.2f} {r['ppl_after']:>9.2f} {r['ppl_after_std']:>6.2f}")
     verdicts(rows)
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Bars of test perplexity after fine-tuning (log scale, ±1σ over seeds) per budget and method,
+    with the step-0 perplexity as a hollow marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.get("infeasible")]
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(budgets), 4))
+    for j, m in enumerate(methods):
+        for i, b in enumerate(budgets):
+            r = next((r for r in ok if r["method"] == m and r["budget"] == b), None)
+            if r is None:
+                continue
+            x = i + (j - (len(methods) - 1) / 2) * width
+            ax.bar(x, r["ppl_after"], width, yerr=r["ppl_after_std"], color=f"C{j}", capsize=2,
+                   label=m if i == 0 or not any(rr["method"] == m and rr["budget"] == budgets[0] for rr in ok) else None)
+            ax.plot(x, r["ppl_before"], marker="o", mfc="none", color="k", ms=4)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(budgets)))
+    ax.set_xticklabels([f"{b}\n({next((r['budget_bits_per_weight'] for r in rows if r['budget'] == b), '?')} b/w)"
+                        for b in budgets])
+    ax.set_ylabel("test perplexity after fine-tuning (log)")
+    ax.set_title("SmolLM2-135M at equal memory (bars: after fine-tune ±1σ; o: step 0)", fontsize=9)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def verdicts(rows: list[dict[str, Any]]) -> None:

@@ -2,7 +2,8 @@
 
 1. dry run: the memory range of the search space for a LoRA fine-tune (seq 1024, batch 1);
 2. plan at a budget that binds (between the smallest and the largest plan), Optuna-guided;
-3. show the plan; 4. materialize it (LoftQ backbone + adapters) and verify memory, when available.
+3. show the plan; 4. materialize it (LoftQ backbone + adapters); 5. verify its memory; 6. fine-tune it
+briefly.
 Outputs go to ./demo-out/. Every step is one `python -m planner ...` command a user can copy.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .cli import COMMANDS, _register, main
+from .cli import _register, main
 
 BUDGET = "1.95GB"
 OUT = Path("demo-out")
@@ -35,17 +36,21 @@ def run() -> None:
     OUT.mkdir(exist_ok=True)
     plan = str(OUT / "plan.json")
     step(console, "1. memory range of the search space (no weights read)", ["--budget", BUDGET, "--dry-run"])
-    step(console, "2. plan SmolLM2-135M for a LoRA fine-tune under the budget",
-         ["--budget", BUDGET, "--trials", "8", "--out", plan, "--pareto", str(OUT / "pareto")])
+    step(console, "2. plan SmolLM2-135M for a LoRA fine-tune under the budget (Optuna-guided, zero-step KL, "
+         "then the 2 most diverse good candidates re-scored by 10 LoRA steps each)",
+         ["--budget", BUDGET, "--trials", "8", "--proxy-top", "2", "--proxy-steps", "10", "--out", plan,
+          "--pareto", str(OUT / "pareto")])
     step(console, "3. the plan file", ["show", plan])
-    if "materialize" in COMMANDS:
-        model_dir = OUT / "model"
-        shutil.rmtree(model_dir, ignore_errors=True)
-        step(console, "4. build it: LoftQ backbone + adapters", ["materialize", plan, "--out", str(model_dir)])
-        if "verify" in COMMANDS:
-            step(console, "5. verify memory against the plan", ["verify", str(model_dir), "--steps", "1"])
+    model_dir = OUT / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    step(console, "4. build it: LoftQ backbone + adapters", ["materialize", plan, "--out", str(model_dir), "--force"])
+    step(console, "5. verify memory against the plan (one training step, seq 1024)",
+         ["verify", str(model_dir), "--steps", "1"])
+    step(console, "6. a short LoRA fine-tune with held-out loss (pydoc train/val splits)",
+         ["finetune", str(model_dir), "--steps", "10", "--seq-len", "256", "--eval-seqs", "4", "--force"])
     console.rule("[bold]done")
-    console.print(f"outputs in {OUT}/ (plan.json, pareto.json/.png{', model/' if 'materialize' in COMMANDS else ''})")
+    console.print(f"outputs in {OUT}/: plan.json, pareto.json/.png, model/ (backbone, adapter, "
+                  "finetuned-adapter); load it with planner.load('demo-out/model')")
 
 
 if __name__ == "__main__":
