@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -188,10 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
         return 0
-    rows = run_quality(s, args.methods.split(",") if args.methods else None)
+    def save(rows: list[dict[str, Any]]) -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(args.out).with_suffix(".tmp")
+            tmp.write_text(json.dumps({"setting": s.__dict__, "rows": rows}, indent=1))
+            tmp.replace(args.out)
+
+    rows = run_quality(s, args.methods.split(",") if args.methods else None, on_row=save)
+    save(rows)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"setting": s.__dict__, "rows": rows}, indent=1))
         plot(rows, Path(args.out).with_suffix(".png"))
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -238,7 +244,11 @@ def setup(s: Setting):
     return run, cfg, prep, counter, model, train, val, test, bank
 
 
-def run_quality(s: Setting, methods: list[str] | None = None) -> list[dict[str, Any]]:
+def run_quality(s: Setting, methods: list[str] | None = None,
+                on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Rows for every budget x method; ``on_row(rows)`` after each (the bench saves as it goes). A
+    method whose plan and init equal an earlier method's at the same budget reuses its numbers
+    (e.g. first-k with k = all blocks is the uniform 4-bit plan)."""
     run, cfg, prep, counter, model, train, val, test, bank = setup(s)
     names = [t.name for t in prep.targets]
     print(f"test tokens {test.numel()}, train tokens/run {s.steps * s.seq_len}, seeds {s.seeds}", file=sys.stderr)
@@ -248,6 +258,7 @@ def run_quality(s: Setting, methods: list[str] | None = None) -> list[dict[str, 
         t0 = time.perf_counter()
         plans = plans_at(counter, cfg, run, budget, s, model, train, val, bank)
         print(f"[{label}] planning {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        done: dict[tuple, dict[str, Any]] = {}
         for method, (plan, init, extra) in plans.items():
             if methods and method not in methods:
                 continue
@@ -259,10 +270,18 @@ def run_quality(s: Setting, methods: list[str] | None = None) -> list[dict[str, 
                 continue
             used = counter.total(plan)
             row.update(bytes=used, bits_per_weight=round(counter.bits_per_weight(used), 3), **describe(plan), **extra)
+            key = (tuple(plan), init)
             t0 = time.perf_counter()
-            row.update(run_method(bank, names, plan, init, s, train, test))
+            if key in done:
+                row.update({k: done[key][k] for k in ("ppl_before", "ppl_after", "ppl_after_std", "ppl_after_seeds",
+                                                      "ft_seconds")}, same_plan_as=done[key]["method"])
+            else:
+                row.update(run_method(bank, names, plan, init, s, train, test))
+                done[key] = row
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
+            if on_row:
+                on_row(rows)
             print(f"[{label}] {method}: {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± "
                   f"{row['ppl_after_std']:.2f} ({row['seconds']}s)", file=sys.stderr)
     return rows
