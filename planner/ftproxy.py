@@ -118,7 +118,8 @@ class LoftQBank:
                 adapters[name] = ab if init == "loftq" else None
         swap_linears(model, stored, self.compute_dtype)
         ranks = {n: r for n, (_, r) in assignment.items()}
-        if not any(ranks.values()):
+        if not any(ranks.values()):  # nothing to train: the embeddings and norms stay frozen too
+            model.requires_grad_(False)
             return model
         alphas = {n: float(r) for n, r in ranks.items() if r}
         model = add_lora(model, ranks, alphas, adapter_dtype=self.adapter_dtype)

@@ -24,7 +24,7 @@ from .config import PlanConfig
 from .errors import PlannerError
 from .memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
 from .objective import OptionTable
-from .search import Candidate, SearchProblem, assignment, direct_search, guided_search
+from .search import Candidate, SearchProblem, assignment, direct_search, guided_search, trainable
 from .settings import RunSettings
 from .tables import ResidualTables, TableSettings, pick_device, residual_tables
 
@@ -248,10 +248,8 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
         raise PlannerError("the search finished no trial; raise --trials or --timeout")
     pool = scored
     if prep.run.finetune:  # a plan without any adapter has nothing to fine-tune: never prefer one
-        trainable = [c for c in scored if any(prep.options[k][1] > 0 for k in c.choice)]
-        if trainable:
-            pool = trainable
-        else:
+        pool = trainable(scored, prep.options)
+        if not any(prep.options[k][1] > 0 for k in pool[0].choice):
             log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
     best = min(pool, key=lambda c: c.proxy.kl)
     return best, scored, len(study.trials)
@@ -273,6 +271,8 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
     tok = prep.source.tokenizer()
     train = token_blocks(tok, corpus.train, n, max_tokens=n * max(cfg.calib_seqs, cfg.proxy_steps))
     val = token_blocks(tok, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
+    if prep.run.finetune:  # as in the zero-step choice: never prefer a plan without adapters
+        candidates = trainable(candidates, prep.options)
     k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates}))
     with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k) as advance:
         chosen, records = rescore_with_finetune(problem, candidates, model, train, val, top_k=k,

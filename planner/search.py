@@ -185,5 +185,12 @@ def direct_search(problem: SearchProblem, *, trials: int, timeout: float | None,
     return study, Candidate(choice, problem.bytes_of(choice), problem.objective_of(choice), trial=best.number)
 
 
+def trainable(candidates: Sequence[Candidate], options: Sequence[tuple[int, int]]) -> list[Candidate]:
+    """The candidates with at least one adapter (a fine-tune plan without any has nothing to train);
+    all of them when none has one."""
+    keep = [c for c in candidates if any(options[k][1] > 0 for k in c.choice)]
+    return keep or list(candidates)
+
+
 def assignment(problem: SearchProblem, choice: Sequence[int]) -> dict[str, tuple[int, int]]:
     return {t.name: problem.table.options[k] for t, k in zip(problem.table.targets, choice)}
