@@ -308,11 +308,11 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if not r.get("infeasible")]
+    ok = [r for r in rows if not r.get("infeasible") and not r.get("invalid")]
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(budgets), 4))
+    fig, ax = plt.subplots(figsize=(max(6.5, 2.2 + 2.2 * len(budgets)), 4))
     for j, m in enumerate(methods):
         for i, b in enumerate(budgets):
             r = next((r for r in ok if r["method"] == m and r["budget"] == b), None)
