@@ -30,7 +30,7 @@ from torch import nn
 from .finetune import make_optimizer, trainable_parameters
 from .loading import Artifact, _install, default_device, load, load_backbone, read_artifact
 from .budget import format_bytes
-from .memory import MemoryEstimate, estimate, layer_bytes, unread_shared_input_bytes
+from .memory import estimate, layer_bytes, unread_shared_input_bytes
 from .plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
 from .runtime import QuantLinear, backbone_nbytes, configure_run
 from .settings import LayerChoice, RunSettings
@@ -104,18 +104,13 @@ def choices_of(plan: Plan) -> dict[str, LayerChoice]:
 
 
 def _facts_targets(art: Artifact) -> tuple[Any, list[Any]]:
+    """Shape facts and target layers of the artifact's model, from its config (no weights)."""
     from transformers import AutoConfig
 
     from search_spaces.discovery import facts_from_config
 
     config = AutoConfig.from_pretrained(str(art.backbone))
     return facts_from_config(config), targets_of(config, [layer.name for layer in art.plan.layers])
-
-
-def estimate_for(art: Artifact, run: RunSettings, non_target_params: int) -> MemoryEstimate:
-    """The memory model for the plan's choices under ``run`` (facts from the artifact's config)."""
-    facts, targets = _facts_targets(art)
-    return estimate(facts, targets, choices_of(art.plan), run, non_target_params)
 
 
 def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunSettings, *,
@@ -196,7 +191,9 @@ def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | Non
     model = load(path, dev)
     configure_run(model, run)
     n_nt_bytes, n_nt = non_target_nbytes(model)
-    est = estimate_for(art, run, n_nt)
+    facts, targets = _facts_targets(art)
+    choices = choices_of(art.plan)
+    est = estimate(facts, targets, choices, run, n_nt)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (run.batch_size, run.seq_len), generator=gen).to(dev)
@@ -239,7 +236,7 @@ def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | Non
                  Row("device in use", est.total_bytes, free0 - free1 + torch.cuda.memory_reserved(dev),
                      note="after the run; includes the CUDA context only if this process created it here")]
     else:
-        slack = unread_shared_input_bytes(*_facts_targets(art), choices_of(art.plan), run)
+        slack = unread_shared_input_bytes(facts, targets, choices, run)
         rows += [Row("activations (saved)", b.get("activations", 0) + b.get("logits", 0) - slack, saved, True,
                      note="autograd saved tensors of one forward vs activations + logits"
                           + (f", less {format_bytes(slack)} of normed inputs no adapter reads (the plan "
