@@ -24,7 +24,7 @@ from .config import PlanConfig
 from .errors import PlannerError
 from .memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
 from .objective import OptionTable
-from .search import Candidate, SearchProblem, assignment, direct_search, guided_search, trainable
+from .search import Candidate, SearchProblem, assignment, direct_search, guided_search, has_adapter, trainable
 from .settings import RunSettings
 from .tables import ResidualTables, TableSettings, pick_device, residual_tables
 
@@ -249,7 +249,7 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
     pool = scored
     if prep.run.finetune:  # a plan without any adapter has nothing to fine-tune: never prefer one
         pool = trainable(scored, prep.options)
-        if not any(prep.options[k][1] > 0 for k in pool[0].choice):
+        if not has_adapter(pool[0], prep.options):
             log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
     best = min(pool, key=lambda c: c.proxy.kl)
     return best, scored, len(study.trials)

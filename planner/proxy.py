@@ -6,8 +6,9 @@ Weights are swapped in place and always restored.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +47,6 @@ class ZeroStepProxy:
             self.ref_emb = self._embeddings()
             self.ref_loss = 0.0
 
-    @property
-    def kind(self) -> str:
-        return zero_step_kind(self.causal)
-
     @torch.no_grad()
     def _embeddings(self) -> torch.Tensor:
         return torch.cat([pooled_embedding(self.model, self.blocks[i:i + self.chunk])
@@ -76,34 +73,32 @@ class ZeroStepProxy:
         w = weight.t() if type(mod).__name__ == "Conv1D" else weight
         mod.weight.data = w.to(mod.weight.dtype)
 
-    def _cosine_distances(self) -> torch.Tensor:
-        return 1 - F.cosine_similarity(self.ref_emb, self._embeddings(), dim=-1)
+    @contextlib.contextmanager
+    def _swapped(self, assignment: Mapping[str, tuple[int, int]]) -> Iterator[None]:
+        """The model runs with each layer's deq(Q) + BA inside; the originals are always restored."""
+        try:
+            for name, (bits, rank) in assignment.items():
+                self._set(name, self.bank.weight(name, bits, rank))
+            yield
+        finally:
+            for name, w in self.bank.originals.items():
+                self._set(name, w)
 
     @torch.no_grad()
     def cosine_distances(self, assignment: Mapping[str, tuple[int, int]]) -> torch.Tensor:
         """Encoders: [n_blocks] 1 - cos(full, candidate) of each block's pooled embedding."""
         if self.causal:
             raise ValueError("cosine_distances is for encoders; causal LMs are scored by KL")
-        try:
-            for name, (bits, rank) in assignment.items():
-                self._set(name, self.bank.weight(name, bits, rank))
-            return self._cosine_distances()
-        finally:
-            for name, w in self.bank.originals.items():
-                self._set(name, w)
+        with self._swapped(assignment):
+            return 1 - F.cosine_similarity(self.ref_emb, self._embeddings(), dim=-1)
 
     @torch.no_grad()
     def score(self, assignment: Mapping[str, tuple[int, int]]) -> ProxyScore:
-        try:
-            for name, (bits, rank) in assignment.items():
-                self._set(name, self.bank.weight(name, bits, rank))
-            if not self.causal:
-                dist = float(self._cosine_distances().mean())
-                return ProxyScore(dist, dist, 0.0)
+        if not self.causal:
+            dist = float(self.cosine_distances(assignment).mean())
+            return ProxyScore(dist, dist, 0.0)
+        with self._swapped(assignment):
             logps = self._logprobs()
-        finally:
-            for name, w in self.bank.originals.items():
-                self._set(name, w)
         kl, count = 0.0, 0
         for ref, lp in zip(self.ref_logp, logps):
             kl += float((ref.exp() * (ref - lp)).sum())

@@ -185,10 +185,14 @@ def direct_search(problem: SearchProblem, *, trials: int, timeout: float | None,
     return study, Candidate(choice, problem.bytes_of(choice), problem.objective_of(choice), trial=best.number)
 
 
+def has_adapter(candidate: Candidate, options: Sequence[tuple[int, int]]) -> bool:
+    return any(options[k][1] > 0 for k in candidate.choice)
+
+
 def trainable(candidates: Sequence[Candidate], options: Sequence[tuple[int, int]]) -> list[Candidate]:
     """The candidates with at least one adapter (a fine-tune plan without any has nothing to train);
     all of them when none has one."""
-    keep = [c for c in candidates if any(options[k][1] > 0 for k in c.choice)]
+    keep = [c for c in candidates if has_adapter(c, options)]
     return keep or list(candidates)
 
 
