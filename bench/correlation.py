@@ -35,7 +35,7 @@ def spearman_ci(x: list[float], y: list[float], n_boot: int = 2000, seed: int = 
     return {"rho": rho, "ci95": [float(lo), float(hi)], "n": len(x)}
 
 
-def correlation(s: Setting, budget_label: str = "u4r4", short: int = 6, long: int = 24,
+def correlation(s: Setting, budget_label: str = "4.0", short: int = 6, long: int = 40,
                 min_plans: int = 10) -> dict[str, Any]:
     run, cfg, prep, counter, model, train, val, test, bank = setup(s)
     names = [t.name for t in prep.targets]

@@ -8,8 +8,9 @@ Every method is counted by the same byte function (planner.memory.layer_bytes + 
 mode, the run's seq_len / batch, CPU dtypes: fp32 adapters with fp32 grads and AdamW states; no
 reserve). Budgets are named by bits per target weight: 8 * (bytes that depend on the layers'
 choices) / (number of target weights). Baselines take the largest rank of RANK_GRID that fits.
-Methods: planner (make_plan, guided search, zero-step KL), planner+ft (the same candidates re-scored
-by planner.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
+Methods: planner (make_plan, guided search, zero-step KL), planner-exact (the exact optimum of the
+neutral additive objective, i.e. no Optuna layer), planner+ft (the same candidates re-scored by
+planner.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
 B = 0), loftq-first-k (4-bit first k blocks, 2-bit rest: k as large as fits, then the largest rank),
 loftq-uniform-2bit. Perplexity on the test split only (never used for a choice); after fine-tuning,
 mean and std over seeds (seed = data order + random init). SmolLM2's packaged weights were Q4_1
@@ -138,6 +139,10 @@ def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s
     opts, prob = outcome.problem.table.options, outcome.problem
     out["planner"] = ([opts[k] for k in outcome.chosen.choice], "loftq", {"kl": outcome.chosen.proxy.kl
                                                                            if outcome.chosen.proxy else None})
+    # the exact optimum of the neutral additive objective: what the planner would pick without the
+    # Optuna layer (does the layer earn its keep after fine-tuning?)
+    out["planner-exact"] = ([opts[k] for k in outcome.exact.choice], "loftq",
+                            {"kl": outcome.exact.proxy.kl if outcome.exact.proxy else None})
     if s.proxy_top:
         from planner.ftproxy import rescore_with_finetune
         from planner.search import trainable
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, budgets=tuple(args.budgets.split(",")))
     if args.correlation:
         from bench.correlation import correlation
-        result = correlation(s)
+        result = correlation(s, budget_label=s.budgets[0] if args.budgets else "4.0",
+                             short=s.proxy_steps or 6, long=s.steps)
         print(json.dumps(result, indent=1))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
@@ -338,12 +344,13 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 def verdicts(rows: list[dict[str, Any]]) -> None:
     """Planner vs each baseline per budget: a win or loss only beyond 2 sigma of seed noise."""
-    by = {(r["budget"], r["method"]): r for r in rows if not r.get("infeasible")}
+    by = {(r["budget"], r["method"]): r for r in rows if not r.get("infeasible") and not r.get("invalid")}
+    chosen = ("planner", "planner+ft")  # the tool's choices; planner-exact is the no-Optuna ablation
     for (budget, method), r in by.items():
-        if not method.startswith("planner"):
+        if method not in chosen:
             continue
         for (b2, m2), o in by.items():
-            if b2 != budget or m2.startswith("planner"):
+            if b2 != budget or m2 in chosen:
                 continue
             diff = o["ppl_after"] - r["ppl_after"]
             sigma = math.sqrt(r["ppl_after_std"] ** 2 + o["ppl_after_std"] ** 2)

@@ -127,7 +127,7 @@ def fisher_errors_cached(prep: Prepared, tables: ResidualTables, model: torch.nn
     cached = load_cached(path, key)
     if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
         return cached["fisher_err"]
-    fisher = empirical_fisher(model, names, blocks)
+    fisher = empirical_fisher(model, names, blocks, causal=prep.source.facts.is_decoder)
     mods = target_modules(model, names)
     weights = {n: module_weight(mods[n]).detach() for n in names}
     errs = fisher_errors(weights, fisher, tables.settings.bits, METHOD, tables.settings.block_size)
@@ -188,6 +188,12 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
 
     hf_logging.disable_progress_bar()
     model = prep.source.load_model(torch.float32)
+    from .sensitivity import is_causal_lm
+
+    if is_causal_lm(model) != prep.source.facts.is_decoder:  # the facts decide memory and labels; the scores must agree
+        raise PlannerError(f"{cfg.model}: the config says {'a causal LM' if prep.source.facts.is_decoder else 'an encoder'} "
+                           f"but {type(model).__name__} {'has no' if prep.source.facts.is_decoder else 'has a'} "
+                           "language-model head; cannot score plans for it")
     train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
     fisher_err = fisher_errors_cached(prep, tables, model, train, corpus_sha)
     timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"]
@@ -235,7 +241,7 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
     mods = target_modules(model, names)
     bank = WeightBank({n: module_weight(mods[n]).detach() for n in names}, table_settings(prep.cfg).bits,
                       max(prep.cfg.ranks), METHOD, prep.cfg.block_size)
-    proxy = ZeroStepProxy(model, bank, val)
+    proxy = ZeroStepProxy(model, bank, val, causal=prep.source.facts.is_decoder)
     from . import progress
 
     what = "KL" if proxy.causal else "1 - cos"

@@ -36,10 +36,11 @@ def zero_step_kind(causal: bool) -> str:
 class ZeroStepProxy:
     """Scores assignments {layer name: (bits, rank)} on fixed held-out blocks [n, seq_len]."""
 
-    def __init__(self, model: nn.Module, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2) -> None:
+    def __init__(self, model: nn.Module, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2,
+                 causal: bool | None = None) -> None:
         self.model, self.bank, self.blocks, self.chunk = model, bank, blocks, chunk
         self.mods = target_modules(model, list(bank.originals))
-        self.causal = is_causal_lm(model)
+        self.causal = is_causal_lm(model) if causal is None else causal
         if self.causal:
             self.ref_logp = [lp for lp in self._logprobs()]
             self.ref_loss = self._ce(self.ref_logp)

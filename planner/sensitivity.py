@@ -62,14 +62,16 @@ def encoder_probe_loss(model: nn.Module, ids: torch.Tensor, seed: int) -> torch.
     return (emb * r).sum()
 
 
-def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tensor,
+                     causal: bool | None = None) -> dict[str, torch.Tensor]:
     """Mean over sequences of the squared gradient of each target weight ([out, in], fp32).
 
     blocks: LongTensor [n_seq, seq_len] of token ids; one backward pass per sequence. Causal LMs use
     the next-token loss; encoders the random-probe loss (:func:`encoder_probe_loss`), so F then is the
-    Gauss-Newton curvature of the embedding distance instead of the loss's.
+    Gauss-Newton curvature of the embedding distance instead of the loss's. ``causal``: the
+    architecture facts' answer (planning passes it); None asks the loaded model.
     """
-    causal = is_causal_lm(model)
+    causal = is_causal_lm(model) if causal is None else causal
     mods = target_modules(model, names)
     params = {n: m.weight for n, m in mods.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
