@@ -77,29 +77,37 @@ class LoftQBank:
 
     def __init__(self, base: nn.Module, method: str = "nf", block_size: int = 64,
                  compute_dtype: torch.dtype = torch.float32, adapter_dtype: torch.dtype | None = None,
-                 max_rank: int = 64) -> None:
+                 max_rank: int = 64, factors: Any = None) -> None:
+        """``factors``: a :class:`planner.sensitivity.WeightBank` built from the same weights, method
+        and block size; its top factors of W - deq(Q) (randomized SVD) are reused instead of
+        running an exact SVD per (layer, bits) again."""
         self.base, self.method, self.block_size, self.max_rank = base, method, block_size, max_rank
         self.compute_dtype = compute_dtype
         self.adapter_dtype = adapter_dtype or compute_dtype
+        self.factors = factors
         self._q: dict[tuple[str, int], Any] = {}
-        self._f: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._f: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # A [r, in], B [out, r]
 
     def _entry(self, name: str, bits: int, rank: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
+        if rank > self.max_rank:
+            raise ValueError(f"rank {rank} exceeds the bank's max_rank {self.max_rank}")
         key = (name, bits)
         if key not in self._q:
             w = linear_weight(self.base.get_submodule(name)).detach().float()
             qt = quantize(w, config=QuantConfig(bits, self.method, self.block_size))
             self._q[key] = qt
-            u, s, vh = torch.linalg.svd(w - dequantize(qt, torch.float32), full_matrices=False)
-            r = self.max_rank
-            self._f[key] = (u[:, :r].contiguous(), s[:r].clone(), vh[:r].contiguous())
-        if rank > self.max_rank:
-            raise ValueError(f"rank {rank} exceeds the bank's max_rank {self.max_rank}")
+            shared = self.factors.entries.get(key) if self.factors is not None else None
+            if shared is not None and shared.a.shape[0] >= min(self.max_rank, *w.shape):
+                self._f[key] = (shared.a.float(), shared.b.float())
+            else:
+                u, s, vh = torch.linalg.svd(w - dequantize(qt, torch.float32), full_matrices=False)
+                root = s[:self.max_rank].sqrt()  # the same split of S as loftq.solver._low_rank
+                self._f[key] = ((root.unsqueeze(1) * vh[:self.max_rank]).contiguous(),
+                                (u[:, :self.max_rank] * root).contiguous())
         if not rank:
             return self._q[key], None
-        u, s, vh = self._f[key]
-        root = s[:rank].sqrt()  # the same split of S as loftq.solver._low_rank
-        return self._q[key], (root.unsqueeze(1) * vh[:rank], u[:, :rank] * root)
+        a, b = self._f[key]
+        return self._q[key], (a[:rank], b[:, :rank])
 
     def build(self, assignment: Assignment, *, init: str = "loftq") -> nn.Module:
         if init not in ("loftq", "default"):

@@ -205,19 +205,20 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
     candidates: list[Candidate] = [exact]
     chosen = exact
     search_info: dict[str, Any] = {"mode": cfg.search, "seed": cfg.seed, "trials": 0}
+    bank = None  # the guided search's weight bank, reused by the fine-tune proxy
     if cfg.search != "exact" and cfg.trials > 0:
         storage = cfg.storage or default_storage(cfg)
         name = cfg.study_name or study_name_for(prep, budget)
         search_info.update(storage=_redact(storage), study_name=name)
         if cfg.search == "guided":
-            chosen, candidates, n_trials = _guided(prep, problem, model, val, storage, name)
+            chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name)
         else:
             chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name)
         search_info["trials"] = n_trials
     ft_records = None
     if cfg.proxy_top > 0:
         t2 = time.perf_counter()
-        chosen, ft_records = _finetune_proxy(prep, problem, candidates, model, corpus)
+        chosen, ft_records = _finetune_proxy(prep, problem, candidates, model, corpus, bank)
         timings["finetune_proxy_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
     plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings, ft_records)
@@ -233,7 +234,7 @@ def _redact(url: str) -> str:
 
 
 def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val: torch.Tensor, storage: str,
-            name: str) -> tuple[Candidate, list[Candidate], int]:
+            name: str) -> tuple[Candidate, list[Candidate], int, Any]:
     from .proxy import ZeroStepProxy
     from .sensitivity import WeightBank, module_weight, target_modules
 
@@ -258,16 +259,16 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
         if not has_adapter(pool[0], prep.options):
             log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
     best = min(pool, key=lambda c: c.proxy.kl)
-    return best, scored, len(study.trials)
+    return best, scored, len(study.trials), bank
 
 
 def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Candidate], model: torch.nn.Module,
-                    corpus: Any) -> tuple[Candidate, list[dict[str, Any]]]:
+                    corpus: Any, weight_bank: Any = None) -> tuple[Candidate, list[dict[str, Any]]]:
     """Re-score ``cfg.proxy_top`` diverse candidates by ``cfg.proxy_steps`` LoRA steps each (train
     split), choosing the lowest loss on the proxy-validation split; the test split is never read."""
     from . import progress
     from .data import token_blocks
-    from .ftproxy import rescore_with_finetune
+    from .ftproxy import LoftQBank, rescore_with_finetune
 
     cfg = prep.cfg
     n = cfg.calib_seq_len
@@ -284,6 +285,8 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
         chosen, records = rescore_with_finetune(problem, candidates, model, train, val, top_k=k,
                                                 steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr,
                                                 method=METHOD, block_size=cfg.block_size,
+                                                bank=LoftQBank(model, METHOD, cfg.block_size, max_rank=max(cfg.ranks),
+                                                               factors=weight_bank),
                                                 on_candidate=lambda rec: advance(1))
     return chosen, records
 

@@ -56,6 +56,32 @@ def test_bank_equals_build_loftq_model(setup):
     assert abs(eval_loss(ours, val) - eval_loss(ref, val)) < 1e-5
 
 
+def test_bank_reuses_the_weight_banks_factors(setup):
+    """With the guided search's WeightBank, no SVD is re-run: its factors are the adapters' init,
+    and the built model matches the exact-SVD bank's."""
+    from planner.sensitivity import WeightBank, module_weight
+
+    model, names, _, _, val = setup
+    weights = {n: module_weight(model.get_submodule(n)).detach() for n in names}
+    wb = WeightBank(weights, (2, 4, 8), max_rank=8)
+    assignment = {n: OPTIONS[i % len(OPTIONS)] for i, n in enumerate(names)}
+    shared = LoftQBank(model, max_rank=8, factors=wb)
+    net = shared.build(assignment)
+    key = next((n, b) for n, (b, r) in assignment.items() if r)
+    assert shared._f[key][0] is wb.entries[key].a  # the very tensor, not a recomputation
+    exact_bank = LoftQBank(model, max_rank=8)
+    exact = exact_bank.build(assignment)
+    # randomized top-8 factors: residual within 1% of the exact SVD's, loss within 0.5%
+    a, b = shared._entry(*key, 8)[1]
+    a0, b0 = exact_bank._entry(*key, 8)[1]
+    from loftq.quant import dequantize
+
+    resid = weights[key[0]].float() - dequantize(shared._q[key], torch.float32)
+    assert torch.linalg.norm(resid - b @ a) <= 1.01 * torch.linalg.norm(resid - b0 @ a0)
+    assert torch.linalg.norm(resid - b0 @ a0) < torch.linalg.norm(resid)
+    assert abs(eval_loss(net, val) - eval_loss(exact, val)) < 5e-3 * eval_loss(exact, val)
+
+
 def _cands(names, specs, budget_bytes=None):
     out = []
     for t, spec in enumerate(specs):
