@@ -145,8 +145,7 @@ def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s
                             {"kl": outcome.exact.proxy.kl if outcome.exact.proxy else None})
     if s.proxy_top:
         from planner.ftproxy import rescore_with_finetune
-        from planner.search import trainable
-        chosen, records = rescore_with_finetune(prob, trainable(outcome.candidates, opts), model, train_p, val_p,
+        chosen, records = rescore_with_finetune(prob, outcome.candidates, model, train_p, val_p,
                                                 top_k=s.proxy_top,
                                                 steps=s.proxy_steps, seed=0, bank=bank)
         out["planner+ft"] = ([opts[k] for k in chosen.choice], "loftq", {"proxy_records": records})

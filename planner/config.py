@@ -40,6 +40,9 @@ class PlanConfig:
                           "lowest held-out loss (0 = zero-step proxy only)")
     proxy_steps: int = _opt(20, "LoRA steps per fine-tune proxy candidate")
     proxy_lr: float = _opt(3e-4, "learning rate of the fine-tune proxy")
+    adapter_margin: float = _opt(0.1, "fine-tune mode, zero-step choice: prefer the best plan with adapters "
+                                 "over a better plan without any when its proxy (KL, nats) is at most this "
+                                 "much higher: the loss a short fine-tune is expected to win back")
     score_device: str | None = _opt(None, "device for residual tables and scoring (default: cuda if available)")
     out: str = _opt("plan.json", "where to write the plan")
     cache_dir: str | None = _opt(None, "cache folder (default: $LOFTQ_PLANNER_CACHE or ~/.cache/loftq-planner)")
@@ -64,6 +67,8 @@ class PlanConfig:
             raise ValueError(f"trials must be >= 0, got {self.trials}")
         if self.proxy_top < 0:
             raise ValueError(f"proxy_top must be >= 0, got {self.proxy_top}")
+        if not self.adapter_margin >= 0:
+            raise ValueError(f"adapter_margin must be >= 0, got {self.adapter_margin}")
         if not self.proxy_lr > 0:
             raise ValueError(f"proxy_lr must be > 0, got {self.proxy_lr}")
         for name in ("calib_seqs", "proxy_seqs", "calib_seq_len", "proxy_steps"):

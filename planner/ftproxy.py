@@ -236,7 +236,9 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
                           block_size: int = 64, bank: LoftQBank | None = None,
                           pruner: optuna.pruners.BasePruner | None = None,
                           on_candidate: Callable[[ProxyRecord], None] | None = None) -> tuple[Any, list[dict]]:
-    """Fine-tune ``top_k`` diverse candidates for ``steps`` LoRA steps each; pick the lowest val loss.
+    """Fine-tune ``top_k`` diverse candidates with adapters for ``steps`` LoRA steps each; pick the
+    lowest val loss. The best candidate without any adapter (if there is one) competes too, scored
+    by its val loss at step 0: fine-tuning it trains nothing, and a plan with adapters has to beat it.
 
     ``problem``: planner.search.SearchProblem (options, budget); ``candidates``: planner.search.Candidate
     (scored by ``proxy.kl`` if set, else by the additive objective); ``model``: the full-precision
@@ -244,8 +246,15 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
     """
     if top_k < 1 or steps < 1:
         raise ValueError(f"top_k and steps must be >= 1, got top_k={top_k!r}, steps={steps!r}")
+    options = problem.table.options
+    adapters = [any(options[k][1] > 0 for k in c.choice) for c in candidates]
     scores = [_zero_step_score(c) for c in candidates]
-    picked = select_diverse([c.choice for c in candidates], scores, top_k)
+    train_idx = [i for i, a in enumerate(adapters) if a]
+    picked = [train_idx[j] for j in select_diverse([candidates[i].choice for i in train_idx],
+                                                    [scores[i] for i in train_idx], top_k)]
+    frozen = [i for i, a in enumerate(adapters) if not a]
+    if frozen:
+        picked.append(min(frozen, key=lambda i: (scores[i], i)))
     settings = FinetuneSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                                 eval_every=eval_every or max(1, steps // 4))
     bank = bank or LoftQBank(model, method, block_size)
@@ -273,6 +282,11 @@ def _score_one(problem: Any, cand: Any, bank: LoftQBank, train: torch.Tensor, va
     assignment = {t.name: options[k] for t, k in zip(problem.table.targets, cand.choice)}
     torch.manual_seed(s.seed)
     net = bank.build(assignment)
+    if not any(p.requires_grad for p in net.parameters()):  # nothing to train: its step-0 loss is its score
+        loss = eval_loss(net, val, s.eval_batch)
+        del net
+        return ProxyRecord(trial=cand.trial, objective=float(cand.objective), bytes=int(cand.bytes), loss=loss,
+                           steps=0, feasible=int(cand.bytes) <= int(problem.budget), seconds=time.perf_counter() - t0)
     trial = study.ask()
     last = {"loss": math.nan, "pruned": False}
 

@@ -24,7 +24,7 @@ from .config import PlanConfig
 from .errors import PlannerError
 from .memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
 from .objective import OptionTable
-from .search import Candidate, SearchProblem, assignment, direct_search, guided_search, has_adapter, trainable
+from .search import Candidate, SearchProblem, assignment, direct_search, guided_search, has_adapter
 from .settings import RunSettings
 from .tables import ResidualTables, TableSettings, pick_device, residual_tables
 
@@ -253,13 +253,28 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
     scored = [c for c in seen if c.proxy is not None]
     if not scored:
         raise PlannerError("the search finished no trial; raise --trials or --timeout")
-    pool = scored
-    if prep.run.finetune:  # a plan without any adapter has nothing to fine-tune: never prefer one
-        pool = trainable(scored, prep.options)
-        if not has_adapter(pool[0], prep.options):
-            log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
-    best = min(pool, key=lambda c: c.proxy.kl)
+    best = min(scored, key=lambda c: c.proxy.kl)
+    if prep.run.finetune and not has_adapter(best, prep.options):
+        best = _prefer_adapters(best, scored, prep)
     return best, scored, len(study.trials), bank
+
+
+def _prefer_adapters(best: Candidate, scored: list[Candidate], prep: Prepared) -> Candidate:
+    """Fine-tune mode: a plan without any adapter has nothing to train, but fine-tuning wins back
+    only so much. Take the best plan with adapters when its zero-step proxy is within
+    ``cfg.adapter_margin`` of the best plan's; otherwise keep the better plan and say why."""
+    with_adapters = [c for c in scored if has_adapter(c, prep.options)]
+    if not with_adapters:
+        log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
+        return best
+    alt = min(with_adapters, key=lambda c: c.proxy.kl)
+    if alt.proxy.kl <= best.proxy.kl + prep.cfg.adapter_margin:
+        return alt
+    log.warning("the best plan with adapters scores %.3g above the best plan (%.3g > --adapter-margin %.3g): "
+                "keeping the plan without adapters; fine-tuning it trains nothing (--proxy-top compares both "
+                "after a short fine-tune)", alt.proxy.kl - best.proxy.kl, alt.proxy.kl - best.proxy.kl,
+                prep.cfg.adapter_margin)
+    return best
 
 
 def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Candidate], model: torch.nn.Module,
@@ -278,10 +293,12 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
     tok = prep.source.tokenizer()
     train = token_blocks(tok, corpus.train, n, max_tokens=n * max(cfg.calib_seqs, cfg.proxy_steps))
     val = token_blocks(tok, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
-    if prep.run.finetune:  # as in the zero-step choice: never prefer a plan without adapters
-        candidates = trainable(candidates, prep.options)
-    k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates}))
-    with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k) as advance:
+    k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))
+    if k == 0:  # nothing to fine-tune: every candidate would just be scored at step 0
+        log.warning("no candidate within the budget has an adapter: the fine-tune proxy has nothing to train")
+        return min(candidates, key=lambda c: c.proxy.kl if c.proxy is not None else c.objective), []
+    frozen = any(not has_adapter(c, prep.options) for c in candidates)
+    with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k + frozen) as advance:
         chosen, records = rescore_with_finetune(problem, candidates, model, train, val, top_k=k,
                                                 steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr,
                                                 method=METHOD, block_size=cfg.block_size,

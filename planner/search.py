@@ -189,12 +189,5 @@ def has_adapter(candidate: Candidate, options: Sequence[tuple[int, int]]) -> boo
     return any(options[k][1] > 0 for k in candidate.choice)
 
 
-def trainable(candidates: Sequence[Candidate], options: Sequence[tuple[int, int]]) -> list[Candidate]:
-    """The candidates with at least one adapter (a fine-tune plan without any has nothing to train);
-    all of them when none has one."""
-    keep = [c for c in candidates if has_adapter(c, options)]
-    return keep or list(candidates)
-
-
 def assignment(problem: SearchProblem, choice: Sequence[int]) -> dict[str, tuple[int, int]]:
     return {t.name: problem.table.options[k] for t, k in zip(problem.table.targets, choice)}

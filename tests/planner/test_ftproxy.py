@@ -7,12 +7,13 @@ import optuna
 import pytest
 import torch
 
+from loftq.quant import dequantize
 from planner.build import LayerSpec, build_loftq_model
 from planner.ftproxy import FinetuneSettings, LoftQBank, eval_loss, finetune, hamming, rescore_with_finetune, select_diverse
 from planner.search import Candidate
 from tests.tiny_models import build_tiny
 
-OPTIONS = [(2, 0), (2, 8), (4, 0), (4, 8), (8, 8)]
+OPTIONS = [(2, 0), (2, 8), (4, 0), (4, 8), (8, 8), (8, 0)]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,6 @@ def test_bank_reuses_the_weight_banks_factors(setup):
     # randomized top-8 factors: residual within 1% of the exact SVD's, loss within 0.5%
     a, b = shared._entry(*key, 8)[1]
     a0, b0 = exact_bank._entry(*key, 8)[1]
-    from loftq.quant import dequantize
-
     resid = weights[key[0]].float() - dequantize(shared._q[key], torch.float32)
     assert torch.linalg.norm(resid - b @ a) <= 1.01 * torch.linalg.norm(resid - b0 @ a0)
     assert torch.linalg.norm(resid - b0 @ a0) < torch.linalg.norm(resid)
@@ -101,11 +100,24 @@ def test_chosen_is_lowest_loss_among_feasible(setup):
     assert best["chosen"] and sum(r["chosen"] for r in records) == 1
     assert chosen.trial == best["trial"] and chosen.bytes <= problem.budget
     assert {"trial", "objective", "bytes", "loss", "chosen"} <= set(records[0])
+    # the plan without adapters is not trained: its score is its step-0 validation loss
+    frozen = next(r for r in records if r["trial"] == 1)
+    assert frozen["steps"] == 0
+    assert frozen["loss"] == pytest.approx(eval_loss(LoftQBank(model).build({n: (2, 0) for n in names}), val))
+
+
+def test_adapter_less_plan_wins_when_training_cannot_catch_up(setup):
+    model, names, problem, train, val = setup
+    cands = _cands(names, [(2, 8), (8, 0)])  # 2-bit + adapters, 2 steps vs 8-bit with nothing to train
+    chosen, records = rescore_with_finetune(problem, cands, model, train, val, top_k=1, steps=2, seed=0,
+                                            pruner=optuna.pruners.NopPruner())
+    assert [r["steps"] for r in records] == [2, 0]
+    assert records[1]["loss"] < records[0]["loss"] and records[1]["chosen"] and chosen.trial == 1
 
 
 def test_pruning_stops_hopeless_candidate(setup):
     model, names, problem, train, val = setup
-    cands = _cands(names, [(8, 8), (2, 0)])  # 2-bit without adapters (nothing to train) is hopeless
+    cands = _cands(names, [(8, 8), (2, 8)])  # 2-bit on every layer: hopeless after a few steps
     _, records = rescore_with_finetune(problem, cands, model, train, val, top_k=2, steps=8, eval_every=2, seed=0,
                                        lr=1e-3)
     assert not records[0]["pruned"] and records[0]["steps"] == 8

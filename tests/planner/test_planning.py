@@ -177,9 +177,28 @@ def test_finetune_proxy_picks_the_lowest_validation_loss(cfg: PlanConfig) -> Non
     outcome = make_plan(replace(cfg, trials=4, proxy_top=2, proxy_steps=3), RUN, budget)
     proxy = outcome.plan.search["proxy"]
     records = proxy["candidates"]
-    assert proxy["steps"] == 3 and proxy["zero_step_candidates"] and 1 <= len(records) <= 2
+    assert proxy["steps"] == 3 and proxy["zero_step_candidates"] and 1 <= len(records) <= 3
     done = [r for r in records if r["feasible"] and not r["pruned"]]
     chosen = [r for r in records if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["loss"] == min(r["loss"] for r in done)
-    assert all(r["steps"] == 3 and r["bytes"] <= budget for r in done)
+    # up to 2 fine-tuned candidates, plus the best plan without adapters scored at step 0
+    assert sum(r["steps"] == 3 for r in done) >= 1 and sum(r["steps"] == 0 for r in done) <= 1
+    assert all(r["steps"] in (0, 3) and r["bytes"] <= budget for r in done)
     assert outcome.chosen.trial == chosen[0]["trial"] and outcome.plan.total_bytes <= budget
+
+
+def test_adapter_margin_trades_zero_step_loss_for_trainable_capacity(cfg: PlanConfig) -> None:
+    """Fine-tune mode: margin 0 keeps the lowest-KL plan; a huge margin takes the best plan with adapters."""
+    from dataclasses import replace
+
+    from planner.search import has_adapter
+
+    lo, hi = _range(cfg)
+    budget = int(lo + 0.3 * (hi - lo))
+    strict = make_plan(replace(cfg, trials=6, adapter_margin=0.0), RUN, budget)
+    scored = [c for c in strict.candidates if c.proxy is not None]
+    assert strict.chosen.proxy.kl == min(c.proxy.kl for c in scored)
+    loose = make_plan(replace(cfg, trials=6, adapter_margin=1e9, study_name="loose"), RUN, budget)
+    with_adapters = [c for c in loose.candidates if c.proxy is not None and has_adapter(c, loose.problem.table.options)]
+    assert with_adapters, "the seeded rank floors give at least one plan with adapters"
+    assert loose.chosen.proxy.kl == min(c.proxy.kl for c in with_adapters)
