@@ -1,6 +1,6 @@
 """Does the short fine-tune proxy rank plans like a longer fine-tune does? (used by bench.quality --correlation)
 
-Plans: the distinct candidates of one guided search at a low budget plus the baselines at that budget
+Plans: the distinct candidates of one guided search at a binding budget (u4r4) plus the baselines at that budget
 (uniform 2-bit at several ranks, first-k at two ranks), at least ``min_plans``. For each plan:
 zero-step KL (the search's proxy), the fine-tune proxy (``short`` steps, seed 0, loss on the
 proxy-validation split) and a longer fine-tune (``long`` steps, seed 1 — another data order — test
@@ -35,7 +35,7 @@ def spearman_ci(x: list[float], y: list[float], n_boot: int = 2000, seed: int = 
     return {"rho": rho, "ci95": [float(lo), float(hi)], "n": len(x)}
 
 
-def correlation(s: Setting, budget_label: str = "4.0", short: int = 6, long: int = 40,
+def correlation(s: Setting, budget_label: str = "u4r4", short: int = 6, long: int = 40,
                 min_plans: int = 10) -> dict[str, Any]:
     run, cfg, prep, counter, model, train, val, test, bank = setup(s)
     names = [t.name for t in prep.targets]
@@ -73,7 +73,9 @@ def correlation(s: Setting, budget_label: str = "4.0", short: int = 6, long: int
                            "ft_proxy_vs_long": spearman_ci([r["proxy_loss"] for r in rows],
                                                            [r["long_test_loss"] for r in rows])}
     with_kl = [r for r in rows if r["kl"] is not None]
-    if len(with_kl) >= 4:
+    if len(with_kl) >= 4:  # the search's own candidates only: the close calls the proxy has to rank
+        res["ft_proxy_vs_long_search_candidates"] = spearman_ci([r["proxy_loss"] for r in with_kl],
+                                                                [r["long_test_loss"] for r in with_kl])
         res["zero_step_kl_vs_long"] = spearman_ci([r["kl"] for r in with_kl], [r["long_test_loss"] for r in with_kl])
     if len(rows) < min_plans:
         res["warning"] = f"only {len(rows)} distinct plans (< {min_plans})"

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         s = replace(s, budgets=tuple(args.budgets.split(",")))
     if args.correlation:
         from bench.correlation import correlation
-        result = correlation(s, budget_label=s.budgets[0] if args.budgets else "4.0",
+        result = correlation(s, budget_label=s.budgets[0] if args.budgets else "u4r4",
                              short=s.proxy_steps or 6, long=s.steps)
         print(json.dumps(result, indent=1))
         if args.out:
