@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .cli import _register, main
+from .plan import load_plan
 
 BUDGET = "2.2GB"  # binds (the space spans 1.89-2.26 GB) and leaves room for adapters
 OUT = Path("demo-out")
@@ -44,6 +45,10 @@ def run() -> None:
     model_dir = OUT / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     step(console, "4. build it: LoftQ backbone + adapters", ["materialize", plan, "--out", str(model_dir), "--force"])
+    if not any(layer.rank for layer in load_plan(plan).layers):  # the planner may judge adapters not worth it
+        console.print("[yellow]the chosen plan has no adapter (the planner found no plan with adapters "
+                      "within --adapter-margin of it): nothing to verify a training step or fine-tune with")
+        return
     step(console, "5. verify memory against the plan (one training step, seq 1024)",
          ["verify", str(model_dir), "--steps", "1"])
     step(console, "6. a short LoRA fine-tune with held-out loss (pydoc train/val splits)",
