@@ -118,6 +118,9 @@ def run_method(bank: LoftQBank, names: list[str], plan: list[tuple[int, int]], i
     assignment = dict(zip(names, plan))
     torch.manual_seed(0)
     before = perplexity(bank.build(assignment, init=init), test)
+    if not any(r for _, r in plan):  # no adapter: fine-tuning trains nothing, every seed ends where it began
+        return {"ppl_before": before, "ppl_after": before, "ppl_after_std": 0.0, "ppl_after_seeds": [before] * s.seeds,
+                "ft_seconds": 0.0, "trained": False}
     after, secs = [], []
     for seed in range(s.seeds):
         torch.manual_seed(seed)
