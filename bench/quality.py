@@ -179,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default=None, help="comma list: u4r16 and/or bits per weight")
     ap.add_argument("--proxy-top", type=int, default=None)
     ap.add_argument("--methods", default=None, help="comma list of methods to run (default: all)")
-    ap.add_argument("--plot-from", default=None, help="only draw the plot of a saved --out JSON (next to it, .png)")
+    ap.add_argument("--plot-from", default=None, help="only draw the plot (next to it, .png), the table and the verdicts of a saved --out JSON")
     args = ap.parse_args(argv)
     if args.plot_from:
-        plot(json.loads(Path(args.plot_from).read_text())["rows"], Path(args.plot_from).with_suffix(".png"))
+        saved = json.loads(Path(args.plot_from).read_text())["rows"]
+        plot(saved, Path(args.plot_from).with_suffix(".png"))
+        print_table(saved)
         return 0
     torch.set_num_threads(2)
     s = QUICK if args.quick else FULL
@@ -298,13 +300,14 @@ def run_quality(s: Setting, methods: list[str] | None = None,
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'budget':>7} {'method':<20} {'b/w':>6} {'bytes':>12} {'ppl0':>10} {'ppl_ft':>9} {'std':>6}")
+    print(f"{'budget':>7} {'method':<24} {'b/w':>6} {'bytes':>12} {'ppl0':>12} {'ppl_ft':>12} {'std':>8}")
     for r in rows:
         if r.get("infeasible"):
-            print(f"{r['budget']:>7} {r['method']:<20} {'':>6} {'does not fit':>12}")
+            print(f"{r['budget']:>7} {r['method']:<24} {'':>6} {'does not fit':>12}")
             continue
-        print(f"{r['budget']:>7} {r['method']:<20} {r['bits_per_weight']:>6.2f} {r['bytes']:>12} "
-              f"{r['ppl_before']:>10.2f} {r['ppl_after']:>9.2f} {r['ppl_after_std']:>6.2f}")
+        flag = " (invalid)" if r.get("invalid") else " (superseded)" if r.get("superseded") else ""
+        print(f"{r['budget']:>7} {r['method']:<24} {r['bits_per_weight']:>6.2f} {r['bytes']:>12} "
+              f"{r['ppl_before']:>12.4g} {r['ppl_after']:>12.4g} {r['ppl_after_std']:>8.2g}{flag}")
     verdicts(rows)
 
 
@@ -316,9 +319,9 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if not r.get("infeasible") and not r.get("invalid")]
+    ok = [r for r in rows if not r.get("infeasible") and not r.get("invalid") and not r.get("superseded")]
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in ok))
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.5, 2.2 + 2.2 * len(budgets)), 4))
     for j, m in enumerate(methods):
@@ -346,7 +349,8 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 def verdicts(rows: list[dict[str, Any]]) -> None:
     """Planner vs each baseline per budget: a win or loss only beyond 2 sigma of seed noise."""
-    by = {(r["budget"], r["method"]): r for r in rows if not r.get("infeasible") and not r.get("invalid")}
+    by = {(r["budget"], r["method"]): r for r in rows
+          if not r.get("infeasible") and not r.get("invalid") and not r.get("superseded")}
     chosen = ("planner", "planner+ft")  # the tool's choices; planner-exact is the no-Optuna ablation
     for (budget, method), r in by.items():
         if method not in chosen:
