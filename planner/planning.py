@@ -270,10 +270,9 @@ def _prefer_adapters(best: Candidate, scored: list[Candidate], prep: Prepared) -
     alt = min(with_adapters, key=lambda c: c.proxy.kl)
     if alt.proxy.kl <= best.proxy.kl + prep.cfg.adapter_margin:
         return alt
-    log.warning("the best plan with adapters scores %.3g above the best plan (%.3g > --adapter-margin %.3g): "
-                "keeping the plan without adapters; fine-tuning it trains nothing (--proxy-top compares both "
-                "after a short fine-tune)", alt.proxy.kl - best.proxy.kl, alt.proxy.kl - best.proxy.kl,
-                prep.cfg.adapter_margin)
+    log.warning("the best plan with adapters scores KL %.3g, %.3g above the best plan (more than --adapter-margin "
+                "%.3g): keeping the plan without adapters, so fine-tuning it trains nothing (--proxy-top compares "
+                "both after a short fine-tune)", alt.proxy.kl, alt.proxy.kl - best.proxy.kl, prep.cfg.adapter_margin)
     return best
 
 
