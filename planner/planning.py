@@ -353,6 +353,7 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
               "allocatable_bytes": problem_budget(prep, budget), "timings": {k: round(v, 3) for k, v in timings.items()},
               "proxy": {"kind": zero_step_kind(causal),
                         "ref_loss": chosen.proxy.ref_loss if chosen.proxy else None,
+                        "adapter_margin": prep.cfg.adapter_margin if prep.run.finetune else None,
                         "candidates": [row(c) for c in candidates]}}
     if ft_records is not None:
         cfg = prep.cfg
