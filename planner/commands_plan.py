@@ -76,7 +76,7 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def report(outcome: Any, path: Path, budget: int, console: Console | None = None) -> None:
+def report(outcome: Any, path: Path, budget: int, console: Console | None = None, written: bool = True) -> None:
     """Per-block table of bits/ranks, the memory breakdown against the budget, and notes."""
     from .plan import summary_by_block
 
@@ -107,8 +107,9 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
         console.print(f"note: the budget does not bind: every layer got its best choice "
                       f"({format_bytes(est['total_bytes'])} of {format_bytes(budget)}).")
     if plan.mode == "finetune" and not any(layer.rank for layer in plan.layers):
-        console.print("[yellow]note: no layer has an adapter, so there is nothing to fine-tune: raise the budget, "
-                      "lower --seq-len, or use --gradient-checkpointing to free memory for adapters.")
+        console.print("[yellow]note: no layer has an adapter, so there is nothing to fine-tune. Either no adapter "
+                      "fits, or every plan with adapters scored worse by more than --adapter-margin (see the "
+                      "warnings). To make room: raise the budget, lower --seq-len, or use --gradient-checkpointing.")
     proxy = s.get("proxy", {})
     chosen = next((c for c in proxy.get("candidates", []) if c.get("chosen")), None)
     line = f"search {s['mode']}: {s['trials']} trials; objective {s['chosen_objective']:.4g} (exact optimum " \
@@ -118,9 +119,11 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
         line += f"; zero-step KL {chosen['kl']:.4g} nats/token" if "KL" in kind else \
             f"; zero-step 1 - cos {chosen['kl']:.4g}"
     if chosen and "steps" in proxy and "loss" in chosen:
-        line += f"; fine-tune proxy loss {chosen['loss']:.4f} after {proxy['steps']} steps"
+        steps = chosen.get("steps", proxy["steps"])
+        line += f"; fine-tune proxy loss {chosen['loss']:.4f} " + \
+            (f"after {steps} steps" if steps else "untrained (no adapter; it beat every fine-tuned candidate)")
     console.print(line)
-    console.print(f"plan written to {path}")
+    console.print(f"plan written to {path}" if written else f"plan: {path}")
 
 
 def write_pareto(outcome: Any, stem: str) -> None:
@@ -163,7 +166,7 @@ def show_command(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(plan.to_dict(), indent=1) + "\n")
         return 0
     outcome = SimpleNamespace(plan=plan, budget_binds=plan.search.get("budget_binds", True))
-    report(outcome, Path(args.plan), plan.budget_bytes)
+    report(outcome, Path(args.plan), plan.budget_bytes, written=False)
     return 0
 
 
