@@ -21,6 +21,9 @@ from .memory import MemoryEstimate, estimate, layer_bytes
 from .settings import LayerChoice, RunSettings, run_fields
 
 log = logging.getLogger(__name__)
+# bitsandbytes warns on every CPU import that an optional faster 4-bit kernel package ("kernels") is
+# missing; nothing here needs it, and the line reads like a failure in every command's output
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 DRY_RUN_METHOD = "nf"  # NF2 / NF4 / NF8, as planner.planning plans them
 
 
