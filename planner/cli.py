@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # bitsandbytes warns on every CPU import that an optional faster 4-bit kernel package ("kernels") is
 # missing; nothing here needs it, and the line reads like a failure in every command's output
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# PEFT reads transformers' deprecated is_gradient_checkpointing when it wraps a model: not ours to show
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 DRY_RUN_METHOD = "nf"  # NF2 / NF4 / NF8, as planner.planning plans them
 
 
