@@ -250,11 +250,11 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
         study, seen = guided_search(problem, proxy, trials=prep.cfg.trials, timeout=prep.cfg.timeout,
                                     seed=prep.cfg.seed, storage=storage, study_name=name,
                                     on_trial=lambda c: advance(1))
-    scored = [c for c in seen if c.proxy is not None]
+    scored = [c for c in seen if c.proxy is not None and math.isfinite(c.proxy.kl)]
     if not scored:
         raise PlannerError("the search finished no trial; raise --trials or --timeout")
     best = min(scored, key=lambda c: c.proxy.kl)
-    if prep.run.finetune and not has_adapter(best, prep.options):
+    if prep.run.finetune and proxy.causal and not has_adapter(best, prep.options):  # the margin is in nats of KL
         best = _prefer_adapters(best, scored, prep)
     return best, scored, len(study.trials), bank
 

@@ -114,6 +114,7 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
     types = sorted({t.module_type for t in problem.table.targets})
     ranks = sorted({r for _, r in problem.table.options})
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     if not study.trials:  # seeds: the plain Fisher knapsack, and with an adapter on every layer
@@ -148,9 +149,29 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
             on_trial(cand)
         return value
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=trials, timeout=timeout)
-    return study, seen
+    return study, seen + _earlier_candidates(problem, proxy, study, {c.trial for c in seen})
+
+
+def _earlier_candidates(problem: SearchProblem, proxy: ZeroStepProxy | None, study: optuna.Study,
+                        skip: set[int | None]) -> list[Candidate]:
+    """Completed trials of earlier runs of a resumed study, rebuilt from their stored choice and
+    scores, so that resuming never loses a better plan found before (the seeded ones included)."""
+    out = []
+    n, n_opts = len(problem.table.targets), len(problem.table.options)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        choice = t.user_attrs.get("choice")
+        if t.number in skip or t.value is None or not math.isfinite(t.value) or not isinstance(choice, list) \
+                or len(choice) != n or not all(isinstance(k, int) and 0 <= k < n_opts for k in choice):
+            continue
+        used = problem.bytes_of(choice)
+        if used > problem.budget:
+            continue
+        cand = Candidate(choice, used, problem.objective_of(choice), trial=t.number)
+        if proxy is not None:
+            cand.proxy = ProxyScore(float(t.value), float(t.user_attrs.get("loss", t.value)), proxy.ref_loss)
+        out.append(cand)
+    return out
 
 
 def direct_search(problem: SearchProblem, *, trials: int, timeout: float | None, seed: int,
@@ -158,6 +179,7 @@ def direct_search(problem: SearchProblem, *, trials: int, timeout: float | None,
     """Per-group categorical parameters (named after module paths), neutral additive objective."""
     labels = [f"{b}b_r{r}" for b, r in problem.table.options]
     sampler = optuna.samplers.TPESampler(seed=seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
     if not study.trials:

@@ -86,10 +86,14 @@ def test_study_resumes_and_accumulates_trials(cfg: PlanConfig, tmp_path: Path) -
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     lo, hi = _range(cfg)
     c = replace(cfg, trials=2, storage=storage)
-    first = make_plan(c, RUN, (lo + hi) // 2).plan.search
-    second = make_plan(c, RUN, (lo + hi) // 2).plan.search
+    run1 = make_plan(c, RUN, (lo + hi) // 2)
+    run2 = make_plan(c, RUN, (lo + hi) // 2)
+    first, second = run1.plan.search, run2.plan.search
     assert first["study_name"] == second["study_name"]
     assert len(optuna.load_study(study_name=first["study_name"], storage=storage).trials) == 4
+    # the resumed run still weighs the first run's plans: it can only choose as well or better
+    assert {c.trial for c in run1.candidates} <= {c.trial for c in run2.candidates}
+    assert run2.chosen.proxy.kl <= run1.chosen.proxy.kl + 1e-12
     other = make_plan(c, RUN, (lo + hi) // 2 + 1).plan.search  # another budget: another study
     assert other["study_name"] != first["study_name"]
 
