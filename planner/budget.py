@@ -56,6 +56,8 @@ def parse_budget(text: str | int | float) -> int:
             raise PlannerError(f"unknown unit {m.group(2)!r} in budget {raw!r}; known: {known}")
     if value <= 0:
         raise PlannerError(f"budget must be a positive size, got {text!r}")
+    if value.adjusted() > 30:  # no memory is 10^30 bytes; also keeps Decimal and float maths finite
+        raise PlannerError(f"budget {text!r} is beyond any machine; use e.g. 11GB")
     nbytes = int(value * UNITS[unit])  # exact decimal arithmetic: 2.3GB is 2_300_000_000
     if nbytes <= 0:
         raise PlannerError(f"budget {text!r} is less than one byte")

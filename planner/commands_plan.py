@@ -48,6 +48,9 @@ def config_from(args: argparse.Namespace) -> PlanConfig:
 
 def plan_command(args: argparse.Namespace) -> int:
     if args.dry_run:
+        cfg = config_from(args)  # the same validation as a real run, though a dry run reads no weights or data
+        if cfg.data and not cfg.data.startswith("hf:") and not Path(cfg.data).exists():
+            raise PlannerError(f"{cfg.data}: data file not found")
         args.target_modules = args.target_modules or None
         args.keep16 = 16 in args.bits
         args.bits = tuple(b for b in args.bits if b < 16) or (4,)
@@ -112,8 +115,12 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
                       "warnings). To make room: raise the budget, lower --seq-len, or use --gradient-checkpointing.")
     proxy = s.get("proxy", {})
     chosen = next((c for c in proxy.get("candidates", []) if c.get("chosen")), None)
-    line = f"search {s['mode']}: {s['trials']} trials; objective {s['chosen_objective']:.4g} (exact optimum " \
-           f"{s['exact_optimum']:.4g})"
+    def num(key: str) -> str:
+        v = s.get(key)
+        return f"{v:.4g}" if isinstance(v, (int, float)) else "?"
+
+    line = f"search {s.get('mode', '?')}: {s.get('trials', '?')} trials; objective {num('chosen_objective')} " \
+           f"(exact optimum {num('exact_optimum')})"
     if chosen and "kl" in chosen:
         kind = proxy.get("zero_step_kind", proxy.get("kind", ""))
         line += f"; zero-step KL {chosen['kl']:.4g} nats/token" if "KL" in kind else \

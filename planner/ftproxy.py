@@ -269,7 +269,7 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
         records.append(rec)
         if on_candidate:
             on_candidate(rec)
-    done = [j for j, r in enumerate(records) if r.feasible and not r.pruned]
+    done = [j for j, r in enumerate(records) if r.feasible and not r.pruned and math.isfinite(r.loss)]
     best_j = min(done, key=lambda j: records[j].loss) if done else 0
     records[best_j].chosen = True
     return candidates[picked[best_j]], [r.to_dict() for r in records]

@@ -139,7 +139,7 @@ def study_name_for(prep: Prepared, budget: int) -> str:
     """Derived from model + search space + run + budget, so a study never mixes budgets."""
     cfg = prep.cfg
     blob = json.dumps({"model": cfg.model, "weights": prep.source.weights_sha256(), "bits": cfg.bits,
-                       "ranks": cfg.ranks, "gran": cfg.granularity, "targets": cfg.target_modules,
+                       "ranks": cfg.ranks, "block": cfg.block_size, "gran": cfg.granularity, "targets": cfg.target_modules,
                        "run": prep.run.to_dict(), "search": cfg.search, "data": cfg.data,
                        "calib": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len]}, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:10]

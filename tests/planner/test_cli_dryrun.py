@@ -79,6 +79,12 @@ def test_table_output(capsys: pytest.CaptureFixture) -> None:
     (["--model", "no-such-model", "--budget", "11GB", "--dry-run"], "unknown model"),
     (["--model", "phi-2", "--dry-run", "--seq-len", "0"], "seq_len"),
     (["--model", "phi-2", "--dry-run", "--bits", "3"], "bits"),
+    (["--model", "phi-2", "--budget", "1e400GB", "--dry-run"], "beyond any machine"),
+    # a dry run validates every option a real run would, though it reads no weights or data
+    (["--model", "phi-2", "--dry-run", "--adapter-margin", "-1"], "adapter_margin"),
+    (["--model", "phi-2", "--dry-run", "--proxy-top", "-2"], "proxy_top"),
+    (["--model", "phi-2", "--dry-run", "--data", "/nonexistent/corpus.txt"], "not found"),
+    (["verify", "/nonexistent-dir", "--device", "tpu"], "not a device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
     rc, out, err = _run(capsys, *argv)
@@ -97,6 +103,16 @@ def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
 def test_budget_auto_without_gpu(capsys: pytest.CaptureFixture) -> None:
     rc, _, err = _run(capsys, "--model", "phi-2", "--budget", "auto", "--dry-run")
     assert rc == 2 and "CUDA" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_build_commands_refuse_cuda_without_a_gpu(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Before any work starts, so materialize leaves no DIR.partial behind."""
+    for argv in (["materialize", str(tmp_path / "plan.json"), "--out", str(tmp_path / "m"), "--device", "cuda"],
+                 ["finetune", str(tmp_path), "--device", "cuda:0"], ["verify", str(tmp_path), "--device", "cuda"]):
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and "no CUDA GPU" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_module_entry_point_offline() -> None:
