@@ -19,7 +19,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from .budget import format_bytes
@@ -27,6 +26,7 @@ from .cli import COMMANDS, Command, add_dataclass_options
 from .errors import PlannerError
 from .finetune import FinetuneConfig
 from .materialize import MaterializeConfig
+from .progress import stdout_console
 
 DEFAULT_FINETUNED = "finetuned-adapter"  # inside DIR unless --out says otherwise
 
@@ -55,7 +55,7 @@ def materialize_command(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
-        Console().print(f"materialized {summary['layers']} layers ({summary['resumed']} resumed) in "
+        stdout_console().print(f"materialized {summary['layers']} layers ({summary['resumed']} resumed) in "
                         f"{summary['seconds']} s: backbone {format_bytes(summary['backbone_bytes'])}, mean "
                         f"residual {summary['mean_residual']:.4f} -> {result.path}")
     return 0
@@ -83,7 +83,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     else:
         first, last = result.train_losses[0], result.train_losses[-1]
         evals = ", ".join(f"step {s}: {v:.4f}" for s, v in result.eval_losses)
-        Console().print(f"{len(result.train_losses)} steps in {result.seconds:.1f} s; train loss {first:.4f} -> "
+        stdout_console().print(f"{len(result.train_losses)} steps in {result.seconds:.1f} s; train loss {first:.4f} -> "
                         f"{last:.4f}; held-out loss {evals}; adapter -> {out}")
     return 0
 
@@ -165,7 +165,7 @@ def verify_command(args: argparse.Namespace) -> int:
                       format_bytes(r.measured) if r.measured is not None else "-",
                       f"{r.ratio:.3f}" if r.ratio is not None else "-", {True: "yes", False: "NO", None: ""}[r.ok],
                       r.note)
-    console = Console()
+    console = stdout_console()
     console.print(table)
     rss = report.info.get("rss_bytes")
     if rss:

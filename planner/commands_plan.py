@@ -15,6 +15,7 @@ from .budget import format_bytes, parse_budget
 from .cli import COMMANDS, Command, add_dataclass_options, dry_run, run_settings_from
 from .config import PlanConfig, config_fields
 from .errors import PlannerError
+from .progress import stdout_console
 from .settings import run_fields
 
 _PLAN_ONLY = {"model", "budget"}  # added by hand: positional-like and documented first
@@ -83,7 +84,7 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
     """Per-block table of bits/ranks, the memory breakdown against the budget, and notes."""
     from .plan import summary_by_block
 
-    console = console or Console()
+    console = console or stdout_console()
     plan = outcome.plan
     summary = summary_by_block(plan)
     table = Table(title=f"{plan.model['id']}: bits/rank per layer, by block", show_lines=False)
@@ -159,7 +160,7 @@ def models_command(args: argparse.Namespace) -> int:
     for r in rows:
         table.add_row(str(r.get("name")), str(r.get("hub_id") or "-"), str(r.get("architecture")),
                       "yes" if r.get("offline") else "facts only (weights need a download)")
-    Console().print(table)
+    stdout_console().print(table)
     return 0
 
 

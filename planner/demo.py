@@ -17,6 +17,7 @@ from rich.console import Console
 
 from .cli import _register, main
 from .plan import load_plan
+from .progress import stdout_console
 
 BUDGET = "2.2GB"  # binds (the space spans 1.89-2.26 GB) and leaves room for adapters
 OUT = Path("demo-out")
@@ -32,7 +33,7 @@ def step(console: Console, title: str, argv: list[str]) -> None:
 
 
 def run() -> None:
-    console = Console()
+    console = stdout_console()
     _register()
     OUT.mkdir(exist_ok=True)
     plan = str(OUT / "plan.json")

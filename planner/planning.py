@@ -216,7 +216,11 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
             chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name)
         search_info["trials"] = n_trials
     ft_records = None
-    if cfg.proxy_top > 0:
+    trainable = any(has_adapter(c, prep.options) for c in candidates)
+    if cfg.proxy_top > 0 and not trainable and max(cfg.ranks) > 0:
+        log.warning("no candidate within the budget has an adapter: the fine-tune proxy has nothing to train, "
+                    "keeping the zero-step choice")
+    if cfg.proxy_top > 0 and trainable:
         t2 = time.perf_counter()
         chosen, ft_records = _finetune_proxy(prep, problem, candidates, model, corpus, bank)
         timings["finetune_proxy_s"] = time.perf_counter() - t2
@@ -265,7 +269,8 @@ def _prefer_adapters(best: Candidate, scored: list[Candidate], prep: Prepared) -
     ``cfg.adapter_margin`` of the best plan's; otherwise keep the better plan and say why."""
     with_adapters = [c for c in scored if has_adapter(c, prep.options)]
     if not with_adapters:
-        log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
+        if max(prep.cfg.ranks) > 0:  # with --ranks 0 no adapter was asked for
+            log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
         return best
     alt = min(with_adapters, key=lambda c: c.proxy.kl)
     if alt.proxy.kl <= best.proxy.kl + prep.cfg.adapter_margin:
@@ -292,10 +297,7 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
     tok = prep.source.tokenizer()
     train = token_blocks(tok, corpus.train, n, max_tokens=n * max(cfg.calib_seqs, cfg.proxy_steps))
     val = token_blocks(tok, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
-    k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))
-    if k == 0:  # nothing to fine-tune: every candidate would just be scored at step 0
-        log.warning("no candidate within the budget has an adapter: the fine-tune proxy has nothing to train")
-        return min(candidates, key=lambda c: c.proxy.kl if c.proxy is not None else c.objective), []
+    k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))  # >= 1
     frozen = any(not has_adapter(c, prep.options) for c in candidates)
     with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k + frozen) as advance:
         chosen, records = rescore_with_finetune(problem, candidates, model, train, val, top_k=k,

@@ -21,6 +21,16 @@ def console() -> Console:
     return _console
 
 
+def stdout_console() -> Console:
+    """Console for tables on stdout. Piped or logged output gets 160 columns instead of rich's 80,
+    at which the per-block plan table collapses to ellipses; ``COLUMNS`` still wins."""
+    import os
+    import sys
+
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=160) if wide else Console()
+
+
 @contextlib.contextmanager
 def task(description: str, total: int) -> Iterator[Advance]:
     """``with task("residual tables", n) as advance: ... advance(1)`` shows a bar with ETA."""
