@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--budgets", default=None, help="comma list: u4r16 and/or bits per weight")
     ap.add_argument("--proxy-top", type=int, default=None)
+    ap.add_argument("--proxy-steps", type=int, default=None, help="LoRA steps per fine-tune proxy candidate")
     ap.add_argument("--methods", default=None, help="comma list of methods to run (default: all)")
     ap.add_argument("--plot-from", default=None, help="only draw the plot (next to it, .png), the table and the verdicts of a saved --out JSON")
     args = ap.parse_args(argv)
@@ -188,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(2)
     s = QUICK if args.quick else FULL
-    s = replace(s, **{k: v for k, v in (("steps", args.steps), ("seeds", args.seeds), ("proxy_top", args.proxy_top))
-                      if v is not None})
+    s = replace(s, **{k: v for k, v in (("steps", args.steps), ("seeds", args.seeds), ("proxy_top", args.proxy_top),
+                                        ("proxy_steps", args.proxy_steps)) if v is not None})
     if args.budgets:
         s = replace(s, budgets=tuple(args.budgets.split(",")))
     if args.correlation:
