@@ -222,11 +222,27 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
                     "keeping the zero-step choice")
     if cfg.proxy_top > 0 and trainable:
         t2 = time.perf_counter()
+        zero_step_choice = chosen
         chosen, ft_records = _finetune_proxy(prep, problem, candidates, model, corpus, bank)
         timings["finetune_proxy_s"] = time.perf_counter() - t2
+        if _diverged(ft_records, candidates):
+            log.warning("the fine-tune proxy left every trained candidate worse than untrained (is --proxy-lr "
+                        "too high?): keeping the zero-step choice")
+            chosen = zero_step_choice
+            for r in ft_records:
+                r["chosen"] = r["trial"] == chosen.trial
     timings["total_s"] = time.perf_counter() - t0
     plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings, ft_records)
     return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact, problem)
+
+
+def _diverged(records: list[dict[str, Any]], candidates: list[Candidate]) -> bool:
+    """True when every candidate the proxy trained ended above its own untrained loss on the same
+    held-out blocks (the zero-step proxy's ``loss``): training made things worse, so its verdict
+    means nothing."""
+    untrained = {c.trial: c.proxy.loss for c in candidates if c.proxy is not None}
+    trained = [r for r in records if r["steps"] > 0 and not r["pruned"] and r["trial"] in untrained]
+    return bool(trained) and all(not math.isfinite(r["loss"]) or r["loss"] > untrained[r["trial"]] for r in trained)
 
 
 def _redact(url: str) -> str:

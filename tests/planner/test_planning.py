@@ -206,3 +206,16 @@ def test_adapter_margin_trades_zero_step_loss_for_trainable_capacity(cfg: PlanCo
     with_adapters = [c for c in loose.candidates if c.proxy is not None and has_adapter(c, loose.problem.table.options)]
     assert with_adapters, "the seeded rank floors give at least one plan with adapters"
     assert loose.chosen.proxy.kl == min(c.proxy.kl for c in with_adapters)
+
+
+def test_diverged_finetune_proxy_is_detected() -> None:
+    """Every trained candidate above its own untrained loss (or NaN) = the proxy's verdict is void."""
+    from planner.planning import _diverged
+    from planner.proxy import ProxyScore
+    from planner.search import Candidate
+
+    cands = [Candidate([0], 1, 0.0, proxy=ProxyScore(0.1, loss, 2.0), trial=t) for t, loss in ((0, 2.5), (1, 2.6), (2, 3.0))]
+    rec = lambda t, loss, steps=5, pruned=False: {"trial": t, "loss": loss, "steps": steps, "pruned": pruned}
+    assert _diverged([rec(0, 7.0), rec(1, float("nan")), rec(2, 3.0, steps=0)], cands)
+    assert not _diverged([rec(0, 7.0), rec(1, 2.4)], cands)  # one candidate trained fine
+    assert not _diverged([rec(0, 7.0, pruned=True), rec(2, 3.0, steps=0)], cands)  # nothing was trained to the end
