@@ -352,12 +352,14 @@ def verdicts(rows: list[dict[str, Any]]) -> None:
     """Planner vs each baseline per budget: a win or loss only beyond 2 sigma of seed noise."""
     by = {(r["budget"], r["method"]): r for r in rows
           if not r.get("infeasible") and not r.get("invalid") and not r.get("superseded")}
-    chosen = ("planner", "planner+ft")  # the tool's choices; planner-exact is the no-Optuna ablation
+    def chosen(m: str) -> bool:  # the tool's choices (planner-exact is the no-Optuna ablation)
+        return m.startswith("planner") and m != "planner-exact"
+
     for (budget, method), r in by.items():
-        if method not in chosen:
+        if not chosen(method):
             continue
         for (b2, m2), o in by.items():
-            if b2 != budget or m2 in chosen:
+            if b2 != budget or m2 == method or (chosen(m2) and m2 < method):  # each pair of choices once
                 continue
             diff = o["ppl_after"] - r["ppl_after"]
             sigma = math.sqrt(r["ppl_after_std"] ** 2 + o["ppl_after_std"] ** 2)
