@@ -49,9 +49,11 @@ def config_from(args: argparse.Namespace) -> PlanConfig:
 
 def plan_command(args: argparse.Namespace) -> int:
     if args.dry_run:
-        cfg = config_from(args)  # the same validation as a real run, though a dry run reads no weights or data
-        if cfg.data and not cfg.data.startswith("hf:") and not Path(cfg.data).exists():
-            raise PlannerError(f"{cfg.data}: data file not found")
+        cfg = config_from(args)  # the same validation as a real run, though a dry run reads no weights
+        if cfg.data and not cfg.data.startswith("hf:"):  # a local corpus is checked by the real run's loader
+            from .data import CorpusConfig, load_corpus
+
+            load_corpus(CorpusConfig(source=cfg.data, seed=0))
         args.target_modules = args.target_modules or None
         args.keep16 = 16 in args.bits
         args.bits = tuple(b for b in args.bits if b < 16) or (4,)

@@ -37,6 +37,7 @@ from loftq import QuantConfig, dequantize, quantize
 
 from .build import load_adapter_init
 from .runtime import add_lora, linear_weight, swap_linears
+from .search import has_adapter
 
 log = logging.getLogger(__name__)
 Assignment = Mapping[str, tuple[int, int]]  # layer name -> (bits, rank)
@@ -246,8 +247,7 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
     """
     if top_k < 1 or steps < 1:
         raise ValueError(f"top_k and steps must be >= 1, got top_k={top_k!r}, steps={steps!r}")
-    options = problem.table.options
-    adapters = [any(options[k][1] > 0 for k in c.choice) for c in candidates]
+    adapters = [has_adapter(c, problem.table.options) for c in candidates]
     scores = [_zero_step_score(c) for c in candidates]
     train_idx = [i for i, a in enumerate(adapters) if a]
     picked = [train_idx[j] for j in select_diverse([candidates[i].choice for i in train_idx],
