@@ -56,8 +56,8 @@ def materialize_command(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         stdout_console().print(f"materialized {summary['layers']} layers ({summary['resumed']} resumed) in "
-                        f"{summary['seconds']} s: backbone {format_bytes(summary['backbone_bytes'])}, mean "
-                        f"residual {summary['mean_residual']:.4f} -> {result.path}")
+                               f"{summary['seconds']} s: backbone {format_bytes(summary['backbone_bytes'])}, mean "
+                               f"residual {summary['mean_residual']:.4f} -> {result.path}")
     return 0
 
 
@@ -84,7 +84,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         first, last = result.train_losses[0], result.train_losses[-1]
         evals = ", ".join(f"step {s}: {v:.4f}" for s, v in result.eval_losses)
         stdout_console().print(f"{len(result.train_losses)} steps in {result.seconds:.1f} s; train loss {first:.4f} -> "
-                        f"{last:.4f}; held-out loss {evals}; adapter -> {out}")
+                               f"{last:.4f}; held-out loss {evals}; adapter -> {out}")
     return 0
 
 
