@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m planner.demo
+	$(BIN)/python -m planner.cli.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

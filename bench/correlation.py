@@ -16,8 +16,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from bench.quality import RANK_GRID, Setting, first_k, setup, uniform
-from planner.ftproxy import FinetuneSettings, eval_loss, finetune
-from planner.planning import make_plan
+from planner.scoring.ftproxy import FinetuneSettings, eval_loss, finetune
+from planner.search.pipeline import make_plan
 
 
 def spearman_ci(x: list[float], y: list[float], n_boot: int = 2000, seed: int = 0) -> dict[str, float]:

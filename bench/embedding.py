@@ -26,10 +26,10 @@ import torch
 
 from bench.quality import Counter, describe, first_k, uniform
 from planner.config import PlanConfig
-from planner.data import CorpusConfig, load_corpus, token_blocks
-from planner.planning import make_plan, prepare
-from planner.proxy import ZeroStepProxy
-from planner.sensitivity import WeightBank, module_weight, target_modules
+from planner.train.data import CorpusConfig, load_corpus, token_blocks
+from planner.search.pipeline import make_plan, prepare
+from planner.scoring.proxy import ZeroStepProxy
+from planner.scoring.sensitivity import WeightBank, module_weight, target_modules
 from planner.settings import RunSettings
 
 SEQ_LEN = 128

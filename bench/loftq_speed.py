@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.peft_ref import peft_loftq_init  # noqa: E402
+from tests.peft_ref import peft_loftq_init  # noqa: E402
 from loftq import residual_table  # noqa: E402
 from planner.sources import resolve  # noqa: E402
 

@@ -10,7 +10,7 @@ reserve). Budgets are named by bits per target weight: 8 * (bytes that depend on
 choices) / (number of target weights). Baselines take the largest rank of RANK_GRID that fits.
 Methods: planner (make_plan, guided search, zero-step KL), planner-exact (the exact optimum of the
 neutral additive objective, i.e. no Optuna layer), planner+ft (the same candidates re-scored by
-planner.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
+planner.scoring.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
 B = 0), loftq-first-k (4-bit first k blocks, 2-bit rest: k as large as fits, then the largest rank),
 loftq-uniform-2bit. Perplexity on the test split only (never used for a choice); after fine-tuning,
 mean and std over seeds (seed = data order + random init). SmolLM2's packaged weights were Q4_1
@@ -32,10 +32,10 @@ from typing import Any, Callable
 import torch
 
 from planner.config import PlanConfig
-from planner.data import CorpusConfig, load_corpus, token_blocks
-from planner.ftproxy import FinetuneSettings, LoftQBank, eval_loss, finetune
+from planner.train.data import CorpusConfig, load_corpus, token_blocks
+from planner.scoring.ftproxy import FinetuneSettings, LoftQBank, eval_loss, finetune
 from planner.memory import LayerChoice, layer_bytes
-from planner.planning import make_plan, prepare
+from planner.search.pipeline import make_plan, prepare
 from planner.settings import RunSettings
 
 RANK_GRID = (0, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -147,7 +147,7 @@ def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s
     out["planner-exact"] = ([opts[k] for k in outcome.exact.choice], "loftq",
                             {"kl": outcome.exact.proxy.kl if outcome.exact.proxy else None})
     if s.proxy_top:
-        from planner.ftproxy import rescore_with_finetune
+        from planner.scoring.ftproxy import rescore_with_finetune
         chosen, records = rescore_with_finetune(prob, outcome.candidates, model, train_p, val_p,
                                                 top_k=s.proxy_top,
                                                 steps=s.proxy_steps, seed=0, bank=bank)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 def share_weight_bank() -> None:
     """make_plan rebuilds its zero-step WeightBank (minutes on 2 cores) at every budget; the bank
     depends only on the weights, bits and max rank, so the bench memoises it (identical result)."""
-    from planner import sensitivity
+    from planner.scoring import sensitivity
 
     if getattr(sensitivity.WeightBank, "_bench_shared", False):
         return

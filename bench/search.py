@@ -26,8 +26,8 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from bench.quality import QUICK, Counter, setup
-from planner.planning import make_plan
-from planner.search import direct_search
+from planner.search.pipeline import make_plan
+from planner.search.study import direct_search
 
 
 def plain_milp(problem: Any) -> tuple[float, float]:

@@ -1,1 +1,81 @@
-from .loading import load  # noqa: F401  (planner.load(DIR, device=None, dtype=None) -> trainable PeftModel)
+"""loftq-planner: per-layer bits and LoRA ranks under a memory budget, then the LoftQ model.
+
+The Python API mirrors the CLI, with the same config dataclasses (defaults and help defined once)::
+
+    import planner
+    plan = planner.plan(planner.PlanConfig(model="smollm2-135m", budget="2GB"), out="plan.json")
+    planner.materialize("plan.json", "out-dir")                 # MaterializeConfig() by default
+    model = planner.load("out-dir")                             # a trainable PeftModel
+
+Packages (each ``__init__`` says what it owns and may import)::
+
+    cli/       entry point, subcommands, dry run, rendering, demo
+    search/    exact allocation, objective, Optuna layer, Pareto, the planning pipeline
+    scoring/   residual tables, sensitivity, weight bank, zero-step and fine-tune proxies
+    train/     the one training loop + optimizer + eval, corpus and splits
+    runtime/   QuantLinear, dequantizers, LoRA surgery, load(DIR)
+    artifact/  plan schema, on-disk layout, materialize, the one atomic writer
+    sources/   model sources (packaged, local folder, hub, GGUF): facts, targets, streamed weights
+    memory.py  the one byte-counting function; settings.py, config.py: run and plan settings
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from planner.config import PlanConfig
+from planner.errors import PlannerError
+from planner.settings import RunSettings
+
+if TYPE_CHECKING:  # imported lazily below: torch/transformers are slow to import
+    from planner.artifact.materialize import Materialized, MaterializeConfig
+    from planner.artifact.plan import Plan
+
+__all__ = ["PlanConfig", "RunSettings", "PlannerError", "plan", "materialize", "load", "load_plan", "MaterializeConfig"]
+
+
+def plan(config: PlanConfig, run: RunSettings | None = None, *, out: str | Path | None = None) -> "Plan":
+    """Search a plan for ``config.model`` under ``config.budget``; write it to ``out`` when given.
+
+    ``run`` describes the run the plan must fit (default: :class:`RunSettings` defaults). Bad input
+    raises :class:`PlannerError` with one line."""
+    from planner.artifact.plan import save_plan
+    from planner.budget import parse_budget
+    from planner.search.pipeline import make_plan
+
+    if not config.budget:
+        raise PlannerError("a budget is required (e.g. PlanConfig(budget='11GB'))")
+    outcome = make_plan(config, run or RunSettings(), parse_budget(config.budget))
+    if out is not None:
+        save_plan(outcome.plan, out)
+    return outcome.plan
+
+
+def materialize(plan_path: str | Path, out: str | Path, config: "MaterializeConfig | None" = None,
+                **kwargs: Any) -> "Materialized":
+    """Build DIR from a plan file: packed backbone + LoftQ adapters (see :mod:`planner.artifact.materialize`)."""
+    from planner.artifact.materialize import MaterializeConfig, materialize as _materialize
+
+    return _materialize(plan_path, out, config or MaterializeConfig(), **kwargs)
+
+
+def load(path: str | Path, device: Any = None, dtype: Any = None, *, adapter: str | Path | None = None) -> Any:
+    """A materialized folder as a trainable PeftModel (see :func:`planner.runtime.load.load`)."""
+    from planner.runtime.load import load as _load
+
+    return _load(path, device, dtype, adapter=adapter)
+
+
+def load_plan(path: str | Path) -> "Plan":
+    """Read and validate a plan file (any schema version this planner knows)."""
+    from planner.artifact.plan import load_plan as _load_plan
+
+    return _load_plan(path)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MaterializeConfig":
+        from planner.artifact.materialize import MaterializeConfig
+
+        return MaterializeConfig
+    raise AttributeError(f"module 'planner' has no attribute {name!r}")

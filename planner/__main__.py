@@ -1,4 +1,4 @@
-"""``python -m planner``: see :mod:`planner.cli`."""
-from .cli import entry
+"""``python -m planner``: see :mod:`planner.cli.app`."""
+from planner.cli.app import entry
 
 entry()

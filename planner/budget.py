@@ -6,7 +6,7 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from .errors import PlannerError
+from planner.errors import PlannerError
 
 UNITS = {
     "b": 1,

@@ -10,13 +10,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +51,6 @@ def load_cached(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 
 
 def save_cached(path: Path, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"key": key, **(meta or {})})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from planner.artifact.atomic import atomic_save_tensors
+
+    atomic_save_tensors(path, tensors, {"key": key, **(meta or {})})

@@ -36,10 +36,10 @@ from typing import Mapping, Sequence
 from loftq import Registry, expected_nbytes
 from search_spaces.facts import ModelFacts, TargetLayer
 
-from .settings import LayerChoice, RunSettings
+from planner.settings import LayerChoice, RunSettings
 
 DEQUANT_PEAK_BYTES = 13  # peak bytes per weight inside loftq.dequantize (uint8 codes, int64 index, fp32 values)
-DEQUANT_CHUNK = 1 << 22  # weights per dequantization step (planner.runtime.CHUNK)
+DEQUANT_CHUNK = 1 << 22  # weights per dequantization step (planner.runtime.layers.CHUNK)
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer states below this many elements
 BNB_BLOCK = 256
 

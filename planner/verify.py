@@ -27,13 +27,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .finetune import make_optimizer, trainable_parameters
-from .loading import Artifact, _install, default_device, load, load_backbone, read_artifact
-from .budget import format_bytes
-from .memory import estimate, layer_bytes, unread_shared_input_bytes
-from .plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
-from .runtime import QuantLinear, backbone_nbytes, configure_run
-from .settings import LayerChoice, RunSettings
+from planner.train.loop import make_optimizer, trainable_parameters
+from planner.artifact.layout import Artifact, read_artifact
+from planner.devices import default_device
+from planner.runtime.load import install_module, load, load_backbone
+from planner.budget import format_bytes
+from planner.memory import estimate, layer_bytes, unread_shared_input_bytes
+from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
+from planner.runtime.layers import QuantLinear, backbone_nbytes, configure_run
+from planner.settings import LayerChoice, RunSettings
 
 log = logging.getLogger(__name__)
 TOLERANCE = 0.05
@@ -91,13 +93,13 @@ def targets_of(config: Any, names: Sequence[str]) -> list[Any]:
     """TargetLayers for ``names`` from a transformers config (meta skeleton, no weights)."""
     from search_spaces.discovery import find_targets
 
-    from .sources import meta_skeleton
+    from planner.sources import meta_skeleton
 
     return find_targets(meta_skeleton(config), target_modules=[re.escape(n) for n in names], include_head=True)
 
 
 def choices_of(plan: Plan) -> dict[str, LayerChoice]:
-    from .materialize import method_of
+    from planner.artifact.materialize import method_of
 
     return {layer.name: LayerChoice(layer.bits, layer.rank, method_of(layer) if layer.bits < 16 else "nf",
                                     layer.block_size, layer.double_quant) for layer in plan.layers}
@@ -262,7 +264,7 @@ def load_dense(path: str | Path, dtype: torch.dtype = torch.float32, *, with_ada
             if layer.bias is not None:
                 dense.bias.copy_(layer.bias)
         dense.requires_grad_(False)
-        _install(base, meta.name, dense)
+        install_module(base, meta.name, dense)
     base.to(dtype)
     if not with_adapter or art.adapter is None:
         return base

@@ -11,6 +11,7 @@ import logging
 import re
 from typing import Any, Iterator, Sequence
 
+import torch
 from torch import nn
 
 from .architectures import ArchRule, rule_for
@@ -30,6 +31,23 @@ def _conv1d_type() -> type | None:
     except ImportError:  # transformers is optional for pure-torch models
         return None
     return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (gpt2 and kin): a linear layer whose weight is stored (in, out)."""
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D``: the layers a plan can target."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def weight_out_in(module: nn.Module, weight: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """The module's weight (or ``weight``, a tensor of the stored layout) as a (out, in) view."""
+    w = module.weight if weight is None else weight
+    return w.t() if is_conv1d(module) else w
 
 
 def block_path(name: str) -> str | None:

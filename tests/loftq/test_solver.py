@@ -27,7 +27,7 @@ def test_loftq_beats_plain_quantization(smollm2_linears, bits) -> None:
 
 
 def test_matches_peft_loftq_init(smollm2_linears, minilm_linears) -> None:
-    from bench.peft_ref import peft_loftq_init
+    from tests.peft_ref import peft_loftq_init
 
     peft_init = peft_loftq_init("cpu")
     for w in [smollm2_linears[LAYERS[0]], smollm2_linears[LAYERS[2]],

@@ -1,0 +1,278 @@
+"""The materialized artifact on disk, and ``planner.load(DIR)`` -> a trainable PeftModel.
+
+Layout written by :mod:`planner.artifact.materialize`::
+
+    DIR/plan.json                    the plan, with the residuals and iterations actually reached
+    DIR/backbone/config.json         the model's config (+ generation config, tokenizer files)
+    DIR/backbone/quantization.json   BackboneMeta: per target layer bits, method, block size,
+                                     double quant, shape, dtype, bytes, file
+    DIR/backbone/layers/NAME.safetensors   one file per target layer: NAME.qweight (packed uint8
+                                     codes, or the 16-bit weight [out, in]) and the constants
+                                     NAME.absmax / .absmax_codes / .absmax_scale / .absmax_offset,
+                                     exactly the buffers of a :class:`planner.runtime.layers.QuantLinear`
+    DIR/backbone/non_target.safetensors    every other parameter (embeddings, norms, untied head,
+                                     target biases) in 16 bits (bf16 by default)
+    DIR/adapter/                     a PEFT LoRA folder (absent when no layer has a rank)
+
+The backbone is not a stock transformers checkpoint (transformers has no 2/8-bit NF layers);
+``--format hf-bnb`` adds one for all-NF4 plans (see :mod:`planner.artifact.materialize`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file
+
+from loftq import QuantConfig, QuantizedTensor
+
+from planner.artifact.atomic import atomic_save_tensors, atomic_write_bytes
+from planner.artifact.plan import Plan, load_plan
+from planner.errors import PlannerError
+from planner.settings import RunSettings
+
+log = logging.getLogger(__name__)
+
+FORMAT = "loftq-planner/packed"
+FORMAT_VERSION = 1
+BACKBONE, ADAPTER, PLAN_FILE = "backbone", "adapter", "plan.json"
+QUANT_META, NON_TARGET_FILE, LAYER_DIR = "quantization.json", "non_target.safetensors", "layers"
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "tokenizer.model", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
+                "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+def peft_key(name: str) -> str:
+    """PEFT's prefix for a module of the wrapped model (``base_model.model.`` + its name)."""
+    return f"base_model.model.{name}"
+
+
+@dataclass(frozen=True)
+class LayerMeta:
+    """One stored target layer. ``bits`` 16: ``qweight`` is the 16-bit weight (``dtype``), no
+    constants. Otherwise ``dtype`` is the weight's dtype before quantization and ``block`` the
+    effective block length (row length for row-wise int8)."""
+
+    name: str
+    file: str
+    bits: int
+    method: str
+    block_size: int
+    double_quant: bool
+    block: int
+    shape: tuple[int, int]
+    dtype: str
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8, 16):
+            raise ValueError(f"{self.name}: bits must be 2, 4, 8 or 16, got {self.bits!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{self.name}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"{self.name}: shape must be [out, in], got {self.shape!r}")
+        if "/" in self.file or self.file.startswith("."):
+            raise ValueError(f"{self.name}: file must be a plain file name, got {self.file!r}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.bits < 16:
+            self.config  # noqa: B018 - QuantConfig validates (method, bits, block_size)
+
+    @property
+    def config(self) -> QuantConfig | None:
+        return None if self.bits == 16 else QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class BackboneMeta:
+    """``quantization.json``: how to rebuild every target layer and where the rest lives."""
+
+    layers: tuple[LayerMeta, ...]
+    non_target_dtype: str = "bf16"
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.format != FORMAT:
+            raise ValueError(f"format must be {FORMAT!r}, got {self.format!r}")
+        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+            raise ValueError(f"format_version {self.format_version!r} is not supported (this planner reads "
+                             f"<= {FORMAT_VERSION}); upgrade loftq-planner")
+        if self.non_target_dtype not in DTYPES:
+            raise ValueError(f"non_target_dtype must be one of {', '.join(DTYPES)}, got {self.non_target_dtype!r}")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "format_version": self.format_version,
+                "non_target": {"file": NON_TARGET_FILE, "dtype": self.non_target_dtype},
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BackboneMeta":
+        return cls(layers=tuple(LayerMeta(**entry) for entry in d["layers"]),
+                   non_target_dtype=d["non_target"]["dtype"], format=d["format"],
+                   format_version=d["format_version"])
+
+
+def layer_tensors(name: str, weight: QuantizedTensor | torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors stored for one layer, under ``NAME.<QuantLinear buffer name>``."""
+    if isinstance(weight, QuantizedTensor):
+        out = {f"{name}.qweight": weight.packed}
+        out.update({f"{name}.{k}": v for k, v in weight.constants().items()})
+    else:
+        out = {f"{name}.qweight": weight}
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def read_layer(folder: Path, meta: LayerMeta, device: torch.device | str = "cpu") -> QuantizedTensor | torch.Tensor:
+    """Rebuild one stored layer from ``backbone/layers/``: a QuantizedTensor, or the 16-bit weight [out, in]."""
+    tensors = load_file(str(folder / LAYER_DIR / meta.file), device=str(device))
+    prefix = meta.name + "."
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if "qweight" not in own:
+        raise PlannerError(f"{folder / LAYER_DIR / meta.file}: no tensor {meta.name}.qweight")
+    if meta.bits == 16:
+        return own["qweight"]
+    qt = QuantizedTensor(own.pop("qweight"), meta.shape, DTYPES[meta.dtype], meta.config, block=meta.block, **own)
+    if qt.nbytes != meta.nbytes:
+        raise PlannerError(f"{meta.name}: stored {qt.nbytes} bytes, quantization.json says {meta.nbytes}")
+    return qt
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A materialized folder, read and validated (no tensors loaded)."""
+
+    path: Path
+    plan: Plan
+    meta: BackboneMeta
+
+    @property
+    def backbone(self) -> Path:
+        return self.path / BACKBONE
+
+    @property
+    def adapter(self) -> Path | None:
+        folder = self.path / ADAPTER
+        return folder if (folder / ADAPTER_CONFIG).is_file() else None
+
+    @property
+    def run(self) -> RunSettings:
+        return RunSettings.from_dict(self.plan.run)
+
+    def ranks(self) -> dict[str, int]:
+        return {layer.name: layer.rank for layer in self.plan.layers if layer.rank}
+
+    def alphas(self) -> dict[str, float]:
+        return {layer.name: float(layer.alpha) for layer in self.plan.layers if layer.rank}
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    """Read DIR/plan.json and DIR/backbone/quantization.json; PlannerError (one line) if unusable."""
+    path = Path(path)
+    if not (path / BACKBONE / QUANT_META).is_file():
+        raise PlannerError(f"{path}: not a materialized model (no {BACKBONE}/{QUANT_META}); "
+                           "run `python -m planner materialize PLAN --out DIR` first")
+    plan = load_plan(path / PLAN_FILE)
+    try:
+        meta = BackboneMeta.from_dict(json.loads((path / BACKBONE / QUANT_META).read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise PlannerError(f"{path / BACKBONE / QUANT_META}: invalid: {err}") from None
+    planned = {layer.name for layer in plan.layers}
+    stored = {layer.name for layer in meta.layers}
+    if planned != stored:
+        diff = sorted(planned ^ stored)[:3]
+        raise PlannerError(f"{path}: plan.json and {QUANT_META} disagree on the target layers ({', '.join(diff)})")
+    return Artifact(path, plan, meta)
+
+
+def check_adapter_config(folder: Path, ranks: Mapping[str, int], alphas: Mapping[str, float]) -> None:
+    """The adapter folder's r / alpha per module must be the plan's."""
+    try:
+        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise PlannerError(f"{folder / ADAPTER_CONFIG}: unreadable ({err})") from None
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for name, r in ranks.items():
+        key = re.escape(name)
+        got_r, got_a = rank_pattern.get(key, cfg.get("r")), alpha_pattern.get(key, cfg.get("lora_alpha"))
+        if got_r != r or float(got_a) != float(alphas[name]):
+            raise PlannerError(f"{folder}: {name} has r={got_r}, alpha={got_a}; the plan says r={r}, "
+                               f"alpha={alphas[name]}")
+
+
+# ---------------------------------------------------------------- writing (materialize)
+def copy_config_files(src: Path, dst: Path, warn: bool = True) -> None:
+    """Config (without any quantization_config of the source), generation config, tokenizer files."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in CONFIG_FILES:
+        if not (src / name).is_file():
+            continue
+        if name == "config.json":
+            cfg = json.loads((src / name).read_text())
+            cfg.pop("quantization_config", None)
+            atomic_write_bytes(dst / name, json.dumps(cfg, indent=2).encode())
+        else:
+            shutil.copyfile(src / name, dst / name)
+    if warn and not any((dst / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
+        log.warning("%s has no tokenizer files; the materialized model has none either", src)
+
+
+def write_adapter(folder: Path, plan: Plan, adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]], base: str) -> None:
+    """A PEFT LoRA folder: adapter_config.json (per-module r and alpha as rank_pattern / alpha_pattern,
+    the same config :func:`planner.runtime.layers.add_lora` builds) and adapter_model.safetensors holding
+    lora_A = A / (alpha / r) [r, in] and lora_B = B [out, r], so that PEFT's B·A·alpha/r is LoftQ's B·A."""
+    from peft import LoraConfig
+
+    layers = {layer.name: layer for layer in plan.layers}
+    ranks = {n: layers[n].rank for n in adapters}
+    alphas = {n: float(layers[n].alpha) for n in adapters}
+    top = max(ranks.values())
+    config = LoraConfig(target_modules=sorted(ranks), r=top, lora_alpha=top,
+                        rank_pattern={re.escape(n): r for n, r in ranks.items()},
+                        alpha_pattern={re.escape(n): a for n, a in alphas.items()},
+                        lora_dropout=float(plan.run.get("lora_dropout", 0.0)), bias="none",
+                        base_model_name_or_path=base, task_type=_task_type(plan))
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    tensors = {}
+    for name, (a, b) in adapters.items():
+        tensors[f"{peft_key(name)}.lora_A.weight"] = (a / (alphas[name] / ranks[name])).contiguous()
+        tensors[f"{peft_key(name)}.lora_B.weight"] = b.contiguous()
+    atomic_save_tensors(folder / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
+
+
+def _task_type(plan: Plan) -> str | None:
+    """PEFT task type: causal LM for decoders, seq2seq for t5/bart, none for encoders."""
+    arch = plan.model.get("architecture")
+    return None if arch == "bert" else "SEQ_2_SEQ_LM" if arch in ("t5", "bart") else "CAUSAL_LM"
+
+
+def write_trained_adapter(artifact: Path, state: Mapping[str, torch.Tensor], out: Path) -> Path:
+    """A PEFT folder with ``artifact``'s adapter config and the trained weights ``state``, built in a
+    temp folder and renamed to ``out`` (an existing folder there is replaced)."""
+    from planner.artifact.atomic import atomic_dir
+
+    def build(tmp: Path) -> None:
+        shutil.copyfile(artifact / ADAPTER / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
+        atomic_save_tensors(tmp / ADAPTER_WEIGHTS, dict(state), {"format": "pt"})
+
+    return atomic_dir(out, build, replace=True)

@@ -1,0 +1,406 @@
+"""Materialize a plan: LoftQ per layer -> packed backbone + PEFT adapter folder (+ a stock NF4 checkpoint).
+
+Streaming: target weights are read one layer at a time (:meth:`ModelSource.iter_weights`), LoftQ
+runs on ``device`` (CUDA when present) and each finished layer is written at once. Peak memory is
+one fp32 layer with its SVD workspace, then at the end the non-target weights (embeddings, norms)
+and every layer's A and B (r(in + out) fp32 numbers each) — never the whole model.
+
+Resuming: the work lives in ``DIR.partial/``; ``job.json`` there identifies plan, weights and
+settings. A layer counts as done once its commit file ``work/NAME.safetensors`` (A, B, residual,
+layer metadata) exists, written after the layer's codes. An interrupted run (Ctrl-C, kill, crash,
+error) leaves ``DIR.partial/`` and no ``DIR``; the next run of the same job computes only the
+remaining layers. The artifact is assembled in ``DIR.partial/artifact/`` and renamed to ``DIR`` in
+one step. Layout: :mod:`planner.artifact.layout`.
+
+T, the LoftQ iterations: by default each layer's ``iters`` from the plan (the planner writes 1, the
+setting its residuals were computed at); ``--iters T`` runs T alternating steps on every layer and
+keeps the best iterate (the error can rise at some settings). T > 1 costs T quantizations and T
+SVDs per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+
+from loftq import METHODS, loftq
+from search_spaces.discovery import is_conv1d, is_linear_like
+
+from planner import progress
+from planner.artifact.atomic import atomic_save_tensors, atomic_write_bytes
+from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, LAYER_DIR, NON_TARGET_FILE, PLAN_FILE, QUANT_META,
+                                     BackboneMeta, LayerMeta, copy_config_files, dtype_name, layer_tensors,
+                                     write_adapter)
+from planner.artifact.plan import LayerPlan, Plan, created_with, load_plan, save_plan
+from planner.devices import default_device, resolve_device
+from planner.errors import PlannerError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("packed", "hf-bnb")
+JOB_VERSION = 1
+
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class MaterializeConfig:
+    """Options of ``python -m planner materialize PLAN --out DIR`` (defaults and help defined once)."""
+
+    iters: int | None = _opt(None, "LoftQ alternating steps per layer, best iterate kept (default: the plan's "
+                             "per-layer iters; the planner writes 1)", type=int)
+    force: bool = _opt(False, "replace an existing --out folder, and discard a DIR.partial of another job")
+    device: str | None = _opt(None, "where LoftQ runs (default: cuda if available, else cpu)")
+    format: str = _opt("packed", "packed: backbone + adapter (always written); hf-bnb: also a stock transformers "
+                       "NF4 checkpoint in DIR/hf-bnb (plans with only NF4 and 16-bit layers)", choices=FORMATS)
+    non_target_dtype: str = _opt("bf16", "dtype of the non-target weights (embeddings, norms, biases)",
+                                 choices=tuple(DTYPES))
+    model: str | None = _opt(None, "model to read the weights from (default: the plan's model.id)")
+
+    def __post_init__(self) -> None:
+        if self.iters is not None and (not isinstance(self.iters, int) or isinstance(self.iters, bool)
+                                       or self.iters < 1):
+            raise ValueError(f"iters must be a positive integer, got {self.iters!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        if self.non_target_dtype not in DTYPES:
+            raise ValueError(f"non_target_dtype must be one of {', '.join(DTYPES)}; got {self.non_target_dtype!r}")
+
+
+@dataclass(frozen=True)
+class Materialized:
+    path: Path
+    plan: Plan
+    computed: tuple[str, ...]  # layers computed by this run (the others were resumed)
+    seconds: float
+
+
+def method_of(layer: LayerPlan) -> str:
+    """Quantization method of a plan entry: ``nf4`` -> nf, ``uniform2`` -> uniform, ``int8`` -> int8."""
+    if layer.quant in METHODS:
+        return layer.quant
+    return re.sub(r"\d+$", "", layer.quant)
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+# ---------------------------------------------------------------- the run
+def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfig = MaterializeConfig(), *,
+                on_layer: Callable[[str], None] | None = None) -> Materialized:
+    """Build DIR from a plan; see the module docstring. ``on_layer(name)`` runs after each layer is
+    committed. Bad input (existing DIR without force, weights that are not the plan's, non-finite
+    weights, hf-bnb on a non-NF4 plan) raises PlannerError and leaves DIR untouched."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not config.force:
+        raise PlannerError(f"{out} already exists; pass --force to replace it")
+    plan = load_plan(plan_path)
+    if config.format == "hf-bnb":
+        check_nf4_only(plan)
+    source = _source(plan, config)
+    targets = _targets(source, plan)
+    iters = {layer.name: config.iters or max(1, layer.iters) for layer in plan.layers}
+    key = job_key(plan, source.weights_sha256(), iters)
+    partial = partial_dir(out)
+    with _job(partial, key, config.force):
+        names = [t.name for t in targets]
+        todo = [t for t in targets if not _committed(partial, t.name, key)]
+        if len(todo) < len(names):
+            log.info("%s: resuming, %d of %d layers already done", partial, len(names) - len(todo), len(names))
+        device = resolve_device(config.device)
+        layers = {layer.name: layer for layer in plan.layers}
+        with progress.task(f"LoftQ on {device} ({len(names) - len(todo)} resumed)", len(todo)) as advance:
+            for target, weight in source.iter_weights(todo):
+                _compute_layer(partial, layers[target.name], weight, iters[target.name], device, key)
+                advance(1)
+                if on_layer is not None:
+                    on_layer(target.name)
+        artifact = partial / "artifact"
+        final_plan = _finalize(artifact, partial, plan, source, targets, iters, config, time.perf_counter() - t0)
+        _swap_into_place(artifact, out, config.force)
+    shutil.rmtree(partial, ignore_errors=True)
+    return Materialized(out, final_plan, tuple(t.name for t in todo), time.perf_counter() - t0)
+
+
+def check_nf4_only(plan: Plan) -> None:
+    bad = [layer for layer in plan.layers if layer.bits != 16 and (layer.bits != 4 or method_of(layer) != "nf")]
+    if bad:
+        raise PlannerError(f"--format hf-bnb needs a plan with only NF4 and 16-bit layers; {bad[0].name} is "
+                           f"{bad[0].quant} ({len(bad)} such layers)")
+
+
+def _source(plan: Plan, config: MaterializeConfig) -> Any:
+    from planner.sources import resolve
+
+    source = resolve(config.model or plan.model["id"])
+    if source.folder is None:
+        raise PlannerError(f"{source.reference}: its weights are not available offline; pass --model FOLDER")
+    planned = plan.model.get("weights_sha256")
+    if planned is not None and planned != source.weights_sha256():
+        raise PlannerError(f"the weights of {source.reference} are not the ones the plan was made for "
+                           f"(sha256 {source.weights_sha256()[:12]}... vs {planned[:12]}...); re-plan or pass --model")
+    return source
+
+
+def _targets(source: Any, plan: Plan) -> list[Any]:
+    """The plan's layers as TargetLayers of the source, in module order; shapes must agree."""
+    try:
+        targets = source.targets([re.escape(layer.name) for layer in plan.layers], include_head=True)
+    except ValueError as err:
+        raise PlannerError(f"the plan names a layer {source.reference} does not have: {err}") from None
+    found = {t.name: t for t in targets}
+    for layer in plan.layers:
+        t = found.get(layer.name)
+        if t is None:
+            raise PlannerError(f"{layer.name} of the plan is not a linear layer of {source.reference}")
+        if tuple(t.shape) != tuple(layer.shape):
+            raise PlannerError(f"{layer.name}: the plan says shape {layer.shape}, the model has {t.shape}")
+    return targets
+
+
+def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int]) -> str:
+    """What a partial run's layers depend on: each layer's choice and T, and the weights."""
+    spec = [[layer.name, list(layer.shape), layer.bits, layer.quant, layer.block_size, layer.double_quant,
+             layer.rank, float(layer.alpha), iters[layer.name]] for layer in plan.layers]
+    blob = json.dumps({"v": JOB_VERSION, "weights": weights_sha, "layers": spec}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _job(partial: Path, key: str, force: bool) -> Iterator[None]:
+    """Open DIR.partial for job ``key`` under an exclusive lock (on the folder itself, so a second
+    run cannot clear it meanwhile): resume it if it holds this job, else start it afresh (another
+    job's work is discarded only with ``force``)."""
+    partial.mkdir(parents=True, exist_ok=True)
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError:
+            raise PlannerError(f"{partial} is in use by another materialize run") from None
+        job_file = partial / "job.json"
+        try:
+            old = json.loads(job_file.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            old = None  # no job written yet: nothing was committed
+        if old not in (None, key) and not force:
+            raise PlannerError(f"{partial} holds an unfinished run of another plan, model or settings; "
+                               "remove it or pass --force to discard it")
+        if old != key:
+            for child in partial.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            atomic_write_bytes(job_file, json.dumps({"key": key, "version": JOB_VERSION}).encode())
+        (partial / "work").mkdir(exist_ok=True)
+        (partial / "artifact" / BACKBONE / LAYER_DIR).mkdir(parents=True, exist_ok=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _work_file(partial: Path, name: str) -> Path:
+    return partial / "work" / f"{name}.safetensors"
+
+
+def _committed(partial: Path, name: str, key: str) -> bool:
+    path = _work_file(partial, name)
+    if not path.is_file() or not (partial / "artifact" / BACKBONE / LAYER_DIR / f"{name}.safetensors").is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("job") == key
+    except Exception:  # a torn or foreign file: compute the layer again
+        return False
+
+
+def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters: int, device: torch.device,
+                   key: str) -> None:
+    """LoftQ one layer [out, in] and commit it: codes to artifact/backbone/layers, A/B to work/."""
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise PlannerError(f"{layer.name}: the weight has {bad} non-finite value(s) (NaN or Inf); "
+                           "the checkpoint is corrupt")
+    t0 = time.perf_counter()
+    if layer.bits == 16:
+        stored: Any = weight.to(DTYPES.get(layer.quant, torch.bfloat16))
+        residual = float((weight - stored.float()).norm() / weight.norm().clamp(min=1e-30))
+        a, b = _plain_lora_init(layer)
+        best, errors = 0, [residual]
+        meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
+                         layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
+    else:
+        res = loftq(weight.to(device), layer.bits, layer.rank, iters=iters, method=method_of(layer),
+                    block_size=layer.block_size, double_quant=layer.double_quant)
+        stored = res.quantized.to("cpu")
+        a, b = res.lora_a.cpu(), res.lora_b.cpu()
+        residual, best, errors = res.error, res.best_iter, res.errors
+        cfg = stored.config
+        meta = LayerMeta(layer.name, f"{layer.name}.safetensors", cfg.bits, cfg.method, cfg.block_size,
+                         cfg.double_quant, stored.block, layer.shape, dtype_name(stored.dtype), stored.nbytes)
+    atomic_save_tensors(partial / "artifact" / BACKBONE / LAYER_DIR / meta.file, layer_tensors(layer.name, stored))
+    info = {"job": key, "residual": repr(residual), "best_iter": str(best), "errors": json.dumps(errors),
+            "seconds": f"{time.perf_counter() - t0:.3f}", "meta": json.dumps(meta.to_dict())}
+    atomic_save_tensors(_work_file(partial, layer.name), {"lora_A": a.contiguous(), "lora_B": b.contiguous()}, info)
+
+
+def _plain_lora_init(layer: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 16-bit layer with a rank gets PEFT's default init (A Kaiming-uniform, B = 0), seeded by name."""
+    out_f, in_f = layer.shape
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(layer.name.encode()).hexdigest()[:8], 16))
+    bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+    a = (torch.rand(layer.rank, in_f, generator=gen) * 2 - 1) * bound
+    return a, torch.zeros(out_f, layer.rank)
+
+
+# ---------------------------------------------------------------- assembling the artifact
+def _read_work(partial: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(_work_file(partial, name)), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+
+
+def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: Sequence[Any],
+              iters: Mapping[str, int], config: MaterializeConfig, seconds: float) -> Plan:
+    """Write everything but the layer codes into ``artifact`` and return the updated plan."""
+    results = {t.name: _read_work(partial, t.name) for t in targets}
+    backbone = artifact / BACKBONE
+    metas = [LayerMeta(**json.loads(results[t.name][1]["meta"])) for t in targets]
+    meta = BackboneMeta(tuple(metas), non_target_dtype=config.non_target_dtype)
+    atomic_save_tensors(backbone / NON_TARGET_FILE, non_target_state(source, targets, DTYPES[config.non_target_dtype]))
+    atomic_write_bytes(backbone / QUANT_META, json.dumps(meta.to_dict(), indent=1).encode())
+    copy_config_files(source.folder, backbone)
+    layers = {layer.name: layer for layer in plan.layers}
+    adapters = {n: (t["lora_A"], t["lora_B"]) for n, (t, _) in results.items() if layers[n].rank}
+    if adapters:
+        write_adapter(artifact / ADAPTER, plan, adapters, base=str(source.reference))
+    new_layers = tuple(dataclasses.replace(layer, residual=round(float(results[layer.name][1]["residual"]), 6),
+                                           iters=iters[layer.name]) for layer in plan.layers)
+    planned_backbone = plan.estimate.get("breakdown", {}).get("backbone")
+    if planned_backbone is not None and planned_backbone != meta.nbytes:
+        log.warning("stored backbone is %d B, the plan's estimate says %d B", meta.nbytes, planned_backbone)
+    info = {"iters": config.iters, "device": config.device or str(default_device()), "format": config.format,
+            "non_target_dtype": config.non_target_dtype, "backbone_bytes": meta.nbytes, "seconds": round(seconds, 2),
+            "loftq_seconds": round(sum(float(m["seconds"]) for _, m in results.values()), 2),
+            "best_iters": {n: int(m["best_iter"]) for n, (_, m) in results.items()}, "versions": created_with()}
+    new_plan = dataclasses.replace(plan, layers=new_layers, created_with={**plan.created_with, "materialize": info})
+    save_plan(new_plan, artifact / PLAN_FILE)
+    if config.format == "hf-bnb":
+        write_hf_bnb(artifact, source)
+    return new_plan
+
+
+def non_target_state(source: Any, targets: Sequence[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter that is not a target weight, streamed from the checkpoint, under the model's
+    parameter names, in ``dtype`` (non-finite values: PlannerError)."""
+    from planner.sources.files import WeightIndex
+
+    index = WeightIndex(source.folder)
+    prefix = getattr(source.skeleton, "base_model_prefix", "") or ""
+    aliases: dict[int, list[str]] = {}
+    for alias, p in source.skeleton.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(alias)
+    params = dict(source.skeleton.named_parameters())
+    out = {}
+    for info in source.non_target_params(targets):
+        names = [info.name] + [a for a in aliases.get(id(params[info.name]), []) if a != info.name]
+        candidates = names + [n[len(prefix) + 1:] for n in names if prefix and n.startswith(prefix + ".")] \
+            + [f"{prefix}.{n}" for n in names if prefix and not n.startswith(prefix + ".")]
+        key = next((c for c in candidates if c in index), None)
+        if key is None:
+            raise PlannerError(f"{source.reference}: no checkpoint tensor for {info.name}")
+        tensor = index.read(key)
+        if not torch.isfinite(tensor).all():
+            raise PlannerError(f"{info.name}: the weight has non-finite values (NaN or Inf); the checkpoint is corrupt")
+        out[info.name] = tensor.to(dtype).contiguous()
+    return out
+
+
+def _swap_into_place(artifact: Path, out: Path, force: bool) -> None:
+    """Rename the finished artifact to ``out``; an existing ``out`` (force) is replaced only now."""
+    old = None
+    if out.exists():
+        if not force:
+            raise PlannerError(f"{out} already exists; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(artifact, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+# ---------------------------------------------------------------- interop: a stock NF4 checkpoint
+HF_BNB = "hf-bnb"
+
+
+def write_hf_bnb(artifact: Path, source: Any) -> Path:
+    """``artifact/hf-bnb``: the backbone as a stock transformers bitsandbytes-4bit checkpoint.
+
+    Each NF4 layer is stored the way transformers serializes a prequantized ``Linear4bit``: our codes
+    as NAME.weight (uint8 [n/2, 1]; bnb consumes them bit-exactly) and bnb's QuantState tensors
+    (absmax, quant_map, nested_* for double quantization, the packed JSON state). 16-bit layers and
+    every other linear layer (the output head) are plain weights listed in ``llm_int8_skip_modules``.
+    Load with ``AutoModelForCausalLM.from_pretrained(DIR/hf-bnb)`` and
+    ``PeftModel.from_pretrained(model, DIR/adapter)``. The whole state is built in memory (about the
+    backbone size) before it is written.
+    """
+    from safetensors.torch import load_file
+
+    from planner.artifact.layout import read_artifact, read_layer
+    from planner.runtime.layers import bnb_quant_state
+
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes.functional  # noqa: F401  (fail early, not half-way)
+    except Exception:
+        raise PlannerError("--format hf-bnb needs bitsandbytes: pip install bitsandbytes") from None
+    art = read_artifact(artifact)
+    if any(getattr(source.skeleton.get_submodule(m.name), "weight", None) is not None
+           and is_conv1d(source.skeleton.get_submodule(m.name)) for m in art.meta.layers):
+        raise PlannerError("--format hf-bnb does not support Conv1D models (gpt2); use the packed format")
+    state = load_file(str(art.backbone / NON_TARGET_FILE))
+    targets_nf4, skip = set(), []
+    for meta in art.meta.layers:
+        weight = read_layer(art.backbone, meta)
+        if meta.bits == 16:
+            state[f"{meta.name}.weight"] = weight
+            skip.append(meta.name)
+            continue
+        targets_nf4.add(meta.name)
+        if meta.shape[1] % meta.block_size:
+            log.warning("%s: in_features %d is not a multiple of the block size %d: bitsandbytes' CPU kernel "
+                        "cannot run this layer (its CUDA kernel can)", meta.name, meta.shape[1], meta.block_size)
+        state[f"{meta.name}.weight"] = weight.packed.view(-1, 1)
+        for k, v in bnb_quant_state(weight, torch.bfloat16).as_dict(packed=True).items():
+            state[f"{meta.name}.weight.{k}"] = v.contiguous()
+    skip += [n for n, m in source.skeleton.named_modules()
+             if is_linear_like(m) and n not in targets_nf4 and n not in skip]
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=any(m.double_quant for m in art.meta.layers),
+                               llm_int8_skip_modules=sorted(skip))
+    folder = artifact / HF_BNB
+    copy_config_files(art.backbone, folder, warn=False)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = quant.to_dict()
+    atomic_write_bytes(folder / "config.json", json.dumps(cfg, indent=2).encode())
+    atomic_save_tensors(folder / "model.safetensors", state, {"format": "pt"})
+    return folder

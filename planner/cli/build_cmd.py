@@ -1,0 +1,169 @@
+"""The ``materialize``, ``finetune`` and ``verify`` commands (registered in :data:`planner.cli.app.COMMANDS`).
+
+    python -m planner materialize PLAN --out DIR [--iters T] [--force] [--device D] [--format hf-bnb]
+    python -m planner finetune DIR [--data FILE] [--steps N] [--lr LR] [--out ADAPTER_DIR] [--json]
+    python -m planner verify DIR [--steps N] [--json]
+
+Options come from :class:`~planner.artifact.materialize.MaterializeConfig` and
+:class:`~planner.train.loop.FinetuneConfig` fields. Bad input: one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from planner.budget import format_bytes
+from planner.cli.app import COMMANDS, Command, add_dataclass_options
+from planner.errors import PlannerError
+from planner.train.loop import FinetuneConfig
+from planner.artifact.materialize import MaterializeConfig
+from planner.progress import stdout_console
+
+DEFAULT_FINETUNED = "finetuned-adapter"  # inside DIR unless --out says otherwise
+
+
+def _config(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+# ---------------------------------------------------------------- materialize
+def _materialize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan", help="a plan.json written by `python -m planner`")
+    p.add_argument("--out", required=True, help="folder to create (refused if it exists, unless --force)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_dataclass_options(p, fields(MaterializeConfig))
+
+
+def materialize_command(args: argparse.Namespace) -> int:
+    from planner.artifact.materialize import materialize
+
+    result = materialize(args.plan, args.out, _config(MaterializeConfig, args))
+    layers = result.plan.layers
+    summary = {"out": str(result.path), "layers": len(layers), "computed": len(result.computed),
+               "resumed": len(layers) - len(result.computed), "seconds": round(result.seconds, 2),
+               "backbone_bytes": result.plan.created_with["materialize"]["backbone_bytes"],
+               "mean_residual": sum(lay.residual or 0.0 for lay in layers) / len(layers)}
+    if args.json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        stdout_console().print(f"materialized {summary['layers']} layers ({summary['resumed']} resumed) in "
+                               f"{summary['seconds']} s: backbone {format_bytes(summary['backbone_bytes'])}, mean "
+                               f"residual {summary['mean_residual']:.4f} -> {result.path}")
+    return 0
+
+
+# ---------------------------------------------------------------- finetune
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a folder written by `materialize`")
+    p.add_argument("--out", default=None, help=f"adapter folder to write (default: DIR/{DEFAULT_FINETUNED})")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_dataclass_options(p, fields(FinetuneConfig))
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    cfg = _config(FinetuneConfig, args)
+    out = Path(args.out) if args.out else Path(args.dir) / DEFAULT_FINETUNED
+    if out.exists() and not args.force:
+        raise PlannerError(f"{out} already exists; pass --force to replace it")
+    result, model = run_finetune(args.dir, cfg)
+    save_adapter(model, args.dir, out)
+    summary = {"out": str(out), **result.to_dict()}
+    if args.json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        first, last = result.train_losses[0], result.train_losses[-1]
+        evals = ", ".join(f"step {s}: {v:.4f}" for s, v in result.eval_losses)
+        stdout_console().print(f"{len(result.train_losses)} steps in {result.seconds:.1f} s; train loss {first:.4f} -> "
+                               f"{last:.4f}; held-out loss {evals}; adapter -> {out}")
+    return 0
+
+
+def run_finetune(path: str | Path, cfg: FinetuneConfig) -> tuple[Any, Any]:
+    """Load DIR, tokenize the train and val splits, train; returns (TrainResult, model)."""
+    from transformers import AutoTokenizer
+
+    from planner.train.data import CorpusConfig, load_corpus, token_blocks
+    from planner.train.loop import train_lora
+    from planner.artifact.layout import read_artifact
+    from planner.runtime.load import load
+    from planner.runtime.layers import configure_run
+
+    art = read_artifact(path)
+    run = art.run
+    seq_len, batch = cfg.seq_len or run.seq_len, cfg.batch_size or run.batch_size
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(art.backbone))
+    except Exception as err:  # no or broken tokenizer files: the user's artifact, one line
+        raise PlannerError(f"{art.backbone}: cannot load the tokenizer ({type(err).__name__})") from None
+    corpus = load_corpus(CorpusConfig(source=cfg.data or "pydoc"))
+    train = token_blocks(tokenizer, corpus.train, seq_len, max_tokens=seq_len * max(batch, cfg.steps * batch))
+    val = token_blocks(tokenizer, corpus.val, seq_len, max_tokens=seq_len * cfg.eval_seqs)
+    if train.shape[0] < batch:
+        raise PlannerError(f"the train split has {train.shape[0]} blocks of {seq_len} tokens, fewer than a batch of {batch}")
+    model = load(path, cfg.device)
+    configure_run(model, run)
+    result = train_lora(model, train, steps=cfg.steps, lr=cfg.lr, batch_size=batch, seed=cfg.seed, eval_blocks=val,
+                        eval_every=cfg.eval_every, grad_clip=cfg.grad_clip, optimizer=run.optimizer)
+    return result, model
+
+
+def save_adapter(model: Any, path: str | Path, out: str | Path) -> Path:
+    """The trained adapter as a PEFT folder (DIR/adapter's config, new weights): temp folder + rename."""
+    from peft import get_peft_model_state_dict
+
+    from planner.artifact.layout import write_trained_adapter
+
+    return write_trained_adapter(Path(path), get_peft_model_state_dict(model), Path(out))
+
+
+# ---------------------------------------------------------------- verify
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a folder written by `materialize`")
+    p.add_argument("--steps", type=int, default=3, help="training steps to measure (default: 3)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the plan's run seq_len")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the plan's run batch_size")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from planner.verify import verify
+
+    report = verify(args.dir, steps=args.steps, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size)
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=1) + "\n")
+        return 0 if report.ok else 1
+    table = Table(title=f"verify {args.dir}: {report.steps} steps on {report.device}, seq {report.run['seq_len']} x "
+                        f"batch {report.run['batch_size']}")
+    for col in ("term", "estimate", "measured", "ratio", "ok", "note"):
+        table.add_column(col, justify="right" if col in ("estimate", "measured", "ratio") else "left")
+    for r in report.rows:
+        table.add_row(r.term, format_bytes(r.estimate) if r.estimate is not None else "-",
+                      format_bytes(r.measured) if r.measured is not None else "-",
+                      f"{r.ratio:.3f}" if r.ratio is not None else "-", {True: "yes", False: "NO", None: ""}[r.ok],
+                      r.note)
+    console = stdout_console()
+    console.print(table)
+    rss = report.info.get("rss_bytes")
+    if rss:
+        console.print(f"process RSS grew by {format_bytes(rss['growth'])} (information only)")
+    console.print("all checked terms agree" if report.ok else "some checked terms differ by more than 5%")
+    return 0 if report.ok else 1
+
+
+COMMANDS["materialize"] = Command("build a plan: LoftQ per layer -> packed backbone + PEFT adapter folder",
+                                  _materialize_args, materialize_command)
+COMMANDS["finetune"] = Command("short LoRA fine-tune of a materialized model with held-out loss",
+                               _finetune_args, finetune_command)
+COMMANDS["verify"] = Command("measure the memory of a few training steps against the plan's estimate",
+                             _verify_args, verify_command)

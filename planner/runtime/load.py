@@ -1,0 +1,159 @@
+"""``planner.load(DIR)``: a materialized folder as a trainable PeftModel on QuantLinear layers.
+
+Reads the artifact with :mod:`planner.artifact.layout` (formats and file names live there), builds
+the model skeleton with parameters on the meta device, installs one :class:`QuantLinear` per target
+layer and the PEFT adapters, and checks every rank and alpha against the plan.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from search_spaces.discovery import weight_out_in
+
+from planner.artifact.layout import (ADAPTER, ADAPTER_WEIGHTS, DTYPES, NON_TARGET_FILE, check_adapter_config,
+                                     read_artifact, read_layer)
+from planner.devices import default_device
+from planner.errors import PlannerError
+from planner.runtime.layers import QuantLinear, add_lora, backbone_nbytes, resolve_compute_dtype
+from planner.settings import RunSettings
+
+
+# ---------------------------------------------------------------- building the model
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every nn.Parameter on the meta device while buffers (rotary tables, position ids) get
+    their real values: the skeleton costs no weight memory and needs no re-initialisation."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _skeleton(folder: Path) -> nn.Module:
+    from transformers import AutoConfig
+
+    from planner.sources import model_class
+
+    config = AutoConfig.from_pretrained(str(folder))
+    cls = model_class(config)
+    build = getattr(cls, "_from_config", None) or cls.from_config
+    with _parameters_on_meta():
+        return build(config)
+
+
+def install_module(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+
+
+def load_backbone(path: str | Path, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> nn.Module:
+    """The bare quantized model (no LoRA): QuantLinear target layers, non-target weights in ``dtype``
+    (default: the plan's compute dtype on ``device``; ``device`` default: CUDA when present)."""
+    art = read_artifact(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or compute_dtype_for(art.run, device)
+    model = _skeleton(art.backbone)
+    state = {k: v.to(dtype) for k, v in load_file(str(art.backbone / NON_TARGET_FILE), device=str(device)).items()}
+    for meta in art.meta.layers:
+        weight = read_layer(art.backbone, meta, device)
+        mod = model.get_submodule(meta.name)
+        out_in = tuple(weight_out_in(mod).shape)
+        if tuple(out_in) != meta.shape:
+            raise PlannerError(f"{meta.name}: stored shape {meta.shape} does not match the model's {tuple(out_in)}")
+        install_module(model, meta.name, QuantLinear(weight, state.pop(f"{meta.name}.bias", None), dtype))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise PlannerError(f"{art.backbone / NON_TARGET_FILE}: tensors the model does not have: {unexpected[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise PlannerError(f"{art.path}: no stored value for {', '.join(left[:3])}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    if backbone_nbytes(model) != art.meta.nbytes:
+        raise PlannerError(f"{art.path}: resident backbone {backbone_nbytes(model)} B != stored {art.meta.nbytes} B")
+    model.set_attn_implementation(art.run.attn_implementation)
+    return model.eval()
+
+
+def compute_dtype_for(run: RunSettings, device: torch.device) -> torch.dtype:
+    return resolve_compute_dtype(run.compute_dtype, device)
+
+
+def adapter_dtype_for(run: RunSettings, compute: torch.dtype) -> torch.dtype:
+    return compute if run.adapter_dtype == "compute" else DTYPES[run.adapter_dtype]
+
+
+def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+         adapter: str | Path | None = None) -> nn.Module:
+    """A materialized folder as a trainable PeftModel on :class:`QuantLinear` layers.
+
+    ``device``: default CUDA when present, else CPU. ``dtype``: compute dtype (default: the plan's,
+    ``auto`` = bf16/fp16 on a GPU, fp32 on CPU). ``adapter``: another PEFT folder of the same plan
+    (e.g. written by ``finetune``) instead of DIR/adapter. Only the adapters are trainable; every
+    module's r and alpha are the plan's (checked). A plan without ranks gives the bare backbone.
+    ``with model.disable_adapter():`` runs the bare quantized backbone.
+    """
+    art = read_artifact(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or compute_dtype_for(art.run, device)
+    model = load_backbone(path, device, dtype)
+    ranks, alphas = art.ranks(), art.alphas()
+    if not ranks:
+        return model
+    folder = Path(adapter) if adapter is not None else art.adapter
+    if folder is None or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise PlannerError(f"{path}: the plan has ranks but no adapter folder {folder or art.path / ADAPTER}")
+    check_adapter_config(folder, ranks, alphas)
+    model = add_lora(model, ranks, alphas, dropout=art.run.lora_dropout,
+                     adapter_dtype=adapter_dtype_for(art.run, dtype))
+    load_adapter_weights(model, folder)
+    check_ranks(model, ranks, alphas)
+    return model.to(device)
+
+
+
+def load_adapter_weights(model: nn.Module, folder: Path) -> None:
+    """Copy ``adapter_model.safetensors`` into the PeftModel's default adapter (every tensor must land)."""
+    from peft import set_peft_model_state_dict
+
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise PlannerError(f"{folder / ADAPTER_WEIGHTS}: tensors for modules the plan has no adapter on: {unexpected[:3]}")
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    if missing:
+        raise PlannerError(f"{folder / ADAPTER_WEIGHTS}: no values for {missing[:3]}")
+
+
+def check_ranks(model: nn.Module, ranks: Mapping[str, int], alphas: Mapping[str, float]) -> None:
+    """Every adapted module of the PeftModel has the plan's r and alpha, and no other module is adapted."""
+    seen = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "r", {}):
+            seen[name.removeprefix("base_model.model.")] = (mod.r["default"], float(mod.lora_alpha["default"]))
+    want = {n: (r, float(alphas[n])) for n, r in ranks.items()}
+    if seen != want:
+        bad = sorted(n for n in set(seen) | set(want) if seen.get(n) != want.get(n))[:3]
+        raise PlannerError(f"adapters differ from the plan at {', '.join(bad)}: "
+                           f"{[seen.get(n) for n in bad]} vs {[want.get(n) for n in bad]}")
+
+

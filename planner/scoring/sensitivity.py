@@ -1,0 +1,165 @@
+"""Model-level sensitivity: what a layer's quantization error costs the model's loss.
+
+Second-order estimate: a perturbation E of weight W raises the loss by about
+    dL ~= 1/2 * sum_ij F_ij * E_ij^2,   F = empirical Fisher (mean squared per-sequence gradient).
+For each target layer and bit width we store ``fisher_err[l, b] = 1/2 sum F * (W - deq q_b(W))^2``.
+A rank-r LoftQ adapter removes part of E; we scale by the residual table's
+(res[l, b, r] / res[l, b, 0])^2 (assumes F is not aligned with the removed directions).
+
+The :class:`WeightBank` keeps, per layer and width, deq(q_b(W)) in the compute dtype and the top
+singular factors of W - deq(q_b(W)), so a trial's model (Q + BA at any (bits, rank) per layer,
+iters = 1) is assembled with a few matmuls instead of a LoftQ run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from loftq import QuantConfig, dequantize, quantize
+from search_spaces.discovery import weight_out_in
+
+from planner import progress
+
+
+def target_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    mods = dict(model.named_modules())
+    missing = [n for n in names if n not in mods]
+    if missing:
+        raise KeyError(f"model has no module(s) {missing[:3]}")
+    return {n: mods[n] for n in names}
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """[out, in] view of a Linear's weight, or of a gpt2 Conv1D's (stored [in, out])."""
+    w = module.weight
+    return weight_out_in(module, w)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for models with a vocabulary head (next-token loss); False for bare encoders."""
+    return model.get_output_embeddings() is not None and bool(getattr(model.config, "is_decoder", False)
+                                                                or getattr(model.config, "is_encoder_decoder", False)
+                                                                or "CausalLM" in type(model).__name__)
+
+
+def pooled_embedding(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[batch, hidden] mean-pooled last hidden state: a sentence embedding (blocks have no padding)."""
+    return model(input_ids=ids).last_hidden_state.float().mean(dim=1)
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def encoder_probe_loss(model: nn.Module, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """r . f(x) with r ~ N(0, I) fixed by ``seed``: its squared gradient is an unbiased estimate of
+    diag(J^T J), the Gauss-Newton curvature of 1/2 ||f(W + E) - f(W)||^2 for the pooled embedding f,
+    so the same 1/2 sum F E^2 estimates how far a perturbation moves the embeddings."""
+    emb = pooled_embedding(model, ids)
+    r = torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)).to(emb.device)
+    return (emb * r).sum()
+
+
+def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tensor,
+                     causal: bool | None = None) -> dict[str, torch.Tensor]:
+    """Mean over sequences of the squared gradient of each target weight ([out, in], fp32).
+
+    blocks: LongTensor [n_seq, seq_len] of token ids; one backward pass per sequence. Causal LMs use
+    the next-token loss; encoders the random-probe loss (:func:`encoder_probe_loss`), so F then is the
+    Gauss-Newton curvature of the embedding distance instead of the loss's. ``causal``: the
+    architecture facts' answer (planning passes it); None asks the loaded model.
+    """
+    causal = is_causal_lm(model) if causal is None else causal
+    mods = target_modules(model, names)
+    params = {n: m.weight for n, m in mods.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    try:
+        with progress.task("Fisher sensitivity", len(blocks)) as advance:
+            for i, seq in enumerate(blocks):
+                model.zero_grad(set_to_none=True)
+                ids = seq.unsqueeze(0)
+                (lm_loss(model, ids) if causal else encoder_probe_loss(model, ids, seed=i)).backward()
+                for n, p in params.items():
+                    fisher[n].add_(p.grad.float().pow(2))
+                advance(1)
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    for n, m in mods.items():
+        f = fisher[n] / len(blocks)
+        fisher[n] = weight_out_in(m, f)
+    return fisher
+
+
+def fisher_errors(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], bits: Sequence[int],
+                  method: str = "nf", block_size: int = 64) -> torch.Tensor:
+    """[n_layers, len(bits)]: 1/2 sum F (W - deq q_b(W))^2 in the order of ``weights``."""
+    out = torch.zeros(len(weights), len(bits), dtype=torch.float64)
+    for i, (name, w) in enumerate(weights.items()):
+        for j, b in enumerate(bits):
+            if b >= 16:
+                continue
+            err = w.float() - dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
+            out[i, j] = 0.5 * float((fisher[name] * err.pow(2)).sum())
+    return out
+
+
+@dataclass
+class _Entry:
+    deq: torch.Tensor  # [out, in] dequantized Q
+    b: torch.Tensor  # [out, r_max] U sqrt(S)
+    a: torch.Tensor  # [r_max, in] sqrt(S) V^T
+
+
+def top_factors(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B [out, r] = U sqrt(S), A [r, in] = sqrt(S) V^T of the top-r singular triplets.
+
+    Randomized (4 power iterations, fixed seed) when r is small against the matrix, exact otherwise;
+    only the zero-step proxy uses these: materialize runs the exact LoftQ solver.
+    """
+    if rank == 0:
+        return residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1])
+    if 4 * rank < min(residual.shape):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(residual, q=rank + 16, niter=4)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]
+
+
+class WeightBank:
+    """deq(Q) and top-r_max SVD factors of W - deq(Q) per (layer, bits); assembles trial weights."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], bits: Sequence[int], max_rank: int,
+                 method: str = "nf", block_size: int = 64, dtype: torch.dtype = torch.float32) -> None:
+        self.entries: dict[tuple[str, int], _Entry] = {}
+        self.originals = {n: w.detach().to(dtype).clone() for n, w in weights.items()}
+        with progress.task("quantized weight bank", len(weights)) as advance:
+            for name, w in weights.items():
+                w = w.detach().float()
+                for b in bits:
+                    if b >= 16:
+                        continue
+                    deq = dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
+                    r = min(max_rank, *w.shape)
+                    b_fac, a_fac = top_factors(w - deq, r)
+                    self.entries[(name, b)] = _Entry(deq.to(dtype), b_fac.to(dtype), a_fac.to(dtype))
+                advance(1)
+
+    def weight(self, name: str, bits: int, rank: int) -> torch.Tensor:
+        """deq(Q) + B_r A_r for (bits, rank) at iters = 1; bits 16 = the original weight."""
+        if bits >= 16:
+            return self.originals[name]
+        e = self.entries[(name, bits)]
+        return e.deq if rank == 0 else torch.addmm(e.deq, e.b[:, :rank], e.a[:rank])

@@ -1,0 +1,97 @@
+"""Residual tables for every target layer of a model, batched by shape, cached on disk.
+
+table[name]: [len(bits), len(ranks)] relative LoftQ residuals ||W - Q - BA|| / ||W||, plus
+``sq_norm[name]`` = ||W||^2 and ``quant_err`` helpers used by the objective.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from loftq import residual_table
+from search_spaces.facts import TargetLayer
+
+from planner import progress
+from planner.devices import resolve_device
+from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
+
+BATCH_BYTES = 256 * 2**20  # stack same-shape weights up to this many fp32 bytes per call
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    bits: tuple[int, ...] = (2, 4, 8)
+    ranks: tuple[int, ...] = (0, 8, 16, 32, 64)
+    iters: int = 1
+    method: str = "nf"  # "nf" = NF2 / NF4 / NF8
+    block_size: int = 64
+    double_quant: bool = False
+
+
+@dataclass
+class ResidualTables:
+    names: list[str]
+    settings: TableSettings
+    table: torch.Tensor  # [n_layers, len(bits), len(ranks)] relative residuals
+    sq_norm: torch.Tensor  # [n_layers] ||W||_F^2
+
+    def of(self, name: str) -> torch.Tensor:
+        return self.table[self.names.index(name)]
+
+    def cell(self, name: str, bits: int, rank: int) -> float:
+        i = self.names.index(name)
+        return float(self.table[i, self.settings.bits.index(bits), self.settings.ranks.index(rank)])
+
+
+def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tuple[list[TargetLayer], torch.Tensor]]:
+    """Group streamed weights by shape into stacks of at most BATCH_BYTES."""
+    pending: dict[tuple[int, int], list[tuple[TargetLayer, torch.Tensor]]] = defaultdict(list)
+    for target, weight in stream:
+        shape = tuple(weight.shape)
+        pending[shape].append((target, weight))
+        if len(pending[shape]) * weight.numel() * 4 >= BATCH_BYTES:
+            group = pending.pop(shape)
+            yield [t for t, _ in group], torch.stack([w for _, w in group])
+    for group in pending.values():
+        yield [t for t, _ in group], torch.stack([w for _, w in group])
+
+
+def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers: int, settings: TableSettings,
+                   device: torch.device) -> ResidualTables:
+    rows: dict[str, torch.Tensor] = {}
+    norms: dict[str, float] = {}
+    with progress.task(f"residual tables ({device.type})", n_layers) as advance:
+        for targets, stack in _batches(stream):
+            stack = stack.to(device)
+            tab = residual_table(stack, bits=settings.bits, ranks=settings.ranks, iters=settings.iters,
+                                 method=settings.method, block_size=settings.block_size,
+                                 double_quant=settings.double_quant).cpu()
+            sq = stack.double().pow(2).sum(dim=(1, 2)).cpu()
+            for i, t in enumerate(targets):
+                rows[t.name], norms[t.name] = tab[i], float(sq[i])
+            advance(len(targets))
+    names = list(rows)
+    return ResidualTables(names, settings, torch.stack([rows[n] for n in names]),
+                          torch.tensor([norms[n] for n in names], dtype=torch.float64))
+
+
+def residual_tables(source, targets: Sequence[TargetLayer], settings: TableSettings, *,
+                    cache_dir: Path | None = None, device: str | None = None) -> ResidualTables:
+    """Tables for ``targets`` of ``source`` (a planner.sources.ModelSource), from cache when valid."""
+    key = cache_key({"weights": source.weights_sha256(), "targets": [(t.name, t.shape) for t in targets],
+                     "settings": asdict(settings)})
+    path = (cache_dir or default_cache_dir()) / "tables" / f"{key}.safetensors"
+    cached = load_cached(path, key)
+    names = [t.name for t in targets]
+    want = (len(names), len(settings.bits), len(settings.ranks))
+    if cached is not None and tuple(cached.get("table", torch.empty(0)).shape) == want:
+        return ResidualTables(names, settings, cached["table"], cached["sq_norm"])
+    result = compute_tables(source.iter_weights(targets), len(targets), settings, resolve_device(device))
+    order = [result.names.index(n) for n in names]
+    result = ResidualTables(names, settings, result.table[order], result.sq_norm[order])
+    save_cached(path, key, {"table": result.table, "sq_norm": result.sq_norm})
+    return result

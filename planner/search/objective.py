@@ -1,0 +1,97 @@
+"""The additive objective the exact solver minimises, and the shaping Optuna searches over.
+
+Per layer l and option (bits b, rank r):
+    est[l, b, r] = fisher_err[l, b] * (res[l, b, r] / res[l, b, 0])^2        (estimated loss rise)
+    mixed        = (1 - mix) * est + mix * c * ||W_l||^2 * res[l, b, r]^2   (c matches the scales)
+    shaped       = mixed * type_weight[type(l)] * exp(depth_slope * (1/2 - depth(l)))
+                   - capacity * unit_l * log2(1 + r / 8)
+``unit_l`` is layer l's estimated loss at 4 bits, rank 0 (so ``capacity`` is dimensionless): the
+capacity term is the value of trainable adapter parameters that no step-0 number shows. Options
+with r < rank_floor are dropped. Everything is a per-layer sum, so the exact knapsack applies.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from search_spaces.facts import TargetLayer
+
+from planner.scoring.tables import ResidualTables
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """One point of the objective's shaping; the neutral point is the plain Fisher estimate."""
+
+    type_weights: dict[str, float] = field(default_factory=dict)
+    depth_slope: float = 0.0
+    mix: float = 0.0
+    capacity: float = 0.0
+    rank_floor: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"mix must be in [0, 1], got {self.mix!r}")
+        if self.capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {self.capacity!r}")
+        if self.rank_floor < 0:
+            raise ValueError(f"rank_floor must be >= 0, got {self.rank_floor!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class OptionTable:
+    """Per layer: candidate (bits, rank) options and their estimated loss rise (unshaped)."""
+
+    targets: list[TargetLayer]
+    options: list[tuple[int, int]]
+    est: torch.Tensor  # [n_layers, n_options] estimated loss increase (Fisher)
+    frob: torch.Tensor  # [n_layers, n_options] ||W||^2 * res^2 (absolute squared residual)
+    n_blocks: int
+
+    @classmethod
+    def build(cls, targets: Sequence[TargetLayer], tables: ResidualTables, fisher_err: torch.Tensor,
+              options: Sequence[tuple[int, int]]) -> "OptionTable":
+        """fisher_err: [n_layers, len(tables.settings.bits)] in the order of ``targets``."""
+        bits, ranks = tables.settings.bits, tables.settings.ranks
+        n = len(targets)
+        est = torch.zeros(n, len(options), dtype=torch.float64)
+        frob = torch.zeros_like(est)
+        for i, t in enumerate(targets):
+            row = tables.of(t.name).double()
+            sq = tables.sq_norm[tables.names.index(t.name)]
+            for k, (b, r) in enumerate(options):
+                if b >= 16:
+                    continue
+                j, rr = bits.index(b), ranks.index(r)
+                ratio = (row[j, rr] / row[j, 0].clamp(min=1e-30)) ** 2
+                est[i, k] = fisher_err[i, j] * ratio
+                frob[i, k] = sq * row[j, rr] ** 2
+        n_blocks = max((t.block for t in targets), default=0) + 1
+        return cls(list(targets), list(options), est, frob, n_blocks)
+
+    def shaped(self, s: Shaping) -> torch.Tensor:
+        """[n_layers, n_options] shaped objective; dropped options are +inf."""
+        est = self.est
+        if s.mix > 0:
+            scale = self.est.sum() / self.frob.sum().clamp(min=1e-30)
+            est = (1 - s.mix) * est + s.mix * scale * self.frob
+        depth = torch.tensor([max(t.block, 0) / max(self.n_blocks - 1, 1) for t in self.targets], dtype=torch.float64)
+        mult = torch.exp(s.depth_slope * (0.5 - depth))
+        mult = mult * torch.tensor([s.type_weights.get(t.module_type, 1.0) for t in self.targets], dtype=torch.float64)
+        out = est * mult.unsqueeze(1)
+        if s.capacity > 0:
+            ref = [k for k, (b, r) in enumerate(self.options) if r == 0 and b == 4] or [0]
+            unit = est[:, ref[0]].clamp(min=0) * mult
+            bonus = torch.tensor([math.log2(1 + r / 8) for _, r in self.options], dtype=torch.float64)
+            out = out - s.capacity * unit.unsqueeze(1) * bonus.unsqueeze(0)
+        if s.rank_floor > 0:
+            drop = torch.tensor([r < s.rank_floor for _, r in self.options])
+            if not bool(drop.all()):
+                out[:, drop] = math.inf
+        return out

@@ -1,0 +1,392 @@
+"""One planning run: model -> tables + sensitivity -> exact allocation (+ Optuna) -> Plan.
+
+Heavy results (residual tables, Fisher errors) are cached, so re-planning at another budget only
+re-solves the knapsack (and re-runs the search trials, if any).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from search_spaces.facts import TargetLayer
+
+from planner.search.allocate import InfeasibleBudget
+from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
+from planner.config import PlanConfig
+from planner.errors import PlannerError
+from planner.memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
+from planner.search.objective import OptionTable
+from planner.search.study import Candidate, SearchProblem, assignment, direct_search, guided_search, has_adapter
+from planner.settings import RunSettings
+from planner.scoring.tables import ResidualTables, TableSettings, residual_tables
+
+log = logging.getLogger(__name__)
+METHOD = "nf"  # NF2 / NF4 / NF8; see README "8-bit format" for the measured choice
+
+
+@dataclass
+class Prepared:
+    """What every plan of one model + search space + run shares (independent of the budget)."""
+
+    cfg: PlanConfig
+    run: RunSettings
+    source: Any
+    targets: list[TargetLayer]
+    options: list[tuple[int, int]]
+    costs: torch.Tensor  # [n_layers, n_options] bytes
+    fixed_bytes: int
+    groups: list[list[int]]
+    group_names: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def choice_of(self, option: tuple[int, int]) -> LayerChoice:
+        bits, rank = option
+        return LayerChoice(bits=bits, rank=rank, method=METHOD if bits < 16 else "nf", block_size=self.cfg.block_size)
+
+    def total_bytes(self, choice: Sequence[int]) -> int:
+        return self.fixed_bytes + int(sum(int(self.costs[i, k]) for i, k in enumerate(choice)))
+
+    def estimate(self, choice: Sequence[int]):
+        choices = {t.name: self.choice_of(self.options[k]) for t, k in zip(self.targets, choice)}
+        return estimate(self.source.facts, self.targets, choices, self.run, self.source.non_target_params(self.targets))
+
+
+def options_of(cfg: PlanConfig) -> list[tuple[int, int]]:
+    opts = [(b, r) for b in sorted(set(cfg.bits)) for r in sorted(set(cfg.ranks))]
+    return opts
+
+
+def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
+    """Resolve the model, its targets and the byte cost of every (layer, option); no weights read."""
+    from search_spaces.choices import group_targets
+
+    from planner.sources import resolve
+
+    source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_path,
+                     allow_download=False if cfg.offline else None)
+    try:
+        targets = source.targets(cfg.target_list)
+    except ValueError as err:
+        raise PlannerError(str(err)) from None
+    if not targets:
+        raise PlannerError(f"{cfg.model}: no target layers found")
+    options = options_of(cfg)
+    too_big = [(r, t) for t in targets for _, r in options if r > min(t.shape)]
+    if too_big:
+        r, t = max(too_big, key=lambda x: x[0])
+        raise PlannerError(f"rank {r} exceeds layer {t.name} {tuple(t.shape)}; choose smaller --ranks")
+    prep = Prepared(cfg, run, source, targets, options, torch.empty(0), 0, [], [])
+    facts = source.facts
+    prep.costs = torch.tensor([[layer_bytes(t, prep.choice_of(o), run, facts) for o in options] for t in targets],
+                              dtype=torch.int64)
+    prep.fixed_bytes = fixed_bytes(facts, targets, run, source.non_target_params(targets))
+    grouped = group_targets(targets, cfg.granularity)
+    index = {t.name: i for i, t in enumerate(targets)}
+    prep.groups = [[index[t.name] for t in members] for members in grouped.values()]
+    prep.group_names = list(grouped)
+    return prep
+
+
+def extremes(prep: Prepared) -> tuple[list[int], list[int]]:
+    """Option index per layer of the smallest and of the largest plan."""
+    return prep.costs.argmin(1).tolist(), prep.costs.argmax(1).tolist()
+
+
+def check_budget(prep: Prepared, budget: int) -> int:
+    """Allocatable bytes for ``budget``; raises InfeasibleBudget naming the minimum total."""
+    lo, _ = extremes(prep)
+    allocatable = allocatable_bytes(budget, prep.run)
+    if prep.total_bytes(lo) > allocatable:
+        raise InfeasibleBudget(prep.estimate(lo).total_bytes, budget)
+    return allocatable
+
+
+def table_settings(cfg: PlanConfig) -> TableSettings:
+    return TableSettings(bits=tuple(sorted(b for b in set(cfg.bits) if b < 16)) or (4,),
+                         ranks=tuple(sorted(set(cfg.ranks) | {0})), method=METHOD, block_size=cfg.block_size)
+
+
+def fisher_errors_cached(prep: Prepared, tables: ResidualTables, model: torch.nn.Module,
+                         blocks: torch.Tensor, corpus_sha: str) -> torch.Tensor:
+    """[n_layers, len(bits)] Fisher-weighted quantization errors, cached like the tables."""
+    from planner.scoring.sensitivity import empirical_fisher, fisher_errors, module_weight, target_modules
+
+    names = [t.name for t in prep.targets]
+    key = cache_key({"weights": prep.source.weights_sha256(), "targets": names, "bits": tables.settings.bits,
+                     "block": tables.settings.block_size, "method": METHOD, "corpus": corpus_sha,
+                     "blocks": list(blocks.shape), "kind": "fisher"})
+    path = (prep.cfg.cache_path or default_cache_dir()) / "fisher" / f"{key}.safetensors"
+    cached = load_cached(path, key)
+    if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
+        return cached["fisher_err"]
+    fisher = empirical_fisher(model, names, blocks, causal=prep.source.facts.is_decoder)
+    mods = target_modules(model, names)
+    weights = {n: module_weight(mods[n]).detach() for n in names}
+    errs = fisher_errors(weights, fisher, tables.settings.bits, METHOD, tables.settings.block_size)
+    save_cached(path, key, {"fisher_err": errs})
+    return errs
+
+
+def study_name_for(prep: Prepared, budget: int) -> str:
+    """Derived from model + search space + run + budget, so a study never mixes budgets."""
+    cfg = prep.cfg
+    blob = json.dumps({"model": cfg.model, "weights": prep.source.weights_sha256(), "bits": cfg.bits,
+                       "ranks": cfg.ranks, "block": cfg.block_size, "gran": cfg.granularity, "targets": cfg.target_modules,
+                       "run": prep.run.to_dict(), "search": cfg.search, "data": cfg.data,
+                       "calib": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len]}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return f"{cfg.model.replace('/', '_')}-{cfg.search}-{budget}B-{digest}"
+
+
+def default_storage(cfg: PlanConfig) -> str:
+    path = (cfg.cache_path or default_cache_dir()) / "studies.sqlite3"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+@dataclass
+class PlanOutcome:
+    plan: Any  # planner.artifact.plan.Plan
+    budget_binds: bool
+    candidates: list[Candidate]
+    chosen: Candidate
+    exact: Candidate
+    problem: SearchProblem
+
+
+def _calibration(prep: Prepared, tokenizer: Any, corpus: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
+    from planner.train.data import token_blocks
+
+    cfg = prep.cfg
+    n = cfg.calib_seq_len
+    train = token_blocks(tokenizer, corpus.train, n, max_tokens=n * cfg.calib_seqs)
+    val = token_blocks(tokenizer, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
+    return train, val, corpus.fingerprint
+
+
+def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
+    """The whole planning run for one budget (bytes). Raises PlannerError on bad input."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prep = prepare(cfg, run)
+    allocatable = check_budget(prep, budget)
+    from planner.train.data import CorpusConfig, load_corpus
+
+    corpus = load_corpus(CorpusConfig(source=cfg.data or "pydoc", seed=0))  # bad data fails before heavy work
+    tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
+                             device=cfg.score_device)
+    timings["tables_s"] = time.perf_counter() - t0
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = prep.source.load_model(torch.float32)
+    from planner.scoring.sensitivity import is_causal_lm
+
+    if is_causal_lm(model) != prep.source.facts.is_decoder:  # the facts decide memory and labels; the scores must agree
+        raise PlannerError(f"{cfg.model}: the config says {'a causal LM' if prep.source.facts.is_decoder else 'an encoder'} "
+                           f"but {type(model).__name__} {'has no' if prep.source.facts.is_decoder else 'has a'} "
+                           "language-model head; cannot score plans for it")
+    train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
+    fisher_err = fisher_errors_cached(prep, tables, model, train, corpus_sha)
+    timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"]
+    table = OptionTable.build(prep.targets, tables, fisher_err, prep.options)
+    problem = SearchProblem(table, prep.costs, prep.fixed_bytes, prep.groups, prep.group_names, allocatable)
+    t1 = time.perf_counter()
+    exact = problem.solve(problem.neutral)
+    timings["exact_solve_s"] = time.perf_counter() - t1
+    candidates: list[Candidate] = [exact]
+    chosen = exact
+    search_info: dict[str, Any] = {"mode": cfg.search, "seed": cfg.seed, "trials": 0}
+    bank = None  # the guided search's weight bank, reused by the fine-tune proxy
+    if cfg.search != "exact" and cfg.trials > 0:
+        storage = cfg.storage or default_storage(cfg)
+        name = cfg.study_name or study_name_for(prep, budget)
+        search_info.update(storage=_redact(storage), study_name=name)
+        if cfg.search == "guided":
+            chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name)
+        else:
+            chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name)
+        search_info["trials"] = n_trials
+    ft_records = None
+    trainable = any(has_adapter(c, prep.options) for c in candidates)
+    if cfg.proxy_top > 0 and not trainable and max(cfg.ranks) > 0:
+        log.warning("no candidate within the budget has an adapter: the fine-tune proxy has nothing to train, "
+                    "keeping the zero-step choice")
+    if cfg.proxy_top > 0 and trainable:
+        t2 = time.perf_counter()
+        zero_step_choice = chosen
+        chosen, ft_records = _finetune_proxy(prep, problem, candidates, model, corpus, bank)
+        timings["finetune_proxy_s"] = time.perf_counter() - t2
+        if _diverged(ft_records, candidates):
+            log.warning("the fine-tune proxy left every trained candidate worse than untrained (is --proxy-lr "
+                        "too high?): keeping the zero-step choice")
+            chosen = zero_step_choice
+            for r in ft_records:
+                r["chosen"] = r["trial"] == chosen.trial
+    timings["total_s"] = time.perf_counter() - t0
+    plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings, ft_records)
+    return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact, problem)
+
+
+def _diverged(records: list[dict[str, Any]], candidates: list[Candidate]) -> bool:
+    """True when every candidate the proxy trained ended above its own untrained loss on the same
+    held-out blocks (the zero-step proxy's ``loss``): training made things worse, so its verdict
+    means nothing."""
+    untrained = {c.trial: c.proxy.loss for c in candidates if c.proxy is not None}
+    trained = [r for r in records if r["steps"] > 0 and not r["pruned"] and r["trial"] in untrained]
+    return bool(trained) and all(not math.isfinite(r["loss"]) or r["loss"] > untrained[r["trial"]] for r in trained)
+
+
+def _redact(url: str) -> str:
+    """Storage URL without a password."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val: torch.Tensor, storage: str,
+            name: str) -> tuple[Candidate, list[Candidate], int, Any]:
+    from planner.scoring.proxy import ZeroStepProxy
+    from planner.scoring.sensitivity import WeightBank, module_weight, target_modules
+
+    names = [t.name for t in prep.targets]
+    mods = target_modules(model, names)
+    bank = WeightBank({n: module_weight(mods[n]).detach() for n in names}, table_settings(prep.cfg).bits,
+                      max(prep.cfg.ranks), METHOD, prep.cfg.block_size)
+    proxy = ZeroStepProxy(model, bank, val, causal=prep.source.facts.is_decoder)
+    from planner import progress
+
+    what = "KL" if proxy.causal else "1 - cos"
+    with progress.task(f"search: {prep.cfg.trials} trials (zero-step {what})", prep.cfg.trials) as advance:
+        study, seen = guided_search(problem, proxy, trials=prep.cfg.trials, timeout=prep.cfg.timeout,
+                                    seed=prep.cfg.seed, storage=storage, study_name=name,
+                                    on_trial=lambda c: advance(1))
+    scored = [c for c in seen if c.proxy is not None and math.isfinite(c.proxy.kl)]
+    if not scored:
+        raise PlannerError("the search finished no trial; raise --trials or --timeout")
+    best = min(scored, key=lambda c: c.proxy.kl)
+    if prep.run.finetune and proxy.causal and not has_adapter(best, prep.options):  # the margin is in nats of KL
+        best = _prefer_adapters(best, scored, prep)
+    return best, scored, len(study.trials), bank
+
+
+def _prefer_adapters(best: Candidate, scored: list[Candidate], prep: Prepared) -> Candidate:
+    """Fine-tune mode: a plan without any adapter has nothing to train, but fine-tuning wins back
+    only so much. Take the best plan with adapters when its zero-step proxy is within
+    ``cfg.adapter_margin`` of the best plan's; otherwise keep the better plan and say why."""
+    with_adapters = [c for c in scored if has_adapter(c, prep.options)]
+    if not with_adapters:
+        if max(prep.cfg.ranks) > 0:  # with --ranks 0 no adapter was asked for
+            log.warning("no candidate within the budget has an adapter: the plan cannot be fine-tuned")
+        return best
+    alt = min(with_adapters, key=lambda c: c.proxy.kl)
+    if alt.proxy.kl <= best.proxy.kl + prep.cfg.adapter_margin:
+        return alt
+    log.warning("the best plan with adapters scores KL %.3g, %.3g above the best plan (more than --adapter-margin "
+                "%.3g): keeping the plan without adapters, so fine-tuning it trains nothing (--proxy-top compares "
+                "both after a short fine-tune)", alt.proxy.kl, alt.proxy.kl - best.proxy.kl, prep.cfg.adapter_margin)
+    return best
+
+
+def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Candidate], model: torch.nn.Module,
+                    corpus: Any, weight_bank: Any = None) -> tuple[Candidate, list[dict[str, Any]]]:
+    """Re-score ``cfg.proxy_top`` diverse candidates by ``cfg.proxy_steps`` LoRA steps each (train
+    split), choosing the lowest loss on the proxy-validation split; the test split is never read."""
+    from planner import progress
+    from planner.train.data import token_blocks
+    from planner.scoring.ftproxy import LoftQBank, rescore_with_finetune
+
+    cfg = prep.cfg
+    n = cfg.calib_seq_len
+    if not prep.source.facts.is_decoder:
+        raise PlannerError(f"--proxy-top needs a causal LM to fine-tune; {cfg.model} is an encoder "
+                           "(its plans are scored by the zero-step embedding proxy)")
+    tok = prep.source.tokenizer()
+    train = token_blocks(tok, corpus.train, n, max_tokens=n * max(cfg.calib_seqs, cfg.proxy_steps))
+    val = token_blocks(tok, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
+    k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))  # >= 1
+    frozen = any(not has_adapter(c, prep.options) for c in candidates)
+    with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k + frozen) as advance:
+        chosen, records = rescore_with_finetune(problem, candidates, model, train, val, top_k=k,
+                                                steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr,
+                                                method=METHOD, block_size=cfg.block_size,
+                                                bank=LoftQBank(model, METHOD, cfg.block_size, max_rank=max(cfg.ranks),
+                                                               factors=weight_bank),
+                                                on_candidate=lambda rec: advance(1))
+    return chosen, records
+
+
+def _direct(prep: Prepared, problem: SearchProblem, exact: Candidate, storage: str,
+            name: str) -> tuple[Candidate, list[Candidate], int]:
+    seeds = [exact] + [problem.uniform(k) for k in range(len(prep.options))
+                       if problem.uniform(k).bytes <= problem.budget]
+    study, best = direct_search(problem, trials=prep.cfg.trials, timeout=prep.cfg.timeout, seed=prep.cfg.seed,
+                                storage=storage, study_name=name, seeds=seeds)
+    if best is None or best.objective > exact.objective:
+        best = exact
+    return best, [exact] + ([best] if best is not exact else []), len(study.trials)
+
+
+def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chosen: Candidate, exact: Candidate,
+               candidates: list[Candidate], budget: int, search_info: dict[str, Any], timings: dict[str, float],
+               ft_records: list[dict[str, Any]] | None = None):
+    from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
+
+    layers = []
+    for i, (t, k) in enumerate(zip(prep.targets, chosen.choice)):
+        bits, rank = prep.options[k]
+        lc = prep.choice_of((bits, rank))
+        quant = lc.quant_config.quant_name if lc.quant_config is not None else "bf16"
+        residual = tables.cell(t.name, bits, rank) if bits < 16 else 0.0
+        layers.append(LayerPlan(name=t.name, shape=tuple(t.shape), bits=bits, quant=quant,
+                                block_size=prep.cfg.block_size, rank=rank, alpha=float(rank), iters=1,
+                                residual=round(residual, 6), bytes=int(prep.costs[i, k]),
+                                sensitivity=float(table.est[i, k])))
+    est = prep.estimate(chosen.choice)
+
+    def row(c: Candidate) -> dict[str, Any]:
+        out: dict[str, Any] = {"trial": c.trial, "objective": c.objective, "bytes": c.bytes, "chosen": c is chosen}
+        if c.proxy is not None:
+            out.update(kl=c.proxy.kl, loss=c.proxy.loss)
+        if c.shaping is not None:
+            out["shaping"] = c.shaping.to_dict()
+        return out
+
+    from planner.scoring.proxy import zero_step_kind
+
+    causal = prep.source.facts.is_decoder
+    what = "estimated loss rise, nats" if causal else "estimated squared shift of the pooled embedding"
+    search = {**search_info, "objective": f"fisher-weighted LoftQ residual ({what})",
+              "exact_optimum": exact.objective, "chosen_objective": chosen.objective,
+              "gap": chosen.objective - exact.objective, "budget_binds": exact.budget_binds,
+              "allocatable_bytes": problem_budget(prep, budget), "timings": {k: round(v, 3) for k, v in timings.items()},
+              "proxy": {"kind": zero_step_kind(causal),
+                        "ref_loss": chosen.proxy.ref_loss if chosen.proxy else None,
+                        "adapter_margin": prep.cfg.adapter_margin if prep.run.finetune else None,
+                        "candidates": [row(c) for c in candidates]}}
+    if ft_records is not None:
+        cfg = prep.cfg
+        search["proxy"]["zero_step_candidates"] = search["proxy"].pop("candidates")
+        search["proxy"].update(kind=f"fine-tune: {cfg.proxy_steps} LoRA steps (lr {cfg.proxy_lr}, seed {cfg.seed}) "
+                                    "on the train split, loss on the proxy-validation split",
+                               zero_step_kind=zero_step_kind(causal),
+                               steps=cfg.proxy_steps, candidates=ft_records)
+    source = prep.source
+    model = {"id": prep.cfg.model, "source": source.kind, "architecture": source.facts.architecture,
+             "weights_sha256": source.weights_sha256()}
+    return Plan(schema_version=SCHEMA_VERSION, model=model, budget_bytes=int(budget), mode=prep.run.mode,
+                run=prep.run.to_dict(), estimate=est.to_dict(), layers=tuple(layers), search=search,
+                created_with=created_with())
+
+
+def problem_budget(prep: Prepared, budget: int) -> int:
+    return allocatable_bytes(budget, prep.run)

