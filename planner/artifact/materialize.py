@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -47,16 +47,12 @@ from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, LAYER_DIR, NON_T
 from planner.artifact.plan import LayerPlan, Plan, created_with, load_plan, save_plan
 from planner.devices import default_device, resolve_device
 from planner.errors import PlannerError
+from planner.options import option as _opt
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("packed", "hf-bnb")
 JOB_VERSION = 1
-
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
