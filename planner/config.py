@@ -50,8 +50,7 @@ class PlanConfig:
                          "unless this is set or HF_HUB_OFFLINE=1)")
 
     def __post_init__(self) -> None:
-        SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,
-                    block_size=self.block_size, granularity=self.granularity)  # validates, names the value
+        self.search_space  # noqa: B018 — SearchSpace validates, naming the value
         bad_bits = [b for b in self.bits if b not in (2, 4, 8, 16)]
         if not self.bits or bad_bits:
             raise ValueError(f"bits must be a non-empty subset of 2,4,8,16; got {','.join(map(str, self.bits))}")
@@ -72,6 +71,12 @@ class PlanConfig:
         for name in ("calib_seqs", "proxy_seqs", "calib_seq_len", "proxy_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def search_space(self) -> SearchSpace:
+        """The space these options describe: 16 in ``bits`` means "may keep a layer in 16 bits"."""
+        return SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,
+                           keep16=16 in self.bits, block_size=self.block_size, granularity=self.granularity)
 
     @property
     def cache_path(self) -> Path | None:
