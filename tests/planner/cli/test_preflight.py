@@ -4,6 +4,7 @@ one line on stderr, exit status 2, nothing written. Devices and FIFOs are made i
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -170,3 +171,44 @@ def test_finetune_out_in_a_full_or_read_only_folder(tmp_path: Path, capsys, monk
     refuse_writes(monkeypatch, tmp_path / "full", errno.ENOSPC)
     _one_line_exit_2(capsys, ["finetune", str(tmp_path), "--out", str(tmp_path / "full" / "ft")],
                      "No space left on device")
+
+
+# ---------------------------------------------------------------- a full disk while materializing
+def test_a_full_disk_while_materializing_is_one_line_and_the_next_run_resumes(tmp_path: Path, capsys,
+                                                                              monkeypatch) -> None:
+    """ENOSPC at the 4th layer file: exit 2, no DIR, no temp file; the 3 committed layers are kept in
+    DIR.partial and the next run (space freed) computes only the rest."""
+    from planner import progress
+    from planner.artifact.materialize import partial_dir
+    from planner.artifact.plan import save_plan
+    from planner.settings import LayerChoice, RunSettings
+    from planner.sources import resolve
+    from planner.verify import plan_from_choices
+    from tests.tiny_models import save_tiny_checkpoint
+
+    monkeypatch.setattr(progress, "_enabled", False)
+    source = resolve(str(save_tiny_checkpoint("llama", tmp_path / "ckpt")))
+    choices = {t.name: LayerChoice(4, 8 if i % 2 else 0) for i, t in enumerate(source.targets())}
+    plan = save_plan(plan_from_choices(source, choices, RunSettings(device="cpu", seq_len=32)), tmp_path / "p.json")
+    out, writes, real_fsync = tmp_path / "out", [], os.fsync
+
+    def fsync_after(fd: int) -> None:  # the disk fills after the 3rd layer is committed
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if "/work/" in path:
+            writes.append(path)
+            if len(writes) > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_after)
+    err = _one_line_exit_2(capsys, ["materialize", str(plan), "--out", str(out), "--device", "cpu"],
+                           "No space left on device")
+    assert "work" in err and not out.exists()
+    work = partial_dir(out) / "work"
+    assert len([p for p in work.iterdir() if not p.name.startswith(".")]) == 3
+    assert [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")] == []
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(["materialize", str(plan), "--out", str(out), "--device", "cpu", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["resumed"] == 3 and summary["computed"] == len(choices) - 3
+    assert not partial_dir(out).exists()
