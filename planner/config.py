@@ -1,18 +1,16 @@
-"""PlanConfig: every option of ``python -m planner`` with its default and help, defined once."""
+"""PlanConfig and VerifyConfig: the options of ``python -m planner`` and of ``verify``, each with its
+default and help defined once (:func:`planner.options.option`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 from search_spaces.choices import GRANULARITIES, SearchSpace
 
+from planner.options import option as _opt
+
 SEARCHES = ("guided", "direct", "exact")
 _SPACE = SearchSpace()  # the search-space defaults live there, once
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
@@ -52,8 +50,7 @@ class PlanConfig:
                          "unless this is set or HF_HUB_OFFLINE=1)")
 
     def __post_init__(self) -> None:
-        SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,
-                    block_size=self.block_size, granularity=self.granularity)  # validates, names the value
+        self.search_space  # noqa: B018 — SearchSpace validates, naming the value
         bad_bits = [b for b in self.bits if b not in (2, 4, 8, 16)]
         if not self.bits or bad_bits:
             raise ValueError(f"bits must be a non-empty subset of 2,4,8,16; got {','.join(map(str, self.bits))}")
@@ -76,6 +73,12 @@ class PlanConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
+    def search_space(self) -> SearchSpace:
+        """The space these options describe: 16 in ``bits`` means "may keep a layer in 16 bits"."""
+        return SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,
+                           keep16=16 in self.bits, block_size=self.block_size, granularity=self.granularity)
+
+    @property
     def cache_path(self) -> Path | None:
         return Path(self.cache_dir) if self.cache_dir else None
 
@@ -86,3 +89,23 @@ class PlanConfig:
 
 def config_fields() -> list:
     return list(fields(PlanConfig))
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Options of ``python -m planner verify DIR``: a few training steps measured against the plan."""
+
+    steps: int = _opt(3, "training steps to measure")
+    device: str | None = _opt(None, "where to run (default: cuda if available, else cpu)")
+    seq_len: int | None = _opt(None, "tokens per sequence (default: the plan's run seq_len)", type=int)
+    batch_size: int | None = _opt(None, "sequences per step (default: the plan's run batch_size)", type=int)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if value is None and name != "steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seq_len is not None and self.seq_len < 2:  # next-token loss needs two tokens
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len!r}")

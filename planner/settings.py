@@ -5,10 +5,12 @@ options from :func:`run_fields` and the memory model reads the same object.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from loftq import QuantConfig
+
+from planner.options import option as _opt
 
 MODES = ("finetune", "inference")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -17,10 +19,6 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)

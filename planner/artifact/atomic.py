@@ -8,18 +8,32 @@ whole folders) goes through :func:`atomic_write`, :func:`atomic_save_tensors` or
 - the result gets the user's umask (``mkstemp`` alone would leave 0600 / 0700);
 - a target that exists and is not a regular file (a device such as ``/dev/null``, a FIFO, a socket,
   a symlink) is refused with a :class:`~planner.errors.PlannerError` before anything is written:
-  the process usually runs as root, where a rename would silently replace the system's device node.
+  the process usually runs as root, where a rename would silently replace the system's device node;
+- a write the file system refuses (full disk, read-only, no permission) removes the temp file and
+  becomes a one-line PlannerError naming the path, not a traceback.
+
+Commands call :func:`check_file_target`, :func:`check_dir_target` and :func:`check_writable` on
+their outputs before any heavy work, so a bad path costs the user nothing.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import secrets
 import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from planner.errors import PlannerError
+
+log = logging.getLogger(__name__)
+# what the file system says when the user's disk or folder cannot take the data: the user's problem
+# to fix (free space, another folder), so one line; other OSErrors keep their traceback
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
 def _umask() -> int:
@@ -62,6 +76,33 @@ def check_dir_target(path: str | os.PathLike) -> Path:
     return path
 
 
+@contextmanager
+def storage_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a refused write under ``path`` (:data:`STORAGE_ERRNOS`) into one PlannerError line."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        raise PlannerError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """``folder`` (or, while it does not exist, its nearest existing parent) takes a new file: a
+    probe file is created and removed there. Nothing else is created; else PlannerError."""
+    folder = Path(folder).absolute()
+    probe_in = folder
+    while not os.path.lexists(probe_in) and probe_in.parent != probe_in:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise PlannerError(f"{probe_in} exists and is not a directory")
+    with storage_errors(folder):
+        fd, name = tempfile.mkstemp(dir=probe_in, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(name)
+    return folder
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -77,7 +118,8 @@ def _fsync_dir(folder: Path) -> None:
 
 def _mkdir_parent(path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with storage_errors(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise PlannerError(f"{path.parent} exists and is not a directory") from None
 
@@ -89,16 +131,18 @@ def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None]) ->
     """
     path = check_file_target(path)
     _mkdir_parent(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with storage_errors(path):
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        check_file_target(path)  # re-check: something may have appeared there meanwhile
-        os.replace(tmp, path)
+        with storage_errors(path):
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            check_file_target(path)  # re-check: something may have appeared there meanwhile
+            os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
@@ -131,7 +175,7 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[s
 def atomic_dir(final: str | os.PathLike, build: Callable[[Path], None], *, replace: bool = False) -> Path:
     """Create the folder ``final`` by running ``build(tmp)`` on a temp folder beside it, then renaming.
 
-    ``replace``: an existing real folder at ``final`` is swapped out (renamed aside, then removed);
+    ``replace``: an existing real folder at ``final`` is swapped out (see :func:`rename_dir`);
     otherwise an existing folder is kept as it is (a concurrent builder that loses the race discards
     its copy). Symlinks, files and devices at ``final`` are refused.
     """
@@ -139,25 +183,50 @@ def atomic_dir(final: str | os.PathLike, build: Callable[[Path], None], *, repla
     if final.is_dir() and not replace:
         return final
     _mkdir_parent(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    with storage_errors(final):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        build(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        check_dir_target(final)
-        if replace and final.is_dir():
-            os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if replace or not final.is_dir():
-                if old.exists() and not final.exists():
-                    os.rename(old, final)  # put the old folder back: nothing half-done is left
-                raise
-        _fsync_dir(final.parent)
+        with storage_errors(final):
+            build(tmp)
+            os.chmod(tmp, 0o777 & ~_umask())
+        rename_dir(tmp, final, replace=replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def rename_dir(src: Path, final: Path, *, replace: bool) -> bool:
+    """Rename the finished folder ``src`` to ``final``; False (``src`` left) if ``final`` is a folder
+    and not ``replace``. With ``replace`` an existing real folder is renamed aside, the new one
+    renamed in, then the old one removed; if the second rename fails the old folder is put back.
+    A symlink, file or device at ``final`` is refused before anything moves (never followed)."""
+    check_dir_target(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    with storage_errors(final):
+        if replace and final.is_dir():
+            os.rename(final, old)
+        try:
+            os.rename(src, final)
+        except OSError:
+            if os.path.lexists(old) and not os.path.lexists(final):
+                os.rename(old, final)  # put the old folder back: nothing half-done is left
+            if not replace and final.is_dir():
+                return False  # another builder got there first; keep its folder
+            raise
+    _fsync_dir(final.parent)
+    if os.path.lexists(old):
+        _remove(old)
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, symlink (not its target) or real folder tree; a failure only warns (the new
+    output is already in place)."""
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as err:
+        log.warning("could not remove the replaced %s: %s", path, err)

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -40,23 +40,20 @@ from loftq import METHODS, loftq
 from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
-from planner.artifact.atomic import atomic_save_tensors, atomic_write_bytes
+from planner.artifact.atomic import (atomic_save_tensors, atomic_write_bytes, check_dir_target, check_writable,
+                                     rename_dir)
 from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, LAYER_DIR, NON_TARGET_FILE, PLAN_FILE, QUANT_META,
                                      BackboneMeta, LayerMeta, copy_config_files, dtype_name, layer_tensors,
                                      write_adapter)
 from planner.artifact.plan import LayerPlan, Plan, created_with, load_plan, save_plan
 from planner.devices import default_device, resolve_device
 from planner.errors import PlannerError
+from planner.options import option as _opt
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("packed", "hf-bnb")
 JOB_VERSION = 1
-
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
@@ -109,9 +106,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
     committed. Bad input (existing DIR without force, weights that are not the plan's, non-finite
     weights, hf-bnb on a non-NF4 plan) raises PlannerError and leaves DIR untouched."""
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not config.force:
-        raise PlannerError(f"{out} already exists; pass --force to replace it")
+    out = preflight(out, config.force)
     plan = load_plan(plan_path)
     if config.format == "hf-bnb":
         check_nf4_only(plan)
@@ -138,6 +133,17 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
         _swap_into_place(artifact, out, config.force)
     shutil.rmtree(partial, ignore_errors=True)
     return Materialized(out, final_plan, tuple(t.name for t in todo), time.perf_counter() - t0)
+
+
+def preflight(out: str | Path, force: bool) -> Path:
+    """Before any work: ``out`` and ``out.partial`` are absent or real folders (a symlink, file, FIFO
+    or device is refused even with force), ``out`` is absent unless force, and its folder is writable."""
+    out = check_dir_target(out)
+    check_dir_target(partial_dir(out))
+    if out.exists() and not force:
+        raise PlannerError(f"{out} already exists; pass --force to replace it")
+    check_writable(out.parent)
+    return out
 
 
 def check_nf4_only(plan: Plan) -> None:
@@ -336,16 +342,11 @@ def non_target_state(source: Any, targets: Sequence[Any], dtype: torch.dtype) ->
 
 
 def _swap_into_place(artifact: Path, out: Path, force: bool) -> None:
-    """Rename the finished artifact to ``out``; an existing ``out`` (force) is replaced only now."""
-    old = None
-    if out.exists():
-        if not force:
-            raise PlannerError(f"{out} already exists; pass --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(artifact, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    """Rename the finished artifact to ``out``; an existing ``out`` (force) is replaced only now, by
+    the atomic writer's folder swap (a symlink or file there is refused, never followed)."""
+    if os.path.lexists(out) and not force:
+        raise PlannerError(f"{out} already exists; pass --force to replace it")
+    rename_dir(artifact, out, replace=True)
 
 
 # ---------------------------------------------------------------- interop: a stock NF4 checkpoint

@@ -1,7 +1,9 @@
 """The command line: ``python -m planner [plan|models|show|materialize|finetune|verify] ...``.
 
-Owns argument parsing (options generated from the config dataclasses, :mod:`planner.cli.options`),
-the subcommands (:mod:`.plan_cmd`, :mod:`.build_cmd`), the dry run, rendering of reports and the
-demo. May import every other part of ``planner``; nothing imports it back.
+``app`` is the entry point and parser (exit 2 with one line for the user's mistakes only),
+``options`` turns config dataclass fields into ``--flags`` (the one way to declare an option),
+``preflight`` checks output paths, storage and cache before heavy work, ``dryrun`` is the plan
+command's ``--dry-run``; the subcommands live in ``plan_cmd`` and ``build_cmd``; ``demo`` is
+``make demo``. May import every other part of ``planner``; nothing imports it back.
 """
 from planner.cli.app import entry, main  # noqa: F401

@@ -4,26 +4,29 @@
     python -m planner finetune DIR [--data FILE] [--steps N] [--lr LR] [--out ADAPTER_DIR] [--json]
     python -m planner verify DIR [--steps N] [--json]
 
-Options come from :class:`~planner.artifact.materialize.MaterializeConfig` and
-:class:`~planner.train.loop.FinetuneConfig` fields. Bad input: one line on stderr, exit status 2.
+Options come from config dataclasses: :class:`~planner.artifact.materialize.MaterializeConfig`,
+:class:`~planner.train.loop.FinetuneConfig`, :class:`~planner.config.VerifyConfig`, and each
+command's output options below. Output folders are checked before any work. Bad input: one line on
+stderr, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
-from dataclasses import fields
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from planner.budget import format_bytes
-from planner.cli.app import COMMANDS, Command, add_dataclass_options
+from planner.cli import preflight
+from planner.cli.app import COMMANDS, Command
+from planner.cli.options import Report, add_options, config_from, user_config
+from planner.config import VerifyConfig
 from planner.errors import PlannerError
+from planner.options import option
 from planner.train.loop import FinetuneConfig
 from planner.artifact.materialize import MaterializeConfig
 from planner.progress import stdout_console
@@ -31,28 +34,38 @@ from planner.progress import stdout_console
 DEFAULT_FINETUNED = "finetuned-adapter"  # inside DIR unless --out says otherwise
 
 
-def _config(cls: type, args: argparse.Namespace) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+@dataclass(frozen=True)
+class MaterializeOutput:
+    out: str = option(MISSING, "folder to create (refused if it exists, unless --force; a symlink, file or "
+                      "device there is always refused)")
+    json: bool = option(False, "print a JSON summary")
+
+
+@dataclass(frozen=True)
+class FinetuneOutput:
+    out: str | None = option(None, f"adapter folder to write (default: DIR/{DEFAULT_FINETUNED})")
+    force: bool = option(False, "replace an existing --out folder")
+    json: bool = option(False, "print a JSON summary")
 
 
 # ---------------------------------------------------------------- materialize
 def _materialize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="a plan.json written by `python -m planner`")
-    p.add_argument("--out", required=True, help="folder to create (refused if it exists, unless --force)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
-    add_dataclass_options(p, fields(MaterializeConfig))
+    add_options(p, MaterializeOutput)
+    add_options(p, MaterializeConfig)
 
 
 def materialize_command(args: argparse.Namespace) -> int:
     from planner.artifact.materialize import materialize
 
-    result = materialize(args.plan, args.out, _config(MaterializeConfig, args))
+    cfg, io = config_from(MaterializeConfig, args), config_from(MaterializeOutput, args)
+    result = materialize(args.plan, io.out, cfg)  # checks --out before any work (its preflight)
     layers = result.plan.layers
     summary = {"out": str(result.path), "layers": len(layers), "computed": len(result.computed),
                "resumed": len(layers) - len(result.computed), "seconds": round(result.seconds, 2),
                "backbone_bytes": result.plan.created_with["materialize"]["backbone_bytes"],
                "mean_residual": sum(lay.residual or 0.0 for lay in layers) / len(layers)}
-    if args.json:
+    if io.json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         stdout_console().print(f"materialized {summary['layers']} layers ({summary['resumed']} resumed) in "
@@ -64,21 +77,19 @@ def materialize_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- finetune
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a folder written by `materialize`")
-    p.add_argument("--out", default=None, help=f"adapter folder to write (default: DIR/{DEFAULT_FINETUNED})")
-    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
-    add_dataclass_options(p, fields(FinetuneConfig))
+    add_options(p, FinetuneOutput)
+    add_options(p, FinetuneConfig)
 
 
 def finetune_command(args: argparse.Namespace) -> int:
-    cfg = _config(FinetuneConfig, args)
-    out = Path(args.out) if args.out else Path(args.dir) / DEFAULT_FINETUNED
-    if out.exists() and not args.force:
+    cfg, io = config_from(FinetuneConfig, args), config_from(FinetuneOutput, args)
+    out = preflight.output_dir(Path(io.out) if io.out else Path(args.dir) / DEFAULT_FINETUNED)
+    if out.exists() and not io.force:
         raise PlannerError(f"{out} already exists; pass --force to replace it")
     result, model = run_finetune(args.dir, cfg)
     save_adapter(model, args.dir, out)
     summary = {"out": str(out), **result.to_dict()}
-    if args.json:
+    if io.json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         first, last = result.train_losses[0], result.train_losses[-1]
@@ -105,7 +116,7 @@ def run_finetune(path: str | Path, cfg: FinetuneConfig) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(str(art.backbone))
     except Exception as err:  # no or broken tokenizer files: the user's artifact, one line
         raise PlannerError(f"{art.backbone}: cannot load the tokenizer ({type(err).__name__})") from None
-    corpus = load_corpus(CorpusConfig(source=cfg.data or "pydoc"))
+    corpus = load_corpus(user_config(CorpusConfig, source=cfg.data or "pydoc"))
     train = token_blocks(tokenizer, corpus.train, seq_len, max_tokens=seq_len * max(batch, cfg.steps * batch))
     val = token_blocks(tokenizer, corpus.val, seq_len, max_tokens=seq_len * cfg.eval_seqs)
     if train.shape[0] < batch:
@@ -129,18 +140,16 @@ def save_adapter(model: Any, path: str | Path, out: str | Path) -> Path:
 # ---------------------------------------------------------------- verify
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a folder written by `materialize`")
-    p.add_argument("--steps", type=int, default=3, help="training steps to measure (default: 3)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the plan's run seq_len")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the plan's run batch_size")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_options(p, Report)
+    add_options(p, VerifyConfig)
 
 
 def verify_command(args: argparse.Namespace) -> int:
     from planner.verify import verify
 
-    report = verify(args.dir, steps=args.steps, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size)
-    if args.json:
+    cfg = config_from(VerifyConfig, args)
+    report = verify(args.dir, steps=cfg.steps, device=cfg.device, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    if config_from(Report, args).json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=1) + "\n")
         return 0 if report.ok else 1
     table = Table(title=f"verify {args.dir}: {report.steps} steps on {report.device}, seq {report.run['seq_len']} x "

@@ -1,10 +1,14 @@
-"""The ``plan`` command (default), ``models`` and ``show``: options from PlanConfig + RunSettings."""
+"""The ``plan`` command (default), ``models`` and ``show``: options from PlanConfig + RunSettings.
+
+Before any weight is read, :func:`planner.cli.preflight.plan_outputs` checks the plan and Pareto
+paths, the study storage and the cache folder.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,67 +16,51 @@ from rich.console import Console
 from rich.table import Table
 
 from planner.budget import format_bytes, parse_budget
-from planner.cli.app import COMMANDS, Command, add_dataclass_options, dry_run, run_settings_from
-from planner.config import PlanConfig, config_fields
+from planner.cli import preflight
+from planner.cli.app import COMMANDS, Command
+from planner.cli.dryrun import dry_run
+from planner.cli.options import Report, add_options, config_from
+from planner.config import PlanConfig
 from planner.errors import PlannerError
+from planner.options import option
 from planner.progress import stdout_console
-from planner.settings import run_fields
+from planner.settings import RunSettings
 
-_PLAN_ONLY = {"model", "budget"}  # added by hand: positional-like and documented first
+_FIRST = ("model", "budget")  # documented first in --help
+
+
+@dataclass(frozen=True)
+class PlanCommand:
+    """What the ``plan`` command does with the settings: a dry run or a real plan, tables or JSON."""
+
+    dry_run: bool = option(False, "read no weights: print the memory breakdown of the smallest and the largest "
+                           "plan of the search space")
+    json: bool = option(False, "print a JSON summary instead of tables")
 
 
 def plan_arguments(parser: argparse.ArgumentParser) -> None:
-    d = PlanConfig()
-    parser.add_argument("--model", default=d.model, help=f"{_help('model')} (default: {d.model})")
-    parser.add_argument("--budget", default=None, help=_help("budget"))
-    parser.add_argument("--dry-run", action="store_true", help="read no weights: print the memory breakdown of the "
-                        "smallest and the largest plan of the search space")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
-    others = [f for f in config_fields() if f.name not in _PLAN_ONLY]
-    add_dataclass_options(parser.add_argument_group("planning"), others, d)
-    add_dataclass_options(parser.add_argument_group("run settings (memory model)"), run_fields())
-
-
-def _help(name: str) -> str:
-    return next(f.metadata["help"] for f in config_fields() if f.name == name)
-
-
-def config_from(args: argparse.Namespace) -> PlanConfig:
-    values = {}
-    for f in fields(PlanConfig):
-        if not hasattr(args, f.name):
-            continue
-        values[f.name] = getattr(args, f.name)
-    values["budget"] = args.budget or ""
-    return PlanConfig(**values)
+    add_options(parser, PlanConfig, only=_FIRST)
+    add_options(parser, PlanCommand)
+    add_options(parser.add_argument_group("planning"), PlanConfig, skip=_FIRST)
+    add_options(parser.add_argument_group("run settings (memory model)"), RunSettings)
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    if args.dry_run:
-        cfg = config_from(args)  # the same validation as a real run, though a dry run reads no weights
-        if cfg.data and not cfg.data.startswith("hf:"):  # a local corpus is checked by the real run's loader
-            from planner.train.data import CorpusConfig, load_corpus
-
-            load_corpus(CorpusConfig(source=cfg.data, seed=0))
-        args.target_modules = args.target_modules or None
-        args.keep16 = 16 in args.bits
-        args.bits = tuple(b for b in args.bits if b < 16) or (4,)
-        return dry_run(args)
+    cfg, run, cmd = config_from(PlanConfig, args), config_from(RunSettings, args), config_from(PlanCommand, args)
+    if cmd.dry_run:
+        return dry_run(cfg, run, as_json=cmd.json)
+    if not cfg.budget:
+        raise PlannerError("--budget is required (e.g. --budget 11GB); add --dry-run to see the plan sizes")
+    budget = parse_budget(cfg.budget)
+    preflight.plan_outputs(cfg)
     from planner.artifact.plan import save_plan
     from planner.search.pipeline import make_plan
 
-    cfg = config_from(args)
-    run = run_settings_from(args)
-    if not args.budget:
-        raise PlannerError("--budget is required (e.g. --budget 11GB); add --dry-run to see the plan sizes")
-    budget = parse_budget(args.budget)
-    if cfg.pareto:
-        Path(cfg.pareto).parent.mkdir(parents=True, exist_ok=True)
     outcome = make_plan(cfg, run, budget)
     path = save_plan(outcome.plan, cfg.out)
     if cfg.pareto:
         write_pareto(outcome, cfg.pareto)
-    if args.json:
+    if cmd.json:
         summary = {"plan": str(path), "budget_bytes": budget, "total_bytes": outcome.plan.total_bytes,
                    "budget_binds": outcome.budget_binds, "layers": len(outcome.plan.layers),
                    "search": {k: outcome.plan.search[k] for k in ("mode", "trials", "exact_optimum", "gap")}}
@@ -153,7 +141,7 @@ def models_command(args: argparse.Namespace) -> int:
     from planner.sources import known_models
 
     rows = known_models()
-    if args.json:
+    if config_from(Report, args).json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return 0
     table = Table(title="known models (ids and aliases)")
@@ -172,7 +160,7 @@ def show_command(args: argparse.Namespace) -> int:
     from planner.artifact.plan import load_plan
 
     plan = load_plan(args.plan)
-    if args.json:
+    if config_from(Report, args).json:
         sys.stdout.write(json.dumps(plan.to_dict(), indent=1) + "\n")
         return 0
     outcome = SimpleNamespace(plan=plan, budget_binds=plan.search.get("budget_binds", True))
@@ -181,12 +169,12 @@ def show_command(args: argparse.Namespace) -> int:
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true")
+    add_options(p, Report)
 
 
 def _show_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="a plan.json")
-    p.add_argument("--json", action="store_true")
+    add_options(p, Report)
 
 
 COMMANDS["plan"] = Command("plan per-layer bits and ranks under a memory budget (default command)",

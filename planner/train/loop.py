@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from planner import progress
 from planner.errors import PlannerError
+from planner.options import option as _opt
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 DEFAULT_LR = 3e-4
 DEFAULT_GRAD_CLIP = 1.0
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""``python -m planner --model M --budget B --dry-run [--json]``: the memory range of the search space.
+
+Reads no weights: prints the memory breakdown of the smallest and the largest plan of the search
+space and whether each fits the budget. It takes the same :class:`~planner.config.PlanConfig` and
+:class:`~planner.settings.RunSettings` as a real run (so it validates the same options, and checks a
+local ``--data`` file with the real run's corpus loader), and derives what it needs from them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Mapping, Sequence
+
+from planner.budget import format_bytes, parse_budget
+from planner.config import PlanConfig
+from planner.errors import PlannerError
+from planner.memory import MemoryEstimate, estimate, layer_bytes
+from planner.settings import LayerChoice, RunSettings
+
+DRY_RUN_METHOD = "nf"  # NF2 / NF4 / NF8, as planner.search.pipeline plans them
+
+
+def extreme_choices(targets: Sequence, space: Any, run: RunSettings, facts: Any) -> tuple[dict, dict]:
+    """Per group of layers sharing a choice, the option with the fewest and the most bytes: since
+    bytes add up per layer, these are the smallest and the largest plan of the space."""
+    from search_spaces.choices import group_targets
+
+    low: dict[str, LayerChoice] = {}
+    high: dict[str, LayerChoice] = {}
+    for members in group_targets(targets, space.granularity).values():
+        shared = set(space.choices_for(members[0]))
+        for t in members[1:]:
+            shared &= set(space.choices_for(t))
+        if not shared:
+            raise PlannerError(f"no (bits, rank) choice fits every layer of the group of {members[0].name}")
+        options = [LayerChoice(b, r, DRY_RUN_METHOD, space.block_size) for b, r in sorted(shared)]
+        costs = [sum(layer_bytes(t, o, run, facts) for t in members) for o in options]
+        lo, hi = options[costs.index(min(costs))], options[costs.index(max(costs))]
+        for t in members:
+            low[t.name], high[t.name] = lo, hi
+    return low, high
+
+
+def _summary(choices: Mapping[str, LayerChoice]) -> dict[str, Any]:
+    bits = sorted({c.bits for c in choices.values()})
+    ranks = sorted({c.rank for c in choices.values()})
+    return {"bits": bits, "ranks": ranks}
+
+
+def _check_data(cfg: PlanConfig) -> None:
+    """A local ``--data`` file is read by the real run's loader (hub datasets are not fetched)."""
+    if not cfg.data or cfg.data.startswith("hf:"):
+        return
+    from planner.cli.options import user_config
+    from planner.train.data import CorpusConfig, load_corpus
+
+    load_corpus(user_config(CorpusConfig, source=cfg.data, seed=0))
+
+
+def dry_run(cfg: PlanConfig, run: RunSettings, as_json: bool = False) -> int:
+    """Print the smallest and largest plan's memory (table, or JSON with ``as_json``); returns 0."""
+    from planner.sources import resolve
+
+    _check_data(cfg)
+    space = cfg.search_space
+    budget = parse_budget(cfg.budget) if cfg.budget else None
+    source = resolve(cfg.model, allow_download=False)  # shape facts suffice: never download for a dry run
+    try:
+        targets = source.targets(cfg.target_list)
+    except ValueError as err:  # --target-modules that match nothing: the discovery names them
+        raise PlannerError(str(err)) from None
+    if not targets:
+        raise PlannerError(f"{cfg.model}: no target layers found")
+    non_target = source.non_target_params(targets)
+    low, high = extreme_choices(targets, space, run, source.facts)
+    est_min = estimate(source.facts, targets, low, run, non_target)
+    est_max = estimate(source.facts, targets, high, run, non_target)
+    report = {
+        "model": cfg.model, "architecture": source.facts.architecture, "target_layers": len(targets),
+        "budget_bytes": budget, "run": run.to_dict(), "search_space": space.to_dict(),
+        "min_bytes": est_min.total_bytes, "max_bytes": est_max.total_bytes,
+        "min": {**est_min.to_dict(), "plan": _summary(low)}, "max": {**est_max.to_dict(), "plan": _summary(high)},
+        "fits_min": None if budget is None else est_min.total_bytes <= budget,
+        "fits_max": None if budget is None else est_max.total_bytes <= budget,
+    }
+    sys.stdout.write(json.dumps(report, indent=1) + "\n" if as_json else _table(report, est_min, est_max))
+    return 0
+
+
+def _table(report: dict[str, Any], lo: MemoryEstimate, hi: MemoryEstimate) -> str:
+    keys = list(dict.fromkeys(list(lo.breakdown) + list(hi.breakdown)))
+    rows = [(k, lo.breakdown.get(k, 0), hi.breakdown.get(k, 0)) for k in keys]
+    rows += [("= allocated", lo.allocated_bytes, hi.allocated_bytes), ("+ reserve", lo.reserve_bytes, hi.reserve_bytes),
+             ("= total", lo.total_bytes, hi.total_bytes)]
+    plans = [f"bits {report[k]['plan']['bits']} ranks {report[k]['plan']['ranks']}" for k in ("min", "max")]
+    lines = [f"{report['model']} ({report['architecture']}, {report['target_layers']} target layers), "
+             f"{report['run']['mode']} seq {report['run']['seq_len']} x batch {report['run']['batch_size']}",
+             f"{'':14}{'smallest plan':>26}{'largest plan':>26}", f"{'':14}{plans[0]:>26}{plans[1]:>26}"]
+    lines += [f"{name:14}{format_bytes(a):>26}{format_bytes(b):>26}" for name, a, b in rows]
+    if report["budget_bytes"] is not None:
+        fits = lambda ok: "fits" if ok else "does not fit"  # noqa: E731
+        lines.append(f"budget {format_bytes(report['budget_bytes'])} ({report['budget_bytes']} B): smallest plan "
+                     f"{fits(report['fits_min'])}, largest plan {fits(report['fits_max'])}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""Checks a command runs before any heavy work, so a bad output path, storage URL or cache folder
+costs the user seconds, not the tables and sensitivities computed before it is found.
+
+Each check raises :class:`~planner.errors.PlannerError` (one line, exit 2) and writes nothing but a
+probe file it removes (and the cache folder itself, which the planner creates anyway).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from planner.artifact.atomic import check_dir_target, check_file_target, check_writable, storage_errors
+from planner.config import PlanConfig
+from planner.errors import PlannerError
+
+
+def output_file(path: str | Path) -> Path:
+    """``path`` is absent or a regular file (not a folder, symlink, FIFO or device) in a writable folder."""
+    path = check_file_target(path)
+    check_writable(path.parent)
+    return path
+
+
+def output_dir(path: str | Path) -> Path:
+    """``path`` is absent or a real folder (not a symlink, file, FIFO or device) in a writable folder."""
+    path = check_dir_target(path)
+    check_writable(path.parent)
+    return path
+
+
+def cache_dir(cfg: PlanConfig) -> Path:
+    """The cache folder exists (created if needed) and takes new files."""
+    from planner.cache import default_cache_dir  # imports torch: only when a plan really runs
+
+    folder = cfg.cache_path or default_cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise PlannerError(f"cache folder {folder} exists and is not a directory; pass --cache-dir")
+    try:
+        with storage_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+        check_writable(folder)
+    except PlannerError as err:
+        raise PlannerError(f"the cache folder is not writable ({err}); pass --cache-dir or set "
+                           "LOFTQ_PLANNER_CACHE") from None
+    return folder
+
+
+def storage(url: str) -> None:
+    """An Optuna storage URL that parses, has a driver and connects (no tables are created here:
+    Optuna creates them when the study opens)."""
+    import sqlalchemy
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:  # noqa: BLE001 — any parse failure is the user's URL
+        raise PlannerError(f"--storage {url!r} is not a database URL (e.g. sqlite:///studies.db or "
+                           "postgresql://user@host/db)") from None
+    shown = parsed.render_as_string(hide_password=True)
+    # a server that drops packets would otherwise hold the check for the OS's TCP timeout (minutes)
+    connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+    except Exception as err:  # noqa: BLE001 — unknown dialect, missing driver, bad options
+        raise PlannerError(f"--storage {shown}: cannot use it ({_first_line(err)})") from None
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # noqa: BLE001 — unreachable server, bad credentials, unopenable file
+        raise PlannerError(f"--storage {shown}: cannot connect ({_first_line(err)})") from None
+    finally:
+        engine.dispose()
+
+
+def plan_outputs(cfg: PlanConfig) -> None:
+    """Everything a plan run writes, checked before it starts: the plan, the Pareto files, the
+    storage (or the default SQLite study in the cache folder) and the cache folder."""
+    output_file(cfg.out)
+    if cfg.pareto:
+        for suffix in (".json", ".png"):
+            output_file(f"{cfg.pareto}{suffix}")
+    if cfg.storage:
+        storage(cfg.storage)
+    cache_dir(cfg)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

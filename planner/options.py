@@ -1,0 +1,18 @@
+"""The one helper that declares a setting: a dataclass field carrying its default and its help.
+
+Every config dataclass (:class:`~planner.config.PlanConfig`, :class:`~planner.settings.RunSettings`,
+:class:`~planner.artifact.materialize.MaterializeConfig`, :class:`~planner.train.loop.FinetuneConfig`,
+...) declares its fields with :func:`option`; :mod:`planner.cli.options` turns those fields into
+``--flag`` options, so a default and its help are written once. Imports nothing from ``planner``, so
+every layer may use it.
+"""
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with ``default`` and CLI metadata: ``help`` and, for example, ``choices``
+    (allowed values) or ``type`` (the parser of a field whose default is None)."""
+    return field(default=default, metadata={"help": help, **extra})
