@@ -66,9 +66,15 @@ class SearchSpace:
         return [(b, r) for b in self.all_bits for r in self.ranks]
 
     def choices_for(self, target: TargetLayer) -> list[tuple[int, int]]:
-        """The pairs valid for ``target``: a rank above min(out, in) cannot be a low-rank factor."""
-        limit = min(target.shape)
-        return [(b, r) for b, r in self.choices() if r <= limit]
+        """The pairs for ``target``: all of :meth:`choices`. A rank above min(out, in) cannot be a
+        low-rank factor, and the planner refuses such a space rather than dropping the rank for some
+        layers only: ValueError naming the largest such rank and the layer (a dry run reports the
+        space the real plan searches, so both refuse it alike)."""
+        too_big = [r for r in self.ranks if r > min(target.shape)]
+        if too_big:
+            raise ValueError(f"rank {max(too_big)} exceeds layer {target.name} {tuple(target.shape)}; "
+                             "choose smaller --ranks")
+        return self.choices()
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, **asdict(self)}

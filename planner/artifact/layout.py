@@ -19,16 +19,18 @@ The backbone is not a stock transformers checkpoint (transformers has no 2/8-bit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from loftq import QuantConfig, QuantizedTensor
 
@@ -132,6 +134,58 @@ class BackboneMeta:
                    format_version=d["format_version"])
 
 
+# ---------------------------------------------------------------- reading files the user may have altered
+def contained(path: Path, roots: Sequence[Path]) -> Path:
+    """``path`` with its symlinks resolved, when that lies inside one of ``roots``; else PlannerError.
+
+    Every file read from a model folder or an artifact goes through here: a symlink or a shard name
+    such as ``../../etc/x`` must not make the planner read (and copy into its outputs) files elsewhere.
+    """
+    real = Path(os.path.realpath(path))
+    for root in roots:
+        top = Path(os.path.realpath(root))
+        if real == top or real.is_relative_to(top):
+            return real
+    raise PlannerError(f"{path} points outside {roots[0]} (to {real}); refusing to read it")
+
+
+def check_links(folder: Path, roots: Sequence[Path] | None = None) -> None:
+    """Every symlink under ``folder`` (walked without following links) resolves inside ``roots``
+    (default: ``folder`` itself); else PlannerError naming the first that does not."""
+    roots = roots or (folder,)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(dirnames + filenames):
+            entry = Path(dirpath) / name
+            if entry.is_symlink():
+                contained(entry, roots)
+
+
+def one_line(err: BaseException, limit: int = 240) -> str:
+    """An exception's message as one line (its lines joined), at most ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path, device: str = "cpu") -> Iterator[Any]:
+    """``safe_open`` whose failures (missing, truncated or corrupt header or data) are one PlannerError line."""
+    try:
+        handle = safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as err:
+        raise PlannerError(f"{path}: not a readable safetensors file ({one_line(err)})") from None
+    with handle:
+        try:
+            yield handle
+        except SafetensorError as err:
+            raise PlannerError(f"{path}: corrupt safetensors data ({one_line(err)})") from None
+
+
+def load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (see :func:`open_safetensors` for the errors)."""
+    with open_safetensors(path, device) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
 def layer_tensors(name: str, weight: QuantizedTensor | torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors stored for one layer, under ``NAME.<QuantLinear buffer name>``."""
     if isinstance(weight, QuantizedTensor):
@@ -144,14 +198,17 @@ def layer_tensors(name: str, weight: QuantizedTensor | torch.Tensor) -> dict[str
 
 def read_layer(folder: Path, meta: LayerMeta, device: torch.device | str = "cpu") -> QuantizedTensor | torch.Tensor:
     """Rebuild one stored layer from ``backbone/layers/``: a QuantizedTensor, or the 16-bit weight [out, in]."""
-    tensors = load_file(str(folder / LAYER_DIR / meta.file), device=str(device))
+    tensors = load_tensors(folder / LAYER_DIR / meta.file, str(device))
     prefix = meta.name + "."
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if "qweight" not in own:
         raise PlannerError(f"{folder / LAYER_DIR / meta.file}: no tensor {meta.name}.qweight")
     if meta.bits == 16:
         return own["qweight"]
-    qt = QuantizedTensor(own.pop("qweight"), meta.shape, DTYPES[meta.dtype], meta.config, block=meta.block, **own)
+    try:
+        qt = QuantizedTensor(own.pop("qweight"), meta.shape, DTYPES[meta.dtype], meta.config, block=meta.block, **own)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise PlannerError(f"{folder / LAYER_DIR / meta.file}: does not hold layer {meta.name} ({one_line(err)})") from None
     if qt.nbytes != meta.nbytes:
         raise PlannerError(f"{meta.name}: stored {qt.nbytes} bytes, quantization.json says {meta.nbytes}")
     return qt
@@ -191,6 +248,7 @@ def read_artifact(path: str | Path) -> Artifact:
     if not (path / BACKBONE / QUANT_META).is_file():
         raise PlannerError(f"{path}: not a materialized model (no {BACKBONE}/{QUANT_META}); "
                            "run `python -m planner materialize PLAN --out DIR` first")
+    check_links(path)  # materialize writes no links: one pointing out of DIR was put there by someone else
     plan = load_plan(path / PLAN_FILE)
     try:
         meta = BackboneMeta.from_dict(json.loads((path / BACKBONE / QUANT_META).read_text()))
@@ -205,33 +263,50 @@ def read_artifact(path: str | Path) -> Artifact:
 
 
 def check_adapter_config(folder: Path, ranks: Mapping[str, int], alphas: Mapping[str, float]) -> None:
-    """The adapter folder's r / alpha per module must be the plan's."""
+    """The adapter folder's r / alpha per module must be the plan's (wrong types: one PlannerError line)."""
+    path = folder / ADAPTER_CONFIG
     try:
-        cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+        cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise PlannerError(f"{folder / ADAPTER_CONFIG}: unreadable ({err})") from None
+        raise PlannerError(f"{path}: unreadable ({one_line(err)})") from None
+    if not isinstance(cfg, dict):
+        raise PlannerError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for key, value in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(value, dict):
+            raise PlannerError(f"{path}: {key} must be an object (module -> number), got {value!r:.60}")
     for name, r in ranks.items():
         key = re.escape(name)
         got_r, got_a = rank_pattern.get(key, cfg.get("r")), alpha_pattern.get(key, cfg.get("lora_alpha"))
+        if not _is_number(got_r) or not _is_number(got_a):
+            raise PlannerError(f"{path}: {name} has r={got_r!r:.40}, lora_alpha={got_a!r:.40}; both must be numbers")
         if got_r != r or float(got_a) != float(alphas[name]):
             raise PlannerError(f"{folder}: {name} has r={got_r}, alpha={got_a}; the plan says r={r}, "
                                f"alpha={alphas[name]}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 # ---------------------------------------------------------------- writing (materialize)
-def copy_config_files(src: Path, dst: Path, warn: bool = True) -> None:
-    """Config (without any quantization_config of the source), generation config, tokenizer files."""
+def copy_config_files(src: Path, dst: Path, warn: bool = True, roots: Sequence[Path] | None = None) -> None:
+    """Config (without any quantization_config of the source), generation config, tokenizer files.
+    Each must lie inside ``roots`` (default: ``src``) once its symlinks are resolved."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in CONFIG_FILES:
         if not (src / name).is_file():
             continue
+        real = contained(src / name, roots or (src,))
         if name == "config.json":
-            cfg = json.loads((src / name).read_text())
-            cfg.pop("quantization_config", None)
+            try:
+                cfg = json.loads(real.read_text())
+                cfg.pop("quantization_config", None)
+            except (OSError, ValueError, AttributeError) as err:
+                raise PlannerError(f"{src / name}: not a JSON config object ({one_line(err)})") from None
             atomic_write_bytes(dst / name, json.dumps(cfg, indent=2).encode())
         else:
-            shutil.copyfile(src / name, dst / name)
+            atomic_write_bytes(dst / name, real.read_bytes())
     if warn and not any((dst / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
         log.warning("%s has no tokenizer files; the materialized model has none either", src)
 
@@ -251,8 +326,10 @@ def write_adapter(folder: Path, plan: Plan, adapters: Mapping[str, tuple[torch.T
                         alpha_pattern={re.escape(n): a for n, a in alphas.items()},
                         lora_dropout=float(plan.run.get("lora_dropout", 0.0)), bias="none",
                         base_model_name_or_path=base, task_type=_task_type(plan))
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(folder))
+    # PEFT's save_pretrained writes target_modules from a set, in an order that changes with the
+    # process's hash seed: write its dict ourselves with every set sorted (byte-reproducible output)
+    cfg = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
+    atomic_write_bytes(folder / ADAPTER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
     tensors = {}
     for name, (a, b) in adapters.items():
         tensors[f"{peft_key(name)}.lora_A.weight"] = (a / (alphas[name] / ranks[name])).contiguous()

@@ -36,15 +36,15 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from safetensors import safe_open
 
-from loftq import METHODS, loftq
+from loftq import METHODS, QuantConfig, loftq
 from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
 from planner.artifact.atomic import (atomic_save_tensors, atomic_write_bytes, check_dir_target, check_writable,
                                      rename_dir)
 from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, LAYER_DIR, NON_TARGET_FILE, PLAN_FILE, QUANT_META,
-                                     BackboneMeta, LayerMeta, copy_config_files, dtype_name, layer_tensors,
-                                     write_adapter)
+                                     BackboneMeta, LayerMeta, check_links, copy_config_files, dtype_name,
+                                     layer_tensors, open_safetensors, write_adapter)
 from planner.artifact.plan import LayerPlan, Plan, created_with, load_plan, save_plan
 from planner.devices import default_device, resolve_device
 from planner.errors import PlannerError
@@ -69,6 +69,8 @@ class MaterializeConfig:
     non_target_dtype: str = _opt("bf16", "dtype of the non-target weights (embeddings, norms, biases)",
                                  choices=tuple(DTYPES))
     model: str | None = _opt(None, "model to read the weights from (default: the plan's model.id)")
+    offline: bool = _opt(False, "never download model weights (a hub id in the plan is downloaded, safetensors "
+                         "only, unless this is set or HF_HUB_OFFLINE=1), as for the plan command")
 
     def __post_init__(self) -> None:
         if self.iters is not None and (not isinstance(self.iters, int) or isinstance(self.iters, bool)
@@ -108,6 +110,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
     t0 = time.perf_counter()
     out = preflight(out, config.force)
     plan = load_plan(plan_path)
+    check_quant(plan)
     if config.format == "hf-bnb":
         check_nf4_only(plan)
     source = _source(plan, config)
@@ -129,7 +132,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
                 if on_layer is not None:
                     on_layer(target.name)
         artifact = partial / "artifact"
-        final_plan = _finalize(artifact, partial, plan, source, targets, iters, config, time.perf_counter() - t0)
+        final_plan = _finalize(artifact, partial, plan, source, targets, iters, config)
         _swap_into_place(artifact, out, config.force)
     shutil.rmtree(partial, ignore_errors=True)
     return Materialized(out, final_plan, tuple(t.name for t in todo), time.perf_counter() - t0)
@@ -146,6 +149,19 @@ def preflight(out: str | Path, force: bool) -> Path:
     return out
 
 
+def check_quant(plan: Plan) -> None:
+    """Every quantized layer's (method, bits, block size) is one the quantizer knows: checked before
+    anything is written, so a bad plan leaves no DIR.partial behind."""
+    for layer in plan.layers:
+        if layer.bits == 16:  # kept in 16 bits: quant names the dtype (bf16 when it is none of them)
+            continue
+        try:
+            QuantConfig(layer.bits, method_of(layer), layer.block_size, layer.double_quant)
+        except (KeyError, ValueError) as err:
+            raise PlannerError(f"{layer.name}: quant {layer.quant!r} at {layer.bits} bits, block {layer.block_size} "
+                               f"cannot be built: {str(err).strip(chr(34) + chr(39))}") from None
+
+
 def check_nf4_only(plan: Plan) -> None:
     bad = [layer for layer in plan.layers if layer.bits != 16 and (layer.bits != 4 or method_of(layer) != "nf")]
     if bad:
@@ -154,11 +170,14 @@ def check_nf4_only(plan: Plan) -> None:
 
 
 def _source(plan: Plan, config: MaterializeConfig) -> Any:
-    from planner.sources import resolve
+    from planner.sources import downloads_allowed, resolve
 
-    source = resolve(config.model or plan.model["id"])
+    allowed = not config.offline and downloads_allowed()
+    source = resolve(config.model or plan.model["id"], allow_download=allowed)
     if source.folder is None:
-        raise PlannerError(f"{source.reference}: its weights are not available offline; pass --model FOLDER")
+        why = "--offline" if config.offline else "HF_HUB_OFFLINE=1"
+        raise PlannerError(f"{source.reference}: its weights are not in the local hub cache and downloads are off "
+                           f"({why}); download them without it, or pass --model FOLDER")
     planned = plan.model.get("weights_sha256")
     if planned is not None and planned != source.weights_sha256():
         raise PlannerError(f"the weights of {source.reference} are not the ones the plan was made for "
@@ -194,7 +213,15 @@ def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int]) -> str:
 def _job(partial: Path, key: str, force: bool) -> Iterator[None]:
     """Open DIR.partial for job ``key`` under an exclusive lock (on the folder itself, so a second
     run cannot clear it meanwhile): resume it if it holds this job, else start it afresh (another
-    job's work is discarded only with ``force``)."""
+    job's work is discarded only with ``force``). DIR.partial must be a real folder holding no link
+    out of it (its files become the artifact; ``force`` empties it). A run that fails before its
+    first layer is committed removes the DIR.partial it created."""
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        raise PlannerError(f"{partial} is a symbolic link or not a folder; materialize keeps its work in a real "
+                           "folder there: remove it")
+    created = not partial.exists()
+    if not created:
+        check_links(partial)
     partial.mkdir(parents=True, exist_ok=True)
     fd = os.open(partial, os.O_RDONLY)
     try:
@@ -216,11 +243,16 @@ def _job(partial: Path, key: str, force: bool) -> Iterator[None]:
                                "remove it or pass --force to discard it")
         if old != key:
             for child in partial.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
             atomic_write_bytes(job_file, json.dumps({"key": key, "version": JOB_VERSION}).encode())
         (partial / "work").mkdir(exist_ok=True)
         (partial / "artifact" / BACKBONE / LAYER_DIR).mkdir(parents=True, exist_ok=True)
-        yield
+        try:
+            yield
+        except BaseException:
+            if created and not any((partial / "work").iterdir()):
+                shutil.rmtree(partial, ignore_errors=True)  # nothing to resume: leave nothing behind
+            raise
     finally:
         os.close(fd)
 
@@ -242,12 +274,8 @@ def _committed(partial: Path, name: str, key: str) -> bool:
 
 def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters: int, device: torch.device,
                    key: str) -> None:
-    """LoftQ one layer [out, in] and commit it: codes to artifact/backbone/layers, A/B to work/."""
-    bad = int((~torch.isfinite(weight)).sum())
-    if bad:
-        raise PlannerError(f"{layer.name}: the weight has {bad} non-finite value(s) (NaN or Inf); "
-                           "the checkpoint is corrupt")
-    t0 = time.perf_counter()
+    """LoftQ one layer [out, in] and commit it: codes to artifact/backbone/layers, A/B to work/.
+    (``weight`` is finite: the source's reader checks every tensor.)"""
     if layer.bits == 16:
         stored: Any = weight.to(DTYPES.get(layer.quant, torch.bfloat16))
         residual = float((weight - stored.float()).norm() / weight.norm().clamp(min=1e-30))
@@ -266,7 +294,7 @@ def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters:
                          cfg.double_quant, stored.block, layer.shape, dtype_name(stored.dtype), stored.nbytes)
     atomic_save_tensors(partial / "artifact" / BACKBONE / LAYER_DIR / meta.file, layer_tensors(layer.name, stored))
     info = {"job": key, "residual": repr(residual), "best_iter": str(best), "errors": json.dumps(errors),
-            "seconds": f"{time.perf_counter() - t0:.3f}", "meta": json.dumps(meta.to_dict())}
+            "meta": json.dumps(meta.to_dict())}
     atomic_save_tensors(_work_file(partial, layer.name), {"lora_A": a.contiguous(), "lora_B": b.contiguous()}, info)
 
 
@@ -281,12 +309,12 @@ def _plain_lora_init(layer: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---------------------------------------------------------------- assembling the artifact
 def _read_work(partial: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(_work_file(partial, name)), framework="pt") as fh:
+    with open_safetensors(_work_file(partial, name)) as fh:
         return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
 
 
 def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: Sequence[Any],
-              iters: Mapping[str, int], config: MaterializeConfig, seconds: float) -> Plan:
+              iters: Mapping[str, int], config: MaterializeConfig) -> Plan:
     """Write everything but the layer codes into ``artifact`` and return the updated plan."""
     results = {t.name: _read_work(partial, t.name) for t in targets}
     backbone = artifact / BACKBONE
@@ -294,7 +322,7 @@ def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: S
     meta = BackboneMeta(tuple(metas), non_target_dtype=config.non_target_dtype)
     atomic_save_tensors(backbone / NON_TARGET_FILE, non_target_state(source, targets, DTYPES[config.non_target_dtype]))
     atomic_write_bytes(backbone / QUANT_META, json.dumps(meta.to_dict(), indent=1).encode())
-    copy_config_files(source.folder, backbone)
+    copy_config_files(source.folder, backbone, roots=source.roots)
     layers = {layer.name: layer for layer in plan.layers}
     adapters = {n: (t["lora_A"], t["lora_B"]) for n, (t, _) in results.items() if layers[n].rank}
     if adapters:
@@ -304,9 +332,9 @@ def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: S
     planned_backbone = plan.estimate.get("breakdown", {}).get("backbone")
     if planned_backbone is not None and planned_backbone != meta.nbytes:
         log.warning("stored backbone is %d B, the plan's estimate says %d B", meta.nbytes, planned_backbone)
+    # no timings here: the same plan and weights give a byte-identical folder (the CLI prints the time)
     info = {"iters": config.iters, "device": config.device or str(default_device()), "format": config.format,
-            "non_target_dtype": config.non_target_dtype, "backbone_bytes": meta.nbytes, "seconds": round(seconds, 2),
-            "loftq_seconds": round(sum(float(m["seconds"]) for _, m in results.values()), 2),
+            "non_target_dtype": config.non_target_dtype, "backbone_bytes": meta.nbytes,
             "best_iters": {n: int(m["best_iter"]) for n, (_, m) in results.items()}, "versions": created_with()}
     new_plan = dataclasses.replace(plan, layers=new_layers, created_with={**plan.created_with, "materialize": info})
     save_plan(new_plan, artifact / PLAN_FILE)
@@ -317,10 +345,8 @@ def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: S
 
 def non_target_state(source: Any, targets: Sequence[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every parameter that is not a target weight, streamed from the checkpoint, under the model's
-    parameter names, in ``dtype`` (non-finite values: PlannerError)."""
-    from planner.sources.files import WeightIndex
-
-    index = WeightIndex(source.folder)
+    parameter names, in ``dtype`` (non-finite values: PlannerError, from the reader)."""
+    index = source.index
     prefix = getattr(source.skeleton, "base_model_prefix", "") or ""
     aliases: dict[int, list[str]] = {}
     for alias, p in source.skeleton.named_parameters(remove_duplicate=False):
@@ -334,10 +360,7 @@ def non_target_state(source: Any, targets: Sequence[Any], dtype: torch.dtype) ->
         key = next((c for c in candidates if c in index), None)
         if key is None:
             raise PlannerError(f"{source.reference}: no checkpoint tensor for {info.name}")
-        tensor = index.read(key)
-        if not torch.isfinite(tensor).all():
-            raise PlannerError(f"{info.name}: the weight has non-finite values (NaN or Inf); the checkpoint is corrupt")
-        out[info.name] = tensor.to(dtype).contiguous()
+        out[info.name] = index.read(key).to(dtype).contiguous()
     return out
 
 
@@ -364,9 +387,7 @@ def write_hf_bnb(artifact: Path, source: Any) -> Path:
     ``PeftModel.from_pretrained(model, DIR/adapter)``. The whole state is built in memory (about the
     backbone size) before it is written.
     """
-    from safetensors.torch import load_file
-
-    from planner.artifact.layout import read_artifact, read_layer
+    from planner.artifact.layout import load_tensors, read_artifact, read_layer
     from planner.runtime.layers import bnb_quant_state
 
     try:
@@ -378,7 +399,7 @@ def write_hf_bnb(artifact: Path, source: Any) -> Path:
     if any(getattr(source.skeleton.get_submodule(m.name), "weight", None) is not None
            and is_conv1d(source.skeleton.get_submodule(m.name)) for m in art.meta.layers):
         raise PlannerError("--format hf-bnb does not support Conv1D models (gpt2); use the packed format")
-    state = load_file(str(art.backbone / NON_TARGET_FILE))
+    state = load_tensors(art.backbone / NON_TARGET_FILE)
     targets_nf4, skip = set(), []
     for meta in art.meta.layers:
         weight = read_layer(art.backbone, meta)

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from search_spaces.discovery import weight_out_in
 
 from planner.artifact.layout import (ADAPTER, ADAPTER_WEIGHTS, DTYPES, NON_TARGET_FILE, check_adapter_config,
-                                     read_artifact, read_layer)
+                                     check_links, load_tensors, one_line, read_artifact, read_layer)
 from planner.devices import default_device
 from planner.errors import PlannerError
 from planner.runtime.layers import QuantLinear, add_lora, backbone_nbytes, resolve_compute_dtype
@@ -48,11 +47,15 @@ def _skeleton(folder: Path) -> nn.Module:
 
     from planner.sources import model_class
 
-    config = AutoConfig.from_pretrained(str(folder))
-    cls = model_class(config)
-    build = getattr(cls, "_from_config", None) or cls.from_config
-    with _parameters_on_meta():
-        return build(config)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+        cls = model_class(config)
+        build = getattr(cls, "_from_config", None) or cls.from_config
+        with _parameters_on_meta():
+            return build(config)
+    except Exception as err:  # an edited or corrupt config.json: one line
+        raise PlannerError(f"{folder / 'config.json'}: cannot build the model from it "
+                           f"({type(err).__name__}: {one_line(err)})") from None
 
 
 def install_module(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -68,7 +71,7 @@ def load_backbone(path: str | Path, device: torch.device | str | None = None,
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or compute_dtype_for(art.run, device)
     model = _skeleton(art.backbone)
-    state = {k: v.to(dtype) for k, v in load_file(str(art.backbone / NON_TARGET_FILE), device=str(device)).items()}
+    state = {k: v.to(dtype) for k, v in load_tensors(art.backbone / NON_TARGET_FILE, str(device)).items()}
     for meta in art.meta.layers:
         weight = read_layer(art.backbone, meta, device)
         mod = model.get_submodule(meta.name)
@@ -76,7 +79,10 @@ def load_backbone(path: str | Path, device: torch.device | str | None = None,
         if tuple(out_in) != meta.shape:
             raise PlannerError(f"{meta.name}: stored shape {meta.shape} does not match the model's {tuple(out_in)}")
         install_module(model, meta.name, QuantLinear(weight, state.pop(f"{meta.name}.bias", None), dtype))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # edited tensors of the wrong shape
+        raise PlannerError(f"{art.backbone / NON_TARGET_FILE}: does not fit the model ({one_line(err)})") from None
     if unexpected:
         raise PlannerError(f"{art.backbone / NON_TARGET_FILE}: tensors the model does not have: {unexpected[:3]}")
     if hasattr(model, "tie_weights"):
@@ -121,6 +127,7 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     folder = Path(adapter) if adapter is not None else art.adapter
     if folder is None or not (folder / ADAPTER_WEIGHTS).is_file():
         raise PlannerError(f"{path}: the plan has ranks but no adapter folder {folder or art.path / ADAPTER}")
+    check_links(folder)
     check_adapter_config(folder, ranks, alphas)
     model = add_lora(model, ranks, alphas, dropout=art.run.lora_dropout,
                      adapter_dtype=adapter_dtype_for(art.run, dtype))
@@ -134,8 +141,11 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
     """Copy ``adapter_model.safetensors`` into the PeftModel's default adapter (every tensor must land)."""
     from peft import set_peft_model_state_dict
 
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(model, state)
+    state = load_tensors(folder / ADAPTER_WEIGHTS)
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as err:  # edited tensors of the wrong shape
+        raise PlannerError(f"{folder / ADAPTER_WEIGHTS}: does not fit the plan's adapters ({one_line(err)})") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise PlannerError(f"{folder / ADAPTER_WEIGHTS}: tensors for modules the plan has no adapter on: {unexpected[:3]}")

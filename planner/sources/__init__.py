@@ -25,9 +25,10 @@ from search_spaces.architectures import rule_for
 from search_spaces.discovery import facts_from_config, find_targets
 from search_spaces.facts import ModelFacts, TargetLayer
 
+from planner.artifact.layout import CONFIG_FILES, contained, one_line
 from planner.cache import default_cache_dir
 from planner.errors import PlannerError
-from planner.sources.files import WeightIndex, fingerprint
+from planner.sources.files import WeightIndex, check_finite, fingerprint, folder_roots
 from planner.sources.packaged import PACKAGED, gguf_folder, hub_folder
 
 log = logging.getLogger(__name__)
@@ -172,14 +173,15 @@ class ModelSource:
         return self.folder
 
     @cached_property
-    def _index(self) -> WeightIndex:
+    def index(self) -> WeightIndex:
+        """The weight files (checked: safetensors, inside the folder, readable headers) and their keys."""
         return WeightIndex(self._need_weights())
 
     def state_dict_keys(self) -> list[str]:
         """Tensor names in the checkpoint (the skeleton's for a facts source)."""
         if self.folder is None:
             return list(self.skeleton.state_dict())
-        return self._index.keys()
+        return self.index.keys()
 
     def _checkpoint_key(self, name: str) -> str:
         """The checkpoint key of module ``name``'s weight: as named, without/with the base-model
@@ -191,11 +193,11 @@ class ModelSource:
         elif prefix:
             candidates.append(f"{prefix}.{name}")
         for candidate in candidates:
-            if f"{candidate}.weight" in self._index:
+            if f"{candidate}.weight" in self.index:
                 return f"{candidate}.weight"
         param = self._module(name).weight
         for alias, p in self.skeleton.named_parameters(remove_duplicate=False):
-            if p is param and alias in self._index:
+            if p is param and alias in self.index:
                 return alias
         raise PlannerError(f"{self.reference}: no checkpoint tensor for {name}.weight in {self.folder}")
 
@@ -207,7 +209,7 @@ class ModelSource:
         plus a constant, whatever the checkpoint size.
         """
         for target in self.targets() if targets is None else targets:
-            weight = self._index.read(self._checkpoint_key(target.name))
+            weight = self.index.read(self._checkpoint_key(target.name))
             if target.transposed:
                 weight = weight.t()
             weight = weight.to(torch.float32).contiguous()
@@ -217,16 +219,37 @@ class ModelSource:
             yield target, weight
 
     def load_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
-        """The full model (eval mode) with its real weights, for proxies and materialize."""
-        folder = self._need_weights()
-        cls = model_class(self.config, self.trust_remote_code)
-        return cls.from_pretrained(str(folder), dtype=dtype).eval()
+        """The full model (eval mode) with its real weights, for proxies and scoring.
+
+        Built from exactly the files of :attr:`index` (the ones the fingerprint and the streamed
+        layers cover), handed to transformers as a state dict: given the folder instead, transformers
+        would pick its own files, and a ``pytorch_model.bin`` beside a differently named safetensors
+        file would be unpickled. Non-finite weights raise PlannerError naming the tensor.
+        """
+        self._need_weights()
+        cls = type(self.skeleton)  # the concrete class (also for remote code, already imported)
+        with self.index.lazy_state() as state:
+            try:
+                model = cls.from_pretrained(None, config=self.config, state_dict=state, dtype=dtype)
+            except PlannerError:
+                raise
+            except Exception as err:  # transformers' own checks on the user's files: one line
+                raise PlannerError(f"{self.folder}: cannot load the weights ({type(err).__name__}: "
+                                   f"{one_line(err)})") from None
+        for name, tensor in model.state_dict().items():
+            check_finite(name, tensor)
+        return model.eval()
 
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
         folder = self._need_weights()
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=self.trust_remote_code)
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Where this model's files may lie once symlinks are resolved (see :func:`folder_roots`)."""
+        return folder_roots(self._need_weights())
 
     def weights_sha256(self) -> str:
         """Fingerprint of the weight files: see :func:`planner.sources.files.fingerprint` (names,
@@ -236,7 +259,7 @@ class ModelSource:
     @cached_property
     def _sha256(self) -> str:
         folder = self._need_weights()
-        return fingerprint(self._index.files, folder)
+        return fingerprint(self.index.files, folder)
 
 
 # -- resolving references -------------------------------------------------------------------------
@@ -252,17 +275,27 @@ def _unknown(reference: str) -> PlannerError:
 
 def _folder_source(reference: str, kind: str, folder: Path, trust_remote_code: bool,
                    hub_id: str | None = None) -> ModelSource:
+    """A source for a Hugging Face folder, checked now: config.json builds a model skeleton, the
+    weight files are safetensors inside the folder with readable headers. Every failure is one
+    PlannerError line (a malformed config.json included, also for a dry run)."""
     from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
         raise PlannerError(f"{folder} has no config.json: not a Hugging Face model folder")
-    WeightIndex(folder)  # fails early on pickle-only or empty folders
+    for name in CONFIG_FILES:  # config and tokenizer files are read here and copied into artifacts
+        if os.path.lexists(folder / name):
+            contained(folder / name, folder_roots(folder))
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        raise PlannerError(f"{folder}: {str(err).splitlines()[0]} (trust_remote_code is "
-                           f"{'on' if trust_remote_code else 'off'})") from None
-    return ModelSource(reference, kind, config, folder, hub_id=hub_id, trust_remote_code=trust_remote_code)
+        source = ModelSource(reference, kind, config, folder, hub_id=hub_id, trust_remote_code=trust_remote_code)
+        source.skeleton  # noqa: B018 - builds the model on the meta device: every config value is used
+    except PlannerError:
+        raise
+    except Exception as err:  # transformers / torch reject the user's config in many ways
+        raise PlannerError(f"{folder / 'config.json'}: cannot build the model from it ({type(err).__name__}: "
+                           f"{one_line(err)}) (trust_remote_code is {'on' if trust_remote_code else 'off'})") from None
+    source.index  # noqa: B018 - fails early on pickle-only, empty, escaping or corrupt weight files
+    return source
 
 
 def _hub_source(reference: str, hub_id: str, record: dict[str, Any] | None, *, trust_remote_code: bool,

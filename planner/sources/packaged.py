@@ -132,6 +132,9 @@ def hub_folder(repo_id: str, *, allow_download: bool, cache_dir: Path | None) ->
             raise PlannerError("downloading hub models needs huggingface_hub: pip install huggingface_hub") from None
         return None
     hub_cache = str(cache_dir / "hub") if cache_dir is not None else None
+    if allow_download:
+        log.info("%s: from the hub cache, or downloaded (safetensors, config, tokenizer); pass --offline or set "
+                 "HF_HUB_OFFLINE=1 to refuse downloads", repo_id)
     try:
         path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=hub_cache,
                                  local_files_only=not allow_download)

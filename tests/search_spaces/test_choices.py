@@ -1,6 +1,8 @@
 """Choice sets (bits x ranks, opt-in 16-bit keep) and granularity groups."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from search_spaces import SEARCH_SPACES, SearchSpace, TargetLayer, find_targets, group_targets
@@ -23,7 +25,9 @@ def test_keep16_is_opt_in() -> None:
 
 def test_choices_for_small_layer() -> None:
     tiny = TargetLayer("x", (24, 48), "q_proj", 0)
-    assert max(r for _, r in SearchSpace().choices_for(tiny)) == 16
+    assert SearchSpace(ranks=(0, 8, 16)).choices_for(tiny) == SearchSpace(ranks=(0, 8, 16)).choices()
+    with pytest.raises(ValueError, match=r"rank 64 exceeds layer x \(24, 48\)"):  # the largest rank that does not fit
+        SearchSpace().choices_for(tiny)
 
 
 @pytest.mark.parametrize("kwargs,word", [
@@ -71,3 +75,30 @@ def test_group_keys() -> None:
     assert {"transformer.h.*.attn.c_proj", "transformer.h.*.mlp.c_proj"} <= set(gpt2)  # same leaf, two types
     with pytest.raises(ValueError, match="granularity"):
         group_targets(targets, "layer")
+
+
+def test_a_rank_above_a_layer_is_refused_by_the_space_and_the_dry_run_like_the_real_plan(
+        tmp_path, capsys: pytest.CaptureFixture) -> None:
+    """k_proj of the tiny llama is 32 x 64: rank 64 cannot be a low-rank factor of it. The dry run
+    said the space fits while the real plan refused it; both now refuse with the same line."""
+    import planner.cli.plan_cmd  # noqa: F401  registers the plan command
+    from planner.cli.app import main
+    from tests.tiny_models import save_tiny_checkpoint
+
+    k_proj = TargetLayer("model.layers.0.self_attn.k_proj", (32, 64), "k_proj", 0)
+    with pytest.raises(ValueError, match=r"rank 64 exceeds layer model.layers.0.self_attn.k_proj \(32, 64\)"):
+        SearchSpace().choices_for(k_proj)
+    assert SearchSpace(ranks=(0, 8, 32)).choices_for(k_proj) == SearchSpace(ranks=(0, 8, 32)).choices()
+    folder = save_tiny_checkpoint("llama", tmp_path / "ckpt")
+    common = ["--model", str(folder), "--budget", "1GB", "--cache-dir", str(tmp_path / "cache"),
+              "--out", str(tmp_path / "plan.json")]
+    lines = []
+    for extra in (["--dry-run"], ["--trials", "1"]):
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "rank 64 exceeds layer model.layers.0.self_attn.k_proj" in err, err
+        lines.append(err)
+    assert lines[0] == lines[1] and not (tmp_path / "plan.json").exists()
+    assert main(common + ["--dry-run", "--json", "--ranks", "0,8,32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max"]["plan"] == {"bits": [8], "ranks": [32]} and report["min"]["plan"] == {"bits": [2], "ranks": [0]}

@@ -345,3 +345,118 @@ def test_smollm2_finetune_and_verify_commands(smol: dict, tmp_path: Path, capsys
     for term in ("backbone", "non_target", "adapters", "adapter_grads", "optimizer"):
         assert rows[term]["ok"], rows[term]
     assert rows["backbone"]["measured"] == load_plan(smol["dir"] / "plan.json").estimate["breakdown"]["backbone"]
+
+
+# ---------------------------------------------------------------- untrusted input (issue 13)
+def _one_line(capsys, *words: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_unknown_quant_exits_2_and_leaves_nothing(tmp_path: Path, capsys) -> None:
+    plan = _tiny_plan(tmp_path)
+    data = json.loads(Path(plan).read_text())
+    layer = next(x for x in data["layers"] if x["bits"] == 2)
+    layer["quant"] = "foo2"
+    Path(plan).write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert main(["materialize", str(plan), "--out", str(out)]) == 2
+    _one_line(capsys, layer["name"], "'foo2'", "known: int8, nf, uniform")
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "garbage header"])
+def test_corrupt_checkpoint_exits_2_before_any_layer(tmp_path: Path, capsys, fault: str) -> None:
+    plan = _tiny_plan(tmp_path)
+    shard = sorted((tmp_path / "ckpt").glob("model-*.safetensors"))[3]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-64] if fault == "truncated" else data[:8] + b"\x00" * 16 + data[24:])
+    out = tmp_path / "out"
+    assert main(["materialize", str(plan), "--out", str(out)]) == 2
+    _one_line(capsys, shard.name, "safetensors")
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_materialize_follows_the_plan_commands_download_policy(tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan naming a hub id: downloads by default (as the plan command), not with --offline or
+    HF_HUB_OFFLINE=1, and the refusal says which of them is set."""
+    import huggingface_hub
+
+    plan = _tiny_plan(tmp_path, arch="qwen2", choice=lambda i, t: LayerChoice(4, 0))
+    data = json.loads(Path(plan).read_text())
+    data["model"]["id"] = "someone/tiny-qwen"
+    Path(plan).write_text(json.dumps(data))
+    calls = []
+
+    def cached_only(repo_id: str, **kwargs):  # in the local hub cache; any network use fails
+        calls.append(kwargs["local_files_only"])
+        if kwargs["local_files_only"]:
+            return str(tmp_path / "ckpt")
+        raise RuntimeError("no network here")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_only)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["materialize", str(plan), "--out", str(tmp_path / "a"), "--offline"]) == 0
+    assert calls == [True] and (tmp_path / "a" / BACKBONE / QUANT_META).is_file()
+    capsys.readouterr()
+    assert main(["materialize", str(plan), "--out", str(tmp_path / "b")]) == 2
+    assert calls[-1] is False
+    _one_line(capsys, "could not download someone/tiny-qwen")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["materialize", str(plan), "--out", str(tmp_path / "b")]) == 0 and calls[-1] is True
+    capsys.readouterr()
+    data["model"]["id"] = "phi-2"  # shipped shape facts only: the weights would need a download
+    Path(plan).write_text(json.dumps(data))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: (_ for _ in ()).throw(
+        RuntimeError("not cached")))
+    assert main(["materialize", str(plan), "--out", str(tmp_path / "c")]) == 2
+    _one_line(capsys, "downloads are off (HF_HUB_OFFLINE=1)")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["materialize", str(plan), "--out", str(tmp_path / "c"), "--offline"]) == 2
+    _one_line(capsys, "downloads are off (--offline)")
+    assert not (tmp_path / "c").exists() and not partial_dir(tmp_path / "c").exists()
+
+
+_MATERIALIZE = ("import sys\nfrom planner import progress\nfrom planner.artifact.materialize import materialize\n"
+                "progress.set_enabled(False)\nmaterialize(sys.argv[1], sys.argv[2])\n")
+
+
+def test_output_folder_is_byte_reproducible_across_processes(tmp_path: Path) -> None:
+    """Two processes with different hash seeds (PEFT keeps target_modules in a set) write the same bytes."""
+    plan = _tiny_plan(tmp_path)
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-c", _MATERIALIZE, str(plan), str(tmp_path / f"out{seed}")],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    first, second = _listing(tmp_path / "out1"), _listing(tmp_path / "out2")
+    assert len(first) > 20 and first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
+    modules = json.loads(first[f"{ADAPTER}/adapter_config.json"])["target_modules"]
+    assert modules == sorted(modules) and len(modules) == sum(1 for x in load_plan(plan).layers if x.rank)
+
+
+def test_a_partial_folder_that_is_a_link_or_holds_one_out_is_refused(tmp_path: Path, capsys) -> None:
+    """--force empties another job's DIR.partial: it must never follow a link to empty a folder elsewhere."""
+    plan = _tiny_plan(tmp_path)
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    partial_dir(out).symlink_to(victim)
+    assert main(["materialize", str(plan), "--out", str(out), "--force"]) == 2
+    _one_line(capsys, "symbolic link")
+    assert (victim / "keep.txt").read_text() == "precious" and not out.exists()
+    partial_dir(out).unlink()
+    with pytest.raises(KeyboardInterrupt):  # a real partial run with 2 layers committed
+        materialize(plan, out, on_layer=lambda name, n=[]: n.append(name) or (len(n) == 2 and (_ for _ in ()).throw(
+            KeyboardInterrupt)))
+    work = sorted((partial_dir(out) / "work").iterdir())[0]
+    work.unlink()
+    work.symlink_to(victim / "keep.txt")
+    assert main(["materialize", str(plan), "--out", str(out), "--force"]) == 2
+    _one_line(capsys, "points outside")
+    assert (victim / "keep.txt").read_text() == "precious" and not out.exists()
