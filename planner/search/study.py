@@ -68,8 +68,11 @@ def _retrying(what: str, url: str, make: Callable[[], Any], tries: int = 8) -> A
     for attempt in range(tries):
         try:
             return make()
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
-            if attempt == tries - 1:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
+                sqlalchemy.exc.ProgrammingError) as err:
+            racing = isinstance(err, sqlalchemy.exc.IntegrityError) or any(
+                w in str(err).lower() for w in ("already exists", "database is locked"))
+            if not racing or attempt == tries - 1:
                 first = str(err.orig if getattr(err, "orig", None) is not None else err).splitlines()[0]
                 raise PlannerError(f"--storage {redact(url)}: cannot {what}: {first}") from None
             time.sleep(0.05 * 2 ** attempt * (0.5 + random.random()))
