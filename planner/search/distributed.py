@@ -91,9 +91,12 @@ def share_work(study: optuna.Study, specs: Sequence[dict[str, Any]], compute: Ca
 
     def run(trial: optuna.Trial) -> float:
         k = key(trial.user_attrs)
-        done = {key(t.user_attrs) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if "result" in t.user_attrs}
-        if k not in want or k in done:  # a duplicate, or a fresh trial made when the queue just ran dry
+        # Workers that arrive together enqueue the same spec twice: the copy yields to one that is
+        # done or that an earlier-numbered trial is running (a dead one's retry comes back queued).
+        taken = any(key(t.user_attrs) == k and t.number != trial.number and (
+            (t.state == TrialState.COMPLETE and "result" in t.user_attrs)
+            or (t.state == TrialState.RUNNING and t.number < trial.number)) for t in study.get_trials(deepcopy=False))
+        if k not in want or taken:  # a duplicate, or a fresh trial made when the queue just ran dry
             raise optuna.TrialPruned()
         t0 = time.perf_counter()
         result = compute(want[k])
@@ -115,8 +118,11 @@ def share_work(study: optuna.Study, specs: Sequence[dict[str, Any]], compute: Ca
             return results
         if any(t.state == TrialState.WAITING and key(t.user_attrs) in want for t in trials):
             study.optimize(run, n_trials=1)
-        else:
-            time.sleep(POLL_S)
+            continue
+        live = {key(t.user_attrs) for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+        for k in set(want) - set(results) - live:  # its copies all yielded or failed for good: queue it again
+            study.enqueue_trial({}, user_attrs=dict(want[k]))
+        time.sleep(POLL_S)
 
 
 # ---------------------------------------------------------------- precomputation shards
@@ -316,7 +322,7 @@ def plan_shared(prep: Prepared, budget: int, corpus: Any, url: str, name: str, f
         main.set_user_attr(REF_LOSS, ZeroStepProxy(model, bank, val, causal=prep.source.facts.is_decoder).ref_loss)
     t1 = time.perf_counter()
     _, candidates, _, _ = _guided(prep, problem, model, val, team.storage, name, fp, bank=bank,
-                                  sampler_seed=cfg.seed + 7919 * team.index)
+                                  sampler_seed=cfg.seed + 7919 * team.index, worker=team.ident)
     timings["search_s"] = time.perf_counter() - t1
     if cfg.proxy_top > 0 and any(has_adapter(c, prep.options) for c in candidates):
         t2 = time.perf_counter()

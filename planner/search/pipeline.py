@@ -281,7 +281,7 @@ def load_scoring_model(prep: Prepared) -> torch.nn.Module:
 
 def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val: torch.Tensor, storage: Any,
             name: str, fp: dict[str, Any], bank: Any = None,
-            sampler_seed: int | None = None) -> tuple[Candidate, list[Candidate], int, Any]:
+            sampler_seed: int | None = None, worker: str | None = None) -> tuple[Candidate, list[Candidate], int, Any]:
     from planner.scoring.proxy import ZeroStepProxy
     from planner.scoring.sensitivity import WeightBank, module_weight, target_modules
 
@@ -296,7 +296,8 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
     with progress.task(f"search: {prep.cfg.trials} trials (zero-step {what})", prep.cfg.trials) as advance:
         study, seen = guided_search(problem, proxy, trials=prep.cfg.trials, timeout=prep.cfg.timeout,
                                     seed=prep.cfg.seed, storage=storage, study_name=name,
-                                    on_trial=lambda c: advance(1), fingerprint=fp, sampler_seed=sampler_seed)
+                                    on_trial=lambda c: advance(1), fingerprint=fp, sampler_seed=sampler_seed,
+                                    worker=worker)
     best, scored = zero_step_choice(prep, seen)
     return best, scored, sum(t.state in DONE for t in study.get_trials(deepcopy=False)), bank
 

@@ -265,7 +265,7 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
                   seed: int, storage: str | optuna.storages.BaseStorage | None, study_name: str,
                   on_trial: Callable[[Candidate | None], None] | None = None,
                   fingerprint: dict[str, Any] | None = None,
-                  sampler_seed: int | None = None) -> tuple[optuna.Study, list[Candidate]]:
+                  sampler_seed: int | None = None, worker: str | None = None) -> tuple[optuna.Study, list[Candidate]]:
     """Optuna over shapings until the study holds ``trials`` trials (all processes sharing the
     storage together); returns the study and every completed candidate recorded in it, rebuilt from
     the storage in trial order, so every process that shares the study sees the same list."""
@@ -280,6 +280,8 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
                 study.enqueue_trial(neutral_params(types, rank_floor=floor), skip_if_exists=True)
 
     def objective(trial: optuna.Trial) -> float:
+        if worker is not None:
+            trial.set_user_attr("worker", worker)
         shaping = sample_shaping(trial, types, ranks)
         try:
             cand = problem.solve(problem.table.shaped(shaping))
