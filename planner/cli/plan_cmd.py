@@ -168,6 +168,22 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def collect_command(args: argparse.Namespace) -> int:
+    from planner.artifact.plan import save_plan
+    from planner.search.distributed import collect
+
+    outcome = collect(args.storage, args.study_name, args.cache_dir)
+    report(outcome, save_plan(outcome.plan, args.out), outcome.plan.budget_bytes)
+    return 0
+
+
+def _collect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", required=True, help="the workers' Optuna storage URL")
+    p.add_argument("--study-name", required=True, help="the workers' study name")
+    p.add_argument("--out", default=PlanConfig().out, help="where to write the plan")
+    p.add_argument("--cache-dir", default=None, help=_help("cache_dir"))
+
+
 def _models_args(p: argparse.ArgumentParser) -> None:
     add_options(p, Report)
 
@@ -180,4 +196,6 @@ def _show_args(p: argparse.ArgumentParser) -> None:
 COMMANDS["plan"] = Command("plan per-layer bits and ranks under a memory budget (default command)",
                            plan_arguments, plan_command)
 COMMANDS["models"] = Command("list known model ids and aliases, and which work offline", _models_args, models_command)
+COMMANDS["collect"] = Command("write the plan of a shared study (workers on one --storage) from the storage alone",
+                              _collect_args, collect_command)
 COMMANDS["show"] = Command("print a plan's per-block table and memory breakdown", _show_args, show_command)

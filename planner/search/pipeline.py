@@ -24,7 +24,8 @@ from planner.config import PlanConfig
 from planner.errors import PlannerError
 from planner.memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
 from planner.search.objective import OptionTable
-from planner.search.study import Candidate, SearchProblem, assignment, direct_search, guided_search, has_adapter
+from planner.search.study import (DONE, Candidate, SearchProblem, assignment, direct_search, guided_search,
+                                  has_adapter, open_study, redact)
 from planner.settings import RunSettings
 from planner.scoring.tables import ResidualTables, TableSettings, residual_tables
 
@@ -146,6 +147,25 @@ def study_name_for(prep: Prepared, budget: int) -> str:
     return f"{cfg.model.replace('/', '_')}-{cfg.search}-{budget}B-{digest}"
 
 
+def fingerprint(prep: Prepared, budget: int, corpus_sha: str) -> dict[str, Any]:
+    """What a study's trials depend on: weights, search space, run, budget, data and proxy settings
+    (not the model's id or path, which differ between machines, nor --trials or --timeout)."""
+    cfg = prep.cfg
+    return {"weights": prep.source.weights_sha256(), "targets": [t.name for t in prep.targets],
+            "space": {"bits": list(cfg.bits), "ranks": list(cfg.ranks), "block": cfg.block_size,
+                      "granularity": cfg.granularity, "search": cfg.search},
+            "run": prep.run.to_dict(), "budget": int(budget), "data": corpus_sha,
+            "calibration": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len],
+            "proxy": {"top": cfg.proxy_top, "steps": cfg.proxy_steps, "lr": cfg.proxy_lr, "seed": cfg.seed,
+                      "adapter_margin": cfg.adapter_margin}}
+
+
+def shared_storage(cfg: PlanConfig) -> bool:
+    """An explicit --storage with the guided search: workers sharing it split the precomputation
+    and the fine-tune proxy (planner.search.distributed); the default SQLite file is one machine's."""
+    return cfg.storage is not None and cfg.search == "guided" and cfg.trials > 0
+
+
 def default_storage(cfg: PlanConfig) -> str:
     path = (cfg.cache_path or default_cache_dir()) / "studies.sqlite3"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,19 +201,19 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
     from planner.train.data import CorpusConfig, load_corpus
 
     corpus = load_corpus(CorpusConfig(source=cfg.data or "pydoc", seed=0))  # bad data fails before heavy work
+    study = None
+    if cfg.search != "exact" and cfg.trials > 0:  # a bad storage or a mismatched study fails before heavy work
+        study = (cfg.storage or default_storage(cfg), cfg.study_name or study_name_for(prep, budget),
+                 fingerprint(prep, budget, corpus.fingerprint))
+        if shared_storage(cfg):
+            from planner.search.distributed import plan_shared
+
+            return plan_shared(prep, budget, corpus, *study, timings, t0)
+        open_study(study[0], study[1], cfg.seed, study[2])
     tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
                              device=cfg.score_device)
     timings["tables_s"] = time.perf_counter() - t0
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = prep.source.load_model(torch.float32)
-    from planner.scoring.sensitivity import is_causal_lm
-
-    if is_causal_lm(model) != prep.source.facts.is_decoder:  # the facts decide memory and labels; the scores must agree
-        raise PlannerError(f"{cfg.model}: the config says {'a causal LM' if prep.source.facts.is_decoder else 'an encoder'} "
-                           f"but {type(model).__name__} {'has no' if prep.source.facts.is_decoder else 'has a'} "
-                           "language-model head; cannot score plans for it")
+    model = load_scoring_model(prep)
     train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
     fisher_err = fisher_errors_cached(prep, tables, model, train, corpus_sha)
     timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"]
@@ -206,14 +226,13 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
     chosen = exact
     search_info: dict[str, Any] = {"mode": cfg.search, "seed": cfg.seed, "trials": 0}
     bank = None  # the guided search's weight bank, reused by the fine-tune proxy
-    if cfg.search != "exact" and cfg.trials > 0:
-        storage = cfg.storage or default_storage(cfg)
-        name = cfg.study_name or study_name_for(prep, budget)
-        search_info.update(storage=_redact(storage), study_name=name)
+    if study is not None:
+        storage, name, fp = study
+        search_info.update(storage=redact(storage), study_name=name)
         if cfg.search == "guided":
-            chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name)
+            chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name, fp)
         else:
-            chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name)
+            chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name, fp)
         search_info["trials"] = n_trials
     ft_records = None
     trainable = any(has_adapter(c, prep.options) for c in candidates)
@@ -245,23 +264,31 @@ def _diverged(records: list[dict[str, Any]], candidates: list[Candidate]) -> boo
     return bool(trained) and all(not math.isfinite(r["loss"]) or r["loss"] > untrained[r["trial"]] for r in trained)
 
 
-def _redact(url: str) -> str:
-    """Storage URL without a password."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+def load_scoring_model(prep: Prepared) -> torch.nn.Module:
+    """The full model for the sensitivity and the proxies, checked against the config's facts."""
+    from transformers.utils import logging as hf_logging
+
+    from planner.scoring.sensitivity import is_causal_lm
+
+    hf_logging.disable_progress_bar()
+    model = prep.source.load_model(torch.float32)
+    if is_causal_lm(model) != prep.source.facts.is_decoder:  # the facts decide memory and labels; the scores must agree
+        raise PlannerError(f"{prep.cfg.model}: the config says {'a causal LM' if prep.source.facts.is_decoder else 'an encoder'} "
+                           f"but {type(model).__name__} {'has no' if prep.source.facts.is_decoder else 'has a'} "
+                           "language-model head; cannot score plans for it")
+    return model
 
 
-def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val: torch.Tensor, storage: str,
-            name: str) -> tuple[Candidate, list[Candidate], int, Any]:
+def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val: torch.Tensor, storage: Any,
+            name: str, fp: dict[str, Any], bank: Any = None,
+            sampler_seed: int | None = None, worker: str | None = None) -> tuple[Candidate, list[Candidate], int, Any]:
     from planner.scoring.proxy import ZeroStepProxy
     from planner.scoring.sensitivity import WeightBank, module_weight, target_modules
 
     names = [t.name for t in prep.targets]
     mods = target_modules(model, names)
-    bank = WeightBank({n: module_weight(mods[n]).detach() for n in names}, table_settings(prep.cfg).bits,
-                      max(prep.cfg.ranks), METHOD, prep.cfg.block_size)
+    bank = bank or WeightBank({n: module_weight(mods[n]).detach() for n in names}, table_settings(prep.cfg).bits,
+                              max(prep.cfg.ranks), METHOD, prep.cfg.block_size)
     proxy = ZeroStepProxy(model, bank, val, causal=prep.source.facts.is_decoder)
     from planner import progress
 
@@ -269,14 +296,21 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
     with progress.task(f"search: {prep.cfg.trials} trials (zero-step {what})", prep.cfg.trials) as advance:
         study, seen = guided_search(problem, proxy, trials=prep.cfg.trials, timeout=prep.cfg.timeout,
                                     seed=prep.cfg.seed, storage=storage, study_name=name,
-                                    on_trial=lambda c: advance(1))
+                                    on_trial=lambda c: advance(1), fingerprint=fp, sampler_seed=sampler_seed,
+                                    worker=worker)
+    best, scored = zero_step_choice(prep, seen)
+    return best, scored, sum(t.state in DONE for t in study.get_trials(deepcopy=False)), bank
+
+
+def zero_step_choice(prep: Prepared, seen: list[Candidate]) -> tuple[Candidate, list[Candidate]]:
+    """The best candidate by zero-step proxy (ties: the earlier trial), and the scored candidates."""
     scored = [c for c in seen if c.proxy is not None and math.isfinite(c.proxy.kl)]
     if not scored:
         raise PlannerError("the search finished no trial; raise --trials or --timeout")
-    best = min(scored, key=lambda c: c.proxy.kl)
-    if prep.run.finetune and proxy.causal and not has_adapter(best, prep.options):  # the margin is in nats of KL
+    best = min(scored, key=lambda c: (c.proxy.kl, c.trial))
+    if prep.run.finetune and prep.source.facts.is_decoder and not has_adapter(best, prep.options):  # the margin is in nats of KL
         best = _prefer_adapters(best, scored, prep)
-    return best, scored, len(study.trials), bank
+    return best, scored
 
 
 def _prefer_adapters(best: Candidate, scored: list[Candidate], prep: Prepared) -> Candidate:
@@ -326,14 +360,14 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
 
 
 def _direct(prep: Prepared, problem: SearchProblem, exact: Candidate, storage: str,
-            name: str) -> tuple[Candidate, list[Candidate], int]:
+            name: str, fp: dict[str, Any]) -> tuple[Candidate, list[Candidate], int]:
     seeds = [exact] + [problem.uniform(k) for k in range(len(prep.options))
                        if problem.uniform(k).bytes <= problem.budget]
     study, best = direct_search(problem, trials=prep.cfg.trials, timeout=prep.cfg.timeout, seed=prep.cfg.seed,
-                                storage=storage, study_name=name, seeds=seeds)
+                                storage=storage, study_name=name, seeds=seeds, fingerprint=fp)
     if best is None or best.objective > exact.objective:
         best = exact
-    return best, [exact] + ([best] if best is not exact else []), len(study.trials)
+    return best, [exact] + ([best] if best is not exact else []), sum(t.state in DONE for t in study.trials)
 
 
 def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chosen: Candidate, exact: Candidate,

@@ -9,20 +9,174 @@ feasible uniform plans; the byte constraint goes through Optuna's constraints AP
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import random
+import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
+from planner.errors import PlannerError
 from planner.search.allocate import InfeasibleBudget, solve_mckp
 from planner.search.objective import OptionTable, Shaping
 from planner.scoring.proxy import ProxyScore, ZeroStepProxy
 
 log = logging.getLogger(__name__)
 SHAPE_RANGE = (0.25, 4.0)
+HEARTBEAT_S = (10, 60)  # (interval, grace period): a killed worker's trial is failed and retried a minute later
+FINGERPRINT = "planner.fingerprint"
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# ---------------------------------------------------------------- storage, fingerprint, trial budget
+def heartbeat_setting() -> tuple[int, int]:
+    """(interval, grace) seconds; ``LOFTQ_PLANNER_HEARTBEAT=interval,grace`` overrides (tests use 1,3)."""
+    env = os.environ.get("LOFTQ_PLANNER_HEARTBEAT")
+    if not env:
+        return HEARTBEAT_S
+    try:
+        interval, grace = (int(x) for x in env.split(","))
+    except ValueError:
+        raise PlannerError(f"LOFTQ_PLANNER_HEARTBEAT={env!r}: expected two integers 'interval,grace'") from None
+    if not 0 < interval < grace:
+        raise PlannerError(f"LOFTQ_PLANNER_HEARTBEAT={env!r}: need 0 < interval < grace")
+    return interval, grace
+
+
+def redact(url: str) -> str:
+    """Storage URL without a password."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _retrying(what: str, url: str, make: Callable[[], Any], tries: int = 8) -> Any:
+    """``make()``, retried when processes race to create the same schema or study: a new database
+    is created by whichever process comes first, the others see 'table exists' (OperationalError)
+    or a duplicate version row (IntegrityError) once and succeed on the next try."""
+    import sqlalchemy.exc
+
+    for attempt in range(tries):
+        try:
+            return make()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
+                sqlalchemy.exc.ProgrammingError) as err:
+            racing = isinstance(err, sqlalchemy.exc.IntegrityError) or any(
+                w in str(err).lower() for w in ("already exists", "database is locked"))
+            if not racing or attempt == tries - 1:
+                first = str(err.orig if getattr(err, "orig", None) is not None else err).splitlines()[0]
+                raise PlannerError(f"--storage {redact(url)}: cannot {what}: {first}") from None
+            time.sleep(0.05 * 2 ** attempt * (0.5 + random.random()))
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats: trials of a killed process are failed after the grace period
+    and retried (as a copy with the same parameters) by whichever process is still running."""
+    import warnings
+
+    import sqlalchemy.exc
+
+    interval, grace = heartbeat_setting()
+
+    def make() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():  # heartbeats have been 'experimental' since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=interval, grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+    try:
+        return _retrying("open the study database", url, make)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:
+        raise PlannerError(f"--storage {redact(url)}: not a database URL ({str(err).splitlines()[0]})") from None
+    except ModuleNotFoundError as err:
+        raise PlannerError(f"--storage {redact(url)}: its driver {err.name!r} is not installed "
+                           "(pip install 'loftq-planner[distributed]' for PostgreSQL)") from None
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        raise PlannerError(f"--storage {redact(url)}: {str(err).splitlines()[0]}") from None
+
+
+def open_study(storage: str | optuna.storages.BaseStorage | None, name: str, sampler_seed: int,
+               fingerprint: dict[str, Any] | None = None, multivariate: bool = True) -> optuna.Study:
+    """Create or load study ``name``; refuses (one line) a study recorded with another fingerprint."""
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=multivariate)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if isinstance(storage, str):
+        storage = open_storage(storage)
+    url = getattr(storage, "url", "memory") or "memory"
+    study = _retrying(f"create study {name!r}", url, lambda: optuna.create_study(
+        storage=storage, study_name=name, sampler=sampler, direction="minimize", load_if_exists=True))
+    if fingerprint is not None:
+        check_fingerprint(study, fingerprint)
+    return study
+
+
+def normalized(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What the storage gives back (tuples become lists), so fingerprints compare equal."""
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def check_fingerprint(study: optuna.Study, fingerprint: dict[str, Any]) -> None:
+    """Record the model/settings/budget fingerprint on a new study; refuse a study made with others,
+    naming what differs, before any trial of it is read."""
+    want = normalized(fingerprint)
+    stored = study.user_attrs.get(FINGERPRINT)
+    if stored is None:
+        if any(t.state in DONE for t in study.get_trials(deepcopy=False)):
+            raise PlannerError(f"study {study.study_name!r} has trials but no planner fingerprint (made by another "
+                               "program or an older planner): use another --study-name")
+        study.set_user_attr(FINGERPRINT, want)
+        stored = study.user_attrs.get(FINGERPRINT)  # two processes created it at once: the last write stands
+    if stored != want:
+        keys = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
+        raise PlannerError(f"study {study.study_name!r} was created with another {', '.join(keys)} than this run: "
+                           "use another --study-name, or the study's own settings")
+
+
+def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], total: int,
+               timeout: float | None, poll_s: float = 0.5) -> None:
+    """Run trials until the study holds ``total`` of them done or running, counted over every process
+    that shares the storage (a resumed study runs only the remainder), then wait until none is
+    running, so that every process then reads the same finished study. A trial left RUNNING by a
+    killed process is failed by the heartbeat check once its grace period is over, and its retry
+    (WAITING, same parameters) is run by whoever gets here."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        fail_stale(study)
+        states = Counter(t.state for t in study.get_trials(deepcopy=False))
+        claimed = sum(states[s] for s in (*DONE, TrialState.RUNNING))
+        if claimed < total and (deadline is None or time.monotonic() < deadline):
+            study.optimize(objective, n_trials=1)
+            continue
+        if not states[TrialState.RUNNING]:
+            return
+        time.sleep(poll_s)
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and queue a retry of) the study's trials whose process stopped sending heartbeats."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def dashboard_attrs(options: Sequence[tuple[int, int]], choice: Sequence[int]) -> dict[str, Any]:
+    """Per-trial columns for optuna-dashboard: bits and rank histograms, and a hash of the plan."""
+    bits = Counter(str(options[k][0]) for k in choice)
+    ranks = Counter(str(options[k][1]) for k in choice)
+    digest = hashlib.sha256(json.dumps(list(choice)).encode()).hexdigest()[:12]
+    return {"bits_hist": dict(sorted(bits.items(), key=lambda kv: int(kv[0]))),
+            "rank_hist": dict(sorted(ranks.items(), key=lambda kv: int(kv[0]))), "plan_hash": digest}
 
 
 @dataclass
@@ -108,24 +262,26 @@ def neutral_params(module_types: Sequence[str], rank_floor: int = 0, capacity: f
 
 
 def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials: int, timeout: float | None,
-                  seed: int, storage: str | None, study_name: str,
-                  on_trial: Callable[[Candidate | None], None] | None = None) -> tuple[optuna.Study, list[Candidate]]:
-    """Optuna over shapings; returns the study and every candidate evaluated in this run."""
+                  seed: int, storage: str | optuna.storages.BaseStorage | None, study_name: str,
+                  on_trial: Callable[[Candidate | None], None] | None = None,
+                  fingerprint: dict[str, Any] | None = None,
+                  sampler_seed: int | None = None, worker: str | None = None) -> tuple[optuna.Study, list[Candidate]]:
+    """Optuna over shapings until the study holds ``trials`` trials (all processes sharing the
+    storage together); returns the study and every completed candidate recorded in it, rebuilt from
+    the storage in trial order, so every process that shares the study sees the same list."""
     types = sorted({t.module_type for t in problem.table.targets})
     ranks = sorted({r for _, r in problem.table.options})
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
-                                direction="minimize", load_if_exists=True)
+    study = open_study(storage, study_name, seed if sampler_seed is None else sampler_seed, fingerprint)
     if not study.trials:  # seeds: the plain Fisher knapsack, and with an adapter on every layer
-        study.enqueue_trial(neutral_params(types))
+        study.enqueue_trial(neutral_params(types), skip_if_exists=True)
         floors = sorted({next((r for r in ranks if r > 0), ranks[-1]), next((r for r in ranks if r >= 16), ranks[-1])})
         for floor in floors:
             if floor > 0:
-                study.enqueue_trial(neutral_params(types, rank_floor=floor))
-    seen: list[Candidate] = []
+                study.enqueue_trial(neutral_params(types, rank_floor=floor), skip_if_exists=True)
 
     def objective(trial: optuna.Trial) -> float:
+        if worker is not None:
+            trial.set_user_attr("worker", worker)
         shaping = sample_shaping(trial, types, ranks)
         try:
             cand = problem.solve(problem.table.shaped(shaping))
@@ -136,52 +292,60 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
             raise optuna.TrialPruned() from None
         cand.shaping, cand.trial = shaping, trial.number
         trial.set_constraint("bytes_over_budget", float(cand.bytes - problem.budget))
-        trial.set_user_attr("bytes", cand.bytes)
-        trial.set_user_attr("objective", cand.objective)
-        trial.set_user_attr("choice", cand.choice)
+        for key, value in {"bytes": cand.bytes, "objective": cand.objective, "choice": cand.choice,
+                           **dashboard_attrs(problem.table.options, cand.choice)}.items():
+            trial.set_user_attr(key, value)
         value = cand.objective
         if proxy is not None:
             cand.proxy = proxy.score(assignment(problem, cand.choice))
             trial.set_user_attr("loss", cand.proxy.loss)
+            trial.set_user_attr("kl", cand.proxy.kl)
             value = cand.proxy.kl
-        seen.append(cand)
         if on_trial:
             on_trial(cand)
         return value
 
-    study.optimize(objective, n_trials=trials, timeout=timeout)
-    return study, seen + _earlier_candidates(problem, proxy, study, {c.trial for c in seen})
+    run_trials(study, objective, trials, timeout)
+    return study, stored_candidates(problem, study, proxy.ref_loss if proxy is not None else None)
 
 
-def _earlier_candidates(problem: SearchProblem, proxy: ZeroStepProxy | None, study: optuna.Study,
-                        skip: set[int | None]) -> list[Candidate]:
-    """Completed trials of earlier runs of a resumed study, rebuilt from their stored choice and
-    scores, so that resuming never loses a better plan found before (the seeded ones included)."""
+def shaping_of(params: dict[str, Any]) -> Shaping | None:
+    """The :class:`Shaping` a guided trial sampled, from its stored parameters."""
+    try:
+        return Shaping(type_weights={k[5:]: float(v) for k, v in params.items() if k.startswith("type.")},
+                       depth_slope=float(params["depth.slope"]), mix=float(params["mix.residual"]),
+                       capacity=float(params["capacity"]), rank_floor=int(params["rank_floor"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def stored_candidates(problem: SearchProblem, study: optuna.Study, ref_loss: float | None) -> list[Candidate]:
+    """Completed trials of the study (this process's, other processes', earlier runs'), rebuilt from
+    their stored choice and scores, in trial order; trials whose choice is malformed or over the
+    budget are skipped."""
     out = []
     n, n_opts = len(problem.table.targets), len(problem.table.options)
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
         choice = t.user_attrs.get("choice")
-        if t.number in skip or t.value is None or not math.isfinite(t.value) or not isinstance(choice, list) \
+        if t.value is None or not math.isfinite(t.value) or not isinstance(choice, list) \
                 or len(choice) != n or not all(isinstance(k, int) and 0 <= k < n_opts for k in choice):
             continue
         used = problem.bytes_of(choice)
         if used > problem.budget:
             continue
-        cand = Candidate(choice, used, problem.objective_of(choice), trial=t.number)
-        if proxy is not None:
-            cand.proxy = ProxyScore(float(t.value), float(t.user_attrs.get("loss", t.value)), proxy.ref_loss)
+        cand = Candidate(choice, used, problem.objective_of(choice), trial=t.number, shaping=shaping_of(t.params))
+        if ref_loss is not None:
+            cand.proxy = ProxyScore(float(t.value), float(t.user_attrs.get("loss", t.value)), ref_loss)
         out.append(cand)
     return out
 
 
 def direct_search(problem: SearchProblem, *, trials: int, timeout: float | None, seed: int,
-                  storage: str | None, study_name: str, seeds: Sequence[Candidate] = ()) -> tuple[optuna.Study, Candidate | None]:
+                  storage: str | None, study_name: str, seeds: Sequence[Candidate] = (),
+                  fingerprint: dict[str, Any] | None = None) -> tuple[optuna.Study, Candidate | None]:
     """Per-group categorical parameters (named after module paths), neutral additive objective."""
     labels = [f"{b}b_r{r}" for b, r in problem.table.options]
-    sampler = optuna.samplers.TPESampler(seed=seed)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler,
-                                direction="minimize", load_if_exists=True)
+    study = open_study(storage, study_name, seed, fingerprint, multivariate=False)
     if not study.trials:
         for cand in seeds:
             first = [cand.choice[g[0]] for g in problem.groups]
@@ -195,14 +359,15 @@ def direct_search(problem: SearchProblem, *, trials: int, timeout: float | None,
         trial.set_constraint("bytes_over_budget", float(used - problem.budget))
         trial.set_user_attr("bytes", used)
         trial.set_user_attr("choice", choice)
+        for key, value in dashboard_attrs(problem.table.options, choice).items():
+            trial.set_user_attr(key, value)
         return problem.objective_of(choice)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=trials, timeout=timeout)
+    run_trials(study, objective, trials, timeout)
     feasible = [t for t in study.trials if t.value is not None and t.user_attrs.get("bytes", math.inf) <= problem.budget]
     if not feasible:
         return study, None
-    best = min(feasible, key=lambda t: t.value)
+    best = min(feasible, key=lambda t: (t.value, t.number))
     choice = best.user_attrs["choice"]
     return study, Candidate(choice, problem.bytes_of(choice), problem.objective_of(choice), trial=best.number)
 

@@ -87,7 +87,7 @@ def test_study_resumes_and_accumulates_trials(cfg: PlanConfig, tmp_path: Path) -
     lo, hi = _range(cfg)
     c = replace(cfg, trials=2, storage=storage)
     run1 = make_plan(c, RUN, (lo + hi) // 2)
-    run2 = make_plan(c, RUN, (lo + hi) // 2)
+    run2 = make_plan(replace(c, trials=4), RUN, (lo + hi) // 2)  # --trials is the study's total: 2 more
     first, second = run1.plan.search, run2.plan.search
     assert first["study_name"] == second["study_name"]
     assert len(optuna.load_study(study_name=first["study_name"], storage=storage).trials) == 4
