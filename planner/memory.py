@@ -62,7 +62,7 @@ class BlockProfile:
     block_input: Mapping[str, str]
     attn_output: tuple[str, ...]
     out_copy_sdpa: bool = False
-    resid_dropouts: int = 0  # dropouts on the residual branches (active when facts.extra["resid_pdrop"] > 0)
+    resid_dropouts: int = 0  # dropouts on the residual branches (active when facts.resid_dropout > 0)
 
 
 # Tensors of [tokens, intermediate] an activation function saves (gated MLPs add act out and up).
@@ -185,7 +185,7 @@ def _attn_out_copied(facts: ModelFacts, run: RunSettings) -> bool:
 
 def _act_saved(facts: ModelFacts) -> int:
     """[T, intermediate] tensors the activation function keeps (unknown ones: 4, as composite gelu)."""
-    return ACT_SAVED.get(str(facts.extra.get("hidden_act", profile_for(facts).act)), 4)
+    return ACT_SAVED.get(facts.hidden_act or profile_for(facts).act, 4)
 
 
 def _norm_bytes(prof: BlockProfile, t: int, h: int, c: int) -> int:
@@ -205,7 +205,7 @@ def block_activation_bytes(facts: ModelFacts, run: RunSettings) -> int:
         kv_seen = qd if kvd != qd else kvd
         total += t * (qd + 2 * kv_seen) * c + b * heads * s * s * (4 + (c if c != 4 else 0))
     total += t * inter * c * (_act_saved(facts) + (2 if facts.gated_mlp else 0))
-    if float(facts.extra.get("resid_pdrop", 0.0)) > 0:  # one mask per residual-branch dropout
+    if facts.resid_dropout > 0:  # one mask per residual-branch dropout
         total += prof.resid_dropouts * t * h * (1 if run.device == "cuda" else c)
     if run.adapter_bytes == run.compute_bytes and run.lora_dropout == 0:
         total += len(set(prof.block_input.values())) * t * h * c  # normed inputs the adapters share
@@ -216,7 +216,7 @@ def rope_bytes(facts: ModelFacts, run: RunSettings) -> int:
     """cos and sin [seq, rotary dim], shared by every block and kept by the rotary multiplications."""
     if facts.architecture == "gpt2":
         return 0  # learned positions, no rotary embedding
-    rot = int(facts.dim_per_head * float(facts.extra.get("partial_rotary_factor", 1.0)))
+    rot = int(facts.dim_per_head * facts.partial_rotary_factor)
     return 2 * run.seq_len * rot * run.compute_bytes
 
 
@@ -327,13 +327,22 @@ def reserve_bytes(allocated: int, run: RunSettings) -> int:
 
 
 def allocatable_bytes(budget: int, run: RunSettings) -> int:
-    """The largest allocated byte count whose total (with reserve) fits ``budget``; < 0 if none."""
-    k = math.floor((budget - run.reserve_context_bytes) / (1.0 + run.reserve_fraction))
-    while k + reserve_bytes(k, run) > budget:
-        k -= 1
-    while k + 1 + reserve_bytes(k + 1, run) <= budget:
-        k += 1
-    return k
+    """The largest allocated byte count whose total (with reserve) fits ``budget``; -1 if none.
+
+    ``k + reserve_bytes(k)`` never decreases as k grows, so bisection over whole bytes finds the
+    exact answer in ~log2(budget) steps whatever the budget's size (a float first guess walked down
+    one byte at a time took minutes for a budget of 1e30 GB)."""
+    budget = int(budget)
+    if reserve_bytes(0, run) > budget:
+        return -1
+    lo, hi = 0, budget + 1  # fits(lo) holds; fits(hi) does not (the reserve is never negative)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid + reserve_bytes(mid, run) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def unread_shared_input_bytes(facts: ModelFacts, targets: Sequence[TargetLayer], choices: Mapping[str, LayerChoice],
