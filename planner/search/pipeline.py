@@ -30,6 +30,7 @@ from planner.scoring.tables import ResidualTables, TableSettings, residual_table
 
 log = logging.getLogger(__name__)
 METHOD = "nf"  # NF2 / NF4 / NF8; see README "8-bit format" for the measured choice
+FISHER_PRODUCER = "fisher-errors/1"  # bump when the Fisher-weighted errors change for the same loftq
 
 
 @dataclass
@@ -120,9 +121,10 @@ def fisher_errors_cached(prep: Prepared, tables: ResidualTables, model: torch.nn
     from planner.scoring.sensitivity import empirical_fisher, fisher_errors, module_weight, target_modules
 
     names = [t.name for t in prep.targets]
-    key = cache_key({"weights": prep.source.weights_sha256(), "targets": names, "bits": tables.settings.bits,
-                     "block": tables.settings.block_size, "method": METHOD, "corpus": corpus_sha,
-                     "blocks": list(blocks.shape), "kind": "fisher"})
+    key = cache_key(FISHER_PRODUCER, {"weights": prep.source.weights_sha256(), "targets": names,
+                                      "bits": tables.settings.bits, "block": tables.settings.block_size,
+                                      "method": METHOD, "corpus": corpus_sha, "blocks": list(blocks.shape),
+                                      "kind": "fisher"})
     path = (prep.cfg.cache_path or default_cache_dir()) / "fisher" / f"{key}.safetensors"
     cached = load_cached(path, key)
     if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
