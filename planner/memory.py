@@ -90,16 +90,49 @@ def profile_for(facts: ModelFacts) -> BlockProfile:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """``allocated_bytes`` = sum of ``breakdown`` (what torch.cuda.max_memory_allocated sees);
-    ``reserve_bytes`` = CUDA context + allocator slack; ``total_bytes`` = both."""
+    ``reserve_bytes`` = CUDA context + allocator slack; ``total_bytes`` = both. Validated on
+    construction (non-negative integers that add up), so a plan's recorded estimate is too."""
 
     total_bytes: int
     allocated_bytes: int
     reserve_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("total_bytes", "allocated_bytes", "reserve_bytes"):
+            _whole(f"estimate.{name}", getattr(self, name))
+        if not isinstance(self.breakdown, Mapping) or not all(isinstance(k, str) for k in self.breakdown):
+            raise ValueError(f"estimate.breakdown must map names to byte counts, got {self.breakdown!r}")
+        for key, value in self.breakdown.items():
+            _whole(f"estimate.breakdown.{key}", value)
+        object.__setattr__(self, "breakdown", dict(self.breakdown))
+        if sum(self.breakdown.values()) != self.allocated_bytes:
+            raise ValueError(f"estimate.breakdown sums to {sum(self.breakdown.values())}, "
+                             f"not allocated_bytes {self.allocated_bytes}")
+        if self.allocated_bytes + self.reserve_bytes != self.total_bytes:
+            raise ValueError(f"estimate.total_bytes {self.total_bytes} is not allocated_bytes + reserve_bytes "
+                             f"({self.allocated_bytes} + {self.reserve_bytes})")
+
     def to_dict(self) -> dict:
         return {"total_bytes": self.total_bytes, "allocated_bytes": self.allocated_bytes,
                 "reserve_bytes": self.reserve_bytes, "breakdown": dict(self.breakdown)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "MemoryEstimate":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"estimate must be a JSON object, got {type(d).__name__}")
+        names = ("total_bytes", "allocated_bytes", "reserve_bytes", "breakdown")
+        missing = [k for k in names if k not in d]
+        unknown = sorted(set(d) - set(names))
+        if missing or unknown:
+            raise ValueError(f"estimate is {'missing' if missing else 'given unknown'} field(s) "
+                             f"{', '.join(missing or unknown)}")
+        return cls(**d)
+
+
+def _whole(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 # ---------------------------------------------------------------- per-layer terms
@@ -158,15 +191,23 @@ def lora_activation_bytes(facts: ModelFacts, target: TargetLayer, rank: int, run
     return own
 
 
-def layer_breakdown(target: TargetLayer, choice: LayerChoice, run: RunSettings, facts: ModelFacts) -> dict[str, int]:
-    """The bytes that depend on this layer's choice, by breakdown key."""
+def layer_param_breakdown(target: TargetLayer, choice: LayerChoice, run: RunSettings) -> dict[str, int]:
+    """The bytes of this layer's choice that need no model facts: its stored weight, its adapter and,
+    when fine-tuning, the adapter's gradients and optimizer states (plan validation checks these)."""
     r = choice.rank
     n_a, n_b = r * target.shape[1], target.shape[0] * r
     out = {"backbone": backbone_bytes(target, choice), "adapters": (n_a + n_b) * run.adapter_bytes}
     if run.finetune:
         out["adapter_grads"] = out["adapters"]
         out["optimizer"] = optimizer_state_bytes(n_a, run) + optimizer_state_bytes(n_b, run) if r else 0
-        out["activations"] = lora_activation_bytes(facts, target, r, run)
+    return out
+
+
+def layer_breakdown(target: TargetLayer, choice: LayerChoice, run: RunSettings, facts: ModelFacts) -> dict[str, int]:
+    """The bytes that depend on this layer's choice, by breakdown key."""
+    out = layer_param_breakdown(target, choice, run)
+    if run.finetune:
+        out["activations"] = lora_activation_bytes(facts, target, choice.rank, run)
     return out
 
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from safetensors import safe_open
 
-from loftq import METHODS, loftq
+from loftq import loftq
 from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
@@ -91,13 +91,6 @@ class Materialized:
     seconds: float
 
 
-def method_of(layer: LayerPlan) -> str:
-    """Quantization method of a plan entry: ``nf4`` -> nf, ``uniform2`` -> uniform, ``int8`` -> int8."""
-    if layer.quant in METHODS:
-        return layer.quant
-    return re.sub(r"\d+$", "", layer.quant)
-
-
 def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
@@ -141,7 +134,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
 
 
 def check_nf4_only(plan: Plan) -> None:
-    bad = [layer for layer in plan.layers if layer.bits != 16 and (layer.bits != 4 or method_of(layer) != "nf")]
+    bad = [layer for layer in plan.layers if layer.bits != 16 and (layer.bits != 4 or layer.method != "nf")]
     if bad:
         raise PlannerError(f"--format hf-bnb needs a plan with only NF4 and 16-bit layers; {bad[0].name} is "
                            f"{bad[0].quant} ({len(bad)} such layers)")
@@ -250,7 +243,7 @@ def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters:
         meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
                          layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
     else:
-        res = loftq(weight.to(device), layer.bits, layer.rank, iters=iters, method=method_of(layer),
+        res = loftq(weight.to(device), layer.bits, layer.rank, iters=iters, method=layer.method,
                     block_size=layer.block_size, double_quant=layer.double_quant)
         stored = res.quantized.to("cpu")
         a, b = res.lora_a.cpu(), res.lora_b.cpu()
@@ -295,7 +288,7 @@ def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: S
         write_adapter(artifact / ADAPTER, plan, adapters, base=str(source.reference))
     new_layers = tuple(dataclasses.replace(layer, residual=round(float(results[layer.name][1]["residual"]), 6),
                                            iters=iters[layer.name]) for layer in plan.layers)
-    planned_backbone = plan.estimate.get("breakdown", {}).get("backbone")
+    planned_backbone = plan.estimate.breakdown.get("backbone")
     if planned_backbone is not None and planned_backbone != meta.nbytes:
         log.warning("stored backbone is %d B, the plan's estimate says %d B", meta.nbytes, planned_backbone)
     info = {"iters": config.iters, "device": config.device or str(default_device()), "format": config.format,

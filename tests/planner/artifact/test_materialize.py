@@ -70,7 +70,7 @@ def test_smollm2_backbone_bytes_bits_and_ranks_match_the_plan(smol: dict) -> Non
     plan, model = load_plan(smol["dir"] / "plan.json"), smol["model"]
     assert Counter(layer.bits for layer in plan.layers).keys() == {2, 4, 8}
     assert {layer.rank for layer in plan.layers} == {0, 8, 16}
-    assert backbone_nbytes(model) == plan.estimate["breakdown"]["backbone"] == read_artifact(smol["dir"]).meta.nbytes
+    assert backbone_nbytes(model) == plan.estimate.breakdown["backbone"] == read_artifact(smol["dir"]).meta.nbytes
     layers = {layer.name: layer for layer in plan.layers}
     quant = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
              for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -88,7 +88,7 @@ def test_smollm2_backbone_bytes_bits_and_ranks_match_the_plan(smol: dict) -> Non
 def test_smollm2_plan_records_the_residuals_reached(smol: dict) -> None:
     plan = load_plan(smol["dir"] / "plan.json")
     assert all(layer.residual is not None and layer.iters == 1 for layer in plan.layers)
-    assert plan.created_with["materialize"]["backbone_bytes"] == plan.estimate["breakdown"]["backbone"]
+    assert plan.created_with["materialize"]["backbone_bytes"] == plan.estimate.breakdown["backbone"]
     adapter = load_file(str(smol["dir"] / ADAPTER / ADAPTER_WEIGHTS))
     bare = load_backbone(smol["dir"], "cpu", torch.float32)
     picks = [next(x for x in plan.layers if x.bits == b and (x.rank > 0) == ranked)
@@ -344,4 +344,4 @@ def test_smollm2_finetune_and_verify_commands(smol: dict, tmp_path: Path, capsys
     rows = {r["term"]: r for r in report["rows"]}
     for term in ("backbone", "non_target", "adapters", "adapter_grads", "optimizer"):
         assert rows[term]["ok"], rows[term]
-    assert rows["backbone"]["measured"] == load_plan(smol["dir"] / "plan.json").estimate["breakdown"]["backbone"]
+    assert rows["backbone"]["measured"] == load_plan(smol["dir"] / "plan.json").estimate.breakdown["backbone"]
