@@ -121,12 +121,10 @@ class MemoryEstimate:
     def from_dict(cls, d: Mapping) -> "MemoryEstimate":
         if not isinstance(d, Mapping):
             raise ValueError(f"estimate must be a JSON object, got {type(d).__name__}")
-        names = ("total_bytes", "allocated_bytes", "reserve_bytes", "breakdown")
-        missing = [k for k in names if k not in d]
-        unknown = sorted(set(d) - set(names))
-        if missing or unknown:
-            raise ValueError(f"estimate is {'missing' if missing else 'given unknown'} field(s) "
-                             f"{', '.join(missing or unknown)}")
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing or set(d) - set(cls.__dataclass_fields__):
+            raise ValueError(f"estimate is missing field(s) {', '.join(missing)}" if missing else
+                             f"estimate has unknown field(s) {', '.join(sorted(set(d) - set(cls.__dataclass_fields__)))}")
         return cls(**d)
 
 

@@ -166,7 +166,23 @@ def _targets(source: Any, plan: Plan) -> list[Any]:
             raise PlannerError(f"{layer.name} of the plan is not a linear layer of {source.reference}")
         if tuple(t.shape) != tuple(layer.shape):
             raise PlannerError(f"{layer.name}: the plan says shape {layer.shape}, the model has {t.shape}")
+    _refuse_tied(source.skeleton, [layer.name for layer in plan.layers])
     return targets
+
+
+def _refuse_tied(skeleton: torch.nn.Module, names: Sequence[str]) -> None:
+    """A target whose weight is shared with another parameter (a tied lm_head is the embedding)
+    cannot be replaced by packed codes: the other user would lose its value and ``load`` could not
+    rebuild the model. Refuse before any work."""
+    aliases: dict[int, list[str]] = {}
+    for alias, param in skeleton.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(alias)
+    for name in names:
+        weight = getattr(skeleton.get_submodule(name), "weight", None)
+        others = [a for a in aliases.get(id(weight), []) if a != f"{name}.weight"]
+        if others:
+            raise PlannerError(f"{name}: its weight is tied to {others[0]} (tie_word_embeddings), so it cannot be "
+                               f"quantized on its own; remove {name} from the plan")
 
 
 def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int]) -> str:

@@ -169,6 +169,29 @@ def test_existing_dir_is_refused_untouched_and_force_replaces_it(tmp_path: Path,
     assert not partial_dir(out).exists()
 
 
+def test_tied_lm_head_entry_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    """A hand-added lm_head that shares the embedding used to materialize into a folder load could
+    not read ("no stored value for model.embed_tokens.weight"): now one line, exit 2, nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
+    source = resolve(str(ckpt))
+    names = [t.name for t in source.targets()] + ["lm_head"]
+    plan = save_plan(plan_from_choices(source, {n: LayerChoice(4, 8) for n in names}, RunSettings(device="cpu", seq_len=32)),
+                     tmp_path / "plan.json")
+    out = tmp_path / "out"
+    assert main(["materialize", str(plan), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lm_head: its weight is tied to model.embed_tokens.weight" in err[0], err
+    assert not out.exists() and not partial_dir(out).exists()
+
+
 def test_interrupted_run_leaves_no_dir_and_resumes_only_the_rest(tmp_path: Path) -> None:
     plan = _tiny_plan(tmp_path)
     clean = materialize(plan, tmp_path / "clean")

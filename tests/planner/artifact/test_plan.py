@@ -345,3 +345,12 @@ def test_truncated_anywhere_is_reported_as_truncated(tmp_path: Path) -> None:
         path.write_bytes(good[:cut])
         with pytest.raises(PlannerError, match="truncated JSON"):
             load_plan(path)
+
+
+def test_show_reads_a_v1_plan(capsys: pytest.CaptureFixture) -> None:
+    import planner.cli.plan_cmd  # noqa: F401  registers the commands
+    from planner.cli.app import main
+
+    assert main(["show", str(DATA / "plan_v1_guided.json")]) == 0
+    out = capsys.readouterr().out
+    assert "search guided: 3 trials" in out and "zero-step KL 3.919e-07" in out and "579.06 MB" in out
