@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "objective_agrees": abs(exact.objective - milp_obj[0]) <= 1e-6 * max(abs(exact.objective), abs(milp_obj[0]))}
     opts = problem.table.options
     exact_scored = next((c for c in out.candidates if c.choice == exact.choice and c.proxy is not None), None)
-    res.update(guided_trials=out.plan.search["trials"], guided_feasible=len(out.candidates), guided_kl=out.chosen.proxy.kl if out.chosen.proxy else None,
+    res.update(guided_trials=out.plan.search.trials, guided_feasible=len(out.candidates), guided_kl=out.chosen.proxy.kl if out.chosen.proxy else None,
                exact_kl=exact_scored.proxy.kl if exact_scored else None,
                guided_objective=out.chosen.objective, guided_same_as_exact=out.chosen.choice == exact.choice,
                # fine-tune mode values trainable capacity the additive objective does not see

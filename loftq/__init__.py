@@ -2,15 +2,20 @@
 
 No files, no printing, no device moves: every function runs where its inputs live (CPU or CUDA).
 """
+# The version of the numbers this package computes: bump it whenever quantize, dequantize, loftq or
+# residual_table return different values for the same input (planner caches are keyed by it).
+__version__ = "1"
+
 from .codebooks import int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack
 from .quant import (METHODS, QuantConfig, QuantizedTensor, check_finite, dequantize, expected_nbytes,
-                    quantize, stored_absmax)
+                    parse_quant_name, quant_name, quantize, stored_absmax)
 from .registry import Registry
 
 __all__ = [
     "METHODS", "QuantConfig", "QuantizedTensor", "Registry", "check_finite", "dequantize",
-    "expected_nbytes", "int8_codebook", "nf_codebook", "pack", "packed_numel", "quantize",
+    "expected_nbytes", "int8_codebook", "nf_codebook", "pack", "packed_numel", "parse_quant_name", "quant_name",
+    "quantize",
     "stored_absmax", "uniform_codebook", "unpack",
 ]
 from .solver import DEFAULT_RANKS, LoftQResult, calibration_factor, loftq, residual_table

@@ -62,9 +62,29 @@ class QuantConfig:
     @property
     def quant_name(self) -> str:
         """Short name for plans and tables: nf4, nf2, nf8, int8, uniform4, ..."""
-        if self.method == "int8":
-            return "int8"
-        return f"{self.method}{self.bits}"
+        return quant_name(self.method, self.bits)
+
+    @classmethod
+    def from_name(cls, name: str, block_size: int = 64, double_quant: bool = False) -> "QuantConfig":
+        """The config a :attr:`quant_name` stands for (its method and width from the registry)."""
+        method, bits = parse_quant_name(name)
+        return cls(bits, method, block_size, double_quant)
+
+
+def quant_name(method: str, bits: int) -> str:
+    """The one naming rule: a method with a single width is named alone (``int8``), others get
+    their width appended (``nf4``, ``uniform2``)."""
+    return method if len(METHODS.get(method).bits) == 1 else f"{method}{bits}"
+
+
+def parse_quant_name(name: str) -> tuple[str, int]:
+    """(method, bits) of a quantizer name, by lookup in the registry (no digit parsing: a future
+    name such as ``q8_0`` need not end in its width); ValueError listing the known names."""
+    known = {quant_name(m, b): (m, b) for m in METHODS for b in METHODS.get(m).bits}
+    try:
+        return known[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown quantizer {name!r}; known: {', '.join(sorted(known))}") from None
 
 
 @dataclass

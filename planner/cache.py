@@ -1,8 +1,12 @@
 """On-disk cache of computed arrays (residual tables, sensitivities): safetensors + a JSON key.
 
-A file is trusted only if it parses, its stored key equals the requested key and every tensor is
-finite; anything else is treated as corrupt, logged and recomputed. Writes go to a temp file in the
-same folder and are renamed into place.
+A key hashes the inputs (weights, settings) *and* the versions of the code that produced the
+numbers: the producer's own version string (``residual-tables/1``, ``fisher-errors/1``, bumped when
+that module's output changes) and ``loftq.__version__`` (bumped when a quantizer's numbers change),
+so a changed quantizer or scorer never reuses stale arrays. A file is trusted only if it parses,
+its stored key equals the requested key and every tensor is finite; anything else is treated as
+corrupt, logged and recomputed. Writes go to a temp file in the same folder and are renamed into
+place.
 """
 from __future__ import annotations
 
@@ -18,15 +22,24 @@ from safetensors import safe_open
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "tables-v1"  # bump when the maths behind cached numbers changes
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LOFTQ_PLANNER_CACHE", Path.home() / ".cache" / "loftq-planner"))
 
 
-def cache_key(payload: dict[str, Any]) -> str:
-    blob = json.dumps({"code": CODE_VERSION, **payload}, sort_keys=True, default=str)
+def code_version(producer: str) -> dict[str, str]:
+    """The code versions a cached result depends on: its producer's and loftq's."""
+    import loftq
+
+    if not isinstance(producer, str) or not producer:
+        raise ValueError(f"producer must be a non-empty version string, got {producer!r}")
+    return {"producer": producer, "loftq": loftq.__version__}
+
+
+def cache_key(producer: str, payload: dict[str, Any]) -> str:
+    """Hash of ``payload`` (the inputs) and :func:`code_version` of ``producer``."""
+    blob = json.dumps({"code": code_version(producer), **payload}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

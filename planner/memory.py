@@ -62,7 +62,7 @@ class BlockProfile:
     block_input: Mapping[str, str]
     attn_output: tuple[str, ...]
     out_copy_sdpa: bool = False
-    resid_dropouts: int = 0  # dropouts on the residual branches (active when facts.extra["resid_pdrop"] > 0)
+    resid_dropouts: int = 0  # dropouts on the residual branches (active when facts.resid_dropout > 0)
 
 
 # Tensors of [tokens, intermediate] an activation function saves (gated MLPs add act out and up).
@@ -90,16 +90,47 @@ def profile_for(facts: ModelFacts) -> BlockProfile:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """``allocated_bytes`` = sum of ``breakdown`` (what torch.cuda.max_memory_allocated sees);
-    ``reserve_bytes`` = CUDA context + allocator slack; ``total_bytes`` = both."""
+    ``reserve_bytes`` = CUDA context + allocator slack; ``total_bytes`` = both. Validated on
+    construction (non-negative integers that add up), so a plan's recorded estimate is too."""
 
     total_bytes: int
     allocated_bytes: int
     reserve_bytes: int
     breakdown: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("total_bytes", "allocated_bytes", "reserve_bytes"):
+            _whole(f"estimate.{name}", getattr(self, name))
+        if not isinstance(self.breakdown, Mapping) or not all(isinstance(k, str) for k in self.breakdown):
+            raise ValueError(f"estimate.breakdown must map names to byte counts, got {self.breakdown!r}")
+        for key, value in self.breakdown.items():
+            _whole(f"estimate.breakdown.{key}", value)
+        object.__setattr__(self, "breakdown", dict(self.breakdown))
+        if sum(self.breakdown.values()) != self.allocated_bytes:
+            raise ValueError(f"estimate.breakdown sums to {sum(self.breakdown.values())}, "
+                             f"not allocated_bytes {self.allocated_bytes}")
+        if self.allocated_bytes + self.reserve_bytes != self.total_bytes:
+            raise ValueError(f"estimate.total_bytes {self.total_bytes} is not allocated_bytes + reserve_bytes "
+                             f"({self.allocated_bytes} + {self.reserve_bytes})")
+
     def to_dict(self) -> dict:
         return {"total_bytes": self.total_bytes, "allocated_bytes": self.allocated_bytes,
                 "reserve_bytes": self.reserve_bytes, "breakdown": dict(self.breakdown)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "MemoryEstimate":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"estimate must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing or set(d) - set(cls.__dataclass_fields__):
+            raise ValueError(f"estimate is missing field(s) {', '.join(missing)}" if missing else
+                             f"estimate has unknown field(s) {', '.join(sorted(set(d) - set(cls.__dataclass_fields__)))}")
+        return cls(**d)
+
+
+def _whole(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 # ---------------------------------------------------------------- per-layer terms
@@ -158,15 +189,23 @@ def lora_activation_bytes(facts: ModelFacts, target: TargetLayer, rank: int, run
     return own
 
 
-def layer_breakdown(target: TargetLayer, choice: LayerChoice, run: RunSettings, facts: ModelFacts) -> dict[str, int]:
-    """The bytes that depend on this layer's choice, by breakdown key."""
+def layer_param_breakdown(target: TargetLayer, choice: LayerChoice, run: RunSettings) -> dict[str, int]:
+    """The bytes of this layer's choice that need no model facts: its stored weight, its adapter and,
+    when fine-tuning, the adapter's gradients and optimizer states (plan validation checks these)."""
     r = choice.rank
     n_a, n_b = r * target.shape[1], target.shape[0] * r
     out = {"backbone": backbone_bytes(target, choice), "adapters": (n_a + n_b) * run.adapter_bytes}
     if run.finetune:
         out["adapter_grads"] = out["adapters"]
         out["optimizer"] = optimizer_state_bytes(n_a, run) + optimizer_state_bytes(n_b, run) if r else 0
-        out["activations"] = lora_activation_bytes(facts, target, r, run)
+    return out
+
+
+def layer_breakdown(target: TargetLayer, choice: LayerChoice, run: RunSettings, facts: ModelFacts) -> dict[str, int]:
+    """The bytes that depend on this layer's choice, by breakdown key."""
+    out = layer_param_breakdown(target, choice, run)
+    if run.finetune:
+        out["activations"] = lora_activation_bytes(facts, target, choice.rank, run)
     return out
 
 
@@ -185,7 +224,7 @@ def _attn_out_copied(facts: ModelFacts, run: RunSettings) -> bool:
 
 def _act_saved(facts: ModelFacts) -> int:
     """[T, intermediate] tensors the activation function keeps (unknown ones: 4, as composite gelu)."""
-    return ACT_SAVED.get(str(facts.extra.get("hidden_act", profile_for(facts).act)), 4)
+    return ACT_SAVED.get(facts.hidden_act or profile_for(facts).act, 4)
 
 
 def _norm_bytes(prof: BlockProfile, t: int, h: int, c: int) -> int:
@@ -205,7 +244,7 @@ def block_activation_bytes(facts: ModelFacts, run: RunSettings) -> int:
         kv_seen = qd if kvd != qd else kvd
         total += t * (qd + 2 * kv_seen) * c + b * heads * s * s * (4 + (c if c != 4 else 0))
     total += t * inter * c * (_act_saved(facts) + (2 if facts.gated_mlp else 0))
-    if float(facts.extra.get("resid_pdrop", 0.0)) > 0:  # one mask per residual-branch dropout
+    if facts.resid_dropout > 0:  # one mask per residual-branch dropout
         total += prof.resid_dropouts * t * h * (1 if run.device == "cuda" else c)
     if run.adapter_bytes == run.compute_bytes and run.lora_dropout == 0:
         total += len(set(prof.block_input.values())) * t * h * c  # normed inputs the adapters share
@@ -216,7 +255,7 @@ def rope_bytes(facts: ModelFacts, run: RunSettings) -> int:
     """cos and sin [seq, rotary dim], shared by every block and kept by the rotary multiplications."""
     if facts.architecture == "gpt2":
         return 0  # learned positions, no rotary embedding
-    rot = int(facts.dim_per_head * float(facts.extra.get("partial_rotary_factor", 1.0)))
+    rot = int(facts.dim_per_head * facts.partial_rotary_factor)
     return 2 * run.seq_len * rot * run.compute_bytes
 
 
@@ -327,13 +366,22 @@ def reserve_bytes(allocated: int, run: RunSettings) -> int:
 
 
 def allocatable_bytes(budget: int, run: RunSettings) -> int:
-    """The largest allocated byte count whose total (with reserve) fits ``budget``; < 0 if none."""
-    k = math.floor((budget - run.reserve_context_bytes) / (1.0 + run.reserve_fraction))
-    while k + reserve_bytes(k, run) > budget:
-        k -= 1
-    while k + 1 + reserve_bytes(k + 1, run) <= budget:
-        k += 1
-    return k
+    """The largest allocated byte count whose total (with reserve) fits ``budget``; -1 if none.
+
+    ``k + reserve_bytes(k)`` never decreases as k grows, so bisection over whole bytes finds the
+    exact answer in ~log2(budget) steps whatever the budget's size (a float first guess walked down
+    one byte at a time took minutes for a budget of 1e30 GB)."""
+    budget = int(budget)
+    if reserve_bytes(0, run) > budget:
+        return -1
+    lo, hi = 0, budget + 1  # fits(lo) holds; fits(hi) does not (the reserve is never negative)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid + reserve_bytes(mid, run) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def unread_shared_input_bytes(facts: ModelFacts, targets: Sequence[TargetLayer], choices: Mapping[str, LayerChoice],

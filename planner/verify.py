@@ -33,7 +33,7 @@ from planner.devices import default_device
 from planner.runtime.load import install_module, load, load_backbone
 from planner.budget import format_bytes
 from planner.memory import estimate, layer_bytes, unread_shared_input_bytes
-from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
+from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, SearchRecord, created_with
 from planner.runtime.layers import QuantLinear, backbone_nbytes, configure_run
 from planner.settings import LayerChoice, RunSettings
 
@@ -99,9 +99,7 @@ def targets_of(config: Any, names: Sequence[str]) -> list[Any]:
 
 
 def choices_of(plan: Plan) -> dict[str, LayerChoice]:
-    from planner.artifact.materialize import method_of
-
-    return {layer.name: LayerChoice(layer.bits, layer.rank, method_of(layer) if layer.bits < 16 else "nf",
+    return {layer.name: LayerChoice(layer.bits, layer.rank, layer.method if layer.bits < 16 else "nf",
                                     layer.block_size, layer.double_quant) for layer in plan.layers}
 
 
@@ -128,8 +126,8 @@ def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunS
         bytes=layer_bytes(t, c, run, facts), double_quant=c.double_quant) for t in targets for c in [choices[t.name]])
     model = {"id": source.reference, "source": source.kind, "architecture": facts.architecture,
              "weights_sha256": source.weights_sha256() if source.folder is not None else None}
-    return Plan(SCHEMA_VERSION, model, budget_bytes or est.total_bytes, run.mode, run.to_dict(), est.to_dict(),
-                layers, {"mode": "manual"}, created_with())
+    return Plan(SCHEMA_VERSION, model, budget_bytes or est.total_bytes, run.mode, run, est, layers,
+                SearchRecord("manual"), created_with())
 
 
 # ---------------------------------------------------------------- measuring
@@ -219,7 +217,7 @@ def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | Non
                         if isinstance(v, torch.Tensor) and k != "step")
     b = est.breakdown
     rows = [
-        Row("backbone", art.plan.estimate["breakdown"].get("backbone"), backbone_nbytes(model), True, True,
+        Row("backbone", art.plan.estimate.breakdown.get("backbone"), backbone_nbytes(model), True, True,
             "plan's estimate; resident QuantLinear codes + constants"),
         Row("non_target", b.get("non_target"), n_nt_bytes, True, True),
         Row("adapters", b.get("adapters"), _nbytes(params), True, True),

@@ -196,26 +196,22 @@ def _gated(config: Any, rule: ArchRule, act: str | None) -> bool:
     return act in ("silu", "swish")  # unknown architectures: SiLU MLPs are Llama-style SwiGLU
 
 
-def _extra(config: Any, act: str | None) -> dict[str, Any]:
-    """JSON-safe extras the memory model and reports use."""
-    extra: dict[str, Any] = {"hidden_act": act}
-    rope = getattr(config, "rope_parameters", None)  # transformers 5 moves rope settings here
+# Config keys of the dropout on the residual branches, by family: phi/gpt2, bert, falcon-style, t5.
+_RESID_DROPOUT_KEYS = ("resid_pdrop", "hidden_dropout_prob", "hidden_dropout", "dropout_rate")
+
+
+def _partial_rotary(config: Any) -> float:
+    """Share of each head's dimensions that rotate (transformers 5 moves it into rope_parameters)."""
+    rope = getattr(config, "rope_parameters", None)
     rope = rope if isinstance(rope, dict) else {}
-    for key, value in (("partial_rotary_factor", _first(config, "partial_rotary_factor",
-                                                        default=rope.get("partial_rotary_factor"))),
-                       ("rope_theta", _first(config, "rope_theta", default=rope.get("rope_theta"))),
-                       ("sliding_window", _first(config, "sliding_window")),
-                       ("architectures", list(getattr(config, "architectures", None) or []))):
-        if value is not None and value != []:
-            extra[key] = value
-    return extra
+    return float(_first(config, "partial_rotary_factor", default=rope.get("partial_rotary_factor", 1.0)))
 
 
 def facts_from_config(config: Any) -> ModelFacts:
     """Shape facts of a transformers ``PretrainedConfig`` (text part of multimodal configs).
 
     Encoder-decoder models report ``layers`` = encoder + decoder blocks and keep both counts in
-    ``extra["encoder_layers"]`` / ``extra["decoder_layers"]``.
+    ``encoder_layers`` / ``decoder_layers``. Absent dropout keys mean no dropout.
     """
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
@@ -223,12 +219,11 @@ def facts_from_config(config: Any) -> ModelFacts:
     hidden = int(_first(config, "hidden_size", "n_embd", "d_model"))
     heads = int(_first(config, "num_attention_heads", "n_head", "num_heads"))
     act = _first(config, "hidden_act", "activation_function", "dense_act_fn")
-    extra = _extra(config, act)
     layers = int(_first(config, "num_hidden_layers", "n_layer", "num_layers"))
+    enc = dec = None
     if getattr(config, "is_encoder_decoder", False):
         enc = int(_first(config, "encoder_layers", "num_layers", default=layers))
         dec = int(_first(config, "decoder_layers", "num_decoder_layers", default=enc))
-        extra.update(encoder_layers=enc, decoder_layers=dec)
         layers = enc + dec
     head_dim = _first(config, "head_dim", "d_kv")
     return ModelFacts(
@@ -245,5 +240,9 @@ def facts_from_config(config: Any) -> ModelFacts:
         head_dim=int(head_dim) if head_dim is not None else None,
         gated_mlp=_gated(config, rule, act),
         is_decoder=_is_decoder(config, rule),
-        extra=extra,
+        hidden_act=str(act) if act else None,
+        resid_dropout=float(_first(config, *_RESID_DROPOUT_KEYS, default=0.0)),
+        partial_rotary_factor=_partial_rotary(config),
+        encoder_layers=enc,
+        decoder_layers=dec,
     )

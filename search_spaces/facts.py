@@ -1,7 +1,8 @@
 """Shape facts of a model and of its target layers: what memory estimates need before any download."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -9,10 +10,15 @@ from typing import Any
 class ModelFacts:
     """Architecture numbers of a transformer, enough for the memory model.
 
-    ``kv_heads`` < ``heads`` means grouped-query attention. ``tied_embeddings``: the output head
-    shares the input embedding (counted once). Encoder-decoder models (t5/bart) set ``layers`` to
-    encoder + decoder blocks and keep both counts in ``extra["encoder_layers"]`` /
-    ``extra["decoder_layers"]``.
+    Every number the memory model reads is a field here (no free-form dict), filled from the config
+    by :func:`search_spaces.discovery.facts_from_config`. ``kv_heads`` < ``heads`` means
+    grouped-query attention. ``tied_embeddings``: the output head shares the input embedding
+    (counted once). ``hidden_act``: the MLP's activation as the config names it (None: unknown).
+    ``resid_dropout``: dropout probability on the residual branches (phi's ``resid_pdrop``, BERT's
+    ``hidden_dropout_prob``); > 0 makes every such dropout keep a mask in training.
+    ``partial_rotary_factor``: share of each head's dimensions that get rotary embeddings.
+    Encoder-decoder models (t5/bart) set ``layers`` to encoder + decoder blocks and keep both
+    counts in ``encoder_layers`` / ``decoder_layers`` (None for single-stack models).
     """
 
     architecture: str  # model_type as transformers names it: "llama", "phi", "bert", ...
@@ -27,7 +33,11 @@ class ModelFacts:
     head_dim: int | None = None  # None: hidden // heads
     gated_mlp: bool = True  # llama-style gate/up/down (3 matrices) vs fc1/fc2 (2 matrices)
     is_decoder: bool = True  # causal LM (has a vocab head) vs encoder (no LM head at train time)
-    extra: dict[str, Any] = field(default_factory=dict)
+    hidden_act: str | None = None
+    resid_dropout: float = 0.0
+    partial_rotary_factor: float = 1.0
+    encoder_layers: int | None = None
+    decoder_layers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
@@ -36,6 +46,16 @@ class ModelFacts:
                 raise ValueError(f"ModelFacts.{name} must be a positive int, got {value!r}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.hidden_act is not None and (not isinstance(self.hidden_act, str) or not self.hidden_act):
+            raise ValueError(f"ModelFacts.hidden_act must be a non-empty string or None, got {self.hidden_act!r}")
+        if not _number(self.resid_dropout) or not 0.0 <= self.resid_dropout < 1.0:
+            raise ValueError(f"ModelFacts.resid_dropout must be in [0, 1), got {self.resid_dropout!r}")
+        if not _number(self.partial_rotary_factor) or not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"ModelFacts.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        for name in ("encoder_layers", "decoder_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"ModelFacts.{name} must be a positive int or None, got {value!r}")
 
     @property
     def dim_per_head(self) -> int:
@@ -50,7 +70,14 @@ class ModelFacts:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelFacts":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model fact(s) {', '.join(unknown)}")
         return cls(**d)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)

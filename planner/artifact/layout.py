@@ -233,7 +233,7 @@ class Artifact:
 
     @property
     def run(self) -> RunSettings:
-        return RunSettings.from_dict(self.plan.run)
+        return self.plan.run
 
     def ranks(self) -> dict[str, int]:
         return {layer.name: layer.rank for layer in self.plan.layers if layer.rank}
@@ -324,7 +324,7 @@ def write_adapter(folder: Path, plan: Plan, adapters: Mapping[str, tuple[torch.T
     config = LoraConfig(target_modules=sorted(ranks), r=top, lora_alpha=top,
                         rank_pattern={re.escape(n): r for n, r in ranks.items()},
                         alpha_pattern={re.escape(n): a for n, a in alphas.items()},
-                        lora_dropout=float(plan.run.get("lora_dropout", 0.0)), bias="none",
+                        lora_dropout=plan.run.lora_dropout, bias="none",
                         base_model_name_or_path=base, task_type=_task_type(plan))
     # PEFT's save_pretrained writes target_modules from a set, in an order that changes with the
     # process's hash seed: write its dict ourselves with every set sorted (byte-reproducible output)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from safetensors import safe_open
 
-from loftq import METHODS, QuantConfig, loftq
+from loftq import QuantConfig, loftq
 from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
@@ -88,13 +88,6 @@ class Materialized:
     plan: Plan
     computed: tuple[str, ...]  # layers computed by this run (the others were resumed)
     seconds: float
-
-
-def method_of(layer: LayerPlan) -> str:
-    """Quantization method of a plan entry: ``nf4`` -> nf, ``uniform2`` -> uniform, ``int8`` -> int8."""
-    if layer.quant in METHODS:
-        return layer.quant
-    return re.sub(r"\d+$", "", layer.quant)
 
 
 def partial_dir(out: Path) -> Path:
@@ -156,14 +149,14 @@ def check_quant(plan: Plan) -> None:
         if layer.bits == 16:  # kept in 16 bits: quant names the dtype (bf16 when it is none of them)
             continue
         try:
-            QuantConfig(layer.bits, method_of(layer), layer.block_size, layer.double_quant)
+            QuantConfig(layer.bits, layer.method, layer.block_size, layer.double_quant)
         except (KeyError, ValueError) as err:
             raise PlannerError(f"{layer.name}: quant {layer.quant!r} at {layer.bits} bits, block {layer.block_size} "
                                f"cannot be built: {str(err).strip(chr(34) + chr(39))}") from None
 
 
 def check_nf4_only(plan: Plan) -> None:
-    bad = [layer for layer in plan.layers if layer.bits != 16 and (layer.bits != 4 or method_of(layer) != "nf")]
+    bad = [layer for layer in plan.layers if layer.bits != 16 and (layer.bits != 4 or layer.method != "nf")]
     if bad:
         raise PlannerError(f"--format hf-bnb needs a plan with only NF4 and 16-bit layers; {bad[0].name} is "
                            f"{bad[0].quant} ({len(bad)} such layers)")
@@ -198,7 +191,23 @@ def _targets(source: Any, plan: Plan) -> list[Any]:
             raise PlannerError(f"{layer.name} of the plan is not a linear layer of {source.reference}")
         if tuple(t.shape) != tuple(layer.shape):
             raise PlannerError(f"{layer.name}: the plan says shape {layer.shape}, the model has {t.shape}")
+    _refuse_tied(source.skeleton, [layer.name for layer in plan.layers])
     return targets
+
+
+def _refuse_tied(skeleton: torch.nn.Module, names: Sequence[str]) -> None:
+    """A target whose weight is shared with another parameter (a tied lm_head is the embedding)
+    cannot be replaced by packed codes: the other user would lose its value and ``load`` could not
+    rebuild the model. Refuse before any work."""
+    aliases: dict[int, list[str]] = {}
+    for alias, param in skeleton.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(alias)
+    for name in names:
+        weight = getattr(skeleton.get_submodule(name), "weight", None)
+        others = [a for a in aliases.get(id(weight), []) if a != f"{name}.weight"]
+        if others:
+            raise PlannerError(f"{name}: its weight is tied to {others[0]} (tie_word_embeddings), so it cannot be "
+                               f"quantized on its own; remove {name} from the plan")
 
 
 def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int]) -> str:
@@ -284,7 +293,7 @@ def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters:
         meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
                          layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
     else:
-        res = loftq(weight.to(device), layer.bits, layer.rank, iters=iters, method=method_of(layer),
+        res = loftq(weight.to(device), layer.bits, layer.rank, iters=iters, method=layer.method,
                     block_size=layer.block_size, double_quant=layer.double_quant)
         stored = res.quantized.to("cpu")
         a, b = res.lora_a.cpu(), res.lora_b.cpu()
@@ -329,7 +338,7 @@ def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: S
         write_adapter(artifact / ADAPTER, plan, adapters, base=str(source.reference))
     new_layers = tuple(dataclasses.replace(layer, residual=round(float(results[layer.name][1]["residual"]), 6),
                                            iters=iters[layer.name]) for layer in plan.layers)
-    planned_backbone = plan.estimate.get("breakdown", {}).get("backbone")
+    planned_backbone = plan.estimate.breakdown.get("backbone")
     if planned_backbone is not None and planned_backbone != meta.nbytes:
         log.warning("stored backbone is %d B, the plan's estimate says %d B", meta.nbytes, planned_backbone)
     # no timings here: the same plan and weights give a byte-identical folder (the CLI prints the time)

@@ -1,87 +1,69 @@
-"""The plan file (schema v1): what every target layer gets, the budget, the estimate, provenance.
+"""The plan file (schema v2): what every target layer gets, the budget, the estimate, provenance.
 
 A plan is plain data: it does not know how the search found it (STYLE 4). :func:`save_plan`
 writes it atomically (temp file in the same folder, fsync, ``os.replace``), so an interrupted or
 failed save never leaves a half-written plan; :func:`load_plan` validates every field and turns any
-problem into a one-line :class:`~planner.errors.PlannerError` that names the file.
+problem into a one-line :class:`~planner.errors.PlannerError` that names the file. Older schema
+versions are read by :mod:`planner.artifact.plan_versions` and come back as the current one.
 
 Validation lives in the dataclasses' ``__post_init__`` (``ValueError`` naming the bad value), so a
-plan built in memory is checked exactly like one read from disk.
+plan built in memory is checked exactly like one read from disk. What is checked beyond types:
+- each layer's ``quant`` is a registered quantizer (``loftq.parse_quant_name``) of width ``bits``
+  accepting its ``block_size``, or ``bf16``/``fp16`` for a 16-bit keep; ``bits_per_weight`` equals
+  8 x the bytes loftq stores for it / its weights; ``rank`` <= min(shape);
+- the estimate adds up: breakdown sum = ``allocated_bytes``, allocated + reserve = ``total_bytes``,
+  reserve = the memory model's reserve for ``run``;
+- bytes agree with the memory model: ``breakdown.backbone``, ``adapters``, ``adapter_grads`` and
+  ``optimizer`` equal the sums of what each layer's choice costs under ``run``; each layer's
+  ``bytes`` is those terms plus its adapter's activations (0 without an adapter or when serving);
+  and the layers' activation parts fit within ``breakdown.activations``.
 """
 from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import platform
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
+
+from search_spaces.facts import TargetLayer
 
 from planner.artifact.atomic import atomic_write
+from planner.artifact.checks import keys, number, obj, plain_json, text, whole
+from planner.artifact.records import ProxyRecord, SearchRecord
 from planner.errors import PlannerError
+from planner.memory import MemoryEstimate, layer_param_breakdown, reserve_bytes
+from planner.settings import LayerChoice, RunSettings
 
-SCHEMA_VERSION = 1
-ALLOWED_BITS = (2, 4, 8, 16)
+SCHEMA_VERSION = 2
+KEEP16 = ("bf16", "fp16")  # the dtypes a 16-bit layer may be kept in
 MODES = ("finetune", "inference")
 MODEL_KEYS = ("id", "source", "architecture", "weights_sha256")
+LAYER_FIELDS = ("name", "shape", "bits", "quant", "block_size", "rank", "alpha", "iters", "residual", "bytes",
+                "bits_per_weight")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_TRAILING_INT = re.compile(r"(\d+)$")
+Estimate = MemoryEstimate  # the plan records the memory model's own estimate type
 
-
-# -- small checkers: each raises ValueError naming the field and the bad value -------------------
-
-def _int(name: str, value: Any, minimum: int | None = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
-
-
-def _num(name: str, value: Any, optional: bool = False, signed: bool = False) -> float | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number{' or null' if optional else ''}, got {value!r}")
-    if value < 0 and not signed:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return value
+__all__ = ["Estimate", "LayerPlan", "Plan", "ProxyRecord", "SCHEMA_VERSION", "SearchRecord", "load_plan",
+           "save_plan"]
 
 
 def _version(value: Any) -> int:
-    version = _int("schema_version", value, 1)
+    version = whole("schema_version", value, 1)
     if version > SCHEMA_VERSION:
         raise ValueError(f"schema_version {version} is newer than this planner supports "
                          f"({SCHEMA_VERSION}); upgrade loftq-planner")
     return version
 
 
-def _str(name: str, value: Any, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    return value
+def _widths() -> tuple[int, ...]:
+    from loftq import METHODS
 
-
-def _obj(name: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{name} must be a JSON object with string keys, got {type(value).__name__}")
-    return dict(value)
-
-
-def _keys(name: str, d: Mapping[str, Any], required: Sequence[str], optional: Sequence[str] = ()) -> None:
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"{name} is missing field(s) {', '.join(missing)}")
-    unknown = sorted(set(d) - set(required) - set(optional))
-    if unknown:
-        raise ValueError(f"{name} has unknown field(s) {', '.join(unknown)}")
+    return tuple(sorted({b for m in METHODS for b in METHODS.get(m).bits} | {16}))
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -90,9 +72,12 @@ def _keys(name: str, d: Mapping[str, Any], required: Sequence[str], optional: Se
 class LayerPlan:
     """The choice for one target layer (one entry per layer whatever the search granularity).
 
-    ``shape`` is (out_features, in_features); ``bits`` 16 means kept in 16 bits (``quant`` names
-    the dtype then). ``rank`` 0 = no adapter. ``bytes``: what this layer's choice costs in the
-    memory model. ``residual``: ‖W − deq(Q) − BA‖_F / ‖W‖_F (None when not computed).
+    ``shape`` is (out_features, in_features); ``bits`` is the code width, 16 meaning kept in 16 bits
+    (``quant`` names the dtype then); ``quant`` names a registered quantizer, which need not end in
+    its width; ``bits_per_weight``: stored bits per weight including the quantization constants
+    (loftq's exact byte count; derived when None). ``rank`` 0 = no adapter. ``bytes``: what this
+    layer's choice costs in the memory model. ``residual``: ||W - deq(Q) - BA||_F / ||W||_F (None
+    when not computed).
     """
 
     name: str
@@ -105,95 +90,130 @@ class LayerPlan:
     iters: int
     residual: float | None
     bytes: int
+    bits_per_weight: float | None = None
     sensitivity: float | None = None
     double_quant: bool = False
 
     def __post_init__(self) -> None:
-        _str("name", self.name)
+        text("name", self.name)
         if not isinstance(self.shape, (list, tuple)) or len(self.shape) != 2:
             raise ValueError(f"shape must be [out_features, in_features], got {self.shape!r}")
-        object.__setattr__(self, "shape", tuple(_int("shape", s, 1) for s in self.shape))
-        if _int("bits", self.bits, None) not in ALLOWED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, ALLOWED_BITS))}; got {self.bits!r}")
-        _str("quant", self.quant)
-        tail = _TRAILING_INT.search(self.quant)
-        if tail and int(tail.group(1)) != self.bits:  # "nf4" with bits 2 is a corrupt entry
-            raise ValueError(f"quant {self.quant!r} does not match bits {self.bits}")
-        _int("block_size", self.block_size, 1)
-        _int("rank", self.rank, 0)
-        if self.rank > min(self.shape):
-            raise ValueError(f"rank {self.rank} exceeds min(shape) = {min(self.shape)}")
-        _num("alpha", self.alpha)
-        _int("iters", self.iters, 0)
-        _num("residual", self.residual, optional=True)
-        _int("bytes", self.bytes, 0)
-        _num("sensitivity", self.sensitivity, optional=True, signed=True)
+        object.__setattr__(self, "shape", tuple(whole("shape", s, 1) for s in self.shape))
+        if whole("bits", self.bits, None) not in _widths():
+            raise ValueError(f"bits must be one of {', '.join(map(str, _widths()))}; got {self.bits!r}")
+        text("quant", self.quant)
+        whole("block_size", self.block_size, 1)
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant must be true or false, got {self.double_quant!r}")
+        self.quant_config  # noqa: B018 — the quantizer registry validates quant, bits and block_size
+        whole("rank", self.rank, 0)
+        if self.rank > min(self.shape):
+            raise ValueError(f"rank {self.rank} exceeds min(shape) = {min(self.shape)}")
+        number("alpha", self.alpha)
+        whole("iters", self.iters, 0)
+        number("residual", self.residual, optional=True)
+        whole("bytes", self.bytes, 0)
+        number("sensitivity", self.sensitivity, optional=True, signed=True)
+        exact = 8 * self.stored_bytes / self.numel
+        if self.bits_per_weight is None:
+            object.__setattr__(self, "bits_per_weight", exact)
+        elif number("bits_per_weight", self.bits_per_weight) != exact:
+            raise ValueError(f"bits_per_weight {self.bits_per_weight!r} is not what {self.quant} stores for "
+                             f"shape {list(self.shape)} at block {self.block_size} ({exact!r})")
 
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    @property
+    def quant_config(self) -> Any:
+        """The loftq QuantConfig ``quant`` names (None for a 16-bit keep); ValueError if it is not a
+        registered quantizer of width ``bits`` that accepts ``block_size``."""
+        from loftq import QuantConfig
+
+        if self.bits == 16:
+            if self.quant not in KEEP16:
+                raise ValueError(f"a 16-bit layer's quant must be one of {', '.join(KEEP16)}; got {self.quant!r}")
+            return None
+        cfg = QuantConfig.from_name(self.quant, self.block_size, self.double_quant)
+        if cfg.bits != self.bits:
+            raise ValueError(f"quant {self.quant!r} stores {cfg.bits}-bit codes, not bits {self.bits}")
+        return cfg
+
+    @property
+    def method(self) -> str:
+        """The loftq quantization method (``nf``, ``uniform``, ``int8``); ``keep16`` for 16-bit layers."""
+        cfg = self.quant_config
+        return "keep16" if cfg is None else cfg.method
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the stored weight: loftq's exact count, or 2 per weight for a 16-bit keep."""
+        from loftq import expected_nbytes
+
+        cfg = self.quant_config
+        return 2 * self.numel if cfg is None else expected_nbytes(self.numel, cfg, row=self.shape[1])
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LayerPlan":
-        d = _obj("layer", d)
-        _keys("layer", d, ("name", "shape", "bits", "quant", "block_size", "rank", "alpha", "iters",
-                           "residual", "bytes"), ("sensitivity", "double_quant"))
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any], *, derive_bits_per_weight: bool = False) -> "LayerPlan":
+        """``derive_bits_per_weight``: a reader of an older schema may leave it None."""
+        d = obj("layer", d)
+        keys("layer", d, LAYER_FIELDS, ("sensitivity", "double_quant"))
+        layer = cls(**d)
+        if d["bits_per_weight"] is None and not derive_bits_per_weight:
+            raise ValueError("bits_per_weight must be a finite number, got None")
+        return layer
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A whole plan; see ARCHITECTURE.md "Plan JSON". ``run`` holds every run setting (its ``mode``,
-    if present, must equal ``mode``); ``estimate`` = ``{"total_bytes": int, "breakdown": {str: int},
-    ...}``; ``search`` and ``created_with`` are free-form JSON objects recorded for provenance."""
+    """A whole plan; see ARCHITECTURE.md "Plan JSON". ``run``: the run the memory model planned for
+    (``run.mode`` equals ``mode``); ``estimate``: the memory model's numbers for the whole plan;
+    ``search``: how the plan was found; ``created_with``: free-form provenance (versions, materialize)."""
 
     schema_version: int
     model: dict[str, Any]
     budget_bytes: int
     mode: str
-    run: dict[str, Any]
-    estimate: dict[str, Any]
+    run: RunSettings
+    estimate: MemoryEstimate
     layers: tuple[LayerPlan, ...]
-    search: dict[str, Any] = field(default_factory=dict)
+    search: SearchRecord = field(default_factory=lambda: SearchRecord("manual"))
     created_with: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _version(self.schema_version)
-        model = _obj("model", self.model)
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version of a plan in memory must be {SCHEMA_VERSION}, got "
+                             f"{self.schema_version!r} (older files are upgraded by load_plan)")
+        model = obj("model", self.model)
         missing = [k for k in MODEL_KEYS if k not in model]
         if missing:  # extra keys (revision, dtype, ...) are allowed here
             raise ValueError(f"model is missing field(s) {', '.join(missing)}")
         for key in ("id", "source", "architecture"):
-            _str(f"model.{key}", model[key])
-        sha = _str("model.weights_sha256", model["weights_sha256"], optional=True)
+            text(f"model.{key}", model[key])
+        sha = text("model.weights_sha256", model["weights_sha256"], optional=True)
         if sha is not None and not _SHA256.fullmatch(sha):
             raise ValueError(f"model.weights_sha256 must be 64 lowercase hex digits, got {sha!r}")
-        _int("budget_bytes", self.budget_bytes, 1)
+        whole("budget_bytes", self.budget_bytes, 1)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        run = _obj("run", self.run)
-        if "mode" in run and run["mode"] != self.mode:
-            raise ValueError(f"run.mode {run['mode']!r} differs from mode {self.mode!r}")
-        _check_run(run)
-        estimate = _check_estimate(_obj("estimate", self.estimate))
+        for name, kind in (("run", RunSettings), ("estimate", MemoryEstimate), ("search", SearchRecord)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.run.mode != self.mode:
+            raise ValueError(f"run.mode {self.run.mode!r} differs from mode {self.mode!r}")
         layers = _check_layers(self.layers)
-        layer_bytes = sum(layer.bytes for layer in layers)
-        if layer_bytes > estimate["total_bytes"]:
-            raise ValueError(f"layers' bytes ({layer_bytes}) exceed estimate.total_bytes ({estimate['total_bytes']})")
+        _check_bytes(layers, self.run, self.estimate)
         object.__setattr__(self, "layers", layers)
-        for name, value in (("model", model), ("run", run), ("estimate", estimate),
-                            ("search", _obj("search", self.search)),
-                            ("created_with", _obj("created_with", self.created_with))):
-            object.__setattr__(self, name, _plain_json(name, value))
+        object.__setattr__(self, "model", plain_json("model", model))
+        object.__setattr__(self, "created_with", plain_json("created_with", obj("created_with", self.created_with)))
 
     @property
     def total_bytes(self) -> int:
-        return int(self.estimate["total_bytes"])
+        return self.estimate.total_bytes
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -203,60 +223,46 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": self.schema_version, "model": dict(self.model),
-                "budget_bytes": self.budget_bytes, "mode": self.mode, "run": dict(self.run),
-                "estimate": dict(self.estimate), "layers": [layer.to_dict() for layer in self.layers],
-                "search": dict(self.search), "created_with": dict(self.created_with)}
+                "budget_bytes": self.budget_bytes, "mode": self.mode, "run": self.run.to_dict(),
+                "estimate": self.estimate.to_dict(), "layers": [layer.to_dict() for layer in self.layers],
+                "search": self.search.to_dict(), "created_with": dict(self.created_with)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
-        d = _obj("plan", d)
-        if "schema_version" in d:  # report a newer schema before any field it may have renamed
-            _version(d["schema_version"])
-        _keys("plan", d, ("schema_version", "model", "budget_bytes", "mode", "run", "estimate", "layers",
-                          "search", "created_with"))
+        """A plan document of this or any older schema version (older ones are upgraded first)."""
+        from planner.artifact.plan_versions import upgrade
+
+        d = obj("plan", d)
+        if "schema_version" not in d:
+            raise ValueError("plan is missing field(s) schema_version")
+        version = _version(d["schema_version"])  # report a newer schema before any field it may have renamed
+        d = upgrade(d, version, SCHEMA_VERSION)
+        keys("plan", d, ("schema_version", "model", "budget_bytes", "mode", "run", "estimate", "layers",
+                         "search", "created_with"))
         if not isinstance(d["layers"], list):
             raise ValueError(f"layers must be a list, got {type(d['layers']).__name__}")
         layers = []
         for i, entry in enumerate(d["layers"]):
             label = entry.get("name") if isinstance(entry, Mapping) else None
             try:
-                layers.append(LayerPlan.from_dict(entry))
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"layers[{i}]{f' ({label})' if isinstance(label, str) else ''}: {err}") from None
-        return cls(**{**d, "layers": tuple(layers)})
+                layers.append(LayerPlan.from_dict(entry, derive_bits_per_weight=version < 2))
+            except (ValueError, TypeError, KeyError) as err:
+                where = f" ({label})" if isinstance(label, str) else ""
+                raise ValueError(f"layers[{i}]{where}: {_message(err)}") from None
+        parts = {}
+        for name, reader in (("run", RunSettings.from_dict), ("estimate", MemoryEstimate.from_dict),
+                             ("search", SearchRecord.from_dict)):
+            try:
+                parts[name] = reader(obj(name, d[name]))
+            except (TypeError, KeyError) as err:
+                raise ValueError(f"{name}: {_message(err)}") from None
+            except ValueError as err:
+                raise ValueError(err if str(err).startswith(name) else f"{name}: {err}") from None
+        return cls(**{**d, **parts, "layers": tuple(layers)})
 
 
-def _plain_json(name: str, value: dict[str, Any]) -> dict[str, Any]:
-    """A JSON round trip: rejects NaN and non-JSON values now rather than at save time, and makes
-    tuples lists so that a plan equals its reloaded copy."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} is not plain JSON: {err}") from None
-
-
-def _check_run(run: dict[str, Any]) -> None:
-    """The run settings must build a RunSettings (missing ones take today's defaults)."""
-    from planner.settings import RunSettings  # local: keeps plan import light and cycle-free
-
-    try:
-        RunSettings.from_dict(run)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"run: {err}") from None
-
-
-def _check_estimate(estimate: dict[str, Any]) -> dict[str, Any]:
-    for key in ("total_bytes", "breakdown"):
-        if key not in estimate:
-            raise ValueError(f"estimate is missing field {key}")
-    total = _int("estimate.total_bytes", estimate["total_bytes"], 0)
-    breakdown = _obj("estimate.breakdown", estimate["breakdown"])
-    for key, value in breakdown.items():
-        _int(f"estimate.breakdown.{key}", value, 0)
-    if sum(breakdown.values()) > total:
-        raise ValueError(f"estimate.breakdown sums to {sum(breakdown.values())} > total_bytes {total}")
-    estimate["breakdown"] = breakdown
-    return estimate
+def _message(err: BaseException) -> str:
+    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
 
 
 def _check_layers(layers: Any) -> tuple[LayerPlan, ...]:
@@ -270,6 +276,37 @@ def _check_layers(layers: Any) -> tuple[LayerPlan, ...]:
             raise ValueError(f"duplicate layer name {layer.name!r}")
         seen.add(layer.name)
     return tuple(layers)
+
+
+PARAM_TERMS = ("backbone", "adapters", "adapter_grads", "optimizer")
+
+
+def _check_bytes(layers: Sequence[LayerPlan], run: RunSettings, est: MemoryEstimate) -> None:
+    """The byte numbers agree with the memory model (see the module docstring for what is checked)."""
+    if est.reserve_bytes != reserve_bytes(est.allocated_bytes, run):
+        raise ValueError(f"estimate.reserve_bytes {est.reserve_bytes} is not the reserve of "
+                         f"{est.allocated_bytes} allocated bytes under run ({reserve_bytes(est.allocated_bytes, run)})")
+    sums = dict.fromkeys(PARAM_TERMS, 0)
+    activations = 0
+    for layer in layers:
+        cfg = layer.quant_config
+        choice = LayerChoice(layer.bits, layer.rank, cfg.method if cfg else "nf",
+                             cfg.block_size if cfg else 64, layer.double_quant)
+        terms = layer_param_breakdown(TargetLayer(layer.name, layer.shape, layer.name.rsplit(".", 1)[-1], -1),
+                                      choice, run)
+        own = layer.bytes - sum(terms.values())
+        if own < 0 or (own and (not layer.rank or not run.finetune)):
+            raise ValueError(f"layer {layer.name}: bytes {layer.bytes} are not its weight, adapter and optimizer "
+                             f"bytes ({sum(terms.values())}) plus its adapter's activations")
+        activations += own
+        for key, value in terms.items():
+            sums[key] += value
+    for key, value in sums.items():
+        if (key in est.breakdown or value) and est.breakdown.get(key) != value:
+            raise ValueError(f"estimate.breakdown.{key} is {est.breakdown.get(key)}, the layers' choices cost {value}")
+    if activations > est.breakdown.get("activations", 0):
+        raise ValueError(f"the layers' adapter activations ({activations}) exceed estimate.breakdown.activations "
+                         f"({est.breakdown.get('activations', 0)})")
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -344,76 +381,3 @@ def created_with() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[key] = None
     return versions
-
-
-@dataclass(frozen=True)
-class BlockRow:
-    """One transformer block of :func:`summary_by_block`: ``cells`` maps a column (module type, as
-    short as stays unambiguous) to (bits, rank); ``block`` is None for layers outside the blocks."""
-
-    block: int | None
-    cells: dict[str, tuple[int, int]]
-    params: int
-    bytes: int
-
-    bit_params: int = 0  # sum of bits x numel, for the weighted mean
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Parameter-weighted mean of the layers' bits (adapters not included)."""
-        return self.bit_params / self.params if self.params else 0.0
-
-
-@dataclass(frozen=True)
-class BlockSummary:
-    """Columns (module types in first-seen order) and one row per block (in block order)."""
-
-    columns: tuple[str, ...]
-    rows: tuple[BlockRow, ...]
-
-    def __iter__(self) -> Iterator[BlockRow]:
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def _split_name(name: str) -> tuple[int | None, str]:
-    """'model.layers.3.mlp.up_proj' -> (3, 'mlp.up_proj'); no numeric part -> (None, name)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit() and i + 1 < len(parts):
-            return int(part), ".".join(parts[i + 1:])
-    return None, name
-
-
-def _short_columns(paths: Sequence[str]) -> dict[str, str]:
-    """Shortest dotted suffix of each path that no other path ends with (q_proj, output.dense)."""
-    short = {}
-    for path in paths:
-        parts = path.split(".")
-        for k in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-k:])
-            if not any(o != path and (o == suffix or o.endswith("." + suffix)) for o in paths):
-                break
-        short[path] = suffix
-    return short
-
-
-def summary_by_block(plan: Plan) -> BlockSummary:
-    """Group the layers by block index (the first numeric part of the name) for a compact table."""
-    split = [(_split_name(layer.name), layer) for layer in plan.layers]
-    paths = list(dict.fromkeys(path for (_, path), _ in split))
-    short = _short_columns(paths)
-    rows: dict[int | None, dict[str, Any]] = {}
-    for (block, path), layer in split:
-        row = rows.setdefault(block, {"cells": {}, "params": 0, "bytes": 0, "bits": 0})
-        row["cells"][short[path]] = (layer.bits, layer.rank)
-        row["params"] += layer.numel
-        row["bytes"] += layer.bytes
-        row["bits"] += layer.bits * layer.numel
-    order = sorted(rows, key=lambda b: (b is None, b if b is not None else 0))
-    return BlockSummary(
-        columns=tuple(dict.fromkeys(short[p] for p in paths)),
-        rows=tuple(BlockRow(b, rows[b]["cells"], rows[b]["params"], rows[b]["bytes"], rows[b]["bits"])
-                   for b in order))

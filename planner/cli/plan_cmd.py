@@ -63,7 +63,7 @@ def plan_command(args: argparse.Namespace) -> int:
     if cmd.json:
         summary = {"plan": str(path), "budget_bytes": budget, "total_bytes": outcome.plan.total_bytes,
                    "budget_binds": outcome.budget_binds, "layers": len(outcome.plan.layers),
-                   "search": {k: outcome.plan.search[k] for k in ("mode", "trials", "exact_optimum", "gap")}}
+                   "search": {k: getattr(outcome.plan.search, k) for k in ("mode", "trials", "exact_optimum", "gap")}}
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         report(outcome, path, budget)
@@ -72,7 +72,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
 def report(outcome: Any, path: Path, budget: int, console: Console | None = None, written: bool = True) -> None:
     """Per-block table of bits/ranks, the memory breakdown against the budget, and notes."""
-    from planner.artifact.plan import summary_by_block
+    from planner.artifact.summary import summary_by_block
 
     console = console or stdout_console()
     plan = outcome.plan
@@ -90,38 +90,43 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
     mem = Table(title="memory (estimate)")
     mem.add_column("term")
     mem.add_column("bytes", justify="right")
-    for k, v in est["breakdown"].items():
+    for k, v in est.breakdown.items():
         mem.add_row(k, format_bytes(v))
-    mem.add_row("reserve (context, slack)", format_bytes(est.get("reserve_bytes", 0)))
-    mem.add_row("[bold]total[/bold]", f"[bold]{format_bytes(est['total_bytes'])}[/bold]")
+    mem.add_row("reserve (context, slack)", format_bytes(est.reserve_bytes))
+    mem.add_row("[bold]total[/bold]", f"[bold]{format_bytes(est.total_bytes)}[/bold]")
     mem.add_row("budget", format_bytes(budget))
     console.print(mem)
     s = plan.search
     if not outcome.budget_binds:
         console.print(f"note: the budget does not bind: every layer got its best choice "
-                      f"({format_bytes(est['total_bytes'])} of {format_bytes(budget)}).")
+                      f"({format_bytes(est.total_bytes)} of {format_bytes(budget)}).")
     if plan.mode == "finetune" and not any(layer.rank for layer in plan.layers):
         console.print("[yellow]note: no layer has an adapter, so there is nothing to fine-tune. Either no adapter "
                       "fits, or every plan with adapters scored worse by more than --adapter-margin (see the "
                       "warnings). To make room: raise the budget, lower --seq-len, or use --gradient-checkpointing.")
-    proxy = s.get("proxy", {})
-    chosen = next((c for c in proxy.get("candidates", []) if c.get("chosen")), None)
-    def num(key: str) -> str:
-        v = s.get(key)
+    console.print(_search_line(s))
+    console.print(f"plan written to {path}" if written else f"plan: {path}")
+
+
+def _search_line(s: Any) -> str:
+    """One line on the search (a planner.artifact.records.SearchRecord) and the chosen candidate."""
+    proxy = s.proxy
+    chosen = proxy.chosen() if proxy is not None else None
+
+    def num(v: float | None) -> str:
         return f"{v:.4g}" if isinstance(v, (int, float)) else "?"
 
-    line = f"search {s.get('mode', '?')}: {s.get('trials', '?')} trials; objective {num('chosen_objective')} " \
-           f"(exact optimum {num('exact_optimum')})"
+    line = f"search {s.mode}: {s.trials} trials; objective {num(s.chosen_objective)} " \
+           f"(exact optimum {num(s.exact_optimum)})"
     if chosen and "kl" in chosen:
-        kind = proxy.get("zero_step_kind", proxy.get("kind", ""))
+        kind = proxy.zero_step_kind or proxy.kind
         line += f"; zero-step KL {chosen['kl']:.4g} nats/token" if "KL" in kind else \
             f"; zero-step 1 - cos {chosen['kl']:.4g}"
-    if chosen and "steps" in proxy and "loss" in chosen:
-        steps = chosen.get("steps", proxy["steps"])
+    if chosen and proxy.steps is not None and "loss" in chosen:
+        steps = chosen.get("steps", proxy.steps)
         line += f"; fine-tune proxy loss {chosen['loss']:.4f} " + \
             (f"after {steps} steps" if steps else "untrained (no adapter; it beat every fine-tuned candidate)")
-    console.print(line)
-    console.print(f"plan written to {path}" if written else f"plan: {path}")
+    return line
 
 
 def write_pareto(outcome: Any, stem: str) -> None:
@@ -163,7 +168,8 @@ def show_command(args: argparse.Namespace) -> int:
     if config_from(Report, args).json:
         sys.stdout.write(json.dumps(plan.to_dict(), indent=1) + "\n")
         return 0
-    outcome = SimpleNamespace(plan=plan, budget_binds=plan.search.get("budget_binds", True))
+    binds = plan.search.budget_binds
+    outcome = SimpleNamespace(plan=plan, budget_binds=True if binds is None else binds)
     report(outcome, Path(args.plan), plan.budget_bytes, written=False)
     return 0
 

@@ -20,6 +20,7 @@ from planner.devices import resolve_device
 from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
 
 BATCH_BYTES = 256 * 2**20  # stack same-shape weights up to this many fp32 bytes per call
+PRODUCER = "residual-tables/1"  # bump when compute_tables' numbers change for the same loftq
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,16 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
                           torch.tensor([norms[n] for n in names], dtype=torch.float64))
 
 
+def tables_key(weights_sha: str, targets: Sequence[TargetLayer], settings: TableSettings) -> str:
+    """Cache key of a table set: weights, targets, settings and the code versions (planner.cache)."""
+    return cache_key(PRODUCER, {"weights": weights_sha, "targets": [(t.name, t.shape) for t in targets],
+                                "settings": asdict(settings)})
+
+
 def residual_tables(source, targets: Sequence[TargetLayer], settings: TableSettings, *,
                     cache_dir: Path | None = None, device: str | None = None) -> ResidualTables:
     """Tables for ``targets`` of ``source`` (a planner.sources.ModelSource), from cache when valid."""
-    key = cache_key({"weights": source.weights_sha256(), "targets": [(t.name, t.shape) for t in targets],
-                     "settings": asdict(settings)})
+    key = tables_key(source.weights_sha256(), targets, settings)
     path = (cache_dir or default_cache_dir()) / "tables" / f"{key}.safetensors"
     cached = load_cached(path, key)
     names = [t.name for t in targets]

@@ -5,6 +5,7 @@ re-solves the knapsack (and re-runs the search trials, if any).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from planner.scoring.tables import ResidualTables, TableSettings, residual_table
 
 log = logging.getLogger(__name__)
 METHOD = "nf"  # NF2 / NF4 / NF8; see README "8-bit format" for the measured choice
+FISHER_PRODUCER = "fisher-errors/1"  # bump when the Fisher-weighted errors change for the same loftq
 
 
 @dataclass
@@ -121,9 +123,10 @@ def fisher_errors_cached(prep: Prepared, tables: ResidualTables, model: torch.nn
     from planner.scoring.sensitivity import empirical_fisher, fisher_errors, module_weight, target_modules
 
     names = [t.name for t in prep.targets]
-    key = cache_key({"weights": prep.source.weights_sha256(), "targets": names, "bits": tables.settings.bits,
-                     "block": tables.settings.block_size, "method": METHOD, "corpus": corpus_sha,
-                     "blocks": list(blocks.shape), "kind": "fisher"})
+    key = cache_key(FISHER_PRODUCER, {"weights": prep.source.weights_sha256(), "targets": names,
+                                      "bits": tables.settings.bits, "block": tables.settings.block_size,
+                                      "method": METHOD, "corpus": corpus_sha, "blocks": list(blocks.shape),
+                                      "kind": "fisher"})
     path = (prep.cfg.cache_path or default_cache_dir()) / "fisher" / f"{key}.safetensors"
     cached = load_cached(path, key)
     if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
@@ -373,7 +376,7 @@ def _direct(prep: Prepared, problem: SearchProblem, exact: Candidate, storage: s
 def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chosen: Candidate, exact: Candidate,
                candidates: list[Candidate], budget: int, search_info: dict[str, Any], timings: dict[str, float],
                ft_records: list[dict[str, Any]] | None = None):
-    from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, created_with
+    from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, ProxyRecord, SearchRecord, created_with
 
     layers = []
     for i, (t, k) in enumerate(zip(prep.targets, chosen.choice)):
@@ -399,27 +402,26 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
 
     causal = prep.source.facts.is_decoder
     what = "estimated loss rise, nats" if causal else "estimated squared shift of the pooled embedding"
-    search = {**search_info, "objective": f"fisher-weighted LoftQ residual ({what})",
-              "exact_optimum": exact.objective, "chosen_objective": chosen.objective,
-              "gap": chosen.objective - exact.objective, "budget_binds": exact.budget_binds,
-              "allocatable_bytes": problem_budget(prep, budget), "timings": {k: round(v, 3) for k, v in timings.items()},
-              "proxy": {"kind": zero_step_kind(causal),
-                        "ref_loss": chosen.proxy.ref_loss if chosen.proxy else None,
-                        "adapter_margin": prep.cfg.adapter_margin if prep.run.finetune else None,
-                        "candidates": [row(c) for c in candidates]}}
+    rows = [row(c) for c in candidates]
+    proxy = ProxyRecord(kind=zero_step_kind(causal), ref_loss=chosen.proxy.ref_loss if chosen.proxy else None,
+                        adapter_margin=prep.cfg.adapter_margin if prep.run.finetune else None, candidates=rows)
     if ft_records is not None:
         cfg = prep.cfg
-        search["proxy"]["zero_step_candidates"] = search["proxy"].pop("candidates")
-        search["proxy"].update(kind=f"fine-tune: {cfg.proxy_steps} LoRA steps (lr {cfg.proxy_lr}, seed {cfg.seed}) "
-                                    "on the train split, loss on the proxy-validation split",
-                               zero_step_kind=zero_step_kind(causal),
-                               steps=cfg.proxy_steps, candidates=ft_records)
+        proxy = dataclasses.replace(
+            proxy, kind=f"fine-tune: {cfg.proxy_steps} LoRA steps (lr {cfg.proxy_lr}, seed {cfg.seed}) "
+                        "on the train split, loss on the proxy-validation split",
+            zero_step_kind=zero_step_kind(causal), zero_step_candidates=rows, steps=cfg.proxy_steps,
+            candidates=ft_records)
+    search = SearchRecord(**search_info, objective=f"fisher-weighted LoftQ residual ({what})",
+                          exact_optimum=exact.objective, chosen_objective=chosen.objective,
+                          gap=chosen.objective - exact.objective, budget_binds=exact.budget_binds,
+                          allocatable_bytes=problem_budget(prep, budget),
+                          timings={k: round(v, 3) for k, v in timings.items()}, proxy=proxy)
     source = prep.source
     model = {"id": prep.cfg.model, "source": source.kind, "architecture": source.facts.architecture,
              "weights_sha256": source.weights_sha256()}
     return Plan(schema_version=SCHEMA_VERSION, model=model, budget_bytes=int(budget), mode=prep.run.mode,
-                run=prep.run.to_dict(), estimate=est.to_dict(), layers=tuple(layers), search=search,
-                created_with=created_with())
+                run=prep.run, estimate=est, layers=tuple(layers), search=search, created_with=created_with())
 
 
 def problem_budget(prep: Prepared, budget: int) -> int:

@@ -5,7 +5,9 @@ Every function here returns a plain Hugging Face folder (config.json + safetenso
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from planner.sources.files import fingerprint
 
 log = logging.getLogger(__name__)
 
-GGUF_CONVERSION = "gguf-v2"  # bump when the converted folder's layout changes
+GGUF_CONVERSION = "gguf-v2"  # bump when convert_gguf's output (layout or values) changes
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json"]
@@ -71,14 +73,25 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def gguf_folder(gguf: Path, cache_dir: Path) -> Path:
     """The converted folder of ``gguf`` in ``cache_dir/models``, converting it on first use.
 
-    Named after the file and keyed by its fingerprint: an updated file converts again, and the
-    same file reached as a packaged id or as a path shares one conversion.
+    Named after the file and keyed by :func:`conversion_key`: an updated file, converter or
+    transformers converts again, and the same file reached as a packaged id or as a path shares
+    one conversion.
     """
     if not gguf.is_file():
         raise PlannerError(f"GGUF file {gguf} does not exist")
-    key = fingerprint([gguf], gguf.parent)[:16]
-    final = cache_dir / "models" / f"{gguf.stem.lower()}-{GGUF_CONVERSION}-{key}"
+    final = cache_dir / "models" / f"{gguf.stem.lower()}-{GGUF_CONVERSION}-{conversion_key(gguf)}"
     return atomic_dir(final, lambda tmp: convert_gguf(gguf, tmp))
+
+
+def conversion_key(gguf: Path) -> str:
+    """The file's fingerprint and the code that converts it: this module's GGUF_CONVERSION and
+    transformers' version (its GGUF loader dequantizes the blocks, so it produces the values).
+    Not loftq's version: nothing of loftq runs in a conversion."""
+    from importlib.metadata import version
+
+    blob = json.dumps({"file": fingerprint([gguf], gguf.parent), "producer": GGUF_CONVERSION,
+                       "transformers": version("transformers")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -49,14 +49,13 @@ def _cpu_peak(fn) -> int | None:
     return peak
 
 
-def account(arch: str, run: RunSettings, choose=lambda t: LayerChoice(4, 8), model=None, extra=None) -> dict:
+def account(arch: str, run: RunSettings, choose=lambda t: LayerChoice(4, 8), model=None) -> dict:
     """Two training steps of the quantized + LoRA tiny model; counts taken during/after the second.
-    Facts and targets come from the same discovery the CLI uses (``extra`` adds facts)."""
+    Facts and targets come from the same discovery the CLI uses."""
     torch.manual_seed(0)
     cdt, adt = DTYPES[run.compute_dtype], DTYPES[run.compute_dtype if run.adapter_dtype == "compute" else run.adapter_dtype]
     model = (model or build_tiny(arch)).to(cdt)
     facts, targets = facts_from_config(model.config), find_targets(model)
-    facts = dataclasses.replace(facts, extra={**facts.extra, **(extra or {})})
     weights = {t.name + ".weight" for t in targets}
     non_target = sum(p.numel() for n, p in model.named_parameters() if n not in weights)
     choices = {t.name: choose(t) for t in targets}
@@ -154,9 +153,13 @@ def test_residual_dropout_masks_are_counted() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     run = RunSettings(seq_len=256, batch_size=2, compute_dtype="fp32", device="cpu")
-    got = account("phi", run, model=model, extra={"resid_pdrop": 0.1})
+    got = account("phi", run, model=model)  # the facts read resid_pdrop from the config itself
     b = got["estimate"].breakdown
     assert abs((b["activations"] + b["logits"]) / got["saved"] - 1) <= SAVED_MARGIN
+    facts = facts_from_config(cfg)
+    masks = 2 * facts.layers * run.tokens * facts.hidden * run.compute_bytes  # two residual dropouts per block
+    without = dataclasses.replace(facts, resid_dropout=0.0)
+    assert activation_fixed_bytes(facts, run) - activation_fixed_bytes(without, run) == masks
 
 
 def test_mixed_plan_with_rank_zero_and_keep16() -> None:
@@ -212,7 +215,7 @@ def test_quantized_model_resident_bytes_equal_backbone_estimate(arch: str) -> No
 def _phi2_like() -> tuple[ModelFacts, list[TargetLayer], int]:
     h, inter, layers = 2560, 10240, 32
     facts = ModelFacts("phi", h, inter, layers, 32, 32, 51200, False, 2048, gated_mlp=False,
-                       extra={"hidden_act": "gelu_new", "partial_rotary_factor": 0.4, "resid_pdrop": 0.1})
+                       hidden_act="gelu_new", partial_rotary_factor=0.4, resid_dropout=0.1)
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
               "self_attn.dense": (h, h), "mlp.fc1": (inter, h), "mlp.fc2": (h, inter)}
     targets = [TargetLayer(f"model.layers.{i}.{n}", s, n.rsplit(".", 1)[1], i, True)
@@ -223,7 +226,7 @@ def _phi2_like() -> tuple[ModelFacts, list[TargetLayer], int]:
 
 def _mistral7b_like() -> tuple[ModelFacts, list[TargetLayer], int]:
     h, inter, layers, kv = 4096, 14336, 32, 1024
-    facts = ModelFacts("mistral", h, inter, layers, 32, 8, 32000, False, 32768, extra={"hidden_act": "silu"})
+    facts = ModelFacts("mistral", h, inter, layers, 32, 8, 32000, False, 32768, hidden_act="silu")
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
               "self_attn.o_proj": (h, h), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
               "mlp.down_proj": (h, inter)}
@@ -270,6 +273,42 @@ def test_slide_anchor_phi2_and_mistral7b() -> None:
         assert with_dropout.total_bytes < limit  # and still with PEFT's usual 0.1 LoRA dropout
         checkpointed = estimate(facts, targets, choices, RunSettings(gradient_checkpointing=True), nt)
         assert checkpointed.total_bytes < limit / 2  # the slides' figures are not checkpointed runs
+
+
+def test_shipped_phi2_facts_count_residual_dropout_masks(capsys: pytest.CaptureFixture) -> None:
+    """phi-2's shipped config has resid_pdrop 0.1: its facts carry it, and the estimate (also the
+    dry run's) holds two bf16-run bool masks [T, hidden] per block for it."""
+    import json
+
+    from planner.cli.app import main
+    from planner.sources import resolve
+
+    source = resolve("phi-2", allow_download=False)
+    facts, targets = source.facts, source.targets()
+    assert facts == _phi2_like()[0]  # the anchor below uses exactly the shipped facts
+    assert facts.resid_dropout == 0.1
+    run = RunSettings()
+    choices = {t.name: LayerChoice(8, 64) for t in targets}
+    nt = source.non_target_params(targets)
+    est = estimate(facts, targets, choices, run, nt)
+    without = estimate(dataclasses.replace(facts, resid_dropout=0.0), targets, choices, run, nt)
+    masks = 2 * 32 * 1024 * 2560 * 1  # 2 dropouts x 32 blocks x T x hidden, bool on CUDA
+    assert est.breakdown["activations"] - without.breakdown["activations"] == masks
+    assert main(["--model", "phi-2", "--budget", "11GB", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max"]["breakdown"]["activations"] == est.breakdown["activations"]
+
+
+def test_allocatable_bytes_is_fast_for_absurd_budgets() -> None:
+    """--budget 1e30GB walked a float guess down one byte per loop for minutes."""
+    import time
+
+    run = RunSettings()
+    for budget in (10**39, 10**39 + 7, 2**127 - 1):
+        t0 = time.perf_counter()
+        k = allocatable_bytes(budget, run)
+        assert time.perf_counter() - t0 < 0.1
+        assert k + reserve_bytes(k, run) <= budget < k + 1 + reserve_bytes(k + 1, run)
 
 
 def test_allocatable_bytes_inverts_the_reserve() -> None:

@@ -1,11 +1,13 @@
 """Target discovery on in-memory models: rules, Conv1D, heads, overrides, blocks; facts from configs."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from search_spaces import (ARCHITECTURES, ArchRule, block_path, facts_from_config, find_targets, rule_for,
+from search_spaces import (ARCHITECTURES, ArchRule, ModelFacts, block_path, facts_from_config, find_targets, rule_for,
                            type_path)
 from tests.tiny_models import build_tiny, tiny_config
 
@@ -115,11 +117,19 @@ def test_facts_from_config(arch: str, expected: dict) -> None:
         assert getattr(facts, key) == value, key
 
 
-def test_facts_extras() -> None:
+def test_facts_typed_fields() -> None:
     t5 = facts_from_config(tiny_config("t5"))
-    assert t5.extra["encoder_layers"] == 2 and t5.extra["decoder_layers"] == 2 and t5.extra["hidden_act"] == "relu"
-    assert facts_from_config(tiny_config("gpt2")).extra["hidden_act"] == "gelu_new"
-    assert facts_from_config(tiny_config("llama")).kv_dim == 32
+    assert t5.encoder_layers == 2 and t5.decoder_layers == 2 and t5.hidden_act == "relu"
+    gpt2 = facts_from_config(tiny_config("gpt2"))
+    assert gpt2.hidden_act == "gelu_new" and gpt2.resid_dropout == tiny_config("gpt2").resid_pdrop
+    llama = facts_from_config(tiny_config("llama"))
+    assert llama.kv_dim == 32 and llama.resid_dropout == 0.0 and llama.encoder_layers is None
+    assert llama.partial_rotary_factor == 1.0
+    assert ModelFacts.from_dict(t5.to_dict()) == t5
+    with pytest.raises(ValueError, match="unknown model fact"):
+        ModelFacts.from_dict({**t5.to_dict(), "extra": {}})
+    with pytest.raises(ValueError, match="resid_dropout must be in \\[0, 1\\), got 1.5"):
+        dataclasses.replace(t5, resid_dropout=1.5)
 
 
 def test_targets_on_meta_match_real(models: dict[str, nn.Module]) -> None:

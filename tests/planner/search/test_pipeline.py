@@ -61,7 +61,7 @@ def test_plans_fit_and_tighter_budgets_get_fewer_bits(cfg: PlanConfig) -> None:
         assert p.total_bytes <= p.budget_bytes == int(lo + f * (hi - lo))
         assert len(p.layers) == 21
     bits = [_mean_bits(p) for p in plans]
-    objs = [p.search["exact_optimum"] for p in plans]
+    objs = [p.search.exact_optimum for p in plans]
     assert all(a >= b for a, b in zip(bits, bits[1:])), bits
     assert all(a <= b + 1e-12 for a, b in zip(objs, objs[1:])), objs
     assert bits[0] > bits[-1]
@@ -76,7 +76,7 @@ def test_guided_trials_never_beat_the_exact_optimum(cfg: PlanConfig) -> None:
         assert c.bytes <= out.problem.budget
     kls = [c.proxy.kl for c in out.candidates]
     assert out.chosen.proxy.kl == min(kls)
-    rows = out.plan.search["proxy"]["candidates"]
+    rows = out.plan.search.proxy.candidates
     assert sum(r["chosen"] for r in rows) == 1
 
 
@@ -89,13 +89,13 @@ def test_study_resumes_and_accumulates_trials(cfg: PlanConfig, tmp_path: Path) -
     run1 = make_plan(c, RUN, (lo + hi) // 2)
     run2 = make_plan(replace(c, trials=4), RUN, (lo + hi) // 2)  # --trials is the study's total: 2 more
     first, second = run1.plan.search, run2.plan.search
-    assert first["study_name"] == second["study_name"]
-    assert len(optuna.load_study(study_name=first["study_name"], storage=storage).trials) == 4
+    assert first.study_name == second.study_name
+    assert len(optuna.load_study(study_name=first.study_name, storage=storage).trials) == 4
     # the resumed run still weighs the first run's plans: it can only choose as well or better
     assert {c.trial for c in run1.candidates} <= {c.trial for c in run2.candidates}
     assert run2.chosen.proxy.kl <= run1.chosen.proxy.kl + 1e-12
     other = make_plan(c, RUN, (lo + hi) // 2 + 1).plan.search  # another budget: another study
-    assert other["study_name"] != first["study_name"]
+    assert other.study_name != first.study_name
 
 
 def test_direct_mode_is_feasible_and_not_better_than_exact(cfg: PlanConfig) -> None:
@@ -104,13 +104,13 @@ def test_direct_mode_is_feasible_and_not_better_than_exact(cfg: PlanConfig) -> N
     lo, hi = _range(cfg)
     plan = make_plan(replace(cfg, search="direct", trials=8), RUN, (lo + hi) // 2).plan
     assert plan.total_bytes <= plan.budget_bytes
-    assert plan.search["gap"] >= -1e-12
+    assert plan.search.gap >= -1e-12
 
 
 def test_plan_round_trip(cfg: PlanConfig, tmp_path: Path) -> None:
     lo, hi = _range(cfg)
     plan = make_plan(cfg, RUN, hi).plan
-    assert plan.search["budget_binds"] is False
+    assert plan.search.budget_binds is False
     path = save_plan(plan, tmp_path / "p.json")
     assert load_plan(path).to_dict() == plan.to_dict()
 
@@ -179,9 +179,9 @@ def test_finetune_proxy_picks_the_lowest_validation_loss(cfg: PlanConfig) -> Non
     lo, hi = _range(cfg)
     budget = int(lo + 0.5 * (hi - lo))
     outcome = make_plan(replace(cfg, trials=4, proxy_top=2, proxy_steps=3), RUN, budget)
-    proxy = outcome.plan.search["proxy"]
-    records = proxy["candidates"]
-    assert proxy["steps"] == 3 and proxy["zero_step_candidates"] and 1 <= len(records) <= 3
+    proxy = outcome.plan.search.proxy
+    records = proxy.candidates
+    assert proxy.steps == 3 and proxy.zero_step_candidates and 1 <= len(records) <= 3
     done = [r for r in records if r["feasible"] and not r["pruned"]]
     chosen = [r for r in records if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["loss"] == min(r["loss"] for r in done)

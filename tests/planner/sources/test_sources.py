@@ -273,7 +273,7 @@ def test_alias_facts_offline() -> None:
     f = source.facts
     assert (f.architecture, f.hidden, f.intermediate, f.layers, f.heads, f.kv_heads, f.vocab) == \
         ("phi", 2560, 10240, 32, 32, 32, 51200)
-    assert not f.tied_embeddings and not f.gated_mlp and f.is_decoder and f.extra["partial_rotary_factor"] == 0.4
+    assert not f.tied_embeddings and not f.gated_mlp and f.is_decoder and f.partial_rotary_factor == 0.4 and f.resid_dropout == 0.1
     targets = source.targets()
     assert len(targets) == 32 * 6
     per_block = {t.name.split(".", 3)[3]: t.shape for t in targets if t.block == 7}

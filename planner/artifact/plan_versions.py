@@ -1,0 +1,85 @@
+"""Readers of older plan files: each turns a version-N document into a version-(N+1) one, so every
+plan ever written loads as the current schema (``upgrade``). A new schema version adds one function
+here and its test; none is ever removed.
+
+The rule (README "Plan format"): a change that an older planner would misread or reject (a new
+required field, a renamed or removed field, a changed meaning or unit) bumps ``SCHEMA_VERSION`` and
+comes with a reader from the previous version; a reader refuses newer versions with one line.
+
+v1 -> v2:
+- layers gain ``bits_per_weight`` (stored bits per weight, constants included), computed from the
+  layer's quantizer; the v1 rule that ``quant``'s trailing digits equal ``bits`` is replaced by a
+  registry lookup of ``quant`` (done when the v2 layer is built);
+- ``estimate`` gains ``allocated_bytes`` (= sum of the breakdown) and ``reserve_bytes`` (= total -
+  allocated) where a v1 writer left them out;
+- ``run`` is completed with every setting (v1 let missing ones take the defaults) and its ``mode``
+  set from the plan's;
+- ``search`` keys that are not SearchRecord fields move into ``search.extra`` (v1's record was
+  free-form); a record without ``mode`` gets mode ``unknown``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from planner.artifact.checks import obj
+
+
+def _v1_to_v2(d: dict[str, Any]) -> dict[str, Any]:
+    from planner.artifact.records import ProxyRecord, SearchRecord
+    from planner.settings import RunSettings
+
+    d = dict(d)
+    layers = d.get("layers")
+    if isinstance(layers, list):
+        d["layers"] = [_v1_layer(entry) for entry in layers]
+    estimate = d.get("estimate")
+    if isinstance(estimate, dict) and isinstance(estimate.get("breakdown"), dict):
+        estimate = dict(estimate)
+        parts = estimate["breakdown"].values()
+        if "allocated_bytes" not in estimate and all(isinstance(v, int) for v in parts):
+            estimate["allocated_bytes"] = sum(parts)
+        if "reserve_bytes" not in estimate and isinstance(estimate.get("total_bytes"), int) \
+                and isinstance(estimate.get("allocated_bytes"), int):
+            estimate["reserve_bytes"] = estimate["total_bytes"] - estimate["allocated_bytes"]
+        d["estimate"] = estimate
+    run = d.get("run")
+    if isinstance(run, dict):
+        run = {"mode": d.get("mode"), **run} if "mode" not in run and d.get("mode") is not None else dict(run)
+        try:
+            d["run"] = RunSettings.from_dict(run).to_dict()
+        except (TypeError, ValueError):
+            d["run"] = run  # the v2 check reports it
+    search = d.get("search")
+    if isinstance(search, dict):
+        known = {f for f in SearchRecord.__dataclass_fields__} - {"extra"}
+        record = {k: v for k, v in search.items() if k in known}
+        record.setdefault("mode", "unknown")
+        extra = {k: v for k, v in search.items() if k not in known}
+        if isinstance(record.get("proxy"), dict):
+            proxy_known = set(ProxyRecord.__dataclass_fields__)
+            proxy = record["proxy"]
+            record["proxy"] = {k: v for k, v in proxy.items() if k in proxy_known}
+            if set(proxy) - proxy_known:
+                extra["proxy"] = {k: v for k, v in proxy.items() if k not in proxy_known}
+        d["search"] = {**record, **({"extra": extra} if extra else {})}
+    d["schema_version"] = 2
+    return d
+
+
+def _v1_layer(entry: Any) -> Any:
+    """Add bits_per_weight (computed by LayerPlan from its quantizer: None means 'derive it')."""
+    if not isinstance(entry, dict) or "bits_per_weight" in entry:
+        return entry  # the v2 check reports it
+    return {**entry, "bits_per_weight": None}
+
+
+READERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def upgrade(d: dict[str, Any], version: int, current: int) -> dict[str, Any]:
+    """``d`` (a plan document of schema ``version``) as a ``current``-schema document."""
+    d = obj("plan", d)
+    while version < current:
+        d = READERS[version](d)
+        version += 1
+    return d

@@ -1,0 +1,131 @@
+"""How a plan was found, recorded in the plan for provenance: :class:`SearchRecord` (the search) and
+:class:`ProxyRecord` (the proxies that ranked its candidates). Plain data, validated on construction.
+
+Known fields are typed; anything else a writer wants to keep goes into ``SearchRecord.extra`` (a
+plain JSON object), so a reader never has to guess which keys exist.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from planner.artifact.checks import keys, number, obj, plain_json, text, whole
+
+
+def _rows(name: str, rows: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(rows, (list, tuple)):
+        raise ValueError(f"{name} must be a list of JSON objects, got {type(rows).__name__}")
+    return tuple(plain_json(f"{name}[{i}]", obj(f"{name}[{i}]", row)) for i, row in enumerate(rows))
+
+
+@dataclass(frozen=True)
+class ProxyRecord:
+    """The proxy that chose among the candidates. ``candidates``: one JSON object per candidate
+    (trial, objective, bytes, chosen, kl/loss, shaping, ...); with the fine-tune proxy, ``steps`` is
+    its LoRA step count and ``zero_step_kind`` / ``zero_step_candidates`` keep the zero-step ranking."""
+
+    kind: str
+    ref_loss: float | None = None
+    adapter_margin: float | None = None
+    candidates: tuple[dict[str, Any], ...] = ()
+    steps: int | None = None
+    zero_step_kind: str | None = None
+    zero_step_candidates: tuple[dict[str, Any], ...] | None = None
+
+    def __post_init__(self) -> None:
+        text("search.proxy.kind", self.kind)
+        number("search.proxy.ref_loss", self.ref_loss, optional=True, signed=True)
+        number("search.proxy.adapter_margin", self.adapter_margin, optional=True, signed=True)
+        object.__setattr__(self, "candidates", _rows("search.proxy.candidates", self.candidates))
+        if self.steps is not None:
+            whole("search.proxy.steps", self.steps)
+        text("search.proxy.zero_step_kind", self.zero_step_kind, optional=True)
+        if self.zero_step_candidates is not None:
+            object.__setattr__(self, "zero_step_candidates",
+                               _rows("search.proxy.zero_step_candidates", self.zero_step_candidates))
+
+    def chosen(self) -> dict[str, Any] | None:
+        """The candidate row marked chosen, if any."""
+        return next((c for c in self.candidates if c.get("chosen")), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "ref_loss": self.ref_loss, "adapter_margin": self.adapter_margin,
+                               "candidates": [dict(c) for c in self.candidates]}
+        for name in ("steps", "zero_step_kind"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.zero_step_candidates is not None:
+            out["zero_step_candidates"] = [dict(c) for c in self.zero_step_candidates]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ProxyRecord":
+        d = obj("search.proxy", d)
+        keys("search.proxy", d, ("kind",), [f.name for f in fields(cls)])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """What the search did: ``mode`` (exact, guided, direct, manual), ``seed``, ``trials`` run, the
+    Optuna ``storage`` (credentials redacted) and ``study_name``, the ``objective`` it minimised,
+    the ``exact_optimum`` of the additive objective, the ``chosen_objective`` and their ``gap``,
+    whether the budget binds, the ``allocatable_bytes`` the knapsack had, stage ``timings``
+    (seconds), the ``proxy`` record, and ``extra`` (anything else, plain JSON)."""
+
+    mode: str
+    seed: int | None = None
+    trials: int = 0
+    storage: str | None = None
+    study_name: str | None = None
+    objective: str | None = None
+    exact_optimum: float | None = None
+    chosen_objective: float | None = None
+    gap: float | None = None
+    budget_binds: bool | None = None
+    allocatable_bytes: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    proxy: ProxyRecord | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        text("search.mode", self.mode)
+        if self.seed is not None:
+            whole("search.seed", self.seed, None)
+        whole("search.trials", self.trials)
+        for name in ("storage", "study_name", "objective"):
+            text(f"search.{name}", getattr(self, name), optional=True)
+        for name in ("exact_optimum", "chosen_objective", "gap"):
+            number(f"search.{name}", getattr(self, name), optional=True, signed=True)
+        if self.budget_binds is not None and not isinstance(self.budget_binds, bool):
+            raise ValueError(f"search.budget_binds must be true, false or null, got {self.budget_binds!r}")
+        if self.allocatable_bytes is not None:
+            whole("search.allocatable_bytes", self.allocatable_bytes, None)
+        timings = obj("search.timings", self.timings)
+        for key, value in timings.items():
+            number(f"search.timings.{key}", value)
+        object.__setattr__(self, "timings", timings)
+        if self.proxy is not None and not isinstance(self.proxy, ProxyRecord):
+            raise ValueError(f"search.proxy must be a ProxyRecord, got {type(self.proxy).__name__}")
+        extra = plain_json("search.extra", obj("search.extra", self.extra))
+        clash = sorted(set(extra) & {f.name for f in fields(self)})
+        if clash:
+            raise ValueError(f"search.extra repeats known field(s) {', '.join(clash)}")
+        object.__setattr__(self, "extra", extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "proxy":
+                value = value.to_dict() if value is not None else None
+            if value is not None and value != {} or f.name in ("mode", "trials"):
+                out[f.name] = dict(value) if isinstance(value, dict) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SearchRecord":
+        d = obj("search", d)
+        keys("search", d, ("mode",), [f.name for f in fields(cls)])
+        proxy = d.pop("proxy", None)
+        return cls(**d, proxy=None if proxy is None else ProxyRecord.from_dict(proxy))

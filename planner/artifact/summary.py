@@ -1,0 +1,80 @@
+"""A plan grouped by transformer block, for compact tables (``plan`` and ``show`` reports)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from planner.artifact.plan import Plan
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    """One transformer block of :func:`summary_by_block`: ``cells`` maps a column (module type, as
+    short as stays unambiguous) to (bits, rank); ``block`` is None for layers outside the blocks."""
+
+    block: int | None
+    cells: dict[str, tuple[int, int]]
+    params: int
+    bytes: int
+
+    bit_params: int = 0  # sum of bits x numel, for the weighted mean
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Parameter-weighted mean of the layers' bits (adapters not included)."""
+        return self.bit_params / self.params if self.params else 0.0
+
+
+@dataclass(frozen=True)
+class BlockSummary:
+    """Columns (module types in first-seen order) and one row per block (in block order)."""
+
+    columns: tuple[str, ...]
+    rows: tuple[BlockRow, ...]
+
+    def __iter__(self) -> Iterator[BlockRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _split_name(name: str) -> tuple[int | None, str]:
+    """'model.layers.3.mlp.up_proj' -> (3, 'mlp.up_proj'); no numeric part -> (None, name)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit() and i + 1 < len(parts):
+            return int(part), ".".join(parts[i + 1:])
+    return None, name
+
+
+def _short_columns(paths: Sequence[str]) -> dict[str, str]:
+    """Shortest dotted suffix of each path that no other path ends with (q_proj, output.dense)."""
+    short = {}
+    for path in paths:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(o != path and (o == suffix or o.endswith("." + suffix)) for o in paths):
+                break
+        short[path] = suffix
+    return short
+
+
+def summary_by_block(plan: Plan) -> BlockSummary:
+    """Group the layers by block index (the first numeric part of the name) for a compact table."""
+    split = [(_split_name(layer.name), layer) for layer in plan.layers]
+    paths = list(dict.fromkeys(path for (_, path), _ in split))
+    short = _short_columns(paths)
+    rows: dict[int | None, dict[str, Any]] = {}
+    for (block, path), layer in split:
+        row = rows.setdefault(block, {"cells": {}, "params": 0, "bytes": 0, "bits": 0})
+        row["cells"][short[path]] = (layer.bits, layer.rank)
+        row["params"] += layer.numel
+        row["bytes"] += layer.bytes
+        row["bits"] += layer.bits * layer.numel
+    order = sorted(rows, key=lambda b: (b is None, b if b is not None else 0))
+    return BlockSummary(
+        columns=tuple(dict.fromkeys(short[p] for p in paths)),
+        rows=tuple(BlockRow(b, rows[b]["cells"], rows[b]["params"], rows[b]["bytes"], rows[b]["bits"])
+                   for b in order))
