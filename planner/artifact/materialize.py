@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from safetensors import safe_open
 
-from loftq import QuantConfig, loftq
+from loftq import loftq
 from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
@@ -103,7 +103,6 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
     t0 = time.perf_counter()
     out = preflight(out, config.force)
     plan = load_plan(plan_path)
-    check_quant(plan)
     if config.format == "hf-bnb":
         check_nf4_only(plan)
     source = _source(plan, config)
@@ -140,19 +139,6 @@ def preflight(out: str | Path, force: bool) -> Path:
         raise PlannerError(f"{out} already exists; pass --force to replace it")
     check_writable(out.parent)
     return out
-
-
-def check_quant(plan: Plan) -> None:
-    """Every quantized layer's (method, bits, block size) is one the quantizer knows: checked before
-    anything is written, so a bad plan leaves no DIR.partial behind."""
-    for layer in plan.layers:
-        if layer.bits == 16:  # kept in 16 bits: quant names the dtype (bf16 when it is none of them)
-            continue
-        try:
-            QuantConfig(layer.bits, layer.method, layer.block_size, layer.double_quant)
-        except (KeyError, ValueError) as err:
-            raise PlannerError(f"{layer.name}: quant {layer.quant!r} at {layer.bits} bits, block {layer.block_size} "
-                               f"cannot be built: {str(err).strip(chr(34) + chr(39))}") from None
 
 
 def check_nf4_only(plan: Plan) -> None:

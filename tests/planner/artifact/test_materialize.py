@@ -387,7 +387,7 @@ def test_unknown_quant_exits_2_and_leaves_nothing(tmp_path: Path, capsys) -> Non
     Path(plan).write_text(json.dumps(data))
     out = tmp_path / "out"
     assert main(["materialize", str(plan), "--out", str(out)]) == 2
-    _one_line(capsys, layer["name"], "'foo2'", "known: int8, nf, uniform")
+    _one_line(capsys, layer["name"], "unknown quantizer 'foo2'", "known: int8, nf2")
     assert not out.exists() and not partial_dir(out).exists()
 
 
