@@ -112,9 +112,15 @@ class ModelWeights(Mapping[str, torch.Tensor]):
         self._names = list(names) if names is not None else [
             n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
             and m.weight.dim() == 2 and not isinstance(m, nn.Embedding)]
+        self._listed = set(self._names)
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._listed:
+            raise KeyError(name)
         return linear_weight(self.model.get_submodule(name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._listed
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

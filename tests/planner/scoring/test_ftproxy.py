@@ -144,3 +144,36 @@ def test_finetune_lowers_train_loss(setup):
     assert len(finetune(net, train, FinetuneSettings(steps=10, lr=3e-3)).train_losses) == 10
     assert eval_loss(net, val) < before
     assert hamming([1, 2, 3], [1, 0, 3]) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_proxy_trains_as_the_finetune_does(setup, optimizer):
+    """Same seed, data and adapter factors: the proxy's first-step losses equal the user's fine-tune's.
+
+    The fine-tune trains build_loftq_model's model (what materialize writes and ``load`` reads back,
+    exact LoftQ factors) with train_lora and the run's optimizer, as ``python -m planner finetune``
+    does. The proxy initialises from its bank (randomized SVD in a search): here the bank's store
+    holds the very Q and factors LoftQ gave the fine-tune. Tolerance: 1e-6 relative per step — the
+    same fp32 operations run in the same order, so the losses should agree to the last bit; the
+    slack only covers a reduction order that a BLAS might change between calls.
+    """
+    model, names, _, train, val = setup
+    assignment = {n: OPTIONS[i % len(OPTIONS)] for i, n in enumerate(names)}
+    specs = {n: LayerSpec(b, r) for n, (b, r) in assignment.items()}
+    built = build_loftq_model(model, specs, compute_dtype=torch.float32, show_progress=False)
+    ft = train_lora(built.model, train, steps=4, lr=1e-3, seed=3, optimizer=optimizer, show_progress=False)
+
+    bank = WeightBank(ModelWeights(model, names), (2, 4, 8), max_rank=8, svd="exact", store=MemoryStore())
+    for n, (a, b) in built.adapters.items():
+        qt = built.quantized[n]
+        bank.store.put(n, assignment[n][0], BankEntry(qt, dequantize(qt, torch.float32), b, a, "exact"))
+    torch.manual_seed(0)
+    net = CandidateBuilder(model, max_rank=8, bank=bank).build(assignment)
+    evals: list[int] = []
+    proxy = finetune(net, train, FinetuneSettings(steps=4, lr=1e-3, seed=3, eval_every=2, optimizer=optimizer), val,
+                     on_eval=lambda step, loss: evals.append(step) and False)
+    assert evals == [2, 4]  # held-out evaluations in between do not disturb training
+    assert len(proxy.train_losses) == len(ft.train_losses) == 4
+    for step, (p, f) in enumerate(zip(proxy.train_losses, ft.train_losses), 1):
+        assert abs(p - f) <= 1e-6 * abs(f), (step, p, f)
+    assert proxy.train_losses[1] != proxy.train_losses[0]  # the steps did train
