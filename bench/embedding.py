@@ -29,7 +29,8 @@ from planner.config import PlanConfig
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
 from planner.search.pipeline import make_plan, prepare
 from planner.scoring.proxy import ZeroStepProxy
-from planner.scoring.sensitivity import WeightBank, module_weight, target_modules
+from planner.scoring.bank import WeightBank
+from planner.scoring.sensitivity import module_weight, target_modules
 from planner.settings import RunSettings
 
 SEQ_LEN = 128

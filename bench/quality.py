@@ -33,7 +33,8 @@ import torch
 
 from planner.config import PlanConfig
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
-from planner.scoring.ftproxy import FinetuneSettings, LoftQBank, eval_loss, finetune
+from planner.scoring.bank import MemoryStore
+from planner.scoring.ftproxy import CandidateBuilder, FinetuneSettings, eval_loss, finetune
 from planner.memory import LayerChoice, layer_bytes
 from planner.search.pipeline import make_plan, prepare
 from planner.settings import RunSettings
@@ -113,7 +114,7 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
     return math.exp(eval_loss(model, blocks, batch_size=4))
 
 
-def run_method(bank: LoftQBank, names: list[str], plan: list[tuple[int, int]], init: str, s: Setting,
+def run_method(bank: CandidateBuilder, names: list[str], plan: list[tuple[int, int]], init: str, s: Setting,
                train: torch.Tensor, test: torch.Tensor) -> dict[str, Any]:
     assignment = dict(zip(names, plan))
     torch.manual_seed(0)
@@ -138,7 +139,7 @@ def run_method(bank: LoftQBank, names: list[str], plan: list[tuple[int, int]], i
 def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s: Setting, model, train_p, val_p,
              bank) -> dict[str, tuple[list[tuple[int, int]] | None, str, dict]]:
     out: dict[str, tuple[list[tuple[int, int]] | None, str, dict]] = {}
-    outcome = make_plan(cfg, run, budget)
+    outcome = make_plan(cfg, run, budget, bank_store=BANK_STORE)
     opts, prob = outcome.problem.table.options, outcome.problem
     out["planner"] = ([opts[k] for k in outcome.chosen.choice], "loftq", {"kl": outcome.chosen.proxy.kl
                                                                            if outcome.chosen.proxy else None})
@@ -150,7 +151,7 @@ def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s
         from planner.scoring.ftproxy import rescore_with_finetune
         chosen, records = rescore_with_finetune(prob, outcome.candidates, model, train_p, val_p,
                                                 top_k=s.proxy_top,
-                                                steps=s.proxy_steps, seed=0, bank=bank)
+                                                steps=s.proxy_steps, seed=0, builder=bank)
         out["planner+ft"] = ([opts[k] for k in chosen.choice], "loftq", {"proxy_records": records})
     out["loftq-uniform-4bit"] = (uniform(counter, 4, budget), "loftq", {})
     out["qlora-uniform-4bit"] = (uniform(counter, 4, budget), "default", {})
@@ -219,27 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def share_weight_bank() -> None:
-    """make_plan rebuilds its zero-step WeightBank (minutes on 2 cores) at every budget; the bank
-    depends only on the weights, bits and max rank, so the bench memoises it (identical result)."""
-    from planner.scoring import sensitivity
-
-    if getattr(sensitivity.WeightBank, "_bench_shared", False):
-        return
-    base, memo = sensitivity.WeightBank, {}
-
-    def shared(weights, bits, max_rank, method="nf", block_size=64, dtype=torch.float32):
-        key = (tuple(weights), tuple(bits), max_rank, method, block_size, dtype)
-        if key not in memo:
-            memo[key] = base(weights, bits, max_rank, method, block_size, dtype)
-        return memo[key]
-
-    shared._bench_shared = True  # type: ignore[attr-defined]
-    sensitivity.WeightBank = shared  # type: ignore[assignment]
+# make_plan's zero-step weight bank depends only on the weights, bits and max rank: one store serves
+# every budget of a bench run, so each (layer, bits) entry is computed once (minutes on 2 cores)
+BANK_STORE = MemoryStore()
 
 
 def setup(s: Setting):
-    share_weight_bank()
     run = RunSettings(mode="finetune", device="cpu", seq_len=s.seq_len, batch_size=1, reserve_context_bytes=0,
                       reserve_fraction=0.0)
     import tempfile
@@ -253,7 +239,7 @@ def setup(s: Setting):
     train = token_blocks(tok, corpus.train, s.seq_len, max_tokens=s.seq_len * max(64, s.steps * 2))
     val = token_blocks(tok, corpus.val, s.seq_len, max_tokens=s.seq_len * 8)
     test = token_blocks(tok, corpus.test, s.seq_len, max_tokens=s.test_tokens)
-    bank = LoftQBank(model, "nf", cfg.block_size)
+    bank = CandidateBuilder(model, "nf", cfg.block_size)
     return run, cfg, prep, counter, model, train, val, test, bank
 
 

@@ -13,9 +13,14 @@ proxy-validation split; the chosen plan is the feasible, fully trained one with 
   after a warm-up of half the steps) stops candidates that are behind the median of those before
   them at the same step. Candidates are run best-zero-step first, so the pruner compares against
   good ones. A pruned candidate's partial loss is recorded but it is never chosen.
+- Training: :func:`finetune` is :func:`planner.train.loop.train_lora` with the proxy's settings, so
+  a candidate trains exactly as ``python -m planner finetune`` trains the chosen plan (the run's
+  optimizer, no weight decay, the same seeded batch order and gradient clipping); the pruner hooks
+  in through the loop's ``on_eval``.
 - Speed: with LoftQ iters = 1, Q = q(W) does not depend on the rank and B A for every rank is a
-  truncation of one SVD of W - deq(Q) (ARCHITECTURE.md). :class:`LoftQBank` computes that once per
-  (layer, bits) and assembles each candidate with the same runtime pieces as
+  truncation of one SVD of W - deq(Q) (ARCHITECTURE.md). :class:`CandidateBuilder` reads Q and the
+  factors from the one :class:`planner.scoring.bank.WeightBank` (computed once per (layer, bits))
+  and assembles each candidate with the same runtime pieces as
   :func:`planner.runtime.lora.build_loftq_model` (swap_linears, add_lora, load_adapter_init): the same
   model, without re-running LoftQ for every candidate.
 """
@@ -30,14 +35,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import optuna
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loftq import QuantConfig, dequantize, quantize
-
-from planner.runtime.lora import load_adapter_init
 from planner.runtime.layers import add_lora, linear_weight, swap_linears
+from planner.runtime.lora import load_adapter_init
+from planner.scoring.bank import ModelWeights, WeightBank
 from planner.search.study import has_adapter
+from planner.settings import OPTIMIZERS
+from planner.train.loop import DEFAULT_GRAD_CLIP, DEFAULT_LR, TrainResult, eval_loss, train_lora
 
 log = logging.getLogger(__name__)
 Assignment = Mapping[str, tuple[int, int]]  # layer name -> (bits, rank)
@@ -45,70 +50,56 @@ Assignment = Mapping[str, tuple[int, int]]  # layer name -> (bits, rank)
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """One short LoRA fine-tune: AdamW on the adapters, batches drawn in a seeded order."""
+    """One short LoRA fine-tune of a candidate: :func:`planner.train.loop.train_lora`'s knobs."""
 
     steps: int = 20
-    lr: float = 3e-4
+    lr: float = DEFAULT_LR
     batch_size: int = 1
     seed: int = 0
     eval_every: int = 5
-    grad_clip: float = 1.0
+    grad_clip: float = DEFAULT_GRAD_CLIP
     eval_batch: int = 4
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("lr", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # ---------------------------------------------------------------- building candidates
-class LoftQBank:
-    """Per (layer, bits): Q = q(W) and the top ``max_rank`` SVD factors of W - deq(Q) (iters = 1).
+class CandidateBuilder:
+    """Candidate models {layer: (bits, rank)} over ``base``, from a :class:`WeightBank`.
 
     ``build(assignment)`` returns a fresh PeftModel (deep copy of ``base``) equal to
-    ``build_loftq_model(base, {n: LayerSpec(bits, rank)})``; ``init="default"`` gives PEFT's default
-    LoRA init instead (A random from the torch seed, B = 0): QLoRA's recipe.
+    ``build_loftq_model(base, {n: LayerSpec(bits, rank)})`` when the bank's factors are exact (the
+    default bank: exact SVD, computed per (layer, bits) on first use); ``init="default"`` gives PEFT's
+    default LoRA init instead (A random from the torch seed, B = 0): QLoRA's recipe. ``bank``: reuse
+    a bank over the same weights (e.g. the guided search's, randomized factors) instead.
     """
 
-    def __init__(self, base: nn.Module, method: str = "nf", block_size: int = 64,
-                 compute_dtype: torch.dtype = torch.float32, adapter_dtype: torch.dtype | None = None,
-                 max_rank: int = 64, factors: Any = None) -> None:
-        """``factors``: a :class:`planner.scoring.sensitivity.WeightBank` built from the same weights, method
-        and block size; its top factors of W - deq(Q) (randomized SVD) are reused instead of
-        running an exact SVD per (layer, bits) again."""
-        self.base, self.method, self.block_size, self.max_rank = base, method, block_size, max_rank
+    def __init__(self, base: nn.Module, method: str = "nf", block_size: int = 64, *, max_rank: int = 64,
+                 bank: WeightBank | None = None, compute_dtype: torch.dtype = torch.float32,
+                 adapter_dtype: torch.dtype | None = None) -> None:
+        if bank is None:
+            bank = WeightBank(ModelWeights(base), (2, 4, 8), max_rank, method, block_size, svd="exact")
+        bs = bank.settings
+        if (bs.method, bs.block_size) != (method, block_size) or bs.max_rank < max_rank:
+            raise ValueError(f"the bank ({bank.settings}) does not serve method {method!r}, block size "
+                             f"{block_size} and ranks up to {max_rank}")
+        self.base, self.bank = base, bank
         self.compute_dtype = compute_dtype
         self.adapter_dtype = adapter_dtype or compute_dtype
-        self.factors = factors
-        self._q: dict[tuple[str, int], Any] = {}
-        self._f: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # A [r, in], B [out, r]
-
-    def _entry(self, name: str, bits: int, rank: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
-        if rank > self.max_rank:
-            raise ValueError(f"rank {rank} exceeds the bank's max_rank {self.max_rank}")
-        key = (name, bits)
-        if key not in self._q:
-            w = linear_weight(self.base.get_submodule(name)).detach().float()
-            qt = quantize(w, config=QuantConfig(bits, self.method, self.block_size))
-            self._q[key] = qt
-            shared = self.factors.entries.get(key) if self.factors is not None else None
-            if shared is not None and shared.a.shape[0] >= min(self.max_rank, *w.shape):
-                self._f[key] = (shared.a.float(), shared.b.float())
-            else:
-                u, s, vh = torch.linalg.svd(w - dequantize(qt, torch.float32), full_matrices=False)
-                root = s[:self.max_rank].sqrt()  # the same split of S as loftq.solver._low_rank
-                self._f[key] = ((root.unsqueeze(1) * vh[:self.max_rank]).contiguous(),
-                                (u[:, :self.max_rank] * root).contiguous())
-        if not rank:
-            return self._q[key], None
-        a, b = self._f[key]
-        return self._q[key], (a[:rank], b[:, :rank])
 
     def build(self, assignment: Assignment, *, init: str = "loftq") -> nn.Module:
         if init not in ("loftq", "default"):
@@ -118,13 +109,13 @@ class LoftQBank:
         adapters: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for name, (bits, rank) in assignment.items():
             if bits >= 16:
-                w = linear_weight(model.get_submodule(name)).detach()
-                keep = self.compute_dtype if self.compute_dtype != torch.float32 else torch.bfloat16
-                stored[name], ab = w.to(keep), None
+                w = linear_weight(model.get_submodule(name))
+                stored[name] = w.to(self.compute_dtype if self.compute_dtype != torch.float32 else torch.bfloat16)
             else:
-                stored[name], ab = self._entry(name, bits, rank)
+                stored[name] = self.bank.quantized(name, bits)
             if rank:
-                adapters[name] = ab if init == "loftq" else None
+                f = self.bank.factors(name, bits, rank) if bits < 16 and init == "loftq" else None
+                adapters[name] = (f.a.float(), f.b.float()) if f is not None else None  # runtime's (A, B) order
         swap_linears(model, stored, self.compute_dtype)
         ranks = {n: r for n, (_, r) in assignment.items()}
         if not any(ranks.values()):  # nothing to train: the embeddings and norms stay frozen too
@@ -136,50 +127,21 @@ class LoftQBank:
         return model
 
 
-# ---------------------------------------------------------------- training and scoring
-@torch.no_grad()
-def eval_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token cross-entropy (nats/token) over ``blocks`` [n, seq_len]."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size]
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-        count += ids[:, 1:].numel()
-    model.train(was)
-    return total / count
-
-
+# ---------------------------------------------------------------- training
 def finetune(model: nn.Module, train: torch.Tensor, s: FinetuneSettings, val: torch.Tensor | None = None,
-             on_eval: Callable[[int, float], bool] | None = None) -> tuple[list[float], int]:
-    """Train the trainable parameters of ``model`` for ``s.steps`` steps on ``train`` [n, seq_len].
+             on_eval: Callable[[int, float], bool] | None = None) -> TrainResult:
+    """Train ``model``'s adapters for ``s.steps`` steps on ``train`` [n, seq_len] through the one loop.
 
-    Every ``s.eval_every`` steps (and at the end) the loss on ``val`` is passed to ``on_eval(step,
-    loss)``; it returns True to stop. Returns (train losses, steps done).
+    Every ``s.eval_every`` steps and at the end, the loss on ``val`` goes to ``on_eval(step, loss)``,
+    which returns True to stop (no evaluation at step 0). A model with nothing to train is not
+    trained: its result holds its held-out loss at step 0, if ``val`` is given.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr) if params else None
-    gen = torch.Generator().manual_seed(s.seed)
-    order = torch.cat([torch.randperm(len(train), generator=gen)
-                       for _ in range(math.ceil(s.steps * s.batch_size / len(train)))])
-    losses: list[float] = []
-    model.train()
-    for step in range(1, s.steps + 1):
-        ids = train[order[(step - 1) * s.batch_size: step * s.batch_size]]
-        loss = model(input_ids=ids, labels=ids).loss
-        if opt is not None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if val is not None and on_eval is not None and (step % s.eval_every == 0 or step == s.steps):
-            if on_eval(step, eval_loss(model, val, s.eval_batch)):
-                return losses, step
-    model.eval()
-    return losses, s.steps
+    if not any(p.requires_grad for p in model.parameters()):
+        loss = eval_loss(model, val, s.eval_batch) if val is not None else None
+        return TrainResult((), ((0, loss),) if loss is not None else (), loss, 0.0)
+    return train_lora(model, train, steps=s.steps, lr=s.lr, batch_size=s.batch_size, seed=s.seed, eval_blocks=val,
+                      eval_every=s.eval_every, grad_clip=s.grad_clip, optimizer=s.optimizer, show_progress=False,
+                      eval_batch_size=s.eval_batch, eval_at_start=False, on_eval=on_eval)
 
 
 # ---------------------------------------------------------------- diversity
@@ -232,9 +194,9 @@ def _zero_step_score(c: Any) -> float:
 
 
 def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Module, train_blocks: torch.Tensor,
-                          val_blocks: torch.Tensor, *, top_k: int, steps: int, seed: int = 0, lr: float = 3e-4,
+                          val_blocks: torch.Tensor, *, top_k: int, steps: int, seed: int = 0, lr: float = DEFAULT_LR,
                           batch_size: int = 1, eval_every: int | None = None, method: str = "nf",
-                          block_size: int = 64, bank: LoftQBank | None = None,
+                          block_size: int = 64, optimizer: str = "adamw", builder: CandidateBuilder | None = None,
                           pruner: optuna.pruners.BasePruner | None = None,
                           on_candidate: Callable[[ProxyRecord], None] | None = None) -> tuple[Any, list[dict]]:
     """Fine-tune ``top_k`` diverse candidates with adapters for ``steps`` LoRA steps each; pick the
@@ -243,7 +205,9 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
 
     ``problem``: planner.search.study.SearchProblem (options, budget); ``candidates``: planner.search.study.Candidate
     (scored by ``proxy.kl`` if set, else by the additive objective); ``model``: the full-precision
-    model (not modified). Returns (chosen candidate, records as dicts in run order).
+    model (not modified); ``optimizer``: the run's (RunSettings.optimizer), as ``finetune`` uses it;
+    ``builder``: assembles the candidates (default: exact LoftQ factors of ``model``). Returns
+    (chosen candidate, records as dicts in run order).
     """
     if top_k < 1 or steps < 1:
         raise ValueError(f"top_k and steps must be >= 1, got top_k={top_k!r}, steps={steps!r}")
@@ -256,15 +220,15 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
     if frozen:
         picked.append(min(frozen, key=lambda i: (scores[i], i)))
     settings = FinetuneSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                                eval_every=eval_every or max(1, steps // 4))
-    bank = bank or LoftQBank(model, method, block_size)
+                                eval_every=eval_every or max(1, steps // 4), optimizer=optimizer)
+    builder = builder or CandidateBuilder(model, method, block_size)
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=steps // 2)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", pruner=pruner)
     records: list[ProxyRecord] = []
     for i in picked:
         cand = candidates[i]
-        rec = _score_one(problem, cand, bank, train_blocks, val_blocks, settings, study)
+        rec = _score_one(problem, cand, builder, train_blocks, val_blocks, settings, study)
         rec.kl = cand.proxy.kl if getattr(cand, "proxy", None) is not None else None
         records.append(rec)
         if on_candidate:
@@ -275,18 +239,19 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
     return candidates[picked[best_j]], [r.to_dict() for r in records]
 
 
-def _score_one(problem: Any, cand: Any, bank: LoftQBank, train: torch.Tensor, val: torch.Tensor,
+def _score_one(problem: Any, cand: Any, builder: CandidateBuilder, train: torch.Tensor, val: torch.Tensor,
                s: FinetuneSettings, study: optuna.Study) -> ProxyRecord:
     t0 = time.perf_counter()
     options = problem.table.options
     assignment = {t.name: options[k] for t, k in zip(problem.table.targets, cand.choice)}
     torch.manual_seed(s.seed)
-    net = bank.build(assignment)
+    net = builder.build(assignment)
     if not any(p.requires_grad for p in net.parameters()):  # nothing to train: its step-0 loss is its score
-        loss = eval_loss(net, val, s.eval_batch)
+        result = finetune(net, train, s, val)
         del net
-        return ProxyRecord(trial=cand.trial, objective=float(cand.objective), bytes=int(cand.bytes), loss=loss,
-                           steps=0, feasible=int(cand.bytes) <= int(problem.budget), seconds=time.perf_counter() - t0)
+        return ProxyRecord(trial=cand.trial, objective=float(cand.objective), bytes=int(cand.bytes),
+                           loss=float(result.final_eval_loss), steps=0, feasible=int(cand.bytes) <= int(problem.budget),
+                           seconds=time.perf_counter() - t0)
     trial = study.ask()
     last = {"loss": math.nan, "pruned": False}
 
@@ -298,7 +263,7 @@ def _score_one(problem: Any, cand: Any, bank: LoftQBank, train: torch.Tensor, va
             return True
         return False
 
-    _, done = finetune(net, train, s, val, on_eval)
+    done = len(finetune(net, train, s, val, on_eval).train_losses)
     if last["pruned"]:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:

@@ -2,7 +2,8 @@
 
 Reference log-probabilities of the full-precision model are computed once; a candidate is scored by
 the mean per-token KL(p_full || p_candidate) and its own cross-entropy on the same held-out tokens.
-Weights are swapped in place and always restored.
+Weights are swapped in place (each target module's ``weight.data`` points at the candidate's
+tensor) and always restored to the very tensors the model had, so no copy of the originals is kept.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from torch import nn
 
 from search_spaces.discovery import weight_out_in
 
-from planner.scoring.sensitivity import WeightBank, is_causal_lm, pooled_embedding, target_modules
+from planner.scoring.bank import WeightBank
+from planner.scoring.sensitivity import is_causal_lm, pooled_embedding, target_modules
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ class ZeroStepProxy:
     def __init__(self, model: nn.Module, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2,
                  causal: bool | None = None) -> None:
         self.model, self.bank, self.blocks, self.chunk = model, bank, blocks, chunk
-        self.mods = target_modules(model, list(bank.originals))
+        self.mods = target_modules(model, bank.names)
+        self._originals = {n: m.weight.data for n, m in self.mods.items()}  # restored after every trial
         self.causal = is_causal_lm(model) if causal is None else causal
         if self.causal:
             self.ref_logp = [lp for lp in self._logprobs()]
@@ -84,8 +87,8 @@ class ZeroStepProxy:
                 self._set(name, self.bank.weight(name, bits, rank))
             yield
         finally:
-            for name, w in self.bank.originals.items():
-                self._set(name, w)
+            for name, w in self._originals.items():
+                self.mods[name].weight.data = w
 
     @torch.no_grad()
     def cosine_distances(self, assignment: Mapping[str, tuple[int, int]]) -> torch.Tensor:

@@ -6,13 +6,10 @@ For each target layer and bit width we store ``fisher_err[l, b] = 1/2 sum F * (W
 A rank-r LoftQ adapter removes part of E; we scale by the residual table's
 (res[l, b, r] / res[l, b, 0])^2 (assumes F is not aligned with the removed directions).
 
-The :class:`WeightBank` keeps, per layer and width, deq(q_b(W)) in the compute dtype and the top
-singular factors of W - deq(q_b(W)), so a trial's model (Q + BA at any (bits, rank) per layer,
-iters = 1) is assembled with a few matmuls instead of a LoftQ run.
+The quantized candidates themselves (Q + BA per layer) come from :mod:`planner.scoring.bank`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -111,55 +108,3 @@ def fisher_errors(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tens
             err = w.float() - dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
             out[i, j] = 0.5 * float((fisher[name] * err.pow(2)).sum())
     return out
-
-
-@dataclass
-class _Entry:
-    deq: torch.Tensor  # [out, in] dequantized Q
-    b: torch.Tensor  # [out, r_max] U sqrt(S)
-    a: torch.Tensor  # [r_max, in] sqrt(S) V^T
-
-
-def top_factors(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B [out, r] = U sqrt(S), A [r, in] = sqrt(S) V^T of the top-r singular triplets.
-
-    Randomized (4 power iterations, fixed seed) when r is small against the matrix, exact otherwise;
-    only the zero-step proxy uses these: materialize runs the exact LoftQ solver.
-    """
-    if rank == 0:
-        return residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1])
-    if 4 * rank < min(residual.shape):
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(residual, q=rank + 16, niter=4)
-        vh = v.T
-    else:
-        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]
-
-
-class WeightBank:
-    """deq(Q) and top-r_max SVD factors of W - deq(Q) per (layer, bits); assembles trial weights."""
-
-    def __init__(self, weights: dict[str, torch.Tensor], bits: Sequence[int], max_rank: int,
-                 method: str = "nf", block_size: int = 64, dtype: torch.dtype = torch.float32) -> None:
-        self.entries: dict[tuple[str, int], _Entry] = {}
-        self.originals = {n: w.detach().to(dtype).clone() for n, w in weights.items()}
-        with progress.task("quantized weight bank", len(weights)) as advance:
-            for name, w in weights.items():
-                w = w.detach().float()
-                for b in bits:
-                    if b >= 16:
-                        continue
-                    deq = dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
-                    r = min(max_rank, *w.shape)
-                    b_fac, a_fac = top_factors(w - deq, r)
-                    self.entries[(name, b)] = _Entry(deq.to(dtype), b_fac.to(dtype), a_fac.to(dtype))
-                advance(1)
-
-    def weight(self, name: str, bits: int, rank: int) -> torch.Tensor:
-        """deq(Q) + B_r A_r for (bits, rank) at iters = 1; bits 16 = the original weight."""
-        if bits >= 16:
-            return self.originals[name]
-        e = self.entries[(name, bits)]
-        return e.deq if rank == 0 else torch.addmm(e.deq, e.b[:, :rank], e.a[:rank])

@@ -157,7 +157,7 @@ def fisher_shard(model: torch.nn.Module, bank: Any, names: list[str], blocks: to
     for i, name in enumerate(names):
         for j, b in enumerate(bits):
             if b < 16:
-                err = bank.originals[name].float() - bank.entries[(name, b)].deq.float()
+                err = bank.original(name).float() - bank.entry(name, b).deq.float()
                 out[i, j] = 0.5 * float((grad_sq[name] * err.pow(2)).sum()) / len(blocks)
     return out.tolist()
 
@@ -240,7 +240,7 @@ def shared_finetune_proxy(team: Team, prep: Prepared, problem: SearchProblem, ca
     """Records (as ``rescore_with_finetune`` gives them, plus "worker") of the picked candidates,
     each trained by whichever worker claimed it; ``chosen`` is left to :func:`choose`."""
     from planner import progress
-    from planner.scoring.ftproxy import LoftQBank, rescore_with_finetune
+    from planner.scoring.ftproxy import CandidateBuilder, rescore_with_finetune
     from planner.train.data import token_blocks
 
     cfg = prep.cfg
@@ -251,7 +251,7 @@ def shared_finetune_proxy(team: Team, prep: Prepared, problem: SearchProblem, ca
     k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))
     picked = pick_candidates(problem, candidates, k)
     by_trial = {c.trial: c for c in picked}
-    bank = LoftQBank(model, METHOD, cfg.block_size, max_rank=max(cfg.ranks), factors=weight_bank)
+    builder = CandidateBuilder(model, METHOD, cfg.block_size, max_rank=max(cfg.ranks), bank=weight_bank)
     study = team.study(":proxy")
 
     def compute(spec: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +260,8 @@ def shared_finetune_proxy(team: Team, prep: Prepared, problem: SearchProblem, ca
         pruner = StoredMedianPruner(finished, cfg.proxy_steps // 2)
         _, recs = rescore_with_finetune(problem, [by_trial[spec["shard"]]], model, train, val, top_k=1,
                                         steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr, method=METHOD,
-                                        block_size=cfg.block_size, bank=bank, pruner=pruner)
+                                        block_size=cfg.block_size, optimizer=prep.run.optimizer,
+                                        builder=builder, pruner=pruner)
         rec = recs[0]
         curve = {**pruner.curve, rec["steps"]: rec["loss"]} if rec["steps"] else {}
         return {**rec, "worker": team.ident, "curve": {str(s): v for s, v in curve.items()}}
@@ -301,7 +302,7 @@ def plan_shared(prep: Prepared, budget: int, corpus: Any, url: str, name: str, f
     worker writes (:func:`outcome_from_storage`)."""
     from planner.devices import resolve_device
     from planner.scoring.proxy import ZeroStepProxy
-    from planner.scoring.sensitivity import WeightBank, module_weight, target_modules
+    from planner.scoring.bank import ModelWeights, WeightBank
     from planner.search.pipeline import _calibration, _guided, load_scoring_model
 
     cfg = prep.cfg
@@ -309,9 +310,9 @@ def plan_shared(prep: Prepared, budget: int, corpus: Any, url: str, name: str, f
     team = join(url, name, fp, config_record(cfg, prep.run, budget))
     model = load_scoring_model(prep)
     train, val, _ = _calibration(prep, prep.source.tokenizer(), corpus)
-    mods = target_modules(model, [t.name for t in prep.targets])
-    bank = WeightBank({n: module_weight(m).detach() for n, m in mods.items()}, table_settings(cfg).bits,
+    bank = WeightBank(ModelWeights(model, [t.name for t in prep.targets]), table_settings(cfg).bits,
                       max(cfg.ranks), METHOD, cfg.block_size)
+    bank.fill()
     timings["weight_bank_s"] = time.perf_counter() - t0
     tables, fisher = precompute(team, prep, model, bank, train, resolve_device(cfg.score_device))
     timings["precompute_s"] = time.perf_counter() - t0 - timings["weight_bank_s"]

@@ -195,8 +195,12 @@ def _calibration(prep: Prepared, tokenizer: Any, corpus: Any) -> tuple[torch.Ten
     return train, val, corpus.fingerprint
 
 
-def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
-    """The whole planning run for one budget (bytes). Raises PlannerError on bad input."""
+def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any = None) -> PlanOutcome:
+    """The whole planning run for one budget (bytes). Raises PlannerError on bad input.
+
+    ``bank_store``: a :class:`planner.scoring.bank.BankStore` for the guided search's weight bank,
+    shared by runs over the same model and settings (e.g. one per budget) so its entries are
+    computed once; None: a fresh in-memory store."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prep = prepare(cfg, run)
@@ -233,7 +237,8 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
         storage, name, fp = study
         search_info.update(storage=redact(storage), study_name=name)
         if cfg.search == "guided":
-            chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name, fp)
+            chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name, fp,
+                                                         bank_store=bank_store)
         else:
             chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name, fp)
         search_info["trials"] = n_trials
@@ -283,15 +288,15 @@ def load_scoring_model(prep: Prepared) -> torch.nn.Module:
 
 
 def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val: torch.Tensor, storage: Any,
-            name: str, fp: dict[str, Any], bank: Any = None,
-            sampler_seed: int | None = None, worker: str | None = None) -> tuple[Candidate, list[Candidate], int, Any]:
+            name: str, fp: dict[str, Any], bank: Any = None, sampler_seed: int | None = None,
+            worker: str | None = None, bank_store: Any = None) -> tuple[Candidate, list[Candidate], int, Any]:
+    from planner.scoring.bank import ModelWeights, WeightBank
     from planner.scoring.proxy import ZeroStepProxy
-    from planner.scoring.sensitivity import WeightBank, module_weight, target_modules
 
-    names = [t.name for t in prep.targets]
-    mods = target_modules(model, names)
-    bank = bank or WeightBank({n: module_weight(mods[n]).detach() for n in names}, table_settings(prep.cfg).bits,
-                              max(prep.cfg.ranks), METHOD, prep.cfg.block_size)
+    if bank is None:
+        bank = WeightBank(ModelWeights(model, [t.name for t in prep.targets]), table_settings(prep.cfg).bits,
+                          max(prep.cfg.ranks), METHOD, prep.cfg.block_size, store=bank_store)
+        bank.fill()
     proxy = ZeroStepProxy(model, bank, val, causal=prep.source.facts.is_decoder)
     from planner import progress
 
@@ -340,7 +345,7 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
     split), choosing the lowest loss on the proxy-validation split; the test split is never read."""
     from planner import progress
     from planner.train.data import token_blocks
-    from planner.scoring.ftproxy import LoftQBank, rescore_with_finetune
+    from planner.scoring.ftproxy import CandidateBuilder, rescore_with_finetune
 
     cfg = prep.cfg
     n = cfg.calib_seq_len
@@ -355,9 +360,9 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
     with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k + frozen) as advance:
         chosen, records = rescore_with_finetune(problem, candidates, model, train, val, top_k=k,
                                                 steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr,
-                                                method=METHOD, block_size=cfg.block_size,
-                                                bank=LoftQBank(model, METHOD, cfg.block_size, max_rank=max(cfg.ranks),
-                                                               factors=weight_bank),
+                                                method=METHOD, block_size=cfg.block_size, optimizer=prep.run.optimizer,
+                                                builder=CandidateBuilder(model, METHOD, cfg.block_size,
+                                                                         max_rank=max(cfg.ranks), bank=weight_bank),
                                                 on_candidate=lambda rec: advance(1))
     return chosen, records
 

@@ -1,16 +1,21 @@
-"""A short, honest LoRA fine-tune: AdamW on the trainable parameters, next-token loss, held-out loss.
+"""The one LoRA training loop: the run's optimizer on the trainable parameters, next-token loss,
+held-out loss.
 
-Used by ``python -m planner finetune``, by fine-tune proxies and by the quality benchmark, so the
-two functions here keep their signatures: :func:`train_lora` and :func:`eval_loss`. No scheduler,
-no gradient accumulation, no mixed-precision tricks: what runs is what the memory model describes
-(one micro-batch per step, the model's own compute dtype).
+``python -m planner finetune``, the fine-tune proxy (:mod:`planner.scoring.ftproxy`) and the quality
+benchmark all train through :func:`train_lora` and measure with :func:`eval_loss`, so a proxy
+candidate trains exactly as the user's fine-tune does: same optimizer (no weight decay), same
+seeded batch order, same gradient clipping, batches moved to the model's device. The proxy's
+pruning hooks in through ``on_eval``. No scheduler, no gradient accumulation, no mixed-precision
+tricks: what runs is what the memory model describes (one micro-batch per step, the model's own
+compute dtype).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -18,8 +23,7 @@ from torch import nn
 from planner import progress
 from planner.errors import PlannerError
 from planner.options import option as _opt
-
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
+from planner.settings import OPTIMIZERS
 DEFAULT_LR = 3e-4
 DEFAULT_GRAD_CLIP = 1.0
 
@@ -59,7 +63,8 @@ class FinetuneConfig:
 class TrainResult:
     """``train_losses[i]``: mean next-token cross-entropy (nats) of step i+1's batch, before its update.
     ``eval_losses``: (step, held-out loss) pairs, step 0 = before training; ``final_eval_loss``: the
-    held-out loss after the last step (None without eval blocks); ``seconds``: wall time of the loop."""
+    held-out loss after the last step done (None without eval blocks); ``seconds``: wall time of the
+    loop. When ``on_eval`` stopped training early, ``len(train_losses)`` is the number of steps done."""
 
     train_losses: tuple[float, ...]
     eval_losses: tuple[tuple[int, float], ...]
@@ -87,7 +92,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str = "adamw", lr: float = DEFAULT_LR) -> torch.optim.Optimizer:
-    """AdamW (torch), 8-bit / paged 8-bit AdamW (bitsandbytes), or plain SGD; no weight decay."""
+    """AdamW (torch), 8-bit / paged 8-bit AdamW (bitsandbytes), or plain SGD; no weight decay (LoRA
+    adapters start at LoftQ's factors: decaying them pulls the model back towards the bare Q)."""
     params = list(params)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -139,18 +145,20 @@ def eval_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> fl
     return total / count
 
 
-def train_lora(model: nn.Module, train_blocks: torch.Tensor, *, steps: int, lr: float = DEFAULT_LR, batch_size: int = 1,
-               seed: int = 0, eval_blocks: torch.Tensor | None = None, eval_every: int | None = None,
-               grad_clip: float | None = DEFAULT_GRAD_CLIP, on_step: Callable[[int, float], None] | None = None,
-               optimizer: str = "adamw", show_progress: bool = True) -> TrainResult:
-    """Train the model's trainable parameters (the LoRA adapters) for ``steps`` steps.
+def batch_order(n_blocks: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless block indices, ``batch_size`` per step: a seeded permutation of the ``n_blocks``
+    blocks, taken in order and redrawn when fewer than a batch remain (the rest is skipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order = torch.randperm(n_blocks, generator=gen).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
 
-    ``train_blocks``: LongTensor [n_blocks, seq_len]; each step takes ``batch_size`` blocks in a
-    seeded random order (reshuffled after every pass). ``eval_blocks`` [m, seq_len]: held-out loss
-    at step 0, every ``eval_every`` steps (None: only at the start and the end) and after the last
-    step. ``grad_clip``: max global grad norm (None: no clipping). ``on_step(step, loss)`` after each
-    update. A non-finite loss raises PlannerError naming the step.
-    """
+
+def _check_train_args(train_blocks: torch.Tensor, steps: int, lr: float, batch_size: int,
+                      eval_every: int | None) -> torch.Tensor:
     train_blocks = _check_blocks(train_blocks, "train_blocks")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -160,44 +168,67 @@ def train_lora(model: nn.Module, train_blocks: torch.Tensor, *, steps: int, lr: 
         raise ValueError(f"batch_size must be in [1, {train_blocks.shape[0]}] (the number of blocks), got {batch_size!r}")
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be a positive integer or None, got {eval_every!r}")
-    device = model_device(model)
-    params = trainable_parameters(model)
+    return train_blocks
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], ids: torch.Tensor,
+                grad_clip: float | None, step: int) -> float:
+    """One update on ``ids`` [batch, seq]; returns the batch's loss before the update."""
+    loss = _loss(model, ids)
+    value = float(loss.detach().float())
+    if not math.isfinite(value):
+        raise PlannerError(f"the training loss became {value} at step {step}; lower the learning rate")
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return value
+
+
+def train_lora(model: nn.Module, train_blocks: torch.Tensor, *, steps: int, lr: float = DEFAULT_LR, batch_size: int = 1,
+               seed: int = 0, eval_blocks: torch.Tensor | None = None, eval_every: int | None = None,
+               grad_clip: float | None = DEFAULT_GRAD_CLIP, on_step: Callable[[int, float], None] | None = None,
+               optimizer: str = "adamw", show_progress: bool = True, eval_batch_size: int | None = None,
+               eval_at_start: bool = True, on_eval: Callable[[int, float], bool] | None = None) -> TrainResult:
+    """Train the model's trainable parameters (the LoRA adapters) for ``steps`` steps.
+
+    ``train_blocks``: LongTensor [n_blocks, seq_len]; each step takes ``batch_size`` blocks in the
+    seeded order of :func:`batch_order`. ``eval_blocks`` [m, seq_len]: held-out loss (batches of
+    ``eval_batch_size``, default ``batch_size``) at step 0 (unless ``eval_at_start`` is False), every
+    ``eval_every`` steps (None: only at the start and the end) and after the last step.
+    ``grad_clip``: max global grad norm (None: no clipping). ``on_step(step, loss)`` after each
+    update; ``on_eval(step, held-out loss)`` after each evaluation, returning True to stop training
+    there (the fine-tune proxy's pruner). A non-finite loss raises PlannerError naming the step.
+    """
+    train_blocks = _check_train_args(train_blocks, steps, lr, batch_size, eval_every)
+    device, params = model_device(model), trainable_parameters(model)
     opt = make_optimizer(params, optimizer, lr)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    batches = batch_order(train_blocks.shape[0], batch_size, seed)
     losses: list[float] = []
     evals: list[tuple[int, float]] = []
-    if eval_blocks is not None:
-        evals.append((0, eval_loss(model, eval_blocks, batch_size)))
+
+    def evaluate(step: int) -> bool:
+        evals.append((step, eval_loss(model, eval_blocks, eval_batch_size or batch_size)))
+        return bool(on_eval(step, evals[-1][1])) if on_eval is not None else False
+
+    stop = eval_blocks is not None and eval_at_start and evaluate(0)
     t0 = time.perf_counter()
     model.train()
-    task = progress.task("fine-tune steps", steps) if show_progress else None
-    advance = task.__enter__() if task else (lambda n=1: None)
-    try:
+    with progress.task("fine-tune steps", steps) if show_progress else _no_progress() as advance:
         for step in range(1, steps + 1):
-            if len(order) < batch_size:
-                order = torch.randperm(train_blocks.shape[0], generator=gen).tolist()
-            idx, order = order[:batch_size], order[batch_size:]
-            loss = _loss(model, train_blocks[idx].to(device))
-            value = float(loss.detach().float())
-            if not math.isfinite(value):
-                raise PlannerError(f"the training loss became {value} at step {step}; lower the learning rate")
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(value)
-            if eval_blocks is not None and eval_every and step % eval_every == 0 and step < steps:
-                evals.append((step, eval_loss(model, eval_blocks, batch_size)))
+            if stop:
+                break
+            losses.append(_train_step(model, opt, params, train_blocks[next(batches)].to(device), grad_clip, step))
+            if eval_blocks is not None and (step == steps or (eval_every and step % eval_every == 0)):
+                stop = evaluate(step)
             if on_step is not None:
-                on_step(step, value)
+                on_step(step, losses[-1])
             advance(1)
-    finally:
-        if task:
-            task.__exit__(None, None, None)
-    final = None
-    if eval_blocks is not None:
-        final = eval_loss(model, eval_blocks, batch_size)
-        evals.append((steps, final))
+    final = evals[-1][1] if evals and evals[-1][0] == len(losses) else None
     return TrainResult(tuple(losses), tuple(evals), final, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _no_progress() -> Iterator[Callable[[int], None]]:
+    yield lambda n=1: None

@@ -1,0 +1,229 @@
+"""The one weight bank: per (layer, bits) the quantized weight and the top factors of what it misses.
+
+For a target weight W [out, in] and a width b, an entry holds Q = q_b(W) (packed), deq(Q) [out, in]
+and the top ``max_rank`` singular factors of the residual W - deq(Q) in PEFT's convention:
+B [out, r] = U sqrt(S), A [r, in] = sqrt(S) V^T, so W ~= deq(Q) + B @ A. With LoftQ iters = 1, Q
+does not depend on the rank and every rank's adapter is a truncation of one SVD (ARCHITECTURE.md),
+so one entry per (layer, bits) serves every (bits, rank) a search tries: the zero-step proxy reads
+dense weights deq(Q) + B_r A_r, the fine-tune proxy reads Q and the factors (B_r, A_r).
+
+Entries are computed on first lookup and kept in a :class:`BankStore` (get / put by layer name and
+bits). :class:`MemoryStore` keeps them in RAM. A store that keeps them on disk (one safetensors file
+per transformer block, memory-mapped, in the cache) fits the same two methods, and the original
+weights come from any ``Mapping`` (a lazy one can read a checkpoint tensor by tensor), so the
+callers of the bank do not change when it stops living in RAM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, NamedTuple, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from loftq import QuantConfig, QuantizedTensor, dequantize, quantize
+
+from planner import progress
+from planner.runtime.layers import linear_weight
+
+SVD_KINDS = ("randomized", "exact")
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """What a bank computes: widths ``bits`` (< 16) quantized with ``method`` at ``block_size``,
+    factors up to ``max_rank`` stored in ``dtype``, from a randomized (fixed seed) or exact SVD."""
+
+    bits: tuple[int, ...]
+    max_rank: int
+    method: str = "nf"
+    block_size: int = 64
+    dtype: torch.dtype = torch.float32
+    svd: str = "randomized"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_rank, int) or isinstance(self.max_rank, bool) or self.max_rank < 0:
+            raise ValueError(f"max_rank must be a non-negative integer, got {self.max_rank!r}")
+        if self.svd not in SVD_KINDS:
+            raise ValueError(f"svd must be one of {', '.join(SVD_KINDS)}; got {self.svd!r}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype, got {self.dtype!r}")
+        for b in self.bits:
+            if b < 16:
+                self.quant_config(b)  # QuantConfig names an unsupported (method, bits, block_size)
+
+    def quant_config(self, bits: int) -> QuantConfig:
+        return QuantConfig(bits, self.method, self.block_size)
+
+
+class LowRank(NamedTuple):
+    """Adapter factors in PEFT's convention: the update is ``b @ a``."""
+
+    b: torch.Tensor  # [out, r]
+    a: torch.Tensor  # [r, in]
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    """One (layer, bits): Q, deq(Q) [out, in] and the top ``rank`` factors of W - deq(Q)."""
+
+    quantized: QuantizedTensor
+    deq: torch.Tensor  # [out, in], bank dtype
+    b: torch.Tensor  # [out, rank], bank dtype
+    a: torch.Tensor  # [rank, in], bank dtype
+    svd: str
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+class BankStore(Protocol):
+    """Where entries live; keyed by (layer name, bits)."""
+
+    def get(self, name: str, bits: int) -> BankEntry | None: ...
+
+    def put(self, name: str, bits: int, entry: BankEntry) -> None: ...
+
+
+class MemoryStore:
+    """Entries in a dict. One store may back several banks over the same weights and settings (e.g.
+    one planning run per budget in one process): each entry is then computed once."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, int], BankEntry] = {}
+
+    def get(self, name: str, bits: int) -> BankEntry | None:
+        return self._entries.get((name, bits))
+
+    def put(self, name: str, bits: int, entry: BankEntry) -> None:
+        self._entries[(name, bits)] = entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ModelWeights(Mapping[str, torch.Tensor]):
+    """The [out, in] weights of a model's Linear (or gpt2 Conv1D) modules, read on lookup (no copy).
+    ``names``: the layers it lists (default: every module with a 2-D weight)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | None = None) -> None:
+        self.model = model
+        self._names = list(names) if names is not None else [
+            n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2 and not isinstance(m, nn.Embedding)]
+        self._listed = set(self._names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._listed:
+            raise KeyError(name)
+        return linear_weight(self.model.get_submodule(name))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._listed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def top_factors(residual: torch.Tensor, rank: int, svd: str = "randomized") -> LowRank:
+    """B [out, r] = U sqrt(S), A [r, in] = sqrt(S) V^T of the top-r singular triplets of ``residual``
+    (fp32 [out, in]); the same split of S as ``loftq.solver``.
+
+    ``randomized``: torch.svd_lowrank (4 power iterations, seed 0, the caller's RNG untouched) when r
+    is small against the matrix, exact otherwise; ``exact``: a full thin SVD (what LoftQ runs).
+    """
+    if rank == 0:
+        return LowRank(residual.new_zeros(residual.shape[0], 0), residual.new_zeros(0, residual.shape[1]))
+    if svd == "randomized" and 4 * rank < min(residual.shape):
+        with torch.random.fork_rng(devices=[residual.device] if residual.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(residual, q=rank + 16, niter=4)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = s[:rank].sqrt()
+    return LowRank((u[:, :rank] * root).contiguous(), (root.unsqueeze(1) * vh[:rank]).contiguous())
+
+
+class WeightBank:
+    """Lookups by (layer name, bits) over ``weights`` (name -> [out, in] original weight).
+
+    Entries are computed on first use and kept in ``store`` (default: a fresh :class:`MemoryStore`);
+    :meth:`fill` computes them all up front. bits >= 16 means the original weight, kept as it is.
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], bits: Sequence[int], max_rank: int,
+                 method: str = "nf", block_size: int = 64, dtype: torch.dtype = torch.float32, *,
+                 svd: str = "randomized", store: BankStore | None = None) -> None:
+        self.weights = weights
+        self.settings = BankSettings(tuple(bits), max_rank, method, block_size, dtype, svd)
+        self.store: BankStore = store if store is not None else MemoryStore()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weights)
+
+    def original(self, name: str) -> torch.Tensor:
+        """[out, in] original weight in the bank dtype (the mapping's tensor itself when it has that dtype)."""
+        return self.weights[name].detach().to(self.settings.dtype)
+
+    def entry(self, name: str, bits: int) -> BankEntry:
+        """The entry of (name, bits), computed and stored on first lookup."""
+        s = self.settings
+        if bits not in s.bits or bits >= 16:
+            raise ValueError(f"bits {bits!r} is not a quantized width of this bank ({s.bits})")
+        entry = self.store.get(name, bits)
+        if entry is None:
+            entry = self._compute(name, bits)
+            self.store.put(name, bits, entry)
+        elif (entry.quantized.config != s.quant_config(bits) or entry.svd != s.svd or entry.deq.dtype != s.dtype
+              or entry.rank < min(s.max_rank, *entry.deq.shape)):
+            raise ValueError(f"the bank's store holds {name} at {bits} bits built with other settings "
+                             f"({entry.quantized.config}, {entry.svd} SVD, rank {entry.rank}, {entry.deq.dtype}) "
+                             f"than this bank's {s}")
+        return entry
+
+    def _compute(self, name: str, bits: int) -> BankEntry:
+        s = self.settings
+        w = self.weights[name].detach().float()
+        qt = quantize(w, config=s.quant_config(bits))
+        deq = dequantize(qt, torch.float32)
+        f = top_factors(w - deq, min(s.max_rank, *w.shape), s.svd)
+        return BankEntry(qt, deq.to(s.dtype), f.b.to(s.dtype), f.a.to(s.dtype), s.svd)
+
+    def quantized(self, name: str, bits: int) -> QuantizedTensor:
+        return self.entry(name, bits).quantized
+
+    def factors(self, name: str, bits: int, rank: int) -> LowRank:
+        """(B [out, rank], A [rank, in]); zero-padded past the layer's own rank (min(out, in))."""
+        if not 0 <= rank <= self.settings.max_rank:
+            raise ValueError(f"rank {rank!r} exceeds the bank's max_rank {self.settings.max_rank}")
+        e = self.entry(name, bits)
+        b, a = e.b[:, :rank], e.a[:rank]
+        if rank > e.rank:  # singular values past min(out, in) are zero
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - e.rank)], dim=1)
+            a = torch.cat([a, a.new_zeros(rank - e.rank, a.shape[1])])
+        return LowRank(b, a)
+
+    def weight(self, name: str, bits: int, rank: int) -> torch.Tensor:
+        """[out, in] deq(Q) + B_r A_r for (bits, rank) at iters = 1; bits >= 16: the original weight."""
+        if bits >= 16:
+            return self.original(name)
+        if rank == 0:
+            return self.entry(name, bits).deq
+        b, a = self.factors(name, bits, rank)
+        return torch.addmm(self.entry(name, bits).deq, b, a)
+
+    def fill(self, names: Sequence[str] | None = None, label: str = "quantized weight bank") -> None:
+        """Compute every (layer, width) entry now, with a progress bar."""
+        names = list(names) if names is not None else self.names
+        widths = [b for b in self.settings.bits if b < 16]
+        with progress.task(label, len(names)) as advance:
+            for name in names:
+                for b in widths:
+                    self.entry(name, b)
+                advance(1)
