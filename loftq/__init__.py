@@ -13,6 +13,10 @@ __all__ = [
     "expected_nbytes", "int8_codebook", "nf_codebook", "pack", "packed_numel", "quantize",
     "stored_absmax", "uniform_codebook", "unpack",
 ]
+from .gguf_quants import (GGUF_TYPES, GGUFTensor, GGUFType, allowed_types, gguf_nbytes, gguf_quantize,
+                          gguf_type)
+
+__all__ += ["GGUF_TYPES", "GGUFTensor", "GGUFType", "allowed_types", "gguf_nbytes", "gguf_quantize", "gguf_type"]
 from .solver import DEFAULT_RANKS, LoftQResult, calibration_factor, loftq, residual_table
 
 __all__ += ["DEFAULT_RANKS", "LoftQResult", "calibration_factor", "loftq", "residual_table"]
