@@ -9,7 +9,7 @@ q4_k, whose sub-blocks of 32 carry a scale and a min like Q4_1's, reproduces the
 so its error here understates what it does to pristine weights; the Gaussian column shows a
 fresh [576, 1536] N(0, 1) matrix for comparison.
 
-    python -m bench.gguf_quants [--blocks 0,10,20] [--json]
+    python -m bench.gguf_quants [--blocks 0,10,20] [--threads N] [--json]
 """
 from __future__ import annotations
 
@@ -93,8 +93,11 @@ def measure(weights: dict[str, torch.Tensor], gauss: torch.Tensor) -> list[dict]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="0,10,20", help="transformer blocks to take layers from")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a shared CPU, 1 thread avoids spin-waiting on a busy core
     weights = smollm2_layers([int(b) for b in args.blocks.split(",")])
     gauss = torch.randn(576, 1536, generator=torch.Generator().manual_seed(0))
     load = os.getloadavg()
