@@ -18,6 +18,10 @@ __all__ = [
     "quantize",
     "stored_absmax", "uniform_codebook", "unpack",
 ]
+from .gguf_quants import (GGUF_TYPES, GGUFTensor, GGUFType, allowed_types, gguf_nbytes, gguf_quantize,
+                          gguf_type)
+
+__all__ += ["GGUF_TYPES", "GGUFTensor", "GGUFType", "allowed_types", "gguf_nbytes", "gguf_quantize", "gguf_type"]
 from .solver import DEFAULT_RANKS, LoftQResult, calibration_factor, loftq, residual_table
 
 __all__ += ["DEFAULT_RANKS", "LoftQResult", "calibration_factor", "loftq", "residual_table"]

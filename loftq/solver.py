@@ -11,11 +11,12 @@ H + damp = L L^T, minimise ||(W - Q - BA) L||_F: the best rank-r BA is the trunc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .quant import QuantConfig, QuantizedTensor, check_finite, dequantize, fake_quantize, quantize
+from .gguf_quants import GGUFTensor, check_shape, gguf_quantize
 
 DEFAULT_RANKS = (0, 8, 16, 32, 64)
 
@@ -30,7 +31,7 @@ class LoftQResult:
     ``best_iter``: 1-based index of the iterate kept.
     """
 
-    quantized: QuantizedTensor
+    quantized: QuantizedTensor | GGUFTensor
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     errors: list[float]
@@ -70,11 +71,23 @@ def _config(bits: int, method: str | Mapping[int, str], block_size: int, double_
     return QuantConfig(bits, m, block_size, double_quant)
 
 
-def loftq(weight: torch.Tensor, bits: int, rank: int, *, iters: int = 1, method: str | Mapping[int, str] = "nf",
+def _quantizer(bits: int | str, method: str | Mapping[int, str], block_size: int, double_quant: bool,
+               shape: tuple[int, ...]) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
+    """(quantize, dequantize-to-fp32) for a codebook width or a GGUF type name."""
+    if isinstance(bits, str):
+        check_shape(shape, bits)
+        return (lambda m: gguf_quantize(m, bits)), (lambda qt: qt.dequantize(torch.float32))
+    cfg = _config(bits, method, block_size, double_quant)
+    return (lambda m: quantize(m, config=cfg)), (lambda qt: dequantize(qt, torch.float32))
+
+
+def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, method: str | Mapping[int, str] = "nf",
           block_size: int = 64, double_quant: bool = False, calibration: torch.Tensor | None = None,
           damp: float = 0.01) -> LoftQResult:
     """LoftQ for one weight [out, in]; returns the best of ``iters`` iterates.
 
+    ``bits``: a codebook width (with ``method``, ``block_size``, ``double_quant``) or the name of a
+    GGUF type in ``GGUF_TYPES`` ("q4_k", ...), whose quantizer then replaces the codebook one.
     ``calibration``: optional input second moment H [in, in]; then the low-rank step and the
     choice of the best iterate use ||(W - Q - BA) L||, L L^T = H + damp.
     """
@@ -85,7 +98,7 @@ def loftq(weight: torch.Tensor, bits: int, rank: int, *, iters: int = 1, method:
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
     check_finite(weight)
-    cfg = _config(bits, method, block_size, double_quant)
+    quant, dequant = _quantizer(bits, method, block_size, double_quant, tuple(weight.shape))
     w = weight.detach().float()
     factor = calibration_factor(calibration.to(w.device).float(), damp) if calibration is not None else None
     w_norm = w.norm().clamp(min=1e-30)
@@ -97,8 +110,8 @@ def loftq(weight: torch.Tensor, bits: int, rank: int, *, iters: int = 1, method:
     errors: list[float] = []
     weighted: list[float] = []
     for t in range(iters):
-        qt = quantize(w - b @ a, config=cfg) if rank and t else quantize(w, config=cfg)
-        residual = w - dequantize(qt, torch.float32)
+        qt = quant(w - b @ a) if rank and t else quant(w)
+        residual = w - dequant(qt)
         if rank:
             b, a = _low_rank(residual, rank, factor)
             residual = residual - b @ a

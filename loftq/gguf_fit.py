@@ -1,0 +1,204 @@
+"""Our GGUF encoders: per block, the scale (and min) that minimise the squared error.
+
+llama.cpp's reference quantizers search a few candidate inverse scales around "the extreme value
+maps to the end of the grid" and keep the least-squares scale of the best candidate; the K-quants
+then quantize the per-sub-block scales themselves against one fp16 super-scale. We do the same
+search, vectorised: every candidate of every block at once ([blocks, candidates, block_size]),
+so the error criterion is exact and the batch runs on CPU or CUDA alike. After the scales are
+final (rounded to what is stored: fp16, small integers), codes are recomputed as the nearest
+grid value under the *stored* scales, which is the best code choice for a fixed grid.
+"""
+from __future__ import annotations
+
+import torch
+
+from .gguf_layout import IQ4_NL_VALUES, QK_K, Fields
+
+FP16_MAX = 65504.0
+CHUNK = 1 << 22  # elements of [blocks, candidates, block] per step (~16 MiB fp32 per temporary)
+
+
+def _steps(centre: float, half_width: float, count: int) -> list[float]:
+    return torch.linspace(centre - half_width, centre + half_width, count).tolist()
+
+
+def _snap(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``levels`` for every entry of ``y`` (int64)."""
+    lo, hi = levels[0].item(), levels[-1].item()
+    if levels.numel() == hi - lo + 1:  # a contiguous integer grid: rounding is the nearest value
+        return (torch.round(y).clamp_(lo, hi) - lo).long()
+    return torch.bucketize(y, (levels[:-1] + levels[1:]) / 2)
+
+
+def _nearest(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The nearest of the sorted ``levels`` (values, fp32) for every entry of ``y``."""
+    lo, hi = levels[0].item(), levels[-1].item()
+    if levels.numel() == hi - lo + 1:
+        return torch.round(y).clamp_(lo, hi)
+    return levels[torch.bucketize(y, (levels[:-1] + levels[1:]) / 2)]
+
+
+def _safe(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.ones_like(d), d)
+
+
+def fit_symmetric(x: torch.Tensor, levels: torch.Tensor, targets: list[float],
+                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best scale s per row for x ~= s * levels[code] under sum(weight * err^2).
+
+    x: [n, b]; levels: sorted fp32 grid; targets: candidate grid positions for the row's signed
+    extreme value (s0 = extreme / t), each refined to its least-squares scale.
+    Returns (scale [n], sum(weight * level^2) [n] of the chosen codes).
+    """
+    out_s, out_q2 = [], []
+    step = max(1, CHUNK // (len(targets) * x.shape[1]))
+    t = torch.tensor(targets, dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], step):  # chunks of many blocks, to bound memory
+        xc = x[start:start + step]
+        wc = torch.ones_like(xc) if weight is None else weight[start:start + step]
+        ext = xc.gather(1, xc.abs().argmax(1, keepdim=True))  # [n, 1] signed extreme
+        s0 = _safe(ext / t)  # [n, k]
+        q = _nearest(xc.unsqueeze(1) / s0.unsqueeze(2), levels)  # [n, k, b]
+        wq = wc.unsqueeze(1) * q
+        sxq = (wq * xc.unsqueeze(1)).sum(2)
+        sqq = (wq * q).sum(2)
+        gain = torch.where(sqq > 0, sxq * sxq / sqq.clamp(min=1e-30), torch.zeros_like(sxq))
+        best = gain.argmax(1, keepdim=True)
+        sqq_best = sqq.gather(1, best).squeeze(1)
+        scale = sxq.gather(1, best).squeeze(1) / sqq_best.clamp(min=1e-30)
+        out_s.append(torch.where(ext.squeeze(1) == 0, torch.zeros_like(scale), scale))
+        out_q2.append(sqq_best)
+    return torch.cat(out_s), torch.cat(out_q2)
+
+
+def fit_affine(x: torch.Tensor, nmax: int, targets: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best (scale >= 0, min >= 0) per row for x ~= scale * u - min, u in 0..nmax.
+
+    x: [n, b]. Candidates: the row's range [min(x, 0), max(x)] mapped onto t grid steps; each is
+    refined by least squares in (scale, offset) with the offset kept <= 0 (GGUF stores -min >= 0).
+    Returns (scale [n], min [n]).
+    """
+    out_s, out_m = [], []
+    step = max(1, CHUNK // (len(targets) * x.shape[1]))
+    t = torch.tensor(targets, dtype=torch.float32, device=x.device)
+    nb = float(x.shape[1])
+    for start in range(0, x.shape[0], step):
+        xc = x[start:start + step]
+        lo = xc.amin(1, keepdim=True).clamp(max=0)
+        span = xc.amax(1, keepdim=True) - lo
+        inv = torch.where(span > 0, t / _safe(span), torch.zeros_like(t))  # [n, k]
+        u = torch.round((xc - lo).unsqueeze(1) * inv.unsqueeze(2)).clamp_(0, nmax)  # [n, k, b]
+        xs = xc.unsqueeze(1)
+        sq, squ, sx, sxq = u.sum(2), (u * u).sum(2), xs.sum(2), (u * xs).sum(2)
+        sxx = (xs * xs).sum(2)
+        det = nb * squ - sq * sq
+        s_full = (nb * sxq - sq * sx) / _safe(det)
+        b_full = (squ * sx - sq * sxq) / _safe(det)
+        s_zero = sxq / _safe(squ)  # offset pinned at 0
+        b_only = (sx / nb).clamp(max=0)  # every code 0: only the offset
+        options = [(s_full, b_full, (det > 0) & (b_full <= 0) & (s_full >= 0)),
+                   (s_zero.clamp(min=0), torch.zeros_like(s_zero), squ > 0),
+                   (torch.zeros_like(sx), b_only, torch.ones_like(sx, dtype=torch.bool))]
+        errs, scales, offs = [], [], []
+        for s, b, ok in options:  # three closed forms, each over every candidate at once
+            err = sxx - 2 * s * sxq - 2 * b * sx + s * s * squ + 2 * s * b * sq + nb * b * b
+            errs.append(torch.where(ok, err, torch.full_like(err, float("inf"))))
+            scales.append(s)
+            offs.append(b)
+        err, s, b = (torch.stack(torch.broadcast_tensors(*v), 2).flatten(1) for v in (errs, scales, offs))
+        best = err.argmin(1, keepdim=True)
+        out_s.append(s.gather(1, best).squeeze(1))
+        out_m.append(-b.gather(1, best).squeeze(1))
+    return torch.cat(out_s), torch.cat(out_m)
+
+
+def to_fp16(d: torch.Tensor) -> torch.Tensor:
+    """Round scales to the stored fp16, saturating (a weight beyond fp16 range cannot be stored)."""
+    return d.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+
+
+def _grid(lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(lo, hi + 1, dtype=torch.float32, device=device)
+
+
+def _codes(x: torch.Tensor, eff: torch.Tensor, levels: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Nearest code under stored effective scales eff (x: [n, g, b], eff/offset: [n, g])."""
+    y = x if offset is None else x + offset.unsqueeze(2)
+    return _snap(y / _safe(eff).unsqueeze(2), levels)
+
+
+def encode_scaled32(blocks: torch.Tensor, levels: torch.Tensor, targets: list[float]) -> Fields:
+    """q8_0, q4_0, iq4_nl: one fp16 scale per 32 values, codes index ``levels``."""
+    scale, _ = fit_symmetric(blocks, levels, targets)
+    d = to_fp16(scale)
+    return Fields(d=d, codes=_codes(blocks.unsqueeze(1), d.float().unsqueeze(1), levels).squeeze(1))
+
+
+def encode_q8_0(blocks: torch.Tensor) -> Fields:
+    f = encode_scaled32(blocks, _grid(-128, 127, blocks.device), [-128.0, 127.0, 126.5, 127.5, -127.5])
+    f.codes = f.codes - 128  # stored as int8
+    return f
+
+
+def encode_q4_0(blocks: torch.Tensor) -> Fields:
+    return encode_scaled32(blocks, _grid(-8, 7, blocks.device), _steps(-8, 1, 11) + _steps(7, 1, 5))
+
+
+def encode_iq4_nl(blocks: torch.Tensor) -> Fields:
+    levels = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+    return encode_scaled32(blocks, levels, _steps(-127, 12, 9) + _steps(113, 12, 5))
+
+
+def _encode_k_symmetric(blocks: torch.Tensor, sub: int, qlo: int, qhi: int, slo: int, shi: int,
+                        targets: list[float]) -> Fields:
+    """q3_k / q6_k: sub-blocks of ``sub`` with signed codes qlo..qhi and signed integer scales
+    slo..shi times one fp16 super-scale."""
+    x = blocks.view(-1, QK_K // sub, sub)
+    levels = _grid(qlo, qhi, blocks.device)
+    s, q2 = fit_symmetric(x.reshape(-1, sub), levels, targets)
+    s, q2 = s.view(x.shape[:2]), q2.view(x.shape[:2])
+    # quantize the sub-block scales; the weight error of a scale error ds is ds^2 * sum(q^2)
+    slevels = _grid(slo, shi, blocks.device)
+    d_super, _ = fit_symmetric(s, slevels, [float(slo), float(slo) + 0.5, float(shi), float(shi) - 0.5], q2)
+    d = to_fp16(d_super)
+    sc = _codes(s.unsqueeze(2), d.float().unsqueeze(1), slevels).squeeze(2) + slo
+    eff = d.float().unsqueeze(1) * sc.float()  # exactly what the decoder multiplies by
+    u = _codes(x, eff, levels).view(-1, QK_K)
+    return Fields(d=d, scales=sc, codes=u)
+
+
+def encode_q6_k(blocks: torch.Tensor) -> Fields:
+    return _encode_k_symmetric(blocks, 16, -32, 31, -128, 127, _steps(-32, 1, 11) + _steps(31, 1, 5))
+
+
+def encode_q3_k(blocks: torch.Tensor) -> Fields:
+    return _encode_k_symmetric(blocks, 16, -4, 3, -32, 31, _steps(-4, 0.6, 9) + _steps(3, 0.6, 7))
+
+
+def _encode_k_affine(blocks: torch.Tensor, sub: int, nmax: int, smax: int, targets: list[float]) -> Fields:
+    """q2_k / q4_k: sub-blocks with unsigned codes 0..nmax, unsigned integer scales and mins
+    0..smax times the fp16 super-scales d and dmin."""
+    x = blocks.view(-1, QK_K // sub, sub)
+    s, m = fit_affine(x.reshape(-1, sub), nmax, targets)
+    s, m = s.view(x.shape[:2]), m.view(x.shape[:2])
+    slevels = _grid(0, smax, blocks.device)
+    ends = [float(smax), smax - 0.5, smax + 0.5]
+    # a scale error ds costs ds^2 * sum(u^2); estimate sum(u^2) from the unquantized fit
+    u0 = torch.round((x + m.unsqueeze(2)) / _safe(s).unsqueeze(2)).clamp(0, nmax)
+    d, _ = fit_symmetric(s, slevels, ends, (u0 * u0).sum(2))
+    dmin, _ = fit_symmetric(m, slevels, ends)
+    d, dmin = to_fp16(d), to_fp16(dmin)
+    sc = _codes(s.unsqueeze(2), d.float().unsqueeze(1), slevels).squeeze(2)
+    mn = _codes(m.unsqueeze(2), dmin.float().unsqueeze(1), slevels).squeeze(2)
+    eff = d.float().unsqueeze(1) * sc.float()
+    off = dmin.float().unsqueeze(1) * mn.float()
+    u = _codes(x, eff, _grid(0, nmax, blocks.device), off).view(-1, QK_K)
+    return Fields(d=d, dmin=dmin, scales=sc, mins=mn, codes=u)
+
+
+def encode_q4_k(blocks: torch.Tensor) -> Fields:
+    return _encode_k_affine(blocks, 32, 15, 63, _steps(15, 1, 11))
+
+
+def encode_q2_k(blocks: torch.Tensor) -> Fields:
+    return _encode_k_affine(blocks, 16, 3, 15, _steps(3, 0.5, 11))

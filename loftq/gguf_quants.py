@@ -1,0 +1,153 @@
+"""llama.cpp's GGUF block formats as LoftQ quantizers: ``encode``/``decode`` and a tensor type.
+
+``encode(w [rows, cols], "q4_k")`` -> uint8 [rows, cols / block * type_size], byte for byte the
+tensor data a GGUF file stores for that type; ``decode`` reverses it to fp32, bit-exact with
+``gguf.quants.dequantize`` (and llama.cpp). Block-32 formats take any width divisible by 32; the
+K-quants need rows that are a whole number of 256-value super-blocks (:func:`allowed_types`).
+Ours is the encoder (a least-squares scale search per block, see :mod:`loftq.gguf_fit`); GGUF
+fixes only the decoding, so any codes are valid.
+
+Why a sibling of :class:`~loftq.quant.QuantizedTensor` instead of it: that type is codes + one
+fp32 absmax per block against a global codebook, with an integer width. A GGUF block interleaves
+fp16 super-scales, packed integer sub-scales/mins and codes in one record, widths are fractional
+(q4_k: 4.5 bits/weight), and the bytes must be exactly GGUF's. :class:`GGUFTensor` stores those
+bytes and nothing else, so ``nbytes`` is the size of the tensor's data in a GGUF file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from . import gguf_fit as fit
+from . import gguf_layout as lay
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One GGUF block format: ``block_size`` weights are stored in ``type_size`` bytes."""
+
+    name: str
+    ggml_type: int  # ggml's enum value (GGMLQuantizationType), written in GGUF tensor headers
+    block_size: int
+    type_size: int
+    encode_blocks: Callable[[torch.Tensor], lay.Fields]  # fp32 [n, block] -> fields
+    pack: Callable[[lay.Fields], torch.Tensor]  # fields -> uint8 [n, type_size]
+    decode_blocks: Callable[[torch.Tensor], torch.Tensor]  # uint8 [n, type_size] -> fp32 [n, block]
+    description: str = ""
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+
+GGUF_TYPES: Registry[GGUFType] = Registry("GGUF quantization type")
+for _t in (
+    GGUFType("q8_0", 8, lay.QK, 34, fit.encode_q8_0, lay.pack_q8_0, lay.decode_q8_0,
+             "8-bit codes, one fp16 scale per 32"),
+    GGUFType("q4_0", 2, lay.QK, 18, fit.encode_q4_0, lay.pack_nibbles32, lay.decode_q4_0,
+             "4-bit codes -8..7, one fp16 scale per 32"),
+    GGUFType("iq4_nl", 20, lay.QK, 18, fit.encode_iq4_nl, lay.pack_nibbles32, lay.decode_iq4_nl,
+             "4-bit non-linear grid, one fp16 scale per 32"),
+    GGUFType("q2_k", 10, lay.QK_K, 84, fit.encode_q2_k, lay.pack_q2_k, lay.decode_q2_k,
+             "2-bit codes, 4-bit scales and mins per 16, fp16 d and dmin per 256"),
+    GGUFType("q3_k", 11, lay.QK_K, 110, fit.encode_q3_k, lay.pack_q3_k, lay.decode_q3_k,
+             "3-bit codes, 6-bit scales per 16, fp16 d per 256"),
+    GGUFType("q4_k", 12, lay.QK_K, 144, fit.encode_q4_k, lay.pack_q4_k, lay.decode_q4_k,
+             "4-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256"),
+    GGUFType("q6_k", 14, lay.QK_K, 210, fit.encode_q6_k, lay.pack_q6_k, lay.decode_q6_k,
+             "6-bit codes, int8 scales per 16, fp16 d per 256"),
+):
+    GGUF_TYPES.add(_t.name, _t)
+
+
+def gguf_type(name: str) -> GGUFType:
+    """The format registered as ``name`` (lower case: ``q4_k``); unknown names list the known."""
+    return GGUF_TYPES.get(name)
+
+
+def allowed_types(shape: tuple[int, ...]) -> tuple[str, ...]:
+    """GGUF types that can store a weight of ``shape`` ([out, in]: rows of length ``in``)."""
+    return tuple(n for n in GGUF_TYPES if shape[-1] % GGUF_TYPES.get(n).block_size == 0)
+
+
+def check_shape(shape: tuple[int, ...], name: str) -> GGUFType:
+    """The format, or ``ValueError`` naming the shape when its rows are not whole blocks."""
+    t = gguf_type(name)
+    if len(shape) != 2 or shape[-1] % t.block_size:
+        raise ValueError(f"{name} stores [rows, cols] weights with cols a multiple of {t.block_size}; "
+                         f"got shape {tuple(shape)}")
+    return t
+
+
+def gguf_nbytes(shape: tuple[int, ...], name: str) -> int:
+    """Exact bytes of a [rows, cols] weight stored as ``name`` (the tensor's data in a GGUF file)."""
+    t = check_shape(shape, name)
+    return shape[0] * (shape[1] // t.block_size) * t.type_size
+
+
+def encode(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """fp32/fp16/bf16 [rows, cols] -> uint8 [rows, cols / block_size * type_size] in GGUF layout.
+
+    Runs on the weight's device; raises ``ValueError`` on a shape the format cannot hold or on
+    non-finite values. Magnitudes beyond fp16's range saturate the stored scales.
+    """
+    t = check_shape(tuple(weight.shape), name)
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"weight contains non-finite values; refusing to encode as {name}")
+    rows, cols = weight.shape
+    blocks = weight.detach().float().reshape(-1, t.block_size)
+    return t.pack(t.encode_blocks(blocks)).view(rows, cols // t.block_size * t.type_size)
+
+
+def decode(data: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 [rows, row_bytes] in GGUF layout -> fp32 [rows, row_bytes / type_size * block_size]."""
+    t = gguf_type(name)
+    if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] % t.type_size:
+        raise ValueError(f"{name} data must be uint8 [rows, k * {t.type_size}], "
+                         f"got {data.dtype} {tuple(data.shape)}")
+    rows, nbytes = data.shape
+    values = t.decode_blocks(data.reshape(-1, t.type_size))
+    return values.view(rows, nbytes // t.type_size * t.block_size)
+
+
+@dataclass
+class GGUFTensor:
+    """A weight stored in a GGUF block format: ``data`` uint8 [rows, row_bytes], nothing else."""
+
+    data: torch.Tensor
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    qtype: str
+
+    @property
+    def quant_name(self) -> str:
+        return self.qtype
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """fp32 decode (bit-exact with llama.cpp), then cast to ``dtype`` (default: the original)."""
+        return decode(self.data, self.qtype).to(dtype or self.dtype)
+
+    def to(self, device: torch.device | str) -> "GGUFTensor":
+        return replace(self, data=self.data.to(device))
+
+
+def gguf_quantize(weight: torch.Tensor, name: str) -> GGUFTensor:
+    """Encode ``weight`` [rows, cols] as GGUF type ``name``."""
+    return GGUFTensor(encode(weight, name), tuple(weight.shape), weight.dtype, name)
