@@ -5,7 +5,7 @@ zero-step proxy, and TPE's unseeded gap to the exact optimum in direct mode.
 
 Peer for the solve time: ``scipy.optimize.milp`` (HiGHS) on the same multiple-choice knapsack
 (binary x[l, k], one option per group, one budget row, the same costs and neutral objective) with
-no presolve of our own. Same run settings as bench/quality.py (fine-tune, CPU dtypes, seq 128).
+no presolve of our own. Same run settings as bench.quality (fine-tune, CPU dtypes, seq 128).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from bench.quality import QUICK, Counter, setup
+from bench.common import QUICK, setup
 from planner.search.pipeline import make_plan
 from planner.search.study import direct_search
 
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     s = replace(QUICK, trials=args.trials)
-    run, cfg, prep, counter, *_ = setup(s)
+    b = setup(s)
+    run, cfg, prep, counter = b.run, b.cfg, b.prep, b.counter
     budget = counter.budget_for(args.budget)
     out = make_plan(cfg, run, budget)
     problem = out.problem
