@@ -24,7 +24,7 @@ from planner.config import PlanConfig
 from planner.errors import PlannerError
 from planner.memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
 from planner.search.objective import OptionTable
-from planner.search.study import Candidate, SearchProblem, assignment, direct_search, guided_search, has_adapter
+from planner.search.study import Candidate, SearchProblem, assignment, guided_search, has_adapter
 from planner.settings import RunSettings
 from planner.scoring.tables import ResidualTables, TableSettings, residual_tables
 
@@ -210,10 +210,7 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int) -> PlanOutcome:
         storage = cfg.storage or default_storage(cfg)
         name = cfg.study_name or study_name_for(prep, budget)
         search_info.update(storage=_redact(storage), study_name=name)
-        if cfg.search == "guided":
-            chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name)
-        else:
-            chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name)
+        chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name)
         search_info["trials"] = n_trials
     ft_records = None
     trainable = any(has_adapter(c, prep.options) for c in candidates)
@@ -323,17 +320,6 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
                                                                factors=weight_bank),
                                                 on_candidate=lambda rec: advance(1))
     return chosen, records
-
-
-def _direct(prep: Prepared, problem: SearchProblem, exact: Candidate, storage: str,
-            name: str) -> tuple[Candidate, list[Candidate], int]:
-    seeds = [exact] + [problem.uniform(k) for k in range(len(prep.options))
-                       if problem.uniform(k).bytes <= problem.budget]
-    study, best = direct_search(problem, trials=prep.cfg.trials, timeout=prep.cfg.timeout, seed=prep.cfg.seed,
-                                storage=storage, study_name=name, seeds=seeds)
-    if best is None or best.objective > exact.objective:
-        best = exact
-    return best, [exact] + ([best] if best is not exact else []), len(study.trials)
 
 
 def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chosen: Candidate, exact: Candidate,
