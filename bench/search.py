@@ -36,7 +36,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from bench.common import QUICK, setup, write_json
 from planner.memory import fixed_bytes, layer_bytes
-from planner.search.allocate import InfeasibleBudget, Option, solve_mckp
+from planner.search.allocate import InfeasibleBudget, Option, quiet_stdout, solve_mckp
 from planner.search.objective import OptionTable, Shaping
 from planner.search.pipeline import make_plan
 from planner.search.study import SHAPE_RANGE
@@ -122,8 +122,9 @@ def milp_scaled(groups: Groups, budget: int, fixed: int) -> tuple[float, bool]:
     capacity = (budget - fixed - sum(int(v.min()) for v in cost)) // unit
     rows = [LinearConstraint(_one_hot([len(g) for g in groups]), 1, 1),
             LinearConstraint(sparse.csr_array((extra // unit).astype(np.float64)[None, :]), -np.inf, capacity)]
-    res = milp(c, constraints=rows, integrality=np.ones_like(c), bounds=Bounds(0, 1),
-               options={"mip_rel_gap": 0.0, "disp": False})
+    with quiet_stdout():
+        res = milp(c, constraints=rows, integrality=np.ones_like(c), bounds=Bounds(0, 1),
+                   options={"mip_rel_gap": 0.0, "disp": False})
     return _decode(groups, res.x, budget, fixed)
 
 
@@ -134,8 +135,9 @@ def milp_plain(groups: Groups, budget: int, fixed: int) -> tuple[float, bool]:
     scale = 1.0 / max(math.fsum(max(abs(o) for _, o in g) for g in groups), 1e-30)
     rows = [LinearConstraint(_one_hot([len(g) for g in groups]), 1, 1),
             LinearConstraint(cost[None, :], -np.inf, budget - fixed)]
-    res = milp(c * scale, constraints=rows, integrality=np.ones_like(c), bounds=Bounds(0, 1),
-               options={"mip_rel_gap": 0.0, "disp": False})
+    with quiet_stdout():
+        res = milp(c * scale, constraints=rows, integrality=np.ones_like(c), bounds=Bounds(0, 1),
+                   options={"mip_rel_gap": 0.0, "disp": False})
     return _decode(groups, np.round(res.x), budget, fixed)
 
 

@@ -331,7 +331,7 @@ def _milp_subset(problem: Knapsack, kept: list[np.ndarray], budget: int,
     for _ in range(_MAX_TIGHTEN):
         constraints = [LinearConstraint(one_hot, 1, 1),
                        LinearConstraint(sparse.csr_array(weights[None, :]), -np.inf, capacity)]
-        with _quiet_stdout():
+        with quiet_stdout():
             res = milp(c, constraints=constraints, integrality=np.ones_like(c), bounds=Bounds(0, 1),
                        options=options)
         if res.x is None:
@@ -350,7 +350,7 @@ def _milp_subset(problem: Knapsack, kept: list[np.ndarray], budget: int,
 
 
 @contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
+def quiet_stdout() -> Iterator[None]:
     """Silence file descriptor 1 for the solve: HiGHS' MIP code prints some lines straight to stdout
     whatever ``disp`` says, which would corrupt ``--json`` output. Python-level stdout is flushed
     first; where fd 1 cannot be duplicated, nothing is redirected."""
