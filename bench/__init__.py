@@ -1,0 +1,14 @@
+"""Benchmarks (not part of the test run); each runs as ``python -m bench.NAME`` and prints a ratio
+against a peer measured in the same run. Results live in bench/results/.
+
+common       settings, the byte counter, the baselines (uniform, first-k) and the SmolLM2 set-up
+quality      SmolLM2: planned vs uniform / first-k / QLoRA at equal memory, perplexity after fine-tuning
+correlation  SmolLM2: do the short fine-tune proxy and zero-step KL rank plans like a longer fine-tune?
+embedding    MiniLM-L6: embedding cosine of planned vs uniform models at equal memory (serving)
+search       the exact solver vs scipy milp (phi-2-sized workload); guided search vs the exact plan
+loftq_speed  residual-table speed vs PEFT's loftq_init
+loftq_report LoftQ residual per iteration; the 8-bit formats' rate-distortion
+
+May import ``planner``, ``loftq``, ``search_spaces`` and ``tests`` (the PEFT reference); nothing
+imports ``bench``.
+"""

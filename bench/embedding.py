@@ -4,7 +4,7 @@
 
 Serving (inference mode, CPU dtypes, no reserve): every method is counted by the planner's own byte
 function, budgets are bits per target weight of the bytes that depend on the layers' choices (as in
-bench/quality.py). Metric: cosine between the fp32 model's and the quantized model's (deq(Q) + BA,
+bench.common). Metric: cosine between the fp32 model's and the quantized model's (deq(Q) + BA,
 LoftQ iters = 1) mean-pooled sentence embeddings on blocks of the corpus's TEST split (never used for
 a choice: the planner calibrates on train and scores on val). Methods: planner (guided search,
 zero-step 1 - cos proxy), loftq-uniform-4bit / -2bit (largest rank of RANK_GRID that fits),
@@ -17,43 +17,49 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from bench.quality import Counter, describe, first_k, uniform
+from bench.common import Counter, bench_run, describe, fresh_config, first_k, uniform, write_json
 from planner.config import PlanConfig
-from planner.train.data import CorpusConfig, load_corpus, token_blocks
-from planner.search.pipeline import make_plan, prepare
 from planner.scoring.proxy import ZeroStepProxy
-from planner.scoring.bank import WeightBank
-from planner.scoring.sensitivity import module_weight, target_modules
+from planner.scoring.bank import ModelWeights, WeightBank
+from planner.search.pipeline import make_plan, prepare
 from planner.settings import RunSettings
+from planner.train.data import CorpusConfig, load_corpus, token_blocks
 
 SEQ_LEN = 128
 
 
-def setup(trials: int, test_blocks: int) -> tuple[Any, ...]:
-    run = RunSettings(mode="inference", device="cpu", seq_len=SEQ_LEN, batch_size=1, reserve_context_bytes=0,
-                      reserve_fraction=0.0)
-    db = Path(tempfile.mkdtemp(prefix="bench-embedding-")) / "studies.sqlite3"
-    cfg = PlanConfig(model="minilm-l6", search="guided", trials=trials, seed=0, storage=f"sqlite:///{db}",
-                     calib_seq_len=SEQ_LEN)
+@dataclass
+class EmbeddingSetup:
+    """MiniLM-L6 prepared for serving; ``proxy`` scores cosine distances on ``test_blocks`` test blocks."""
+
+    run: RunSettings
+    cfg: PlanConfig
+    counter: Counter
+    proxy: ZeroStepProxy
+    names: list[str]
+
+
+def setup(trials: int, test_blocks: int) -> EmbeddingSetup:
+    run = bench_run("inference", SEQ_LEN)
+    cfg = fresh_config("minilm-l6", trials, "bench-embedding-", calib_seq_len=SEQ_LEN)
     prep = prepare(cfg, run)
     model = prep.source.load_model(torch.float32)
     corpus = load_corpus(CorpusConfig(source="pydoc", seed=0))
     test = token_blocks(prep.source.tokenizer(), corpus.test, SEQ_LEN, max_tokens=SEQ_LEN * test_blocks)
     names = [t.name for t in prep.targets]
-    mods = target_modules(model, names)
-    bank = WeightBank({n: module_weight(mods[n]).detach() for n in names}, (2, 4, 8), max(cfg.ranks))
-    return run, cfg, prep, Counter(prep), ZeroStepProxy(model, bank, test), names
+    bank = WeightBank(ModelWeights(model, names), (2, 4, 8), max(cfg.ranks))
+    return EmbeddingSetup(run, cfg, Counter(prep), ZeroStepProxy(model, bank, test), names)
 
 
 def run_bench(budgets: list[str], trials: int, test_blocks: int) -> list[dict[str, Any]]:
-    run, cfg, prep, counter, proxy, names = setup(trials, test_blocks)
+    e = setup(trials, test_blocks)
+    run, cfg, counter, proxy, names = e.run, e.cfg, e.counter, e.proxy, e.names
     print(f"test blocks {len(proxy.blocks)} x {SEQ_LEN} tokens", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     for label in budgets:
@@ -102,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     rows = run_bench(args.budgets.split(","), args.trials, args.test_blocks)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        write_json(args.out, rows)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -6,20 +6,17 @@
    (every stored byte), relative error, and error x 2^bits (rate-distortion: at ~6 dB per bit,
    equal products mean equal efficiency; lower is better).
 
-    python bench/loftq_report.py [--layers N] [--json]
+    python -m bench.loftq_report [--layers N] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before the hub libraries are imported: they read it once
 
 from loftq import QuantConfig, dequantize, loftq, quantize  # noqa: E402
 from planner.sources import resolve  # noqa: E402
@@ -55,11 +52,11 @@ def eight_bit(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=21, help="layers sampled evenly per model")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     report = {}
     for model in ("smollm2-135m", "minilm-l6"):
         weights = sample(model, args.layers)
@@ -68,7 +65,7 @@ def main() -> None:
                          "eight_bit": eight_bit(weights)}
     if args.json:
         print(json.dumps(report, indent=1))
-        return
+        return 0
     for model, r in report.items():
         print(f"{model} ({r['layers']} layers): mean relative residual, rank 16, iters 1..5")
         print("  NF2:", "  ".join(f"{e:.4f}" for e in r["nf2_r16_by_iter"]))
@@ -76,7 +73,8 @@ def main() -> None:
         for label, row in r["eight_bit"].items():
             print(f"  {label:17s} {row['bits_per_weight']:.3f} bits/weight  error {row['rel_error']:.5f}"
                   f"  error x 2^bits {row['error_x_2^bits']:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

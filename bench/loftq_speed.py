@@ -6,21 +6,18 @@ per layer, with only PEFT's compute device patched (it hard-codes cuda). Prints 
 ratio, and the largest relative difference between our (4, 16) cell and PEFT's residual.
 With a CUDA GPU, also times a table for phi-2's shapes (random weights; target < 60 s on an H100).
 
-    python bench/loftq_speed.py [--layers N] [--json]
+    python -m bench.loftq_speed [--layers N] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before the hub libraries are imported: they read it once
 
 from tests.peft_ref import peft_loftq_init  # noqa: E402
 from loftq import residual_table  # noqa: E402
@@ -78,11 +75,11 @@ def phi2_table(device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=None, help="use only the first N layers")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve("smollm2-135m")
     targets = source.targets()[: args.layers]
@@ -99,7 +96,7 @@ def main() -> None:
         report["phi2_table_s"] = round(phi2_table(device), 1)
     if args.json:
         print(json.dumps(report))
-        return
+        return 0
     print(f"device {device.type} ({torch.get_num_threads()} threads), SmolLM2-135M, {len(weights)} Linears")
     print(f"  ours: full table {len(BITS)}x{len(RANKS)} cells/layer   {t_ours:7.2f} s")
     print(f"  PEFT loftq_init: one cell (nf4, r16)  {t_peft:7.2f} s")
@@ -107,7 +104,8 @@ def main() -> None:
     print(f"  (4-bit, r16) residual vs PEFT: max relative difference {worst:.2e} (target <= 1e-2)")
     if "phi2_table_s" in report:
         print(f"  phi-2-shaped table on {torch.cuda.get_device_name()}: {report['phi2_table_s']} s (target < 60)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

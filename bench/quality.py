@@ -2,12 +2,10 @@
 
     python -m bench.quality --quick [--json] [--out bench/results/quality_quick.json]
     python -m bench.quality                      # three budgets, more steps and test tokens
-    python -m bench.quality --correlation        # proxy (short fine-tune) vs longer fine-tune, >= 10 plans
+    python -m bench.quality --plot-from bench/results/quality.json   # table, verdicts and plot of a saved run
 
-Every method is counted by the same byte function (planner.memory.layer_bytes + fixed_bytes, fine-tune
-mode, the run's seq_len / batch, CPU dtypes: fp32 adapters with fp32 grads and AdamW states; no
-reserve). Budgets are named by bits per target weight: 8 * (bytes that depend on the layers'
-choices) / (number of target weights). Baselines take the largest rank of RANK_GRID that fits.
+Byte counting, budget names and baselines: bench.common (fine-tune mode, the run's seq_len / batch,
+CPU dtypes: fp32 adapters with fp32 grads and AdamW states; no reserve).
 Methods: planner (make_plan, guided search, zero-step KL), planner-exact (the exact optimum of the
 neutral additive objective, i.e. no Optuna layer), planner+ft (the same candidates re-scored by
 planner.scoring.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
@@ -21,125 +19,55 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from planner.config import PlanConfig
-from planner.train.data import CorpusConfig, load_corpus, token_blocks
-from planner.scoring.bank import MemoryStore
-from planner.scoring.ftproxy import CandidateBuilder, FinetuneSettings, eval_loss, finetune
-from planner.memory import LayerChoice, layer_bytes
-from planner.search.pipeline import make_plan, prepare
-from planner.settings import RunSettings
+from bench.common import (BANK_STORE, FULL, QUICK, Assignment, BenchSetup, Setting, describe, first_k, setup, uniform,
+                          write_json)
+from planner.artifact.atomic import atomic_write
+from planner.scoring.ftproxy import FinetuneSettings, eval_loss, finetune
+from planner.search.pipeline import make_plan
 
-RANK_GRID = (0, 4, 8, 12, 16, 24, 32, 48, 64)
-
-
-@dataclass(frozen=True)
-class Setting:
-    seq_len: int
-    steps: int
-    seeds: int
-    test_tokens: int
-    budgets: tuple[str, ...]  # "u4r16" or bits/weight as a number
-    trials: int
-    lr: float = 3e-4
-    proxy_top: int = 0
-    proxy_steps: int = 0
-
-
-QUICK = Setting(seq_len=128, steps=12, seeds=3, test_tokens=2048, budgets=("u4r16",), trials=6)
-FULL = Setting(seq_len=128, steps=40, seeds=3, test_tokens=8192, budgets=("u4r16", "u4r4", "4.0"), trials=16,
-               proxy_top=4, proxy_steps=12)
-
-
-class Counter:
-    """Bytes of any per-layer assignment with the planner's own memory function."""
-
-    def __init__(self, prep: Any) -> None:
-        self.prep, self.targets, self.run, self.facts = prep, prep.targets, prep.run, prep.source.facts
-        self.n_weights = sum(t.shape[0] * t.shape[1] for t in self.targets)
-        self._cache: dict[tuple[int, int, int], int] = {}
-
-    def layer(self, i: int, bits: int, rank: int) -> int:
-        key = (i, bits, rank)
-        if key not in self._cache:
-            ch = LayerChoice(bits=bits, rank=rank, block_size=self.prep.cfg.block_size)
-            self._cache[key] = layer_bytes(self.targets[i], ch, self.run, self.facts)
-        return self._cache[key]
-
-    def total(self, assignment: list[tuple[int, int]]) -> int:
-        return self.prep.fixed_bytes + sum(self.layer(i, b, r) for i, (b, r) in enumerate(assignment))
-
-    def bits_per_weight(self, total: int) -> float:
-        return 8 * (total - self.prep.fixed_bytes) / self.n_weights
-
-    def budget_for(self, label: str) -> int:
-        """``u{bits}r{rank}``: the bytes of that uniform plan; a number: bits per target weight."""
-        m = re.fullmatch(r"u(\d+)r(\d+)", label)
-        if m:
-            return self.total([(int(m[1]), int(m[2]))] * len(self.targets))
-        return self.prep.fixed_bytes + math.floor(float(label) * self.n_weights / 8)
-
-
-def uniform(counter: Counter, bits: int, budget: int) -> list[tuple[int, int]] | None:
-    n = len(counter.targets)
-    fits = [r for r in RANK_GRID if counter.total([(bits, r)] * n) <= budget]
-    return [(bits, max(fits))] * n if fits else None
-
-
-def first_k(counter: Counter, budget: int, rank: int | None = None) -> tuple[list[tuple[int, int]], int] | None:
-    """The LoftQ paper's mixed-precision rule: 4-bit in the first k blocks, 2-bit in the rest, one
-    rank everywhere. With ``rank`` fixed: the largest k that fits. Without: the largest k that fits
-    at rank 0, then the largest rank of RANK_GRID that still fits with that k (the blocks are the
-    rule's point; the paper's rank 16 alone costs ~8 bits/weight on SmolLM2 in fine-tune mode)."""
-    blocks = [t.block for t in counter.targets]
-    ranks = (rank,) if rank is not None else (0,)
-    for k in range(max(blocks) + 1, -1, -1):
-        if any(counter.total([(4 if b < k else 2, r) for b in blocks]) <= budget for r in ranks):
-            fits = [r for r in (ranks if rank is not None else RANK_GRID)
-                    if counter.total([(4 if b < k else 2, r) for b in blocks]) <= budget]
-            return [(4 if b < k else 2, max(fits)) for b in blocks], k
-    return None
+Plans = dict[str, tuple[Assignment | None, str, dict[str, Any]]]  # method -> (plan, init, extra fields)
 
 
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
     return math.exp(eval_loss(model, blocks, batch_size=4))
 
 
-def run_method(bank: CandidateBuilder, names: list[str], plan: list[tuple[int, int]], init: str, s: Setting,
-               train: torch.Tensor, test: torch.Tensor) -> dict[str, Any]:
-    assignment = dict(zip(names, plan))
+def run_method(b: BenchSetup, plan: Assignment, init: str, s: Setting) -> dict[str, Any]:
+    """Test perplexity of ``plan`` (``init``: "loftq" or PEFT's "default") at step 0 and after
+    ``s.steps`` fine-tune steps, mean and std over ``s.seeds`` seeds."""
+    assignment = dict(zip(b.names, plan))
     torch.manual_seed(0)
-    before = perplexity(bank.build(assignment, init=init), test)
+    before = perplexity(b.bank.build(assignment, init=init), b.test)
     if not any(r for _, r in plan):  # no adapter: fine-tuning trains nothing, every seed ends where it began
         return {"ppl_before": before, "ppl_after": before, "ppl_after_std": 0.0, "ppl_after_seeds": [before] * s.seeds,
                 "ft_seconds": 0.0, "trained": False}
     after, secs = [], []
     for seed in range(s.seeds):
         torch.manual_seed(seed)
-        net = bank.build(assignment, init=init)
+        net = b.bank.build(assignment, init=init)
         t0 = time.perf_counter()
-        finetune(net, train, FinetuneSettings(steps=s.steps, lr=s.lr, seed=seed))
+        finetune(net, b.train, FinetuneSettings(steps=s.steps, lr=s.lr, seed=seed))
         secs.append(time.perf_counter() - t0)
-        after.append(perplexity(net, test))
+        after.append(perplexity(net, b.test))
         del net
     return {"ppl_before": before, "ppl_after": statistics.mean(after),
             "ppl_after_std": statistics.stdev(after) if len(after) > 1 else 0.0, "ppl_after_seeds": after,
             "ft_seconds": statistics.mean(secs)}
 
 
-def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s: Setting, model, train_p, val_p,
-             bank) -> dict[str, tuple[list[tuple[int, int]] | None, str, dict]]:
-    out: dict[str, tuple[list[tuple[int, int]] | None, str, dict]] = {}
-    outcome = make_plan(cfg, run, budget, bank_store=BANK_STORE)
+def plans_at(b: BenchSetup, budget: int, s: Setting) -> Plans:
+    """Every method's plan at ``budget`` (None where it does not fit)."""
+    out: Plans = {}
+    outcome = make_plan(b.cfg, b.run, budget, bank_store=BANK_STORE)
     opts, prob = outcome.problem.table.options, outcome.problem
     out["planner"] = ([opts[k] for k in outcome.chosen.choice], "loftq", {"kl": outcome.chosen.proxy.kl
                                                                            if outcome.chosen.proxy else None})
@@ -149,31 +77,23 @@ def plans_at(counter: Counter, cfg: PlanConfig, run: RunSettings, budget: int, s
                             {"kl": outcome.exact.proxy.kl if outcome.exact.proxy else None})
     if s.proxy_top:
         from planner.scoring.ftproxy import rescore_with_finetune
-        chosen, records = rescore_with_finetune(prob, outcome.candidates, model, train_p, val_p,
+        chosen, records = rescore_with_finetune(prob, outcome.candidates, b.model, b.train, b.val,
                                                 top_k=s.proxy_top,
-                                                steps=s.proxy_steps, seed=0, builder=bank)
+                                                steps=s.proxy_steps, seed=0, builder=b.bank)
         out["planner+ft"] = ([opts[k] for k in chosen.choice], "loftq", {"proxy_records": records})
-    out["loftq-uniform-4bit"] = (uniform(counter, 4, budget), "loftq", {})
-    out["qlora-uniform-4bit"] = (uniform(counter, 4, budget), "default", {})
-    fk = first_k(counter, budget)
+    out["loftq-uniform-4bit"] = (uniform(b.counter, 4, budget), "loftq", {})
+    out["qlora-uniform-4bit"] = (uniform(b.counter, 4, budget), "default", {})
+    fk = first_k(b.counter, budget)
     out["loftq-first-k"] = (fk[0] if fk else None, "loftq", {"k": fk[1] if fk else None,
                                                                "rank": fk[0][0][1] if fk else None})
-    out["loftq-uniform-2bit"] = (uniform(counter, 2, budget), "loftq", {})
+    out["loftq-uniform-2bit"] = (uniform(b.counter, 2, budget), "loftq", {})
     return out
-
-
-def describe(plan: list[tuple[int, int]]) -> dict[str, Any]:
-    bits = [b for b, _ in plan]
-    ranks = [r for _, r in plan]
-    return {"bits_hist": {str(b): bits.count(b) for b in sorted(set(bits))},
-            "rank_hist": {str(r): ranks.count(r) for r in sorted(set(ranks))}}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--correlation", action="store_true", help="proxy vs longer fine-tune rank correlation")
     ap.add_argument("--out", default=None, help="also write the rows here (JSON)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None)
@@ -194,20 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                                         ("proxy_steps", args.proxy_steps)) if v is not None})
     if args.budgets:
         s = replace(s, budgets=tuple(args.budgets.split(",")))
-    if args.correlation:
-        from bench.correlation import correlation
-        result = correlation(s, budget_label=s.budgets[0] if args.budgets else "u4r4",
-                             short=s.proxy_steps or 6, long=s.steps)
-        print(json.dumps(result, indent=1))
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
-        return 0
+
     def save(rows: list[dict[str, Any]]) -> None:
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(args.out).with_suffix(".tmp")
-            tmp.write_text(json.dumps({"setting": s.__dict__, "rows": rows}, indent=1))
-            tmp.replace(args.out)
+            write_json(args.out, {"setting": s.__dict__, "rows": rows})
 
     rows = run_quality(s, args.methods.split(",") if args.methods else None, on_row=save)
     save(rows)
@@ -220,62 +130,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# make_plan's zero-step weight bank depends only on the weights, bits and max rank: one store serves
-# every budget of a bench run, so each (layer, bits) entry is computed once (minutes on 2 cores)
-BANK_STORE = MemoryStore()
-
-
-def setup(s: Setting):
-    run = RunSettings(mode="finetune", device="cpu", seq_len=s.seq_len, batch_size=1, reserve_context_bytes=0,
-                      reserve_fraction=0.0)
-    import tempfile
-    db = Path(tempfile.mkdtemp(prefix="bench-quality-")) / "studies.sqlite3"  # a fresh study every bench run
-    cfg = PlanConfig(model="smollm2-135m", search="guided", trials=s.trials, seed=0, storage=f"sqlite:///{db}")
-    prep = prepare(cfg, run)
-    counter = Counter(prep)
-    model = prep.source.load_model(torch.float32)
-    tok = prep.source.tokenizer()
-    corpus = load_corpus(CorpusConfig(source="pydoc", seed=0))
-    train = token_blocks(tok, corpus.train, s.seq_len, max_tokens=s.seq_len * max(64, s.steps * 2))
-    val = token_blocks(tok, corpus.val, s.seq_len, max_tokens=s.seq_len * 8)
-    test = token_blocks(tok, corpus.test, s.seq_len, max_tokens=s.test_tokens)
-    bank = CandidateBuilder(model, "nf", cfg.block_size)
-    return run, cfg, prep, counter, model, train, val, test, bank
-
-
 def run_quality(s: Setting, methods: list[str] | None = None,
                 on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Rows for every budget x method; ``on_row(rows)`` after each (the bench saves as it goes). A
     method whose plan and init equal an earlier method's at the same budget reuses its numbers
     (e.g. first-k with k = all blocks is the uniform 4-bit plan)."""
-    run, cfg, prep, counter, model, train, val, test, bank = setup(s)
-    names = [t.name for t in prep.targets]
-    print(f"test tokens {test.numel()}, train tokens/run {s.steps * s.seq_len}, seeds {s.seeds}", file=sys.stderr)
+    b = setup(s)
+    print(f"test tokens {b.test.numel()}, train tokens/run {s.steps * s.seq_len}, seeds {s.seeds}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     for label in s.budgets:
-        budget = counter.budget_for(label)
+        budget = b.counter.budget_for(label)
         t0 = time.perf_counter()
-        plans = plans_at(counter, cfg, run, budget, s, model, train, val, bank)
+        plans = plans_at(b, budget, s)
         print(f"[{label}] planning {time.perf_counter() - t0:.0f}s", file=sys.stderr)
         done: dict[tuple, dict[str, Any]] = {}
         for method, (plan, init, extra) in plans.items():
             if methods and method not in methods:
                 continue
             row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget,
-                                   "budget_bits_per_weight": round(counter.bits_per_weight(budget), 3)}
+                                   "budget_bits_per_weight": round(b.counter.bits_per_weight(budget), 3)}
             if plan is None:
                 rows.append({**row, "bytes": None, "infeasible": True})
                 print(f"[{label}] {method}: does not fit", file=sys.stderr)
                 continue
-            used = counter.total(plan)
-            row.update(bytes=used, bits_per_weight=round(counter.bits_per_weight(used), 3), **describe(plan), **extra)
+            used = b.counter.total(plan)
+            row.update(bytes=used, bits_per_weight=round(b.counter.bits_per_weight(used), 3), **describe(plan), **extra)
             key = (tuple(plan), init)
             t0 = time.perf_counter()
             if key in done:
                 row.update({k: done[key][k] for k in ("ppl_before", "ppl_after", "ppl_after_std", "ppl_after_seeds",
                                                       "ft_seconds")}, same_plan_as=done[key]["method"])
             else:
-                row.update(run_method(bank, names, plan, init, s, train, test))
+                row.update(run_method(b, plan, init, s))
                 done[key] = row
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
@@ -330,7 +216,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)
 
 

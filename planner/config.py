@@ -9,7 +9,7 @@ from search_spaces.choices import GRANULARITIES, SearchSpace
 
 from planner.options import option as _opt
 
-SEARCHES = ("guided", "direct", "exact")
+SEARCHES = ("guided", "exact")
 _SPACE = SearchSpace()  # the search-space defaults live there, once
 
 
@@ -23,8 +23,8 @@ class PlanConfig:
     granularity: str = _opt(_SPACE.granularity, "one choice per module, per block, or per module type",
                             choices=GRANULARITIES)
     target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
-    search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; direct: Optuna picks "
-                       "every layer; exact: the solver alone", choices=SEARCHES)
+    search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; exact: the solver alone",
+                       choices=SEARCHES)
     trials: int = _opt(12, "Optuna trials")
     timeout: float | None = _opt(None, "stop the search after this many seconds", type=float)
     seed: int = _opt(0, "random seed (sampler, data order)")

@@ -131,7 +131,7 @@ def _search_line(s: Any) -> str:
 
 def write_pareto(outcome: Any, stem: str) -> None:
     """Exact front of the additive objective (JSON + PNG), with the chosen plan marked."""
-    from planner.search.allocate import pareto_front, plot_pareto, save_pareto
+    from planner.search.pareto import pareto_front, plot_pareto, save_pareto
 
     problem = outcome.problem
     keep, options = problem.group_options(problem.neutral)

@@ -23,7 +23,6 @@ thresholds are kept, never dropped.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -31,14 +30,13 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import reduce
-from typing import Iterator, Mapping, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from planner.errors import PlannerError
-from planner.artifact.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 Option = tuple[int, float]  # (cost_bytes, objective)
@@ -79,13 +77,10 @@ class Allocation:
     seconds: float = 0.0
 
 
-class ParetoPoint(NamedTuple):
-    bytes: int
-    objective: float
-
-
-class _Problem:
-    """Validated, pruned options of every group, reused across budgets (Pareto sweeps)."""
+class Knapsack:
+    """Validated, pruned options of every group: prune once, then :meth:`solve` at many budgets
+    (Pareto sweeps). ``min_cost``: the cheapest plan's bytes; ``free_cost``: the cheapest plan where
+    every group has its best option (the budget stops binding there). Both include the fixed bytes."""
 
     def __init__(self, groups: Sequence[Sequence[Option]], fixed_bytes: int) -> None:
         self.fixed = _bytes("fixed_bytes", fixed_bytes)
@@ -102,6 +97,10 @@ class _Problem:
         self.min_cost = self.fixed + sum(int(c[0]) for c in self.cost)
         self.free_cost = self.fixed + sum(int(c[-1]) for c in self.cost)  # every group at its best
         self.n_kept = sum(len(c) for c in self.cost)
+
+    def solve(self, budget: int, time_limit: float | None = None) -> Allocation:
+        """The exact optimum at ``budget`` (see :func:`solve_mckp`)."""
+        return _solve(self, budget, time_limit)
 
     def pick(self, pos: Sequence[int]) -> tuple[tuple[int, ...], int, float]:
         """Positions among kept options -> (original indices, exact total cost, objective)."""
@@ -156,10 +155,10 @@ def solve_mckp(groups: Sequence[Sequence[Option]], budget: int, *, fixed_bytes: 
     malformed options. ``time_limit`` (seconds, per HiGHS call; at most two calls) may stop the
     search early: the best plan found is returned with ``optimal`` False.
     """
-    return _solve(_Problem(groups, fixed_bytes), budget, time_limit)
+    return Knapsack(groups, fixed_bytes).solve(budget, time_limit)
 
 
-def _solve(problem: _Problem, budget: int, time_limit: float | None) -> Allocation:
+def _solve(problem: Knapsack, budget: int, time_limit: float | None) -> Allocation:
     start = time.perf_counter()
     budget = _whole("budget", budget)  # a negative budget is merely infeasible
     if problem.min_cost > budget:
@@ -174,7 +173,7 @@ def _solve(problem: _Problem, budget: int, time_limit: float | None) -> Allocati
     return Allocation(choice, cost, obj, optimal, gap, True, time.perf_counter() - start)
 
 
-def _lagrangian(problem: _Problem, budget: int) -> tuple[list[np.ndarray], float, list[int], float, float]:
+def _lagrangian(problem: Knapsack, budget: int) -> tuple[list[np.ndarray], float, list[int], float, float]:
     """LP bound, reduced costs and a greedy incumbent.
 
     The LP relaxation of the MCKP is solved greedily on each group's lower convex hull; its
@@ -223,7 +222,7 @@ def _hull_steps(cost: np.ndarray, obj: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(hull[:-1], hull[1:]))
 
 
-def _greedy_fill(problem: _Problem, pos: list[int], budget: int) -> list[int]:
+def _greedy_fill(problem: Knapsack, pos: list[int], budget: int) -> list[int]:
     """Spend leftover bytes on the single upgrade with the largest objective drop, repeatedly."""
     pos = list(pos)
     free = budget - problem.pick(pos)[1]
@@ -243,7 +242,7 @@ def _greedy_fill(problem: _Problem, pos: list[int], budget: int) -> list[int]:
         pos[g] = j
 
 
-def _exact(problem: _Problem, budget: int, time_limit: float | None) -> tuple[list[int], bool, float]:
+def _exact(problem: Knapsack, budget: int, time_limit: float | None) -> tuple[list[int], bool, float]:
     """Exact optimum (kept positions per group, optimal, gap) of a budget that binds.
 
     Every plan scoring below U uses only options with reduced cost ≤ U − LB (see
@@ -273,7 +272,7 @@ def _exact(problem: _Problem, budget: int, time_limit: float | None) -> tuple[li
     return best, optimal, gap
 
 
-def _pareto_dp(problem: _Problem, kept: list[np.ndarray], reduced: list[np.ndarray], slack: float,
+def _pareto_dp(problem: Knapsack, kept: list[np.ndarray], reduced: list[np.ndarray], slack: float,
                budget: int) -> list[int] | None:
     """Exact enumeration over the kept options, group by group, of partial plans that (a) still
     fit with the cheapest kept options of the groups to come, (b) keep their reduced costs within
@@ -303,7 +302,7 @@ def _pareto_dp(problem: _Problem, kept: list[np.ndarray], reduced: list[np.ndarr
     return pos
 
 
-def _milp_subset(problem: _Problem, kept: list[np.ndarray], budget: int,
+def _milp_subset(problem: Knapsack, kept: list[np.ndarray], budget: int,
                  time_limit: float | None) -> tuple[list[int], bool, float]:
     """HiGHS over the options ``kept`` (positions per group); groups with one option are fixed."""
     open_groups = [g for g, k in enumerate(kept) if len(k) > 1]
@@ -332,7 +331,7 @@ def _milp_subset(problem: _Problem, kept: list[np.ndarray], budget: int,
     for _ in range(_MAX_TIGHTEN):
         constraints = [LinearConstraint(one_hot, 1, 1),
                        LinearConstraint(sparse.csr_array(weights[None, :]), -np.inf, capacity)]
-        with _quiet_stdout():
+        with quiet_stdout():
             res = milp(c, constraints=constraints, integrality=np.ones_like(c), bounds=Bounds(0, 1),
                        options=options)
         if res.x is None:
@@ -351,7 +350,7 @@ def _milp_subset(problem: _Problem, kept: list[np.ndarray], budget: int,
 
 
 @contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
+def quiet_stdout() -> Iterator[None]:
     """Silence file descriptor 1 for the solve: HiGHS' MIP code prints some lines straight to stdout
     whatever ``disp`` says, which would corrupt ``--json`` output. Python-level stdout is flushed
     first; where fd 1 cannot be duplicated, nothing is redirected."""
@@ -369,69 +368,3 @@ def _quiet_stdout() -> Iterator[None]:
         os.dup2(saved, 1)
         os.close(saved)
         os.close(devnull)
-
-
-def pareto_front(groups: Sequence[Sequence[Option]], budgets: Sequence[int] | None = None, n: int = 30, *,
-                 fixed_bytes: int = 0, time_limit: float | None = None) -> list[ParetoPoint]:
-    """Exact (bytes, objective) optima over a budget sweep, dominated points removed.
-
-    ``budgets`` default: ``n`` evenly spaced budgets from the cheapest plan to the cheapest plan
-    where the budget stops binding. Budgets below the minimum are skipped (all below: raises
-    :class:`InfeasibleBudget`). Points are sorted by bytes with strictly decreasing objective.
-    """
-    problem = _Problem(groups, fixed_bytes)
-    if budgets is None:
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n!r}")
-        budgets = np.linspace(problem.min_cost, problem.free_cost, n).round().astype(np.int64).tolist()
-    feasible = sorted({int(b) for b in budgets if b >= problem.min_cost})
-    if not feasible:
-        raise InfeasibleBudget(problem.min_cost, int(max(budgets)) if len(budgets) else None)
-    points = []
-    for budget in feasible:
-        alloc = _solve(problem, budget, time_limit)
-        points.append(ParetoPoint(alloc.total_cost, alloc.objective))
-    front: list[ParetoPoint] = []
-    for point in sorted(points):
-        if not front or point.objective < front[-1].objective:  # equal bytes: the better came first
-            front.append(point)
-    return front
-
-
-def save_pareto(points: Sequence[ParetoPoint], path: str | os.PathLike,
-                extra_points: Mapping[str, tuple[int, float]] | None = None) -> None:
-    """Write the front (and labelled extra points) as JSON, atomically."""
-    doc = {"schema_version": 1, "points": [{"bytes": int(b), "objective": float(o)} for b, o in points],
-           "extra": {k: {"bytes": int(b), "objective": float(o)} for k, (b, o) in (extra_points or {}).items()}}
-    atomic_write(path, lambda fh: fh.write((json.dumps(doc, indent=1, allow_nan=False) + "\n").encode()))
-
-
-def plot_pareto(points: Sequence[ParetoPoint], path_png: str | os.PathLike,
-                extra_points: Mapping[str, tuple[int, float]] | None = None, *,
-                title: str = "exact memory / objective front", ylabel: str = "objective") -> None:
-    """Step plot of the front (x in GB) with labelled extra points, written atomically as PNG.
-
-    Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend change."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if points:
-        xs = [b / 1e9 for b, _ in points]
-        ys = [o for _, o in points]
-        ax.step(xs, ys, where="post", color="tab:blue", lw=1.2)
-        ax.plot(xs, ys, "o", color="tab:blue", ms=3, label="exact optimum")
-    for i, (label, (b, o)) in enumerate((extra_points or {}).items()):
-        ax.plot([b / 1e9], [o], marker="s^Dvp*"[i % 6], ls="none", ms=7, label=label)
-    ys_all = [o for _, o in points] + [o for _, o in (extra_points or {}).values()]
-    if ys_all and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 100:
-        ax.set_yscale("log")
-    ax.set_xlabel("memory (GB = 1e9 bytes)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path_png, lambda fh: fig.savefig(fh, format="png"))

@@ -25,7 +25,7 @@ from planner.config import PlanConfig
 from planner.errors import PlannerError
 from planner.memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
 from planner.search.objective import OptionTable
-from planner.search.study import (DONE, Candidate, SearchProblem, assignment, direct_search, guided_search,
+from planner.search.study import (DONE, Candidate, SearchProblem, assignment, guided_search,
                                   has_adapter, open_study, redact)
 from planner.settings import RunSettings
 from planner.scoring.tables import ResidualTables, TableSettings, residual_tables
@@ -236,11 +236,8 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
     if study is not None:
         storage, name, fp = study
         search_info.update(storage=redact(storage), study_name=name)
-        if cfg.search == "guided":
-            chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name, fp,
-                                                         bank_store=bank_store)
-        else:
-            chosen, candidates, n_trials = _direct(prep, problem, exact, storage, name, fp)
+        chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name, fp,
+                                                     bank_store=bank_store)
         search_info["trials"] = n_trials
     ft_records = None
     trainable = any(has_adapter(c, prep.options) for c in candidates)
@@ -365,17 +362,6 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
                                                                          max_rank=max(cfg.ranks), bank=weight_bank),
                                                 on_candidate=lambda rec: advance(1))
     return chosen, records
-
-
-def _direct(prep: Prepared, problem: SearchProblem, exact: Candidate, storage: str,
-            name: str, fp: dict[str, Any]) -> tuple[Candidate, list[Candidate], int]:
-    seeds = [exact] + [problem.uniform(k) for k in range(len(prep.options))
-                       if problem.uniform(k).bytes <= problem.budget]
-    study, best = direct_search(problem, trials=prep.cfg.trials, timeout=prep.cfg.timeout, seed=prep.cfg.seed,
-                                storage=storage, study_name=name, seeds=seeds, fingerprint=fp)
-    if best is None or best.objective > exact.objective:
-        best = exact
-    return best, [exact] + ([best] if best is not exact else []), sum(t.state in DONE for t in study.trials)
 
 
 def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chosen: Candidate, exact: Candidate,

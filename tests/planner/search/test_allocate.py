@@ -1,12 +1,10 @@
 """Exact multiple-choice knapsack: brute-force optimality, monotone budgets, infeasibility, speed,
-Pareto sweeps and the plot."""
+and one pruned problem re-solved at many budgets."""
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +12,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from planner.search import allocate
-from planner.search.allocate import (Allocation, InfeasibleBudget, pareto_front, plot_pareto, save_pareto,
-                              solve_mckp)
+from planner.search.allocate import Allocation, InfeasibleBudget, Knapsack, solve_mckp
 from planner.errors import PlannerError
 
 Groups = list[list[tuple[int, float]]]
@@ -219,33 +216,6 @@ def test_smollm2_sized_instance_is_fast_exact_and_quiet(engine: str, capfd: pyte
     assert max(times) < 5.0  # generous: the < 1 s claim is measured in bench/
 
 
-def test_pareto_front_is_exact_and_monotone(tmp_path: Path) -> None:
-    rng = np.random.default_rng(5)
-    groups = random_groups(rng, 25, 8, cost_hi=10**6)
-    fixed = 123_456
-    points = pareto_front(groups, n=20, fixed_bytes=fixed)
-    assert len(points) >= 5
-    assert all(a.bytes < b.bytes and a.objective > b.objective for a, b in zip(points, points[1:]))
-    lo = bounds_of(groups)[0] + fixed
-    assert points[0].bytes >= lo and points[0].objective == pytest.approx(solve_mckp(groups, lo, fixed_bytes=fixed).objective)
-    free = sum(min(o for _, o in g) for g in groups)
-    assert points[-1].objective == pytest.approx(free, rel=1e-12)
-    for point in points:  # each point is the exact optimum at its own byte count
-        assert solve_mckp(groups, point.bytes, fixed_bytes=fixed).objective == pytest.approx(point.objective, rel=1e-12)
-    chosen = pareto_front(groups, budgets=[lo - 1, lo, (lo + points[-1].bytes) // 2], fixed_bytes=fixed)
-    assert 1 <= len(chosen) <= 2  # the infeasible budget is skipped
-    with pytest.raises(InfeasibleBudget):
-        pareto_front(groups, budgets=[lo - 1], fixed_bytes=fixed)
-
-    png, js = tmp_path / "front.png", tmp_path / "front.json"
-    plot_pareto(points, png, extra_points={"uniform 4-bit": (points[len(points) // 2].bytes, points[0].objective)})
-    save_pareto(points, js, extra_points={"uniform 4-bit": (1, 2.0)})
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    doc = json.loads(js.read_text())
-    assert doc["schema_version"] == 1 and len(doc["points"]) == len(points) and doc["extra"]["uniform 4-bit"]["bytes"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["front.json", "front.png"]
-
-
 def test_negative_budget_and_time_limit() -> None:
     groups = smollm2_sized(np.random.default_rng(6))
     with pytest.raises(InfeasibleBudget):
@@ -258,3 +228,15 @@ def test_negative_budget_and_time_limit() -> None:
     check(rushed, groups, budget)
     assert rushed.objective >= exact.objective - 1e-12
     assert rushed.optimal or rushed.objective >= exact.objective
+
+
+def test_one_knapsack_solves_many_budgets_like_fresh_solves(engine: str) -> None:
+    rng = np.random.default_rng(9)
+    groups = random_groups(rng, 30, 10, cost_hi=10**5)
+    knapsack = Knapsack(groups, 77)
+    lo, hi = bounds_of(groups)
+    assert knapsack.min_cost == lo + 77
+    assert knapsack.free_cost == 77 + sum(min(g, key=lambda o: (o[1], o[0]))[0] for g in groups)
+    for budget in np.linspace(lo + 77, hi + 77, 9).astype(int):
+        again, fresh = knapsack.solve(int(budget)), solve_mckp(groups, int(budget), fixed_bytes=77)
+        assert (again.choice, again.total_cost, again.objective) == (fresh.choice, fresh.total_cost, fresh.objective)

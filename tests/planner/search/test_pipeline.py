@@ -98,13 +98,9 @@ def test_study_resumes_and_accumulates_trials(cfg: PlanConfig, tmp_path: Path) -
     assert other.study_name != first.study_name
 
 
-def test_direct_mode_is_feasible_and_not_better_than_exact(cfg: PlanConfig) -> None:
-    from dataclasses import replace
-
-    lo, hi = _range(cfg)
-    plan = make_plan(replace(cfg, search="direct", trials=8), RUN, (lo + hi) // 2).plan
-    assert plan.total_bytes <= plan.budget_bytes
-    assert plan.search.gap >= -1e-12
+def test_direct_search_mode_is_gone() -> None:
+    with pytest.raises(ValueError, match=r"search must be one of \('guided', 'exact'\), got 'direct'"):
+        PlanConfig(search="direct")
 
 
 def test_plan_round_trip(cfg: PlanConfig, tmp_path: Path) -> None:
