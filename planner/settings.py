@@ -58,9 +58,9 @@ class RunSettings:
                         "transformers' Trainer (hf), TRL's SFTTrainer (trl: its default chunked loss never "
                         "builds the full logits), or another one (other: a margin on the step's peak)",
                         choices=TRAINERS)
-    reserve_context_bytes: int = _opt(512 * 2**20, "reserve for the CUDA context, cuBLAS workspace and kernels "
-                                      "(not seen by torch.cuda.max_memory_allocated)")
-    reserve_fraction: float = _opt(0.05, "allocator slack (fragmentation, cached blocks) as a fraction of the "
+    reserve_context_bytes: int = _opt(512 * 2**20, "the CUDA context and kernel images, outside torch's "
+                                      "allocator (not seen by torch.cuda.max_memory_reserved)")
+    reserve_fraction: float = _opt(0.05, "caching-allocator fragmentation (reserved but unusable) as a fraction of the "
                                    "allocated bytes")
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from planner.cli.app import COMMANDS, Command, add_dataclass_options, dry_run, r
 from planner.config import PlanConfig, config_fields
 from planner.errors import PlannerError
 from planner.progress import stdout_console
-from planner.settings import run_fields
+from planner.settings import RunSettings, run_fields
 
 _PLAN_ONLY = {"model", "budget"}  # added by hand: positional-like and documented first
 
@@ -177,6 +177,11 @@ def show_command(args: argparse.Namespace) -> int:
         return 0
     outcome = SimpleNamespace(plan=plan, budget_binds=plan.search.get("budget_binds", True))
     report(outcome, Path(args.plan), plan.budget_bytes, written=False)
+    from planner.fit import fit_lines, fit_plan_file  # longest context / largest batch within the plan's budget
+
+    fits = fit_plan_file(plan)
+    if fits:
+        stdout_console().print("\n".join(fit_lines(fits, RunSettings.from_dict(plan.run), plan.budget_bytes)))
     return 0
 
 
