@@ -27,6 +27,7 @@ from planner.errors import PlannerError
 from planner.train.loop import FinetuneConfig
 from planner.artifact.materialize import MaterializeConfig
 from planner.progress import stdout_console
+from planner.settings import TRAINERS
 
 DEFAULT_FINETUNED = "finetuned-adapter"  # inside DIR unless --out says otherwise
 
@@ -133,13 +134,16 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seq-len", type=int, default=None, help="default: the plan's run seq_len")
     p.add_argument("--batch-size", type=int, default=None, help="default: the plan's run batch_size")
+    p.add_argument("--trainer", default=None, choices=TRAINERS, help="on CPU, measure the peak of a step run "
+                   "through this trainer (default: the plan's run setting)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def verify_command(args: argparse.Namespace) -> int:
     from planner.verify import verify
 
-    report = verify(args.dir, steps=args.steps, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size)
+    report = verify(args.dir, steps=args.steps, device=args.device, seq_len=args.seq_len, batch_size=args.batch_size,
+                    trainer=args.trainer)
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=1) + "\n")
         return 0 if report.ok else 1
