@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -136,11 +136,13 @@ def _trainer_args(cls: type, out: str, ids: torch.Tensor, run: Any, **extra: Any
     already in its compute dtype), no saving, no logging, no worker processes."""
     optim = {"adamw": "adamw_torch", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit",
              "paged_adamw8bit": "paged_adamw_8bit"}[run.optimizer]
+    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; older ones have only the former
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in {f.name for f in fields(cls)} \
+        else "gradient_checkpointing"
     return cls(output_dir=out, max_steps=2, per_device_train_batch_size=ids.shape[0], learning_rate=1e-4,
                optim=optim, weight_decay=0.0, save_strategy="no", report_to="none", logging_steps=1000,
                use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, bf16=False, fp16=False,
-               gradient_checkpointing=run.gradient_checkpointing,
-               gradient_checkpointing_kwargs={"use_reentrant": False}, **extra)
+               **{ckpt: run.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}}, **extra)
 
 
 def _callback(tracker: StepTracker) -> Any:
