@@ -102,7 +102,7 @@ def fit_plan_file(plan: Any) -> list[Fit] | None:
     run = RunSettings.from_dict(plan.run)
     try:
         source = resolve(plan.model["id"], allow_download=False)
-    except (PlannerError, OSError, ValueError):
+    except (PlannerError, OSError, ValueError, KeyError):
         return None
     import re
 
