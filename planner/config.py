@@ -8,6 +8,7 @@ from pathlib import Path
 from search_spaces.choices import GRANULARITIES, SearchSpace
 
 from planner.options import option as _opt
+from planner.settings import TRAINERS
 
 SEARCHES = ("guided", "exact")
 _SPACE = SearchSpace()  # the search-space defaults live there, once
@@ -99,8 +100,12 @@ class VerifyConfig:
     device: str | None = _opt(None, "where to run (default: cuda if available, else cpu)")
     seq_len: int | None = _opt(None, "tokens per sequence (default: the plan's run seq_len)", type=int)
     batch_size: int | None = _opt(None, "sequences per step (default: the plan's run batch_size)", type=int)
+    trainer: str | None = _opt(None, "on CPU, measure the peak of a step run through this trainer (default: the "
+                               "plan's run setting)", choices=TRAINERS)
 
     def __post_init__(self) -> None:
+        if self.trainer is not None and self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}; got {self.trainer!r}")
         for name in ("steps", "seq_len", "batch_size"):
             value = getattr(self, name)
             if value is None and name != "steps":

@@ -17,7 +17,9 @@ What is counted (T = batch x seq tokens, c = compute-dtype bytes, a = adapter-dt
 - logits: the fp32 log-softmax autograd keeps (4 B per vocab entry per token) plus the transient
   peak around it (compute-dtype logits, their fp32 upcast, the fp32 gradient: about 10-12 B/entry);
 - inference: the KV cache;
-- a reserve (CUDA context, allocator slack), reported apart from the allocated bytes.
+- a reserve (CUDA context, cuBLAS workspace, allocator segments, fragmentation, a margin for an
+  unmeasured trainer: :func:`reserve_breakdown`), reported apart from the allocated bytes;
+- the trainer's own loss when it replaces the model's (TRL's chunked loss: :func:`trainer_logits_bytes`).
 Measured against autograd's saved tensors and a CPU allocation profile in tests/planner/test_memory.py
 (llama and phi blocks; other architectures use the llama profile unverified).
 
@@ -286,6 +288,35 @@ def logits_bytes(facts: ModelFacts, run: RunSettings) -> tuple[int, int]:
     return t * v * 4 + t * 8, max(forward_extra, backward_extra)
 
 
+# TRL's SFTTrainer (trl 1.13, loss_type "chunked_nll", its default) never builds the [T, V] logits:
+# it gathers the hidden states of the valid tokens ([T, H], compute dtype, + int64 order and labels)
+# and runs the LM head and the loss over chunks of 256 tokens under checkpointing.
+TRL_CHUNK = 256  # trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE
+# Peak bytes per [chunk, V] entry while one chunk runs backward: fp32 logits, log-softmax, its exp
+# and their product, and their gradients (measured with planner.oracle: 16.0 at V = 32k and 128k).
+TRL_CHUNK_BYTES_PER_ENTRY = 16
+# Unknown trainers: the step's peak is not measured; a margin on the allocated bytes (the
+# differences measured between the known trainers were up to the size of the full logits, which
+# this does not always cover: measure your trainer with planner.oracle.measure_step).
+OTHER_TRAINER_MARGIN = 0.10
+
+
+def trainer_logits_bytes(facts: ModelFacts, run: RunSettings) -> tuple[int, int] | None:
+    """(kept, transient) of the LM head and loss when the trainer computes them itself instead of the
+    model (TRL's chunked loss); None when the model's own loss runs (:func:`logits_bytes`)."""
+    if run.trainer != "trl" or not facts.is_decoder or not run.finetune:
+        return None
+    t, h, c = run.tokens, facts.hidden, run.compute_bytes
+    chunk = min(TRL_CHUNK, t)
+    kept = t * h * c + 2 * t * 8  # gathered hidden states, int64 order and labels
+    return kept, chunk * facts.vocab * TRL_CHUNK_BYTES_PER_ENTRY + t * h * c  # + the gathered states' gradient
+
+
+def trainer_margin_bytes(allocated: int, run: RunSettings) -> int:
+    """Margin for a trainer whose step was never measured (``trainer="other"``)."""
+    return math.ceil(allocated * OTHER_TRAINER_MARGIN) if run.trainer == "other" and run.finetune else 0
+
+
 def transient_bytes(facts: ModelFacts, run: RunSettings, logits_peak: int, logits_kept: int, workspace: int) -> int:
     """Peak on top of what is kept: the larger of the loss's transient (start of backward) and the
     last block's backward, once the loss's and the final norm's tensors are freed. There the MLP
@@ -340,7 +371,7 @@ def fixed_breakdown(facts: ModelFacts, targets: Sequence[TargetLayer], run: RunS
     else:
         n_params = sum(int(n) for n in non_target_params)
     out = {"non_target": n_params * run.compute_bytes}
-    kept, peak = logits_bytes(facts, run)
+    kept, peak = trainer_logits_bytes(facts, run) or logits_bytes(facts, run)
     workspace = dequant_workspace_bytes(targets, run)
     if run.finetune:
         out["activations"] = activation_fixed_bytes(facts, run)
@@ -360,9 +391,43 @@ def fixed_bytes(facts: ModelFacts, targets: Sequence[TargetLayer], run: RunSetti
     return sum(fixed_breakdown(facts, targets, run, non_target_params).values())
 
 
+# ---------------------------------------------------------------- CUDA terms (the reserve)
+# cuBLAS workspace: PyTorch sets CUBLAS_WORKSPACE_CONFIG=:4096:8 (8 x 4 MiB) on Hopper and newer and
+# :4096:2:16:8 (2 x 4 MiB + 8 x 16 KiB) before; one per handle (device x stream). It comes from the
+# caching allocator, so max_memory_allocated sees it too. The larger size is counted.
+CUBLAS_WORKSPACE_BYTES = 8 * 4096 * 1024
+# The caching allocator (PyTorch "CUDA memory management" notes, c10/cuda/CUDACachingAllocator.cpp):
+# every block is rounded up to 512 B; requests <= 1 MiB are cut from 2 MiB segments, requests up to
+# 10 MiB from 20 MiB segments, larger ones get a segment rounded up to 2 MiB; cached segments are
+# split and reused. Counted: one partly used segment of each pool (2 + 20 MiB). The 512-byte
+# rounding (< 512 B per live tensor, a few thousand tensors: ~1 MiB) and the waste of reused,
+# split segments are what fragmentation measures.
+SMALL_SEGMENT, LARGE_SEGMENT = 2 * 2**20, 20 * 2**20
+
+
+def reserve_breakdown(allocated: int, run: RunSettings) -> dict[str, int]:
+    """What a GPU needs beyond ``allocated`` (the model's peak live bytes), by source.
+
+    ``cuda_context``: the driver's context and kernel images, outside torch's allocator (the run
+    setting ``reserve_context_bytes``; 300-600 MiB on recent drivers with lazy module loading).
+    ``cublas_workspace`` and ``allocator_rounding``: see the constants above. ``fragmentation``:
+    cached blocks the allocator cannot reuse, ``reserve_fraction`` x allocated; the default 5% is a
+    DEFAULT, NOT A MEASUREMENT: bench/gpu_check.sh measures max_memory_reserved / max_memory_allocated
+    on phi-2- and Llama-3-shaped models. ``trainer_margin``: :data:`OTHER_TRAINER_MARGIN` for an
+    unmeasured trainer. A CPU run has none of these.
+    """
+    if run.device != "cuda":
+        return {"trainer_margin": trainer_margin_bytes(allocated, run)}
+    rounding = SMALL_SEGMENT + LARGE_SEGMENT
+    return {"cuda_context": run.reserve_context_bytes, "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
+            "allocator_rounding": rounding, "fragmentation": math.ceil(allocated * run.reserve_fraction),
+            "trainer_margin": trainer_margin_bytes(allocated, run)}
+
+
 def reserve_bytes(allocated: int, run: RunSettings) -> int:
-    """CUDA context + allocator slack on top of ``allocated``."""
-    return run.reserve_context_bytes + math.ceil(allocated * run.reserve_fraction)
+    """CUDA context, workspaces, allocator rounding and slack on top of ``allocated`` (see
+    :func:`reserve_breakdown`)."""
+    return sum(reserve_breakdown(allocated, run).values())
 
 
 def allocatable_bytes(budget: int, run: RunSettings) -> int:

@@ -19,6 +19,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+TRAINERS = ("finetune", "hf", "trl", "other")
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,19 @@ class RunSettings:
                                     choices=ATTENTION)
     lora_dropout: float = _opt(0.0, "dropout on the LoRA input (> 0 makes PEFT keep a copy and a mask per "
                                "adapted layer)")
-    reserve_context_bytes: int = _opt(512 * 2**20, "reserve for the CUDA context, cuBLAS workspace and kernels "
-                                      "(not seen by torch.cuda.max_memory_allocated)")
-    reserve_fraction: float = _opt(0.05, "allocator slack (fragmentation, cached blocks) as a fraction of the "
+    trainer: str = _opt("finetune", "the trainer that runs the fine-tune: the planner's own loop (finetune), "
+                        "transformers' Trainer (hf), TRL's SFTTrainer (trl: its default chunked loss never "
+                        "builds the full logits), or another one (other: a margin on the step's peak)",
+                        choices=TRAINERS)
+    reserve_context_bytes: int = _opt(512 * 2**20, "the CUDA context and kernel images, outside torch's "
+                                      "allocator (not seen by torch.cuda.max_memory_reserved)")
+    reserve_fraction: float = _opt(0.05, "caching-allocator fragmentation (reserved but unusable) as a fraction of the "
                                    "allocated bytes")
 
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("compute_dtype", DTYPES), ("adapter_dtype", ADAPTER_DTYPES),
                               ("optimizer", OPTIMIZERS), ("attn_implementation", ATTENTION),
-                              ("device", DEVICES)):
+                              ("device", DEVICES), ("trainer", TRAINERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size"):

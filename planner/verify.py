@@ -7,8 +7,10 @@ the device memory in use (context included) against the total; target within ±5
 CPU (no allocator statistics): each term is measured on its own. Backbone, non-target, adapter,
 gradient and optimizer bytes are exact tensor byte counts; activations are what autograd saves
 during one forward and loss (``torch.autograd.graph.saved_tensors_hooks``; unique storages that
-are not parameters or buffers) against the estimate's activations + logits; the transient peak is
-not measured; the process RSS is reported for information only.
+are not parameters or buffers) against the estimate's activations + logits; the PEAK of live
+tensor bytes of one more step, run through the plan's trainer (or ``trainer``), is measured by
+:mod:`planner.oracle` against the estimate's allocated bytes (checked, ±5%); the process RSS is
+reported for information only.
 
 The estimate is recomputed for the run as it actually happens (device, seq_len, batch): a plan
 made for a GPU has bf16 activations, a CPU run fp32 ones. The backbone bytes do not depend on it
@@ -171,16 +173,19 @@ def _rss() -> int | None:
 
 
 def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | None = None,
-           seq_len: int | None = None, batch_size: int | None = None, seed: int = 0) -> VerifyReport:
+           seq_len: int | None = None, batch_size: int | None = None, seed: int = 0,
+           trainer: str | None = None) -> VerifyReport:
     """Load DIR, run ``steps`` training steps on random tokens (memory does not depend on the values)
-    with the plan's optimizer and run settings, and compare measured bytes with the estimate."""
+    with the plan's optimizer and run settings, and compare measured bytes with the estimate. On CPU
+    two more steps run through ``trainer`` (default: the plan's; ``other`` runs the planner's loop)
+    and the second one's peak is compared with the estimate's allocated bytes."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     art = read_artifact(path)
     dev = torch.device(device) if device is not None else default_device()
     run = dataclasses.replace(art.run, device="cuda" if dev.type == "cuda" else "cpu",
                               seq_len=seq_len or art.run.seq_len, batch_size=batch_size or art.run.batch_size,
-                              mode="finetune")
+                              mode="finetune", trainer=trainer or art.run.trainer)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
@@ -237,11 +242,17 @@ def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | Non
                      note="after the run; includes the CUDA context only if this process created it here")]
     else:
         slack = unread_shared_input_bytes(facts, targets, choices, run)
+        from planner.oracle import measure_step
+
+        peak = measure_step(model, ids, run, trainer="finetune" if run.trainer == "other" else run.trainer)
+        info["oracle"] = peak.to_dict()
+        rows += [Row("allocated (peak)", est.allocated_bytes, peak.peak_bytes, True,
+                     note=f"most live tensor bytes of one {run.trainer} step (planner.oracle)")]
         rows += [Row("activations (saved)", b.get("activations", 0) + b.get("logits", 0) - slack, saved, True,
                      note="autograd saved tensors of one forward vs activations + logits"
                           + (f", less {format_bytes(slack)} of normed inputs no adapter reads (the plan "
                              "counts them in every block, on the safe side)" if slack else "")),
-                 Row("transient", b.get("transient"), None, note="not measurable on CPU")]
+                 Row("transient", b.get("transient"), None, note="in the peak above")]
     rss1 = _rss()
     if rss0 is not None and rss1 is not None:
         info["rss_bytes"] = {"before_load": rss0, "after_steps": rss1, "growth": rss1 - rss0}

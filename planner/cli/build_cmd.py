@@ -30,6 +30,7 @@ from planner.options import option
 from planner.train.loop import FinetuneConfig
 from planner.artifact.materialize import MaterializeConfig
 from planner.progress import stdout_console
+from planner.settings import TRAINERS
 
 DEFAULT_FINETUNED = "finetuned-adapter"  # inside DIR unless --out says otherwise
 
@@ -148,7 +149,8 @@ def verify_command(args: argparse.Namespace) -> int:
     from planner.verify import verify
 
     cfg = config_from(VerifyConfig, args)
-    report = verify(args.dir, steps=cfg.steps, device=cfg.device, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    report = verify(args.dir, steps=cfg.steps, device=cfg.device, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                    trainer=cfg.trainer)
     if config_from(Report, args).json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=1) + "\n")
         return 0 if report.ok else 1

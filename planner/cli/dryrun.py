@@ -83,7 +83,12 @@ def dry_run(cfg: PlanConfig, run: RunSettings, as_json: bool = False) -> int:
         "fits_min": None if budget is None else est_min.total_bytes <= budget,
         "fits_max": None if budget is None else est_max.total_bytes <= budget,
     }
-    sys.stdout.write(json.dumps(report, indent=1) + "\n" if as_json else _table(report, est_min, est_max))
+    from planner.fit import fit_lines, fit_space  # longest context / largest batch per uniform plan
+
+    fits = fit_space(budget, source.facts, targets, space, run, non_target, DRY_RUN_METHOD) if budget else []
+    report["fit"] = [f.to_dict() for f in fits]
+    sys.stdout.write(json.dumps(report, indent=1) + "\n" if as_json else _table(report, est_min, est_max)
+                     + "".join(line + "\n" for line in (fit_lines(fits, run, budget) if fits else [])))
     return 0
 
 

@@ -171,6 +171,11 @@ def show_command(args: argparse.Namespace) -> int:
     binds = plan.search.budget_binds
     outcome = SimpleNamespace(plan=plan, budget_binds=True if binds is None else binds)
     report(outcome, Path(args.plan), plan.budget_bytes, written=False)
+    from planner.fit import fit_lines, fit_plan_file  # longest context / largest batch within the plan's budget
+
+    fits = fit_plan_file(plan)
+    if fits:
+        stdout_console().print("\n".join(fit_lines(fits, plan.run, plan.budget_bytes)))
     return 0
 
 

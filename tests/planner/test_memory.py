@@ -2,13 +2,15 @@
 
 Accounting: a tiny checkpoint is quantized (NF4), wrapped with PEFT LoRA and trained for two steps.
 During the second step ``saved_tensors_hooks`` collect every tensor autograd keeps (deduplicated by
-storage, parameters and buffers excluded), and a CPU allocation profile gives the peak (the CPU
-analogue of ``torch.cuda.max_memory_allocated``). Parameters, buffers, gradients and optimizer
-states are counted after the step. One set of constants serves every architecture and setting.
+storage, parameters and buffers excluded), and the peak oracle (:mod:`planner.oracle`, a dispatch
+mode summing live storages: the CPU analogue of ``torch.cuda.max_memory_allocated``) gives the
+peak. Parameters, buffers, gradients and optimizer states are counted after the step. One set of
+constants serves every architecture and setting.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 
 from loftq import quantize
 from planner.memory import (MemoryEstimate, activation_fixed_bytes, allocatable_bytes, backbone_bytes, estimate, fixed_bytes, layer_bytes,
-                            reserve_bytes)
+                            reserve_breakdown, reserve_bytes)
 from planner.runtime.layers import add_lora, backbone_nbytes, configure_run, linear_weight, quantize_model
 from planner.settings import LayerChoice, RunSettings
 from search_spaces.discovery import facts_from_config, find_targets
@@ -25,28 +27,20 @@ from tests.tiny_models import build_tiny
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SAVED_MARGIN = 0.01  # autograd's saved bytes: measured byte-exact on llama, <0.4% on phi
-PEAK_MARGIN = (-0.01, 0.06)  # allocated estimate vs profiled peak: conservative by design (grads counted)
+PEAK_MARGIN = 0.05  # allocated estimate vs the oracle's peak (the issue's bound; see the per-test numbers)
 
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _cpu_peak(fn) -> int | None:
-    """Peak of live CPU allocations (bytes above the start) while ``fn`` runs, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
+def _oracle_peak(fn) -> int:
+    """Most bytes allocated on top of what lives at the start while ``fn`` runs (planner.oracle)."""
+    from planner.oracle import LiveBytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with LiveBytes() as mode:
         fn()
-    try:
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    except AttributeError:  # private API moved: the hook-based checks still run
-        return None
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    return mode.peak
 
 
 def account(arch: str, run: RunSettings, choose=lambda t: LayerChoice(4, 8), model=None) -> dict:
@@ -87,7 +81,7 @@ def account(arch: str, run: RunSettings, choose=lambda t: LayerChoice(4, 8), mod
     step()
     opt.zero_grad(set_to_none=True)
     saved.clear()
-    peak = _cpu_peak(step)
+    peak = _oracle_peak(step)
     state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
     return {"saved": sum(saved.values()), "resident": _nbytes(pm.parameters()) + _nbytes(pm.buffers()),
             "grads": _nbytes(p.grad for p in params), "optimizer": _nbytes(state), "peak": peak,
@@ -137,10 +131,9 @@ def test_accounting_matches_the_memory_model(arch: str, setting: str) -> None:
     else:
         predicted = b["activations"] + b["logits"]
     assert abs(predicted / got["saved"] - 1) <= SAVED_MARGIN, (predicted, got["saved"])
-    if got["peak"] is not None:
-        measured = got["resident"] + got["optimizer"] + got["peak"]
-        ratio = est.allocated_bytes / measured - 1
-        assert PEAK_MARGIN[0] <= ratio <= PEAK_MARGIN[1], f"{arch}/{setting}: estimate {ratio:+.2%} vs CPU peak"
+    measured = got["resident"] + got["optimizer"] + got["peak"]
+    ratio = est.allocated_bytes / measured - 1
+    assert abs(ratio) <= PEAK_MARGIN, f"{arch}/{setting}: estimate {ratio:+.2%} vs the oracle's peak"
 
 
 def test_residual_dropout_masks_are_counted() -> None:
@@ -311,14 +304,40 @@ def test_allocatable_bytes_is_fast_for_absurd_budgets() -> None:
         assert k + reserve_bytes(k, run) <= budget < k + 1 + reserve_bytes(k + 1, run)
 
 
-def test_allocatable_bytes_inverts_the_reserve() -> None:
-    run = RunSettings()
+@pytest.mark.parametrize("run", [RunSettings(), RunSettings(trainer="other"), RunSettings(device="cpu", trainer="other"),
+                                 RunSettings(device="cpu")], ids=["cuda", "cuda-other", "cpu-other", "cpu"])
+def test_allocatable_bytes_inverts_the_reserve(run: RunSettings) -> None:
     for budget in (11_000_000_000, 16 * 2**30, run.reserve_context_bytes + 1000, 10**6):
         k = allocatable_bytes(budget, run)
         if k >= 0:
             assert k + reserve_bytes(k, run) <= budget < k + 1 + reserve_bytes(k + 1, run)
         else:
-            assert budget < run.reserve_context_bytes
+            assert budget < reserve_bytes(0, run)
+
+
+def test_reserve_terms_and_their_sources() -> None:
+    """The reserve is the sum of named CUDA terms; a CPU run has none, an unmeasured trainer a margin."""
+    alloc = 10 * 2**30
+    terms = reserve_breakdown(alloc, RunSettings())
+    assert terms == {"cuda_context": 512 * 2**20, "cublas_workspace": 32 * 2**20, "allocator_rounding": 22 * 2**20,
+                     "fragmentation": math.ceil(alloc * 0.05), "trainer_margin": 0}
+    assert reserve_bytes(alloc, RunSettings()) == sum(terms.values())
+    assert reserve_breakdown(alloc, RunSettings(trainer="other"))["trainer_margin"] == math.ceil(alloc * 0.10)
+    assert reserve_bytes(alloc, RunSettings(device="cpu")) == 0
+    assert reserve_bytes(alloc, RunSettings(device="cpu", mode="inference", trainer="other")) == 0
+
+
+def test_trl_chunked_loss_replaces_the_full_logits() -> None:
+    """TRL's default loss keeps the gathered hidden states, never [T, V] logits: at 4k tokens and a
+    128k vocabulary the logits term falls from 2 GiB to 2 MiB."""
+    facts, targets, nt = _mistral7b_like()
+    facts = dataclasses.replace(facts, vocab=128256)
+    choices = {t.name: LayerChoice(4, 16) for t in targets}
+    base = estimate(facts, targets, choices, RunSettings(seq_len=4096, gradient_checkpointing=True), nt)
+    trl = estimate(facts, targets, choices, RunSettings(seq_len=4096, gradient_checkpointing=True, trainer="trl"), nt)
+    assert base.breakdown["logits"] == 4096 * 128256 * 4 + 4096 * 8
+    assert trl.breakdown["logits"] == 4096 * 4096 * 2 + 2 * 4096 * 8
+    assert trl.allocated_bytes < base.allocated_bytes - 2 * 2**30
 
 
 def test_estimate_names_a_missing_choice() -> None:

@@ -1,0 +1,80 @@
+"""The peak oracle counts live bytes exactly, and the memory model's allocated bytes match the peak
+of one real step through each trainer (the planner's loop, transformers' Trainer, TRL's SFTTrainer).
+
+The models are bf16 (CUDA's tensor sizes) tiny llama/phi at real vocabulary sizes: the 128k-token
+vocabulary of Llama 3 makes the logits the largest term, as on a real model at long context.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from planner.memory import estimate
+from planner.oracle import LiveBytes, StepTracker, measure_step, tiny_case
+from planner.settings import RunSettings
+
+TOLERANCE = 0.05  # the issue's bound; measured within 0.3% (README table)
+LLAMA3_VOCAB = 128256
+
+
+def test_live_bytes_counts_allocations_views_and_frees_exactly() -> None:
+    with LiveBytes() as mode:
+        a = torch.empty(1000, dtype=torch.bfloat16)  # 2000 B
+        b = torch.ones(500)  # 2000 B
+        view = a[:10].view(2, 5)  # shares a's storage: nothing new
+        b.add_(1.0)  # in place: nothing new
+        assert mode.current == 4000
+        del a, view
+        gc.collect()
+        assert mode.current == 2000
+        c = torch.zeros(3000, dtype=torch.uint8)
+        assert mode.current == 5000
+    assert mode.peak == 5000
+    del b, c
+
+
+def test_step_tracker_measures_the_step_after_warmup() -> None:
+    tracker = StepTracker(warmup=1)
+    keep = torch.zeros(250)  # 1000 B alive before and during the step
+    tracker.on_step(1)
+    tmp = torch.empty(2048, dtype=torch.int64)  # 16384 B during the step
+    del tmp
+    tracker.on_step(2)
+    assert tracker.result is not None and tracker.result.step_peak_bytes == 16384
+    assert tracker.result.start_bytes >= keep.nbytes
+
+
+def _compare(arch: str, trainer: str, seq: int, vocab: int, **setting) -> tuple[int, int]:
+    run = RunSettings(seq_len=seq, batch_size=4, compute_dtype="bf16", device="cuda", trainer=trainer, **setting)
+    pm, facts, targets, choices, non_target = tiny_case(arch, run, vocab=vocab)
+    ids = torch.randint(3, vocab, (run.batch_size, run.seq_len), generator=torch.Generator().manual_seed(0))
+    measured = measure_step(pm, ids, run, trainer=trainer).peak_bytes
+    predicted = estimate(facts, targets, choices, run, non_target).allocated_bytes
+    return predicted, measured
+
+
+SMALL = [("finetune", "llama", {}), ("hf", "llama", dict(gradient_checkpointing=True, attn_implementation="eager")),
+         ("trl", "llama", dict(gradient_checkpointing=True)), ("trl", "phi", dict(attn_implementation="eager"))]
+
+
+@pytest.mark.parametrize("trainer,arch,setting", SMALL, ids=lambda v: str(v) if not isinstance(v, dict) else
+                         "-".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_peak_of_a_small_vocabulary_step(trainer: str, arch: str, setting: dict) -> None:
+    predicted, measured = _compare(arch, trainer, 256, 320, **setting)
+    assert abs(predicted / measured - 1) <= TOLERANCE, (predicted, measured)
+
+
+GRID = [(seq, trainer, ck, attn) for seq in (256, 1024) for trainer in ("finetune", "hf", "trl")
+        for ck in (False, True) for attn in ("sdpa", "eager")
+        if seq == 256 or (ck, attn) in ((False, "sdpa"), (True, "eager"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq,trainer,ck,attn", GRID, ids=lambda v: str(v))
+def test_peak_with_a_128k_vocabulary(seq: int, trainer: str, ck: bool, attn: str) -> None:
+    """1k and 4k tokens (seq 256 / 1024 x batch 4), checkpointing on and off, SDPA and eager."""
+    predicted, measured = _compare("llama", trainer, seq, LLAMA3_VOCAB, gradient_checkpointing=ck,
+                                   attn_implementation=attn)
+    assert abs(predicted / measured - 1) <= TOLERANCE, (predicted, measured)
