@@ -39,13 +39,21 @@ def plan(config: PlanConfig, run: RunSettings | None = None, *, out: str | Path 
 
     ``run`` describes the run the plan must fit (default: :class:`RunSettings` defaults). Bad input
     raises :class:`PlannerError` with one line."""
+    from planner import preflight
     from planner.artifact.plan import save_plan
     from planner.budget import parse_budget
     from planner.search.pipeline import make_plan
 
     if not config.budget:
         raise PlannerError("a budget is required (e.g. PlanConfig(budget='11GB'))")
-    outcome = make_plan(config, run or RunSettings(), parse_budget(config.budget))
+    budget = parse_budget(config.budget)
+    # every path and the storage checked before the heavy work, as the CLI does
+    if out is not None:
+        preflight.output_file(out)
+    if config.storage:
+        preflight.storage(config.storage)
+    preflight.cache_dir(config)
+    outcome = make_plan(config, run or RunSettings(), budget)
     if out is not None:
         save_plan(outcome.plan, out)
     return outcome.plan

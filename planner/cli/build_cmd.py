@@ -21,7 +21,7 @@ from typing import Any
 from rich.table import Table
 
 from planner.budget import format_bytes
-from planner.cli import preflight
+from planner import preflight
 from planner.cli.app import COMMANDS, Command
 from planner.cli.options import Report, add_options, config_from, user_config
 from planner.config import VerifyConfig

@@ -1,6 +1,6 @@
 """The ``plan`` command (default), ``models`` and ``show``: options from PlanConfig + RunSettings.
 
-Before any weight is read, :func:`planner.cli.preflight.plan_outputs` checks the plan and Pareto
+Before any weight is read, :func:`planner.preflight.plan_outputs` checks the plan and Pareto
 paths, the study storage and the cache folder.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from planner.budget import format_bytes, parse_budget
-from planner.cli import preflight
+from planner import preflight
 from planner.cli.app import COMMANDS, Command
 from planner.cli.dryrun import dry_run
 from planner.cli.options import Report, add_options, config_from
