@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,20 +179,30 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class CollectCommand:
+    """Options of ``python -m planner collect``: the shared study to read and where the plan goes."""
+
+    storage: str = option(MISSING, "the workers' Optuna storage URL")
+    study_name: str = option(MISSING, "the workers' study name")
+    out: str = option(PlanConfig().out, "where to write the plan")
+    cache_dir: str | None = option(None, "cache folder (default: $LOFTQ_PLANNER_CACHE or ~/.cache/loftq-planner)")
+
+
 def collect_command(args: argparse.Namespace) -> int:
     from planner.artifact.plan import save_plan
     from planner.search.distributed import collect
 
-    outcome = collect(args.storage, args.study_name, args.cache_dir)
-    report(outcome, save_plan(outcome.plan, args.out), outcome.plan.budget_bytes)
+    cfg = config_from(CollectCommand, args)
+    preflight.output_file(cfg.out)
+    preflight.storage(cfg.storage)
+    outcome = collect(cfg.storage, cfg.study_name, cfg.cache_dir)
+    report(outcome, save_plan(outcome.plan, cfg.out), outcome.plan.budget_bytes)
     return 0
 
 
 def _collect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", required=True, help="the workers' Optuna storage URL")
-    p.add_argument("--study-name", required=True, help="the workers' study name")
-    p.add_argument("--out", default=PlanConfig().out, help="where to write the plan")
-    p.add_argument("--cache-dir", default=None, help=_help("cache_dir"))
+    add_options(p, CollectCommand)
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
