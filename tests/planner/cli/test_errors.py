@@ -73,13 +73,13 @@ def _option_dataclasses() -> list[type]:
     from planner.artifact.materialize import MaterializeConfig
     from planner.cli.build_cmd import FinetuneOutput, MaterializeOutput
     from planner.cli.options import Report
-    from planner.cli.plan_cmd import PlanCommand
+    from planner.cli.plan_cmd import CollectCommand, PlanCommand
     from planner.config import PlanConfig, VerifyConfig
     from planner.settings import RunSettings
     from planner.train.loop import FinetuneConfig
 
     return [PlanConfig, RunSettings, PlanCommand, Report, MaterializeConfig, MaterializeOutput, FinetuneConfig,
-            FinetuneOutput, VerifyConfig]
+            FinetuneOutput, VerifyConfig, CollectCommand]
 
 
 def test_every_option_of_every_command_is_a_dataclass_field() -> None:
