@@ -82,10 +82,11 @@ def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
     if not targets:
         raise PlannerError(f"{cfg.model}: no target layers found")
     options = options_of(cfg)
-    too_big = [(r, t) for t in targets for _, r in options if r > min(t.shape)]
-    if too_big:
-        r, t = max(too_big, key=lambda x: x[0])
-        raise PlannerError(f"rank {r} exceeds layer {t.name} {tuple(t.shape)}; choose smaller --ranks")
+    try:  # the search space's own rule, so the dry run and the plan refuse the same ranks alike
+        for t in targets:
+            cfg.search_space.choices_for(t)
+    except ValueError as err:
+        raise PlannerError(str(err)) from None
     prep = Prepared(cfg, run, source, targets, options, torch.empty(0), 0, [], [])
     facts = source.facts
     prep.costs = torch.tensor([[layer_bytes(t, prep.choice_of(o), run, facts) for o in options] for t in targets],
