@@ -28,12 +28,12 @@ def extreme_choices(targets: Sequence, space: Any, run: RunSettings, facts: Any)
     low: dict[str, LayerChoice] = {}
     high: dict[str, LayerChoice] = {}
     for members in group_targets(targets, space.granularity).values():
-        shared = set(space.choices_for(members[0]))
-        for t in members[1:]:
-            shared &= set(space.choices_for(t))
-        if not shared:
-            raise PlannerError(f"no (bits, rank) choice fits every layer of the group of {members[0].name}")
-        options = [LayerChoice(b, r, DRY_RUN_METHOD, space.block_size) for b, r in sorted(shared)]
+        try:  # every layer has the whole space, or the space is refused as the real plan refuses it
+            for t in members:
+                space.choices_for(t)
+        except ValueError as err:
+            raise PlannerError(str(err)) from None
+        options = [LayerChoice(b, r, DRY_RUN_METHOD, space.block_size) for b, r in space.choices()]
         costs = [sum(layer_bytes(t, o, run, facts) for t in members) for o in options]
         lo, hi = options[costs.index(min(costs))], options[costs.index(max(costs))]
         for t in members:
