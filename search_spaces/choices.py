@@ -125,3 +125,9 @@ def group_targets(targets: Sequence[TargetLayer], granularity: str) -> dict[str,
     for target in targets:
         groups.setdefault(group_key(target, granularity), []).append(target)
     return groups
+
+
+def has_adapter(candidate: Any, options: Sequence[tuple[int, int]]) -> bool:
+    """Whether a candidate (anything with ``choice``: one option index per layer into ``options``,
+    a list of (bits, rank)) gives any layer an adapter."""
+    return any(options[k][1] > 0 for k in candidate.choice)

@@ -42,38 +42,38 @@ def _umask() -> int:
     return mask
 
 
+def _lstat_mode(path: Path) -> int | None:
+    """``path``'s own mode (a symlink is not followed), or None when nothing is there."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise PlannerError(f"{path}: cannot check the output path ({err.strerror or err})") from None
+
+
 def check_file_target(path: str | os.PathLike) -> Path:
     """``path`` is absent or a regular file (never followed through a symlink); else PlannerError."""
     path = Path(path)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    mode = _lstat_mode(path)
+    if mode is None or stat.S_ISREG(mode):
         return path
-    except OSError as err:
-        raise PlannerError(f"{path}: cannot check the output path ({err.strerror or err})") from None
-    if stat.S_ISLNK(st.st_mode):
+    if stat.S_ISLNK(mode):
         raise PlannerError(f"{path} is a symbolic link; refusing to replace it (write to a regular file path)")
-    if stat.S_ISDIR(st.st_mode):
+    if stat.S_ISDIR(mode):
         raise PlannerError(f"{path} is a directory; give a file path")
-    if not stat.S_ISREG(st.st_mode):
-        raise PlannerError(f"{path} exists and is not a regular file (a device, FIFO or socket); refusing to replace it")
-    return path
+    raise PlannerError(f"{path} exists and is not a regular file (a device, FIFO or socket); refusing to replace it")
 
 
 def check_dir_target(path: str | os.PathLike) -> Path:
     """``path`` is absent or a real directory (not a symlink, file or device); else PlannerError."""
     path = Path(path)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    mode = _lstat_mode(path)
+    if mode is None or stat.S_ISDIR(mode):
         return path
-    except OSError as err:
-        raise PlannerError(f"{path}: cannot check the output path ({err.strerror or err})") from None
-    if stat.S_ISLNK(st.st_mode):
+    if stat.S_ISLNK(mode):
         raise PlannerError(f"{path} is a symbolic link; refusing to replace it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise PlannerError(f"{path} exists and is not a directory; refusing to replace it")
-    return path
+    raise PlannerError(f"{path} exists and is not a directory; refusing to replace it")
 
 
 @contextmanager

@@ -62,25 +62,6 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def check_local_device(name: str | None, flag: str) -> None:
-    """A device this machine can run on, or one line naming what is wrong (before any work starts)."""
-    if not name:
-        return
-    import torch
-
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise PlannerError(f"{flag} {name!r} is not a device; use cpu or cuda[:N]") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PlannerError(f"{flag} {name}: no CUDA GPU is available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise PlannerError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise PlannerError(f"{flag} {name!r}: only cpu and cuda are supported")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 with one line on stderr for the user's mistakes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -89,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser(command).parse_args(argv)
         # devices this process will run on (the plan command's --device is where the planned run happens)
+        from planner.devices import check_local_device  # imports torch: not before the arguments parse
+
         for attr in (("device", "score_device") if command in LOCAL_DEVICE_COMMANDS else ("score_device",)):
             check_local_device(getattr(args, attr, None), "--" + attr.replace("_", "-"))
         return COMMANDS[command].run(args)

@@ -37,10 +37,11 @@ import optuna
 import torch
 from torch import nn
 
+from search_spaces.choices import has_adapter
+
 from planner.runtime.layers import add_lora, linear_weight, swap_linears
 from planner.runtime.lora import load_adapter_init
 from planner.scoring.bank import ModelWeights, WeightBank
-from planner.search.study import has_adapter
 from planner.settings import OPTIMIZERS
 from planner.train.loop import DEFAULT_GRAD_CLIP, DEFAULT_LR, TrainResult, eval_loss, train_lora
 

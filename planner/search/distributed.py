@@ -27,12 +27,14 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from search_spaces.choices import has_adapter
+
 from planner.config import PlanConfig
 from planner.errors import PlannerError
 from planner.search.objective import OptionTable
 from planner.search.pipeline import (METHOD, PlanOutcome, Prepared, _diverged, _prefer_adapters, build_plan,
                                      check_budget, problem_budget, table_settings)
-from planner.search.study import (FINGERPRINT, Candidate, SearchProblem, fail_stale, has_adapter, open_storage,
+from planner.search.study import (FINGERPRINT, Candidate, SearchProblem, fail_stale, open_storage,
                                   open_study, redact, stored_candidates)
 from planner.scoring.tables import ResidualTables, TableSettings, compute_tables
 

@@ -19,6 +19,8 @@ import torch
 
 from search_spaces.facts import TargetLayer
 
+from search_spaces.choices import has_adapter
+
 from planner.search.allocate import InfeasibleBudget
 from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
 from planner.config import PlanConfig
@@ -26,7 +28,7 @@ from planner.errors import PlannerError
 from planner.memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
 from planner.search.objective import OptionTable
 from planner.search.study import (DONE, Candidate, SearchProblem, assignment, guided_search,
-                                  has_adapter, open_study, redact)
+                                  open_study, redact)
 from planner.settings import RunSettings
 from planner.scoring.tables import ResidualTables, TableSettings, residual_tables
 

@@ -336,9 +336,5 @@ def stored_candidates(problem: SearchProblem, study: optuna.Study, ref_loss: flo
     return out
 
 
-def has_adapter(candidate: Candidate, options: Sequence[tuple[int, int]]) -> bool:
-    return any(options[k][1] > 0 for k in candidate.choice)
-
-
 def assignment(problem: SearchProblem, choice: Sequence[int]) -> dict[str, tuple[int, int]]:
     return {t.name: problem.table.options[k] for t, k in zip(problem.table.targets, choice)}

@@ -191,7 +191,7 @@ def test_adapter_margin_trades_zero_step_loss_for_trainable_capacity(cfg: PlanCo
     """Fine-tune mode: margin 0 keeps the lowest-KL plan; a huge margin takes the best plan with adapters."""
     from dataclasses import replace
 
-    from planner.search.study import has_adapter
+    from search_spaces.choices import has_adapter
 
     lo, hi = _range(cfg)
     budget = int(lo + 0.3 * (hi - lo))
