@@ -88,8 +88,9 @@ def fit_lines(fits: Sequence[Fit], run: RunSettings, budget: int) -> list[str]:
             lines.append(f"  {f.label}: nothing fits, not even 1 token x batch {run.batch_size}")
             continue
         cap = " (the model's max positions)" if f.seq_capped else ""
-        lines.append(f"  {f.label}: longest context {f.longest_seq}{cap} at batch {run.batch_size}; "
-                     f"largest batch {f.largest_batch} at seq {run.seq_len}")
+        batch = (f"largest batch {f.largest_batch} at seq {run.seq_len}" if f.largest_batch
+                 else f"no batch fits at seq {run.seq_len}")
+        lines.append(f"  {f.label}: longest context {f.longest_seq}{cap} at batch {run.batch_size}; {batch}")
     return lines
 
 
