@@ -20,7 +20,8 @@ import gc, os, time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig
 
-from planner.memory import CUBLAS_WORKSPACE_BYTES, estimate, reserve_breakdown
+from planner.memory import estimate
+from planner.overheads import CUBLAS_WORKSPACE_BYTES, reserve_breakdown
 from planner.runtime.layers import add_lora, configure_run, quantize_model
 from planner.settings import LayerChoice, RunSettings
 from search_spaces.discovery import facts_from_config, find_targets

@@ -36,7 +36,8 @@ from planner.artifact.atomic import atomic_write
 from planner.artifact.checks import keys, number, obj, plain_json, text, whole
 from planner.artifact.records import ProxyRecord, SearchRecord
 from planner.errors import PlannerError
-from planner.memory import MemoryEstimate, layer_param_breakdown, reserve_bytes
+from planner.memory import MemoryEstimate, layer_param_breakdown
+from planner.overheads import reserve_bytes
 from planner.settings import LayerChoice, RunSettings
 
 SCHEMA_VERSION = 2

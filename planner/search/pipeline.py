@@ -25,7 +25,8 @@ from planner.search.allocate import InfeasibleBudget
 from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
 from planner.config import PlanConfig
 from planner.errors import PlannerError
-from planner.memory import LayerChoice, allocatable_bytes, estimate, fixed_bytes, layer_bytes
+from planner.memory import LayerChoice, estimate, fixed_bytes, layer_bytes
+from planner.overheads import allocatable_bytes
 from planner.search.objective import OptionTable
 from planner.search.study import (DONE, Candidate, SearchProblem, assignment, guided_search,
                                   open_study, redact)

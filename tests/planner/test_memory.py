@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from loftq import quantize
-from planner.memory import (MemoryEstimate, activation_fixed_bytes, allocatable_bytes, backbone_bytes, estimate, fixed_bytes, layer_bytes,
-                            reserve_breakdown, reserve_bytes)
+from planner.memory import MemoryEstimate, activation_fixed_bytes, backbone_bytes, estimate, fixed_bytes, layer_bytes
+from planner.overheads import allocatable_bytes, reserve_breakdown, reserve_bytes
 from planner.runtime.layers import add_lora, backbone_nbytes, configure_run, linear_weight, quantize_model
 from planner.settings import LayerChoice, RunSettings
 from search_spaces.discovery import facts_from_config, find_targets

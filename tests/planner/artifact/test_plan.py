@@ -15,7 +15,8 @@ from planner.artifact.plan import (SCHEMA_VERSION, LayerPlan, Plan, ProxyRecord,
                                    load_plan, save_plan)
 from planner.artifact.summary import summary_by_block
 from planner.errors import PlannerError
-from planner.memory import MemoryEstimate, layer_param_breakdown, reserve_bytes
+from planner.memory import MemoryEstimate, layer_param_breakdown
+from planner.overheads import reserve_bytes
 from planner.settings import LayerChoice, RunSettings
 from search_spaces.facts import TargetLayer
 
