@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 from loftq import Registry, expected_nbytes
 from search_spaces.facts import ModelFacts, TargetLayer
 
-from planner.overheads import reserve_breakdown, reserve_bytes, trainer_logits_bytes
+from planner.overheads import reserve_bytes, trainer_logits_bytes
 from planner.settings import LayerChoice, RunSettings
 
 DEQUANT_PEAK_BYTES = 13  # peak bytes per weight inside loftq.dequantize (uint8 codes, int64 index, fp32 values)
