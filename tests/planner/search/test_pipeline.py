@@ -116,7 +116,7 @@ def test_corrupt_cache_is_recomputed(cfg: PlanConfig, caplog: pytest.LogCaptureF
 def _cli(cfg: PlanConfig, *extra: str) -> int:
     return main(["--model", cfg.model, "--cache-dir", cfg.cache_dir, "--out", cfg.out, "--ranks", "0,4,8",
                  "--calib-seqs", "2", "--proxy-seqs", "1", "--calib-seq-len", "64", "--seq-len", "128",
-                 "--trials", "2", *extra])
+                 "--device", "cpu", "--trials", "2", *extra])
 
 
 def test_cli_writes_a_plan(cfg: PlanConfig, capsys: pytest.CaptureFixture) -> None:
