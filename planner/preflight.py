@@ -28,15 +28,14 @@ def output_dir(path: str | Path) -> Path:
 
 
 def cache_dir(cfg: PlanConfig) -> Path:
-    """The cache folder exists (created if needed) and takes new files."""
+    """The cache folder (or, while it does not exist, its nearest existing parent) takes new files;
+    nothing is created here: a run refused later for bad input leaves no cache folder behind."""
     from planner.cache import default_cache_dir  # imports torch: only when a plan really runs
 
     folder = cfg.cache_path or default_cache_dir()
     if folder.exists() and not folder.is_dir():
         raise PlannerError(f"cache folder {folder} exists and is not a directory; pass --cache-dir")
     try:
-        with storage_errors(folder):
-            folder.mkdir(parents=True, exist_ok=True)
         check_writable(folder)
     except PlannerError as err:
         raise PlannerError(f"the cache folder is not writable ({err}); pass --cache-dir or set "
