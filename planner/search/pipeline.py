@@ -407,7 +407,12 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
                         "on the train split, loss on the proxy-validation split",
             zero_step_kind=zero_step_kind(causal), zero_step_candidates=rows, steps=cfg.proxy_steps,
             candidates=ft_records)
-    search = SearchRecord(**search_info, objective=f"fisher-weighted LoftQ residual ({what})",
+    from dataclasses import fields
+
+    known = {f.name for f in fields(SearchRecord)}  # the rest (e.g. a shared study's workers) is extra
+    extra = {k: v for k, v in search_info.items() if k not in known}
+    search = SearchRecord(**{k: v for k, v in search_info.items() if k in known}, extra=extra,
+                          objective=f"fisher-weighted LoftQ residual ({what})",
                           exact_optimum=exact.objective, chosen_objective=chosen.objective,
                           gap=chosen.objective - exact.objective, budget_binds=exact.budget_binds,
                           allocatable_bytes=problem_budget(prep, budget),

@@ -82,7 +82,7 @@ def test_two_workers_split_the_work_and_survive_a_sigkill(tiny_dir: Path, postgr
     records = [t.user_attrs["result"] for t in proxy.get_trials(states=(TrialState.COMPLETE,)) if "result" in t.user_attrs]
     done = [r for r in records if r["feasible"] and not r["pruned"]]
     best = min(done, key=lambda r: r["loss"])
-    chosen = [c for c in plan.search["proxy"]["candidates"] if c["chosen"]]
+    chosen = [c for c in plan.search.proxy.candidates if c["chosen"]]
     assert [c["trial"] for c in chosen] == [best["trial"]]
     choice = next(t.user_attrs["choice"] for t in main.get_trials() if t.number == best["trial"])
     assert [(l.bits, l.rank) for l in plan.layers] == [prep.options[k] for k in choice]
