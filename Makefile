@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python bench/loftq_speed.py
+	$(BIN)/python -m bench.loftq_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
