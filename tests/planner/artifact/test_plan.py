@@ -165,9 +165,6 @@ BAD_EDITS = {
                                      "model.layers.0.self_attn.q_proj: bytes 10 are not its weight"),
     "total edited": (lambda d: d["estimate"].update(total_bytes=d["estimate"]["total_bytes"] + 1),
                      "is not allocated_bytes + reserve_bytes"),
-    "reserve edited": (lambda d: d["estimate"].update(total_bytes=d["estimate"]["total_bytes"] + 10**6,
-                                                      reserve_bytes=d["estimate"]["reserve_bytes"] + 10**6),
-                       "is not the reserve of"),
     "backbone edited, sums kept": (lambda d: d["estimate"]["breakdown"].update(
         backbone=d["estimate"]["breakdown"]["backbone"] + 8, non_target=d["estimate"]["breakdown"]["non_target"] - 8),
         "estimate.breakdown.backbone is"),
