@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass, fields
 from typing import Any, Callable
@@ -37,8 +38,11 @@ TRAINERS = ("finetune", "hf", "trl")
 def live_storage_bytes() -> int:
     """Bytes of every distinct CPU/GPU storage reachable from a Python tensor right now."""
     seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+    with warnings.catch_warnings():  # isinstance() on some module objects trips deprecation warnings
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        if not obj.is_meta:
             try:
                 st = obj.untyped_storage()
             except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
