@@ -383,7 +383,7 @@ def write_hf_bnb(artifact: Path, source: Any) -> Path:
     backbone size) before it is written.
     """
     from planner.artifact.layout import load_tensors, read_artifact, read_layer
-    from planner.runtime.layers import bnb_quant_state
+    from loftq.bnb import bnb_quant_state
 
     try:
         from transformers import BitsAndBytesConfig

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loftq import QuantConfig, QuantizedTensor, Registry, dequantize, nf_codebook, quantize, stored_absmax
-from loftq import uniform_codebook
-from loftq.quant import DQ_BLOCK
+from loftq import QuantConfig, QuantizedTensor, Registry, dequantize, quantize, stored_absmax
+from loftq.bnb import bnb_quant_state
 
 from search_spaces.discovery import is_conv1d, is_linear_like, weight_out_in
 
@@ -74,20 +73,6 @@ def _bnb_available() -> bool:
     except Exception:  # bnb raises various errors when its native library is missing
         return False
     return True
-
-
-def bnb_quant_state(qt: QuantizedTensor, dtype: torch.dtype):
-    """A bitsandbytes ``QuantState`` describing our NF4 codes (double-quantized constants included)."""
-    from bitsandbytes.functional import QuantState
-
-    dev = qt.packed.device
-    kwargs = dict(shape=torch.Size(qt.shape), code=nf_codebook(4).to(dev), blocksize=qt.block,
-                  quant_type="nf4", dtype=dtype)
-    if qt.absmax is not None:
-        return QuantState(absmax=qt.absmax, **kwargs)
-    state2 = QuantState(absmax=qt.absmax_scale, code=uniform_codebook(8).to(dev), blocksize=DQ_BLOCK,
-                        dtype=torch.float32)
-    return QuantState(absmax=qt.absmax_codes, offset=qt.absmax_offset, state2=state2, **kwargs)
 
 
 def dequantize_bnb(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
