@@ -204,3 +204,29 @@ def test_diverged_finetune_proxy_is_detected() -> None:
     assert _diverged([rec(0, 7.0), rec(1, float("nan")), rec(2, 3.0, steps=0)], cands)
     assert not _diverged([rec(0, 7.0), rec(1, 2.4)], cands)  # one candidate trained fine
     assert not _diverged([rec(0, 7.0, pruned=True), rec(2, 3.0, steps=0)], cands)  # nothing was trained to the end
+
+
+def test_python_api_plans_materializes_and_loads_like_the_cli(cfg: PlanConfig, tmp_path: Path) -> None:
+    """planner.plan / materialize / load / load_plan: the same dataclasses and checks as the CLI."""
+    from dataclasses import replace
+
+    import planner
+
+    lo, hi = _range(cfg)
+    config = replace(cfg, search="exact", budget=str((lo + hi) // 2))
+    plan = planner.plan(config, RUN, out=tmp_path / "api.json")
+    assert plan.total_bytes <= plan.budget_bytes == (lo + hi) // 2
+    assert planner.load_plan(tmp_path / "api.json").to_dict() == plan.to_dict()
+    built = planner.materialize(tmp_path / "api.json", tmp_path / "api-model", planner.MaterializeConfig(device="cpu"))
+    assert [l.name for l in built.plan.layers] == [l.name for l in plan.layers]
+    model = planner.load(tmp_path / "api-model", "cpu")
+    ranks = {l.name: l.rank for l in plan.layers if l.rank}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(any(name in t for t in trainable) for name in ranks) and all("lora_" in t for t in trainable)
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(planner.PlannerError, match="not a regular file"):  # the CLI's preflight, before any work
+        planner.plan(config, RUN, out=tmp_path / "fifo")
+    with pytest.raises(planner.PlannerError, match="budget is required"):
+        planner.plan(replace(config, budget=""), RUN)
