@@ -8,6 +8,8 @@ embedding    MiniLM-L6: embedding cosine of planned vs uniform models at equal m
 search       the exact solver vs scipy milp (phi-2-sized workload); guided search vs the exact plan
 loftq_speed  residual-table speed vs PEFT's loftq_init
 loftq_report LoftQ residual per iteration; the 8-bit formats' rate-distortion
+scale        planning at scale: memory and time of plan + materialize on random checkpoints of real shapes
+synthetic    (no script) random bf16 checkpoints of real shapes, written shard by shard, for scale
 
 May import ``planner``, ``loftq``, ``search_spaces`` and ``tests`` (the PEFT reference); nothing
 imports ``bench``.
