@@ -121,7 +121,7 @@ def run_sampled(cmd: list[str], log: Path, kill_above: float, period: float = 0.
     return out
 
 
-def stage_peaks(timings: dict[str, float], series: list, main_start: float) -> dict[str, dict[str, float]]:
+def stage_peaks(timings: dict[str, float], series: list, main_start: float) -> dict[str, dict[str, float | None]]:
     """Seconds and peak RssAnon per stage; the guided search's seconds are the rest of total_s."""
     t = dict(timings)
     if "search_s" not in t and "total_s" in t:
@@ -188,7 +188,8 @@ def run_case(name: str, ckpt: Path, args: argparse.Namespace, proxy_top: int, ma
             shutil.rmtree(folder / sub, ignore_errors=True)
     for r in rows:
         if r["rc"] != 0:
-            print(f"# {name} {r['step']} failed (rc {r['rc']}): see {folder / (r['step'] + '.log')}", flush=True)
+            why = f"killed at {r['killed_above_bytes'] / GB:.1f} GB of RssAnon" if r["killed_above_bytes"] else f"rc {r['rc']}"
+            print(f"# {name} {r['step']} failed ({why}): see {folder / (r['step'] + '.log')}", flush=True)
         r["series"] = r.pop("_series")[:: max(1, r["samples"] // 500)]  # at most ~500 points in the JSON
         r.pop("_main_start")
     return rows
