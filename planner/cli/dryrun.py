@@ -83,13 +83,40 @@ def dry_run(cfg: PlanConfig, run: RunSettings, as_json: bool = False) -> int:
         "fits_min": None if budget is None else est_min.total_bytes <= budget,
         "fits_max": None if budget is None else est_max.total_bytes <= budget,
     }
+    peak = _planner_peak(cfg, source, targets, non_target, est_max)
+    report["planner"] = peak.to_dict()
     from planner.fit import fit_lines, fit_space  # longest context / largest batch per uniform plan
 
     fits = fit_space(budget, source.facts, targets, space, run, non_target, DRY_RUN_METHOD) if budget else []
     report["fit"] = [f.to_dict() for f in fits]
     sys.stdout.write(json.dumps(report, indent=1) + "\n" if as_json else _table(report, est_min, est_max)
-                     + "".join(line + "\n" for line in (fit_lines(fits, run, budget) if fits else [])))
+                     + "".join(line + "\n" for line in (fit_lines(fits, run, budget) if fits else []))
+                     + _peak_line(peak))
     return 0
+
+
+def _planner_peak(cfg: PlanConfig, source: Any, targets: Sequence, non_target: Sequence, est_max: MemoryEstimate):
+    from planner.devices import resolve_device
+    from planner.scoring.footprint import planner_peak
+
+    try:
+        on_gpu = resolve_device(cfg.score_device).type == "cuda"
+    except PlannerError:
+        on_gpu = False
+    return planner_peak(source.facts, targets, non_target, bits=cfg.bits, max_rank=max(cfg.ranks),
+                        calib_seqs=cfg.calib_seqs, proxy_seqs=cfg.proxy_seqs, seq_len=cfg.calib_seq_len,
+                        trials=cfg.trials if cfg.search != "exact" else 0, proxy_top=cfg.proxy_top,
+                        candidate_bytes=est_max.allocated_bytes, on_gpu=on_gpu)
+
+
+def _peak_line(peak: Any) -> str:
+    stage = max(peak.stages, key=peak.stages.get)
+    where = (f"{format_bytes(peak.device_bytes)} on the GPU and {format_bytes(peak.host_bytes)} host memory"
+             if peak.device_bytes else f"{format_bytes(peak.host_bytes)} host memory")
+    return (f"planning itself needs about {where} at its peak (frame {format_bytes(peak.frame_bytes)} + {stage} "
+            f"{format_bytes(peak.stages[stage])}, one block at a time), and on disk "
+            f"{format_bytes(peak.boundary_file_bytes)} of block-boundary states + {format_bytes(peak.bank_disk_bytes)} "
+            "of weight bank in the cache\n")
 
 
 def _table(report: dict[str, Any], lo: MemoryEstimate, hi: MemoryEstimate) -> str:

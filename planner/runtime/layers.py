@@ -229,7 +229,8 @@ def swap_linears(model: nn.Module, weights: Mapping[str, QuantizedTensor | torch
         elif not isinstance(w, QuantizedTensor):
             w = w.detach().to(keep_dtype).contiguous()
         layer = QuantLinear(w, getattr(mod, "bias", None), compute_dtype)
-        _set_module(model, name, layer.to(dense.device))
+        device = dense.device if not dense.is_meta else (w.packed if isinstance(w, QuantizedTensor) else w).device
+        _set_module(model, name, layer.to(device))  # a meta weight: a shell model awaiting its targets
         new[name] = layer
     return new
 

@@ -25,7 +25,7 @@ from planner.settings import RunSettings
 
 # ---------------------------------------------------------------- building the model
 @contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Create every nn.Parameter on the meta device while buffers (rotary tables, position ids) get
     their real values: the skeleton costs no weight memory and needs no re-initialisation."""
     register = nn.Module.register_parameter
@@ -51,7 +51,7 @@ def _skeleton(folder: Path) -> nn.Module:
         config = AutoConfig.from_pretrained(str(folder))
         cls = model_class(config)
         build = getattr(cls, "_from_config", None) or cls.from_config
-        with _parameters_on_meta():
+        with parameters_on_meta():
             return build(config)
     except Exception as err:  # an edited or corrupt config.json: one line
         raise PlannerError(f"{folder / 'config.json'}: cannot build the model from it "

@@ -15,7 +15,9 @@ callers of the bank do not change when it stops living in RAM.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
@@ -68,7 +70,7 @@ class BankEntry:
     """One (layer, bits): Q, deq(Q) [out, in] and the top ``rank`` factors of W - deq(Q)."""
 
     quantized: QuantizedTensor
-    deq: torch.Tensor  # [out, in], bank dtype
+    deq: torch.Tensor | None  # [out, in], bank dtype; None: dequantized on use (an on-disk store keeps Q only)
     b: torch.Tensor  # [out, rank], bank dtype
     a: torch.Tensor  # [rank, in], bank dtype
     svd: str
@@ -101,6 +103,45 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class DiskStore:
+    """Entries in the cache, one safetensors file per (layer, bits) under ``folder``: Q's packed codes
+    and constants and the factors, not deq(Q) (dequantized on use, which is cheap). Nothing stays in
+    RAM, and an interrupted plan finds the entries it already computed. ``key``: what the entries
+    were computed from (weights, settings, code version); a file with another key is recomputed."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder, self.key = Path(folder), key
+
+    def _path(self, name: str, bits: int) -> Path:
+        return self.folder / f"{name}.{bits}.safetensors"
+
+    def get(self, name: str, bits: int) -> BankEntry | None:
+        from planner.cache import load_cached
+
+        t = load_cached(self._path(name, bits), f"{self.key}/{name}/{bits}")
+        if t is None:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self._path(name, bits)), framework="pt") as f:
+            meta = f.metadata()
+        config = QuantConfig.from_name(meta["quant"], int(meta["block_size"]), meta["double_quant"] == "1")
+        consts = {k: t[k] for k in ("absmax", "absmax_codes", "absmax_scale", "absmax_offset") if k in t}
+        qt = QuantizedTensor(t["packed"], tuple(json.loads(meta["shape"])), getattr(torch, meta["dtype"]), config,
+                             block=int(meta["block"]), **consts)
+        return BankEntry(qt, None, t["b"], t["a"], meta["svd"])
+
+    def put(self, name: str, bits: int, entry: BankEntry) -> None:
+        from planner.cache import save_cached
+
+        qt = entry.quantized
+        meta = {"quant": qt.config.quant_name, "block_size": str(qt.config.block_size),
+                "double_quant": "1" if qt.config.double_quant else "0", "shape": json.dumps(list(qt.shape)),
+                "dtype": str(qt.dtype).removeprefix("torch."), "block": str(qt.block), "svd": entry.svd}
+        save_cached(self._path(name, bits), f"{self.key}/{name}/{bits}",
+                    {"packed": qt.packed, **qt.constants(), "b": entry.b, "a": entry.a}, meta)
 
 
 class ModelWeights(Mapping[str, torch.Tensor]):
@@ -180,10 +221,10 @@ class WeightBank:
         if entry is None:
             entry = self._compute(name, bits)
             self.store.put(name, bits, entry)
-        elif (entry.quantized.config != s.quant_config(bits) or entry.svd != s.svd or entry.deq.dtype != s.dtype
-              or entry.rank < min(s.max_rank, *entry.deq.shape)):
+        elif (entry.quantized.config != s.quant_config(bits) or entry.svd != s.svd or entry.b.dtype != s.dtype
+              or entry.rank < min(s.max_rank, *entry.quantized.shape)):
             raise ValueError(f"the bank's store holds {name} at {bits} bits built with other settings "
-                             f"({entry.quantized.config}, {entry.svd} SVD, rank {entry.rank}, {entry.deq.dtype}) "
+                             f"({entry.quantized.config}, {entry.svd} SVD, rank {entry.rank}, {entry.b.dtype}) "
                              f"than this bank's {s}")
         return entry
 
@@ -198,11 +239,18 @@ class WeightBank:
     def quantized(self, name: str, bits: int) -> QuantizedTensor:
         return self.entry(name, bits).quantized
 
+    def deq(self, name: str, bits: int) -> torch.Tensor:
+        """[out, in] deq(Q) in the bank dtype (kept by an in-memory store, dequantized on use otherwise)."""
+        e = self.entry(name, bits)
+        return e.deq if e.deq is not None else dequantize(e.quantized, self.settings.dtype)
+
     def factors(self, name: str, bits: int, rank: int) -> LowRank:
         """(B [out, rank], A [rank, in]); zero-padded past the layer's own rank (min(out, in))."""
+        return self._factors(self.entry(name, bits), rank)
+
+    def _factors(self, e: BankEntry, rank: int) -> LowRank:
         if not 0 <= rank <= self.settings.max_rank:
             raise ValueError(f"rank {rank!r} exceeds the bank's max_rank {self.settings.max_rank}")
-        e = self.entry(name, bits)
         b, a = e.b[:, :rank], e.a[:rank]
         if rank > e.rank:  # singular values past min(out, in) are zero
             b = torch.cat([b, b.new_zeros(b.shape[0], rank - e.rank)], dim=1)
@@ -213,10 +261,12 @@ class WeightBank:
         """[out, in] deq(Q) + B_r A_r for (bits, rank) at iters = 1; bits >= 16: the original weight."""
         if bits >= 16:
             return self.original(name)
+        e = self.entry(name, bits)  # one store lookup (an on-disk store reads a file)
+        deq = e.deq if e.deq is not None else dequantize(e.quantized, self.settings.dtype)
         if rank == 0:
-            return self.entry(name, bits).deq
-        b, a = self.factors(name, bits, rank)
-        return torch.addmm(self.entry(name, bits).deq, b, a)
+            return deq
+        b, a = self._factors(e, rank)
+        return torch.addmm(deq, b, a)
 
     def fill(self, names: Sequence[str] | None = None, label: str = "quantized weight bank") -> None:
         """Compute every (layer, width) entry now, with a progress bar."""

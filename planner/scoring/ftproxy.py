@@ -39,7 +39,7 @@ from torch import nn
 
 from search_spaces.choices import has_adapter
 
-from planner.runtime.layers import add_lora, linear_weight, swap_linears
+from planner.runtime.layers import add_lora, swap_linears
 from planner.runtime.lora import load_adapter_init
 from planner.scoring.bank import ModelWeights, WeightBank
 from planner.settings import OPTIMIZERS
@@ -91,7 +91,7 @@ class CandidateBuilder:
 
     def __init__(self, base: nn.Module, method: str = "nf", block_size: int = 64, *, max_rank: int = 64,
                  bank: WeightBank | None = None, compute_dtype: torch.dtype = torch.float32,
-                 adapter_dtype: torch.dtype | None = None) -> None:
+                 adapter_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         if bank is None:
             bank = WeightBank(ModelWeights(base), (2, 4, 8), max_rank, method, block_size, svd="exact")
         bs = bank.settings
@@ -99,6 +99,7 @@ class CandidateBuilder:
             raise ValueError(f"the bank ({bank.settings}) does not serve method {method!r}, block size "
                              f"{block_size} and ranks up to {max_rank}")
         self.base, self.bank = base, bank
+        self.device = torch.device(device) if device is not None else None  # None: the base's
         self.compute_dtype = compute_dtype
         self.adapter_dtype = adapter_dtype or compute_dtype
 
@@ -109,8 +110,8 @@ class CandidateBuilder:
         stored: dict[str, Any] = {}
         adapters: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         for name, (bits, rank) in assignment.items():
-            if bits >= 16:
-                w = linear_weight(model.get_submodule(name))
+            if bits >= 16:  # the bank's original: the base may be a shell without target weights
+                w = self.bank.original(name)
                 stored[name] = w.to(self.compute_dtype if self.compute_dtype != torch.float32 else torch.bfloat16)
             else:
                 stored[name] = self.bank.quantized(name, bits)
@@ -118,6 +119,8 @@ class CandidateBuilder:
                 f = self.bank.factors(name, bits, rank) if bits < 16 and init == "loftq" else None
                 adapters[name] = (f.a.float(), f.b.float()) if f is not None else None  # runtime's (A, B) order
         swap_linears(model, stored, self.compute_dtype)
+        if self.device is not None:
+            model.to(self.device)
         ranks = {n: r for n, (_, r) in assignment.items()}
         if not any(ranks.values()):  # nothing to train: the embeddings and norms stay frozen too
             model.requires_grad_(False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,10 @@ def zero_step_kind(causal: bool) -> str:
 
 
 class ZeroStepProxy:
-    """Scores assignments {layer name: (bits, rank)} on fixed held-out blocks [n, seq_len]."""
+    """Scores assignments {layer name: (bits, rank)} on fixed held-out blocks [n, seq_len].
+
+    This one runs a full model with the candidate's weights swapped in; :class:`StreamedZeroStepProxy`
+    runs the same computation one transformer block at a time. Both score with :meth:`score`."""
 
     def __init__(self, model: nn.Module, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2,
                  causal: bool | None = None) -> None:
@@ -46,30 +49,33 @@ class ZeroStepProxy:
         self.mods = target_modules(model, bank.names)
         self._originals = {n: m.weight.data for n, m in self.mods.items()}  # restored after every trial
         self.causal = is_causal_lm(model) if causal is None else causal
+        self._reference()
+
+    def _reference(self) -> None:
         if self.causal:
-            self.ref_logp = [lp for lp in self._logprobs()]
+            self.ref_logp = self._run(None)
             self.ref_loss = self._ce(self.ref_logp)
         else:
-            self.ref_emb = self._embeddings()
+            self.ref_emb = self._run(None)
             self.ref_loss = 0.0
 
-    @torch.no_grad()
-    def _embeddings(self) -> torch.Tensor:
-        return torch.cat([pooled_embedding(self.model, self.blocks[i:i + self.chunk])
-                          for i in range(0, len(self.blocks), self.chunk)])
+    def _chunks(self) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self.blocks), self.chunk):
+            yield self.blocks[i:i + self.chunk]
 
     @torch.no_grad()
-    def _logprobs(self) -> list[torch.Tensor]:
-        out = []
-        for i in range(0, len(self.blocks), self.chunk):
-            logits = self.model(input_ids=self.blocks[i:i + self.chunk]).logits[:, :-1].float()
-            out.append(F.log_softmax(logits, dim=-1))
-        return out
+    def _run(self, assignment: Mapping[str, tuple[int, int]] | None) -> Any:
+        """Causal LMs: per chunk, log-probabilities [b, seq - 1, vocab]; encoders: pooled embeddings
+        [n, hidden]; of the model with ``assignment``'s weights (None: the full-precision model)."""
+        with self._swapped(assignment or {}):
+            if not self.causal:
+                return torch.cat([pooled_embedding(self.model, ids) for ids in self._chunks()])
+            return [F.log_softmax(self.model(input_ids=ids).logits[:, :-1].float(), dim=-1) for ids in self._chunks()]
 
     def _ce(self, logps: list[torch.Tensor]) -> float:
         total, count = 0.0, 0
-        for j, lp in enumerate(logps):
-            labels = self.blocks[j * self.chunk:(j + 1) * self.chunk, 1:]
+        for lp, ids in zip(logps, self._chunks()):
+            labels = ids[:, 1:].to(lp.device)
             total += float(-lp.gather(-1, labels.unsqueeze(-1)).sum())
             count += labels.numel()
         return total / count
@@ -95,18 +101,48 @@ class ZeroStepProxy:
         """Encoders: [n_blocks] 1 - cos(full, candidate) of each block's pooled embedding."""
         if self.causal:
             raise ValueError("cosine_distances is for encoders; causal LMs are scored by KL")
-        with self._swapped(assignment):
-            return 1 - F.cosine_similarity(self.ref_emb, self._embeddings(), dim=-1)
+        return 1 - F.cosine_similarity(self.ref_emb, self._run(assignment), dim=-1)
 
     @torch.no_grad()
     def score(self, assignment: Mapping[str, tuple[int, int]]) -> ProxyScore:
         if not self.causal:
             dist = float(self.cosine_distances(assignment).mean())
             return ProxyScore(dist, dist, 0.0)
-        with self._swapped(assignment):
-            logps = self._logprobs()
+        logps = self._run(assignment)
         kl, count = 0.0, 0
         for ref, lp in zip(self.ref_logp, logps):
             kl += float((ref.exp() * (ref - lp)).sum())
             count += ref.shape[0] * ref.shape[1]
         return ProxyScore(kl / count, self._ce(logps), self.ref_loss)
+
+
+class StreamedZeroStepProxy(ZeroStepProxy):
+    """:class:`ZeroStepProxy` one transformer block at a time (a :class:`planner.scoring.stream.BlockStream`):
+    the reference runs the checkpoint's blocks once; a candidate runs each block with its layers'
+    deq(Q) + BA from the bank, and the rest of the block from the checkpoint. Only the held-out
+    blocks' hidden states (a few MB) and the reference outputs persist between blocks."""
+
+    def __init__(self, stream: Any, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2,
+                 causal: bool = True) -> None:
+        self.stream, self.bank, self.blocks, self.chunk, self.causal = stream, bank, blocks, chunk, causal
+        self.inputs = [stream.capture(ids) for ids in self._chunks()]
+        self._reference()
+
+    @torch.no_grad()
+    def _run(self, assignment: Mapping[str, tuple[int, int]] | None) -> Any:
+        st = self.stream
+        hidden = [inp.hidden for inp in self.inputs]
+        for i in range(len(st)):
+            weights = {n: self.bank.weight(n, *assignment[n]) for n in st.block_targets[i]
+                       if assignment and n in assignment}
+            with st.block(i, weights) as blk:
+                hidden = [st.run(blk, h, inp) for h, inp in zip(hidden, self.inputs)]
+        outs = []
+        for h, ids in zip(hidden, self._chunks()):
+            ids = ids.to(st.device)
+            if self.causal:
+                logits = st.head(h, lambda m: m(input_ids=ids, **st._call_kwargs()).logits)
+                outs.append(F.log_softmax(logits[:, :-1].float(), dim=-1))
+            else:
+                outs.append(st.head(h, lambda m: pooled_embedding(m, ids)))
+        return outs if self.causal else torch.cat(outs)

@@ -61,13 +61,14 @@ def encoder_probe_loss(model: nn.Module, ids: torch.Tensor, seed: int) -> torch.
 
 
 def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tensor,
-                     causal: bool | None = None) -> dict[str, torch.Tensor]:
+                     causal: bool | None = None, seed_offset: int = 0) -> dict[str, torch.Tensor]:
     """Mean over sequences of the squared gradient of each target weight ([out, in], fp32).
 
     blocks: LongTensor [n_seq, seq_len] of token ids; one backward pass per sequence. Causal LMs use
     the next-token loss; encoders the random-probe loss (:func:`encoder_probe_loss`), so F then is the
     Gauss-Newton curvature of the embedding distance instead of the loss's. ``causal``: the
-    architecture facts' answer (planning passes it); None asks the loaded model.
+    architecture facts' answer (planning passes it); None asks the loaded model. Sequence ``i`` of an
+    encoder gets the probe seed ``seed_offset + i``.
     """
     causal = is_causal_lm(model) if causal is None else causal
     mods = target_modules(model, names)
@@ -83,7 +84,7 @@ def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tenso
             for i, seq in enumerate(blocks):
                 model.zero_grad(set_to_none=True)
                 ids = seq.unsqueeze(0)
-                (lm_loss(model, ids) if causal else encoder_probe_loss(model, ids, seed=i)).backward()
+                (lm_loss(model, ids) if causal else encoder_probe_loss(model, ids, seed=seed_offset + i)).backward()
                 for n, p in params.items():
                     fisher[n].add_(p.grad.float().pow(2))
                 advance(1)
@@ -107,4 +108,69 @@ def fisher_errors(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tens
                 continue
             err = w.float() - dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
             out[i, j] = 0.5 * float((fisher[name] * err.pow(2)).sum())
+    return out
+
+
+def streamed_fisher_errors(stream, blocks: torch.Tensor, bits: Sequence[int], method: str = "nf",
+                           block_size: int = 64, causal: bool = True, *, bank=None, folder=None,
+                           seed_offset: int = 0) -> torch.Tensor:
+    """:func:`fisher_errors` of :func:`empirical_fisher`, one transformer block at a time.
+
+    ``stream``: a :class:`planner.scoring.stream.BlockStream`; rows in the order of ``stream.targets``.
+    Forward: every sequence through block 0, 1, ..., keeping each block's inputs (``folder``: in a
+    memory-mapped file there). Backward: the head's gradient with respect to the last hidden states,
+    then the blocks in reverse, each recomputed from its kept inputs with its target weights requiring
+    grad; a block's per-sequence squared gradients are summed into one accumulator per layer of that
+    block only, and turned into the per-width scalars 1/2 sum F (W - deq q_b(W))^2 before the next
+    block loads. Nothing weight-sized outlives its block. ``bank``: take deq q_b(W) from this
+    :class:`planner.scoring.bank.WeightBank` instead of quantizing again. Encoders use the probe
+    loss with seed ``seed_offset + s`` for sequence s (as :func:`empirical_fisher` does for s).
+    """
+    from planner.scoring.stream import Boundaries
+
+    n, nb = len(blocks), len(stream)
+    row = {name: i for i, name in enumerate(stream.targets)}
+    out = torch.zeros(len(row), len(bits), dtype=torch.float64)
+    inputs = [stream.capture(blocks[s:s + 1]) for s in range(n)]
+    first = inputs[0].hidden
+    bounds = Boundaries((nb + 1, n) + tuple(first.shape[1:]), torch.float32, folder)
+    for s, inp in enumerate(inputs):
+        bounds[0][s] = inp.hidden[0]
+    with progress.task("Fisher sensitivity: forward", nb) as advance, torch.no_grad():
+        for i in range(nb):
+            with stream.block(i) as blk:
+                for s, inp in enumerate(inputs):
+                    bounds[i + 1][s] = stream.run(blk, bounds[i][s:s + 1].to(stream.device, stream.dtype), inp)[0]
+            advance(1)
+    grads = torch.empty_like(bounds[nb], device=stream.device)
+    for s in range(n):
+        h = bounds[nb][s:s + 1].to(stream.device, stream.dtype).requires_grad_(True)
+        ids = blocks[s:s + 1].to(stream.device)
+        loss = stream.head(h, (lambda m: lm_loss(m, ids)) if causal else
+                           (lambda m: encoder_probe_loss(m, ids, seed=seed_offset + s)))
+        loss.backward()
+        grads[s] = h.grad[0]
+    with progress.task("Fisher sensitivity: backward", nb) as advance:
+        for i in reversed(range(nb)):
+            names = stream.block_targets[i]
+            with stream.block(i, grad=names) as blk:
+                mods = {name: blk.get_submodule(name[len(f"{stream.path}.{i}."):]) for name in names}
+                acc = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in mods.items()}
+                for s, inp in enumerate(inputs):
+                    h = bounds[i][s:s + 1].to(stream.device, stream.dtype).requires_grad_(True)
+                    stream.run(blk, h, inp).backward(grads[s:s + 1])
+                    grads[s] = h.grad[0]
+                    for name, m in mods.items():
+                        acc[name].add_(m.weight.grad.float().pow(2))
+                        m.weight.grad = None
+                for name, m in mods.items():
+                    f = weight_out_in(m, acc.pop(name)) / n
+                    w = weight_out_in(m).detach().float()
+                    for j, b in enumerate(bits):
+                        if b >= 16:
+                            continue
+                        deq = bank.deq(name, b).float() if bank is not None else \
+                            dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
+                        out[row[name], j] = 0.5 * float((f * (w - deq.to(w.device)).pow(2)).sum())
+            advance(1)
     return out

@@ -147,21 +147,14 @@ def table_shard(prep: Prepared, settings: TableSettings, device: torch.device, s
     return {"table": res.table[order].tolist(), "sq_norm": res.sq_norm[order].tolist()}
 
 
-def fisher_shard(model: torch.nn.Module, bank: Any, names: list[str], blocks: torch.Tensor, causal: bool,
-                 bits: Sequence[int], spec: dict[str, Any]) -> list[list[float]]:
+def fisher_shard(scorer: Any, bank: Any, blocks: torch.Tensor, bits: Sequence[int], block_size: int,
+                 spec: dict[str, Any]) -> list[list[float]]:
     """One sequence's share of fisher_err [n_layers, len(bits)]: 1/2 sum g^2 (W - Q_b)^2 / n_seqs,
-    with Q_b from this worker's weight bank (the zero-step proxy's, built anyway)."""
-    from planner.scoring.sensitivity import empirical_fisher
-
+    with Q_b from this worker's weight bank (the zero-step proxy's, built anyway); an encoder's
+    probe seed is the sequence's index, as on one worker."""
     s = spec["shard"]
-    grad_sq = empirical_fisher(model, names, blocks[s:s + 1], causal=causal)
-    out = torch.zeros(len(names), len(bits), dtype=torch.float64)
-    for i, name in enumerate(names):
-        for j, b in enumerate(bits):
-            if b < 16:
-                err = bank.original(name).float() - bank.entry(name, b).deq.float()
-                out[i, j] = 0.5 * float((grad_sq[name] * err.pow(2)).sum()) / len(blocks)
-    return out.tolist()
+    errs = scorer.fisher_errors(blocks[s:s + 1], bits, METHOD, block_size, bank=bank, seed_offset=s)
+    return (errs / len(blocks)).tolist()
 
 
 def assemble(prep: Prepared, settings: TableSettings, results: dict[str, Any]) -> tuple[ResidualTables, torch.Tensor]:
@@ -180,7 +173,7 @@ def _order(key: str) -> tuple[str, int]:
     return kind, int(shard)
 
 
-def precompute(team: Team, prep: Prepared, model: torch.nn.Module, bank: Any, blocks: torch.Tensor,
+def precompute(team: Team, prep: Prepared, scorer: Any, bank: Any, blocks: torch.Tensor,
                device: torch.device) -> tuple[ResidualTables, torch.Tensor]:
     """Tables and Fisher errors, each shard computed by one worker of the team."""
     from planner import progress
@@ -188,12 +181,11 @@ def precompute(team: Team, prep: Prepared, model: torch.nn.Module, bank: Any, bl
     settings = table_settings(prep.cfg)
     names = [t.name for t in prep.targets]
     tspecs, fspecs = table_specs(len(names)), fisher_specs(len(blocks))
-    causal = prep.source.facts.is_decoder
 
     def compute(spec: dict[str, Any]) -> Any:
         if spec["kind"] == "tables":
             return table_shard(prep, settings, device, spec)
-        return fisher_shard(model, bank, names, blocks, causal, settings.bits, spec)
+        return fisher_shard(scorer, bank, blocks, settings.bits, settings.block_size, spec)
 
     with progress.task(f"shared precomputation (worker {team.index})", len(tspecs) + len(fspecs)) as advance:
         results = share_work(team.study(":work"), tspecs + fspecs, compute, team.ident, on_done=lambda: advance(1))
@@ -238,7 +230,7 @@ def pick_candidates(problem: SearchProblem, candidates: Sequence[Candidate], top
 
 
 def shared_finetune_proxy(team: Team, prep: Prepared, problem: SearchProblem, candidates: list[Candidate],
-                          model: torch.nn.Module, corpus: Any, weight_bank: Any) -> list[dict[str, Any]]:
+                          scorer: Any, corpus: Any, weight_bank: Any) -> list[dict[str, Any]]:
     """Records (as ``rescore_with_finetune`` gives them, plus "worker") of the picked candidates,
     each trained by whichever worker claimed it; ``chosen`` is left to :func:`choose`."""
     from planner import progress
@@ -253,7 +245,9 @@ def shared_finetune_proxy(team: Team, prep: Prepared, problem: SearchProblem, ca
     k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))
     picked = pick_candidates(problem, candidates, k)
     by_trial = {c.trial: c for c in picked}
-    builder = CandidateBuilder(model, METHOD, cfg.block_size, max_rank=max(cfg.ranks), bank=weight_bank)
+    model = scorer.candidate_base()
+    builder = CandidateBuilder(model, METHOD, cfg.block_size, max_rank=max(cfg.ranks), bank=weight_bank,
+                               device=scorer.device)
     study = team.study(":proxy")
 
     def compute(spec: dict[str, Any]) -> dict[str, Any]:
@@ -303,33 +297,29 @@ def plan_shared(prep: Prepared, budget: int, corpus: Any, url: str, name: str, f
     the study holds --trials, train the proxy candidates it claims, then write the plan every
     worker writes (:func:`outcome_from_storage`)."""
     from planner.devices import resolve_device
-    from planner.scoring.proxy import ZeroStepProxy
-    from planner.scoring.bank import ModelWeights, WeightBank
-    from planner.search.pipeline import _calibration, _guided, load_scoring_model
+    from planner.search.pipeline import _calibration, _guided, open_scorer, weight_bank
 
     cfg = prep.cfg
     allocatable = check_budget(prep, budget)
     team = join(url, name, fp, config_record(cfg, prep.run, budget))
-    model = load_scoring_model(prep)
+    scorer = open_scorer(prep)
     train, val, _ = _calibration(prep, prep.source.tokenizer(), corpus)
-    bank = WeightBank(ModelWeights(model, [t.name for t in prep.targets]), table_settings(cfg).bits,
-                      max(cfg.ranks), METHOD, cfg.block_size)
-    bank.fill()
+    bank = weight_bank(prep, scorer)
     timings["weight_bank_s"] = time.perf_counter() - t0
-    tables, fisher = precompute(team, prep, model, bank, train, resolve_device(cfg.score_device))
+    tables, fisher = precompute(team, prep, scorer, bank, train, resolve_device(cfg.score_device))
     timings["precompute_s"] = time.perf_counter() - t0 - timings["weight_bank_s"]
     problem = SearchProblem(OptionTable.build(prep.targets, tables, fisher, prep.options), prep.costs,
                             prep.fixed_bytes, prep.groups, prep.group_names, allocatable)
     main = team.study()
     if REF_LOSS not in main.user_attrs:
-        main.set_user_attr(REF_LOSS, ZeroStepProxy(model, bank, val, causal=prep.source.facts.is_decoder).ref_loss)
+        main.set_user_attr(REF_LOSS, scorer.zero_step(bank, val).ref_loss)
     t1 = time.perf_counter()
-    _, candidates, _, _ = _guided(prep, problem, model, val, team.storage, name, fp, bank=bank,
+    _, candidates, _ = _guided(prep, problem, scorer, val, team.storage, name, fp, bank,
                                   sampler_seed=cfg.seed + 7919 * team.index, worker=team.ident)
     timings["search_s"] = time.perf_counter() - t1
     if cfg.proxy_top > 0 and any(has_adapter(c, prep.options) for c in candidates):
         t2 = time.perf_counter()
-        shared_finetune_proxy(team, prep, problem, candidates, model, corpus, bank)
+        shared_finetune_proxy(team, prep, problem, candidates, scorer, corpus, bank)
         timings["finetune_proxy_s"] = time.perf_counter() - t2
     return outcome_from_storage(prep, team.storage, name, budget, timings, (tables, fisher), worker=team.ident)
 

@@ -121,11 +121,9 @@ def table_settings(cfg: PlanConfig) -> TableSettings:
                          ranks=tuple(sorted(set(cfg.ranks) | {0})), method=METHOD, block_size=cfg.block_size)
 
 
-def fisher_errors_cached(prep: Prepared, tables: ResidualTables, model: torch.nn.Module,
-                         blocks: torch.Tensor, corpus_sha: str) -> torch.Tensor:
+def fisher_errors_cached(prep: Prepared, tables: ResidualTables, scorer: Any, blocks: torch.Tensor,
+                         corpus_sha: str, bank: Any = None) -> torch.Tensor:
     """[n_layers, len(bits)] Fisher-weighted quantization errors, cached like the tables."""
-    from planner.scoring.sensitivity import empirical_fisher, fisher_errors, module_weight, target_modules
-
     names = [t.name for t in prep.targets]
     key = cache_key(FISHER_PRODUCER, {"weights": prep.source.weights_sha256(), "targets": names,
                                       "bits": tables.settings.bits, "block": tables.settings.block_size,
@@ -135,12 +133,39 @@ def fisher_errors_cached(prep: Prepared, tables: ResidualTables, model: torch.nn
     cached = load_cached(path, key)
     if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
         return cached["fisher_err"]
-    fisher = empirical_fisher(model, names, blocks, causal=prep.source.facts.is_decoder)
-    mods = target_modules(model, names)
-    weights = {n: module_weight(mods[n]).detach() for n in names}
-    errs = fisher_errors(weights, fisher, tables.settings.bits, METHOD, tables.settings.block_size)
+    errs = scorer.fisher_errors(blocks, tables.settings.bits, METHOD, tables.settings.block_size, bank=bank)
     save_cached(path, key, {"fisher_err": errs})
     return errs
+
+
+def open_scorer(prep: Prepared) -> Any:
+    """The :class:`planner.scoring.scorer.Scorer` of this run: block-streamed on the score device."""
+    from planner.devices import resolve_device
+    from planner.scoring.scorer import Scorer
+
+    cache = prep.cfg.cache_path or default_cache_dir()
+    return Scorer(prep.source, prep.targets, prep.source.facts.is_decoder, resolve_device(prep.cfg.score_device),
+                  scratch=cache / "scratch")
+
+
+BANK_PRODUCER = "weight-bank/1"  # bump when a bank entry changes for the same loftq
+
+
+def weight_bank(prep: Prepared, scorer: Any, store: Any = None) -> Any:
+    """The search's :class:`planner.scoring.bank.WeightBank`, filled. ``store`` None: on disk in the
+    cache (what a streamed plan needs: nothing weight-sized in RAM; an interrupted plan keeps it)."""
+    from planner.scoring.bank import DiskStore, WeightBank
+
+    settings = table_settings(prep.cfg)
+    if store is None:
+        names = [t.name for t in prep.targets]
+        key = cache_key(BANK_PRODUCER, {"weights": prep.source.weights_sha256(), "targets": names,
+                                        "bits": settings.bits, "rank": max(prep.cfg.ranks), "method": METHOD,
+                                        "block": prep.cfg.block_size, "svd": "randomized", "dtype": "float32"})
+        store = DiskStore((prep.cfg.cache_path or default_cache_dir()) / "bank" / key, key)
+    bank = WeightBank(scorer.weights(), settings.bits, max(prep.cfg.ranks), METHOD, prep.cfg.block_size, store=store)
+    bank.fill()
+    return bank
 
 
 def study_name_for(prep: Prepared, budget: int) -> str:
@@ -224,9 +249,10 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
     tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
                              device=cfg.score_device)
     timings["tables_s"] = time.perf_counter() - t0
-    model = load_scoring_model(prep)
+    scorer = open_scorer(prep)
     train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
-    fisher_err = fisher_errors_cached(prep, tables, model, train, corpus_sha)
+    bank = weight_bank(prep, scorer, bank_store) if study is not None else None  # the Fisher reuses its Q
+    fisher_err = fisher_errors_cached(prep, tables, scorer, train, corpus_sha, bank)
     timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"]
     table = OptionTable.build(prep.targets, tables, fisher_err, prep.options)
     problem = SearchProblem(table, prep.costs, prep.fixed_bytes, prep.groups, prep.group_names, allocatable)
@@ -236,12 +262,10 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
     candidates: list[Candidate] = [exact]
     chosen = exact
     search_info: dict[str, Any] = {"mode": cfg.search, "seed": cfg.seed, "trials": 0}
-    bank = None  # the guided search's weight bank, reused by the fine-tune proxy
     if study is not None:
         storage, name, fp = study
         search_info.update(storage=redact(storage), study_name=name)
-        chosen, candidates, n_trials, bank = _guided(prep, problem, model, val, storage, name, fp,
-                                                     bank_store=bank_store)
+        chosen, candidates, n_trials = _guided(prep, problem, scorer, val, storage, name, fp, bank)
         search_info["trials"] = n_trials
     ft_records = None
     trainable = any(has_adapter(c, prep.options) for c in candidates)
@@ -251,7 +275,7 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
     if cfg.proxy_top > 0 and trainable:
         t2 = time.perf_counter()
         zero_step_choice = chosen
-        chosen, ft_records = _finetune_proxy(prep, problem, candidates, model, corpus, bank)
+        chosen, ft_records = _finetune_proxy(prep, problem, candidates, scorer, corpus, bank)
         timings["finetune_proxy_s"] = time.perf_counter() - t2
         if _diverged(ft_records, candidates):
             log.warning("the fine-tune proxy left every trained candidate worse than untrained (is --proxy-lr "
@@ -273,32 +297,11 @@ def _diverged(records: list[dict[str, Any]], candidates: list[Candidate]) -> boo
     return bool(trained) and all(not math.isfinite(r["loss"]) or r["loss"] > untrained[r["trial"]] for r in trained)
 
 
-def load_scoring_model(prep: Prepared) -> torch.nn.Module:
-    """The full model for the sensitivity and the proxies, checked against the config's facts."""
-    from transformers.utils import logging as hf_logging
-
-    from planner.scoring.sensitivity import is_causal_lm
-
-    hf_logging.disable_progress_bar()
-    model = prep.source.load_model(torch.float32)
-    if is_causal_lm(model) != prep.source.facts.is_decoder:  # the facts decide memory and labels; the scores must agree
-        raise PlannerError(f"{prep.cfg.model}: the config says {'a causal LM' if prep.source.facts.is_decoder else 'an encoder'} "
-                           f"but {type(model).__name__} {'has no' if prep.source.facts.is_decoder else 'has a'} "
-                           "language-model head; cannot score plans for it")
-    return model
-
-
-def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val: torch.Tensor, storage: Any,
-            name: str, fp: dict[str, Any], bank: Any = None, sampler_seed: int | None = None,
-            worker: str | None = None, bank_store: Any = None) -> tuple[Candidate, list[Candidate], int, Any]:
-    from planner.scoring.bank import ModelWeights, WeightBank
-    from planner.scoring.proxy import ZeroStepProxy
-
-    if bank is None:
-        bank = WeightBank(ModelWeights(model, [t.name for t in prep.targets]), table_settings(prep.cfg).bits,
-                          max(prep.cfg.ranks), METHOD, prep.cfg.block_size, store=bank_store)
-        bank.fill()
-    proxy = ZeroStepProxy(model, bank, val, causal=prep.source.facts.is_decoder)
+def _guided(prep: Prepared, problem: SearchProblem, scorer: Any, val: torch.Tensor, storage: Any,
+            name: str, fp: dict[str, Any], bank: Any, sampler_seed: int | None = None,
+            worker: str | None = None) -> tuple[Candidate, list[Candidate], int]:
+    """Optuna trials scored by the zero-step proxy over ``bank``; (best, scored candidates, trials done)."""
+    proxy = scorer.zero_step(bank, val)
     from planner import progress
 
     what = "KL" if proxy.causal else "1 - cos"
@@ -308,7 +311,7 @@ def _guided(prep: Prepared, problem: SearchProblem, model: torch.nn.Module, val:
                                     on_trial=lambda c: advance(1), fingerprint=fp, sampler_seed=sampler_seed,
                                     worker=worker)
     best, scored = zero_step_choice(prep, seen)
-    return best, scored, sum(t.state in DONE for t in study.get_trials(deepcopy=False)), bank
+    return best, scored, sum(t.state in DONE for t in study.get_trials(deepcopy=False))
 
 
 def zero_step_choice(prep: Prepared, seen: list[Candidate]) -> tuple[Candidate, list[Candidate]]:
@@ -340,8 +343,8 @@ def _prefer_adapters(best: Candidate, scored: list[Candidate], prep: Prepared) -
     return best
 
 
-def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Candidate], model: torch.nn.Module,
-                    corpus: Any, weight_bank: Any = None) -> tuple[Candidate, list[dict[str, Any]]]:
+def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Candidate], scorer: Any,
+                    corpus: Any, bank: Any = None) -> tuple[Candidate, list[dict[str, Any]]]:
     """Re-score ``cfg.proxy_top`` diverse candidates by ``cfg.proxy_steps`` LoRA steps each (train
     split), choosing the lowest loss on the proxy-validation split; the test split is never read."""
     from planner import progress
@@ -356,14 +359,17 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
     tok = prep.source.tokenizer()
     train = token_blocks(tok, corpus.train, n, max_tokens=n * max(cfg.calib_seqs, cfg.proxy_steps))
     val = token_blocks(tok, corpus.val, n, max_tokens=n * cfg.proxy_seqs)
+    bank = bank if bank is not None else weight_bank(prep, scorer)
     k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))  # >= 1
     frozen = any(not has_adapter(c, prep.options) for c in candidates)
     with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k + frozen) as advance:
-        chosen, records = rescore_with_finetune(problem, candidates, model, train, val, top_k=k,
+        base = scorer.candidate_base()
+        chosen, records = rescore_with_finetune(problem, candidates, base, train, val, top_k=k,
                                                 steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr,
                                                 method=METHOD, block_size=cfg.block_size, optimizer=prep.run.optimizer,
-                                                builder=CandidateBuilder(model, METHOD, cfg.block_size,
-                                                                         max_rank=max(cfg.ranks), bank=weight_bank),
+                                                builder=CandidateBuilder(base, METHOD, cfg.block_size,
+                                                                         max_rank=max(cfg.ranks), bank=bank,
+                                                                         device=scorer.device),
                                                 on_candidate=lambda rec: advance(1))
     return chosen, records
 

@@ -183,23 +183,36 @@ class ModelSource:
             return list(self.skeleton.state_dict())
         return self.index.keys()
 
-    def _checkpoint_key(self, name: str) -> str:
-        """The checkpoint key of module ``name``'s weight: as named, without/with the base-model
-        prefix (``bert.``, ``transformer.``), or under a tied alias (gpt2's head = ``wte``)."""
+    def tensor_key(self, param: str) -> str:
+        """The checkpoint key of the skeleton's parameter ``param`` (e.g. ``model.layers.3.mlp.up_proj.weight``):
+        as named, without/with the base-model prefix (``bert.``, ``transformer.``), or under a tied
+        alias (gpt2's head = ``wte``)."""
         prefix = getattr(self.skeleton, "base_model_prefix", "") or ""
-        candidates = [name]
-        if prefix and name.startswith(prefix + "."):
-            candidates.append(name[len(prefix) + 1:])
+        candidates = [param]
+        if prefix and param.startswith(prefix + "."):
+            candidates.append(param[len(prefix) + 1:])
         elif prefix:
-            candidates.append(f"{prefix}.{name}")
+            candidates.append(f"{prefix}.{param}")
         for candidate in candidates:
-            if f"{candidate}.weight" in self.index:
-                return f"{candidate}.weight"
-        param = self._module(name).weight
+            if candidate in self.index:
+                return candidate
+        try:
+            target = self.skeleton.get_parameter(param)
+        except AttributeError:
+            raise PlannerError(f"{self.reference} has no parameter {param!r}") from None
         for alias, p in self.skeleton.named_parameters(remove_duplicate=False):
-            if p is param and alias in self.index:
+            if p is target and alias in self.index:
                 return alias
-        raise PlannerError(f"{self.reference}: no checkpoint tensor for {name}.weight in {self.folder}")
+        raise PlannerError(f"{self.reference}: no checkpoint tensor for {param} in {self.folder}")
+
+    def read_tensor(self, param: str) -> torch.Tensor:
+        """One parameter of the model as stored in the checkpoint (its layout and dtype), read alone."""
+        return self.index.read(self.tensor_key(param))
+
+    def _checkpoint_key(self, name: str) -> str:
+        """The checkpoint key of module ``name``'s weight."""
+        self._module(name)
+        return self.tensor_key(f"{name}.weight")
 
     def iter_weights(self, targets: Sequence[TargetLayer] | None = None) -> Iterator[tuple[TargetLayer, torch.Tensor]]:
         """Yield (target, weight) one layer at a time: fp32, shape (out, in) (Conv1D transposed back).

@@ -1,0 +1,136 @@
+"""What planning scores with: the model one block at a time, or (where it cannot stream) whole.
+
+:func:`open_scorer` gives a :class:`Scorer` over a :class:`planner.sources.ModelSource` and its
+target layers. Streamed (the default for every architecture :mod:`planner.scoring.stream` can run:
+decoder LMs and encoders), nothing holds the model in full precision: target weights are read from
+safetensors when a layer needs them, the sensitivity and the zero-step proxy run block by block,
+and the fine-tune proxy's candidates are built on a *shell* (every non-target parameter from the
+checkpoint, the target layers filled by the candidate's packed weights). Otherwise (encoder-decoders,
+mixed block kinds) the full fp32 model is loaded, as before, and the same methods use it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from planner.errors import PlannerError
+
+log = logging.getLogger(__name__)
+
+
+class SourceWeights(Mapping[str, torch.Tensor]):
+    """Target name -> fp32 [out, in] weight, read from the checkpoint on every lookup (no copy kept)."""
+
+    def __init__(self, source: Any, targets: Sequence[Any]) -> None:
+        self.source = source
+        self._targets = {t.name: t for t in targets}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        target = self._targets[name]
+        return next(iter(self.source.iter_weights([target])))[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._targets)
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+
+def shell_model(source: Any, targets: Sequence[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with every parameter except the target weights read from the checkpoint (in
+    ``dtype``); the target weights stay on the meta device, for :func:`planner.runtime.layers.swap_linears`
+    to replace. Costs the embeddings, norms and biases, not the model."""
+    from planner.runtime.load import parameters_on_meta
+    from planner.sources import model_class
+
+    cls = model_class(source.config, source.trust_remote_code)
+    build = getattr(cls, "_from_config", None) or cls.from_config
+    with parameters_on_meta():
+        model = build(source.config)
+    skip = {id(model.get_submodule(name).weight) for name in targets}
+    state = {name: source.read_tensor(name).to(dtype) for name, p in model.named_parameters() if id(p) not in skip}
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class Scorer:
+    """Sensitivity, zero-step proxy and fine-tune base for one model; see the module docstring."""
+
+    def __init__(self, source: Any, targets: Sequence[Any], causal: bool, device: torch.device | str = "cpu",
+                 scratch: Path | None = None, stream: bool = True) -> None:
+        from planner.scoring.stream import stream_or_none
+
+        self.source, self.targets, self.causal = source, list(targets), causal
+        self.names = [t.name for t in self.targets]
+        self.device, self.scratch = torch.device(device), scratch
+        self.stream, why = stream_or_none(source, self.names, torch.float32, self.device) if stream else (None, "asked")
+        self.model: nn.Module | None = None
+        if self.stream is not None:
+            check_causal(self.stream.frame, causal, source.reference)
+        else:
+            log.info("%s: scoring with the whole model in memory (%s)", source.reference, why)
+            self.model = load_full_model(source, causal)
+
+    @property
+    def streamed(self) -> bool:
+        return self.stream is not None
+
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """The target weights ([out, in]) for a :class:`planner.scoring.bank.WeightBank`."""
+        from planner.scoring.bank import ModelWeights
+
+        return SourceWeights(self.source, self.targets) if self.streamed else ModelWeights(self.model, self.names)
+
+    def fisher_errors(self, blocks: torch.Tensor, bits: Sequence[int], method: str, block_size: int, *,
+                      bank: Any = None, seed_offset: int = 0) -> torch.Tensor:
+        """[n_targets, len(bits)] 1/2 sum F (W - deq q_b(W))^2 over ``blocks`` (mean over sequences)."""
+        from planner.scoring.sensitivity import (empirical_fisher, fisher_errors, module_weight,
+                                                 streamed_fisher_errors, target_modules)
+
+        if self.streamed:
+            return streamed_fisher_errors(self.stream, blocks, bits, method, block_size, self.causal, bank=bank,
+                                          folder=self.scratch, seed_offset=seed_offset)
+        fisher = empirical_fisher(self.model, self.names, blocks, causal=self.causal, seed_offset=seed_offset)
+        mods = target_modules(self.model, self.names)
+        return fisher_errors({n: module_weight(mods[n]).detach() for n in self.names}, fisher, bits, method, block_size)
+
+    def zero_step(self, bank: Any, blocks: torch.Tensor) -> Any:
+        from planner.scoring.proxy import StreamedZeroStepProxy, ZeroStepProxy
+
+        if self.streamed:
+            return StreamedZeroStepProxy(self.stream, bank, blocks, causal=self.causal)
+        return ZeroStepProxy(self.model, bank, blocks, causal=self.causal)
+
+    def candidate_base(self) -> nn.Module:
+        """What the fine-tune proxy's candidates are built on (never modified)."""
+        if self.model is not None:
+            return self.model
+        return shell_model(self.source, self.names)
+
+
+def load_full_model(source: Any, causal: bool) -> nn.Module:
+    """The full fp32 model, checked against the config's facts (the fallback for non-streaming models)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = source.load_model(torch.float32)
+    check_causal(model, causal, source.reference)
+    return model
+
+
+def check_causal(model: nn.Module, causal: bool, reference: str) -> None:
+    """The facts decide memory and labels; the model the scores come from must agree."""
+    from planner.scoring.sensitivity import is_causal_lm
+
+    if is_causal_lm(model) != causal:
+        raise PlannerError(f"{reference}: the config says {'a causal LM' if causal else 'an encoder'} "
+                           f"but {type(model).__name__} {'has no' if causal else 'has a'} "
+                           "language-model head; cannot score plans for it")
