@@ -284,8 +284,28 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
             for r in ft_records:
                 r["chosen"] = r["trial"] == chosen.trial
     timings["total_s"] = time.perf_counter() - t0
+    search_info["planner_memory"] = measured_peak(scorer.device, budget)
     plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings, ft_records)
     return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact, problem)
+
+
+def measured_peak(device: torch.device, budget: int) -> dict[str, int]:
+    """The planner's own peak so far: resident host memory (VmHWM) and, scoring on CUDA, the
+    allocator's peak reservation, which must stay within the budget being planned (README
+    "Planning on the hardware it plans for"); a breach is logged, not fatal (the plan is still valid)."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["host_peak_bytes"] = int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        pass
+    if device.type == "cuda":
+        out["gpu_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
+        if out["gpu_peak_reserved_bytes"] > budget:
+            log.warning("planning reserved %d B on %s, more than the %d B budget it planned for",
+                        out["gpu_peak_reserved_bytes"], device, budget)
+    return out
 
 
 def _diverged(records: list[dict[str, Any]], candidates: list[Candidate]) -> bool:
