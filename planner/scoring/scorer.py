@@ -109,11 +109,24 @@ class Scorer:
             return StreamedZeroStepProxy(self.stream, bank, blocks, causal=self.causal)
         return ZeroStepProxy(self.model, bank, blocks, causal=self.causal)
 
-    def candidate_base(self) -> nn.Module:
+    def candidate_base(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """What the fine-tune proxy's candidates are built on (never modified)."""
         if self.model is not None:
             return self.model
-        return shell_model(self.source, self.names)
+        return shell_model(self.source, self.names, dtype)
+
+    def candidate_builder(self, bank: Any, method: str, block_size: int, max_rank: int, run: Any) -> Any:
+        """The fine-tune proxy's :class:`planner.scoring.ftproxy.CandidateBuilder` on the score device.
+        On the CPU it computes in fp32 (as the proxy always has); on a GPU in the run's compute and
+        adapter dtypes, so the candidate weighs what the plan's estimate counts."""
+        from planner.runtime.load import adapter_dtype_for, compute_dtype_for
+        from planner.scoring.ftproxy import CandidateBuilder
+
+        compute = torch.float32 if self.device.type == "cpu" else compute_dtype_for(run, self.device)
+        adapter = torch.float32 if self.device.type == "cpu" else adapter_dtype_for(run, compute)
+        base = self.candidate_base(torch.float32 if self.model is not None else compute)
+        return CandidateBuilder(base, method, block_size, max_rank=max_rank, bank=bank, compute_dtype=compute,
+                                adapter_dtype=adapter, device=self.device)
 
 
 def load_full_model(source: Any, causal: bool) -> nn.Module:

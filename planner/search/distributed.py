@@ -234,7 +234,7 @@ def shared_finetune_proxy(team: Team, prep: Prepared, problem: SearchProblem, ca
     """Records (as ``rescore_with_finetune`` gives them, plus "worker") of the picked candidates,
     each trained by whichever worker claimed it; ``chosen`` is left to :func:`choose`."""
     from planner import progress
-    from planner.scoring.ftproxy import CandidateBuilder, rescore_with_finetune
+    from planner.scoring.ftproxy import rescore_with_finetune
     from planner.train.data import token_blocks
 
     cfg = prep.cfg
@@ -245,9 +245,8 @@ def shared_finetune_proxy(team: Team, prep: Prepared, problem: SearchProblem, ca
     k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))
     picked = pick_candidates(problem, candidates, k)
     by_trial = {c.trial: c for c in picked}
-    model = scorer.candidate_base()
-    builder = CandidateBuilder(model, METHOD, cfg.block_size, max_rank=max(cfg.ranks), bank=weight_bank,
-                               device=scorer.device)
+    builder = scorer.candidate_builder(weight_bank, METHOD, cfg.block_size, max(cfg.ranks), prep.run)
+    model = builder.base
     study = team.study(":proxy")
 
     def compute(spec: dict[str, Any]) -> dict[str, Any]:

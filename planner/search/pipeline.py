@@ -369,7 +369,7 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
     split), choosing the lowest loss on the proxy-validation split; the test split is never read."""
     from planner import progress
     from planner.train.data import token_blocks
-    from planner.scoring.ftproxy import CandidateBuilder, rescore_with_finetune
+    from planner.scoring.ftproxy import rescore_with_finetune
 
     cfg = prep.cfg
     n = cfg.calib_seq_len
@@ -383,14 +383,11 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
     k = min(cfg.proxy_top, len({tuple(c.choice) for c in candidates if has_adapter(c, prep.options)}))  # >= 1
     frozen = any(not has_adapter(c, prep.options) for c in candidates)
     with progress.task(f"fine-tune proxy: {k} candidates x {cfg.proxy_steps} steps", k + frozen) as advance:
-        base = scorer.candidate_base()
-        chosen, records = rescore_with_finetune(problem, candidates, base, train, val, top_k=k,
+        builder = scorer.candidate_builder(bank, METHOD, cfg.block_size, max(cfg.ranks), prep.run)
+        chosen, records = rescore_with_finetune(problem, candidates, builder.base, train, val, top_k=k,
                                                 steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr,
                                                 method=METHOD, block_size=cfg.block_size, optimizer=prep.run.optimizer,
-                                                builder=CandidateBuilder(base, METHOD, cfg.block_size,
-                                                                         max_rank=max(cfg.ranks), bank=bank,
-                                                                         device=scorer.device),
-                                                on_candidate=lambda rec: advance(1))
+                                                builder=builder, on_candidate=lambda rec: advance(1))
     return chosen, records
 
 
