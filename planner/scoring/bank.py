@@ -199,10 +199,12 @@ class WeightBank:
 
     def __init__(self, weights: Mapping[str, torch.Tensor], bits: Sequence[int], max_rank: int,
                  method: str = "nf", block_size: int = 64, dtype: torch.dtype = torch.float32, *,
-                 svd: str = "randomized", store: BankStore | None = None) -> None:
+                 svd: str = "randomized", store: BankStore | None = None,
+                 device: torch.device | str | None = None) -> None:
         self.weights = weights
         self.settings = BankSettings(tuple(bits), max_rank, method, block_size, dtype, svd)
         self.store: BankStore = store if store is not None else MemoryStore()
+        self.device = torch.device(device) if device is not None else None  # where entries are computed
 
     @property
     def names(self) -> list[str]:
@@ -230,11 +232,13 @@ class WeightBank:
 
     def _compute(self, name: str, bits: int) -> BankEntry:
         s = self.settings
-        w = self.weights[name].detach().float()
+        original = self.weights[name].detach()
+        home = original.device  # entries live where W does (the CPU for a streamed source)
+        w = (original.to(self.device) if self.device is not None else original).float()
         qt = quantize(w, config=s.quant_config(bits))
         deq = dequantize(qt, torch.float32)
         f = top_factors(w - deq, min(s.max_rank, *w.shape), s.svd)
-        return BankEntry(qt, deq.to(s.dtype), f.b.to(s.dtype), f.a.to(s.dtype), s.svd)
+        return BankEntry(qt.to(home), deq.to(home, s.dtype), f.b.to(home, s.dtype), f.a.to(home, s.dtype), s.svd)
 
     def quantized(self, name: str, bits: int) -> QuantizedTensor:
         return self.entry(name, bits).quantized

@@ -163,7 +163,8 @@ def weight_bank(prep: Prepared, scorer: Any, store: Any = None) -> Any:
                                         "bits": settings.bits, "rank": max(prep.cfg.ranks), "method": METHOD,
                                         "block": prep.cfg.block_size, "svd": "randomized", "dtype": "float32"})
         store = DiskStore((prep.cfg.cache_path or default_cache_dir()) / "bank" / key, key)
-    bank = WeightBank(scorer.weights(), settings.bits, max(prep.cfg.ranks), METHOD, prep.cfg.block_size, store=store)
+    bank = WeightBank(scorer.weights(), settings.bits, max(prep.cfg.ranks), METHOD, prep.cfg.block_size, store=store,
+                      device=scorer.device)
     bank.fill()
     return bank
 
