@@ -11,10 +11,19 @@
 #   context:   device memory in use (mem_get_info) less reserved, the measurement behind
 #              RunSettings.reserve_context_bytes.
 # Env: GPU_CHECK_LAYERS=N builds N blocks instead of the real depth (faster, same per-block shapes).
+#
+# Part "plan" (issue 14): plans and materializes a phi-2-shaped random bf16 checkpoint with
+# --score-device cuda (bench.scale: seq 256, 8 calibration and 2 proxy sequences, 4 trials, one
+# fine-tune proxy candidate) and prints stage times, peak host memory, the planner's own
+# max_memory_reserved and the budget it planned for (the invariant: reserved <= budget).
+# It needs optuna and the SmolLM2 tokenizer there: run `bash bench/gpu_prepare.sh` here first and
+# carry [".whl", ".gpu"]. GPU_CHECK_PART=memory|plan|all (default all) picks the parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+PART=${GPU_CHECK_PART:-all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if [ "$PART" != plan ]; then
 timeout 470 python - <<'PY'
 import gc, os, time
 import torch
@@ -89,3 +98,23 @@ for name, cfg in SHAPES.items():
     del pm, model, opt, params
     gc.collect(); torch.cuda.empty_cache()
 PY
+fi
+if [ "$PART" != memory ]; then
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  fi
+  export SCALE_TOKENIZER_DIR=$PWD/.gpu/tokenizer LOFTQ_PLANNER_CACHE=/tmp/gpu-check-cache
+  timeout 420 python3 -m bench.scale --work /tmp/scale-gpu --models phi-2 --keep --extra "--score-device cuda --proxy-top 1" \
+    --json /tmp/scale-gpu/phi2.json || echo "bench.scale exited with $?"
+  python3 - <<'PY'
+import glob, json
+for path in sorted(glob.glob("/tmp/scale-gpu/runs/*/plan.json")):
+    plan = json.load(open(path))
+    mem = plan["search"].get("extra", {}).get("planner_memory", {})
+    resv, budget = mem.get("gpu_peak_reserved_bytes"), plan["budget_bytes"]
+    print(f"{path}: budget {budget / 2**30:.2f} GiB, planner max_memory_reserved "
+          f"{(resv or 0) / 2**30:.2f} GiB ({'within' if resv is not None and resv <= budget else 'NOT within'} the budget), "
+          f"host VmHWM {mem.get('host_peak_bytes', 0) / 2**30:.2f} GiB, timings {plan['search']['timings']}")
+PY
+fi

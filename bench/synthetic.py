@@ -79,7 +79,12 @@ class Spec:
 
 
 def tokenizer_folder() -> Path:
-    """The packaged SmolLM2's converted HF folder (converted once into the planner's cache)."""
+    """The packaged SmolLM2's converted HF folder (converted once into the planner's cache), or
+    ``$SCALE_TOKENIZER_DIR`` (a folder holding its tokenizer files: the GPU machine has no package)."""
+    import os
+
+    if os.environ.get("SCALE_TOKENIZER_DIR"):
+        return Path(os.environ["SCALE_TOKENIZER_DIR"])
     from planner.cache import default_cache_dir
     from planner.sources.packaged import PACKAGED
 
