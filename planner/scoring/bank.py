@@ -261,16 +261,21 @@ class WeightBank:
             a = torch.cat([a, a.new_zeros(rank - e.rank, a.shape[1])])
         return LowRank(b, a)
 
-    def weight(self, name: str, bits: int, rank: int) -> torch.Tensor:
-        """[out, in] deq(Q) + B_r A_r for (bits, rank) at iters = 1; bits >= 16: the original weight."""
+    def weight(self, name: str, bits: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
+        """[out, in] deq(Q) + B_r A_r for (bits, rank) at iters = 1; bits >= 16: the original weight.
+        ``device``: compute it there (a GPU dequantizes the packed codes; only they travel)."""
         if bits >= 16:
-            return self.original(name)
+            w = self.original(name)
+            return w if device is None else w.to(device)
         e = self.entry(name, bits)  # one store lookup (an on-disk store reads a file)
-        deq = e.deq if e.deq is not None else dequantize(e.quantized, self.settings.dtype)
+        if e.deq is not None:
+            deq = e.deq if device is None else e.deq.to(device)
+        else:
+            deq = dequantize(e.quantized if device is None else e.quantized.to(device), self.settings.dtype)
         if rank == 0:
             return deq
         b, a = self._factors(e, rank)
-        return torch.addmm(deq, b, a)
+        return torch.addmm(deq, b.to(deq.device), a.to(deq.device))
 
     def fill(self, names: Sequence[str] | None = None, label: str = "quantized weight bank") -> None:
         """Compute every (layer, width) entry now, with a progress bar."""

@@ -133,7 +133,7 @@ class StreamedZeroStepProxy(ZeroStepProxy):
         st = self.stream
         hidden = [inp.hidden for inp in self.inputs]
         for i in range(len(st)):
-            weights = {n: self.bank.weight(n, *assignment[n]) for n in st.block_targets[i]
+            weights = {n: self.bank.weight(n, *assignment[n], device=st.device) for n in st.block_targets[i]
                        if assignment and n in assignment}
             with st.block(i, weights) as blk:
                 hidden = [st.run(blk, h, inp) for h, inp in zip(hidden, self.inputs)]
