@@ -31,7 +31,7 @@ def test_choices_for_small_layer() -> None:
 
 
 @pytest.mark.parametrize("kwargs,word", [
-    (dict(bits=(3,)), "bits"), (dict(bits=()), "bits"), (dict(bits=(8, 4)), "sorted"), (dict(bits=[2, 4]), "tuple"),
+    (dict(bits=(5,)), "bits"), (dict(bits=()), "bits"), (dict(double_quant="yes"), "'yes'"), (dict(bits=(8, 4)), "sorted"), (dict(bits=[2, 4]), "tuple"),
     (dict(ranks=(-8, 0)), "non-negative"), (dict(ranks=(8, 8)), "unique"), (dict(ranks=(0, 8.0)), "ints"),
     (dict(block_size=48), "power of two"), (dict(block_size=0), "block_size"), (dict(granularity="layer"), "'layer'"),
     (dict(keep16=1), "keep16"),
