@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from loftq import QuantConfig
-from search_spaces.widths import WidthKey, is_double_quant, width, width_bits
+from search_spaces.widths import WidthKey, is_double_quant, width_bits
 
 from planner.options import option as _opt
 
@@ -150,11 +150,6 @@ class LayerChoice:
         16-bit keep takes no method."""
         bits = width_bits(w)
         return cls(bits, rank, method if bits < 16 else "nf", block_size, is_double_quant(w))
-
-    @property
-    def width(self) -> WidthKey:
-        """The menu width of this choice (``4``, or ``Width(4)`` = ``4dq`` with double quantization)."""
-        return width(self.bits, self.double_quant and self.bits < 16)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

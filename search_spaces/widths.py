@@ -67,19 +67,6 @@ def is_double_quant(w: WidthKey) -> bool:
     return isinstance(w, Width) and w.double_quant
 
 
-def parse_width(text: str) -> WidthKey:
-    """``"4"`` -> 4, ``"4dq"`` -> Width(4); ValueError naming the text otherwise."""
-    raw = str(text).strip()
-    body, dq = (raw[:-2], True) if raw.lower().endswith("dq") else (raw, False)
-    try:
-        bits = int(body)
-    except ValueError:
-        raise ValueError(f"a width is bits or bits + 'dq' (4, 4dq), got {text!r}") from None
-    if dq and bits >= KEEP_BITS:
-        raise ValueError(f"a 16-bit keep has no quantization constants to double-quantize: {text!r}")
-    return width(bits, dq)
-
-
 def quant_config(w: WidthKey, method: str = "nf", block_size: int = 64) -> QuantConfig | None:
     """The loftq config a quantized width stands for (None for a 16-bit keep); ValueError when
     ``method`` has no such width."""
