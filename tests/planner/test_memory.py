@@ -373,8 +373,10 @@ def test_run_settings_validate_and_round_trip() -> None:
             RunSettings(**bad)
     with pytest.raises(ValueError, match="bogus"):
         RunSettings.from_dict({"bogus": 1})
-    with pytest.raises(ValueError, match="bits=3"):
-        LayerChoice(3)
+    with pytest.raises(ValueError, match="bits=5"):
+        LayerChoice(5)
+    with pytest.raises(ValueError, match="bits=3"):  # int8 has no 3-bit width
+        LayerChoice(3, method="int8")
     with pytest.raises(ValueError, match="-1"):
         LayerChoice(4, -1)
     assert RunSettings().compute_bytes == 2 and RunSettings(device="cpu").compute_bytes == 4
