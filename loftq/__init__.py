@@ -1,10 +1,12 @@
-"""LoftQ maths in pure torch: quantizers, bit packing, the alternating solver, residual tables.
+"""LoftQ maths in pure torch: quantizers (NF2/3/4/8, uniform, int8), bit packing, the alternating solver, residual tables.
 
 No files, no printing, no device moves: every function runs where its inputs live (CPU or CUDA).
 """
 # The version of the numbers this package computes: bump it whenever quantize, dequantize, loftq or
 # residual_table return different values for the same input (planner caches are keyed by it).
-__version__ = "1"
+# 2: a batched residual_table with double_quant quantizes each matrix on its own (1 shared the
+# second-level constants across the stack); nothing else changed.
+__version__ = "2"
 
 from .codebooks import int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack

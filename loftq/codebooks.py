@@ -1,8 +1,10 @@
 """Codebooks: sorted value tables in [-1, 1] that blockwise-absmax-scaled weights are rounded to.
 
-NormalFloat-k (QLoRA's NF4, the LoftQ repository's NF2): normal quantiles at evenly spaced
-probabilities, asymmetric so that zero is exact. ``nf_codebook(4)`` reproduces bitsandbytes' NF4
-table to float32 precision.
+NormalFloat-k (QLoRA's NF4, the LoftQ repository's NF2, and NF3 by the same construction):
+2^(k-1) positive normal quantiles, one zero and 2^(k-1) - 1 negative ones at evenly spaced
+probabilities, asymmetric so that zero is exact, scaled to [-1, 1]. ``nf_codebook(4)`` reproduces
+bitsandbytes' NF4 table to float32 precision. NF3 is [-1, -0.479, -0.217, 0, 0.161, 0.338, 0.563, 1]:
+its positive half is every other positive NF4 value (the probabilities nest), its negative half not.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from .codebooks import int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack
 from .registry import Registry
 
-DQ_BLOCK = 256
-INT8_RECIPROCAL = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it  # block of the second-level (double) quantization of the absmax constants
+DQ_BLOCK = 256  # block of the second-level (double) quantization of the absmax constants
+INT8_RECIPROCAL = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("quantization method")
-METHODS.add("nf", Method("nf", (2, 4, 8), nf_codebook, description="NormalFloat-k, blockwise absmax"))
+METHODS.add("nf", Method("nf", (2, 3, 4, 8), nf_codebook, description="NormalFloat-k, blockwise absmax"))
 METHODS.add("uniform", Method("uniform", (2, 4, 8), uniform_codebook, description="symmetric uniform, blockwise absmax"))
 METHODS.add("int8", Method("int8", (8,), lambda b: int8_codebook(), rowwise=True,
                            description="bitsandbytes row-wise int8: round(127 x / row absmax)"))
@@ -191,8 +191,9 @@ def _encode(flat: torch.Tensor, block: int, codebook: torch.Tensor, absmax: torc
     if rowwise:  # bnb int8: round(x * (127 / absmax)), code index = value + 127
         codes = torch.round(blocks * (127.0 / safe)).clamp_(-127, 127).add_(127)
         return codes.to(torch.uint8).reshape(-1)[:n], absmax
-    # Keep the zero-padded tail codes up to a whole byte: bnb packs the zero code there.
-    keep = n + (-n) % (8 // bits)
+    # Keep the zero-padded tail codes up to a whole byte: bnb packs the zero code there. (A 3-bit
+    # code straddles bytes: its exact tail is zero bits, see loftq.packing.)
+    keep = n + (-n) % (8 // bits) if 8 % bits == 0 else n
     scaled = blocks * (1.0 / safe)
     if tail:  # bnb divides the tail block instead of multiplying by the reciprocal
         scaled[-1] = blocks[-1] / safe[-1]

@@ -196,7 +196,9 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ran
     ref_sq = torch.linalg.vector_norm(ref, dim=(1, 2)).double().pow(2).clamp(min=1e-60)
     for j, b in enumerate(bits):
         cfg = _config(b, method, block_size, double_quant)
-        per_matrix = cfg.spec.rowwise or (w.shape[1] * w.shape[2]) % cfg.block_size
+        # per matrix: row-wise blocks, blocks that would straddle two matrices, and double quantization
+        # (its second-level constants and offset belong to one matrix, not to the stack)
+        per_matrix = cfg.spec.rowwise or cfg.double_quant or (w.shape[1] * w.shape[2]) % cfg.block_size
         deq = (torch.stack([fake_quantize(m, cfg, checked=True) for m in w]) if per_matrix
                else fake_quantize(w, cfg, checked=True))
         eig, total = _spectrum(w - deq, factor, max(ranks))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from search_spaces.choices import GRANULARITIES, SearchSpace
+from search_spaces.choices import BITS, DQ_MODES, GRANULARITIES, SearchSpace
 
 from planner.options import option as _opt
 from planner.settings import TRAINERS
@@ -23,6 +23,9 @@ class PlanConfig:
     block_size: int = _opt(_SPACE.block_size, "quantization block size")
     granularity: str = _opt(_SPACE.granularity, "one choice per module, per block, or per module type",
                             choices=GRANULARITIES)
+    double_quant: str = _opt(_SPACE.double_quant, "double quantization of the blocks' absmax constants (QLoRA: "
+                             "8-bit, blocks of 256; NF4 4.5 -> 4.127 bits/weight): off, on for every "
+                             "quantized width, or search (the planner chooses per layer)", choices=DQ_MODES)
     target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
     search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; exact: the solver alone",
                        choices=SEARCHES)
@@ -52,9 +55,10 @@ class PlanConfig:
 
     def __post_init__(self) -> None:
         self.search_space  # noqa: B018 — SearchSpace validates, naming the value
-        bad_bits = [b for b in self.bits if b not in (2, 4, 8, 16)]
+        bad_bits = [b for b in self.bits if b not in BITS]
         if not self.bits or bad_bits:
-            raise ValueError(f"bits must be a non-empty subset of 2,4,8,16; got {','.join(map(str, self.bits))}")
+            raise ValueError(f"bits must be a non-empty subset of {','.join(map(str, BITS))}; "
+                             f"got {','.join(map(str, self.bits))}")
         if not self.ranks or any((not isinstance(r, int)) or r < 0 or r > 4096 for r in self.ranks):
             raise ValueError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
         if self.granularity not in GRANULARITIES:
@@ -77,7 +81,8 @@ class PlanConfig:
     def search_space(self) -> SearchSpace:
         """The space these options describe: 16 in ``bits`` means "may keep a layer in 16 bits"."""
         return SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,
-                           keep16=16 in self.bits, block_size=self.block_size, granularity=self.granularity)
+                           keep16=16 in self.bits, block_size=self.block_size, granularity=self.granularity,
+                           double_quant=self.double_quant)
 
     @property
     def cache_path(self) -> Path | None:

@@ -60,15 +60,15 @@ def fit_choices(budget: int, facts: ModelFacts, targets: Sequence[TargetLayer], 
 
 
 def uniform_plans(targets: Sequence[TargetLayer], space: Any, method: str = "nf") -> dict[str, dict[str, LayerChoice]]:
-    """Per bits width that every target may take: all layers at it with the largest rank they all allow."""
+    """Per width that every target may take (``4``, ``4dq``, ...): all layers at it with the largest rank
+    they all allow."""
     shared = set(space.choices_for(targets[0])) if targets else set()
     for t in targets[1:]:
         shared &= set(space.choices_for(t))
     plans: dict[str, dict[str, LayerChoice]] = {}
-    for bits in sorted({b for b, _ in shared}):
-        rank = max(r for b, r in shared if b == bits)
-        plans[f"uniform {bits}-bit r{rank}"] = {t.name: LayerChoice(bits, rank, method if bits < 16 else "nf",
-                                                                    space.block_size) for t in targets}
+    for w in sorted({b for b, _ in shared}):
+        rank = max(r for b, r in shared if b == w)
+        plans[f"uniform {w}-bit r{rank}"] = {t.name: LayerChoice.of(w, rank, method, space.block_size) for t in targets}
     return plans
 
 

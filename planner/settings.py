@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from loftq import QuantConfig
+from search_spaces.widths import WidthKey, is_double_quant, width_bits
 
 from planner.options import option as _opt
 
@@ -120,8 +121,9 @@ def run_fields() -> list:
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """What one target layer gets: ``bits`` 2/4/8 (quantized with ``method``) or 16 (kept in a 16-bit
-    dtype), and a LoRA ``rank`` (0 = no adapter)."""
+    """What one target layer gets: ``bits`` 2/3/4/8 (quantized with ``method``, its constants
+    double-quantized with ``double_quant``) or 16 (kept in a 16-bit dtype), and a LoRA ``rank``
+    (0 = no adapter)."""
 
     bits: int
     rank: int = 0
@@ -141,6 +143,13 @@ class LayerChoice:
         if self.bits == 16:
             return None
         return QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
+
+    @classmethod
+    def of(cls, w: WidthKey, rank: int, method: str = "nf", block_size: int = 64) -> "LayerChoice":
+        """The choice of a search option (width, rank): a Width variant sets ``double_quant``; a
+        16-bit keep takes no method."""
+        bits = width_bits(w)
+        return cls(bits, rank, method if bits < 16 else "nf", block_size, is_double_quant(w))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,4 +1,7 @@
-"""What the planner may choose per layer (bits x LoRA rank) and how layers share a choice."""
+"""What the planner may choose per layer (width x LoRA rank) and how layers share a choice.
+
+A width is a number of code bits (``int``) or a variant of one (``search_spaces.widths.Width``:
+double quantization, ``4dq``)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -8,10 +11,11 @@ from loftq.registry import Registry
 
 from .discovery import block_path, type_path
 from .facts import TargetLayer
+from .widths import KEEP_BITS, WidthKey, width
 
-BITS = (2, 4, 8, 16)  # 16 = keep the weight in 16 bits (no quantization)
-KEEP_BITS = 16
+BITS = (2, 3, 4, 8, 16)  # 16 = keep the weight in 16 bits (no quantization)
 GRANULARITIES = ("module", "block", "type")
+DQ_MODES = ("off", "on", "search")  # double quantization: never, on every quantized width, or both offered
 SCHEMA_VERSION = 1
 
 
@@ -26,14 +30,30 @@ def _sorted_unique_ints(name: str, values: Any, allowed: Iterable[int] | None = 
         raise ValueError(f"SearchSpace.{name} must be a subset of {tuple(allowed)}, got {values!r}")
 
 
+def menu(bits: Iterable[int], double_quant: str = "off") -> tuple[WidthKey, ...]:
+    """Widths offered for ``bits``: quantized ones plain (``off``), double-quantized (``on``) or
+    both (``search``); 16 as it is; in menu order (2, 2dq, 3, ..., 16)."""
+    if double_quant not in DQ_MODES:
+        raise ValueError(f"double_quant must be one of {', '.join(DQ_MODES)}, got {double_quant!r}")
+    out: list[WidthKey] = []
+    for b in sorted(set(bits)):
+        if b >= KEEP_BITS or double_quant != "on":
+            out.append(b)
+        if b < KEEP_BITS and double_quant != "off":
+            out.append(width(b, double_quant=True))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
-    """Choice set of one plan: every layer (or group) picks one (bits, rank) from ``choices()``.
+    """Choice set of one plan: every layer (or group) picks one (width, rank) from ``choices()``.
 
     ``bits``: quantization widths; ``keep16`` adds the opt-in 16-bit "keep" choice (bits = 16,
     the weight is stored unquantized). ``ranks``: LoRA ranks, 0 = no adapter. ``block_size``:
     weights per quantization block (a power of two). ``granularity``: one choice per ``module``,
     per transformer ``block``, or per module ``type`` (the same module in every block).
+    ``double_quant``: ``off`` (plain widths), ``on`` (every quantized width double-quantized) or
+    ``search`` (both, per layer).
     """
 
     bits: tuple[int, ...] = (2, 4, 8)
@@ -41,6 +61,7 @@ class SearchSpace:
     keep16: bool = False
     block_size: int = 64
     granularity: str = "module"
+    double_quant: str = "off"
 
     def __post_init__(self) -> None:
         _sorted_unique_ints("bits", self.bits, BITS)
@@ -55,17 +76,25 @@ class SearchSpace:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"SearchSpace.granularity must be one of {', '.join(GRANULARITIES)}, "
                              f"got {self.granularity!r}")
+        if self.double_quant not in DQ_MODES:
+            raise ValueError(f"SearchSpace.double_quant must be one of {', '.join(DQ_MODES)}, "
+                             f"got {self.double_quant!r}")
 
     @property
     def all_bits(self) -> tuple[int, ...]:
         """``bits`` plus 16 when ``keep16`` is on."""
         return tuple(sorted(set(self.bits) | ({KEEP_BITS} if self.keep16 else set())))
 
-    def choices(self) -> list[tuple[int, int]]:
-        """Every (bits, rank) pair, bits-major: [(2, 0), (2, 8), ..., (8, 64)]."""
-        return [(b, r) for b in self.all_bits for r in self.ranks]
+    @property
+    def widths(self) -> tuple[WidthKey, ...]:
+        """The menu of :attr:`all_bits` under ``double_quant`` (:func:`menu`)."""
+        return menu(self.all_bits, self.double_quant)
 
-    def choices_for(self, target: TargetLayer) -> list[tuple[int, int]]:
+    def choices(self) -> list[tuple[WidthKey, int]]:
+        """Every (width, rank) pair, width-major: [(2, 0), (2, 8), ..., (8, 64)]."""
+        return [(w, r) for w in self.widths for r in self.ranks]
+
+    def choices_for(self, target: TargetLayer) -> list[tuple[WidthKey, int]]:
         """The pairs for ``target``: all of :meth:`choices`. A rank above min(out, in) cannot be a
         low-rank factor, and the planner refuses such a space rather than dropping the rank for some
         layers only: ValueError naming the largest such rank and the layer (a dry run reports the
@@ -127,7 +156,7 @@ def group_targets(targets: Sequence[TargetLayer], granularity: str) -> dict[str,
     return groups
 
 
-def has_adapter(candidate: Any, options: Sequence[tuple[int, int]]) -> bool:
+def has_adapter(candidate: Any, options: Sequence[tuple[WidthKey, int]]) -> bool:
     """Whether a candidate (anything with ``choice``: one option index per layer into ``options``,
-    a list of (bits, rank)) gives any layer an adapter."""
+    a list of (width, rank)) gives any layer an adapter."""
     return any(options[k][1] > 0 for k in candidate.choice)

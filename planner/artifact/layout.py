@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from loftq import QuantConfig, QuantizedTensor
+from loftq import METHODS, QuantConfig, QuantizedTensor
 
 from planner.artifact.atomic import atomic_save_tensors, atomic_write_bytes
 from planner.artifact.plan import Plan, load_plan
@@ -42,7 +42,8 @@ from planner.settings import RunSettings
 log = logging.getLogger(__name__)
 
 FORMAT = "loftq-planner/packed"
-FORMAT_VERSION = 1
+# 2: layers may hold 3-bit codes (NF3: 8 codes in 3 bytes, loftq.packing); 1 is read as it is
+FORMAT_VERSION = 2
 BACKBONE, ADAPTER, PLAN_FILE = "backbone", "adapter", "plan.json"
 QUANT_META, NON_TARGET_FILE, LAYER_DIR = "quantization.json", "non_target.safetensors", "layers"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -51,6 +52,9 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "tokenizer.model", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
                 "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+_WIDTHS = tuple(sorted({b for m in METHODS for b in METHODS.get(m).bits} | {16}))  # loftq's widths + the 16-bit keep
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -80,8 +84,8 @@ class LayerMeta:
     nbytes: int
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 4, 8, 16):
-            raise ValueError(f"{self.name}: bits must be 2, 4, 8 or 16, got {self.bits!r}")
+        if self.bits not in _WIDTHS:
+            raise ValueError(f"{self.name}: bits must be one of {', '.join(map(str, _WIDTHS))}, got {self.bits!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"{self.name}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if len(self.shape) != 2 or min(self.shape) < 1:

@@ -1,4 +1,4 @@
-"""The plan file (schema v2): what every target layer gets, the budget, the estimate, provenance.
+"""The plan file (schema v3): what every target layer gets, the budget, the estimate, provenance.
 
 A plan is plain data: it does not know how the search found it (STYLE 4). :func:`save_plan`
 writes it atomically (temp file in the same folder, fsync, ``os.replace``), so an interrupted or
@@ -40,7 +40,7 @@ from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, layer_param_breakdown
 from planner.settings import LayerChoice, RunSettings
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KEEP16 = ("bf16", "fp16")  # the dtypes a 16-bit layer may be kept in
 MODES = ("finetune", "inference")
 MODEL_KEYS = ("id", "source", "architecture", "weights_sha256")

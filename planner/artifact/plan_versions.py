@@ -16,6 +16,8 @@ v1 -> v2:
   set from the plan's;
 - ``search`` keys that are not SearchRecord fields move into ``search.extra`` (v1's record was
   free-form); a record without ``mode`` gets mode ``unknown``.
+v2 -> v3: nothing to convert. v3 accepts 3-bit layers (quant ``nf3``), which a v2 reader rejects, so
+the version tells an older planner to upgrade instead of failing on a layer.
 """
 from __future__ import annotations
 
@@ -73,7 +75,11 @@ def _v1_layer(entry: Any) -> Any:
     return {**entry, "bits_per_weight": None}
 
 
-READERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+def _v2_to_v3(d: dict[str, Any]) -> dict[str, Any]:
+    return {**d, "schema_version": 3}
+
+
+READERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def upgrade(d: dict[str, Any], version: int, current: int) -> dict[str, Any]:

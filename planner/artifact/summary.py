@@ -4,16 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from search_spaces.widths import WidthKey, width
+
 from planner.artifact.plan import Plan
 
 
 @dataclass(frozen=True)
 class BlockRow:
     """One transformer block of :func:`summary_by_block`: ``cells`` maps a column (module type, as
-    short as stays unambiguous) to (bits, rank); ``block`` is None for layers outside the blocks."""
+    short as stays unambiguous) to (width, rank) (width ``4`` or ``4dq``, see search_spaces.widths);
+    ``block`` is None for layers outside the blocks."""
 
     block: int | None
-    cells: dict[str, tuple[int, int]]
+    cells: dict[str, tuple[WidthKey, int]]
     params: int
     bytes: int
 
@@ -69,7 +72,7 @@ def summary_by_block(plan: Plan) -> BlockSummary:
     rows: dict[int | None, dict[str, Any]] = {}
     for (block, path), layer in split:
         row = rows.setdefault(block, {"cells": {}, "params": 0, "bytes": 0, "bits": 0})
-        row["cells"][short[path]] = (layer.bits, layer.rank)
+        row["cells"][short[path]] = (width(layer.bits, layer.double_quant and layer.bits < 16), layer.rank)
         row["params"] += layer.numel
         row["bytes"] += layer.bytes
         row["bits"] += layer.bits * layer.numel

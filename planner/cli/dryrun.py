@@ -17,7 +17,7 @@ from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, estimate, layer_bytes
 from planner.settings import LayerChoice, RunSettings
 
-DRY_RUN_METHOD = "nf"  # NF2 / NF4 / NF8, as planner.search.pipeline plans them
+DRY_RUN_METHOD = "nf"  # NF2 / NF3 / NF4 / NF8, as planner.search.pipeline plans them
 
 
 def extreme_choices(targets: Sequence, space: Any, run: RunSettings, facts: Any) -> tuple[dict, dict]:
@@ -33,7 +33,7 @@ def extreme_choices(targets: Sequence, space: Any, run: RunSettings, facts: Any)
                 space.choices_for(t)
         except ValueError as err:
             raise PlannerError(str(err)) from None
-        options = [LayerChoice(b, r, DRY_RUN_METHOD, space.block_size) for b, r in space.choices()]
+        options = [LayerChoice.of(w, r, DRY_RUN_METHOD, space.block_size) for w, r in space.choices()]
         costs = [sum(layer_bytes(t, o, run, facts) for t in members) for o in options]
         lo, hi = options[costs.index(min(costs))], options[costs.index(max(costs))]
         for t in members:
@@ -44,7 +44,8 @@ def extreme_choices(targets: Sequence, space: Any, run: RunSettings, facts: Any)
 def _summary(choices: Mapping[str, LayerChoice]) -> dict[str, Any]:
     bits = sorted({c.bits for c in choices.values()})
     ranks = sorted({c.rank for c in choices.values()})
-    return {"bits": bits, "ranks": ranks}
+    dq = any(c.double_quant for c in choices.values())
+    return {"bits": bits, "ranks": ranks, **({"double_quant": True} if dq else {})}
 
 
 def _check_data(cfg: PlanConfig) -> None:
@@ -124,7 +125,8 @@ def _table(report: dict[str, Any], lo: MemoryEstimate, hi: MemoryEstimate) -> st
     rows = [(k, lo.breakdown.get(k, 0), hi.breakdown.get(k, 0)) for k in keys]
     rows += [("= allocated", lo.allocated_bytes, hi.allocated_bytes), ("+ reserve", lo.reserve_bytes, hi.reserve_bytes),
              ("= total", lo.total_bytes, hi.total_bytes)]
-    plans = [f"bits {report[k]['plan']['bits']} ranks {report[k]['plan']['ranks']}" for k in ("min", "max")]
+    plans = [f"bits {report[k]['plan']['bits']}{' dq' if report[k]['plan'].get('double_quant') else ''} "
+             f"ranks {report[k]['plan']['ranks']}" for k in ("min", "max")]
     lines = [f"{report['model']} ({report['architecture']}, {report['target_layers']} target layers), "
              f"{report['run']['mode']} seq {report['run']['seq_len']} x batch {report['run']['batch_size']}",
              f"{'':14}{'smallest plan':>26}{'largest plan':>26}", f"{'':14}{plans[0]:>26}{plans[1]:>26}"]

@@ -130,7 +130,7 @@ class _DequantLinear(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    """A frozen linear layer stored as packed 2/4/8-bit codes (or a 16-bit weight for ``bits=16``).
+    """A frozen linear layer stored as packed 2/3/4/8-bit codes (or a 16-bit weight for ``bits=16``).
 
     Buffers: ``qweight`` (uint8 [packed bytes], or the 16-bit weight [out, in]), the constants of
     the QuantizedTensor under their own names, and ``bias`` [out] in the compute dtype if any.

@@ -30,6 +30,7 @@ class LayerSpec:
     method: str = "nf"
     block_size: int = 64
     iters: int = 1
+    double_quant: bool = False
 
 
 @dataclass
@@ -66,7 +67,7 @@ def build_loftq_model(base: nn.Module, layers: Mapping[str, LayerSpec], *, compu
                     adapters[name] = None  # type: ignore[assignment]
             else:
                 res = loftq(w, spec.bits, spec.rank, iters=spec.iters, method=spec.method,
-                            block_size=spec.block_size)
+                            block_size=spec.block_size, double_quant=spec.double_quant)
                 stored[name] = res.quantized.to("cpu")
                 residuals[name], best[name] = res.error, res.best_iter
                 if spec.rank:

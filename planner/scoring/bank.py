@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from loftq import QuantConfig, QuantizedTensor, dequantize, quantize
+from search_spaces.widths import quant_config
 
 from planner import progress
 from planner.runtime.layers import linear_weight
@@ -55,7 +56,8 @@ class BankSettings:
                 self.quant_config(b)  # QuantConfig names an unsupported (method, bits, block_size)
 
     def quant_config(self, bits: int) -> QuantConfig:
-        return QuantConfig(bits, self.method, self.block_size)
+        """``bits``: a width of the menu (an int, or a double-quantized ``Width``)."""
+        return quant_config(bits, self.method, self.block_size)
 
 
 class LowRank(NamedTuple):

@@ -37,7 +37,8 @@ import optuna
 import torch
 from torch import nn
 
-from search_spaces.choices import has_adapter
+from loftq import METHODS
+from search_spaces.choices import has_adapter, menu
 
 from planner.runtime.layers import add_lora, swap_linears
 from planner.runtime.lora import load_adapter_init
@@ -46,7 +47,7 @@ from planner.settings import OPTIMIZERS
 from planner.train.loop import DEFAULT_GRAD_CLIP, DEFAULT_LR, TrainResult, eval_loss, train_lora
 
 log = logging.getLogger(__name__)
-Assignment = Mapping[str, tuple[int, int]]  # layer name -> (bits, rank)
+Assignment = Mapping[str, tuple[Any, int]]  # layer name -> (width, rank): 4, 4dq (search_spaces.widths), 16
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,9 @@ class CandidateBuilder:
                  bank: WeightBank | None = None, compute_dtype: torch.dtype = torch.float32,
                  adapter_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         if bank is None:
-            bank = WeightBank(ModelWeights(base), (2, 4, 8), max_rank, method, block_size, svd="exact")
+            # every width of the method, plain and double-quantized (entries are computed on first use)
+            widths = menu(METHODS.get(method).bits, "search")
+            bank = WeightBank(ModelWeights(base), widths, max_rank, method, block_size, svd="exact")
         bs = bank.settings
         if (bs.method, bs.block_size) != (method, block_size) or bs.max_rank < max_rank:
             raise ValueError(f"the bank ({bank.settings}) does not serve method {method!r}, block size "

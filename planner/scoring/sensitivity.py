@@ -15,8 +15,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from loftq import QuantConfig, dequantize, quantize
+from loftq import dequantize, quantize
 from search_spaces.discovery import weight_out_in
+from search_spaces.widths import quant_config
 
 from planner import progress
 
@@ -106,7 +107,7 @@ def fisher_errors(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tens
         for j, b in enumerate(bits):
             if b >= 16:
                 continue
-            err = w.float() - dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
+            err = w.float() - dequantize(quantize(w, config=quant_config(b, method, block_size)), torch.float32)
             out[i, j] = 0.5 * float((fisher[name] * err.pow(2)).sum())
     return out
 

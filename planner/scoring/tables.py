@@ -1,6 +1,7 @@
 """Residual tables for every target layer of a model, batched by shape, cached on disk.
 
-table[name]: [len(bits), len(ranks)] relative LoftQ residuals ||W - Q - BA|| / ||W||, plus
+table[name]: [len(bits), len(ranks)] relative LoftQ residuals ||W - Q - BA|| / ||W|| (one row per
+width, double-quantized widths computed as they are stored), plus
 ``sq_norm[name]`` = ||W||^2 and ``quant_err`` helpers used by the objective.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from loftq import residual_table
 from search_spaces.facts import TargetLayer
+from search_spaces.widths import WidthKey, is_double_quant, width_bits
 
 from planner import progress
 from planner.devices import resolve_device
@@ -25,7 +27,10 @@ PRODUCER = "residual-tables/1"  # bump when compute_tables' numbers change for t
 
 @dataclass(frozen=True)
 class TableSettings:
-    bits: tuple[int, ...] = (2, 4, 8)
+    """``bits``: the widths of the table's rows, plain (``4``) or double-quantized (``Width(4)``,
+    computed with the second-level constants it stores); ``double_quant`` double-quantizes every row."""
+
+    bits: tuple[WidthKey, ...] = (2, 4, 8)
     ranks: tuple[int, ...] = (0, 8, 16, 32, 64)
     iters: int = 1
     method: str = "nf"  # "nf" = NF2 / NF4 / NF8
@@ -43,7 +48,7 @@ class ResidualTables:
     def of(self, name: str) -> torch.Tensor:
         return self.table[self.names.index(name)]
 
-    def cell(self, name: str, bits: int, rank: int) -> float:
+    def cell(self, name: str, bits: WidthKey, rank: int) -> float:
         i = self.names.index(name)
         return float(self.table[i, self.settings.bits.index(bits), self.settings.ranks.index(rank)])
 
@@ -61,6 +66,25 @@ def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tup
         yield [t for t, _ in group], torch.stack([w for _, w in group])
 
 
+def _residuals(stack: torch.Tensor, settings: TableSettings) -> torch.Tensor:
+    """[L, len(bits), len(ranks)] for a stack [L, out, in]: one ``residual_table`` call per
+    double-quantization setting among the rows (one call, as always, for a plain menu)."""
+    dq = [settings.double_quant or is_double_quant(w) for w in settings.bits]
+    out: torch.Tensor | None = None
+    for flag in sorted(set(dq)):
+        rows = [j for j, d in enumerate(dq) if d == flag]
+        tab = residual_table(stack, bits=[width_bits(settings.bits[j]) for j in rows], ranks=settings.ranks,
+                             iters=settings.iters, method=settings.method, block_size=settings.block_size,
+                             double_quant=flag)
+        if len(rows) == len(dq):
+            return tab
+        if out is None:
+            out = tab.new_empty(tab.shape[0], len(dq), tab.shape[2])
+        out[:, rows] = tab
+    assert out is not None
+    return out
+
+
 def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers: int, settings: TableSettings,
                    device: torch.device) -> ResidualTables:
     rows: dict[str, torch.Tensor] = {}
@@ -68,9 +92,7 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
     with progress.task(f"residual tables ({device.type})", n_layers) as advance:
         for targets, stack in _batches(stream):
             stack = stack.to(device)
-            tab = residual_table(stack, bits=settings.bits, ranks=settings.ranks, iters=settings.iters,
-                                 method=settings.method, block_size=settings.block_size,
-                                 double_quant=settings.double_quant).cpu()
+            tab = _residuals(stack, settings).cpu()
             sq = stack.double().pow(2).sum(dim=(1, 2)).cpu()
             for i, t in enumerate(targets):
                 rows[t.name], norms[t.name] = tab[i], float(sq[i])

@@ -5,7 +5,7 @@ Per layer l and option (bits b, rank r):
     mixed        = (1 - mix) * est + mix * c * ||W_l||^2 * res[l, b, r]^2   (c matches the scales)
     shaped       = mixed * type_weight[type(l)] * exp(depth_slope * (1/2 - depth(l)))
                    - capacity * unit_l * log2(1 + r / 8)
-``unit_l`` is layer l's estimated loss at 4 bits, rank 0 (so ``capacity`` is dimensionless): the
+``unit_l`` is layer l's estimated loss at 4 bits (plain if offered, else 4dq), rank 0 (so ``capacity`` is dimensionless): the
 capacity term is the value of trainable adapter parameters that no step-0 number shows. Options
 with r < rank_floor are dropped. Everything is a per-layer sum, so the exact knapsack applies.
 """
@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from search_spaces.facts import TargetLayer
+from search_spaces.widths import WidthKey, width_bits
 
 from planner.scoring.tables import ResidualTables
 
@@ -46,17 +47,19 @@ class Shaping:
 
 @dataclass
 class OptionTable:
-    """Per layer: candidate (bits, rank) options and their estimated loss rise (unshaped)."""
+    """Per layer: candidate (width, rank) options and their estimated loss rise (unshaped). A width's
+    row of the tables and of ``fisher_err`` is its own: a double-quantized width is scored by the
+    residual and Fisher error of the weights it stores, not assumed equal to the plain width's."""
 
     targets: list[TargetLayer]
-    options: list[tuple[int, int]]
+    options: list[tuple[WidthKey, int]]
     est: torch.Tensor  # [n_layers, n_options] estimated loss increase (Fisher)
     frob: torch.Tensor  # [n_layers, n_options] ||W||^2 * res^2 (absolute squared residual)
     n_blocks: int
 
     @classmethod
     def build(cls, targets: Sequence[TargetLayer], tables: ResidualTables, fisher_err: torch.Tensor,
-              options: Sequence[tuple[int, int]]) -> "OptionTable":
+              options: Sequence[tuple[WidthKey, int]]) -> "OptionTable":
         """fisher_err: [n_layers, len(tables.settings.bits)] in the order of ``targets``."""
         bits, ranks = tables.settings.bits, tables.settings.ranks
         n = len(targets)
@@ -86,7 +89,7 @@ class OptionTable:
         mult = mult * torch.tensor([s.type_weights.get(t.module_type, 1.0) for t in self.targets], dtype=torch.float64)
         out = est * mult.unsqueeze(1)
         if s.capacity > 0:
-            ref = [k for k, (b, r) in enumerate(self.options) if r == 0 and b == 4] or [0]
+            ref = [k for k, (b, r) in enumerate(self.options) if r == 0 and width_bits(b) == 4] or [0]
             unit = est[:, ref[0]].clamp(min=0) * mult
             bonus = torch.tensor([math.log2(1 + r / 8) for _, r in self.options], dtype=torch.float64)
             out = out - s.capacity * unit.unsqueeze(1) * bonus.unsqueeze(0)

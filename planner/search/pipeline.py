@@ -19,7 +19,8 @@ import torch
 
 from search_spaces.facts import TargetLayer
 
-from search_spaces.choices import has_adapter
+from search_spaces.choices import has_adapter, menu
+from search_spaces.widths import WidthKey
 
 from planner.search.allocate import InfeasibleBudget
 from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
@@ -53,9 +54,8 @@ class Prepared:
     group_names: list[str]
     timings: dict[str, float] = field(default_factory=dict)
 
-    def choice_of(self, option: tuple[int, int]) -> LayerChoice:
-        bits, rank = option
-        return LayerChoice(bits=bits, rank=rank, method=METHOD if bits < 16 else "nf", block_size=self.cfg.block_size)
+    def choice_of(self, option: tuple[WidthKey, int]) -> LayerChoice:
+        return LayerChoice.of(*option, method=METHOD, block_size=self.cfg.block_size)
 
     def total_bytes(self, choice: Sequence[int]) -> int:
         return self.fixed_bytes + int(sum(int(self.costs[i, k]) for i, k in enumerate(choice)))
@@ -65,9 +65,9 @@ class Prepared:
         return estimate(self.source.facts, self.targets, choices, self.run, self.source.non_target_params(self.targets))
 
 
-def options_of(cfg: PlanConfig) -> list[tuple[int, int]]:
-    opts = [(b, r) for b in sorted(set(cfg.bits)) for r in sorted(set(cfg.ranks))]
-    return opts
+def options_of(cfg: PlanConfig) -> list[tuple[WidthKey, int]]:
+    """(width, rank) pairs, width-major; widths from ``--bits`` under ``--double-quant``."""
+    return [(w, r) for w in menu(cfg.bits, cfg.double_quant) for r in sorted(set(cfg.ranks))]
 
 
 def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
@@ -117,7 +117,7 @@ def check_budget(prep: Prepared, budget: int) -> int:
 
 
 def table_settings(cfg: PlanConfig) -> TableSettings:
-    return TableSettings(bits=tuple(sorted(b for b in set(cfg.bits) if b < 16)) or (4,),
+    return TableSettings(bits=tuple(w for w in menu(cfg.bits, cfg.double_quant) if w < 16) or (4,),
                          ranks=tuple(sorted(set(cfg.ranks) | {0})), method=METHOD, block_size=cfg.block_size)
 
 
@@ -175,7 +175,8 @@ def study_name_for(prep: Prepared, budget: int) -> str:
     blob = json.dumps({"model": cfg.model, "weights": prep.source.weights_sha256(), "bits": cfg.bits,
                        "ranks": cfg.ranks, "block": cfg.block_size, "gran": cfg.granularity, "targets": cfg.target_modules,
                        "run": prep.run.to_dict(), "search": cfg.search, "data": cfg.data,
-                       "calib": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len]}, sort_keys=True, default=str)
+                       "calib": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len], **_dq(cfg)},
+                      sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
     return f"{cfg.model.replace('/', '_')}-{cfg.search}-{budget}B-{digest}"
 
@@ -186,11 +187,16 @@ def fingerprint(prep: Prepared, budget: int, corpus_sha: str) -> dict[str, Any]:
     cfg = prep.cfg
     return {"weights": prep.source.weights_sha256(), "targets": [t.name for t in prep.targets],
             "space": {"bits": list(cfg.bits), "ranks": list(cfg.ranks), "block": cfg.block_size,
-                      "granularity": cfg.granularity, "search": cfg.search},
+                      "granularity": cfg.granularity, "search": cfg.search, **_dq(cfg)},
             "run": prep.run.to_dict(), "budget": int(budget), "data": corpus_sha,
             "calibration": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len],
             "proxy": {"top": cfg.proxy_top, "steps": cfg.proxy_steps, "lr": cfg.proxy_lr, "seed": cfg.seed,
                       "adapter_margin": cfg.adapter_margin}}
+
+
+def _dq(cfg: PlanConfig) -> dict[str, str]:
+    """``--double-quant`` for study names and fingerprints, absent when off (today's names)."""
+    return {} if cfg.double_quant == "off" else {"double_quant": cfg.double_quant}
 
 
 def shared_storage(cfg: PlanConfig) -> bool:
@@ -399,14 +405,14 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
 
     layers = []
     for i, (t, k) in enumerate(zip(prep.targets, chosen.choice)):
-        bits, rank = prep.options[k]
-        lc = prep.choice_of((bits, rank))
+        w, rank = prep.options[k]
+        lc = prep.choice_of((w, rank))
         quant = lc.quant_config.quant_name if lc.quant_config is not None else "bf16"
-        residual = tables.cell(t.name, bits, rank) if bits < 16 else 0.0
-        layers.append(LayerPlan(name=t.name, shape=tuple(t.shape), bits=bits, quant=quant,
+        residual = tables.cell(t.name, w, rank) if w < 16 else 0.0
+        layers.append(LayerPlan(name=t.name, shape=tuple(t.shape), bits=lc.bits, quant=quant,
                                 block_size=prep.cfg.block_size, rank=rank, alpha=float(rank), iters=1,
                                 residual=round(residual, 6), bytes=int(prep.costs[i, k]),
-                                sensitivity=float(table.est[i, k])))
+                                sensitivity=float(table.est[i, k]), double_quant=lc.double_quant))
     est = prep.estimate(chosen.choice)
 
     def row(c: Candidate) -> dict[str, Any]:

@@ -24,6 +24,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from search_spaces.widths import sort_key
+
 from planner.errors import PlannerError
 from planner.search.allocate import InfeasibleBudget, solve_mckp
 from planner.search.objective import OptionTable, Shaping
@@ -172,10 +174,10 @@ def fail_stale(study: optuna.Study) -> None:
 
 def dashboard_attrs(options: Sequence[tuple[int, int]], choice: Sequence[int]) -> dict[str, Any]:
     """Per-trial columns for optuna-dashboard: bits and rank histograms, and a hash of the plan."""
-    bits = Counter(str(options[k][0]) for k in choice)
+    bits = Counter(options[k][0] for k in choice)  # widths: 4, 4dq, ...
     ranks = Counter(str(options[k][1]) for k in choice)
     digest = hashlib.sha256(json.dumps(list(choice)).encode()).hexdigest()[:12]
-    return {"bits_hist": dict(sorted(bits.items(), key=lambda kv: int(kv[0]))),
+    return {"bits_hist": {str(w): n for w, n in sorted(bits.items(), key=lambda kv: sort_key(kv[0]))},
             "rank_hist": dict(sorted(ranks.items(), key=lambda kv: int(kv[0]))), "plan_hash": digest}
 
 

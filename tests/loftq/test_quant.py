@@ -30,6 +30,23 @@ def test_nf_tables() -> None:
     assert nf8.numel() == 256 and torch.all(nf8[1:] > nf8[:-1]) and (nf8 == 0).sum() == 1
 
 
+def test_nf3_table_is_the_nf_construction_at_three_bits() -> None:
+    """NF3 as NF2 and NF4 are built: 4 positive normal quantiles at linspace(0.9677083, 0.5, 5)[:-1],
+    an exact zero, 3 negative ones at linspace(0.9677083, 0.5, 4)[:-1], divided by the largest."""
+    from scipy.stats import norm
+
+    nf3 = nf_codebook(3)
+    pos = norm.ppf(torch.linspace(0.9677083, 0.5, 5, dtype=torch.float64)[:-1].numpy())
+    neg = -norm.ppf(torch.linspace(0.9677083, 0.5, 4, dtype=torch.float64)[:-1].numpy())
+    ref = torch.tensor(sorted([*pos, 0.0, *neg]), dtype=torch.float64)
+    assert nf3.dtype == torch.float32 and torch.equal(nf3, (ref / ref.max()).float())
+    assert nf3.tolist()[0] == -1.0 and nf3.tolist()[-1] == 1.0 and nf3[3] == 0.0
+    assert (nf3 > 0).sum() == 4 and (nf3 < 0).sum() == 3 and torch.all(nf3[1:] > nf3[:-1])
+    assert nf3.tolist() == pytest.approx([-1.0, -0.47863, -0.21714, 0.0, 0.16093, 0.33792, 0.56262, 1.0], abs=1e-5)
+    # the positive probabilities nest in NF4's: every other positive NF4 value (to one float32 ulp)
+    assert (nf3[4:] - torch.tensor(NF4_PUBLISHED)[9::2]).abs().max() <= 1.2e-7
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nf4_bit_exact_with_bnb(smollm2_linears, minilm_linears, dtype) -> None:
     weights = [smollm2_linears[n] for n in SMOL] + [minilm_linears[n] for n in MINI]
@@ -74,7 +91,7 @@ def test_nf8_runs_on_bnb_blockwise_dequant(smollm2_linears) -> None:
 
 
 # Documented bounds (README): relative Frobenius error on real weights, block 64.
-BOUNDS = {("nf", 2): 0.60, ("nf", 4): 0.11, ("nf", 8): 0.0075, ("int8", 8): 0.02,
+BOUNDS = {("nf", 2): 0.60, ("nf", 3): 0.23, ("nf", 4): 0.11, ("nf", 8): 0.0075, ("int8", 8): 0.02,
           ("uniform", 2): 0.90, ("uniform", 4): 0.17, ("uniform", 8): 0.0075}
 
 
@@ -89,10 +106,12 @@ def test_more_bits_less_error(smollm2_linears) -> None:
     w = smollm2_linears[SMOL[1]]
     errs = [rel(w, dequantize(quantize(w, b))) for b in (2, 4, 8)]
     assert errs[0] > 4 * errs[1] > 16 * errs[2]
+    nf3 = rel(w, dequantize(quantize(w, 3)))  # measured: NF2 0.566, NF3 0.203, NF4 0.093
+    assert 2 * errs[1] < nf3 < errs[0] / 2
 
 
-@pytest.mark.parametrize("method,bits,dq", [("nf", 2, False), ("nf", 4, False), ("nf", 8, False),
-                                            ("int8", 8, False), ("nf", 2, True), ("nf", 4, True)])
+@pytest.mark.parametrize("method,bits,dq", [("nf", 2, False), ("nf", 3, False), ("nf", 4, False), ("nf", 8, False),
+                                            ("int8", 8, False), ("nf", 2, True), ("nf", 3, True), ("nf", 4, True)])
 def test_nbytes_exact(smollm2_linears, method, bits, dq) -> None:
     for name in SMOL:
         w = smollm2_linears[name]
@@ -114,13 +133,46 @@ def test_double_quant_saves_bytes_and_costs_little(smollm2_linears) -> None:
     assert rel(w, dequantize(dq)) < 1.01 * rel(w, dequantize(plain))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("n", [1, 3, 64, 1001])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 9, 64, 1001])
 def test_pack_roundtrip(bits, n) -> None:
     codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
     packed = pack(codes, bits)
-    assert packed.numel() == packed_numel(n, bits)
+    assert packed.numel() == packed_numel(n, bits) == -(-n * bits // 8)  # exact: no whole padding bytes
     assert torch.equal(unpack(packed, bits, n), codes)
+
+
+def test_pack_3bit_layout() -> None:
+    """8 codes in 3 bytes, MSB first (the first code in the top 3 bits); a tail keeps only the
+    bytes its bits reach, the rest of the last byte zero."""
+    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8)
+    assert pack(codes, 3).tolist() == [0b00101001, 0b11001011, 0b10111000]
+    assert pack(codes[:3], 3).tolist() == [0b00101001, 0b10000000]  # 9 bits: 2 bytes
+    assert pack(torch.tensor([7], dtype=torch.uint8), 3).tolist() == [0b11100000]
+    assert [packed_numel(n, 3) for n in (0, 1, 2, 3, 8, 9, 16, 17)] == [0, 1, 1, 2, 3, 4, 6, 7]
+    with pytest.raises(ValueError, match="can pack 2, 3, 4, 8-bit codes, got 5"):
+        pack(codes, 5)
+
+
+def test_nf3_round_trip_with_tails() -> None:
+    """NF3 codes round-trip through the exact 3-bit packing for tail blocks and odd element counts,
+    with and without double quantization; every code is a nearest NF3 value of its scaled weight."""
+    from loftq.quant import fake_quantize
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(577, 33), (3, 5), (100, 7), (1, 1), (64, 64)]:
+        w = torch.randn(*shape, generator=g)
+        for dq in (False, True):
+            qt = quantize(w, 3, double_quant=dq)
+            assert qt.packed.numel() == -(-w.numel() * 3 // 8) and qt.nbytes == expected_nbytes(w.numel(), qt.config)
+            deq = dequantize(qt)
+            assert torch.equal(deq, fake_quantize(w, qt.config))
+            assert torch.equal(pack(unpack(qt.packed, 3, w.numel()), 3), qt.packed)  # the tail bits are zero
+        plain = quantize(w, 3)
+        scaled = (w.reshape(-1) / plain.absmax.repeat_interleave(64)[: w.numel()]).clamp(-1, 1)
+        dist = (scaled.unsqueeze(1) - nf_codebook(3)).abs()
+        picked = dist.gather(1, unpack(plain.packed, 3, w.numel()).long().unsqueeze(1)).squeeze(1)
+        assert torch.all(picked <= dist.min(1).values + 1e-6)
 
 
 def test_rejects_non_finite_and_bad_config() -> None:
@@ -139,7 +191,7 @@ def test_rejects_non_finite_and_bad_config() -> None:
         QuantConfig(4, "nf", block_size=48)
 
 
-@pytest.mark.parametrize("method,bits", [("nf", 2), ("nf", 4), ("nf", 8), ("int8", 8), ("uniform", 4)])
+@pytest.mark.parametrize("method,bits", [("nf", 2), ("nf", 3), ("nf", 4), ("nf", 8), ("int8", 8), ("uniform", 4)])
 def test_fake_quantize_equals_round_trip(smollm2_linears, method, bits) -> None:
     from loftq.quant import fake_quantize
 

@@ -23,6 +23,7 @@ from planner.runtime.layers import add_lora, backbone_nbytes, configure_run, lin
 from planner.settings import LayerChoice, RunSettings
 from search_spaces.discovery import facts_from_config, find_targets
 from search_spaces.facts import ModelFacts, TargetLayer
+from search_spaces.widths import width
 from tests.tiny_models import build_tiny
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -179,15 +180,32 @@ def test_mixed_plan_with_rank_zero_and_keep16() -> None:
 
 
 # ---------------------------------------------------------------- exact pieces
-@pytest.mark.parametrize("cfg", [LayerChoice(2), LayerChoice(4), LayerChoice(8), LayerChoice(8, method="int8"),
+@pytest.mark.parametrize("cfg", [LayerChoice(2), LayerChoice(3), LayerChoice(4), LayerChoice(8), LayerChoice(8, method="int8"),
                                  LayerChoice(4, method="uniform"), LayerChoice(4, double_quant=True),
-                                 LayerChoice(2, block_size=128, double_quant=True), LayerChoice(16)])
+                                 LayerChoice(3, double_quant=True), LayerChoice(2, block_size=128, double_quant=True),
+                                 LayerChoice(16)])
 @pytest.mark.parametrize("shape", [(160, 64), (33, 100), (7, 1000)])
 def test_backbone_bytes_equal_stored_bytes(cfg: LayerChoice, shape: tuple[int, int]) -> None:
     target = TargetLayer("x", shape, "q_proj", 0)
     w = torch.randn(*shape)
     stored = 2 * w.numel() if cfg.bits == 16 else quantize(w, config=cfg.quant_config).nbytes
     assert backbone_bytes(target, cfg) == stored
+
+
+def test_double_quant_and_nf3_bytes_at_block_64() -> None:
+    """A phi-2 2560 x 2560 layer (6,553,600 weights, 102,400 blocks of 64): codes + one fp32 absmax per
+    block, or with double quantization one uint8 absmax code per block + one fp32 scale per 256
+    blocks (400) + one fp32 offset: QLoRA's 4.127 bits/weight for NF4, 3.127 for NF3."""
+    t = TargetLayer("x", (2560, 2560), "q_proj", 0)
+    cases = {(4, False): 3_276_800 + 409_600, (4, True): 3_276_800 + 102_400 + 400 * 4 + 4,
+             (3, False): 2_457_600 + 409_600, (3, True): 2_457_600 + 102_400 + 400 * 4 + 4,
+             (2, True): 1_638_400 + 102_400 + 1604}
+    for (bits, dq), want in cases.items():
+        choice = LayerChoice.of(width(bits, dq), 0)
+        assert (choice.bits, choice.double_quant) == (bits, dq) and backbone_bytes(t, choice) == want
+    assert 8 * backbone_bytes(t, LayerChoice(4, double_quant=True)) / t.numel == pytest.approx(4.127, abs=5e-4)
+    assert 8 * backbone_bytes(t, LayerChoice(3)) / t.numel == 3.5
+    assert 8 * backbone_bytes(t, LayerChoice(3, double_quant=True)) / t.numel == pytest.approx(3.127, abs=5e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi", "gpt2"])
@@ -197,7 +215,7 @@ def test_quantized_model_resident_bytes_equal_backbone_estimate(arch: str) -> No
              if (isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")) or type(m).__name__ == "Conv1D"]
     rng = random.Random(0)
     options = [LayerChoice(2), LayerChoice(4, double_quant=True), LayerChoice(8), LayerChoice(8, method="int8"),
-               LayerChoice(16)]
+               LayerChoice(16), LayerChoice(3), LayerChoice(3, double_quant=True)]
     choices = {n: rng.choice(options) for n in names}
     targets = [TargetLayer(n, tuple(linear_weight(model.get_submodule(n)).shape), n.rsplit(".", 1)[1], 0)
                for n in names]
@@ -355,8 +373,10 @@ def test_run_settings_validate_and_round_trip() -> None:
             RunSettings(**bad)
     with pytest.raises(ValueError, match="bogus"):
         RunSettings.from_dict({"bogus": 1})
-    with pytest.raises(ValueError, match="bits=3"):
-        LayerChoice(3)
+    with pytest.raises(ValueError, match="bits=5"):
+        LayerChoice(5)
+    with pytest.raises(ValueError, match="bits=3"):  # int8 has no 3-bit width
+        LayerChoice(3, method="int8")
     with pytest.raises(ValueError, match="-1"):
         LayerChoice(4, -1)
     assert RunSettings().compute_bytes == 2 and RunSettings(device="cpu").compute_bytes == 4

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from search_spaces import SEARCH_SPACES, SearchSpace, TargetLayer, find_targets, group_targets
+from search_spaces import (SEARCH_SPACES, SearchSpace, TargetLayer, Width, find_targets, group_targets, is_double_quant,
+                           width, width_bits)
 from tests.tiny_models import build_tiny
 
 
@@ -23,6 +24,37 @@ def test_keep16_is_opt_in() -> None:
     assert SearchSpace(bits=(4, 16)).all_bits == (4, 16)
 
 
+def test_widths_plain_ints_and_double_quantized_variants() -> None:
+    """A plain width is its int; 4dq is Width(4): ordered between 4 and 8, never equal to an int,
+    compared with ints like one (so `w >= 16` and sorting work), its own key and config."""
+    from loftq import QuantConfig
+    from search_spaces.choices import menu
+    from search_spaces.widths import quant_config, sort_key
+
+    w = Width(4)
+    assert str(w) == "4dq" and f"{w}-bit" == "4dq-bit" and width(4, True) == w and width(4) == 4
+    assert type(width(4)) is int and w != 4 and len({4, w, Width(4)}) == 2 and hash(w) != hash(4)
+    assert 4 < w < 8 and not w >= 16 and w < 16 and 16 > w and sorted([8, w, 16, 4, 2]) == [2, 4, w, 8, 16]
+    assert (width_bits(w), width_bits(3), is_double_quant(w), is_double_quant(4)) == (4, 3, True, False)
+    assert sorted([Width(8), 3, Width(3)], key=sort_key) == [3, Width(3), Width(8)]
+    assert quant_config(w) == QuantConfig(4, "nf", 64, True) and quant_config(16) is None
+    assert quant_config(3, block_size=128) == QuantConfig(3, "nf", 128, False)
+    assert menu((2, 3, 16), "search") == (2, Width(2), 3, Width(3), 16)
+    assert menu((4, 2), "on") == (Width(2), Width(4)) and menu((4, 2)) == (2, 4)
+    assert SearchSpace(bits=(3, 4), double_quant="on", ranks=(0, 8)).choices() == \
+        [(Width(3), 0), (Width(3), 8), (Width(4), 0), (Width(4), 8)]
+    assert SearchSpace().widths == (2, 4, 8) and SearchSpace(keep16=True, double_quant="on").widths[-1] == 16
+    for bad in (16, 1, True):
+        with pytest.raises(ValueError, match="quantized bits"):
+            Width(bad)
+    with pytest.raises(ValueError, match="a plain width is its int"):
+        Width(4, double_quant=False)
+    with pytest.raises(ValueError, match="double_quant must be one of off, on, search"):
+        menu((4,), "yes")
+    assert SearchSpace.from_dict(json.loads(json.dumps(SearchSpace(double_quant="search").to_dict()))).double_quant \
+        == "search"
+
+
 def test_choices_for_small_layer() -> None:
     tiny = TargetLayer("x", (24, 48), "q_proj", 0)
     assert SearchSpace(ranks=(0, 8, 16)).choices_for(tiny) == SearchSpace(ranks=(0, 8, 16)).choices()
@@ -31,7 +63,7 @@ def test_choices_for_small_layer() -> None:
 
 
 @pytest.mark.parametrize("kwargs,word", [
-    (dict(bits=(3,)), "bits"), (dict(bits=()), "bits"), (dict(bits=(8, 4)), "sorted"), (dict(bits=[2, 4]), "tuple"),
+    (dict(bits=(5,)), "bits"), (dict(bits=()), "bits"), (dict(double_quant="yes"), "'yes'"), (dict(bits=(8, 4)), "sorted"), (dict(bits=[2, 4]), "tuple"),
     (dict(ranks=(-8, 0)), "non-negative"), (dict(ranks=(8, 8)), "unique"), (dict(ranks=(0, 8.0)), "ints"),
     (dict(block_size=48), "power of two"), (dict(block_size=0), "block_size"), (dict(granularity="layer"), "'layer'"),
     (dict(keep16=1), "keep16"),

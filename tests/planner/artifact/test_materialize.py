@@ -1,4 +1,5 @@
-"""materialize + load: a real SmolLM2 plan with mixed 2/4/8 bits and ranks 0/8/16 (built once), and
+"""materialize + load: a real SmolLM2 plan with mixed 2/3/4/8 bits (some double-quantized) and ranks
+0/8/16 (built once), and
 tiny checkpoints for refusal, interruption / resumption, non-finite weights and the hf-bnb format."""
 from __future__ import annotations
 
@@ -42,12 +43,17 @@ def _quiet() -> None:
 
 
 def smol_choice(module: str, block: int) -> LayerChoice:
-    """Mixed plan: 2-bit gate/up every 5th block (rank 16), 8-bit v/down every 3rd, NF4 elsewhere;
-    rank 8 on q/v of even blocks. 42 of 210 layers have a rank (keeps the test's SVDs few)."""
+    """Mixed plan: 2-bit gate/up every 5th block (rank 16), 8-bit v/down every 3rd, NF3 o_proj in odd
+    blocks (double-quantized where block % 4 == 3, rank 8 where block % 8 == 1), NF4 + double quant
+    on k_proj of odd blocks, NF4 elsewhere; rank 8 on q/v of even blocks. 46 of 210 layers have a
+    rank (keeps the test's SVDs few)."""
     bits = 2 if module in ("gate_proj", "up_proj") and block % 5 == 2 else \
-        8 if module in ("v_proj", "down_proj") and block % 3 == 0 else 4
-    rank = 16 if bits == 2 else 8 if module in ("q_proj", "v_proj") and block % 2 == 0 else 0
-    return LayerChoice(bits, rank)
+        8 if module in ("v_proj", "down_proj") and block % 3 == 0 else \
+        3 if module == "o_proj" and block % 2 == 1 else 4
+    rank = 16 if bits == 2 else 8 if module in ("q_proj", "v_proj") and block % 2 == 0 else \
+        8 if bits == 3 and block % 8 == 1 else 0
+    dq = (bits == 3 and block % 4 == 3) or (module == "k_proj" and block % 2 == 1)
+    return LayerChoice(bits, rank, double_quant=dq)
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +74,22 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_smollm2_backbone_bytes_bits_and_ranks_match_the_plan(smol: dict) -> None:
     plan, model = load_plan(smol["dir"] / "plan.json"), smol["model"]
-    assert Counter(layer.bits for layer in plan.layers).keys() == {2, 4, 8}
+    assert Counter(layer.bits for layer in plan.layers).keys() == {2, 3, 4, 8}
+    assert {(layer.bits, layer.double_quant) for layer in plan.layers} == {(2, False), (3, False), (3, True),
+                                                                           (4, False), (4, True), (8, False)}
     assert {layer.rank for layer in plan.layers} == {0, 8, 16}
-    assert backbone_nbytes(model) == plan.estimate.breakdown["backbone"] == read_artifact(smol["dir"]).meta.nbytes
+    meta = read_artifact(smol["dir"]).meta
+    assert backbone_nbytes(model) == plan.estimate.breakdown["backbone"] == meta.nbytes
+    stored = {m.name: (m.bits, m.double_quant, m.nbytes) for m in meta.layers}  # each layer as the plan costs it
+    assert stored == {x.name: (x.bits, x.double_quant, x.stored_bytes) for x in plan.layers}
+    assert {x.bits_per_weight for x in plan.layers if x.bits == 3 and not x.double_quant} == {3.5}
+    assert all(round(x.bits_per_weight, 3) == 3.127 for x in plan.layers if x.bits == 3 and x.double_quant)
+    assert all(round(x.bits_per_weight, 3) == 4.127 for x in plan.layers if x.bits == 4 and x.double_quant)
     layers = {layer.name: layer for layer in plan.layers}
     quant = {n.removeprefix("base_model.model.").removesuffix(".base_layer"): m
              for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert set(quant) == set(layers)
-    assert all(quant[n].bits == layers[n].bits for n in layers)
+    assert all(quant[n].bits == layers[n].bits and quant[n].code_nbytes == layers[n].stored_bytes for n in layers)
     adapted = {n.removeprefix("base_model.model."): (m.r["default"], m.lora_alpha["default"])
                for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
     assert adapted == {n: (layer.rank, layer.alpha) for n, layer in layers.items() if layer.rank}
@@ -91,8 +105,9 @@ def test_smollm2_plan_records_the_residuals_reached(smol: dict) -> None:
     assert plan.created_with["materialize"]["backbone_bytes"] == plan.estimate.breakdown["backbone"]
     adapter = load_file(str(smol["dir"] / ADAPTER / ADAPTER_WEIGHTS))
     bare = load_backbone(smol["dir"], "cpu", torch.float32)
-    picks = [next(x for x in plan.layers if x.bits == b and (x.rank > 0) == ranked)
-             for b, ranked in ((2, True), (4, True), (4, False), (8, False))]
+    picks = [next(x for x in plan.layers if x.bits == b and (x.rank > 0) == ranked and x.double_quant == dq)
+             for b, ranked, dq in ((2, True, False), (3, True, False), (3, False, True), (4, True, False),
+                                   (4, False, False), (4, False, True), (8, False, False))]
     weights = dict((t.name, w) for t, w in smol["source"].iter_weights(
         [t for t in smol["source"].targets() if t.name in {p.name for p in picks}]))
     for layer in picks:

@@ -41,7 +41,7 @@ def layer(name: str, shape: tuple[int, int] = (576, 576), bits: int = 4, rank: i
     fields = dict(name=name, shape=shape, bits=bits, quant=f"nf{bits}" if bits < 16 else "bf16", block_size=64,
                   rank=rank, alpha=float(rank), iters=1, residual=0.061)
     if "bytes" not in kw:
-        kw["bytes"] = _param_bytes(name, shape, bits, rank) + (1000 if rank else 0)
+        kw["bytes"] = _param_bytes(name, shape, bits, rank, dq=kw.get("double_quant", False)) + (1000 if rank else 0)
     return LayerPlan(**{**fields, **kw})
 
 
@@ -82,7 +82,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert Plan.from_dict(plan.to_dict()) == plan
     assert loaded.layer("model.layers.1.mlp.up_proj").bits == 2
     doc = json.loads(path.read_text())
-    assert doc["schema_version"] == 2 and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
+    assert doc["schema_version"] == SCHEMA_VERSION == 3 and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
     assert doc["layers"][0]["bits_per_weight"] == 4.5  # NF4 codes + one fp32 absmax per 64 weights
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left
     save_plan(loaded, path)  # overwrite in place
@@ -96,8 +96,8 @@ def test_created_with_records_versions() -> None:
 
 
 def test_in_memory_validation_names_the_value() -> None:
-    with pytest.raises(ValueError, match="bits must be one of 2, 4, 8, 16; got 3"):
-        layer("a", bits=3, quant="x", bytes=0)
+    with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 8, 16; got 5"):
+        layer("a", bits=5, quant="x", bytes=0)
     with pytest.raises(ValueError, match="rank must be >= 0, got -1"):
         layer("a", rank=-1, bytes=0)
     with pytest.raises(ValueError, match="duplicate layer name 'model.layers.0.mlp.up_proj'"):
@@ -151,7 +151,8 @@ BAD_EDITS = {
     "layers not list": (_set("layers", value={}), "layers must be a list"),
     "layers empty": (_set("layers", value=[]), "layers must be a non-empty list"),
     "layer not object": (_set("layers", 0, value=4), "layers[0]: layer must be a JSON object"),
-    "bits 3": (_set("layers", 1, "bits", value=3), "layers[1] (model.layers.0.self_attn.k_proj): bits must be one of"),
+    "bits 5": (_set("layers", 1, "bits", value=5), "layers[1] (model.layers.0.self_attn.k_proj): bits must be one of"),
+    "bits 3 of nf4": (_set("layers", 1, "bits", value=3), "quant 'nf4' stores 4-bit codes, not bits 3"),
     "bits string": (_set("layers", 1, "bits", value="4"), "bits must be an integer"),
     "bits float": (_set("layers", 1, "bits", value=4.0), "bits must be an integer"),
     "negative rank": (_set("layers", 2, "rank", value=-8), "rank must be >= 0, got -8"),
@@ -277,7 +278,7 @@ def test_search_extra_must_be_plain_json() -> None:
 def test_in_memory_plan_takes_typed_records() -> None:
     with pytest.raises(ValueError, match="run must be a RunSettings, got dict"):
         make_plan(run=RUN.to_dict())
-    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 2"):
+    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 3"):
         make_plan(schema_version=1)
     plan = make_plan()
     assert plan.run.seq_len == 512 and plan.search.proxy.chosen() == {"trial": 0, "chosen": True}
@@ -287,12 +288,13 @@ def test_in_memory_plan_takes_typed_records() -> None:
 @pytest.mark.parametrize("name", ["plan_v1_guided.json", "plan_v1_manual.json"])
 def test_v1_plans_written_by_the_v1_code_still_load(name: str, tmp_path: Path) -> None:
     """Files written by the planner at schema v1 (commit b7fa3c8, a tiny llama: make_plan with a
-    guided search, and plan_from_choices with nf/uniform/int8/double-quant/16-bit layers) load as v2."""
+    guided search, and plan_from_choices with nf/uniform/int8/double-quant/16-bit layers) load as the
+    current schema."""
     path = DATA / name
     doc = json.loads(path.read_text())
     assert doc["schema_version"] == 1 and "bits_per_weight" not in doc["layers"][0]
     plan = load_plan(path)
-    assert plan.schema_version == 2 and plan.total_bytes == doc["estimate"]["total_bytes"]
+    assert plan.schema_version == SCHEMA_VERSION and plan.total_bytes == doc["estimate"]["total_bytes"]
     assert plan.run == RunSettings.from_dict(doc["run"]) and plan.estimate.breakdown == doc["estimate"]["breakdown"]
     for got, old in zip(plan.layers, doc["layers"]):
         assert (got.name, got.bits, got.quant, got.rank, got.bytes) == \
@@ -302,8 +304,42 @@ def test_v1_plans_written_by_the_v1_code_still_load(name: str, tmp_path: Path) -
     if "proxy" in doc["search"]:
         assert plan.search.proxy.candidates == tuple(doc["search"]["proxy"]["candidates"])
         assert plan.search.timings == doc["search"]["timings"] and plan.search.study_name == doc["search"]["study_name"]
-    again = load_plan(save_plan(plan, tmp_path / "v2.json"))  # written back as v2, read as v2
-    assert again == plan and json.loads((tmp_path / "v2.json").read_text())["schema_version"] == 2
+    again = load_plan(save_plan(plan, tmp_path / "now.json"))  # written back and read as the current schema
+    assert again == plan and json.loads((tmp_path / "now.json").read_text())["schema_version"] == SCHEMA_VERSION
+
+
+def test_v2_plan_written_by_the_v2_code_still_loads(tmp_path: Path) -> None:
+    """A file written by the planner at schema v2 (commit bff2ca0: plan_from_choices on a tiny llama with
+    nf2, nf4 + double quant, nf8, int8, uniform4 and bf16 layers) loads as v3 with every field as written."""
+    doc = json.loads((DATA / "plan_v2_manual.json").read_text())
+    assert doc["schema_version"] == 2
+    plan = load_plan(DATA / "plan_v2_manual.json")
+    assert plan.schema_version == SCHEMA_VERSION == 3
+    assert {k: v for k, v in plan.to_dict().items() if k != "schema_version"} == \
+        {k: v for k, v in doc.items() if k != "schema_version"}
+    assert {(x.quant, x.double_quant) for x in plan.layers} >= {("nf2", False), ("nf4", True), ("int8", False),
+                                                               ("uniform4", False), ("bf16", False)}
+    again = load_plan(save_plan(plan, tmp_path / "v3.json"))
+    assert again == plan and json.loads((tmp_path / "v3.json").read_text())["schema_version"] == 3
+
+
+def test_nf3_and_double_quant_layers_record_their_exact_bits_per_weight(tmp_path: Path) -> None:
+    """576 x 576 at block 64 (5184 blocks): NF3 stores 124416 B of codes + 20736 B of fp32 absmax
+    (3.5 bits/weight); with double quantization 5184 B of 8-bit absmax codes + 21 fp32 scales + one
+    offset instead (3.127); NF4 + DQ 4.127."""
+    nf3, nf3dq = layer("a", bits=3), layer("b", bits=3, double_quant=True)
+    nf4dq = layer("c", bits=4, double_quant=True)
+    assert nf3.stored_bytes == 124416 + 20736 and nf3.bits_per_weight == 3.5
+    assert nf3dq.stored_bytes == 124416 + 5184 + 21 * 4 + 4 and nf3dq.bits_per_weight == 8 * 129688 / 331776
+    assert nf4dq.stored_bytes == 165888 + 5184 + 88 and round(nf4dq.bits_per_weight, 4) == 4.1271
+    plan = make_plan(layers=[nf3, nf3dq, nf4dq, *make_plan().layers])
+    assert load_plan(save_plan(plan, tmp_path / "p.json")) == plan
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert [(x["quant"], x["double_quant"], x["bits_per_weight"]) for x in doc["layers"][:3]] == \
+        [("nf3", False, 3.5), ("nf3", True, 8 * 129688 / 331776), ("nf4", True, 8 * 171160 / 331776)]
+    doc["layers"][1]["bits_per_weight"] = 3.5  # what it would store without double quantization
+    with pytest.raises(ValueError, match="bits_per_weight 3.5 is not what nf3 stores"):
+        Plan.from_dict(doc)
 
 
 def test_v1_reader_keeps_unknown_search_keys_and_checks_what_v1_missed() -> None:

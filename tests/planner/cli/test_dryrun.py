@@ -24,6 +24,26 @@ def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def test_double_quant_and_nf3_on_the_menu(capsys: pytest.CaptureFixture) -> None:
+    """--double-quant search adds 2dq ... 8dq: the smallest plan is 2dq (phi-2's 192 layers save
+    exactly their absmax bytes minus the 8-bit codes and second-level constants), the largest plain
+    8-bit; the uniform plans of the menu include the dq widths and NF3."""
+    base = ["--model", "phi-2", "--budget", "11GB", "--dry-run", "--json"]
+    _, plain, _ = _run(capsys, *base)
+    rc, out, err = _run(capsys, *base, "--bits", "2,3,4,8", "--double-quant", "search")
+    assert rc == 0, err
+    plain, report = json.loads(plain), json.loads(out)
+    assert report["min"]["plan"] == {"bits": [2], "ranks": [0], "double_quant": True}
+    assert report["max"]["plan"] == {"bits": [8], "ranks": [64]} and report["max_bytes"] == plain["max_bytes"]
+    source = resolve("phi-2")
+    targets = source.targets()
+    blocks = [-(-t.numel // 64) for t in targets]
+    saved = sum(4 * n - (n + 4 * -(-n // 256) + 4) for n in blocks)
+    assert plain["min"]["breakdown"]["backbone"] - report["min"]["breakdown"]["backbone"] == saved
+    labels = [f["label"] for f in report["fit"]]
+    assert labels == [f"uniform {w}-bit r64" for w in ("2", "2dq", "3", "3dq", "4", "4dq", "8", "8dq")]
+
+
 def test_json_gives_min_max_breakdowns_and_fits(capsys: pytest.CaptureFixture) -> None:
     rc, out, err = _run(capsys, "--model", "phi-2", "--budget", "11GB", "--dry-run", "--json")
     assert rc == 0, err
@@ -78,7 +98,8 @@ def test_table_output(capsys: pytest.CaptureFixture) -> None:
     (["--model", "phi-2", "--budget=-3GB", "--dry-run"], "positive"),
     (["--model", "no-such-model", "--budget", "11GB", "--dry-run"], "unknown model"),
     (["--model", "phi-2", "--dry-run", "--seq-len", "0"], "seq_len"),
-    (["--model", "phi-2", "--dry-run", "--bits", "3"], "bits"),
+    (["--model", "phi-2", "--dry-run", "--bits", "5"], "bits"),
+    (["--model", "phi-2", "--dry-run", "--double-quant", "yes"], "--double-quant"),
     (["--model", "phi-2", "--budget", "1e400GB", "--dry-run"], "beyond any machine"),
     # a dry run validates every option a real run would, though it reads no weights or data
     (["--model", "phi-2", "--dry-run", "--adapter-margin", "-1"], "adapter_margin"),

@@ -14,7 +14,8 @@ from planner.settings import LayerChoice
 from tests.tiny_models import build_tiny
 
 CONFIGS = [dict(bits=2), dict(bits=4), dict(bits=8), dict(bits=4, double_quant=True), dict(bits=8, method="int8"),
-           dict(bits=4, method="uniform"), dict(bits=2, block_size=128, double_quant=True)]
+           dict(bits=4, method="uniform"), dict(bits=2, block_size=128, double_quant=True), dict(bits=3),
+           dict(bits=3, double_quant=True)]
 
 
 def _layer(shape=(96, 160), bias=True, dtype=torch.float32, **cfg) -> tuple[QuantLinear, object, torch.Tensor]:
@@ -71,7 +72,7 @@ def _saved_shapes(fn) -> list[torch.Size]:
     return shapes
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[:3] + [dict(keep16=True)], ids=str)
+@pytest.mark.parametrize("cfg", CONFIGS[:3] + [dict(bits=3), dict(keep16=True)], ids=str)
 def test_backward_saves_no_weight_sized_tensor(cfg: dict) -> None:
     if cfg.get("keep16"):
         layer = QuantLinear(torch.randn(96, 160).to(torch.bfloat16), torch.randn(96), torch.float32)
@@ -97,8 +98,20 @@ def test_keep16_layer_stores_16_bits() -> None:
 def test_chunked_dequantization_is_identical(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "CHUNK", 1000)
     for cfg in CONFIGS:
-        qt = quantize(torch.randn(37, 192), **cfg)
-        assert torch.equal(dequantize_chunked(qt, torch.bfloat16), dequantize(qt, torch.bfloat16))
+        for shape in [(37, 192), (35, 33)]:  # chunks of 960 weights; a tail block and, at 3 bits, a short last byte
+            qt = quantize(torch.randn(*shape), **cfg)
+            assert torch.equal(dequantize_chunked(qt, torch.bfloat16), dequantize(qt, torch.bfloat16))
+
+
+def test_nf3_is_served_by_the_torch_dequantizer() -> None:
+    """The registry gives NF3 (with or without double quantization) to the chunked torch backend on
+    every device (bitsandbytes has no 3-bit kernel); NF4 keeps bnb's kernel on CUDA only."""
+    for dq in (False, True):
+        layer, qt, _ = _layer(bits=3, double_quant=dq)
+        assert pick_dequantizer(qt).name == "torch" and layer.bits == 3
+        assert torch.equal(layer.dense_weight(torch.float32), dequantize(qt, torch.float32))
+    assert pick_dequantizer(quantize(torch.randn(8, 64), 4)).name == ("bnb-nf4" if torch.cuda.is_available() and
+                                                                      runtime._bnb_available() else "torch")
 
 
 @pytest.mark.parametrize("dq", [False, True])

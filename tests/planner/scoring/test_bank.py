@@ -88,7 +88,7 @@ def test_model_weights_are_out_in_for_conv1d_too() -> None:
 
 
 @pytest.mark.parametrize("kwargs, word", [({"svd": "fast"}, "svd"), ({"max_rank": -1}, "max_rank"),
-                                          ({"bits": (3,)}, "bits"), ({"dtype": torch.int8}, "dtype")])
+                                          ({"bits": (5,)}, "bits"), ({"dtype": torch.int8}, "dtype")])
 def test_settings_validation_names_the_value(kwargs: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):
         BankSettings(**{"bits": (4,), "max_rank": 8, **kwargs})

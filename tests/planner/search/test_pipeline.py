@@ -133,7 +133,7 @@ def test_cli_writes_a_plan(cfg: PlanConfig, capsys: pytest.CaptureFixture) -> No
     (["--budget=-5GB"], "budget"),
     (["--budget", "-5GB"], "--budget"),
     (["--budget", "1KB"], "smallest plan needs"),
-    (["--budget", "1GB", "--bits", "3,4"], "bits"),
+    (["--budget", "1GB", "--bits", "5,4"], "bits"),
     (["--budget", "1GB", "--ranks", "a,b"], "integers"),
     (["--budget", "1GB", "--ranks", "0,4096"], "rank"),
     (["--budget", "1GB", "--data", "/nonexistent/corpus.txt"], "corpus.txt"),
