@@ -171,7 +171,7 @@ def streamed_fisher_errors(stream, blocks: torch.Tensor, bits: Sequence[int], me
                         if b >= 16:
                             continue
                         deq = bank.deq(name, b).float() if bank is not None else \
-                            dequantize(quantize(w, config=QuantConfig(b, method, block_size)), torch.float32)
+                            dequantize(quantize(w, config=quant_config(b, method, block_size)), torch.float32)
                         out[row[name], j] = 0.5 * float((f * (w - deq.to(w.device)).pow(2)).sum())
             advance(1)
     return out
