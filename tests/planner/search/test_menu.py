@@ -81,12 +81,13 @@ def test_fisher_errors_of_double_quantized_widths_are_their_own(cfg: PlanConfig)
     """The objective's rank-0 estimate of a width is 1/2 sum F (W - Q_w)^2 with Q_w as stored: for 4dq
     the double-quantized absmax, recomputed here from the Fisher of the same calibration blocks."""
     from planner.scoring.sensitivity import empirical_fisher, fisher_errors, module_weight, target_modules
-    from planner.search.pipeline import _calibration, load_scoring_model
+    from planner.scoring.scorer import load_full_model
+    from planner.search.pipeline import _calibration
     from planner.train.data import load_corpus
 
     prep = prepare(cfg, RUN)
     table = make_plan(cfg, RUN, prep.estimate(extremes(prep)[1]).total_bytes).problem.table  # any budget: one table
-    model = load_scoring_model(prep)
+    model = load_full_model(prep.source, causal=True)  # the whole-model reference; planning streams
     train, _, _ = _calibration(prep, prep.source.tokenizer(), load_corpus())
     names = [t.name for t in prep.targets]
     fisher = empirical_fisher(model, names, train, causal=True)
