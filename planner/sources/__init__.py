@@ -29,7 +29,8 @@ from planner.artifact.layout import CONFIG_FILES, contained, one_line
 from planner.cache import default_cache_dir
 from planner.errors import PlannerError
 from planner.sources.files import WeightIndex, check_finite, fingerprint, folder_roots
-from planner.sources.packaged import PACKAGED, gguf_folder, hub_folder
+from planner.sources.gguf_convert import gguf_folder
+from planner.sources.packaged import PACKAGED, hub_folder
 
 log = logging.getLogger(__name__)
 

