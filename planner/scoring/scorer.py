@@ -75,6 +75,7 @@ class Scorer:
         self.model: nn.Module | None = None
         if self.stream is not None:
             check_causal(self.stream.frame, causal, source.reference)
+            check_non_targets(source, self.names)
         else:
             log.info("%s: scoring with the whole model in memory (%s)", source.reference, why)
             self.model = load_full_model(source, causal)
@@ -127,6 +128,17 @@ class Scorer:
         base = self.candidate_base(torch.float32 if self.model is not None else compute)
         return CandidateBuilder(base, method, block_size, max_rank=max_rank, bank=bank, compute_dtype=compute,
                                 adapter_dtype=adapter, device=self.device)
+
+
+def check_non_targets(source: Any, targets: Sequence[str]) -> None:
+    """Read every parameter that is not a target weight (norms, biases, embeddings: small) once, so
+    a non-finite value anywhere fails now, in one line naming it, as loading the whole model did;
+    the target weights are checked as the tables stream them."""
+    skeleton = source.skeleton
+    skip = {id(skeleton.get_submodule(name).weight) for name in targets}
+    for name, p in skeleton.named_parameters():
+        if id(p) not in skip:
+            source.read_tensor(name)
 
 
 def load_full_model(source: Any, causal: bool) -> nn.Module:

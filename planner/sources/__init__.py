@@ -258,7 +258,11 @@ class ModelSource:
         from transformers import AutoTokenizer
 
         folder = self._need_weights()
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=self.trust_remote_code)
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as err:  # no or broken tokenizer files: one line, not a traceback
+            raise PlannerError(f"{folder}: cannot load its tokenizer ({type(err).__name__}: {one_line(err)}); "
+                               "planning needs the model's tokenizer files beside its weights") from None
 
     @property
     def roots(self) -> tuple[Path, ...]:
