@@ -114,8 +114,8 @@ def _peak_line(peak: Any) -> str:
     stage = max(peak.stages, key=peak.stages.get)
     where = (f"{format_bytes(peak.device_bytes)} on the GPU and {format_bytes(peak.host_bytes)} host memory"
              if peak.device_bytes else f"{format_bytes(peak.host_bytes)} host memory")
-    return (f"planning itself needs about {where} at its peak (frame {format_bytes(peak.frame_bytes)} + {stage} "
-            f"{format_bytes(peak.stages[stage])}, one block at a time), and on disk "
+    return (f"planning itself needs about {where} at its peak ({stage}, one block at a time; the frame of "
+            f"embeddings and head {format_bytes(peak.frame_bytes)}), and on disk "
             f"{format_bytes(peak.boundary_file_bytes)} of block-boundary states + {format_bytes(peak.bank_disk_bytes)} "
             "of weight bank in the cache\n")
 

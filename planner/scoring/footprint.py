@@ -31,7 +31,8 @@ RUNTIME_BYTES = 600 * 2**20  # Python, torch and transformers loaded, measured R
 @dataclass(frozen=True)
 class PlannerPeak:
     """Bytes: ``host`` (CPU scoring: everything; CUDA scoring: runtime and read buffers), ``device``
-    (CUDA scoring only, else 0), ``stages`` (each stage's working set above the frame), and what lies on disk."""
+    (CUDA scoring only, else 0), ``stages`` (each stage's working set, the frame included where it is
+    resident: the tables run before it is built), and what lies on disk."""
 
     host_bytes: int
     device_bytes: int
@@ -67,16 +68,24 @@ def planner_peak(facts: Any, targets: Sequence[Any], non_target: Sequence[Any], 
     h, seq, vocab = facts.hidden, seq_len, facts.vocab if facts.is_decoder else facts.hidden
     acts = FP32 * seq * (14 * h + 5 * facts.intermediate) + FP32 * 3 * facts.heads * seq * seq
     head = 3 * FP32 * seq * vocab
-    stages = {
-        "tables": 6 * layer + FP32 * rows * rows * 2,
-        "sensitivity": block_w + 2 * block_t + 4 * layer + acts + head,
-    }
+    from planner.scoring.tables import BATCH_BYTES
+
+    by_shape: dict[tuple[int, ...], int] = {}
+    for t in targets:
+        by_shape[tuple(t.shape)] = by_shape.get(tuple(t.shape), 0) + FP32 * numel(t.shape)
+    stacks = [max(min(total, BATCH_BYTES), FP32 * numel(shape)) for shape, total in by_shape.items()]
+    # the tables run before the frame exists: same-shape weights wait in stacks of at most
+    # BATCH_BYTES, and one stack's quantizer and spectrum work is a few times its size (measured ~6x)
+    tables = sum(stacks) + 6 * max(stacks) + FP32 * rows * rows * 2
+    stages = {"sensitivity": block_w + 2 * block_t + 4 * layer + acts + head}
     if trials > 0:
         logp = FP32 * proxy_seqs * seq * vocab
         stages["zero-step proxy"] = 2 * logp + 2 * head + block_w + 3 * layer + FP32 * max_rank * rows * 2
     if proxy_top > 0:
         stages["fine-tune proxy"] = int(candidate_bytes)
-    work = frame + max(stages.values())
+    stages = {k: frame + v for k, v in stages.items()}
+    stages["tables"] = tables
+    work = max(stages.values())
     widths = [b for b in bits if b < 16]
     n_weights = sum(numel(t.shape) for t in targets)
     bank = sum(n_weights * b // 8 + n_weights // 64 * FP32 for b in widths) if trials > 0 else 0
