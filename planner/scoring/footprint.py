@@ -73,10 +73,10 @@ def planner_peak(facts: Any, targets: Sequence[Any], non_target: Sequence[Any], 
     by_shape: dict[tuple[int, ...], int] = {}
     for t in targets:
         by_shape[tuple(t.shape)] = by_shape.get(tuple(t.shape), 0) + FP32 * numel(t.shape)
-    stacks = [max(min(total, BATCH_BYTES), FP32 * numel(shape)) for shape, total in by_shape.items()]
-    # the tables run before the frame exists: same-shape weights wait in stacks of at most
+    stack = max(min(sum(by_shape.values()), BATCH_BYTES), layer)
+    # the tables run before the frame exists: the weights waiting to be stacked by shape stay under
     # BATCH_BYTES, and one stack's quantizer and spectrum work is a few times its size (measured ~6x)
-    tables = sum(stacks) + 6 * max(stacks) + FP32 * rows * rows * 2
+    tables = stack + 6 * stack + FP32 * rows * rows * 2
     stages = {"sensitivity": block_w + 2 * block_t + 4 * layer + acts + head}
     if trials > 0:
         logp = FP32 * proxy_seqs * seq * vocab

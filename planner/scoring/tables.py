@@ -54,13 +54,19 @@ class ResidualTables:
 
 
 def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tuple[list[TargetLayer], torch.Tensor]]:
-    """Group streamed weights by shape into stacks of at most BATCH_BYTES."""
+    """Group streamed weights by shape into stacks; the weights waiting, all shapes together, stay
+    under BATCH_BYTES (the largest group goes as soon as they would not), so the stage's memory
+    does not grow with the model's depth."""
     pending: dict[tuple[int, int], list[tuple[TargetLayer, torch.Tensor]]] = defaultdict(list)
+    waiting = 0
     for target, weight in stream:
         shape = tuple(weight.shape)
         pending[shape].append((target, weight))
-        if len(pending[shape]) * weight.numel() * 4 >= BATCH_BYTES:
+        waiting += weight.numel() * 4
+        while waiting >= BATCH_BYTES:
+            shape = max(pending, key=lambda s: len(pending[s]) * pending[s][0][1].numel())
             group = pending.pop(shape)
+            waiting -= sum(w.numel() * 4 for _, w in group)
             yield [t for t, _ in group], torch.stack([w for _, w in group])
     for group in pending.values():
         yield [t for t, _ in group], torch.stack([w for _, w in group])
