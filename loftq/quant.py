@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .codebooks import int8_codebook, nf_codebook, uniform_codebook
+from .codebooks import code_lookup, int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack
 from .registry import Registry
 
@@ -197,8 +197,7 @@ def _encode(flat: torch.Tensor, block: int, codebook: torch.Tensor, absmax: torc
     if tail:  # bnb divides the tail block instead of multiplying by the reciprocal
         scaled[-1] = blocks[-1] / safe[-1]
     scaled.clamp_(-1.0, 1.0)
-    bounds = (codebook[:-1] + codebook[1:]) / 2
-    codes = torch.bucketize(scaled.reshape(-1)[:keep], bounds, out_int32=True)
+    codes = code_lookup(codebook).codes(scaled.reshape(-1)[:keep])
     return codes.to(torch.uint8), absmax
 
 
@@ -271,6 +270,9 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     return out.reshape(qt.shape).to(dtype or qt.dtype)
 
 
+CHUNK_BLOCKS = 2048  # blocks per step of the fused quantizer: its temporaries stay in the L2 cache
+
+
 def fake_quantize(weight: torch.Tensor, config: QuantConfig, *, checked: bool = False) -> torch.Tensor:
     """``dequantize(quantize(weight, config=config), float32)`` without packing: fp32, same shape.
 
@@ -279,23 +281,66 @@ def fake_quantize(weight: torch.Tensor, config: QuantConfig, *, checked: bool = 
     """
     if not checked:
         check_finite(weight)
+    if config.double_quant:
+        return dequantize(quantize(weight, config=config), torch.float32)
+    return _fused(weight, config)[0]
+
+
+def quantization_residual(weight: torch.Tensor, config: QuantConfig, *, dtype: torch.dtype = torch.float32,
+                          checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, ||R||^2) with R = weight - fake_quantize(weight, config) in ``dtype`` (same shape) and its
+    squared Frobenius norm per matrix (float64 [L] for a [L, out, in] stack, [] for one matrix),
+    summed from the fp32 residual whatever ``dtype`` is. One fused pass, in cache-sized chunks."""
+    if not checked:
+        check_finite(weight)
+    if weight.ndim == 3 and (config.spec.rowwise or config.double_quant
+                             or (weight.shape[1] * weight.shape[2]) % config.block_size):
+        # blocks would straddle two matrices of the stack (or rows are blocks): one matrix at a time
+        parts = [quantization_residual(m, config, dtype=dtype, checked=True) for m in weight]
+        return torch.stack([r for r, _ in parts]), torch.stack([sq for _, sq in parts])
+    if config.double_quant or config.spec.rowwise:
+        res = weight.detach().float() - fake_quantize(weight, config, checked=True)
+        return res.to(dtype), res.double().pow(2).sum(dim=(-2, -1))
+    res, sq = _fused(weight, config, residual_dtype=dtype)
+    per_matrix = sq.view(weight.shape[0], -1) if weight.ndim == 3 else sq.view(1, -1)
+    total = per_matrix.double().sum(dim=1)
+    return res, total if weight.ndim == 3 else total[0]
+
+
+def _fused(weight: torch.Tensor, config: QuantConfig,
+           residual_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dequantized weight (fp32), or with ``residual_dtype`` the residual weight - dequantized in that
+    dtype plus fp32 [n_blocks] per-block squared residuals; blockwise methods without double
+    quantization are processed CHUNK_BLOCKS blocks at a time, the row-wise one in one go."""
     spec = config.spec
-    block = weight.shape[-1] if spec.rowwise else config.block_size
     flat = weight.detach().reshape(-1).float()
     n = flat.numel()
-    if config.double_quant:
-        qt = quantize(weight, config=config)
-        return dequantize(qt, torch.float32)
-    codebook = spec.codebook(config.bits).to(weight.device)
-    blocks, tail = _blocks(flat, block)
-    absmax = blocks.abs().amax(dim=1, keepdim=True)
-    safe = absmax.clamp(min=1e-38)
     if spec.rowwise:
-        codes = torch.round(blocks * (127.0 / safe)).clamp_(-127, 127)
-        return (codes * absmax * INT8_RECIPROCAL).reshape(-1)[:n].view(weight.shape)
-    scaled = blocks * safe.reciprocal_()
-    if tail:
-        scaled[-1] = blocks[-1] / absmax[-1].clamp(min=1e-38)
-    scaled.clamp_(-1.0, 1.0)
-    idx = torch.bucketize(scaled, (codebook[:-1] + codebook[1:]) / 2, out_int32=True)
-    return codebook[idx].mul_(absmax).reshape(-1)[:n].view(weight.shape)
+        rows = flat.view(-1, weight.shape[-1])
+        absmax = rows.abs().amax(dim=1, keepdim=True)
+        codes = torch.round(rows * (127.0 / absmax.clamp(min=1e-38))).clamp_(-127, 127)
+        return (codes * absmax * INT8_RECIPROCAL).view(weight.shape), None
+    codebook = spec.codebook(config.bits).to(weight.device)
+    lookup = code_lookup(codebook)
+    blocks, tail = _blocks(flat, config.block_size)
+    out = torch.empty(blocks.shape, dtype=residual_dtype or torch.float32, device=weight.device)
+    sq = torch.empty(blocks.shape[0], device=weight.device) if residual_dtype is not None else None
+    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
+        part = blocks[start:start + CHUNK_BLOCKS]
+        lo, hi = torch.aminmax(part, dim=1, keepdim=True)
+        absmax = torch.maximum(hi, lo.neg_())
+        safe = absmax.clamp(min=1e-38)
+        scaled = part * safe.reciprocal()
+        if tail and start + part.shape[0] == blocks.shape[0]:  # bnb divides the tail block
+            scaled[-1] = part[-1] / safe[-1]
+        scaled.clamp_(-1.0, 1.0)
+        deq = codebook.index_select(0, lookup.codes(scaled).view(-1)).view(part.shape).mul_(absmax)
+        if sq is None:
+            out[start:start + part.shape[0]] = deq
+            continue
+        torch.sub(part, deq, out=deq)
+        out[start:start + part.shape[0]] = deq
+        sq[start:start + part.shape[0]] = deq.square_().sum(dim=1)
+    if sq is not None and tail:  # the zero padding may quantize to a non-zero code (uniform): not counted
+        sq[-1] = out[-1, :tail].float().pow(2).sum()
+    return out.view(-1)[:n].view(weight.shape), sq
