@@ -20,7 +20,7 @@ from planner.devices import resolve_device
 from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
 
 BATCH_BYTES = 256 * 2**20  # stack same-shape weights up to this many fp32 bytes per call
-PRODUCER = "residual-tables/1"  # bump when compute_tables' numbers change for the same loftq
+PRODUCER = "residual-tables/2"  # bump when compute_tables' numbers change for the same loftq (2: Krylov spectra)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""The top of a matrix's spectrum by block Krylov iteration: what the residual tables and LoftQ's
+randomized low-rank step share.
+
+For M [L, out, in] the basis lives on the shorter side (p = min(out, in)); with G = M M^T (or M^T M)
+and a seeded Gaussian start S (shared by the batch, so a matrix's result does not depend on what it
+is batched with):
+
+    K = [Q_0, ..., Q_{d-1}],  Q_0 = orth(M S),  Q_j = orth(G Q_{j-1} projected off Q_0..Q_{j-1})
+
+and Rayleigh-Ritz on span K: the eigenvalues of T = K^T G K [D x D], D = block x depth, are lower
+bounds of the top-D squared singular values and their top ones converge first. Cost: 2 depth + 1
+products of M with a [p, block] matrix (832 x out x in flops at block 32, depth 6) against
+2 x p x out x in for the Gram matrix alone; a full SVD costs several times that.
+
+Accuracy is measured, not assumed: ``tests/loftq/test_spectral.py`` checks it against exact
+spectra of real SmolLM2 quantization residuals (every layer, NF2/NF4/NF8, ranks 8..64): relative
+residual sqrt(||R||^2 - sum_{i<=r} s_i^2) within 1% of exact. Outside that domain (rank > 64)
+callers use the exact decomposition.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+KRYLOV_BLOCK = 32
+KRYLOV_DEPTH = 6  # at block 32: depth 5 gave 1.06% worst residual error on SmolLM2, depth 6 0.45%
+MAX_RANK = 64  # the largest rank the accuracy test covers
+SEED = 0
+
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+
+def krylov_dim() -> int:
+    return KRYLOV_BLOCK * KRYLOV_DEPTH
+
+
+def applies(shape: tuple[int, ...], rank: int) -> bool:
+    """Whether the Krylov estimate is used for ``rank`` on matrices of ``shape`` (else: exact)."""
+    return 0 < rank <= MAX_RANK and min(shape[-2:]) > krylov_dim()
+
+
+def _products(m: torch.Tensor, dtype: torch.dtype) -> tuple[bool, Product, Product]:
+    """(rows, start, gram) for M [L, out, in] in ``dtype``: rows = the basis is on the out side;
+    ``start(S)`` = M S or M^T S for a [q, b] start; ``gram(Q)`` = G Q, fp32 in, fp32 out.
+    Both products are written as A @ x or (x^T A)^T, the fast forms for a contiguous A."""
+    a = m.to(dtype).contiguous()
+
+    def right(x: torch.Tensor) -> torch.Tensor:  # M x: [L, in, b] -> [L, out, b]
+        return torch.matmul(a, x.to(dtype))
+
+    def left(y: torch.Tensor) -> torch.Tensor:  # M^T y: [L, out, b] -> [L, in, b]
+        return torch.matmul(y.to(dtype).transpose(-2, -1), a).transpose(-2, -1)
+
+    rows = m.shape[-2] <= m.shape[-1]
+    if rows:
+        return True, right, lambda q: right(left(q)).float()
+    return False, left, lambda q: left(right(q)).float()
+
+
+def krylov(m: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """Block Krylov basis of M [L, out, in] (products in ``dtype``, default M's): (rows, K, T) with
+    K fp32 [L, p, D] orthonormal and T = K^T G K float64 [L, D, D] (symmetric)."""
+    rows, start, gram = _products(m, dtype or m.dtype)
+    q_side = m.shape[-1] if rows else m.shape[-2]
+    gen = torch.Generator(device=m.device).manual_seed(SEED)
+    s = torch.randn(q_side, KRYLOV_BLOCK, generator=gen, device=m.device).expand(m.shape[0], q_side, KRYLOV_BLOCK)
+    y = start(s).float()
+    basis: list[torch.Tensor] = []
+    images: list[torch.Tensor] = []
+    for _ in range(KRYLOV_DEPTH):
+        if basis:
+            k = torch.cat(basis, dim=-1)
+            y = y - k @ (k.transpose(-2, -1) @ y)
+        q = torch.linalg.qr(y).Q
+        basis.append(q)
+        y = gram(q)
+        images.append(y)
+    k, gk = torch.cat(basis, dim=-1), torch.cat(images, dim=-1)
+    # one projection pass per block leaves K orthonormal only to about 1e-6: Rayleigh-Ritz on the
+    # exactly orthonormal Q of K = Q R, i.e. T = R^-T (K^T G K) R^-1, keeps the Ritz values lower bounds
+    qk, r = torch.linalg.qr(k)
+    t = (k.transpose(-2, -1) @ gk).double()
+    r = r.double()
+    t = torch.linalg.solve_triangular(r, t, upper=True, left=False)
+    t = torch.linalg.solve_triangular(r.transpose(-2, -1), t, upper=False, left=True)
+    return rows, qk, (t + t.transpose(-2, -1)) / 2
+
+
+def top_squared_singular_values(m: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The k largest squared singular values of each M [L, out, in], descending, float64 [L, k]:
+    Krylov Ritz values where :func:`applies`, else exact (eigenvalues of the smaller Gram matrix)."""
+    if k == 0:
+        return torch.zeros(m.shape[0], 0, dtype=torch.float64, device=m.device)
+    if applies(tuple(m.shape), k):
+        _, _, t = krylov(m, dtype)
+        vals = torch.linalg.eigvalsh(t)
+    else:
+        a = m.float()
+        gram = a @ a.transpose(-2, -1) if a.shape[-2] <= a.shape[-1] else a.transpose(-2, -1) @ a
+        vals = torch.linalg.eigvalsh(gram.double())
+    return vals.flip(-1)[..., :k].clamp(min=0)
+
+
+def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of M [out, in] (fp32): u [out, r], s [r], vh [r, in], from the
+    Krylov basis (products in fp32) where :func:`applies`, else a full thin SVD."""
+    if not applies(tuple(m.shape), rank):
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    a = m.float()
+    rows, k, t = krylov(a.unsqueeze(0))
+    vals, vecs = torch.linalg.eigh(t[0])
+    top = vecs[:, -rank:].flip(-1).float()
+    s = vals[-rank:].flip(-1).clamp(min=0).sqrt().float()
+    ritz = k[0] @ top  # [p, r] orthonormal: left singular vectors (rows) or right ones
+    safe = s.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    if rows:
+        return ritz, s, (ritz.T @ a) / safe
+    return (a @ ritz) / safe.T, s, ritz.T.contiguous()
