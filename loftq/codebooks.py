@@ -87,21 +87,23 @@ class CodeLookup:
     base: torch.Tensor
     threshold: torch.Tensor
 
-    def codes(self, scaled: torch.Tensor) -> torch.Tensor:
-        """int32 codes of ``scaled`` (fp32, any shape, values in [-1, 1]): the index of the nearest
-        codebook entry, ties to the lower one; equal to ``torch.bucketize(scaled, midpoints)``."""
-        flat = scaled.reshape(-1)
-        cell = (flat * self.scale).add_(self.scale).to(torch.int32)
-        codes = self.base.index_select(0, cell)
-        codes += flat > self.threshold.index_select(0, cell)
+    def cells(self, scaled: torch.Tensor) -> torch.Tensor:
+        """int64 [numel] grid cell of each value of ``scaled`` (the same for every lookup of this scale)."""
+        return (scaled.reshape(-1) * self.scale).add_(self.scale).long()
+
+    def codes(self, scaled: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """codes of ``scaled`` (fp32, any shape, values in [-1, 1]): the index of the nearest codebook
+        entry, ties to the lower one; equal to ``torch.bucketize(scaled, midpoints)`` (int32)."""
+        cells = self.cells(scaled) if cells is None else cells
+        codes = self.base.index_select(0, cells)
+        codes += scaled.reshape(-1) > self.threshold.index_select(0, cells)
         return codes.view(scaled.shape)
 
 
 @lru_cache(maxsize=None)
-def _lookup(values: tuple[float, ...], device: str) -> CodeLookup:
+def _lookup(values: tuple[float, ...], device: str, scale: int) -> CodeLookup:
     mids = (torch.tensor(values[:-1]) + torch.tensor(values[1:])) / 2  # fp32, as bucketize sees them
     exact = mids.double()
-    scale = 64
     while True:
         edges = torch.arange(2 * scale + 1, dtype=torch.float64) / scale - 1
         base = torch.searchsorted(exact, edges - CELL_SLACK)  # midpoints < the cell's lowest value
@@ -113,6 +115,9 @@ def _lookup(values: tuple[float, ...], device: str) -> CodeLookup:
     return CodeLookup(scale, base.to(torch.int32).to(device), threshold.to(device))
 
 
-def code_lookup(codebook: torch.Tensor) -> CodeLookup:
-    """The :class:`CodeLookup` of a sorted fp32 codebook in [-1, 1], on the codebook's device (cached)."""
-    return _lookup(tuple(codebook.float().cpu().tolist()), str(codebook.device))
+def code_lookup(codebook: torch.Tensor, scale: int = 64) -> CodeLookup:
+    """The :class:`CodeLookup` of a sorted fp32 codebook in [-1, 1], on the codebook's device
+    (cached), with the smallest grid scale >= ``scale`` (a power of two) that works."""
+    if scale < 1 or scale & (scale - 1):
+        raise ValueError(f"scale must be a power of two, got {scale!r}")
+    return _lookup(tuple(codebook.float().cpu().tolist()), str(codebook.device), scale)

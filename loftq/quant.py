@@ -8,7 +8,7 @@ divided by its absmax. Dequantization is ``codebook[code] * absmax`` in fp32, ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -270,6 +270,12 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     return out.reshape(qt.shape).to(dtype or qt.dtype)
 
 
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """float64 squared Frobenius norm over the last two dims: fp32 row norms squared and summed in
+    float64 (a float64 copy of a weight stack cost 50x more)."""
+    return torch.linalg.vector_norm(x.float(), dim=-1).double().pow(2).sum(-1)
+
+
 CHUNK_BLOCKS = 2048  # blocks per step of the fused quantizer: its temporaries stay in the L2 cache
 
 
@@ -283,7 +289,12 @@ def fake_quantize(weight: torch.Tensor, config: QuantConfig, *, checked: bool = 
         check_finite(weight)
     if config.double_quant:
         return dequantize(quantize(weight, config=config), torch.float32)
-    return _fused(weight, config)[0]
+    if config.spec.rowwise:
+        rows = weight.detach().reshape(-1, weight.shape[-1]).float()
+        absmax = rows.abs().amax(dim=1, keepdim=True)
+        codes = torch.round(rows * (127.0 / absmax.clamp(min=1e-38))).clamp_(-127, 127)
+        return (codes * absmax * INT8_RECIPROCAL).view(weight.shape)
+    return _fused(weight, [config], None)[0][0]
 
 
 def quantization_residual(weight: torch.Tensor, config: QuantConfig, *, dtype: torch.dtype = torch.float32,
@@ -291,56 +302,70 @@ def quantization_residual(weight: torch.Tensor, config: QuantConfig, *, dtype: t
     """(R, ||R||^2) with R = weight - fake_quantize(weight, config) in ``dtype`` (same shape) and its
     squared Frobenius norm per matrix (float64 [L] for a [L, out, in] stack, [] for one matrix),
     summed from the fp32 residual whatever ``dtype`` is. One fused pass, in cache-sized chunks."""
+    return quantization_residuals(weight, [config], dtype=dtype, checked=checked)[0]
+
+
+def quantization_residuals(weight: torch.Tensor, configs: Sequence[QuantConfig], *,
+                           dtype: torch.dtype = torch.float32, checked: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`quantization_residual` for each config; blockwise codebook configs of one block size
+    share one pass (absmax, scaled values and lookup cells are computed once for all widths)."""
     if not checked:
         check_finite(weight)
-    if weight.ndim == 3 and (config.spec.rowwise or config.double_quant
-                             or (weight.shape[1] * weight.shape[2]) % config.block_size):
-        # blocks would straddle two matrices of the stack (or rows are blocks): one matrix at a time
-        parts = [quantization_residual(m, config, dtype=dtype, checked=True) for m in weight]
-        return torch.stack([r for r, _ in parts]), torch.stack([sq for _, sq in parts])
-    if config.double_quant or config.spec.rowwise:
-        res = weight.detach().float() - fake_quantize(weight, config, checked=True)
-        return res.to(dtype), res.double().pow(2).sum(dim=(-2, -1))
-    res, sq = _fused(weight, config, residual_dtype=dtype)
-    per_matrix = sq.view(weight.shape[0], -1) if weight.ndim == 3 else sq.view(1, -1)
-    total = per_matrix.double().sum(dim=1)
-    return res, total if weight.ndim == 3 else total[0]
+    shared = [c for c in configs if not (c.spec.rowwise or c.double_quant)]
+    sizes = {c.block_size for c in shared}
+    straddle = weight.ndim == 3 and any((weight.shape[1] * weight.shape[2]) % bs for bs in sizes)
+    out: dict[QuantConfig, tuple[torch.Tensor, torch.Tensor]] = {}
+    for size in sizes if not straddle else ():
+        group = [c for c in shared if c.block_size == size]
+        residuals, sqs = _fused(weight, group, dtype)
+        for c, res, sq in zip(group, residuals, sqs):
+            total = sq.view(weight.shape[0] if weight.ndim == 3 else 1, -1).double().sum(dim=1)
+            out[c] = res, total if weight.ndim == 3 else total[0]
+    for c in configs:
+        if c in out:
+            continue
+        if weight.ndim == 3:  # blocks would straddle two matrices of the stack, or rows are blocks
+            parts = [quantization_residual(m, c, dtype=dtype, checked=True) for m in weight]
+            out[c] = torch.stack([r for r, _ in parts]), torch.stack([sq for _, sq in parts])
+        else:
+            res = weight.detach().float() - fake_quantize(weight, c, checked=True)
+            out[c] = res.to(dtype), res.double().pow(2).sum()
+    return [out[c] for c in configs]
 
 
-def _fused(weight: torch.Tensor, config: QuantConfig,
-           residual_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dequantized weight (fp32), or with ``residual_dtype`` the residual weight - dequantized in that
-    dtype plus fp32 [n_blocks] per-block squared residuals; blockwise methods without double
-    quantization are processed CHUNK_BLOCKS blocks at a time, the row-wise one in one go."""
-    spec = config.spec
+def _fused(weight: torch.Tensor, configs: Sequence[QuantConfig],
+           residual_dtype: torch.dtype | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Blockwise codebook configs of one block size, without double quantization, CHUNK_BLOCKS
+    blocks at a time: the dequantized weight (fp32) per config, or with ``residual_dtype`` the
+    residual weight - dequantized in that dtype and fp32 [n_blocks] per-block squared residuals."""
     flat = weight.detach().reshape(-1).float()
     n = flat.numel()
-    if spec.rowwise:
-        rows = flat.view(-1, weight.shape[-1])
-        absmax = rows.abs().amax(dim=1, keepdim=True)
-        codes = torch.round(rows * (127.0 / absmax.clamp(min=1e-38))).clamp_(-127, 127)
-        return (codes * absmax * INT8_RECIPROCAL).view(weight.shape), None
-    codebook = spec.codebook(config.bits).to(weight.device)
-    lookup = code_lookup(codebook)
-    blocks, tail = _blocks(flat, config.block_size)
-    out = torch.empty(blocks.shape, dtype=residual_dtype or torch.float32, device=weight.device)
-    sq = torch.empty(blocks.shape[0], device=weight.device) if residual_dtype is not None else None
+    codebooks = [c.spec.codebook(c.bits).to(weight.device) for c in configs]
+    scale = max(code_lookup(cb).scale for cb in codebooks)
+    lookups = [code_lookup(cb, scale) for cb in codebooks]  # one grid: the cells are shared
+    blocks, tail = _blocks(flat, configs[0].block_size)
+    outs = [torch.empty(blocks.shape, dtype=residual_dtype or torch.float32, device=weight.device) for _ in configs]
+    sqs = [torch.empty(blocks.shape[0], device=weight.device) for _ in configs] if residual_dtype else []
     for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        part = blocks[start:start + CHUNK_BLOCKS]
-        lo, hi = torch.aminmax(part, dim=1, keepdim=True)
-        absmax = torch.maximum(hi, lo.neg_())
+        rows = slice(start, start + CHUNK_BLOCKS)
+        part = blocks[rows]
+        absmax = part.abs().amax(dim=1, keepdim=True)  # 9x faster than aminmax along a dim of 64
         safe = absmax.clamp(min=1e-38)
         scaled = part * safe.reciprocal()
         if tail and start + part.shape[0] == blocks.shape[0]:  # bnb divides the tail block
             scaled[-1] = part[-1] / safe[-1]
         scaled.clamp_(-1.0, 1.0)
-        deq = codebook.index_select(0, lookup.codes(scaled).view(-1)).view(part.shape).mul_(absmax)
-        if sq is None:
-            out[start:start + part.shape[0]] = deq
-            continue
-        torch.sub(part, deq, out=deq)
-        out[start:start + part.shape[0]] = deq
-        sq[start:start + part.shape[0]] = deq.square_().sum(dim=1)
-    if sq is not None and tail:  # the zero padding may quantize to a non-zero code (uniform): not counted
-        sq[-1] = out[-1, :tail].float().pow(2).sum()
-    return out.view(-1)[:n].view(weight.shape), sq
+        cells = lookups[0].cells(scaled)
+        for i, (codebook, lookup) in enumerate(zip(codebooks, lookups)):
+            codes = lookup.codes(scaled, cells)
+            deq = codebook.index_select(0, codes.view(-1)).view(part.shape).mul_(absmax)
+            if not sqs:
+                outs[i][rows] = deq
+                continue
+            torch.sub(part, deq, out=deq)
+            outs[i][rows] = deq
+            sqs[i][rows] = deq.square_().sum(dim=1)
+    if tail:  # the zero padding may quantize to a non-zero code (uniform): not counted
+        for out, sq in zip(outs, sqs):
+            sq[-1] = out[-1, :tail].float().pow(2).sum()
+    return [out.view(-1)[:n].view(weight.shape) for out in outs], sqs

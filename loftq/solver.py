@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .quant import QuantConfig, QuantizedTensor, check_finite, dequantize, quantization_residual, quantize
+from .quant import (QuantConfig, QuantizedTensor, check_finite, dequantize, quantization_residuals, quantize,
+                    squared_norm)
 from .spectral import top_squared_singular_values, truncated_svd
 from .gguf_quants import GGUFTensor, check_shape, gguf_quantize
 
@@ -191,11 +192,10 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ran
                     out[i, j, k] = res.weighted_errors[res.best_iter - 1] if factor is not None else res.error
         return out[0].float() if single else out.float()
     ref = w if factor is None else w @ factor
-    ref_sq = torch.linalg.vector_norm(ref, dim=(1, 2)).double().pow(2).clamp(min=1e-60)
+    ref_sq = squared_norm(ref).clamp(min=1e-60)
     dtype = table_dtype(w.device) if factor is None else torch.float32
-    for j, b in enumerate(bits):
-        cfg = _config(b, method, block_size, double_quant)
-        res, total = quantization_residual(w, cfg, dtype=dtype, checked=True)
+    configs = [_config(b, method, block_size, double_quant) for b in bits]
+    for j, (res, total) in enumerate(quantization_residuals(w, configs, dtype=dtype, checked=True)):
         if factor is not None:
             res = res @ factor
             total = res.double().pow(2).sum(dim=(1, 2))

@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from loftq import residual_table
+from loftq.quant import squared_norm
 from search_spaces.facts import TargetLayer
 
 from planner import progress
@@ -71,7 +72,7 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
             tab = residual_table(stack, bits=settings.bits, ranks=settings.ranks, iters=settings.iters,
                                  method=settings.method, block_size=settings.block_size,
                                  double_quant=settings.double_quant).cpu()
-            sq = stack.double().pow(2).sum(dim=(1, 2)).cpu()
+            sq = squared_norm(stack).cpu()
             for i, t in enumerate(targets):
                 rows[t.name], norms[t.name] = tab[i], float(sq[i])
             advance(len(targets))

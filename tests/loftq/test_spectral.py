@@ -78,3 +78,17 @@ def test_truncated_svd_factors(smollm2_linears) -> None:
 def test_loftq_rejects_an_unknown_svd() -> None:
     with pytest.raises(ValueError, match="'fast'"):
         loftq(torch.randn(8, 64), 4, 2, svd="fast")
+
+
+def test_low_rank_and_zero_matrices() -> None:
+    """A Krylov space that runs out of directions (rank 100 < 192) must not invent energy; zero stays zero."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(2, 576, 100, generator=gen) @ torch.randn(2, 100, 1536, generator=gen)
+    exact = torch.linalg.svdvals(m.double()).pow(2)[:, :64]
+    assert torch.allclose(top_squared_singular_values(m, 64), exact, rtol=1e-3)
+    half = top_squared_singular_values(m.bfloat16(), 64, torch.bfloat16)
+    assert torch.allclose(half, exact, rtol=2e-2)
+    zero = top_squared_singular_values(torch.zeros(1, 300, 400), 16)
+    assert torch.equal(zero, torch.zeros(1, 16, dtype=torch.float64))
+    u, s, vh = truncated_svd(torch.zeros(300, 400), 8)
+    assert torch.equal(s, torch.zeros(8)) and torch.isfinite(u).all() and torch.isfinite(vh).all()
