@@ -6,9 +6,10 @@ table[name]: [len(bits), len(ranks)] relative LoftQ residuals ||W - Q - BA|| / |
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -62,6 +63,30 @@ def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tup
         yield [t for t, _ in group], torch.stack([w for _, w in group])
 
 
+def on_threads(fn: Callable[[torch.Tensor], torch.Tensor], stack: torch.Tensor) -> torch.Tensor:
+    """``fn(stack)`` on a CPU with the stack [L, ...] split across this process's torch threads,
+    each part computed on one thread (``fn`` must treat the rows of ``stack`` independently).
+
+    Measured on 2 cores (SmolLM2 tables): 2.7 s against 3.8 s with the threads inside each op: the
+    Krylov step's small LAPACK calls and the quantizer's cache-sized chunks gain little from
+    intra-op threads, and each of their many parallel regions stalls when another process holds a core."""
+    workers = min(torch.get_num_threads(), stack.shape[0])
+    if stack.device.type != "cpu" or workers < 2:
+        return fn(stack)
+
+    def part(x: torch.Tensor) -> torch.Tensor:
+        torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
+        return fn(x)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.cat(list(pool.map(part, stack.tensor_split(workers))))
+    finally:
+        torch.set_num_threads(before)
+
+
 def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers: int, settings: TableSettings,
                    device: torch.device) -> ResidualTables:
     rows: dict[str, torch.Tensor] = {}
@@ -69,9 +94,9 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
     with progress.task(f"residual tables ({device.type})", n_layers) as advance:
         for targets, stack in _batches(stream):
             stack = stack.to(device)
-            tab = residual_table(stack, bits=settings.bits, ranks=settings.ranks, iters=settings.iters,
-                                 method=settings.method, block_size=settings.block_size,
-                                 double_quant=settings.double_quant).cpu()
+            tab = on_threads(lambda part: residual_table(
+                part, bits=settings.bits, ranks=settings.ranks, iters=settings.iters, method=settings.method,
+                block_size=settings.block_size, double_quant=settings.double_quant), stack).cpu()
             sq = squared_norm(stack).cpu()
             for i, t in enumerate(targets):
                 rows[t.name], norms[t.name] = tab[i], float(sq[i])
