@@ -5,8 +5,10 @@ No files, no printing, no device moves: every function runs where its inputs liv
 # The version of the numbers this package computes: bump it whenever quantize, dequantize, loftq or
 # residual_table return different values for the same input (planner caches are keyed by it).
 # 2: a batched residual_table with double_quant quantizes each matrix on its own (1 shared the
-# second-level constants across the stack); nothing else changed.
-__version__ = "2"
+# second-level constants across the stack).
+# 3: residual_table's spectra by block Krylov in the table dtype (loftq.spectral) instead of a
+# randomized eigensolver on an fp32 Gram; loftq(svd="randomized") added (svd="exact" unchanged).
+__version__ = "3"
 
 from .codebooks import int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack

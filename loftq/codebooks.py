@@ -8,6 +8,7 @@ its positive half is every other positive NF4 value (the probabilities nest), it
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -70,3 +71,55 @@ def int8_codebook() -> torch.Tensor:
     Stored as 255 values in 8-bit codes (code index = c + 127; index 255 unused).
     """
     return torch.cat([torch.arange(-127, 128, dtype=torch.float32) / 127.0, torch.ones(1)])
+
+
+# ---------------------------------------------------------------- nearest entry, vectorised
+# torch.bucketize (a scalar binary search per element) was most of the residual tables' time. A table
+# over a uniform grid of [-1, 1] gives the same codes with gathers: cell(x) = int(x * S + S) holds at
+# most one midpoint of the codebook, so code(x) = base[cell] + (x > threshold[cell]).
+CELL_SLACK = 1e-6  # > 2**-23: fl(x * S + S) can put x at most this far outside its cell (S a power of 2)
+
+
+@dataclass(frozen=True)
+class CodeLookup:
+    """``scale`` S; ``base`` int32 [2S + 1] = number of midpoints below the cell (widened by
+    CELL_SLACK); ``threshold`` fp32 [2S + 1] = the midpoint inside the cell, +inf if none."""
+
+    scale: int
+    base: torch.Tensor
+    threshold: torch.Tensor
+
+    def cells(self, scaled: torch.Tensor) -> torch.Tensor:
+        """int64 [numel] grid cell of each value of ``scaled`` (the same for every lookup of this scale)."""
+        return (scaled.reshape(-1) * self.scale).add_(self.scale).long()
+
+    def codes(self, scaled: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """codes of ``scaled`` (fp32, any shape, values in [-1, 1]): the index of the nearest codebook
+        entry, ties to the lower one; equal to ``torch.bucketize(scaled, midpoints)`` (int32)."""
+        cells = self.cells(scaled) if cells is None else cells
+        codes = self.base.index_select(0, cells)
+        codes += scaled.reshape(-1) > self.threshold.index_select(0, cells)
+        return codes.view(scaled.shape)
+
+
+@lru_cache(maxsize=None)
+def _lookup(values: tuple[float, ...], device: str, scale: int) -> CodeLookup:
+    mids = (torch.tensor(values[:-1]) + torch.tensor(values[1:])) / 2  # fp32, as bucketize sees them
+    exact = mids.double()
+    while True:
+        edges = torch.arange(2 * scale + 1, dtype=torch.float64) / scale - 1
+        base = torch.searchsorted(exact, edges - CELL_SLACK)  # midpoints < the cell's lowest value
+        upto = torch.searchsorted(exact, edges + 1 / scale + CELL_SLACK, right=True)
+        if int((upto - base).max()) <= 1:
+            break
+        scale *= 2  # NF8's closest midpoints are ~0.005 apart: S = 256
+    threshold = torch.cat([mids, torch.tensor([float("inf")])])[base]
+    return CodeLookup(scale, base.to(torch.int32).to(device), threshold.to(device))
+
+
+def code_lookup(codebook: torch.Tensor, scale: int = 64) -> CodeLookup:
+    """The :class:`CodeLookup` of a sorted fp32 codebook in [-1, 1], on the codebook's device
+    (cached), with the smallest grid scale >= ``scale`` (a power of two) that works."""
+    if scale < 1 or scale & (scale - 1):
+        raise ValueError(f"scale must be a power of two, got {scale!r}")
+    return _lookup(tuple(codebook.float().cpu().tolist()), str(codebook.device), scale)

@@ -8,11 +8,11 @@ divided by its absmax. Dequantization is ``codebook[code] * absmax`` in fp32, ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from .codebooks import int8_codebook, nf_codebook, uniform_codebook
+from .codebooks import code_lookup, int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack
 from .registry import Registry
 
@@ -198,8 +198,7 @@ def _encode(flat: torch.Tensor, block: int, codebook: torch.Tensor, absmax: torc
     if tail:  # bnb divides the tail block instead of multiplying by the reciprocal
         scaled[-1] = blocks[-1] / safe[-1]
     scaled.clamp_(-1.0, 1.0)
-    bounds = (codebook[:-1] + codebook[1:]) / 2
-    codes = torch.bucketize(scaled.reshape(-1)[:keep], bounds, out_int32=True)
+    codes = code_lookup(codebook).codes(scaled.reshape(-1)[:keep])
     return codes.to(torch.uint8), absmax
 
 
@@ -272,6 +271,18 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     return out.reshape(qt.shape).to(dtype or qt.dtype)
 
 
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """float64 squared Frobenius norm over the last two dims: fp32 row norms squared and summed in
+    float64 (a float64 copy of a weight stack cost 50x more)."""
+    return torch.linalg.vector_norm(x.float(), dim=-1).double().pow(2).sum(-1)
+
+
+# blocks per step of the fused quantizer: on a CPU its temporaries stay in the L2 cache; on a GPU
+# fewer, larger kernels (16 MB temporaries)
+CHUNK_BLOCKS = {"cpu": 2048}
+CHUNK_BLOCKS_OTHER = 65536
+
+
 def fake_quantize(weight: torch.Tensor, config: QuantConfig, *, checked: bool = False) -> torch.Tensor:
     """``dequantize(quantize(weight, config=config), float32)`` without packing: fp32, same shape.
 
@@ -280,23 +291,86 @@ def fake_quantize(weight: torch.Tensor, config: QuantConfig, *, checked: bool = 
     """
     if not checked:
         check_finite(weight)
-    spec = config.spec
-    block = weight.shape[-1] if spec.rowwise else config.block_size
+    if config.double_quant:
+        return dequantize(quantize(weight, config=config), torch.float32)
+    if config.spec.rowwise:
+        rows = weight.detach().reshape(-1, weight.shape[-1]).float()
+        absmax = rows.abs().amax(dim=1, keepdim=True)
+        codes = torch.round(rows * (127.0 / absmax.clamp(min=1e-38))).clamp_(-127, 127)
+        return (codes * absmax * INT8_RECIPROCAL).view(weight.shape)
+    return _fused(weight, [config], None)[0][0]
+
+
+def quantization_residual(weight: torch.Tensor, config: QuantConfig, *, dtype: torch.dtype = torch.float32,
+                          checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, ||R||^2) with R = weight - fake_quantize(weight, config) in ``dtype`` (same shape) and its
+    squared Frobenius norm per matrix (float64 [L] for a [L, out, in] stack, [] for one matrix),
+    summed from the fp32 residual whatever ``dtype`` is. One fused pass, in cache-sized chunks."""
+    return quantization_residuals(weight, [config], dtype=dtype, checked=checked)[0]
+
+
+def quantization_residuals(weight: torch.Tensor, configs: Sequence[QuantConfig], *,
+                           dtype: torch.dtype = torch.float32, checked: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`quantization_residual` for each config; blockwise codebook configs of one block size
+    share one pass (absmax, scaled values and lookup cells are computed once for all widths)."""
+    if not checked:
+        check_finite(weight)
+    shared = [c for c in configs if not (c.spec.rowwise or c.double_quant)]
+    sizes = {c.block_size for c in shared}
+    straddle = weight.ndim == 3 and any((weight.shape[1] * weight.shape[2]) % bs for bs in sizes)
+    out: dict[QuantConfig, tuple[torch.Tensor, torch.Tensor]] = {}
+    for size in sizes if not straddle else ():
+        group = [c for c in shared if c.block_size == size]
+        residuals, sqs = _fused(weight, group, dtype)
+        for c, res, sq in zip(group, residuals, sqs):
+            total = sq.view(weight.shape[0] if weight.ndim == 3 else 1, -1).double().sum(dim=1)
+            out[c] = res, total if weight.ndim == 3 else total[0]
+    for c in configs:
+        if c in out:
+            continue
+        if weight.ndim == 3:  # blocks would straddle two matrices of the stack, or rows are blocks
+            parts = [quantization_residual(m, c, dtype=dtype, checked=True) for m in weight]
+            out[c] = torch.stack([r for r, _ in parts]), torch.stack([sq for _, sq in parts])
+        else:
+            res = weight.detach().float() - fake_quantize(weight, c, checked=True)
+            out[c] = res.to(dtype), res.double().pow(2).sum()
+    return [out[c] for c in configs]
+
+
+def _fused(weight: torch.Tensor, configs: Sequence[QuantConfig],
+           residual_dtype: torch.dtype | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Blockwise codebook configs of one block size, without double quantization, CHUNK_BLOCKS
+    blocks at a time: the dequantized weight (fp32) per config, or with ``residual_dtype`` the
+    residual weight - dequantized in that dtype and fp32 [n_blocks] per-block squared residuals."""
     flat = weight.detach().reshape(-1).float()
     n = flat.numel()
-    if config.double_quant:
-        qt = quantize(weight, config=config)
-        return dequantize(qt, torch.float32)
-    codebook = spec.codebook(config.bits).to(weight.device)
-    blocks, tail = _blocks(flat, block)
-    absmax = blocks.abs().amax(dim=1, keepdim=True)
-    safe = absmax.clamp(min=1e-38)
-    if spec.rowwise:
-        codes = torch.round(blocks * (127.0 / safe)).clamp_(-127, 127)
-        return (codes * absmax * INT8_RECIPROCAL).reshape(-1)[:n].view(weight.shape)
-    scaled = blocks * safe.reciprocal_()
-    if tail:
-        scaled[-1] = blocks[-1] / absmax[-1].clamp(min=1e-38)
-    scaled.clamp_(-1.0, 1.0)
-    idx = torch.bucketize(scaled, (codebook[:-1] + codebook[1:]) / 2, out_int32=True)
-    return codebook[idx].mul_(absmax).reshape(-1)[:n].view(weight.shape)
+    codebooks = [c.spec.codebook(c.bits).to(weight.device) for c in configs]
+    scale = max(code_lookup(cb).scale for cb in codebooks)
+    lookups = [code_lookup(cb, scale) for cb in codebooks]  # one grid: the cells are shared
+    blocks, tail = _blocks(flat, configs[0].block_size)
+    outs = [torch.empty(blocks.shape, dtype=residual_dtype or torch.float32, device=weight.device) for _ in configs]
+    sqs = [torch.empty(blocks.shape[0], device=weight.device) for _ in configs] if residual_dtype else []
+    chunk = CHUNK_BLOCKS.get(weight.device.type, CHUNK_BLOCKS_OTHER)
+    for start in range(0, blocks.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        part = blocks[rows]
+        absmax = part.abs().amax(dim=1, keepdim=True)  # 9x faster than aminmax along a dim of 64
+        safe = absmax.clamp(min=1e-38)
+        scaled = part * safe.reciprocal()
+        if tail and start + part.shape[0] == blocks.shape[0]:  # bnb divides the tail block
+            scaled[-1] = part[-1] / safe[-1]
+        scaled.clamp_(-1.0, 1.0)
+        cells = lookups[0].cells(scaled)
+        for i, (codebook, lookup) in enumerate(zip(codebooks, lookups)):
+            codes = lookup.codes(scaled, cells)
+            deq = codebook.index_select(0, codes.view(-1)).view(part.shape).mul_(absmax)
+            if not sqs:
+                outs[i][rows] = deq
+                continue
+            torch.sub(part, deq, out=deq)
+            outs[i][rows] = deq
+            sqs[i][rows] = deq.square_().sum(dim=1)
+    if tail:  # the zero padding may quantize to a non-zero code (uniform): not counted
+        for out, sq in zip(outs, sqs):
+            sq[-1] = out[-1, :tail].float().pow(2).sum()
+    return [out.view(-1)[:n].view(weight.shape) for out in outs], sqs

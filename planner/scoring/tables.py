@@ -7,13 +7,15 @@ width, double-quantized widths computed as they are stored), plus
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from loftq import residual_table
+from loftq.quant import squared_norm
 from search_spaces.facts import TargetLayer
 from search_spaces.widths import WidthKey, is_double_quant, width_bits
 
@@ -22,7 +24,7 @@ from planner.devices import resolve_device
 from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
 
 BATCH_BYTES = 256 * 2**20  # stack same-shape weights up to this many fp32 bytes per call
-PRODUCER = "residual-tables/1"  # bump when compute_tables' numbers change for the same loftq
+PRODUCER = "residual-tables/2"  # bump when compute_tables' numbers change for the same loftq (2: Krylov spectra)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,30 @@ def _residuals(stack: torch.Tensor, settings: TableSettings) -> torch.Tensor:
     return out
 
 
+def on_threads(fn: Callable[[torch.Tensor], torch.Tensor], stack: torch.Tensor) -> torch.Tensor:
+    """``fn(stack)`` on a CPU with the stack [L, ...] split across this process's torch threads,
+    each part computed on one thread (``fn`` must treat the rows of ``stack`` independently).
+
+    Measured on 2 cores (SmolLM2 tables): 2.7 s against 3.8 s with the threads inside each op: the
+    Krylov step's small LAPACK calls and the quantizer's cache-sized chunks gain little from
+    intra-op threads, and each of their many parallel regions stalls when another process holds a core."""
+    workers = min(torch.get_num_threads(), stack.shape[0])
+    if stack.device.type != "cpu" or workers < 2:
+        return fn(stack)
+
+    def part(x: torch.Tensor) -> torch.Tensor:
+        torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
+        return fn(x)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.cat(list(pool.map(part, stack.tensor_split(workers))))
+    finally:
+        torch.set_num_threads(before)
+
+
 def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers: int, settings: TableSettings,
                    device: torch.device) -> ResidualTables:
     rows: dict[str, torch.Tensor] = {}
@@ -98,8 +124,8 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
     with progress.task(f"residual tables ({device.type})", n_layers) as advance:
         for targets, stack in _batches(stream):
             stack = stack.to(device)
-            tab = _residuals(stack, settings).cpu()
-            sq = stack.double().pow(2).sum(dim=(1, 2)).cpu()
+            tab = on_threads(lambda part: _residuals(part, settings), stack).cpu()
+            sq = squared_norm(stack).cpu()
             for i, t in enumerate(targets):
                 rows[t.name], norms[t.name] = tab[i], float(sq[i])
             advance(len(targets))

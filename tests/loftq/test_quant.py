@@ -199,3 +199,38 @@ def test_fake_quantize_equals_round_trip(smollm2_linears, method, bits) -> None:
         w = smollm2_linears[name]
         cfg = QuantConfig(bits, method)
         assert torch.equal(fake_quantize(w, cfg), dequantize(quantize(w, config=cfg), torch.float32))
+
+
+@pytest.mark.parametrize("codebook", ["nf2", "nf4", "nf8", "uniform2", "uniform4", "uniform8"])
+def test_code_lookup_equals_bucketize_at_every_edge(codebook) -> None:
+    """The gather-based nearest code (ties to the lower entry) against a binary search, at every
+    midpoint, every lookup cell edge and their float neighbours, plus random values."""
+    from loftq.codebooks import code_lookup
+
+    cb = QuantConfig.from_name(codebook).spec.codebook(QuantConfig.from_name(codebook).bits)
+    mids, lookup = (cb[:-1] + cb[1:]) / 2, code_lookup(cb)
+    edges = (torch.arange(2 * lookup.scale + 1) / lookup.scale - 1).float()
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    x = torch.cat([mids, edges, *(torch.nextafter(t, d) for t in (mids, edges) for d in (up, down)),
+                   torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                   torch.tensor([0.0, -0.0, 1e-45, -1e-45])]).clamp(-1, 1)
+    assert torch.equal(lookup.codes(x), torch.bucketize(x, mids, out_int32=True))
+
+
+@pytest.mark.parametrize("method,bits", [("nf", 2), ("nf", 8), ("uniform", 4), ("int8", 8)])
+def test_quantization_residual_is_the_fused_difference(smollm2_linears, method, bits) -> None:
+    """R = W - fake_quantize(W) bit for bit (fp32; bf16 = its rounding), ||R||^2 per matrix, also
+    with a tail block (uniform codes the zero padding as non-zero: it must not count)."""
+    from loftq.quant import fake_quantize, quantization_residual
+
+    cfg = QuantConfig(bits, method)
+    stack = torch.stack([smollm2_linears[f"model.layers.{b}.mlp.up_proj"] for b in (1, 2)])
+    ref = stack - torch.stack([fake_quantize(m, cfg) for m in stack])
+    res, sq = quantization_residual(stack, cfg)
+    assert torch.equal(res, ref) and torch.allclose(sq, ref.double().pow(2).sum(dim=(1, 2)), rtol=1e-6)
+    half, _ = quantization_residual(stack, cfg, dtype=torch.bfloat16)
+    assert torch.equal(half, ref.bfloat16())
+    odd = smollm2_linears[SMOL[0]][:37, :51]
+    res, sq = quantization_residual(odd, cfg)
+    assert torch.equal(res, odd - fake_quantize(odd, cfg))
+    assert float(sq) == pytest.approx(float(res.double().pow(2).sum()), rel=1e-6)

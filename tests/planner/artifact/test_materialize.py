@@ -119,6 +119,24 @@ def test_smollm2_plan_records_the_residuals_reached(smol: dict) -> None:
         assert float((w - approx).norm() / w.norm()) == pytest.approx(layer.residual, abs=2e-6)
 
 
+def test_smollm2_default_randomized_svd_is_within_one_percent_of_exact(smol: dict) -> None:
+    """The default --svd randomized ran (fixture), and its residuals on the ranked layers wider than
+    192 are within 1% of (and not below) the full-SVD ones."""
+    from loftq import loftq
+    from loftq.spectral import applies
+
+    plan = load_plan(smol["dir"] / "plan.json")
+    assert plan.created_with["materialize"]["svd"] == "randomized"
+    picks = [x for x in plan.layers if x.rank and applies(tuple(x.shape), x.rank)][::4]
+    assert {x.bits for x in picks} == {2, 4}
+    names = {p.name for p in picks}
+    targets = [t for t in smol["source"].targets() if t.name in names]
+    weights = {t.name: w for t, w in smol["source"].iter_weights(targets)}
+    for layer in picks:
+        exact = loftq(weights[layer.name], layer.bits, layer.rank, svd="exact").error
+        assert exact <= layer.residual * (1 + 1e-5) and layer.residual == pytest.approx(exact, rel=0.01)
+
+
 def test_smollm2_forward_equals_dequantized_reference_read_by_peft(smol: dict) -> None:
     """PEFT's PeftModel.from_pretrained reads DIR/adapter onto a stock model with dequantized weights;
     its logits equal ours with and without adapters, and disable_adapter() is the bare backbone."""
@@ -296,6 +314,17 @@ def test_config_validation_names_the_value() -> None:
         MaterializeConfig(iters=0)
     with pytest.raises(ValueError, match="'gguf'"):
         MaterializeConfig(format="gguf")
+    with pytest.raises(ValueError, match="'fast'"):
+        MaterializeConfig(svd="fast")
+
+
+def test_svd_method_is_part_of_the_job(tmp_path: Path) -> None:
+    """A partial run with one --svd is not resumed by the other (their layers differ)."""
+    from planner.artifact.materialize import job_key
+
+    plan = load_plan(_tiny_plan(tmp_path))
+    iters = {layer.name: 1 for layer in plan.layers}
+    assert job_key(plan, "x", iters, "exact") != job_key(plan, "x", iters, "randomized")
 
 
 def test_load_refuses_a_folder_that_is_not_an_artifact(tmp_path: Path) -> None:

@@ -1,0 +1,94 @@
+"""Block Krylov spectra (loftq.spectral) against exact decompositions of real SmolLM2 residuals: the
+residual tables' cells and materialize's randomized low-rank step stay within 1% of exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loftq import QuantConfig, dequantize, loftq, residual_table
+from loftq.quant import fake_quantize
+from loftq.spectral import applies, top_squared_singular_values, truncated_svd
+
+BITS, RANKS = (2, 4, 8), (0, 8, 16, 32, 64)
+BLOCKS = (0, 14, 29)
+MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+def exact_residuals(w: torch.Tensor, bits: int, ranks=RANKS) -> list[float]:
+    """||W - Q - (best rank r of W - Q)|| / ||W|| from the exact spectrum (float64)."""
+    r = (w - fake_quantize(w, QuantConfig(bits))).double()
+    gram = r @ r.T if r.shape[0] <= r.shape[1] else r.T @ r
+    s2 = torch.linalg.eigvalsh(gram).flip(0)  # squared singular values, descending
+    total = r.pow(2).sum()
+    return [float(((total - s2[:k].sum()).clamp(min=0) / w.double().pow(2).sum()).sqrt()) for k in ranks]
+
+
+def test_table_within_one_percent_of_exact_on_real_layers(smollm2_linears) -> None:
+    """Every module type of 3 blocks (21 layers, 315 cells), batched by shape as the planner does."""
+    names = [f"model.layers.{b}.{m}" for b in BLOCKS for m in MODULES]
+    worst = 0.0
+    for module in MODULES:
+        group = [n for n in names if n.endswith(module)]
+        table = residual_table(torch.stack([smollm2_linears[n] for n in group]), bits=BITS, ranks=RANKS)
+        for i, name in enumerate(group):
+            for j, bits in enumerate(BITS):
+                exact = torch.tensor(exact_residuals(smollm2_linears[name], bits))
+                worst = max(worst, float(((table[i, j].double() - exact) / exact).abs().max()))
+    assert worst < 0.01
+    assert worst > 0  # the Krylov estimate ran (an exact decomposition would agree to ~1e-6)
+
+
+def test_table_is_bit_reproducible(smollm2_linears) -> None:
+    w = smollm2_linears["model.layers.3.mlp.up_proj"]
+    assert torch.equal(residual_table(w), residual_table(w))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_randomized_loftq_within_one_percent_of_exact(smollm2_linears, bits) -> None:
+    """materialize's default: ||W - Q - BA|| with the Krylov SVD vs a full SVD, ranks 8..64."""
+    for name in [f"model.layers.{b}.{m}" for b in BLOCKS for m in MODULES if "k_proj" not in m
+                 and "v_proj" not in m]:
+        w = smollm2_linears[name]
+        exact = exact_residuals(w, bits, (8, 16, 32, 64))
+        for rank, ref in zip((8, 16, 32, 64), exact):
+            assert applies(tuple(w.shape), rank)
+            res = loftq(w, bits, rank, svd="randomized")
+            approx = dequantize(res.quantized, torch.float32) + res.lora_b @ res.lora_a
+            assert float((w - approx).norm() / w.norm()) == pytest.approx(res.error, rel=1e-4)
+            assert ref <= res.error * (1 + 1e-5) and res.error == pytest.approx(ref, rel=0.01), (name, bits, rank)
+
+
+def test_truncated_svd_factors(smollm2_linears) -> None:
+    """Orthonormal factors, both orientations; exact SVD outside the tested domain."""
+    for w in (smollm2_linears["model.layers.3.mlp.up_proj"], smollm2_linears["model.layers.3.mlp.down_proj"]):
+        r = w - fake_quantize(w, QuantConfig(4))
+        u, s, vh = truncated_svd(r, 16)
+        assert u.shape == (w.shape[0], 16) and s.shape == (16,) and vh.shape == (16, w.shape[1])
+        eye = torch.eye(16)
+        assert torch.allclose(u.T @ u, eye, atol=1e-4) and torch.allclose(vh @ vh.T, eye, atol=1e-4)
+        top = top_squared_singular_values(r.unsqueeze(0), 16)[0]
+        assert torch.allclose(s.double().pow(2), top, rtol=1e-3)
+    small = smollm2_linears["model.layers.3.self_attn.k_proj"]  # 192 x 576: not wider than the basis
+    assert not applies(tuple(small.shape), 16) and not applies((576, 576), 128)
+    u, s, vh = truncated_svd(small, 8)
+    assert torch.allclose(s, torch.linalg.svdvals(small)[:8], rtol=1e-5)
+
+
+def test_loftq_rejects_an_unknown_svd() -> None:
+    with pytest.raises(ValueError, match="'fast'"):
+        loftq(torch.randn(8, 64), 4, 2, svd="fast")
+
+
+def test_low_rank_and_zero_matrices() -> None:
+    """A Krylov space that runs out of directions (rank 100 < 192) must not invent energy; zero stays zero."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(2, 576, 100, generator=gen) @ torch.randn(2, 100, 1536, generator=gen)
+    exact = torch.linalg.svdvals(m.double()).pow(2)[:, :64]
+    assert torch.allclose(top_squared_singular_values(m, 64), exact, rtol=1e-3)
+    half = top_squared_singular_values(m.bfloat16(), 64, torch.bfloat16)
+    assert torch.allclose(half, exact, rtol=2e-2)
+    zero = top_squared_singular_values(torch.zeros(1, 300, 400), 16)
+    assert torch.equal(zero, torch.zeros(1, 16, dtype=torch.float64))
+    u, s, vh = truncated_svd(torch.zeros(300, 400), 8)
+    assert torch.equal(s, torch.zeros(8)) and torch.isfinite(u).all() and torch.isfinite(vh).all()
