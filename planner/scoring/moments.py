@@ -1,0 +1,167 @@
+"""Per-layer input second moments H = X^T X / n for the data-aware LoftQ initialisation.
+
+For every target Linear, X [n, in] is what the layer receives on the planner's calibration
+sequences (the Fisher's train blocks), so ||(W - Q - BA) L||_F with L L^T = H + damp is the
+layer's output error on that data (:func:`loftq.solver.calibration_factor`).
+
+Collected block by block on a :class:`planner.scoring.stream.BlockStream`: one forward of every
+sequence through block i with pre-hooks on its target layers, X^T X summed in fp32, then the
+block's outputs go on to block i + 1. Layers that receive the same tensor (q/k/v, gate/up: found
+by identity on the first sequence) share one moment. Each block's moments go to one safetensors
+file in the cache (``moments/KEY/block-NNNN.safetensors``) before the next block loads, so RAM
+holds one block's moments at most (phi-2's fc2: 10240^2 fp32 = 419 MB), never all layers'.
+:class:`MomentStore` reads them back memory-mapped, one layer at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from planner import progress
+from planner.cache import cache_key, default_cache_dir
+from planner.errors import PlannerError
+
+log = logging.getLogger(__name__)
+PRODUCER = "input-moments/1"  # bump when the moments change for the same weights and data
+DONE = "done.json"
+
+
+def moments_key(weights_sha: str, targets: Sequence[str], corpus_sha: str, shape: Sequence[int]) -> str:
+    """Cache key: weights, target names, calibration text and [n_seqs, seq_len], code versions."""
+    return cache_key(PRODUCER, {"weights": weights_sha, "targets": sorted(targets), "corpus": corpus_sha,
+                                "blocks": list(shape)})
+
+
+def _mapped(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and its fp32 tensors, memory-mapped (copy-on-write: nothing is
+    read until used, and the pages can be dropped again)."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] != "F32":
+            raise ValueError(f"{name} is {info['dtype']}, not F32")
+        start, end = info["data_offsets"]
+        arr = np.memmap(path, dtype=np.float32, mode="c", offset=8 + n + start, shape=((end - start) // 4,))
+        out[name] = torch.from_numpy(arr).view(info["shape"])
+    return meta, out
+
+
+class MomentStore(Mapping[str, torch.Tensor]):
+    """Layer name -> H [in, in] (fp32), memory-mapped from the block files under ``folder``."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder, self.key = Path(folder), key
+        self._where: dict[str, tuple[Path, str]] = {}
+        if self.complete():
+            for path in sorted(self.folder.glob("block-*.safetensors")):
+                meta, _ = _mapped(path)
+                for layer, tensor in json.loads(meta["members"]).items():
+                    self._where[layer] = (path, tensor)
+
+    def complete(self) -> bool:
+        try:
+            return json.loads((self.folder / DONE).read_text()).get("key") == self.key
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, tensor = self._where[name]
+        meta, tensors = _mapped(path)
+        if meta.get("key") != self.key:
+            raise KeyError(name)
+        return tensors[tensor]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def group(self, name: str) -> str:
+        """Layers with the same group share one moment (the same input)."""
+        path, tensor = self._where[name]
+        return f"{path.name}/{tensor}"
+
+
+def collect_moments(stream: Any, blocks: torch.Tensor, folder: Path, key: str) -> MomentStore:
+    """Compute every target layer's H over ``blocks`` [n_seqs, seq_len] (see the module docstring)
+    into ``folder``, one file per transformer block, and return the store."""
+    from planner.artifact.atomic import atomic_save_tensors, atomic_write_bytes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(blocks)
+    inputs = [stream.capture(blocks[s:s + 1]) for s in range(n)]
+    hidden = [inp.hidden for inp in inputs]
+    tokens = sum(int(h.shape[0] * h.shape[1]) for h in hidden)
+    with progress.task("input moments", len(stream)) as advance, torch.no_grad():
+        for i in range(len(stream)):
+            names = stream.block_targets[i]
+            prefix = f"{stream.path}.{i}."
+            with stream.block(i) as blk:
+                seen: dict[str, torch.Tensor] = {}
+                hooks = [blk.get_submodule(name[len(prefix):]).register_forward_pre_hook(
+                    lambda mod, args, kwargs, name=name: seen.__setitem__(name, args[0] if args else kwargs["input"]),
+                    with_kwargs=True) for name in names]
+                leader: dict[str, str] = {}
+                acc: dict[str, torch.Tensor] = {}
+                try:
+                    for s, inp in enumerate(inputs):
+                        seen.clear()
+                        hidden[s] = stream.run(blk, hidden[s], inp)
+                        if s == 0:  # same tensor object = same input: one moment for the group
+                            for name in names:
+                                leader[name] = next((m for m in leader.values() if seen[m] is seen[name]), name)
+                        for name in set(leader.values()):
+                            x = seen[name].reshape(-1, seen[name].shape[-1]).float()
+                            if name in acc:
+                                acc[name].addmm_(x.T, x)
+                            else:
+                                acc[name] = x.T @ x
+                finally:
+                    for h in hooks:
+                        h.remove()
+                    seen.clear()
+            ids = {m: f"h{j}" for j, m in enumerate(dict.fromkeys(leader.values()))}
+            tensors = {ids[m]: (acc.pop(m) / tokens).cpu().contiguous() for m in list(ids)}
+            members = {name: ids[leader[name]] for name in names}
+            atomic_save_tensors(folder / f"block-{i:04d}.safetensors", tensors,
+                                {"key": key, "members": json.dumps(members), "tokens": str(tokens)})
+            del tensors
+            advance(1)
+    atomic_write_bytes(folder / DONE, json.dumps({"key": key, "tokens": tokens}).encode())
+    return MomentStore(folder, key)
+
+
+def calibration_blocks(source: Any, data: str | None, seqs: int, seq_len: int) -> tuple[torch.Tensor, str]:
+    """The planner's calibration sequences (the Fisher's train blocks) and the corpus fingerprint."""
+    from planner.train.data import CorpusConfig, load_corpus, token_blocks
+
+    corpus = load_corpus(CorpusConfig(source=data or "pydoc", seed=0))
+    return token_blocks(source.tokenizer(), corpus.train, seq_len, max_tokens=seq_len * seqs), corpus.fingerprint
+
+
+def input_moments(source: Any, targets: Sequence[str], blocks: torch.Tensor, corpus_sha: str, *,
+                  cache_dir: Path | None = None, device: torch.device | str = "cpu") -> MomentStore:
+    """The moments of ``targets`` over ``blocks``, from the cache when complete, else computed."""
+    from planner.scoring.stream import stream_or_none
+
+    key = moments_key(source.weights_sha256(), targets, corpus_sha, tuple(blocks.shape))
+    folder = (cache_dir or default_cache_dir()) / "moments" / key
+    store = MomentStore(folder, key)
+    if store.complete() and set(targets) <= set(store):
+        return store
+    stream, why = stream_or_none(source, list(targets), torch.float32, device)
+    if stream is None:
+        raise PlannerError(f"{source.reference}: the data-aware initialisation needs a model that runs block by "
+                           f"block ({why}); use --init loftq")
+    return collect_moments(stream, blocks, folder, key)
