@@ -1,4 +1,4 @@
-"""The plan file (schema v3): what every target layer gets, the budget, the estimate, provenance.
+"""The plan file (schema v4): what every target layer gets, the budget, the estimate, provenance.
 
 A plan is plain data: it does not know how the search found it (STYLE 4). :func:`save_plan`
 writes it atomically (temp file in the same folder, fsync, ``os.replace``), so an interrupted or
@@ -35,12 +35,13 @@ from search_spaces.facts import TargetLayer
 
 from planner.artifact.atomic import atomic_write
 from planner.artifact.checks import keys, number, obj, plain_json, text, whole
-from planner.artifact.records import ProxyRecord, SearchRecord
+from planner.artifact.records import InitRecord, ProxyRecord, SearchRecord
 from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, layer_param_breakdown
 from planner.settings import LayerChoice, RunSettings
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+PLAIN_VERSION = 3  # a plan with plain LoftQ is written as this version (plan_versions: v3 -> v4)
 KEEP16 = ("bf16", "fp16")  # the dtypes a 16-bit layer may be kept in
 MODES = ("finetune", "inference")
 MODEL_KEYS = ("id", "source", "architecture", "weights_sha256")
@@ -49,7 +50,7 @@ LAYER_FIELDS = ("name", "shape", "bits", "quant", "block_size", "rank", "alpha",
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 Estimate = MemoryEstimate  # the plan records the memory model's own estimate type
 
-__all__ = ["Estimate", "LayerPlan", "Plan", "ProxyRecord", "SCHEMA_VERSION", "SearchRecord", "load_plan",
+__all__ = ["Estimate", "InitRecord", "LayerPlan", "Plan", "ProxyRecord", "SCHEMA_VERSION", "SearchRecord", "load_plan",
            "save_plan"]
 
 
@@ -77,8 +78,8 @@ class LayerPlan:
     (``quant`` names the dtype then); ``quant`` names a registered quantizer, which need not end in
     its width; ``bits_per_weight``: stored bits per weight including the quantization constants
     (loftq's exact byte count; derived when None). ``rank`` 0 = no adapter. ``bytes``: what this
-    layer's choice costs in the memory model. ``residual``: ||W - deq(Q) - BA||_F / ||W||_F (None
-    when not computed).
+    layer's choice costs in the memory model. ``residual``: ||W - deq(Q) - BA||_F / ||W||_F, or with
+    the plan's ``init`` loftq-data ||(W - deq(Q) - BA) L||_F / ||W L||_F (None when not computed).
     """
 
     name: str
@@ -173,7 +174,8 @@ class LayerPlan:
 class Plan:
     """A whole plan; see ARCHITECTURE.md "Plan JSON". ``run``: the run the memory model planned for
     (``run.mode`` equals ``mode``); ``estimate``: the memory model's numbers for the whole plan;
-    ``search``: how the plan was found; ``created_with``: free-form provenance (versions, materialize)."""
+    ``search``: how the plan was found; ``created_with``: free-form provenance (versions, materialize);
+    ``init``: how materialize initialises the adapters (:class:`InitRecord`; plain LoftQ by default)."""
 
     schema_version: int
     model: dict[str, Any]
@@ -184,6 +186,7 @@ class Plan:
     layers: tuple[LayerPlan, ...]
     search: SearchRecord = field(default_factory=lambda: SearchRecord("manual"))
     created_with: dict[str, Any] = field(default_factory=dict)
+    init: InitRecord = field(default_factory=InitRecord)
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -201,7 +204,8 @@ class Plan:
         whole("budget_bytes", self.budget_bytes, 1)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        for name, kind in (("run", RunSettings), ("estimate", MemoryEstimate), ("search", SearchRecord)):
+        for name, kind in (("run", RunSettings), ("estimate", MemoryEstimate), ("search", SearchRecord),
+                           ("init", InitRecord)):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
         if self.run.mode != self.mode:
@@ -222,11 +226,20 @@ class Plan:
                 return layer
         raise KeyError(f"no layer {name!r} in the plan")
 
+    @property
+    def document_version(self) -> int:
+        """The schema version this plan is written as: v3 for plain LoftQ (every v3 reader reads it
+        right), v4 for a data-aware one (see :mod:`planner.artifact.plan_versions`)."""
+        return SCHEMA_VERSION if self.init.data_aware else PLAIN_VERSION
+
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "model": dict(self.model),
-                "budget_bytes": self.budget_bytes, "mode": self.mode, "run": self.run.to_dict(),
-                "estimate": self.estimate.to_dict(), "layers": [layer.to_dict() for layer in self.layers],
-                "search": self.search.to_dict(), "created_with": dict(self.created_with)}
+        out = {"schema_version": self.document_version, "model": dict(self.model),
+               "budget_bytes": self.budget_bytes, "mode": self.mode, "run": self.run.to_dict(),
+               "estimate": self.estimate.to_dict(), "layers": [layer.to_dict() for layer in self.layers],
+               "search": self.search.to_dict(), "created_with": dict(self.created_with)}
+        if self.document_version > PLAIN_VERSION:
+            out["init"] = self.init.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
@@ -239,7 +252,7 @@ class Plan:
         version = _version(d["schema_version"])  # report a newer schema before any field it may have renamed
         d = upgrade(d, version, SCHEMA_VERSION)
         keys("plan", d, ("schema_version", "model", "budget_bytes", "mode", "run", "estimate", "layers",
-                         "search", "created_with"))
+                         "search", "created_with", "init"))
         if not isinstance(d["layers"], list):
             raise ValueError(f"layers must be a list, got {type(d['layers']).__name__}")
         layers = []
@@ -252,7 +265,7 @@ class Plan:
                 raise ValueError(f"layers[{i}]{where}: {_message(err)}") from None
         parts = {}
         for name, reader in (("run", RunSettings.from_dict), ("estimate", MemoryEstimate.from_dict),
-                             ("search", SearchRecord.from_dict)):
+                             ("search", SearchRecord.from_dict), ("init", InitRecord.from_dict)):
             try:
                 parts[name] = reader(obj(name, d[name]))
             except (TypeError, KeyError) as err:

@@ -129,3 +129,52 @@ class SearchRecord:
         keys("search", d, ("mode",), [f.name for f in fields(cls)])
         proxy = d.pop("proxy", None)
         return cls(**d, proxy=None if proxy is None else ProxyRecord.from_dict(proxy))
+
+
+INITS = ("loftq", "loftq-data")
+DEFAULT_DAMP = 0.01  # loftq.solver.calibration_factor's ridge, as a fraction of mean(diag H)
+
+
+@dataclass(frozen=True)
+class InitRecord:
+    """How materialize initialises Q, A and B (and the norm the plan's residuals are in).
+
+    ``loftq``: B A fits W - Q in the Frobenius norm. ``loftq-data``: in the layer-output norm
+    ||(W - Q - BA) L||, L L^T = H + ``damp`` mean(diag H) I, H = X^T X / n the layer's input second
+    moment over the first ``seqs`` sequences of ``seq_len`` tokens of the train split of ``data``
+    (None: pydoc), whose corpus fingerprint is ``corpus`` (materialize checks it)."""
+
+    method: str = "loftq"
+    data: str | None = None
+    seqs: int | None = None
+    seq_len: int | None = None
+    corpus: str | None = None
+    damp: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in INITS:
+            raise ValueError(f"init.method must be one of {', '.join(INITS)}; got {self.method!r}")
+        text("init.data", self.data, optional=True)
+        text("init.corpus", self.corpus, optional=True)
+        number("init.damp", self.damp, optional=True)
+        for name in ("seqs", "seq_len"):
+            if getattr(self, name) is not None:
+                whole(f"init.{name}", getattr(self, name), 1)
+        given = [f.name for f in fields(self) if f.name not in ("method", "data") and getattr(self, f.name) is not None]
+        if self.data_aware and len(given) != 4:
+            raise ValueError("init loftq-data needs seqs, seq_len, corpus and damp")
+        if not self.data_aware and (given or self.data is not None):
+            raise ValueError(f"init loftq takes no calibration settings, got {', '.join(given or ['data'])}")
+
+    @property
+    def data_aware(self) -> bool:
+        return self.method == "loftq-data"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "InitRecord":
+        d = obj("init", d)
+        keys("init", d, ("method",), [f.name for f in fields(cls)])
+        return cls(**d)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import planner.artifact.plan as plan_mod
-from planner.artifact.plan import (SCHEMA_VERSION, LayerPlan, Plan, ProxyRecord, SearchRecord, created_with,
+from planner.artifact.plan import (SCHEMA_VERSION, InitRecord, LayerPlan, Plan, ProxyRecord, SearchRecord, created_with,
                                    load_plan, save_plan)
 from planner.artifact.summary import summary_by_block
 from planner.errors import PlannerError
@@ -82,7 +82,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert Plan.from_dict(plan.to_dict()) == plan
     assert loaded.layer("model.layers.1.mlp.up_proj").bits == 2
     doc = json.loads(path.read_text())
-    assert doc["schema_version"] == SCHEMA_VERSION == 3 and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
+    assert doc["schema_version"] == 3 and "init" not in doc and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
     assert doc["layers"][0]["bits_per_weight"] == 4.5  # NF4 codes + one fp32 absmax per 64 weights
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left
     save_plan(loaded, path)  # overwrite in place
@@ -278,7 +278,7 @@ def test_search_extra_must_be_plain_json() -> None:
 def test_in_memory_plan_takes_typed_records() -> None:
     with pytest.raises(ValueError, match="run must be a RunSettings, got dict"):
         make_plan(run=RUN.to_dict())
-    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 3"):
+    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 4"):
         make_plan(schema_version=1)
     plan = make_plan()
     assert plan.run.seq_len == 512 and plan.search.proxy.chosen() == {"trial": 0, "chosen": True}
@@ -305,7 +305,7 @@ def test_v1_plans_written_by_the_v1_code_still_load(name: str, tmp_path: Path) -
         assert plan.search.proxy.candidates == tuple(doc["search"]["proxy"]["candidates"])
         assert plan.search.timings == doc["search"]["timings"] and plan.search.study_name == doc["search"]["study_name"]
     again = load_plan(save_plan(plan, tmp_path / "now.json"))  # written back and read as the current schema
-    assert again == plan and json.loads((tmp_path / "now.json").read_text())["schema_version"] == SCHEMA_VERSION
+    assert again == plan and json.loads((tmp_path / "now.json").read_text())["schema_version"] == 3  # plain LoftQ
 
 
 def test_v2_plan_written_by_the_v2_code_still_loads(tmp_path: Path) -> None:
@@ -314,7 +314,7 @@ def test_v2_plan_written_by_the_v2_code_still_loads(tmp_path: Path) -> None:
     doc = json.loads((DATA / "plan_v2_manual.json").read_text())
     assert doc["schema_version"] == 2
     plan = load_plan(DATA / "plan_v2_manual.json")
-    assert plan.schema_version == SCHEMA_VERSION == 3
+    assert plan.schema_version == SCHEMA_VERSION == 4 and plan.init == InitRecord()
     assert {k: v for k, v in plan.to_dict().items() if k != "schema_version"} == \
         {k: v for k, v in doc.items() if k != "schema_version"}
     assert {(x.quant, x.double_quant) for x in plan.layers} >= {("nf2", False), ("nf4", True), ("int8", False),
@@ -388,3 +388,37 @@ def test_show_reads_a_v1_plan(capsys: pytest.CaptureFixture) -> None:
     assert main(["show", str(DATA / "plan_v1_guided.json")]) == 0
     out = capsys.readouterr().out
     assert "search guided: 3 trials" in out and "zero-step KL 3.919e-07" in out and "579.06 MB" in out
+
+
+DATA_INIT = InitRecord("loftq-data", seqs=16, seq_len=256, corpus="0123456789abcdef", damp=0.01)
+
+
+def test_v3_plan_written_by_the_v3_code_loads_as_plain_loftq_and_is_written_back_byte_for_byte(tmp_path: Path) -> None:
+    """plan_v3_manual.json: written by the v3 code (main at 490b045, plan_from_choices on a tiny llama).
+    It reads as init loftq, and a plain-LoftQ plan is still written as that v3 document, same bytes."""
+    raw = (DATA / "plan_v3_manual.json").read_bytes()
+    assert json.loads(raw)["schema_version"] == 3
+    plan = load_plan(DATA / "plan_v3_manual.json")
+    assert plan.schema_version == SCHEMA_VERSION == 4 and plan.init == InitRecord() and plan.document_version == 3
+    assert save_plan(plan, tmp_path / "again.json").read_bytes() == raw
+
+
+def test_a_data_aware_plan_is_written_as_v4_with_its_init(tmp_path: Path) -> None:
+    plan = make_plan(init=DATA_INIT)
+    doc = json.loads(save_plan(plan, tmp_path / "p.json").read_text())
+    assert doc["schema_version"] == 4 and doc["init"] == {"method": "loftq-data", "seqs": 16, "seq_len": 256,
+                                                          "corpus": "0123456789abcdef", "damp": 0.01}
+    assert load_plan(tmp_path / "p.json") == plan
+    bad = dict(doc, init={"method": "loftq-data", "seqs": 16})
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(PlannerError, match="init loftq-data needs seqs, seq_len, corpus and damp"):
+        load_plan(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps(dict(doc, init={"method": "gptq"})))
+    with pytest.raises(PlannerError, match="init.method must be one of loftq, loftq-data; got 'gptq'"):
+        load_plan(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps(dict(doc, schema_version=3)))
+    with pytest.raises(PlannerError, match="a schema v3 plan has none"):
+        load_plan(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "init"}))
+    with pytest.raises(PlannerError, match="missing field"):
+        load_plan(tmp_path / "bad.json")
