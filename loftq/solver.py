@@ -52,8 +52,10 @@ def calibration_factor(second_moment: torch.Tensor, damp: float = 0.01) -> torch
         raise ValueError(f"calibration second moment must be square [in, in], got {tuple(h.shape)}")
     check_finite(h, "calibration second moment")
     ridge = damp * h.diagonal().mean().clamp(min=1e-12)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return torch.linalg.cholesky(h + ridge * eye).to(second_moment.dtype if second_moment.is_floating_point() else torch.float32)
+    if h is second_moment:  # already float64: do not add the ridge to the caller's tensor
+        h = h.clone()
+    h.diagonal().add_(ridge)  # = h + ridge * I, without a second in x in matrix (phi-2's fc2: 839 MB)
+    return torch.linalg.cholesky(h).to(second_moment.dtype if second_moment.is_floating_point() else torch.float32)
 
 
 SVD_METHODS = ("randomized", "exact")
@@ -161,7 +163,7 @@ def table_dtype(device: torch.device) -> torch.dtype:
 def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ranks: Sequence[int] = DEFAULT_RANKS,
                    iters: int = 1, method: str | Mapping[int, str] = "nf", block_size: int = 64,
                    double_quant: bool = False, calibration: torch.Tensor | None = None,
-                   damp: float = 0.01) -> torch.Tensor:
+                   damp: float = 0.01, factor: torch.Tensor | None = None) -> torch.Tensor:
     """Relative LoftQ residuals ||W - Q - BA|| / ||W|| for every (bits, rank) cell.
 
     weight: [out, in] -> [len(bits), len(ranks)]; or a batch of same-shape weights [L, out, in]
@@ -171,7 +173,9 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ran
     block) and the top singular values from :func:`loftq.spectral.top_squared_singular_values`
     (block Krylov in :func:`table_dtype`; exact for small matrices and ranks > 64). iters > 1 runs
     the solver once per cell.
-    ``calibration`` (H [in, in], shared by the batch) switches to the data-aware norm ||(.) L||.
+    ``calibration`` (H [in, in], shared by the batch) switches to the data-aware norm ||(.) L||;
+    ``factor``: that L already computed (``calibration_factor(H, damp)``), for callers that split one
+    batch into several calls.
     """
     single = weight.ndim == 2
     w = weight.detach().float().unsqueeze(0) if single else weight.detach().float()
@@ -181,7 +185,10 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ran
     if any((not isinstance(r, int)) or r < 0 or r > min(w.shape[1:]) for r in ranks):
         raise ValueError(f"ranks must be ints in [0, {min(w.shape[1:])}], got {ranks}")
     check_finite(w)
-    factor = calibration_factor(calibration.to(w.device).float(), damp) if calibration is not None else None
+    if factor is None and calibration is not None:
+        factor = calibration_factor(calibration.to(w.device).float(), damp)
+    if factor is not None and calibration is None and iters > 1:
+        raise ValueError("residual_table(iters > 1) takes calibration=H, not a precomputed factor")
     out = torch.empty(w.shape[0], len(bits), len(ranks), dtype=torch.float64)
     if iters > 1:
         for i in range(w.shape[0]):

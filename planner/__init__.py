@@ -61,9 +61,12 @@ def plan(config: PlanConfig, run: RunSettings | None = None, *, out: str | Path 
 
 def materialize(plan_path: str | Path, out: str | Path, config: "MaterializeConfig | None" = None,
                 **kwargs: Any) -> "Materialized":
-    """Build DIR from a plan file: packed backbone + LoftQ adapters (see :mod:`planner.artifact.materialize`)."""
+    """Build DIR from a plan file: packed backbone + LoftQ adapters (see :mod:`planner.artifact.materialize`);
+    a data-aware plan's input moments come from :func:`planner.scoring.moments.plan_moments`."""
     from planner.artifact.materialize import MaterializeConfig, materialize as _materialize
+    from planner.scoring.moments import plan_moments
 
+    kwargs.setdefault("moments", plan_moments)
     return _materialize(plan_path, out, config or MaterializeConfig(), **kwargs)
 
 

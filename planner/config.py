@@ -8,7 +8,7 @@ from pathlib import Path
 from search_spaces.choices import BITS, DQ_MODES, GRANULARITIES, SearchSpace
 
 from planner.options import option as _opt
-from planner.settings import TRAINERS
+from planner.settings import INITS, TRAINERS
 
 SEARCHES = ("guided", "exact")
 _SPACE = SearchSpace()  # the search-space defaults live there, once
@@ -26,6 +26,9 @@ class PlanConfig:
     double_quant: str = _opt(_SPACE.double_quant, "double quantization of the blocks' absmax constants (QLoRA: "
                              "8-bit, blocks of 256; NF4 4.5 -> 4.127 bits/weight): off, on for every "
                              "quantized width, or search (the planner chooses per layer)", choices=DQ_MODES)
+    init: str = _opt("loftq", "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
+                     "norm; loftq-data fits the layer's output on the calibration sequences (--data, --calib-seqs, "
+                     "--calib-seq-len), and the planner's residuals use that norm too", choices=INITS)
     target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
     search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; exact: the solver alone",
                        choices=SEARCHES)
@@ -63,6 +66,8 @@ class PlanConfig:
             raise ValueError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.trials < 0:

@@ -21,6 +21,7 @@ ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TRAINERS = ("finetune", "hf", "trl", "other")
+INITS = ("loftq", "loftq-data")  # LoftQ in the plain norm, or in the layer-output norm on calibration data
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,17 @@ The low-rank step: ``--svd randomized`` (default) runs loftq's block Krylov trun
 was tested within 1% of the exact residual (ranks <= 64, layers wider than 192), ``--svd exact`` a
 full thin SVD per layer (for phi-2's 10240 x 2560 layers the difference is measured in README).
 
+The initialisation: the plan's ``init`` by default (``--init`` overrides it). ``loftq`` fits B A to
+W - Q in the plain norm, exactly as before; ``loftq-data`` fits it in the layer-output norm
+||(W - Q - BA) L||, L L^T = H + damp, with H the layer's input second moment over the plan's
+calibration sequences (``init.data``, ``init.seqs``, ``init.seq_len``). The moments come from the
+planner's cache when the plan was made on this machine; otherwise they are recomputed from those
+settings (one block-by-block forward over the calibration text; the text must still have the
+fingerprint the plan recorded, else PlannerError). The data-aware low-rank step is a full SVD of
+(W - Q) L (``--svd`` applies to plain LoftQ only). This module cannot compute moments itself (it
+may not import :mod:`planner.scoring`): callers pass ``moments``, as :func:`planner.materialize` and
+the CLI do.
+
 T, the LoftQ iterations: by default each layer's ``iters`` from the plan (the planner writes 1, the
 setting its residuals were computed at); ``--iters T`` runs T alternating steps on every layer and
 keeps the best iterate (the error can rise at some settings). T > 1 costs T quantizations and T
@@ -51,9 +62,11 @@ from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, LAYER_DIR, NON_T
                                      BackboneMeta, LayerMeta, check_links, copy_config_files, dtype_name,
                                      layer_tensors, open_safetensors, write_adapter)
 from planner.artifact.plan import LayerPlan, Plan, created_with, load_plan, save_plan
+from planner.artifact.records import DEFAULT_DAMP, InitRecord
 from planner.devices import default_device, resolve_device
 from planner.errors import PlannerError
 from planner.options import option as _opt
+from planner.settings import INITS
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +92,9 @@ class MaterializeConfig:
     svd: str = _opt("randomized", "LoftQ's low-rank step: randomized = a block Krylov truncated SVD, used at "
                     "ranks <= 64 on codebook layers wider than 192 (tested within 1 percent of the exact residual on "
                     "SmolLM2), a full SVD elsewhere; exact = a full thin SVD everywhere", choices=SVD_METHODS)
+    init: str | None = _opt(None, "adapter initialisation (default: the plan's init): loftq = plain norm; "
+                            "loftq-data = the layer-output norm on the plan's calibration sequences (their input "
+                            "moments come from the planner's cache, or are recomputed)", choices=INITS)
 
     def __post_init__(self) -> None:
         if self.iters is not None and (not isinstance(self.iters, int) or isinstance(self.iters, bool)
@@ -88,6 +104,8 @@ class MaterializeConfig:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}; got {self.svd!r}")
+        if self.init is not None and self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
         if self.non_target_dtype not in DTYPES:
             raise ValueError(f"non_target_dtype must be one of {', '.join(DTYPES)}; got {self.non_target_dtype!r}")
 
@@ -105,11 +123,17 @@ def partial_dir(out: Path) -> Path:
 
 
 # ---------------------------------------------------------------- the run
+# (source, layer names, init, device) -> (name -> H [in, in], fingerprint of the calibration text)
+MomentsFor = Callable[[Any, Sequence[str], InitRecord, torch.device], tuple[Mapping[str, torch.Tensor], str]]
+
+
 def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfig = MaterializeConfig(), *,
-                on_layer: Callable[[str], None] | None = None) -> Materialized:
+                on_layer: Callable[[str], None] | None = None, moments: MomentsFor | None = None) -> Materialized:
     """Build DIR from a plan; see the module docstring. ``on_layer(name)`` runs after each layer is
-    committed. Bad input (existing DIR without force, weights that are not the plan's, non-finite
-    weights, hf-bnb on a non-NF4 plan) raises PlannerError and leaves DIR untouched."""
+    committed. ``moments(source, layer names, init, device)``: (name -> input second moment H, the
+    calibration text's fingerprint) for the data-aware initialisation (:func:`planner.scoring.moments.plan_moments`). Bad input
+    (existing DIR without force, weights that are not the plan's, non-finite weights, hf-bnb on a
+    non-NF4 plan) raises PlannerError and leaves DIR untouched."""
     t0 = time.perf_counter()
     out = preflight(out, config.force)
     plan = load_plan(plan_path)
@@ -118,6 +142,16 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
     source = _source(plan, config)
     targets = _targets(source, plan)
     iters = {layer.name: config.iters or max(1, layer.iters) for layer in plan.layers}
+    init = init_of(plan, config)
+    device = resolve_device(config.device)
+    h: Mapping[str, torch.Tensor] = {}
+    if init.data_aware:
+        if moments is None:
+            raise PlannerError("the data-aware initialisation needs the layers' input moments: run it through "
+                               "planner.materialize or the CLI")
+        h, corpus = moments(source, [layer.name for layer in plan.layers], init, device)  # the plan's key
+        init = dataclasses.replace(init, corpus=corpus)
+    plan = dataclasses.replace(plan, init=init)
     key = job_key(plan, source.weights_sha256(), iters, config.svd)
     partial = partial_dir(out)
     with _job(partial, key, config.force):
@@ -125,11 +159,11 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
         todo = [t for t in targets if not _committed(partial, t.name, key)]
         if len(todo) < len(names):
             log.info("%s: resuming, %d of %d layers already done", partial, len(names) - len(todo), len(names))
-        device = resolve_device(config.device)
         layers = {layer.name: layer for layer in plan.layers}
         with progress.task(f"LoftQ on {device} ({len(names) - len(todo)} resumed)", len(todo)) as advance:
             for target, weight in source.iter_weights(todo):
-                _compute_layer(partial, layers[target.name], weight, iters[target.name], device, key, config.svd)
+                _compute_layer(partial, layers[target.name], weight, iters[target.name], device, key, config.svd,
+                               h.get(target.name) if init.data_aware else None, init.damp)
                 advance(1)
                 if on_layer is not None:
                     on_layer(target.name)
@@ -206,11 +240,26 @@ def _refuse_tied(skeleton: torch.nn.Module, names: Sequence[str]) -> None:
                                f"quantized on its own; remove {name} from the plan")
 
 
+def init_of(plan: Plan, config: MaterializeConfig) -> InitRecord:
+    """The initialisation to build with: the plan's, or ``--init``'s; a data-aware one asked of a
+    plain plan takes the plan command's default calibration (pydoc, 16 x 256 tokens)."""
+    if config.init is None or config.init == plan.init.method:
+        return plan.init
+    if config.init == "loftq":
+        return InitRecord()
+    from planner.config import PlanConfig
+
+    d = PlanConfig()
+    return InitRecord("loftq-data", data=d.data, seqs=d.calib_seqs, seq_len=d.calib_seq_len, damp=DEFAULT_DAMP)
+
+
 def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int], svd: str = "randomized") -> str:
-    """What a partial run's layers depend on: each layer's choice and T, the SVD method and the weights."""
+    """What a partial run's layers depend on: each layer's choice and T, the SVD method, the
+    initialisation (when data-aware) and the weights."""
     spec = [[layer.name, list(layer.shape), layer.bits, layer.quant, layer.block_size, layer.double_quant,
              layer.rank, float(layer.alpha), iters[layer.name]] for layer in plan.layers]
-    blob = json.dumps({"v": JOB_VERSION, "weights": weights_sha, "layers": spec, "svd": svd}, sort_keys=True)
+    extra = {"init": plan.init.to_dict()} if plan.init.data_aware else {}
+    blob = json.dumps({"v": JOB_VERSION, "weights": weights_sha, "layers": spec, "svd": svd, **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -278,9 +327,10 @@ def _committed(partial: Path, name: str, key: str) -> bool:
 
 
 def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters: int, device: torch.device,
-                   key: str, svd: str) -> None:
+                   key: str, svd: str, moment: torch.Tensor | None = None, damp: float | None = None) -> None:
     """LoftQ one layer [out, in] and commit it: codes to artifact/backbone/layers, A/B to work/.
-    (``weight`` is finite: the source's reader checks every tensor.)"""
+    (``weight`` is finite: the source's reader checks every tensor.) ``moment``: the layer's input
+    second moment H [in, in] for the data-aware initialisation (its residual is then the weighted one)."""
     if layer.bits == 16:
         stored: Any = weight.to(DTYPES.get(layer.quant, torch.bfloat16))
         residual = float((weight - stored.float()).norm() / weight.norm().clamp(min=1e-30))
@@ -289,11 +339,14 @@ def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters:
         meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
                          layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
     else:
+        extra = {} if moment is None else {"calibration": moment.to(device), "damp": damp}
         res = loftq(weight.to(device), layer.bits, layer.rank, iters=iters, method=layer.method,
-                    block_size=layer.block_size, double_quant=layer.double_quant, svd=svd)
+                    block_size=layer.block_size, double_quant=layer.double_quant, svd=svd, **extra)
         stored = res.quantized.to("cpu")
         a, b = res.lora_a.cpu(), res.lora_b.cpu()
         residual, best, errors = res.error, res.best_iter, res.errors
+        if moment is not None:
+            residual, errors = res.weighted_errors[best - 1], res.weighted_errors
         cfg = stored.config
         meta = LayerMeta(layer.name, f"{layer.name}.safetensors", cfg.bits, cfg.method, cfg.block_size,
                          cfg.double_quant, stored.block, layer.shape, dtype_name(stored.dtype), stored.nbytes)

@@ -131,7 +131,8 @@ class SearchRecord:
         return cls(**d, proxy=None if proxy is None else ProxyRecord.from_dict(proxy))
 
 
-INITS = ("loftq", "loftq-data")
+from planner.settings import INITS  # noqa: E402  (one definition: the plan command's choices)
+
 DEFAULT_DAMP = 0.01  # loftq.solver.calibration_factor's ridge, as a fraction of mean(diag H)
 
 
@@ -142,7 +143,7 @@ class InitRecord:
     ``loftq``: B A fits W - Q in the Frobenius norm. ``loftq-data``: in the layer-output norm
     ||(W - Q - BA) L||, L L^T = H + ``damp`` mean(diag H) I, H = X^T X / n the layer's input second
     moment over the first ``seqs`` sequences of ``seq_len`` tokens of the train split of ``data``
-    (None: pydoc), whose corpus fingerprint is ``corpus`` (materialize checks it)."""
+    (None: pydoc), whose corpus fingerprint is ``corpus`` (materialize checks it; None: not known yet)."""
 
     method: str = "loftq"
     data: str | None = None
@@ -161,8 +162,8 @@ class InitRecord:
             if getattr(self, name) is not None:
                 whole(f"init.{name}", getattr(self, name), 1)
         given = [f.name for f in fields(self) if f.name not in ("method", "data") and getattr(self, f.name) is not None]
-        if self.data_aware and len(given) != 4:
-            raise ValueError("init loftq-data needs seqs, seq_len, corpus and damp")
+        if self.data_aware and not {"seqs", "seq_len", "damp"} <= set(given):
+            raise ValueError("init loftq-data needs seqs, seq_len and damp")
         if not self.data_aware and (given or self.data is not None):
             raise ValueError(f"init loftq takes no calibration settings, got {', '.join(given or ['data'])}")
 

@@ -57,7 +57,7 @@ def _materialize_args(p: argparse.ArgumentParser) -> None:
 
 
 def materialize_command(args: argparse.Namespace) -> int:
-    from planner.artifact.materialize import materialize
+    from planner import materialize
 
     cfg, io = config_from(MaterializeConfig, args), config_from(MaterializeOutput, args)
     result = materialize(args.plan, io.out, cfg)  # checks --out before any work (its preflight)

@@ -151,8 +151,9 @@ def calibration_blocks(source: Any, data: str | None, seqs: int, seq_len: int) -
 
 
 def input_moments(source: Any, targets: Sequence[str], blocks: torch.Tensor, corpus_sha: str, *,
-                  cache_dir: Path | None = None, device: torch.device | str = "cpu") -> MomentStore:
-    """The moments of ``targets`` over ``blocks``, from the cache when complete, else computed."""
+                  cache_dir: Path | None = None, device: torch.device | str = "cpu", stream: Any = None) -> MomentStore:
+    """The moments of ``targets`` over ``blocks``, from the cache when complete, else computed on
+    ``stream`` (a BlockStream over the same targets; None: one is opened)."""
     from planner.scoring.stream import stream_or_none
 
     key = moments_key(source.weights_sha256(), targets, corpus_sha, tuple(blocks.shape))
@@ -160,8 +161,38 @@ def input_moments(source: Any, targets: Sequence[str], blocks: torch.Tensor, cor
     store = MomentStore(folder, key)
     if store.complete() and set(targets) <= set(store):
         return store
-    stream, why = stream_or_none(source, list(targets), torch.float32, device)
+    why = "the scorer loads the whole model"
+    if stream is None:
+        stream, why = stream_or_none(source, list(targets), torch.float32, device)
     if stream is None:
         raise PlannerError(f"{source.reference}: the data-aware initialisation needs a model that runs block by "
                            f"block ({why}); use --init loftq")
     return collect_moments(stream, blocks, folder, key)
+
+
+def data_init(source: Any, targets: Sequence[str], train: torch.Tensor, corpus_sha: str, cfg: Any,
+              scorer: Any) -> tuple[MomentStore, Any]:
+    """``--init loftq-data`` in the plan command: the moments over its calibration sequences
+    ``train`` (cached; on the scorer's stream) and the plan's InitRecord. ``cfg``: the PlanConfig."""
+    from planner.artifact.records import DEFAULT_DAMP, InitRecord
+
+    moments = input_moments(source, targets, train, corpus_sha, cache_dir=cfg.cache_path, device=scorer.device,
+                            stream=scorer.stream)
+    return moments, InitRecord("loftq-data", data=cfg.data, seqs=cfg.calib_seqs, seq_len=cfg.calib_seq_len,
+                               corpus=corpus_sha, damp=DEFAULT_DAMP)
+
+
+def plan_moments(source: Any, targets: Sequence[str], init: Any, device: torch.device | str = "cpu",
+                 cache_dir: Path | None = None) -> tuple[MomentStore, str]:
+    """What materialize needs for a data-aware plan (``init``: its InitRecord): the moments over the
+    plan's calibration sequences, from the cache (the plan command left them there) or recomputed,
+    and the calibration text's fingerprint. The text must be the one the plan recorded."""
+    blocks, corpus = calibration_blocks(source, init.data, init.seqs, init.seq_len)
+    if init.corpus is not None and corpus != init.corpus:
+        raise PlannerError(f"the calibration text {init.data or 'pydoc'} is not the one the plan was made with "
+                           f"(fingerprint {corpus} vs {init.corpus}); pass that text, or re-plan")
+    key = moments_key(source.weights_sha256(), targets, corpus, tuple(blocks.shape))
+    if not MomentStore((cache_dir or default_cache_dir()) / "moments" / key, key).complete():
+        log.info("input moments of %s are not in the cache: computing them (%d x %d tokens)",
+                 source.reference, *blocks.shape)
+    return input_moments(source, targets, blocks, corpus, cache_dir=cache_dir, device=device), corpus

@@ -3,6 +3,11 @@
 table[name]: [len(bits), len(ranks)] relative LoftQ residuals ||W - Q - BA|| / ||W|| (one row per
 width, double-quantized widths computed as they are stored), plus
 ``sq_norm[name]`` = ||W||^2 and ``quant_err`` helpers used by the objective.
+
+With input moments (the data-aware initialisation, :mod:`planner.scoring.moments`) the residuals
+are in the norm that initialisation optimises: ||(W - Q - BA) L|| / ||W L||, L L^T = H + damp, with
+each layer's own H; layers are then stacked only with layers of the same shape *and* moment (k/v,
+gate/up), one Cholesky per stack, shared by the threads that split it.
 """
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from loftq import residual_table
+from loftq.solver import calibration_factor
 from loftq.quant import squared_norm
 from search_spaces.facts import TargetLayer
 from search_spaces.widths import WidthKey, is_double_quant, width_bits
@@ -55,14 +61,15 @@ class ResidualTables:
         return float(self.table[i, self.settings.bits.index(bits), self.settings.ranks.index(rank)])
 
 
-def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tuple[list[TargetLayer], torch.Tensor]]:
-    """Group streamed weights by shape into stacks; the weights waiting, all shapes together, stay
-    under BATCH_BYTES (the largest group goes as soon as they would not), so the stage's memory
-    does not grow with the model's depth."""
-    pending: dict[tuple[int, int], list[tuple[TargetLayer, torch.Tensor]]] = defaultdict(list)
+def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]], group: Callable[[str], str] | None = None
+             ) -> Iterator[tuple[list[TargetLayer], torch.Tensor]]:
+    """Group streamed weights by shape (and by ``group(name)`` when given) into stacks; the weights
+    waiting, all shapes together, stay under BATCH_BYTES (the largest group goes as soon as they
+    would not), so the stage's memory does not grow with the model's depth."""
+    pending: dict[tuple, list[tuple[TargetLayer, torch.Tensor]]] = defaultdict(list)
     waiting = 0
     for target, weight in stream:
-        shape = tuple(weight.shape)
+        shape = tuple(weight.shape) + ((group(target.name),) if group is not None else ())
         pending[shape].append((target, weight))
         waiting += weight.numel() * 4
         while waiting >= BATCH_BYTES:
@@ -74,16 +81,17 @@ def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tup
         yield [t for t, _ in group], torch.stack([w for _, w in group])
 
 
-def _residuals(stack: torch.Tensor, settings: TableSettings) -> torch.Tensor:
+def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tensor | None = None) -> torch.Tensor:
     """[L, len(bits), len(ranks)] for a stack [L, out, in]: one ``residual_table`` call per
-    double-quantization setting among the rows (one call, as always, for a plain menu)."""
+    double-quantization setting among the rows (one call, as always, for a plain menu); ``factor``:
+    the stack's calibration factor L (data-aware norm), None for the plain norm."""
     dq = [settings.double_quant or is_double_quant(w) for w in settings.bits]
     out: torch.Tensor | None = None
     for flag in sorted(set(dq)):
         rows = [j for j, d in enumerate(dq) if d == flag]
         tab = residual_table(stack, bits=[width_bits(settings.bits[j]) for j in rows], ranks=settings.ranks,
                              iters=settings.iters, method=settings.method, block_size=settings.block_size,
-                             double_quant=flag)
+                             double_quant=flag, factor=factor)
         if len(rows) == len(dq):
             return tab
         if out is None:
@@ -118,13 +126,17 @@ def on_threads(fn: Callable[[torch.Tensor], torch.Tensor], stack: torch.Tensor) 
 
 
 def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers: int, settings: TableSettings,
-                   device: torch.device) -> ResidualTables:
+                   device: torch.device, moments: Any = None, damp: float = 0.01) -> ResidualTables:
+    """``moments``: a :class:`planner.scoring.moments.MomentStore` (name -> H, with ``group``) for the
+    data-aware norm; None: the plain norm, exactly as before."""
     rows: dict[str, torch.Tensor] = {}
     norms: dict[str, float] = {}
+    group = moments.group if moments is not None else None
     with progress.task(f"residual tables ({device.type})", n_layers) as advance:
-        for targets, stack in _batches(stream):
+        for targets, stack in _batches(stream, group):
             stack = stack.to(device)
-            tab = on_threads(lambda part: _residuals(part, settings), stack).cpu()
+            factor = calibration_factor(moments[targets[0].name].to(device), damp) if moments is not None else None
+            tab = on_threads(lambda part: _residuals(part, settings, factor), stack).cpu()
             sq = squared_norm(stack).cpu()
             for i, t in enumerate(targets):
                 rows[t.name], norms[t.name] = tab[i], float(sq[i])
@@ -134,23 +146,29 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
                           torch.tensor([norms[n] for n in names], dtype=torch.float64))
 
 
-def tables_key(weights_sha: str, targets: Sequence[TargetLayer], settings: TableSettings) -> str:
-    """Cache key of a table set: weights, targets, settings and the code versions (planner.cache)."""
+def tables_key(weights_sha: str, targets: Sequence[TargetLayer], settings: TableSettings,
+               moments: str | None = None, damp: float = 0.01) -> str:
+    """Cache key of a table set: weights, targets, settings and the code versions (planner.cache);
+    data-aware tables add their moments' key and damp (plain keys are unchanged)."""
+    extra = {"moments": moments, "damp": damp} if moments is not None else {}
     return cache_key(PRODUCER, {"weights": weights_sha, "targets": [(t.name, t.shape) for t in targets],
-                                "settings": asdict(settings)})
+                                "settings": asdict(settings), **extra})
 
 
 def residual_tables(source, targets: Sequence[TargetLayer], settings: TableSettings, *,
-                    cache_dir: Path | None = None, device: str | None = None) -> ResidualTables:
-    """Tables for ``targets`` of ``source`` (a planner.sources.ModelSource), from cache when valid."""
-    key = tables_key(source.weights_sha256(), targets, settings)
+                    cache_dir: Path | None = None, device: str | None = None, moments: Any = None,
+                    damp: float = 0.01) -> ResidualTables:
+    """Tables for ``targets`` of ``source`` (a planner.sources.ModelSource), from cache when valid;
+    ``moments``: a :class:`planner.scoring.moments.MomentStore` for the data-aware norm."""
+    key = tables_key(source.weights_sha256(), targets, settings, moments.key if moments is not None else None, damp)
     path = (cache_dir or default_cache_dir()) / "tables" / f"{key}.safetensors"
     cached = load_cached(path, key)
     names = [t.name for t in targets]
     want = (len(names), len(settings.bits), len(settings.ranks))
     if cached is not None and tuple(cached.get("table", torch.empty(0)).shape) == want:
         return ResidualTables(names, settings, cached["table"], cached["sq_norm"])
-    result = compute_tables(source.iter_weights(targets), len(targets), settings, resolve_device(device))
+    result = compute_tables(source.iter_weights(targets), len(targets), settings, resolve_device(device), moments,
+                            damp)
     order = [result.names.index(n) for n in names]
     result = ResidualTables(names, settings, result.table[order], result.sq_norm[order])
     save_cached(path, key, {"table": result.table, "sq_norm": result.sq_norm})

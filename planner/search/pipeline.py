@@ -22,6 +22,7 @@ from search_spaces.facts import TargetLayer
 from search_spaces.choices import has_adapter, menu
 from search_spaces.widths import WidthKey
 
+from planner.artifact.records import DEFAULT_DAMP
 from planner.search.allocate import InfeasibleBudget
 from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
 from planner.config import PlanConfig
@@ -195,8 +196,10 @@ def fingerprint(prep: Prepared, budget: int, corpus_sha: str) -> dict[str, Any]:
 
 
 def _dq(cfg: PlanConfig) -> dict[str, str]:
-    """``--double-quant`` for study names and fingerprints, absent when off (today's names)."""
-    return {} if cfg.double_quant == "off" else {"double_quant": cfg.double_quant}
+    """``--double-quant`` and ``--init`` for study names and fingerprints, absent at their defaults
+    (today's names)."""
+    return {**({} if cfg.double_quant == "off" else {"double_quant": cfg.double_quant}),
+            **({} if cfg.init == "loftq" else {"init": cfg.init})}
 
 
 def shared_storage(cfg: PlanConfig) -> bool:
@@ -251,16 +254,26 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
         if shared_storage(cfg):
             from planner.search.distributed import plan_shared
 
+            if cfg.init != "loftq":
+                raise PlannerError(f"--init {cfg.init} is not supported with a shared --storage yet; plan on one "
+                                   "machine (no --storage) or use --init loftq")
             return plan_shared(prep, budget, corpus, *study, timings, t0)
         open_study(study[0], study[1], cfg.seed, study[2])
-    tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
-                             device=cfg.score_device)
-    timings["tables_s"] = time.perf_counter() - t0
-    scorer = open_scorer(prep)
+    scorer = open_scorer(prep) if cfg.init != "loftq" else None
     train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
+    moments, init = None, None
+    if cfg.init == "loftq-data":  # the calibration pass comes before the tables, whose norm it sets
+        from planner.scoring.moments import data_init
+
+        moments, init = data_init(prep.source, [t.name for t in prep.targets], train, corpus_sha, cfg, scorer)
+        timings["moments_s"] = time.perf_counter() - t0
+    tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
+                             device=cfg.score_device, moments=moments, damp=DEFAULT_DAMP)
+    timings["tables_s"] = time.perf_counter() - t0 - timings.get("moments_s", 0.0)
+    scorer = scorer or open_scorer(prep)
     bank = weight_bank(prep, scorer, bank_store) if study is not None else None  # the Fisher reuses its Q
     fisher_err = fisher_errors_cached(prep, tables, scorer, train, corpus_sha, bank)
-    timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"]
+    timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"] - timings.get("moments_s", 0.0)
     table = OptionTable.build(prep.targets, tables, fisher_err, prep.options)
     problem = SearchProblem(table, prep.costs, prep.fixed_bytes, prep.groups, prep.group_names, allocatable)
     t1 = time.perf_counter()
@@ -292,7 +305,8 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
                 r["chosen"] = r["trial"] == chosen.trial
     timings["total_s"] = time.perf_counter() - t0
     search_info["planner_memory"] = measured_peak(scorer.device, budget)
-    plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings, ft_records)
+    plan = build_plan(prep, tables, table, chosen, exact, candidates, budget, search_info, timings, ft_records,
+                      init=init)
     return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact, problem)
 
 
@@ -400,8 +414,10 @@ def _finetune_proxy(prep: Prepared, problem: SearchProblem, candidates: list[Can
 
 def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chosen: Candidate, exact: Candidate,
                candidates: list[Candidate], budget: int, search_info: dict[str, Any], timings: dict[str, float],
-               ft_records: list[dict[str, Any]] | None = None):
-    from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, ProxyRecord, SearchRecord, created_with
+               ft_records: list[dict[str, Any]] | None = None, init: Any = None):
+    """``init``: the plan's :class:`planner.artifact.records.InitRecord` (None: plain LoftQ)."""
+    from planner.artifact.plan import (SCHEMA_VERSION, InitRecord, LayerPlan, Plan, ProxyRecord, SearchRecord,
+                                       created_with)
 
     layers = []
     for i, (t, k) in enumerate(zip(prep.targets, chosen.choice)):
@@ -451,7 +467,8 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
     model = {"id": prep.cfg.model, "source": source.kind, "architecture": source.facts.architecture,
              "weights_sha256": source.weights_sha256()}
     return Plan(schema_version=SCHEMA_VERSION, model=model, budget_bytes=int(budget), mode=prep.run.mode,
-                run=prep.run, estimate=est, layers=tuple(layers), search=search, created_with=created_with())
+                run=prep.run, estimate=est, layers=tuple(layers), search=search, created_with=created_with(),
+                init=init or InitRecord())
 
 
 def problem_budget(prep: Prepared, budget: int) -> int:

@@ -411,7 +411,7 @@ def test_a_data_aware_plan_is_written_as_v4_with_its_init(tmp_path: Path) -> Non
     assert load_plan(tmp_path / "p.json") == plan
     bad = dict(doc, init={"method": "loftq-data", "seqs": 16})
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(PlannerError, match="init loftq-data needs seqs, seq_len, corpus and damp"):
+    with pytest.raises(PlannerError, match="init loftq-data needs seqs, seq_len and damp"):
         load_plan(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text(json.dumps(dict(doc, init={"method": "gptq"})))
     with pytest.raises(PlannerError, match="init.method must be one of loftq, loftq-data; got 'gptq'"):

@@ -1,0 +1,139 @@
+"""--init loftq-data end to end on a tiny local llama (real tokenizer): the moments pass before the
+tables, the plan records the init, materialize builds with each layer's input moment, and plain
+LoftQ stays exactly what it was."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import planner
+from loftq import loftq
+from planner.artifact.layout import read_artifact, read_layer
+from planner.artifact.plan import load_plan, save_plan
+from planner.cli.app import main
+from planner.config import PlanConfig
+from planner.errors import PlannerError
+from planner.scoring.moments import plan_moments
+from planner.search.pipeline import extremes, make_plan, prepare
+from planner.settings import RunSettings
+from planner.sources import resolve
+from tests.tiny_models import save_tiny_llama_with_real_tokenizer
+
+RUN = RunSettings(seq_len=128, batch_size=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama_with_real_tokenizer(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The same budget planned with plain and with data-aware LoftQ (exact search, one cache)."""
+    root = tmp_path_factory.mktemp("plans")
+    cfg = PlanConfig(model=str(tiny_dir), ranks=(0, 4, 8), bits=(2, 4, 8), calib_seqs=2, proxy_seqs=1,
+                     calib_seq_len=64, search="exact", cache_dir=str(root / "cache"))
+    prep = prepare(cfg, RUN)
+    lo, hi = extremes(prep)
+    budget = (prep.estimate(lo).total_bytes + prep.estimate(hi).total_bytes) // 2
+    plain = make_plan(cfg, RUN, budget).plan
+    data = make_plan(dataclasses.replace(cfg, init="loftq-data"), RUN, budget).plan
+    return cfg, root, plain, data
+
+
+def test_the_plan_records_its_init_and_its_residuals_are_in_that_norm(planned) -> None:
+    cfg, root, plain, data = planned
+    assert plain.init.method == "loftq" and plain.document_version == 3
+    init = data.init
+    assert (init.method, init.seqs, init.seq_len, init.damp, init.data) == ("loftq-data", 2, 64, 0.01, None)
+    assert init.corpus and data.to_dict()["schema_version"] == 4 and data.to_dict()["init"]["corpus"] == init.corpus
+    assert "moments_s" in data.search.timings and "moments_s" not in plain.search.timings
+    assert len(list((root / "cache" / "moments").glob("*/block-*.safetensors"))) == 3  # one file per block
+    # the residuals differ (another norm), and the same choice costs the same bytes
+    src = resolve(str(cfg.model))
+    store, corpus = plan_moments(src, [l.name for l in data.layers], init, cache_dir=root / "cache")
+    assert corpus == init.corpus
+    weights = dict(src.iter_weights(src.targets()))
+    for layer in data.layers:
+        if layer.bits == 16:
+            continue
+        w = next(v for t, v in weights.items() if t.name == layer.name)
+        res = loftq(w, layer.bits, layer.rank, calibration=store[layer.name], damp=0.01, svd="exact")
+        assert layer.residual == pytest.approx(res.weighted_errors[0], rel=0.02, abs=1e-6), layer.name
+    assert [l.bytes for l in data.layers if (l.bits, l.rank) == (plain.layer(l.name).bits, plain.layer(l.name).rank)] \
+        == [plain.layer(l.name).bytes for l in data.layers
+            if (l.bits, l.rank) == (plain.layer(l.name).bits, plain.layer(l.name).rank)]
+
+
+def _layers(out: Path) -> dict[str, tuple]:
+    art = read_artifact(out)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    got = {}
+    for meta in art.meta.layers:
+        q = read_layer(art.backbone, meta)
+        a = next((v for k, v in adapter.items() if meta.name in k and "lora_A" in k), None)
+        b = next((v for k, v in adapter.items() if meta.name in k and "lora_B" in k), None)
+        got[meta.name] = (q, a, b)
+    return got
+
+
+def test_materialize_honours_the_init(planned, tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    cfg, root, plain, data = planned
+    monkeypatch.setenv("LOFTQ_PLANNER_CACHE", str(root / "cache"))
+    save_plan(data, tmp_path / "data.json")
+    save_plan(plain, tmp_path / "plain.json")
+    built = planner.materialize(tmp_path / "data.json", tmp_path / "data")
+    assert built.plan.init == data.init and load_plan(tmp_path / "data" / "plan.json").init == data.init
+    assert built.plan.created_with["materialize"]["backbone_bytes"] == data.estimate.breakdown["backbone"]
+    src = resolve(str(tiny_dir))
+    store, _ = plan_moments(src, [l.name for l in data.layers], data.init, cache_dir=root / "cache")
+    weights = {t.name: w for t, w in src.iter_weights(src.targets())}
+    got = _layers(tmp_path / "data")
+    checked = 0
+    for layer in data.layers:
+        if layer.bits == 16 or not layer.rank:
+            continue
+        want = loftq(weights[layer.name], layer.bits, layer.rank, method=layer.method, block_size=layer.block_size,
+                     double_quant=layer.double_quant, calibration=store[layer.name], damp=0.01)
+        q, a, b = got[layer.name]
+        assert torch.equal(a.float(), want.lora_a) and torch.equal(b.float(), want.lora_b), layer.name
+        assert built.plan.layer(layer.name).residual == round(want.weighted_errors[0], 6)
+        checked += 1
+    assert checked >= 3
+    # --init loftq on the same plan: plain LoftQ, exactly loftq() without calibration (as before this change)
+    again = planner.materialize(tmp_path / "data.json", tmp_path / "as-plain", planner.MaterializeConfig(init="loftq"))
+    assert again.plan.init.method == "loftq" and json.loads((tmp_path / "as-plain" / "plan.json").read_text())[
+        "schema_version"] == 3
+    got = _layers(tmp_path / "as-plain")
+    for layer in data.layers:
+        if layer.bits == 16 or not layer.rank:
+            continue
+        want = loftq(weights[layer.name], layer.bits, layer.rank, method=layer.method, block_size=layer.block_size,
+                     double_quant=layer.double_quant)
+        assert torch.equal(got[layer.name][1].float(), want.lora_a)
+
+
+def test_materialize_recomputes_missing_moments_and_refuses_other_text(planned, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    cfg, root, plain, data = planned
+    monkeypatch.setenv("LOFTQ_PLANNER_CACHE", str(tmp_path / "empty-cache"))
+    save_plan(data, tmp_path / "data.json")
+    built = planner.materialize(tmp_path / "data.json", tmp_path / "out")  # moments recomputed, same numbers
+    assert [l.residual for l in built.plan.layers if l.bits < 16] == \
+        [l.residual for l in planner.materialize(tmp_path / "data.json", tmp_path / "cached").plan.layers if l.bits < 16]
+    assert list((tmp_path / "empty-cache" / "moments").iterdir())
+    other = dataclasses.replace(data, init=dataclasses.replace(data.init, corpus="0" * 16))
+    save_plan(other, tmp_path / "other.json")
+    with pytest.raises(PlannerError, match="is not the one the plan was made with"):
+        planner.materialize(tmp_path / "other.json", tmp_path / "out2")
+    capsys.readouterr()
+    assert main(["materialize", str(tmp_path / "other.json"), "--out", str(tmp_path / "out3")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not the one the plan was made with" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out3").exists()
