@@ -61,15 +61,15 @@ class ResidualTables:
         return float(self.table[i, self.settings.bits.index(bits), self.settings.ranks.index(rank)])
 
 
-def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]], group: Callable[[str], str] | None = None
+def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]], same_input: Callable[[str], str] | None = None
              ) -> Iterator[tuple[list[TargetLayer], torch.Tensor]]:
-    """Group streamed weights by shape (and by ``group(name)`` when given) into stacks; the weights
+    """Group streamed weights by shape (and by ``same_input(name)`` when given) into stacks; the weights
     waiting, all shapes together, stay under BATCH_BYTES (the largest group goes as soon as they
     would not), so the stage's memory does not grow with the model's depth."""
     pending: dict[tuple, list[tuple[TargetLayer, torch.Tensor]]] = defaultdict(list)
     waiting = 0
     for target, weight in stream:
-        shape = tuple(weight.shape) + ((group(target.name),) if group is not None else ())
+        shape = tuple(weight.shape) + ((same_input(target.name),) if same_input is not None else ())
         pending[shape].append((target, weight))
         waiting += weight.numel() * 4
         while waiting >= BATCH_BYTES:
