@@ -1,0 +1,183 @@
+"""Plain vs data-aware LoftQ on real SmolLM2 layers, and what the data-aware path costs.
+
+1. For a handful of real SmolLM2 layers and their real input moments H (the planner's calibration:
+   the first ``--seqs`` x ``--seq-len`` tokens of the pydoc train split), per width (2, 3, 4, 8)
+   and rank (16, 64): the weighted residual ||(W - Q - BA) L|| / ||W L|| (L L^T = H + damp) and the
+   plain one ||W - Q - BA|| / ||W|| of both initialisations (``loftq`` and ``loftq-data``; iters 1,
+   both with the exact SVD, so only the norm differs), mean [min, max] over the layers.
+2. Costs on SmolLM2: the moments pass (time, peak RSS rise, cache bytes), and per layer the
+   Cholesky and materialize's loftq() with and without calibration (the planner's default
+   randomized SVD for the plain one).
+3. phi-2 shapes (random data, timed once): a 10240^2 moment's Cholesky (calibration_factor:
+   float64) and its peak RSS rise, the weighted product W L for W [2560, 10240], loftq() on that
+   shape with and without calibration, the X^T X flop rate measured here applied to phi-2's moments
+   pass, and the moments' cache size.
+
+    python -m bench.init_residuals [--seqs 16] [--seq-len 256] [--skip-phi2] [--json F]
+
+Timings are wall seconds on this machine; ``uptime`` is printed beside them (a shared machine's
+numbers are noise-prone: compare within a run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from loftq import dequantize, loftq  # noqa: E402
+from loftq.solver import calibration_factor  # noqa: E402
+from planner import progress  # noqa: E402
+from planner.scoring.moments import calibration_blocks, input_moments  # noqa: E402
+from planner.sources import resolve  # noqa: E402
+
+BITS = (2, 3, 4, 8)
+RANKS = (16, 64)
+LAYERS = [f"model.layers.{b}.{m}" for b in (0, 14, 29)
+          for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+PHI2 = (2560, 10240)  # hidden, intermediate: fc2 is [2560, 10240], its input moment 10240^2
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measured(fn: Callable[[], Any]) -> tuple[Any, float, int]:
+    """(fn(), wall seconds, peak RSS rise in bytes): the kernel's peak (VmHWM) is reset first."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    base = _rss("VmRSS")
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    return out, seconds, max(0, _rss("VmHWM") - base)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def _residuals(w: torch.Tensor, res: Any, factor: torch.Tensor) -> tuple[float, float]:
+    r = w - dequantize(res.quantized, torch.float32) - res.lora_b @ res.lora_a
+    return float((r @ factor).norm() / (w @ factor).norm()), float(r.norm() / w.norm())
+
+
+def residual_rows(weights: dict[str, torch.Tensor], moments: Any) -> list[dict[str, Any]]:
+    rows = []
+    factors = {n: calibration_factor(moments[n]) for n in weights}
+    for bits in BITS:
+        for rank in RANKS:
+            cells: dict[str, list[float]] = {k: [] for k in ("plain_L", "plain_F", "data_L", "data_F")}
+            for name, w in weights.items():
+                plain = loftq(w, bits, rank, svd="exact")
+                data = loftq(w, bits, rank, calibration=moments[name])
+                for tag, res in (("plain", plain), ("data", data)):
+                    wl, f = _residuals(w, res, factors[name])
+                    cells[f"{tag}_L"].append(wl)
+                    cells[f"{tag}_F"].append(f)
+            row: dict[str, Any] = {"bits": bits, "rank": rank}
+            for k, v in cells.items():
+                row[k] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+            row["weighted_gain"] = 1 - row["data_L"]["mean"] / row["plain_L"]["mean"]
+            rows.append(row)
+            print(f"NF{bits} r{rank}: ||(W-Q-BA)L||/||WL|| plain {row['plain_L']['mean']:.4f} data "
+                  f"{row['data_L']['mean']:.4f} | ||W-Q-BA||/||W|| plain {row['plain_F']['mean']:.4f} data "
+                  f"{row['data_F']['mean']:.4f}", flush=True)
+    return rows
+
+
+def smollm2_costs(src: Any, names: list[str], blocks: torch.Tensor, corpus: str,
+                  weights: dict[str, torch.Tensor]) -> tuple[Any, dict[str, Any]]:
+    cache = Path(tempfile.mkdtemp(prefix="init-bench-"))
+    store, seconds, peak = measured(lambda: input_moments(src, names, blocks, corpus, cache_dir=cache))
+    disk = sum(p.stat().st_size for p in cache.rglob("*.safetensors"))
+    out: dict[str, Any] = {"moments_pass_s": seconds, "moments_peak_rss_rise_bytes": peak,
+                           "moments_cache_bytes": disk, "tokens": int(blocks.numel()), "uptime": uptime()}
+    chol = plain_t = data_t = 0.0
+    for name, w in weights.items():
+        _, s, _ = measured(lambda: calibration_factor(store[name]))
+        chol += s
+        _, s, _ = measured(lambda: loftq(w, 4, 16))
+        plain_t += s
+        _, s, _ = measured(lambda: loftq(w, 4, 16, calibration=store[name]))
+        data_t += s
+    n = len(weights)
+    out.update(cholesky_per_layer_s=chol / n, loftq_plain_per_layer_s=plain_t / n, loftq_data_per_layer_s=data_t / n)
+    print(f"SmolLM2 moments pass: {seconds:.1f} s for {blocks.numel()} tokens, peak RSS +{peak / 2**20:.0f} MiB, "
+          f"cache {disk / 2**20:.1f} MiB; per layer: Cholesky {chol / n * 1e3:.1f} ms, loftq NF4 r16 plain "
+          f"{plain_t / n * 1e3:.0f} ms vs data-aware {data_t / n * 1e3:.0f} ms  [{out['uptime']}]", flush=True)
+    return store, out
+
+
+def phi2_costs() -> dict[str, Any]:
+    hidden, inter = PHI2
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(inter, inter, generator=gen) * 0.01
+    h = (m + m.T) / 2
+    del m
+    h.diagonal().add_(inter * 0.05)  # diagonally dominant: positive definite; the Cholesky's cost is the same
+    _, chol_s, chol_peak = measured(lambda: calibration_factor(h))
+    factor = calibration_factor(h)
+    w = torch.randn(hidden, inter, generator=gen) * 0.02
+    _, prod_s, _ = measured(lambda: w @ factor)
+    _, plain_s, plain_peak = measured(lambda: loftq(w, 4, 16))
+    _, data_s, data_peak = measured(lambda: loftq(w, 4, 16, calibration=h))
+    x = torch.randn(4096, 2560, generator=gen)
+    _, xtx_s, _ = measured(lambda: x.T @ x)
+    gflops = 2 * 4096 * 2560**2 / xtx_s / 1e9
+    # phi-2: 32 blocks; per block three 2560-wide moments (qkv, dense, fc1) and one 10240-wide (fc2)
+    per_token = 2 * (3 * hidden**2 + inter**2)
+    tokens = 16 * 256
+    out = {"cholesky_10240_s": chol_s, "cholesky_10240_peak_rss_rise_bytes": chol_peak, "product_WL_s": prod_s,
+           "loftq_plain_fc2_s": plain_s, "loftq_plain_fc2_peak_rss_rise_bytes": plain_peak,
+           "loftq_data_fc2_s": data_s, "loftq_data_fc2_peak_rss_rise_bytes": data_peak, "xtx_gflops": gflops,
+           "moments_pass_xtx_s_est": 32 * per_token * tokens / (gflops * 1e9),
+           "moments_cache_bytes": 32 * 4 * (3 * hidden**2 + inter**2), "uptime": uptime()}
+    print(f"phi-2 shapes: Cholesky 10240^2 {chol_s:.1f} s (peak RSS +{chol_peak / 2**20:.0f} MiB), W L "
+          f"[2560x10240]x[10240^2] {prod_s:.2f} s; loftq fc2 NF4 r16 plain {plain_s:.1f} s (+{plain_peak / 2**20:.0f} "
+          f"MiB) vs data-aware {data_s:.1f} s (+{data_peak / 2**20:.0f} MiB); X^T X at {gflops:.0f} GFLOP/s -> "
+          f"moments pass ~{out['moments_pass_xtx_s_est']:.0f} s of products for 16x256 tokens, cache "
+          f"{out['moments_cache_bytes'] / 1e9:.1f} GB  [{out['uptime']}]", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", type=int, default=16, help="calibration sequences (the plan command's --calib-seqs)")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (--calib-seq-len)")
+    ap.add_argument("--skip-phi2", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    progress.set_enabled(False)
+    print(f"threads {torch.get_num_threads()}; {uptime()}", flush=True)
+    src = resolve("smollm2-135m")
+    names = [t.name for t in src.targets()]
+    blocks, corpus = calibration_blocks(src, None, args.seqs, args.seq_len)
+    weights = {t.name: w for t, w in src.iter_weights([t for t in src.targets() if t.name in LAYERS])}
+    store, costs = smollm2_costs(src, names, blocks, corpus, weights)
+    report = {"layers": LAYERS, "seqs": args.seqs, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
+              "residuals": residual_rows(weights, store), "smollm2": costs}
+    if not args.skip_phi2:
+        report["phi2"] = phi2_costs()
+    if args.json:
+        from planner.artifact.atomic import atomic_write_bytes
+
+        atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
