@@ -197,13 +197,19 @@ class WeightBank:
 
     Entries are computed on first use and kept in ``store`` (default: a fresh :class:`MemoryStore`);
     :meth:`fill` computes them all up front. bits >= 16 means the original weight, kept as it is.
+    ``moments`` (name -> input second moment H, :mod:`planner.scoring.moments`): the factors are
+    the data-aware initialisation's, the top-r of (W - deq Q) L mapped back by L^{-1} (L L^T = H +
+    ``damp``), so every rank's truncation is that rank's best fit in the weighted norm; their
+    entries are marked ``SVD/data``.
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor], bits: Sequence[int], max_rank: int,
                  method: str = "nf", block_size: int = 64, dtype: torch.dtype = torch.float32, *,
                  svd: str = "randomized", store: BankStore | None = None,
-                 device: torch.device | str | None = None) -> None:
-        self.weights = weights
+                 device: torch.device | str | None = None, moments: Mapping[str, torch.Tensor] | None = None,
+                 damp: float = 0.01) -> None:
+        self.weights, self.moments, self.damp = weights, moments, damp
+        self.label = svd if moments is None else f"{svd}/data"  # what an entry's ``svd`` must say
         self.settings = BankSettings(tuple(bits), max_rank, method, block_size, dtype, svd)
         self.store: BankStore = store if store is not None else MemoryStore()
         self.device = torch.device(device) if device is not None else None  # where entries are computed
@@ -225,7 +231,7 @@ class WeightBank:
         if entry is None:
             entry = self._compute(name, bits)
             self.store.put(name, bits, entry)
-        elif (entry.quantized.config != s.quant_config(bits) or entry.svd != s.svd or entry.b.dtype != s.dtype
+        elif (entry.quantized.config != s.quant_config(bits) or entry.svd != self.label or entry.b.dtype != s.dtype
               or entry.rank < min(s.max_rank, *entry.quantized.shape)):
             raise ValueError(f"the bank's store holds {name} at {bits} bits built with other settings "
                              f"({entry.quantized.config}, {entry.svd} SVD, rank {entry.rank}, {entry.b.dtype}) "
@@ -239,8 +245,15 @@ class WeightBank:
         w = (original.to(self.device) if self.device is not None else original).float()
         qt = quantize(w, config=s.quant_config(bits))
         deq = dequantize(qt, torch.float32)
-        f = top_factors(w - deq, min(s.max_rank, *w.shape), s.svd)
-        return BankEntry(qt.to(home), deq.to(home, s.dtype), f.b.to(home, s.dtype), f.a.to(home, s.dtype), s.svd)
+        if self.moments is None:
+            f = top_factors(w - deq, min(s.max_rank, *w.shape), s.svd)
+        else:
+            from loftq.solver import calibration_factor
+
+            factor = calibration_factor(self.moments[name].to(w.device), self.damp)
+            f = top_factors((w - deq) @ factor, min(s.max_rank, *w.shape), s.svd)
+            f = LowRank(f.b, torch.linalg.solve_triangular(factor, f.a, upper=False, left=False))
+        return BankEntry(qt.to(home), deq.to(home, s.dtype), f.b.to(home, s.dtype), f.a.to(home, s.dtype), self.label)
 
     def quantized(self, name: str, bits: int) -> QuantizedTensor:
         return self.entry(name, bits).quantized

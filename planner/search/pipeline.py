@@ -152,9 +152,10 @@ def open_scorer(prep: Prepared) -> Any:
 BANK_PRODUCER = "weight-bank/1"  # bump when a bank entry changes for the same loftq
 
 
-def weight_bank(prep: Prepared, scorer: Any, store: Any = None) -> Any:
+def weight_bank(prep: Prepared, scorer: Any, store: Any = None, moments: Any = None) -> Any:
     """The search's :class:`planner.scoring.bank.WeightBank`, filled. ``store`` None: on disk in the
-    cache (what a streamed plan needs: nothing weight-sized in RAM; an interrupted plan keeps it)."""
+    cache (what a streamed plan needs: nothing weight-sized in RAM; an interrupted plan keeps it).
+    ``moments``: the data-aware initialisation's (its candidates are then what materialize builds)."""
     from planner.scoring.bank import DiskStore, WeightBank
 
     settings = table_settings(prep.cfg)
@@ -162,10 +163,11 @@ def weight_bank(prep: Prepared, scorer: Any, store: Any = None) -> Any:
         names = [t.name for t in prep.targets]
         key = cache_key(BANK_PRODUCER, {"weights": prep.source.weights_sha256(), "targets": names,
                                         "bits": settings.bits, "rank": max(prep.cfg.ranks), "method": METHOD,
-                                        "block": prep.cfg.block_size, "svd": "randomized", "dtype": "float32"})
+                                        "block": prep.cfg.block_size, "svd": "randomized", "dtype": "float32",
+                                        **({"moments": moments.key, "damp": DEFAULT_DAMP} if moments is not None else {})})
         store = DiskStore((prep.cfg.cache_path or default_cache_dir()) / "bank" / key, key)
     bank = WeightBank(scorer.weights(), settings.bits, max(prep.cfg.ranks), METHOD, prep.cfg.block_size, store=store,
-                      device=scorer.device)
+                      device=scorer.device, moments=moments, damp=DEFAULT_DAMP)
     bank.fill()
     return bank
 
@@ -271,7 +273,7 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
                              device=cfg.score_device, moments=moments, damp=DEFAULT_DAMP)
     timings["tables_s"] = time.perf_counter() - t0 - timings.get("moments_s", 0.0)
     scorer = scorer or open_scorer(prep)
-    bank = weight_bank(prep, scorer, bank_store) if study is not None else None  # the Fisher reuses its Q
+    bank = weight_bank(prep, scorer, bank_store, moments) if study is not None else None  # the Fisher reuses its Q
     fisher_err = fisher_errors_cached(prep, tables, scorer, train, corpus_sha, bank)
     timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"] - timings.get("moments_s", 0.0)
     table = OptionTable.build(prep.targets, tables, fisher_err, prep.options)
@@ -295,7 +297,8 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
     if cfg.proxy_top > 0 and trainable:
         t2 = time.perf_counter()
         zero_step_choice = chosen
-        chosen, ft_records = _finetune_proxy(prep, problem, candidates, scorer, corpus, bank)
+        chosen, ft_records = _finetune_proxy(prep, problem, candidates, scorer, corpus,
+                                             bank if bank is not None else weight_bank(prep, scorer, moments=moments))
         timings["finetune_proxy_s"] = time.perf_counter() - t2
         if _diverged(ft_records, candidates):
             log.warning("the fine-tune proxy left every trained candidate worse than untrained (is --proxy-lr "

@@ -137,3 +137,29 @@ def test_materialize_recomputes_missing_moments_and_refuses_other_text(planned, 
     err = capsys.readouterr().err.strip()
     assert "is not the one the plan was made with" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out3").exists()
+
+
+def test_the_search_scores_the_data_aware_candidates(planned, tiny_dir: Path) -> None:
+    """With moments the weight bank's deq(Q) + B_r A_r is the data-aware LoftQ of every rank (what
+    materialize builds), and a guided plan with the fine-tune proxy runs on it."""
+    from planner.scoring.bank import WeightBank
+
+    cfg, root, plain, data = planned
+    src = resolve(str(tiny_dir))
+    store, _ = plan_moments(src, [l.name for l in data.layers], data.init, cache_dir=root / "cache")
+    weights = {t.name: w for t, w in src.iter_weights(src.targets())}
+    name = "model.layers.1.mlp.down_proj"
+    bank = WeightBank({name: weights[name]}, (2, 4), 8, svd="exact", moments=store)
+    for bits in (2, 4):
+        for rank in (4, 8):
+            want = loftq(weights[name], bits, rank, calibration=store[name])
+            from loftq import dequantize
+
+            dense = dequantize(want.quantized, torch.float32) + want.lora_b @ want.lora_a
+            assert torch.allclose(bank.weight(name, bits, rank), dense, atol=1e-5), (bits, rank)
+    assert bank.entry(name, 2).svd == "exact/data"
+    prep = prepare(cfg, RUN)
+    lo, hi = extremes(prep)
+    guided = dataclasses.replace(cfg, init="loftq-data", search="guided", trials=2, proxy_top=1, proxy_steps=2)
+    out = make_plan(guided, RUN, (prep.estimate(lo).total_bytes + prep.estimate(hi).total_bytes) // 2)
+    assert out.plan.init == data.init and out.plan.search.trials == 2
