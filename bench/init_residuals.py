@@ -6,8 +6,8 @@
    plain one ||W - Q - BA|| / ||W|| of both initialisations (``loftq`` and ``loftq-data``; iters 1,
    both with the exact SVD, so only the norm differs), mean [min, max] over the layers.
 2. Costs on SmolLM2: the moments pass (time, peak RSS rise, cache bytes), and per layer the
-   Cholesky and materialize's loftq() with and without calibration (the planner's default
-   randomized SVD for the plain one).
+   Cholesky and materialize's loftq() with and without calibration (materialize's default
+   ``--svd randomized`` for both).
 3. phi-2 shapes (random data, timed once): a 10240^2 moment's Cholesky (calibration_factor:
    float64) and its peak RSS rise, the weighted product W L for W [2560, 10240], loftq() on that
    shape with and without calibration, the X^T X flop rate measured here applied to phi-2's moments
@@ -110,9 +110,9 @@ def smollm2_costs(src: Any, names: list[str], blocks: torch.Tensor, corpus: str,
     for name, w in weights.items():
         _, s, _ = measured(lambda: calibration_factor(store[name]))
         chol += s
-        _, s, _ = measured(lambda: loftq(w, 4, 16))
+        _, s, _ = measured(lambda: loftq(w, 4, 16, svd="randomized"))
         plain_t += s
-        _, s, _ = measured(lambda: loftq(w, 4, 16, calibration=store[name]))
+        _, s, _ = measured(lambda: loftq(w, 4, 16, calibration=store[name], svd="randomized"))
         data_t += s
     n = len(weights)
     out.update(cholesky_per_layer_s=chol / n, loftq_plain_per_layer_s=plain_t / n, loftq_data_per_layer_s=data_t / n)
@@ -133,8 +133,8 @@ def phi2_costs() -> dict[str, Any]:
     factor = calibration_factor(h)
     w = torch.randn(hidden, inter, generator=gen) * 0.02
     _, prod_s, _ = measured(lambda: w @ factor)
-    _, plain_s, plain_peak = measured(lambda: loftq(w, 4, 16))
-    _, data_s, data_peak = measured(lambda: loftq(w, 4, 16, calibration=h))
+    _, plain_s, plain_peak = measured(lambda: loftq(w, 4, 16, svd="randomized"))
+    _, data_s, data_peak = measured(lambda: loftq(w, 4, 16, calibration=h, svd="randomized"))
     x = torch.randn(4096, 2560, generator=gen)
     _, xtx_s, _ = measured(lambda: x.T @ x)
     gflops = 2 * 4096 * 2560**2 / xtx_s / 1e9

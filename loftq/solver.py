@@ -66,9 +66,11 @@ def _low_rank(residual: torch.Tensor, rank: int, factor: torch.Tensor | None,
     """Best rank-r (B [out, r], A [r, in]) of ``residual`` [out, in] (in the L-weighted norm if given).
 
     ``svd="randomized"``: the block Krylov truncated SVD (:mod:`loftq.spectral`) where its accuracy
-    was tested (plain norm, rank <= 64, both sides > 192); a full thin SVD otherwise."""
+    was tested (rank <= 64, both sides > 192; plain norm, and the weighted one: at most 0.08% above
+    the exact residual on 25 SmolLM2 layers x NF2/4/8 x ranks 8-64 with their real moments); a full
+    thin SVD otherwise."""
     target = residual if factor is None else residual @ factor
-    if svd == "randomized" and factor is None:
+    if svd == "randomized":
         u, s, vh = truncated_svd(target, rank)
     else:
         u, s, vh = torch.linalg.svd(target, full_matrices=False)

@@ -22,8 +22,8 @@ W - Q in the plain norm, exactly as before; ``loftq-data`` fits it in the layer-
 calibration sequences (``init.data``, ``init.seqs``, ``init.seq_len``). The moments come from the
 planner's cache when the plan was made on this machine; otherwise they are recomputed from those
 settings (one block-by-block forward over the calibration text; the text must still have the
-fingerprint the plan recorded, else PlannerError). The data-aware low-rank step is a full SVD of
-(W - Q) L (``--svd`` applies to plain LoftQ only). This module cannot compute moments itself (it
+fingerprint the plan recorded, else PlannerError). The data-aware low-rank step takes the top
+factors of (W - Q) L (``--svd`` applies as for plain LoftQ). This module cannot compute moments itself (it
 may not import :mod:`planner.scoring`): callers pass ``moments``, as :func:`planner.materialize` and
 the CLI do.
 
