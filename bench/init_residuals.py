@@ -4,7 +4,9 @@
    the first ``--seqs`` x ``--seq-len`` tokens of the pydoc train split), per width (2, 3, 4, 8)
    and rank (16, 64): the weighted residual ||(W - Q - BA) L|| / ||W L|| (L L^T = H + damp) and the
    plain one ||W - Q - BA|| / ||W|| of both initialisations (``loftq`` and ``loftq-data``; iters 1,
-   both with the exact SVD, so only the norm differs), mean [min, max] over the layers.
+   both with the exact SVD, so only the norm differs), mean [min, max] over the layers; and the
+   weighted residual under a *held-out* moment (the same number of sequences from the validation
+   split, never used for the fit): what the fit gains beyond the sequences it saw.
 2. Costs on SmolLM2: the moments pass (time, peak RSS rise, cache bytes), and per layer the
    Cholesky and materialize's loftq() with and without calibration (materialize's default
    ``--svd randomized`` for both).
@@ -75,12 +77,14 @@ def _residuals(w: torch.Tensor, res: Any, factor: torch.Tensor) -> tuple[float, 
     return float((r @ factor).norm() / (w @ factor).norm()), float(r.norm() / w.norm())
 
 
-def residual_rows(weights: dict[str, torch.Tensor], moments: Any) -> list[dict[str, Any]]:
+def residual_rows(weights: dict[str, torch.Tensor], moments: Any, held_out: Any) -> list[dict[str, Any]]:
     rows = []
     factors = {n: calibration_factor(moments[n]) for n in weights}
+    held = {n: calibration_factor(held_out[n]) for n in weights}
     for bits in BITS:
         for rank in RANKS:
-            cells: dict[str, list[float]] = {k: [] for k in ("plain_L", "plain_F", "data_L", "data_F")}
+            cells: dict[str, list[float]] = {k: [] for k in ("plain_L", "plain_F", "data_L", "data_F", "plain_Lval",
+                                                             "data_Lval")}
             for name, w in weights.items():
                 plain = loftq(w, bits, rank, svd="exact")
                 data = loftq(w, bits, rank, calibration=moments[name])
@@ -88,13 +92,16 @@ def residual_rows(weights: dict[str, torch.Tensor], moments: Any) -> list[dict[s
                     wl, f = _residuals(w, res, factors[name])
                     cells[f"{tag}_L"].append(wl)
                     cells[f"{tag}_F"].append(f)
+                    cells[f"{tag}_Lval"].append(_residuals(w, res, held[name])[0])
             row: dict[str, Any] = {"bits": bits, "rank": rank}
             for k, v in cells.items():
                 row[k] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
             row["weighted_gain"] = 1 - row["data_L"]["mean"] / row["plain_L"]["mean"]
+            row["held_out_gain"] = 1 - row["data_Lval"]["mean"] / row["plain_Lval"]["mean"]
             rows.append(row)
             print(f"NF{bits} r{rank}: ||(W-Q-BA)L||/||WL|| plain {row['plain_L']['mean']:.4f} data "
-                  f"{row['data_L']['mean']:.4f} | ||W-Q-BA||/||W|| plain {row['plain_F']['mean']:.4f} data "
+                  f"{row['data_L']['mean']:.4f} (held-out L: {row['plain_Lval']['mean']:.4f} vs "
+                  f"{row['data_Lval']['mean']:.4f}) | ||W-Q-BA||/||W|| plain {row['plain_F']['mean']:.4f} data "
                   f"{row['data_F']['mean']:.4f}", flush=True)
     return rows
 
@@ -154,6 +161,16 @@ def phi2_costs() -> dict[str, Any]:
     return out
 
 
+def _held_out_moments(src: Any, names: list[str], seqs: int, seq_len: int) -> Any:
+    """The same count of sequences from the validation split (the fit never sees them)."""
+    from planner.train.data import CorpusConfig, load_corpus, token_blocks
+
+    corpus = load_corpus(CorpusConfig(source="pydoc", seed=0))
+    blocks = token_blocks(src.tokenizer(), corpus.val, seq_len, max_tokens=seq_len * seqs)
+    return input_moments(src, names, blocks, corpus.fingerprint + "/val",
+                         cache_dir=Path(tempfile.mkdtemp(prefix="init-bench-val-")))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", type=int, default=16, help="calibration sequences (the plan command's --calib-seqs)")
@@ -168,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     blocks, corpus = calibration_blocks(src, None, args.seqs, args.seq_len)
     weights = {t.name: w for t, w in src.iter_weights([t for t in src.targets() if t.name in LAYERS])}
     store, costs = smollm2_costs(src, names, blocks, corpus, weights)
+    held_out = _held_out_moments(src, names, args.seqs, args.seq_len)
     report = {"layers": LAYERS, "seqs": args.seqs, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
-              "residuals": residual_rows(weights, store), "smollm2": costs}
+              "residuals": residual_rows(weights, store, held_out), "smollm2": costs}
     if not args.skip_phi2:
         report["phi2"] = phi2_costs()
     if args.json:
