@@ -56,29 +56,44 @@ def _mapped(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 
 class MomentStore(Mapping[str, torch.Tensor]):
-    """Layer name -> H [in, in] (fp32), memory-mapped from the block files under ``folder``."""
+    """Layer name -> H [in, in] (fp32), memory-mapped from the block files under ``folder``.
+
+    Trusted as the cache trusts a file (:mod:`planner.cache`): ``done.json`` and every block file
+    parse and carry ``key``; anything else (a torn, foreign or garbage file) leaves the store
+    incomplete, so :func:`input_moments` computes it again. Finiteness is checked per moment on
+    read (checking a phi-2 set up front would read 16 GB)."""
 
     def __init__(self, folder: Path, key: str) -> None:
         self.folder, self.key = Path(folder), key
         self._where: dict[str, tuple[Path, str]] = {}
-        if self.complete():
+        self._complete = False
+        try:
+            if json.loads((self.folder / DONE).read_text()).get("key") != key:
+                return
             for path in sorted(self.folder.glob("block-*.safetensors")):
-                meta, _ = _mapped(path)
-                for layer, tensor in json.loads(meta["members"]).items():
+                meta, tensors = _mapped(path)
+                members = json.loads(meta["members"]) if meta.get("key") == key else None
+                if members is None or not set(members.values()) <= set(tensors):
+                    raise ValueError(f"{path.name} was written for other settings")
+                for layer, tensor in members.items():
                     self._where[layer] = (path, tensor)
+            self._complete = True
+        except FileNotFoundError:
+            pass
+        except Exception as err:  # truncated, garbage, foreign: all mean "recompute"
+            log.warning("input moments in %s are unreadable (%s); recomputing", self.folder, err)
+            self._where.clear()
 
     def complete(self) -> bool:
-        try:
-            return json.loads((self.folder / DONE).read_text()).get("key") == self.key
-        except (OSError, ValueError, AttributeError):
-            return False
+        return self._complete
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path, tensor = self._where[name]
-        meta, tensors = _mapped(path)
-        if meta.get("key") != self.key:
-            raise KeyError(name)
-        return tensors[tensor]
+        h = _mapped(path)[1][tensor]
+        if not bool(torch.isfinite(h).all()):
+            raise PlannerError(f"{path}: the cached input moment of {name} is not finite; remove {self.folder} "
+                               "and run again")
+        return h
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -45,3 +45,16 @@ def test_moments_equal_direct_xtx_on_a_tiny_llama(tmp_path):
     again = input_moments(src, names, ids, "test", cache_dir=tmp_path / "none")  # other folder: computes
     assert torch.equal(again["model.layers.2.mlp.down_proj"], store["model.layers.2.mlp.down_proj"])
     assert MomentStore(tmp_path / "m", key).complete() and not MomentStore(tmp_path / "m", "other").complete()
+
+
+def test_a_torn_or_foreign_moment_file_is_computed_again(tmp_path):
+    src = resolve(str(save_tiny_checkpoint("llama", tmp_path / "ckpt")))
+    names = [t.name for t in src.targets()]
+    ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+    first = input_moments(src, names, ids, "c", cache_dir=tmp_path / "cache")
+    want = first["model.layers.1.mlp.up_proj"].clone()
+    block = first.folder / "block-0001.safetensors"
+    block.write_bytes(block.read_bytes()[:100])  # torn
+    assert not MomentStore(first.folder, first.key).complete()
+    again = input_moments(src, names, ids, "c", cache_dir=tmp_path / "cache")
+    assert again.complete() and torch.equal(again["model.layers.1.mlp.up_proj"], want)
