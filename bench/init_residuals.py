@@ -55,16 +55,21 @@ def _rss(field: str) -> int:
     return 0
 
 
+CPU_SECONDS: list[float] = []  # process CPU seconds of each measured() call, in order
+
+
 def measured(fn: Callable[[], Any]) -> tuple[Any, float, int]:
-    """(fn(), wall seconds, peak RSS rise in bytes): the kernel's peak (VmHWM) is reset first."""
+    """(fn(), wall seconds, peak RSS rise in bytes): the kernel's peak (VmHWM) is reset first. The
+    call's CPU seconds (all threads) go to CPU_SECONDS: less moved than wall time by other jobs."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
     base = _rss("VmRSS")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     seconds = time.perf_counter() - t0
+    CPU_SECONDS.append(time.process_time() - c0)
     return out, seconds, max(0, _rss("VmHWM") - base)
 
 
@@ -111,21 +116,29 @@ def smollm2_costs(src: Any, names: list[str], blocks: torch.Tensor, corpus: str,
     cache = Path(tempfile.mkdtemp(prefix="init-bench-"))
     store, seconds, peak = measured(lambda: input_moments(src, names, blocks, corpus, cache_dir=cache))
     disk = sum(p.stat().st_size for p in cache.rglob("*.safetensors"))
-    out: dict[str, Any] = {"moments_pass_s": seconds, "moments_peak_rss_rise_bytes": peak,
+    out: dict[str, Any] = {"moments_pass_s": seconds, "moments_pass_cpu_s": CPU_SECONDS[-1],
+                           "moments_peak_rss_rise_bytes": peak,
                            "moments_cache_bytes": disk, "tokens": int(blocks.numel()), "uptime": uptime()}
     chol = plain_t = data_t = 0.0
+    cpu = [0.0, 0.0, 0.0]
     for name, w in weights.items():
-        _, s, _ = measured(lambda: calibration_factor(store[name]))
-        chol += s
-        _, s, _ = measured(lambda: loftq(w, 4, 16, svd="randomized"))
-        plain_t += s
-        _, s, _ = measured(lambda: loftq(w, 4, 16, calibration=store[name], svd="randomized"))
-        data_t += s
+        for k, fn in enumerate((lambda: calibration_factor(store[name]), lambda: loftq(w, 4, 16, svd="randomized"),
+                                lambda: loftq(w, 4, 16, calibration=store[name], svd="randomized"))):
+            _, s, _ = measured(fn)
+            cpu[k] += CPU_SECONDS[-1]
+            if k == 0:
+                chol += s
+            elif k == 1:
+                plain_t += s
+            else:
+                data_t += s
     n = len(weights)
-    out.update(cholesky_per_layer_s=chol / n, loftq_plain_per_layer_s=plain_t / n, loftq_data_per_layer_s=data_t / n)
-    print(f"SmolLM2 moments pass: {seconds:.1f} s for {blocks.numel()} tokens, peak RSS +{peak / 2**20:.0f} MiB, "
-          f"cache {disk / 2**20:.1f} MiB; per layer: Cholesky {chol / n * 1e3:.1f} ms, loftq NF4 r16 plain "
-          f"{plain_t / n * 1e3:.0f} ms vs data-aware {data_t / n * 1e3:.0f} ms  [{out['uptime']}]", flush=True)
+    out.update(cholesky_per_layer_s=chol / n, loftq_plain_per_layer_s=plain_t / n, loftq_data_per_layer_s=data_t / n,
+               cpu_per_layer_s={"cholesky": cpu[0] / n, "loftq_plain": cpu[1] / n, "loftq_data": cpu[2] / n})
+    print(f"SmolLM2 moments pass: {seconds:.1f} s ({out['moments_pass_cpu_s']:.0f} CPU s) for {blocks.numel()} tokens, "
+          f"peak RSS +{peak / 2**20:.0f} MiB, cache {disk / 2**20:.1f} MiB; per layer: Cholesky {chol / n * 1e3:.1f} ms, "
+          f"loftq NF4 r16 plain {plain_t / n * 1e3:.0f} ms ({cpu[1] / n * 1e3:.0f} CPU ms) vs data-aware "
+          f"{data_t / n * 1e3:.0f} ms ({cpu[2] / n * 1e3:.0f} CPU ms)  [{out['uptime']}]", flush=True)
     return store, out
 
 
@@ -137,11 +150,14 @@ def phi2_costs() -> dict[str, Any]:
     del m
     h.diagonal().add_(inter * 0.05)  # diagonally dominant: positive definite; the Cholesky's cost is the same
     _, chol_s, chol_peak = measured(lambda: calibration_factor(h))
+    chol_cpu = CPU_SECONDS[-1]
     factor = calibration_factor(h)
     w = torch.randn(hidden, inter, generator=gen) * 0.02
     _, prod_s, _ = measured(lambda: w @ factor)
     _, plain_s, plain_peak = measured(lambda: loftq(w, 4, 16, svd="randomized"))
+    plain_cpu = CPU_SECONDS[-1]
     _, data_s, data_peak = measured(lambda: loftq(w, 4, 16, calibration=h, svd="randomized"))
+    data_cpu = CPU_SECONDS[-1]
     x = torch.randn(4096, 2560, generator=gen)
     _, xtx_s, _ = measured(lambda: x.T @ x)
     gflops = 2 * 4096 * 2560**2 / xtx_s / 1e9
@@ -152,8 +168,9 @@ def phi2_costs() -> dict[str, Any]:
            "loftq_plain_fc2_s": plain_s, "loftq_plain_fc2_peak_rss_rise_bytes": plain_peak,
            "loftq_data_fc2_s": data_s, "loftq_data_fc2_peak_rss_rise_bytes": data_peak, "xtx_gflops": gflops,
            "moments_pass_xtx_s_est": 32 * per_token * tokens / (gflops * 1e9),
-           "moments_cache_bytes": 32 * 4 * (3 * hidden**2 + inter**2), "uptime": uptime()}
-    print(f"phi-2 shapes: Cholesky 10240^2 {chol_s:.1f} s (peak RSS +{chol_peak / 2**20:.0f} MiB), W L "
+           "moments_cache_bytes": 32 * 4 * (3 * hidden**2 + inter**2), "uptime": uptime(),
+           "cpu_s": {"cholesky_10240": chol_cpu, "loftq_plain_fc2": plain_cpu, "loftq_data_fc2": data_cpu}}
+    print(f"phi-2 shapes (CPU s: {out['cpu_s']}): Cholesky 10240^2 {chol_s:.1f} s (peak RSS +{chol_peak / 2**20:.0f} MiB), W L "
           f"[2560x10240]x[10240^2] {prod_s:.2f} s; loftq fc2 NF4 r16 plain {plain_s:.1f} s (+{plain_peak / 2**20:.0f} "
           f"MiB) vs data-aware {data_s:.1f} s (+{data_peak / 2**20:.0f} MiB); X^T X at {gflops:.0f} GFLOP/s -> "
           f"moments pass ~{out['moments_pass_xtx_s_est']:.0f} s of products for 16x256 tokens, cache "

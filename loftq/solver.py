@@ -176,8 +176,8 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ran
     (block Krylov in :func:`table_dtype`; exact for small matrices and ranks > 64). iters > 1 runs
     the solver once per cell.
     ``calibration`` (H [in, in], shared by the batch) switches to the data-aware norm ||(.) L||;
-    ``factor``: that L already computed (``calibration_factor(H, damp)``), for callers that split one
-    batch into several calls.
+    ``factor``: that L already computed (``calibration_factor(H, damp)``) [in, in], or one per matrix
+    of the batch [L, in, in] (layers with different inputs stacked together).
     """
     single = weight.ndim == 2
     w = weight.detach().float().unsqueeze(0) if single else weight.detach().float()

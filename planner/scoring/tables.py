@@ -6,8 +6,8 @@ width, double-quantized widths computed as they are stored), plus
 
 With input moments (the data-aware initialisation, :mod:`planner.scoring.moments`) the residuals
 are in the norm that initialisation optimises: ||(W - Q - BA) L|| / ||W L||, L L^T = H + damp, with
-each layer's own H; layers are then stacked only with layers of the same shape *and* moment (k/v,
-gate/up), one Cholesky per stack, shared by the threads that split it.
+each layer's own H: same-shape layers are stacked as before, each with its own factor (one Cholesky
+per moment in the stack: k/v and gate/up share one), and the threads split stack and factors alike.
 """
 from __future__ import annotations
 
@@ -61,15 +61,14 @@ class ResidualTables:
         return float(self.table[i, self.settings.bits.index(bits), self.settings.ranks.index(rank)])
 
 
-def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]], same_input: Callable[[str], str] | None = None
-             ) -> Iterator[tuple[list[TargetLayer], torch.Tensor]]:
-    """Group streamed weights by shape (and by ``same_input(name)`` when given) into stacks; the weights
-    waiting, all shapes together, stay under BATCH_BYTES (the largest group goes as soon as they
-    would not), so the stage's memory does not grow with the model's depth."""
+def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tuple[list[TargetLayer], torch.Tensor]]:
+    """Group streamed weights by shape into stacks; the weights waiting, all shapes together, stay
+    under BATCH_BYTES (the largest group goes as soon as they would not), so the stage's memory
+    does not grow with the model's depth."""
     pending: dict[tuple, list[tuple[TargetLayer, torch.Tensor]]] = defaultdict(list)
     waiting = 0
     for target, weight in stream:
-        shape = tuple(weight.shape) + ((same_input(target.name),) if same_input is not None else ())
+        shape = tuple(weight.shape)
         pending[shape].append((target, weight))
         waiting += weight.numel() * 4
         while waiting >= BATCH_BYTES:
@@ -101,28 +100,39 @@ def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tenso
     return out
 
 
-def on_threads(fn: Callable[[torch.Tensor], torch.Tensor], stack: torch.Tensor) -> torch.Tensor:
-    """``fn(stack)`` on a CPU with the stack [L, ...] split across this process's torch threads,
-    each part computed on one thread (``fn`` must treat the rows of ``stack`` independently).
+def on_threads(fn: Callable[..., torch.Tensor], stack: torch.Tensor, *aligned: torch.Tensor) -> torch.Tensor:
+    """``fn(stack, *aligned)`` on a CPU with the stack [L, ...] split across this process's torch
+    threads, each part computed on one thread (``fn`` must treat the rows of ``stack`` independently;
+    ``aligned``: tensors [L, ...] split alike, e.g. one calibration factor per matrix).
 
     Measured on 2 cores (SmolLM2 tables): 2.7 s against 3.8 s with the threads inside each op: the
     Krylov step's small LAPACK calls and the quantizer's cache-sized chunks gain little from
     intra-op threads, and each of their many parallel regions stalls when another process holds a core."""
     workers = min(torch.get_num_threads(), stack.shape[0])
     if stack.device.type != "cpu" or workers < 2:
-        return fn(stack)
+        return fn(stack, *aligned)
 
-    def part(x: torch.Tensor) -> torch.Tensor:
+    def part(args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
-        return fn(x)
+        return fn(*args)
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(workers) as pool:
-            return torch.cat(list(pool.map(part, stack.tensor_split(workers))))
+            splits = zip(*(t.tensor_split(workers) for t in (stack, *aligned)))
+            return torch.cat(list(pool.map(part, splits)))
     finally:
         torch.set_num_threads(before)
+
+
+def _factors(moments: Any, names: Sequence[str], device: torch.device, damp: float) -> torch.Tensor:
+    """[L, in, in]: each layer's calibration factor, one Cholesky per distinct moment."""
+    done: dict[str, torch.Tensor] = {}
+    for name in names:
+        if moments.group(name) not in done:
+            done[moments.group(name)] = calibration_factor(moments[name].to(device), damp)
+    return torch.stack([done[moments.group(name)] for name in names])
 
 
 def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers: int, settings: TableSettings,
@@ -131,12 +141,14 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
     data-aware norm; None: the plain norm, exactly as before."""
     rows: dict[str, torch.Tensor] = {}
     norms: dict[str, float] = {}
-    group = moments.group if moments is not None else None
     with progress.task(f"residual tables ({device.type})", n_layers) as advance:
-        for targets, stack in _batches(stream, group):
+        for targets, stack in _batches(stream):
             stack = stack.to(device)
-            factor = calibration_factor(moments[targets[0].name].to(device), damp) if moments is not None else None
-            tab = on_threads(lambda part: _residuals(part, settings, factor), stack).cpu()
+            if moments is None:
+                tab = on_threads(lambda part: _residuals(part, settings), stack).cpu()
+            else:
+                factors = _factors(moments, [t.name for t in targets], device, damp)
+                tab = on_threads(lambda part, f: _residuals(part, settings, f), stack, factors).cpu()
             sq = squared_norm(stack).cpu()
             for i, t in enumerate(targets):
                 rows[t.name], norms[t.name] = tab[i], float(sq[i])
