@@ -288,15 +288,19 @@ def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters:
         best, errors = 0, [residual]
         meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
                          layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
-    else:
-        res = loftq(weight.to(device), layer.bits, layer.rank, iters=iters, method=layer.method,
+    else:  # a GGUF type runs LoftQ with that format's quantizer (loftq takes its name as the width)
+        res = loftq(weight.to(device), layer.gguf_type or layer.bits, layer.rank, iters=iters, method=layer.method,
                     block_size=layer.block_size, double_quant=layer.double_quant, svd=svd)
         stored = res.quantized.to("cpu")
         a, b = res.lora_a.cpu(), res.lora_b.cpu()
         residual, best, errors = res.error, res.best_iter, res.errors
-        cfg = stored.config
-        meta = LayerMeta(layer.name, f"{layer.name}.safetensors", cfg.bits, cfg.method, cfg.block_size,
-                         cfg.double_quant, stored.block, layer.shape, dtype_name(stored.dtype), stored.nbytes)
+        if layer.gguf_type is not None:
+            meta = LayerMeta(layer.name, f"{layer.name}.safetensors", layer.bits, layer.gguf_type, layer.block_size,
+                             False, layer.block_size, layer.shape, dtype_name(stored.dtype), stored.nbytes)
+        else:
+            cfg = stored.config
+            meta = LayerMeta(layer.name, f"{layer.name}.safetensors", cfg.bits, cfg.method, cfg.block_size,
+                             cfg.double_quant, stored.block, layer.shape, dtype_name(stored.dtype), stored.nbytes)
     atomic_save_tensors(partial / "artifact" / BACKBONE / LAYER_DIR / meta.file, layer_tensors(layer.name, stored))
     info = {"job": key, "residual": repr(residual), "best_iter": str(best), "errors": json.dumps(errors),
             "meta": json.dumps(meta.to_dict())}
