@@ -384,11 +384,19 @@ def _task_type(plan: Plan) -> str | None:
 
 def write_trained_adapter(artifact: Path, state: Mapping[str, torch.Tensor], out: Path) -> Path:
     """A PEFT folder with ``artifact``'s adapter config and the trained weights ``state``, built in a
-    temp folder and renamed to ``out`` (an existing folder there is replaced)."""
+    temp folder and renamed to ``out`` (an existing folder there is replaced). An artifact with a
+    llama.cpp export (``materialize --format gguf``) also gets ``out/adapter.gguf``, the trained
+    adapter in llama.cpp's format for its ``gguf/model.gguf``."""
     from planner.artifact.atomic import atomic_dir
+    from planner.artifact.gguf_export import ADAPTER_GGUF, GGUF_DIR, MODEL_GGUF, Base, write_adapter_gguf
+
+    model_gguf = artifact / GGUF_DIR / MODEL_GGUF
 
     def build(tmp: Path) -> None:
         shutil.copyfile(artifact / ADAPTER / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
         atomic_save_tensors(tmp / ADAPTER_WEIGHTS, dict(state), {"format": "pt"})
+        if model_gguf.is_file():
+            art = read_artifact(artifact)
+            write_adapter_gguf(tmp / ADAPTER_GGUF, Base(model_gguf), state, art.ranks(), art.alphas())
 
     return atomic_dir(out, build, replace=True)
