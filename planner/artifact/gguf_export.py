@@ -59,6 +59,9 @@ def gguf_base(plan: Plan, model: str | None) -> Path:
     if path is None:
         raise PlannerError(f"--format gguf copies metadata, tokenizer and the other tensors from a GGUF of the model; "
                            f"{ref} is not one: pass --model FILE.gguf (its weights must be the plan's)")
+    base = Base(path)
+    for layer in plan.layers:  # every target has its tensor there, of its shape
+        base.check_shape(base.tensor_name(layer.name), layer.shape)
     return path
 
 
@@ -106,6 +109,11 @@ class Base:
             raise PlannerError(f"{self.path}: no tensor for {layer} (llama.cpp name {name}); is it a GGUF of the "
                                "plan's model?")
         return name
+
+    def check_shape(self, name: str, shape: tuple[int, int]) -> None:
+        got = tuple(int(d) for d in reversed(self.tensors[name].shape))  # GGUF lists dims innermost first
+        if got != tuple(shape):
+            raise PlannerError(f"{self.path}: {name} has shape {list(got)}, the plan's layer {list(shape)}")
 
     def permute(self, rows: torch.Tensor, tensor_name: str) -> torch.Tensor:
         """llama.cpp's row order for ``attn_q`` / ``attn_k`` of a permuted arch ([out, ...] -> same shape)."""
@@ -166,9 +174,7 @@ def write_model_gguf(artifact: Path, base: Base, out: Path) -> Path:
     art = read_artifact(artifact)
     targets = {base.tensor_name(meta.name): meta for meta in art.meta.layers}
     for name, meta in targets.items():
-        shape = tuple(int(d) for d in reversed(base.tensors[name].shape))  # GGUF lists dims innermost first
-        if shape != tuple(meta.shape):
-            raise PlannerError(f"{base.path}: {name} has shape {list(shape)}, the plan's {meta.name} {list(meta.shape)}")
+        base.check_shape(name, meta.shape)
     writer = base.writer()
     base.copy_metadata(writer)
     data = []

@@ -201,14 +201,19 @@ def test_finetune_exports_its_trained_adapter_as_gguf(smol: tuple[Path, Path], t
 
 def test_gguf_format_refuses_plans_it_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Before any work (no DIR.partial): a codebook (NF4) layer has no GGUF type; a model that is not a
-    GGUF gives no metadata, tokenizer or other tensors to copy."""
+    GGUF gives no metadata, tokenizer or other tensors to copy; a GGUF of another model (SmolLM2's for a
+    plan of the tiny llama) has other shapes."""
     source = resolve(str(save_tiny_checkpoint("llama", tmp_path / "ckpt")))
+    tiny_gguf = resolve(str(save_tiny_llama_gguf(tmp_path / "base" / "tiny.gguf")))
     run = RunSettings(device="cpu", seq_len=32)
-    for label, choice, message in (("nf4", LayerChoice(4, 8), "is nf4"),
-                                   ("q8", LayerChoice(8, 8, "q8_0", 32), "is not one: pass --model FILE.gguf")):
-        plan = save_plan(plan_from_choices(source, {t.name: choice for t in source.targets()}, run),
+    for label, src, choice, model, message in (
+            ("nf4", source, LayerChoice(4, 8), [], "is nf4"),
+            ("q8", source, LayerChoice(8, 8, "q8_0", 32), [], "is not one: pass --model FILE.gguf"),
+            ("other", tiny_gguf, LayerChoice(8, 8, "q8_0", 32), ["--model", str(smollm2_gguf())],
+             "blk.0.attn_q.weight has shape [576, 576], the plan's layer [256, 256]")):
+        plan = save_plan(plan_from_choices(src, {t.name: choice for t in src.targets()}, run),
                          tmp_path / f"{label}.json")
-        assert main(["materialize", str(plan), "--out", str(tmp_path / label), "--format", "gguf"]) == 2
+        assert main(["materialize", str(plan), "--out", str(tmp_path / label), "--format", "gguf", *model]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / label).exists() and not (tmp_path / f"{label}.partial").exists()
