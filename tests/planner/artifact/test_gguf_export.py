@@ -18,6 +18,7 @@ from planner.artifact.gguf_export import file_alpha
 from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS, load_tensors, peft_key, read_artifact, read_layer
 from planner.artifact.materialize import MaterializeConfig, materialize
 from planner.artifact.plan import save_plan
+from planner.artifact.summary import summary_by_block
 from planner.cli.app import main
 from planner.settings import LayerChoice, RunSettings
 from planner.sources import resolve
@@ -123,6 +124,10 @@ def test_gguf_reads_back_our_codes_and_adapter(case: str, request: pytest.Fixtur
         deq = _unpermute(gguf.quants.dequantize(t.data, t.tensor_type), name, art)
         assert deq.shape == tuple(meta.shape) and np.array_equal(deq, want.numpy()), name
     assert types >= ({"q8_0", "q4_0", "iq4_nl", "bf16", *K_QUANTS} if case == "smol" else set(K_QUANTS))
+    if case == "smol":  # `show` names the GGUF type (q4_0 and iq4_nl are both 4 bits)
+        cells = summary_by_block(art.plan).rows[0].cells
+        assert (cells["k_proj"], cells["v_proj"], cells["down_proj"], cells["up_proj"]) == \
+            (("q4_0", 8), ("iq4_nl", 16), ("q2_k", 8), (16, 8))
 
     adapter = gguf.GGUFReader(str(out / "gguf" / "adapter.gguf"))
     meta = {k: f.contents() for k, f in adapter.fields.items() if not k.startswith("GGUF.")}
