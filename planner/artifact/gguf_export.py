@@ -78,8 +78,10 @@ class Base:
     """A GGUF file opened for copying: its reader, architecture and the facts the export needs."""
 
     def __init__(self, path: Path) -> None:
-        import gguf
-
+        try:
+            import gguf
+        except ImportError:
+            raise PlannerError("--format gguf needs the gguf package: pip install gguf") from None
         try:
             self.reader = gguf.GGUFReader(str(path))
         except Exception as err:  # not a GGUF, truncated: one line
