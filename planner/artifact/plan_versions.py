@@ -18,6 +18,9 @@ v1 -> v2:
   free-form); a record without ``mode`` gets mode ``unknown``.
 v2 -> v3: nothing to convert. v3 accepts 3-bit layers (quant ``nf3``), which a v2 reader rejects, so
 the version tells an older planner to upgrade instead of failing on a layer.
+v3 -> v4: nothing to convert. v4 accepts GGUF block formats as a layer's ``quant`` (``q8_0``,
+``q4_k``, ...: ``bits`` the width in the name, which may be 6; ``block_size`` the format's block;
+``bits_per_weight`` fractional, e.g. 4.5), which a v3 reader rejects.
 """
 from __future__ import annotations
 
@@ -79,7 +82,11 @@ def _v2_to_v3(d: dict[str, Any]) -> dict[str, Any]:
     return {**d, "schema_version": 3}
 
 
-READERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(d: dict[str, Any]) -> dict[str, Any]:
+    return {**d, "schema_version": 4}
+
+
+READERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def upgrade(d: dict[str, Any], version: int, current: int) -> dict[str, Any]:
