@@ -59,13 +59,17 @@ def run_case(args: argparse.Namespace, url: str, name: str, workers: list[tuple[
             killed = True
         time.sleep(0.5)
     wall = time.perf_counter() - t0
-    stages = {}
+    stages, proxy = {}, []
     for i, p in enumerate(procs):
         out = tmp / f"{name}-w{i}.json"
         if p.returncode == 0 and out.exists():
-            stages[f"w{i}"] = json.loads(out.read_text())["search"]["timings"]
+            search = json.loads(out.read_text())["search"]
+            stages[f"w{i}"] = search["timings"]
+            # who trained which candidate, how far, and how long it waited for the ones ranked ahead
+            proxy = proxy or [{k: c.get(k) for k in ("trial", "worker", "steps", "pruned", "seconds", "waited_s", "loss")}
+                              for c in (search.get("proxy") or {}).get("candidates", [])]
     return {"case": name, "wall_s": round(wall, 1), "killed": killed,
-            "rc": [p.returncode for p in procs], "stages": stages}
+            "rc": [p.returncode for p in procs], "stages": stages, "proxy": proxy}
 
 
 def main() -> int:

@@ -10,7 +10,10 @@ Methods: planner (make_plan, guided search, zero-step KL), planner-exact (the ex
 neutral additive objective, i.e. no Optuna layer), planner+ft (the same candidates re-scored by
 planner.scoring.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
 B = 0), loftq-first-k (4-bit first k blocks, 2-bit rest: k as large as fits, then the largest rank),
-loftq-uniform-2bit. Perplexity on the test split only (never used for a choice); after fine-tuning,
+loftq-uniform-2bit, and the ceiling every LoftQ table has, lora-16bit (the bf16 backbone with rank-16
+adapters on every target layer, PEFT's default init, same steps, lr, sequence length and seeds; not
+held to the budget: each row also gives its perplexity as a ratio to this one's after fine-tuning).
+Perplexity on the test split only (never used for a choice); after fine-tuning,
 mean and std over seeds (seed = data order + random init). SmolLM2's packaged weights were Q4_1
 before dequantisation: the fp32 "reference" is a dequantised Q4_1 model, not pristine fp16.
 """
@@ -35,6 +38,7 @@ from planner.scoring.ftproxy import FinetuneSettings, eval_loss, finetune
 from planner.search.pipeline import make_plan
 
 Plans = dict[str, tuple[Assignment | None, str, dict[str, Any]]]  # method -> (plan, init, extra fields)
+CEILING = "lora-16bit"
 
 
 def perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
@@ -87,6 +91,7 @@ def plans_at(b: BenchSetup, budget: int, s: Setting) -> Plans:
     out["loftq-first-k"] = (fk[0] if fk else None, "loftq", {"k": fk[1] if fk else None,
                                                                "rank": fk[0][0][1] if fk else None})
     out["loftq-uniform-2bit"] = (uniform(b.counter, 2, budget), "loftq", {})
+    out[CEILING] = ([(16, 16)] * len(b.names), "default", {"ceiling": True})  # over budget: the reference
     return out
 
 
@@ -138,12 +143,12 @@ def run_quality(s: Setting, methods: list[str] | None = None,
     b = setup(s)
     print(f"test tokens {b.test.numel()}, train tokens/run {s.steps * s.seq_len}, seeds {s.seeds}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
+    done: dict[tuple, dict[str, Any]] = {}  # across budgets: the ceiling runs once
     for label in s.budgets:
         budget = b.counter.budget_for(label)
         t0 = time.perf_counter()
         plans = plans_at(b, budget, s)
         print(f"[{label}] planning {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-        done: dict[tuple, dict[str, Any]] = {}
         for method, (plan, init, extra) in plans.items():
             if methods and method not in methods:
                 continue
@@ -165,6 +170,7 @@ def run_quality(s: Setting, methods: list[str] | None = None,
                 done[key] = row
             row["seconds"] = round(time.perf_counter() - t0, 1)
             rows.append(row)
+            ratios(rows)
             if on_row:
                 on_row(rows)
             print(f"[{label}] {method}: {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± "
@@ -172,15 +178,27 @@ def run_quality(s: Setting, methods: list[str] | None = None,
     return rows
 
 
+def ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's perplexity (step 0 and fine-tuned) over the lora-16bit row's fine-tuned one."""
+    ceiling = next((r for r in rows if r["method"] == CEILING and not r.get("infeasible")), None)
+    for r in rows:
+        if ceiling is not None and "ppl_after" in r:
+            r["ppl_before_vs_lora16"] = round(r["ppl_before"] / ceiling["ppl_after"], 3)
+            r["ppl_after_vs_lora16"] = round(r["ppl_after"] / ceiling["ppl_after"], 3)
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'budget':>7} {'method':<24} {'b/w':>6} {'bytes':>12} {'ppl0':>12} {'ppl_ft':>12} {'std':>8}")
+    ratios(rows)
+    print(f"{'budget':>7} {'method':<24} {'b/w':>6} {'bytes':>12} {'ppl0':>12} {'ppl_ft':>12} {'std':>8} "
+          f"{'ft/16bit':>9}")
     for r in rows:
         if r.get("infeasible"):
             print(f"{r['budget']:>7} {r['method']:<24} {'':>6} {'does not fit':>12}")
             continue
         flag = " (invalid)" if r.get("invalid") else " (superseded)" if r.get("superseded") else ""
         print(f"{r['budget']:>7} {r['method']:<24} {r['bits_per_weight']:>6.2f} {r['bytes']:>12} "
-              f"{r['ppl_before']:>12.4g} {r['ppl_after']:>12.4g} {r['ppl_after_std']:>8.2g}{flag}")
+              f"{r['ppl_before']:>12.4g} {r['ppl_after']:>12.4g} {r['ppl_after_std']:>8.2g} "
+              f"{r.get('ppl_after_vs_lora16', float('nan')):>8.2f}x{flag}")
     verdicts(rows)
 
 
@@ -222,8 +240,8 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 def verdicts(rows: list[dict[str, Any]]) -> None:
     """Planner vs each baseline per budget: a win or loss only beyond 2 sigma of seed noise."""
-    by = {(r["budget"], r["method"]): r for r in rows
-          if not r.get("infeasible") and not r.get("invalid") and not r.get("superseded")}
+    by = {(r["budget"], r["method"]): r for r in rows  # the ceiling is not held to the budget: no verdict
+          if not r.get("infeasible") and not r.get("invalid") and not r.get("superseded") and r["method"] != CEILING}
     def chosen(m: str) -> bool:  # the tool's choices (planner-exact is the no-Optuna ablation)
         return m.startswith("planner") and m != "planner-exact"
 

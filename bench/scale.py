@@ -164,8 +164,9 @@ def plan_bytes(plan: Path) -> dict[str, Any]:
 def run_case(name: str, ckpt: Path, args: argparse.Namespace, proxy_top: int, materialize: bool,
              budget: tuple[int, int, int]) -> list[dict[str, Any]]:
     folder = args.work / "runs" / name
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    if not args.resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
     plan = folder / "plan.json"
     cmd = ["--model", str(ckpt), "--budget", str(budget[2]), *base_args(args), "--calib-seqs", str(args.calib_seqs),
            "--proxy-seqs", str(args.proxy_seqs), "--trials", str(args.trials), "--proxy-top", str(proxy_top),
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", default="", help="more plan options, e.g. '--score-device cpu'")
     ap.add_argument("--kill-above", type=float, help="GB of RssAnon at which a run is killed (default: 70%% of RAM)")
     ap.add_argument("--keep", action="store_true", help="keep each run's cache and materialized folder")
+    ap.add_argument("--resume", action="store_true", help="reuse what an interrupted run of a case left in its "
+                    "cache (its tables, weight bank, study) instead of starting fresh; the memory peaks are then "
+                    "those of the resumed part only")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
     mem_total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024

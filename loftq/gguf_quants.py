@@ -42,6 +42,12 @@ class GGUFType:
     def bits_per_weight(self) -> float:
         return 8.0 * self.type_size / self.block_size
 
+    @property
+    def code_bits(self) -> int:
+        """The width in the type's name (q4_k -> 4, q6_k -> 6): the whole bits of its codes, which
+        is also the integer part of ``bits_per_weight`` for every registered type."""
+        return int(self.bits_per_weight)
+
 
 GGUF_TYPES: Registry[GGUFType] = Registry("GGUF quantization type")
 for _t in (

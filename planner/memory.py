@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from loftq import Registry, expected_nbytes
+from loftq import Registry, expected_nbytes, gguf_nbytes
 from search_spaces.facts import ModelFacts, TargetLayer
 
 from planner.overheads import reserve_bytes, trainer_logits_bytes
@@ -138,7 +138,10 @@ def _whole(name: str, value: object) -> None:
 
 # ---------------------------------------------------------------- per-layer terms
 def backbone_bytes(target: TargetLayer, choice: LayerChoice) -> int:
-    """Stored bytes of one frozen weight: exactly what ``loftq.quantize`` / QuantLinear keep."""
+    """Stored bytes of one frozen weight: exactly what ``loftq.quantize`` / QuantLinear keep (a GGUF
+    type: its tensor data in a GGUF file, ``loftq.gguf_nbytes``)."""
+    if choice.gguf_type is not None:
+        return gguf_nbytes(tuple(target.shape), choice.gguf_type)
     cfg = choice.quant_config
     if cfg is None:
         return 2 * target.numel

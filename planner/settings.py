@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from loftq import QuantConfig
+from loftq import GGUF_TYPES, QuantConfig
 from search_spaces.widths import WidthKey, is_double_quant, width_bits
 
 from planner.options import option as _opt
@@ -120,11 +120,21 @@ def run_fields() -> list:
     return list(fields(RunSettings))
 
 
+def check_gguf_choice(name: str, bits: int, block_size: int, double_quant: bool) -> None:
+    """A GGUF type's fields agree with it: ``bits`` is the width in its name, ``block_size`` its
+    block, no double quantization (its constants are the format's own); ValueError naming the value."""
+    t = GGUF_TYPES.get(name)
+    if bits != t.code_bits or block_size != t.block_size or double_quant:
+        raise ValueError(f"{name} stores {t.code_bits}-bit codes in blocks of {t.block_size} without double "
+                         f"quantization; got bits {bits!r}, block_size {block_size!r}, double_quant {double_quant!r}")
+
+
 @dataclass(frozen=True)
 class LayerChoice:
     """What one target layer gets: ``bits`` 2/3/4/8 (quantized with ``method``, its constants
     double-quantized with ``double_quant``) or 16 (kept in a 16-bit dtype), and a LoRA ``rank``
-    (0 = no adapter)."""
+    (0 = no adapter). ``method`` may also name a GGUF block format (``q4_k``, see
+    :data:`loftq.GGUF_TYPES`): ``bits`` is then the width in its name and ``block_size`` its block."""
 
     bits: int
     rank: int = 0
@@ -135,13 +145,20 @@ class LayerChoice:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
             raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
-        if self.bits != 16:
+        if self.gguf_type is not None:
+            check_gguf_choice(self.method, self.bits, self.block_size, self.double_quant)
+        elif self.bits != 16:
             self.quant_config  # noqa: B018 — QuantConfig validates (method, bits, block_size)
 
     @property
+    def gguf_type(self) -> str | None:
+        """The GGUF block format this choice stores (``method``), or None for a codebook or a keep."""
+        return self.method if self.method in GGUF_TYPES else None
+
+    @property
     def quant_config(self) -> QuantConfig | None:
-        """The QuantConfig of a quantized choice; None for a 16-bit keep."""
-        if self.bits == 16:
+        """The QuantConfig of a codebook choice; None for a 16-bit keep or a GGUF type."""
+        if self.bits == 16 or self.gguf_type is not None:
             return None
         return QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
 

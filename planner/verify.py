@@ -124,7 +124,7 @@ def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunS
     est = estimate(facts, targets, choices, run, non_target)
     layers = tuple(LayerPlan(
         name=t.name, shape=tuple(t.shape), bits=c.bits, block_size=c.block_size, rank=c.rank, alpha=float(c.rank),
-        quant=c.quant_config.quant_name if c.quant_config else "bf16", iters=iters, residual=None,
+        quant=c.gguf_type or (c.quant_config.quant_name if c.quant_config else "bf16"), iters=iters, residual=None,
         bytes=layer_bytes(t, c, run, facts), double_quant=c.double_quant) for t in targets for c in [choices[t.name]])
     model = {"id": source.reference, "source": source.kind, "architecture": facts.architecture,
              "weights_sha256": source.weights_sha256() if source.folder is not None else None}

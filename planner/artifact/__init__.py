@@ -6,7 +6,8 @@
   field checkers; :mod:`.summary` the per-block view used by reports;
 - :mod:`.layout`: the materialized folder (backbone layer files, ``quantization.json``, the PEFT
   adapter folder), file names, readers and writers;
-- :mod:`.materialize`: plan -> that folder (LoftQ per layer, streamed, resumable).
+- :mod:`.materialize`: plan -> that folder (LoftQ per layer, streamed, resumable);
+- :mod:`.gguf_export`: that folder -> llama.cpp's model GGUF + LoRA adapter GGUF (``--format gguf``).
 
 May import ``loftq``, ``search_spaces``, :mod:`planner.sources` and the top-level modules
 (errors, settings, memory, devices, progress); never ``runtime``, ``train``, ``scoring``,

@@ -7,7 +7,8 @@ Layout written by :mod:`planner.artifact.materialize`::
     DIR/backbone/quantization.json   BackboneMeta: per target layer bits, method, block size,
                                      double quant, shape, dtype, bytes, file
     DIR/backbone/layers/NAME.safetensors   one file per target layer: NAME.qweight (packed uint8
-                                     codes, or the 16-bit weight [out, in]) and the constants
+                                     codes, a GGUF type's tensor data uint8 [out, row bytes], or
+                                     the 16-bit weight [out, in]) and the constants
                                      NAME.absmax / .absmax_codes / .absmax_scale / .absmax_offset,
                                      exactly the buffers of a :class:`planner.runtime.layers.QuantLinear`
     DIR/backbone/non_target.safetensors    every other parameter (embeddings, norms, untied head,
@@ -32,7 +33,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from loftq import METHODS, QuantConfig, QuantizedTensor
+from loftq import GGUF_TYPES, METHODS, GGUFTensor, QuantConfig, QuantizedTensor
+from loftq.gguf_quants import check_shape
 
 from planner.artifact.atomic import atomic_save_tensors, atomic_write_bytes
 from planner.artifact.plan import Plan, load_plan
@@ -43,7 +45,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "loftq-planner/packed"
 # 2: layers may hold 3-bit codes (NF3: 8 codes in 3 bytes, loftq.packing); 1 is read as it is
-FORMAT_VERSION = 2
+# 3: layers may hold GGUF block data (method = the type's name, e.g. q4_k); 1 and 2 are read as they are
+FORMAT_VERSION = 3
 BACKBONE, ADAPTER, PLAN_FILE = "backbone", "adapter", "plan.json"
 QUANT_META, NON_TARGET_FILE, LAYER_DIR = "quantization.json", "non_target.safetensors", "layers"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -54,7 +57,8 @@ CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-_WIDTHS = tuple(sorted({b for m in METHODS for b in METHODS.get(m).bits} | {16}))  # loftq's widths + the 16-bit keep
+_WIDTHS = tuple(sorted({b for m in METHODS for b in METHODS.get(m).bits} | {16}  # loftq's widths + the 16-bit keep
+                       | {GGUF_TYPES.get(n).code_bits for n in GGUF_TYPES}))  # + the GGUF types' (q6_k: 6)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -70,7 +74,8 @@ def peft_key(name: str) -> str:
 class LayerMeta:
     """One stored target layer. ``bits`` 16: ``qweight`` is the 16-bit weight (``dtype``), no
     constants. Otherwise ``dtype`` is the weight's dtype before quantization and ``block`` the
-    effective block length (row length for row-wise int8)."""
+    effective block length (row length for row-wise int8). ``method`` a GGUF type name (``q4_k``):
+    ``qweight`` is that type's tensor data, uint8 [out, in / block * type_size]."""
 
     name: str
     file: str
@@ -93,12 +98,24 @@ class LayerMeta:
         if "/" in self.file or self.file.startswith("."):
             raise ValueError(f"{self.name}: file must be a plain file name, got {self.file!r}")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        if self.bits < 16:
+        if self.gguf_type is not None:
+            from planner.settings import check_gguf_choice
+
+            check_gguf_choice(self.method, self.bits, self.block_size, self.double_quant)
+            check_shape(self.shape, self.method)
+        elif self.bits < 16:
             self.config  # noqa: B018 - QuantConfig validates (method, bits, block_size)
 
     @property
+    def gguf_type(self) -> str | None:
+        return self.method if self.bits < 16 and self.method in GGUF_TYPES else None
+
+    @property
     def config(self) -> QuantConfig | None:
-        return None if self.bits == 16 else QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
+        """The codebook quantizer's config; None for a 16-bit keep or a GGUF type."""
+        if self.bits == 16 or self.gguf_type is not None:
+            return None
+        return QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "shape": list(self.shape)}
@@ -190,9 +207,11 @@ def load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
         return {key: handle.get_tensor(key) for key in handle.keys()}
 
 
-def layer_tensors(name: str, weight: QuantizedTensor | torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_tensors(name: str, weight: QuantizedTensor | GGUFTensor | torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors stored for one layer, under ``NAME.<QuantLinear buffer name>``."""
-    if isinstance(weight, QuantizedTensor):
+    if isinstance(weight, GGUFTensor):
+        out = {f"{name}.qweight": weight.data}
+    elif isinstance(weight, QuantizedTensor):
         out = {f"{name}.qweight": weight.packed}
         out.update({f"{name}.{k}": v for k, v in weight.constants().items()})
     else:
@@ -200,8 +219,10 @@ def layer_tensors(name: str, weight: QuantizedTensor | torch.Tensor) -> dict[str
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def read_layer(folder: Path, meta: LayerMeta, device: torch.device | str = "cpu") -> QuantizedTensor | torch.Tensor:
-    """Rebuild one stored layer from ``backbone/layers/``: a QuantizedTensor, or the 16-bit weight [out, in]."""
+def read_layer(folder: Path, meta: LayerMeta,
+               device: torch.device | str = "cpu") -> QuantizedTensor | GGUFTensor | torch.Tensor:
+    """Rebuild one stored layer from ``backbone/layers/``: a QuantizedTensor, a GGUFTensor, or the
+    16-bit weight [out, in]."""
     tensors = load_tensors(folder / LAYER_DIR / meta.file, str(device))
     prefix = meta.name + "."
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -209,6 +230,8 @@ def read_layer(folder: Path, meta: LayerMeta, device: torch.device | str = "cpu"
         raise PlannerError(f"{folder / LAYER_DIR / meta.file}: no tensor {meta.name}.qweight")
     if meta.bits == 16:
         return own["qweight"]
+    if meta.gguf_type is not None:
+        return _read_gguf_layer(folder / LAYER_DIR / meta.file, meta, own)
     try:
         qt = QuantizedTensor(own.pop("qweight"), meta.shape, DTYPES[meta.dtype], meta.config, block=meta.block, **own)
     except (TypeError, ValueError, RuntimeError) as err:
@@ -216,6 +239,18 @@ def read_layer(folder: Path, meta: LayerMeta, device: torch.device | str = "cpu"
     if qt.nbytes != meta.nbytes:
         raise PlannerError(f"{meta.name}: stored {qt.nbytes} bytes, quantization.json says {meta.nbytes}")
     return qt
+
+
+def _read_gguf_layer(path: Path, meta: LayerMeta, own: dict[str, torch.Tensor]) -> GGUFTensor:
+    data = own["qweight"]
+    t = GGUF_TYPES.get(meta.gguf_type)
+    want = (meta.shape[0], meta.shape[1] // t.block_size * t.type_size)
+    if data.dtype != torch.uint8 or tuple(data.shape) != want or len(own) != 1:
+        raise PlannerError(f"{path}: does not hold layer {meta.name} as {meta.gguf_type} (uint8 {list(want)} "
+                           f"expected, got {data.dtype} {list(data.shape)} and {len(own) - 1} other tensors)")
+    if data.numel() != meta.nbytes:
+        raise PlannerError(f"{meta.name}: stored {data.numel()} bytes, quantization.json says {meta.nbytes}")
+    return GGUFTensor(data, meta.shape, DTYPES[meta.dtype], meta.gguf_type)
 
 
 @dataclass(frozen=True)
@@ -349,11 +384,19 @@ def _task_type(plan: Plan) -> str | None:
 
 def write_trained_adapter(artifact: Path, state: Mapping[str, torch.Tensor], out: Path) -> Path:
     """A PEFT folder with ``artifact``'s adapter config and the trained weights ``state``, built in a
-    temp folder and renamed to ``out`` (an existing folder there is replaced)."""
+    temp folder and renamed to ``out`` (an existing folder there is replaced). An artifact with a
+    llama.cpp export (``materialize --format gguf``) also gets ``out/adapter.gguf``, the trained
+    adapter in llama.cpp's format for its ``gguf/model.gguf``."""
     from planner.artifact.atomic import atomic_dir
+    from planner.artifact.gguf_export import ADAPTER_GGUF, GGUF_DIR, MODEL_GGUF, Base, write_adapter_gguf
+
+    model_gguf = artifact / GGUF_DIR / MODEL_GGUF
 
     def build(tmp: Path) -> None:
         shutil.copyfile(artifact / ADAPTER / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
         atomic_save_tensors(tmp / ADAPTER_WEIGHTS, dict(state), {"format": "pt"})
+        if model_gguf.is_file():
+            art = read_artifact(artifact)
+            write_adapter_gguf(tmp / ADAPTER_GGUF, Base(model_gguf), state, art.ranks(), art.alphas())
 
     return atomic_dir(out, build, replace=True)

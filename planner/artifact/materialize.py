@@ -56,6 +56,7 @@ from loftq.solver import SVD_METHODS
 from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
+from planner.artifact.gguf_export import export_gguf, gguf_base as _gguf_base
 from planner.artifact.atomic import (atomic_save_tensors, atomic_write_bytes, check_dir_target, check_writable,
                                      rename_dir)
 from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, LAYER_DIR, NON_TARGET_FILE, PLAN_FILE, QUANT_META,
@@ -70,7 +71,7 @@ from planner.settings import INITS
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("packed", "hf-bnb")
+FORMATS = ("packed", "hf-bnb", "gguf")
 JOB_VERSION = 1
 
 
@@ -83,7 +84,10 @@ class MaterializeConfig:
     force: bool = _opt(False, "replace an existing --out folder, and discard a DIR.partial of another job")
     device: str | None = _opt(None, "where LoftQ runs (default: cuda if available, else cpu)")
     format: str = _opt("packed", "packed: backbone + adapter (always written); hf-bnb: also a stock transformers "
-                       "NF4 checkpoint in DIR/hf-bnb (plans with only NF4 and 16-bit layers)", choices=FORMATS)
+                       "NF4 checkpoint in DIR/hf-bnb (plans with only NF4 and 16-bit layers); gguf: also "
+                       "DIR/gguf/model.gguf + adapter.gguf for llama.cpp (plans with only GGUF-type and 16-bit "
+                       "layers; metadata, tokenizer and other tensors from the model's GGUF: --model FILE.gguf, "
+                       "a .gguf plan model, or the packaged smollm2-135m)", choices=FORMATS)
     non_target_dtype: str = _opt("bf16", "dtype of the non-target weights (embeddings, norms, biases)",
                                  choices=tuple(DTYPES))
     model: str | None = _opt(None, "model to read the weights from (default: the plan's model.id)")
@@ -139,6 +143,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
     plan = load_plan(plan_path)
     if config.format == "hf-bnb":
         check_nf4_only(plan)
+    base = _gguf_base(plan, config.model) if config.format == "gguf" else None
     source = _source(plan, config)
     targets = _targets(source, plan)
     iters = {layer.name: config.iters or max(1, layer.iters) for layer in plan.layers}
@@ -169,6 +174,8 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
                     on_layer(target.name)
         artifact = partial / "artifact"
         final_plan = _finalize(artifact, partial, plan, source, targets, iters, config)
+        if base is not None:
+            export_gguf(artifact, base)
         _swap_into_place(artifact, out, config.force)
     shutil.rmtree(partial, ignore_errors=True)
     return Materialized(out, final_plan, tuple(t.name for t in todo), time.perf_counter() - t0)
@@ -338,18 +345,22 @@ def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters:
         best, errors = 0, [residual]
         meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
                          layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
-    else:
+    else:  # a GGUF type runs LoftQ with that format's quantizer (loftq takes its name as the width)
         extra = {} if moment is None else {"calibration": moment.to(device), "damp": damp}
-        res = loftq(weight.to(device), layer.bits, layer.rank, iters=iters, method=layer.method,
+        res = loftq(weight.to(device), layer.gguf_type or layer.bits, layer.rank, iters=iters, method=layer.method,
                     block_size=layer.block_size, double_quant=layer.double_quant, svd=svd, **extra)
         stored = res.quantized.to("cpu")
         a, b = res.lora_a.cpu(), res.lora_b.cpu()
         residual, best, errors = res.error, res.best_iter, res.errors
         if moment is not None:
             residual, errors = res.weighted_errors[best - 1], res.weighted_errors
-        cfg = stored.config
-        meta = LayerMeta(layer.name, f"{layer.name}.safetensors", cfg.bits, cfg.method, cfg.block_size,
-                         cfg.double_quant, stored.block, layer.shape, dtype_name(stored.dtype), stored.nbytes)
+        if layer.gguf_type is not None:
+            meta = LayerMeta(layer.name, f"{layer.name}.safetensors", layer.bits, layer.gguf_type, layer.block_size,
+                             False, layer.block_size, layer.shape, dtype_name(stored.dtype), stored.nbytes)
+        else:
+            cfg = stored.config
+            meta = LayerMeta(layer.name, f"{layer.name}.safetensors", cfg.bits, cfg.method, cfg.block_size,
+                             cfg.double_quant, stored.block, layer.shape, dtype_name(stored.dtype), stored.nbytes)
     atomic_save_tensors(partial / "artifact" / BACKBONE / LAYER_DIR / meta.file, layer_tensors(layer.name, stored))
     info = {"job": key, "residual": repr(residual), "best_iter": str(best), "errors": json.dumps(errors),
             "meta": json.dumps(meta.to_dict())}

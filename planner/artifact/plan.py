@@ -1,4 +1,4 @@
-"""The plan file (schema v4): what every target layer gets, the budget, the estimate, provenance.
+"""The plan file (schema v5): what every target layer gets, the budget, the estimate, provenance.
 
 A plan is plain data: it does not know how the search found it (STYLE 4). :func:`save_plan`
 writes it atomically (temp file in the same folder, fsync, ``os.replace``), so an interrupted or
@@ -9,7 +9,9 @@ versions are read by :mod:`planner.artifact.plan_versions` and come back as the 
 Validation lives in the dataclasses' ``__post_init__`` (``ValueError`` naming the bad value), so a
 plan built in memory is checked exactly like one read from disk. What is checked beyond types:
 - each layer's ``quant`` is a registered quantizer (``loftq.parse_quant_name``) of width ``bits``
-  accepting its ``block_size``, or ``bf16``/``fp16`` for a 16-bit keep; ``bits_per_weight`` equals
+  accepting its ``block_size``, a GGUF block format (``q8_0``, ``q4_k``, ... in
+  ``loftq.GGUF_TYPES``: ``bits`` the width in its name, ``block_size`` its block, rows whole
+  blocks), or ``bf16``/``fp16`` for a 16-bit keep; ``bits_per_weight`` equals
   8 x the bytes loftq stores for it / its weights; ``rank`` <= min(shape);
 - the estimate adds up: breakdown sum = ``allocated_bytes``, allocated + reserve = ``total_bytes``
   (the reserve is kept as it was estimated: its CUDA terms are refined between versions, and a plan
@@ -40,8 +42,8 @@ from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, layer_param_breakdown
 from planner.settings import LayerChoice, RunSettings
 
-SCHEMA_VERSION = 4
-PLAIN_VERSION = 3  # a plan with plain LoftQ is written as this version (plan_versions: v3 -> v4)
+SCHEMA_VERSION = 5
+PLAIN_VERSION = 4  # a plan with plain LoftQ is written as this version (plan_versions: v4 -> v5)
 KEEP16 = ("bf16", "fp16")  # the dtypes a 16-bit layer may be kept in
 MODES = ("finetune", "inference")
 MODEL_KEYS = ("id", "source", "architecture", "weights_sha256")
@@ -63,9 +65,10 @@ def _version(value: Any) -> int:
 
 
 def _widths() -> tuple[int, ...]:
-    from loftq import METHODS
+    from loftq import GGUF_TYPES, METHODS
 
-    return tuple(sorted({b for m in METHODS for b in METHODS.get(m).bits} | {16}))
+    gguf = {GGUF_TYPES.get(n).code_bits for n in GGUF_TYPES}
+    return tuple(sorted({b for m in METHODS for b in METHODS.get(m).bits} | gguf | {16}))
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -76,8 +79,9 @@ class LayerPlan:
 
     ``shape`` is (out_features, in_features); ``bits`` is the code width, 16 meaning kept in 16 bits
     (``quant`` names the dtype then); ``quant`` names a registered quantizer, which need not end in
-    its width; ``bits_per_weight``: stored bits per weight including the quantization constants
-    (loftq's exact byte count; derived when None). ``rank`` 0 = no adapter. ``bytes``: what this
+    its width, or is a GGUF block format (then ``bits`` is the width in its name: 4 for ``q4_k``,
+    whose ``bits_per_weight`` is 4.5); ``bits_per_weight``: stored bits per weight including the
+    quantization constants (loftq's exact byte count; derived when None). ``rank`` 0 = no adapter. ``bytes``: what this
     layer's choice costs in the memory model. ``residual``: ||W - deq(Q) - BA||_F / ||W||_F, or with
     the plan's ``init`` loftq-data ||(W - deq(Q) - BA) L||_F / ||W L||_F (None when not computed).
     """
@@ -128,11 +132,26 @@ class LayerPlan:
         return self.shape[0] * self.shape[1]
 
     @property
-    def quant_config(self) -> Any:
-        """The loftq QuantConfig ``quant`` names (None for a 16-bit keep); ValueError if it is not a
-        registered quantizer of width ``bits`` that accepts ``block_size``."""
-        from loftq import QuantConfig
+    def gguf_type(self) -> str | None:
+        """The GGUF block format ``quant`` names (``q4_k``), or None for a codebook quantizer or a keep."""
+        from loftq import GGUF_TYPES
 
+        return self.quant if self.bits != 16 and self.quant in GGUF_TYPES else None
+
+    @property
+    def quant_config(self) -> Any:
+        """The loftq QuantConfig ``quant`` names (None for a 16-bit keep or a GGUF type); ValueError if
+        it is not a registered quantizer of width ``bits`` that accepts ``block_size``, or a GGUF type
+        whose width, block and row length do not fit."""
+        from loftq import QuantConfig
+        from loftq.gguf_quants import check_shape
+
+        from planner.settings import check_gguf_choice
+
+        if self.gguf_type is not None:
+            check_gguf_choice(self.quant, self.bits, self.block_size, self.double_quant)
+            check_shape(self.shape, self.quant)
+            return None
         if self.bits == 16:
             if self.quant not in KEEP16:
                 raise ValueError(f"a 16-bit layer's quant must be one of {', '.join(KEEP16)}; got {self.quant!r}")
@@ -144,16 +163,19 @@ class LayerPlan:
 
     @property
     def method(self) -> str:
-        """The loftq quantization method (``nf``, ``uniform``, ``int8``); ``keep16`` for 16-bit layers."""
+        """The loftq quantization method (``nf``, ``uniform``, ``int8``, or the GGUF type's name);
+        ``keep16`` for 16-bit layers."""
         cfg = self.quant_config
-        return "keep16" if cfg is None else cfg.method
+        return self.gguf_type or ("keep16" if cfg is None else cfg.method)
 
     @property
     def stored_bytes(self) -> int:
         """Bytes of the stored weight: loftq's exact count, or 2 per weight for a 16-bit keep."""
-        from loftq import expected_nbytes
+        from loftq import expected_nbytes, gguf_nbytes
 
         cfg = self.quant_config
+        if self.gguf_type is not None:
+            return gguf_nbytes(self.shape, self.gguf_type)
         return 2 * self.numel if cfg is None else expected_nbytes(self.numel, cfg, row=self.shape[1])
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,9 +322,9 @@ def _check_bytes(layers: Sequence[LayerPlan], run: RunSettings, est: MemoryEstim
     sums = dict.fromkeys(PARAM_TERMS, 0)
     activations = 0
     for layer in layers:
-        cfg = layer.quant_config
-        choice = LayerChoice(layer.bits, layer.rank, cfg.method if cfg else "nf",
-                             cfg.block_size if cfg else 64, layer.double_quant)
+        keep = layer.bits == 16
+        choice = LayerChoice(layer.bits, layer.rank, "nf" if keep else layer.method,
+                             64 if keep else layer.block_size, layer.double_quant)
         terms = layer_param_breakdown(TargetLayer(layer.name, layer.shape, layer.name.rsplit(".", 1)[-1], -1),
                                       choice, run)
         own = layer.bytes - sum(terms.values())

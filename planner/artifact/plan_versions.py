@@ -18,11 +18,14 @@ v1 -> v2:
   free-form); a record without ``mode`` gets mode ``unknown``.
 v2 -> v3: nothing to convert. v3 accepts 3-bit layers (quant ``nf3``), which a v2 reader rejects, so
 the version tells an older planner to upgrade instead of failing on a layer.
-v3 -> v4: the plan gains ``init`` (how materialize initialises the adapters: InitRecord); a v3 plan
+v3 -> v4: nothing to convert. v4 accepts GGUF block formats as a layer's ``quant`` (``q8_0``,
+``q4_k``, ...: ``bits`` the width in the name, which may be 6; ``block_size`` the format's block;
+``bits_per_weight`` fractional, e.g. 4.5), which a v3 reader rejects.
+v4 -> v5: the plan gains ``init`` (how materialize initialises the adapters: InitRecord); a v4 plan
 was made and is built with plain LoftQ (``{"method": "loftq"}``). A plan with plain LoftQ is still
-*written* as a v3 document (no ``init``), byte for byte what the v3 code wrote, because every
-planner reads it right; only a data-aware plan, which a v3 reader would build with the wrong
-initialisation, is written as v4, so an older planner refuses it with one line.
+*written* as a v4 document (no ``init``), byte for byte what the v4 code wrote, because every
+planner reads it right; only a data-aware plan, which a v4 reader would build with the wrong
+initialisation, is written as v5, so an older planner refuses it with one line.
 """
 from __future__ import annotations
 
@@ -85,12 +88,17 @@ def _v2_to_v3(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v3_to_v4(d: dict[str, Any]) -> dict[str, Any]:
+    return {**d, "schema_version": 4}
+
+
+def _v4_to_v5(d: dict[str, Any]) -> dict[str, Any]:
     if "init" in d:
-        raise ValueError("plan has unknown field(s) init (a schema v3 plan has none; init came with v4)")
-    return {**d, "schema_version": 4, "init": {"method": "loftq"}}
+        raise ValueError("plan has unknown field(s) init (a schema v4 plan has none; init came with v5)")
+    return {**d, "schema_version": 5, "init": {"method": "loftq"}}
 
 
-READERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+READERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
+                                                                 4: _v4_to_v5}
 
 
 def upgrade(d: dict[str, Any], version: int, current: int) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from planner.artifact.plan import Plan
 @dataclass(frozen=True)
 class BlockRow:
     """One transformer block of :func:`summary_by_block`: ``cells`` maps a column (module type, as
-    short as stays unambiguous) to (width, rank) (width ``4`` or ``4dq``, see search_spaces.widths);
+    short as stays unambiguous) to (width, rank) (width ``4`` or ``4dq``, see search_spaces.widths, or
+    a GGUF type's name such as ``q4_k``);
     ``block`` is None for layers outside the blocks."""
 
     block: int | None
-    cells: dict[str, tuple[WidthKey, int]]
+    cells: dict[str, tuple[WidthKey | str, int]]
     params: int
     bytes: int
 
@@ -72,7 +73,8 @@ def summary_by_block(plan: Plan) -> BlockSummary:
     rows: dict[int | None, dict[str, Any]] = {}
     for (block, path), layer in split:
         row = rows.setdefault(block, {"cells": {}, "params": 0, "bytes": 0, "bits": 0})
-        row["cells"][short[path]] = (width(layer.bits, layer.double_quant and layer.bits < 16), layer.rank)
+        kind = layer.gguf_type or width(layer.bits, layer.double_quant and layer.bits < 16)  # q4_k and iq4_nl are both 4
+        row["cells"][short[path]] = (kind, layer.rank)
         row["params"] += layer.numel
         row["bytes"] += layer.bytes
         row["bits"] += layer.bits * layer.numel

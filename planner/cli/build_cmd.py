@@ -44,7 +44,8 @@ class MaterializeOutput:
 
 @dataclass(frozen=True)
 class FinetuneOutput:
-    out: str | None = option(None, f"adapter folder to write (default: DIR/{DEFAULT_FINETUNED})")
+    out: str | None = option(None, f"adapter folder to write (default: DIR/{DEFAULT_FINETUNED}); with a llama.cpp "
+                             "export in DIR (materialize --format gguf) it also holds adapter.gguf")
     force: bool = option(False, "replace an existing --out folder")
     json: bool = option(False, "print a JSON summary")
 

@@ -5,7 +5,9 @@ constants) as buffers, so its resident bytes are exactly ``QuantizedTensor.nbyte
 "keep" layer holds its weight in a 16-bit dtype. Forward dequantizes to the compute dtype and
 multiplies; backward dequantizes again (:class:`_DequantLinear`) so autograd never keeps a
 weight-sized tensor. Dequantization backends live in a registry: bitsandbytes' kernel for NF4 on
-CUDA (it consumes our codes bit-exactly), chunked torch for everything else.
+CUDA (it consumes our codes bit-exactly), chunked torch for everything else. A layer in a GGUF block
+format (:class:`loftq.GGUFTensor`) holds that format's tensor data and decodes it with
+:func:`loftq.gguf_quants.decode` (bit-exact with llama.cpp), row chunk by row chunk.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loftq import QuantConfig, QuantizedTensor, Registry, dequantize, quantize, stored_absmax
+from loftq import GGUF_TYPES, GGUFTensor, QuantConfig, QuantizedTensor, Registry, dequantize, quantize, stored_absmax
+from loftq.gguf_quants import decode as gguf_decode
 from loftq.bnb import bnb_quant_state
 
 from search_spaces.discovery import is_conv1d, is_linear_like, weight_out_in
@@ -105,6 +108,20 @@ _register(Dequantizer("bnb-nf4", lambda qt: (qt.packed.is_cuda and qt.config.met
 _register(Dequantizer("torch", lambda qt: True, dequantize_chunked))
 
 
+def dequantize_gguf(data: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """GGUF tensor data uint8 [out, row bytes] -> [out, in] in ``dtype``, about ``CHUNK`` weights per
+    decode call (the fp32 values and the decoder's temporaries stay that size, not weight-sized)."""
+    rows, row_bytes = data.shape
+    row_len = row_bytes // GGUF_TYPES.get(qtype).type_size * GGUF_TYPES.get(qtype).block_size
+    step = max(1, CHUNK // row_len)
+    if step >= rows:
+        return gguf_decode(data, qtype).to(dtype)
+    out = torch.empty(rows, row_len, dtype=dtype, device=data.device)
+    for start in range(0, rows, step):
+        out[start:start + step] = gguf_decode(data[start:start + step], qtype)
+    return out
+
+
 def pick_dequantizer(qt: QuantizedTensor) -> Dequantizer:
     return next(DEQUANTIZERS.get(n) for n in _ORDER if DEQUANTIZERS.get(n).accepts(qt))
 
@@ -130,17 +147,25 @@ class _DequantLinear(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    """A frozen linear layer stored as packed 2/3/4/8-bit codes (or a 16-bit weight for ``bits=16``).
+    """A frozen linear layer stored as packed 2/3/4/8-bit codes, as a GGUF block format, or as a
+    16-bit weight (``bits=16``).
 
-    Buffers: ``qweight`` (uint8 [packed bytes], or the 16-bit weight [out, in]), the constants of
-    the QuantizedTensor under their own names, and ``bias`` [out] in the compute dtype if any.
+    Buffers: ``qweight`` (uint8 [packed bytes], GGUF tensor data uint8 [out, row bytes], or the
+    16-bit weight [out, in]), the constants of the QuantizedTensor under their own names, and
+    ``bias`` [out] in the compute dtype if any. ``gguf_type`` names the GGUF format (else None).
     """
 
-    def __init__(self, weight: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None,
+    def __init__(self, weight: QuantizedTensor | GGUFTensor | torch.Tensor, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.compute_dtype = compute_dtype
-        if isinstance(weight, QuantizedTensor):
+        self.gguf_type: str | None = None
+        if isinstance(weight, GGUFTensor):
+            self.config, self.block, self.weight_dtype = None, GGUF_TYPES.get(weight.qtype).block_size, weight.dtype
+            self.gguf_type = weight.qtype
+            self.register_buffer("qweight", weight.data)
+            shape = weight.shape
+        elif isinstance(weight, QuantizedTensor):
             if len(weight.shape) != 2:
                 raise ValueError(f"a linear weight must be 2-D (out, in), got shape {weight.shape}")
             self.config: QuantConfig | None = weight.config
@@ -162,6 +187,8 @@ class QuantLinear(nn.Module):
 
     @property
     def bits(self) -> int:
+        if self.gguf_type is not None:
+            return GGUF_TYPES.get(self.gguf_type).code_bits
         return 16 if self.config is None else self.config.bits
 
     def quantized(self) -> QuantizedTensor:
@@ -175,6 +202,8 @@ class QuantLinear(nn.Module):
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight in ``dtype`` (default: compute dtype), rebuilt from the buffers."""
         dtype = dtype or self.compute_dtype
+        if self.gguf_type is not None:
+            return dequantize_gguf(self.qweight, self.gguf_type, dtype)
         if self.config is None:
             return self.qweight.to(dtype)
         qt = self.quantized()
@@ -190,7 +219,7 @@ class QuantLinear(nn.Module):
         return _DequantLinear.apply(x.to(self.compute_dtype), self)
 
     def extra_repr(self) -> str:
-        kind = "keep16" if self.config is None else self.config.quant_name
+        kind = self.gguf_type or ("keep16" if self.config is None else self.config.quant_name)
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
 
 
@@ -205,7 +234,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
-def swap_linears(model: nn.Module, weights: Mapping[str, QuantizedTensor | torch.Tensor | None],
+def swap_linears(model: nn.Module, weights: Mapping[str, QuantizedTensor | GGUFTensor | torch.Tensor | None],
                  compute_dtype: torch.dtype | None = None, keep_dtype: torch.dtype | None = None) -> dict[str, QuantLinear]:
     """Replace the named nn.Linear / Conv1D modules in place by :class:`QuantLinear`.
 
@@ -226,10 +255,11 @@ def swap_linears(model: nn.Module, weights: Mapping[str, QuantizedTensor | torch
             raise ValueError(f"{name}: weight shape {shape} does not match the module's (out, in) {tuple(dense.shape)}")
         if w is None:
             w = dense.to(keep_dtype).contiguous()
-        elif not isinstance(w, QuantizedTensor):
+        elif not isinstance(w, (QuantizedTensor, GGUFTensor)):
             w = w.detach().to(keep_dtype).contiguous()
         layer = QuantLinear(w, getattr(mod, "bias", None), compute_dtype)
-        device = dense.device if not dense.is_meta else (w.packed if isinstance(w, QuantizedTensor) else w).device
+        stored = w.packed if isinstance(w, QuantizedTensor) else w.data if isinstance(w, GGUFTensor) else w
+        device = dense.device if not dense.is_meta else stored.device
         _set_module(model, name, layer.to(device))  # a meta weight: a shell model awaiting its targets
         new[name] = layer
     return new

@@ -69,17 +69,18 @@ class LowRank(NamedTuple):
 
 @dataclass(frozen=True)
 class BankEntry:
-    """One (layer, bits): Q, deq(Q) [out, in] and the top ``rank`` factors of W - deq(Q)."""
+    """One (layer, bits): Q, deq(Q) [out, in] and the top ``rank`` factors of W - deq(Q) (None until
+    a lookup needs them: a width the search only ever uses at rank 0 never pays for an SVD)."""
 
     quantized: QuantizedTensor
     deq: torch.Tensor | None  # [out, in], bank dtype; None: dequantized on use (an on-disk store keeps Q only)
-    b: torch.Tensor  # [out, rank], bank dtype
-    a: torch.Tensor  # [rank, in], bank dtype
+    b: torch.Tensor | None  # [out, rank], bank dtype
+    a: torch.Tensor | None  # [rank, in], bank dtype
     svd: str
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[0])
+        return int(self.a.shape[0]) if self.a is not None else 0
 
 
 class BankStore(Protocol):
@@ -133,7 +134,7 @@ class DiskStore:
         consts = {k: t[k] for k in ("absmax", "absmax_codes", "absmax_scale", "absmax_offset") if k in t}
         qt = QuantizedTensor(t["packed"], tuple(json.loads(meta["shape"])), getattr(torch, meta["dtype"]), config,
                              block=int(meta["block"]), **consts)
-        return BankEntry(qt, None, t["b"], t["a"], meta["svd"])
+        return BankEntry(qt, None, t.get("b"), t.get("a"), meta["svd"])
 
     def put(self, name: str, bits: int, entry: BankEntry) -> None:
         from planner.cache import save_cached
@@ -142,8 +143,9 @@ class DiskStore:
         meta = {"quant": qt.config.quant_name, "block_size": str(qt.config.block_size),
                 "double_quant": "1" if qt.config.double_quant else "0", "shape": json.dumps(list(qt.shape)),
                 "dtype": str(qt.dtype).removeprefix("torch."), "block": str(qt.block), "svd": entry.svd}
-        save_cached(self._path(name, bits), f"{self.key}/{name}/{bits}",
-                    {"packed": qt.packed, **qt.constants(), "b": entry.b, "a": entry.a}, meta)
+        factors = {"b": entry.b, "a": entry.a} if entry.b is not None else {}
+        save_cached(self._path(name, bits), f"{self.key}/{name}/{bits}", {"packed": qt.packed, **qt.constants(), **factors},
+                    meta)
 
 
 class ModelWeights(Mapping[str, torch.Tensor]):
@@ -196,7 +198,9 @@ class WeightBank:
     """Lookups by (layer name, bits) over ``weights`` (name -> [out, in] original weight).
 
     Entries are computed on first use and kept in ``store`` (default: a fresh :class:`MemoryStore`);
-    :meth:`fill` computes them all up front. bits >= 16 means the original weight, kept as it is.
+    :meth:`fill` quantizes every layer at every width up front, and an entry's factors are computed
+    the first time a lookup asks for a rank above 0 (the SVD is most of an entry's cost). bits >= 16
+    means the original weight, kept as it is.
     ``moments`` (name -> input second moment H, :mod:`planner.scoring.moments`): the factors are
     the data-aware initialisation's, the top-r of (W - deq Q) L mapped back by L^{-1} (L L^T = H +
     ``damp``), so every rank's truncation is that rank's best fit in the weighted norm; their
@@ -222,29 +226,46 @@ class WeightBank:
         """[out, in] original weight in the bank dtype (the mapping's tensor itself when it has that dtype)."""
         return self.weights[name].detach().to(self.settings.dtype)
 
-    def entry(self, name: str, bits: int) -> BankEntry:
-        """The entry of (name, bits), computed and stored on first lookup."""
+    def entry(self, name: str, bits: int, factors: bool = True) -> BankEntry:
+        """The entry of (name, bits), computed and stored on first lookup; ``factors``: with its
+        factors (computed and stored now if the stored entry has none yet)."""
         s = self.settings
         if bits not in s.bits or bits >= 16:
             raise ValueError(f"bits {bits!r} is not a quantized width of this bank ({s.bits})")
         entry = self.store.get(name, bits)
         if entry is None:
-            entry = self._compute(name, bits)
+            entry = self._compute(name, bits, factors)
             self.store.put(name, bits, entry)
-        elif (entry.quantized.config != s.quant_config(bits) or entry.svd != self.label or entry.b.dtype != s.dtype
-              or entry.rank < min(s.max_rank, *entry.quantized.shape)):
+        elif (entry.quantized.config != s.quant_config(bits) or entry.svd != self.label
+              or (entry.b is not None and (entry.b.dtype != s.dtype or entry.rank < min(s.max_rank, *entry.quantized.shape)))):
             raise ValueError(f"the bank's store holds {name} at {bits} bits built with other settings "
-                             f"({entry.quantized.config}, {entry.svd} SVD, rank {entry.rank}, {entry.b.dtype}) "
-                             f"than this bank's {s}")
+                             f"({entry.quantized.config}, {entry.svd} SVD, rank {entry.rank}) than this bank's {s}")
+        elif factors and entry.b is None:
+            entry = self._with_factors(name, entry)
+            self.store.put(name, bits, entry)
         return entry
 
-    def _compute(self, name: str, bits: int) -> BankEntry:
-        s = self.settings
+    def _source(self, name: str) -> tuple[torch.Tensor, torch.device]:
         original = self.weights[name].detach()
         home = original.device  # entries live where W does (the CPU for a streamed source)
-        w = (original.to(self.device) if self.device is not None else original).float()
+        return (original.to(self.device) if self.device is not None else original).float(), home
+
+    def _compute(self, name: str, bits: int, factors: bool) -> BankEntry:
+        s = self.settings
+        w, home = self._source(name)
         qt = quantize(w, config=s.quant_config(bits))
         deq = dequantize(qt, torch.float32)
+        entry = BankEntry(qt.to(home), deq.to(home, s.dtype), None, None, self.label)
+        return self._with_factors(name, entry, w, deq) if factors else entry
+
+    def _with_factors(self, name: str, e: BankEntry, w: torch.Tensor | None = None,
+                      deq: torch.Tensor | None = None) -> BankEntry:
+        s = self.settings
+        if w is None:
+            w, _ = self._source(name)
+        home = e.quantized.packed.device
+        if deq is None:
+            deq = dequantize(e.quantized.to(w.device), torch.float32)
         if self.moments is None:
             f = top_factors(w - deq, min(s.max_rank, *w.shape), s.svd)
         else:
@@ -253,14 +274,14 @@ class WeightBank:
             factor = calibration_factor(self.moments[name].to(w.device), self.damp)
             f = top_factors((w - deq) @ factor, min(s.max_rank, *w.shape), s.svd)
             f = LowRank(f.b, torch.linalg.solve_triangular(factor, f.a, upper=False, left=False))
-        return BankEntry(qt.to(home), deq.to(home, s.dtype), f.b.to(home, s.dtype), f.a.to(home, s.dtype), self.label)
+        return BankEntry(e.quantized, e.deq, f.b.to(home, s.dtype), f.a.to(home, s.dtype), self.label)
 
     def quantized(self, name: str, bits: int) -> QuantizedTensor:
-        return self.entry(name, bits).quantized
+        return self.entry(name, bits, factors=False).quantized
 
     def deq(self, name: str, bits: int) -> torch.Tensor:
         """[out, in] deq(Q) in the bank dtype (kept by an in-memory store, dequantized on use otherwise)."""
-        e = self.entry(name, bits)
+        e = self.entry(name, bits, factors=False)
         return e.deq if e.deq is not None else dequantize(e.quantized, self.settings.dtype)
 
     def factors(self, name: str, bits: int, rank: int) -> LowRank:
@@ -282,7 +303,7 @@ class WeightBank:
         if bits >= 16:
             w = self.original(name)
             return w if device is None else w.to(device)
-        e = self.entry(name, bits)  # one store lookup (an on-disk store reads a file)
+        e = self.entry(name, bits, factors=rank > 0)  # one store lookup (an on-disk store reads a file)
         if e.deq is not None:
             deq = e.deq if device is None else e.deq.to(device)
         else:
@@ -293,11 +314,11 @@ class WeightBank:
         return torch.addmm(deq, b.to(deq.device), a.to(deq.device))
 
     def fill(self, names: Sequence[str] | None = None, label: str = "quantized weight bank") -> None:
-        """Compute every (layer, width) entry now, with a progress bar."""
+        """Quantize every (layer, width) now, with a progress bar (factors come on first use)."""
         names = list(names) if names is not None else self.names
         widths = [b for b in self.settings.bits if b < 16]
         with progress.task(label, len(names)) as advance:
             for name in names:
                 for b in widths:
-                    self.entry(name, b)
+                    self.entry(name, b, factors=False)
                 advance(1)

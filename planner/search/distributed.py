@@ -43,6 +43,7 @@ TABLE_SHARDS = 16  # layer ranges: enough to keep 2-8 workers busy, few enough t
 POLL_S = 0.5
 CONFIG = "planner.config"  # the run's full PlanConfig + RunSettings + budget, for `collect`
 REF_LOSS = "planner.ref_loss"
+ALIVE = "alive_at"  # a proxy candidate's last step at which it was evaluated and not pruned
 
 
 @dataclass
@@ -74,9 +75,11 @@ def join(url: str, name: str, fingerprint: dict[str, Any], config: dict[str, Any
     return Team(storage, name, ident, sum(t.number < mine for t in workers))
 
 
-def share_work(study: optuna.Study, specs: Sequence[dict[str, Any]], compute: Callable[[dict[str, Any]], Any],
-               ident: str, on_done: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Results of every spec ({"kind", "shard", ...}), computing those this worker claims.
+def share_work(study: optuna.Study, specs: Sequence[dict[str, Any]],
+               compute: Callable[[dict[str, Any], optuna.Trial], Any], ident: str,
+               on_done: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Results of every spec ({"kind", "shard", ...}), computing those this worker claims
+    (``compute(spec, trial)``: ``trial`` is the claimed one, for progress others may read).
 
     Specs missing from the study are enqueued (a late joiner finds them all there); a worker claims
     one WAITING spec at a time and, once none is left, waits for the ones other workers run. A spec
@@ -101,7 +104,7 @@ def share_work(study: optuna.Study, specs: Sequence[dict[str, Any]], compute: Ca
         if k not in want or taken:  # a duplicate, or a fresh trial made when the queue just ran dry
             raise optuna.TrialPruned()
         t0 = time.perf_counter()
-        result = compute(want[k])
+        result = compute(want[k], trial)
         trial.set_user_attr("worker", ident)
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
         trial.set_user_attr("result", result)
@@ -182,7 +185,7 @@ def precompute(team: Team, prep: Prepared, scorer: Any, bank: Any, blocks: torch
     names = [t.name for t in prep.targets]
     tspecs, fspecs = table_specs(len(names)), fisher_specs(len(blocks))
 
-    def compute(spec: dict[str, Any]) -> Any:
+    def compute(spec: dict[str, Any], trial: optuna.Trial) -> Any:
         if spec["kind"] == "tables":
             return table_shard(prep, settings, device, spec)
         return fisher_shard(scorer, bank, blocks, settings.bits, settings.block_size, spec)
@@ -193,26 +196,69 @@ def precompute(team: Team, prep: Prepared, scorer: Any, bank: Any, blocks: torch
 
 
 # ---------------------------------------------------------------- fine-tune proxy candidates
-class StoredMedianPruner(optuna.pruners.BasePruner):
-    """Median pruning against the curves of candidates other workers (or this one) finished:
-    prune at step >= ``warmup`` when this candidate's best loss so far is above the median of
-    theirs up to the same step. Keeps the curve it saw, to store with the result."""
+class AheadMedianPruner(optuna.pruners.BasePruner):
+    """Median pruning of a fine-tune proxy candidate against the candidates ranked ahead of it
+    (better zero-step score) that are still alive at the same step: prune at step >= ``warmup``
+    when this candidate's best loss so far is above the median of theirs up to that step.
 
-    def __init__(self, finished: Sequence[dict[str, float]], warmup: int) -> None:
-        self.finished = [{int(k): float(v) for k, v in c.items()} for c in finished]
-        self.warmup = warmup
+    A candidate ahead that another worker is training is waited for until it has passed that
+    step's own decision, so the decision is the one a single worker, training the candidates in
+    rank order, makes: two workers do the same work as one, split (the earlier rule, against
+    finished candidates only, let two workers' first candidates train to the end side by side).
+    Each evaluation and each "still alive" step is published on ``shared`` (the claimed trial of
+    the proxy study) for the workers behind. Keeps the curve it saw, to store with the result."""
+
+    def __init__(self, study: optuna.Study, rank: int, warmup: int, shared: optuna.Trial, poll_s: float = POLL_S) -> None:
+        self.study, self.rank, self.warmup, self.shared, self.poll_s = study, rank, warmup, shared, poll_s
         self.curve: dict[int, float] = {}
+        self.waited_s = 0.0
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         self.curve = dict(trial.intermediate_values)
         step = trial.last_step
-        if step is None or step < self.warmup or not self.finished:
+        if step is None:
             return False
-        best = min(v for s, v in self.curve.items() if s <= step)
-        others = sorted(min((v for s, v in c.items() if s <= step), default=math.inf) for c in self.finished)
-        others = [v for v in others if math.isfinite(v)]
-        return bool(others) and best > others[(len(others) - 1) // 2] if len(others) % 2 else \
-            bool(others) and best > (others[len(others) // 2 - 1] + others[len(others) // 2]) / 2
+        self.shared.report(self.curve[step], step)
+        prune = False
+        if step >= self.warmup:
+            best = min(v for s, v in self.curve.items() if s <= step)
+            others = sorted(self._ahead(step))
+            if others:
+                mid = len(others) // 2
+                median = others[mid] if len(others) % 2 else (others[mid - 1] + others[mid]) / 2
+                prune = best > median
+        if not prune:
+            self.shared.set_user_attr(ALIVE, step)
+        return prune
+
+    def _ahead(self, step: int) -> list[float]:
+        """Best loss up to ``step`` of each candidate ranked ahead that is alive at ``step``; waits
+        while one is being trained and has not yet decided that step (a dead worker's is failed by
+        the heartbeat check and then skipped)."""
+        t0 = time.perf_counter()
+        while True:
+            values, pending = [], False
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+                if t.user_attrs.get("kind") != "proxy" or t.user_attrs.get("zero_step_rank", math.inf) >= self.rank:
+                    continue
+                if t.state == TrialState.COMPLETE:
+                    res = t.user_attrs.get("result")
+                    if res is None or not res["steps"] or (res["pruned"] and res["steps"] <= step):
+                        continue
+                    curve = {int(k): float(v) for k, v in res["curve"].items()}
+                elif t.user_attrs.get(ALIVE, -1) >= step:
+                    curve = dict(t.intermediate_values)
+                else:
+                    pending = True
+                    continue
+                best = min((v for s, v in curve.items() if s <= step), default=math.inf)
+                if math.isfinite(best):
+                    values.append(best)
+            if not pending:
+                self.waited_s += time.perf_counter() - t0
+                return values
+            fail_stale(self.study)
+            time.sleep(self.poll_s)
 
 
 def pick_candidates(problem: SearchProblem, candidates: Sequence[Candidate], top_k: int) -> list[Candidate]:
@@ -249,17 +295,16 @@ def shared_finetune_proxy(team: Team, prep: Prepared, problem: SearchProblem, ca
     model = builder.base
     study = team.study(":proxy")
 
-    def compute(spec: dict[str, Any]) -> dict[str, Any]:
-        finished = [t.user_attrs["result"]["curve"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if "result" in t.user_attrs and not t.user_attrs["result"]["pruned"] and t.user_attrs["result"]["steps"]]
-        pruner = StoredMedianPruner(finished, cfg.proxy_steps // 2)
+    def compute(spec: dict[str, Any], trial: optuna.Trial) -> dict[str, Any]:
+        pruner = AheadMedianPruner(study, spec["zero_step_rank"], cfg.proxy_steps // 2, trial)
         _, recs = rescore_with_finetune(problem, [by_trial[spec["shard"]]], model, train, val, top_k=1,
                                         steps=cfg.proxy_steps, seed=cfg.seed, lr=cfg.proxy_lr, method=METHOD,
                                         block_size=cfg.block_size, optimizer=prep.run.optimizer,
                                         builder=builder, pruner=pruner)
         rec = recs[0]
         curve = {**pruner.curve, rec["steps"]: rec["loss"]} if rec["steps"] else {}
-        return {**rec, "worker": team.ident, "curve": {str(s): v for s, v in curve.items()}}
+        return {**rec, "worker": team.ident, "waited_s": round(pruner.waited_s, 3),
+                "curve": {str(s): v for s, v in curve.items()}}
 
     specs = [{"kind": "proxy", "shard": c.trial, "zero_step_rank": i} for i, c in enumerate(picked)]
     with progress.task(f"fine-tune proxy: {len(specs)} candidates x {cfg.proxy_steps} steps (shared)",

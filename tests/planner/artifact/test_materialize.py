@@ -312,8 +312,8 @@ def test_more_iterations_keep_the_best_iterate(tmp_path: Path) -> None:
 def test_config_validation_names_the_value() -> None:
     with pytest.raises(ValueError, match="iters.*0"):
         MaterializeConfig(iters=0)
-    with pytest.raises(ValueError, match="'gguf'"):
-        MaterializeConfig(format="gguf")
+    with pytest.raises(ValueError, match="'onnx'"):
+        MaterializeConfig(format="onnx")
     with pytest.raises(ValueError, match="'fast'"):
         MaterializeConfig(svd="fast")
 

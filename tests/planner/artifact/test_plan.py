@@ -82,7 +82,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert Plan.from_dict(plan.to_dict()) == plan
     assert loaded.layer("model.layers.1.mlp.up_proj").bits == 2
     doc = json.loads(path.read_text())
-    assert doc["schema_version"] == 3 and "init" not in doc and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
+    assert doc["schema_version"] == 4 and "init" not in doc and len(doc["layers"]) == 21 and doc["layers"][0]["shape"] == [576, 576]
     assert doc["layers"][0]["bits_per_weight"] == 4.5  # NF4 codes + one fp32 absmax per 64 weights
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temp file left
     save_plan(loaded, path)  # overwrite in place
@@ -96,7 +96,7 @@ def test_created_with_records_versions() -> None:
 
 
 def test_in_memory_validation_names_the_value() -> None:
-    with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 8, 16; got 5"):
+    with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 6, 8, 16; got 5"):
         layer("a", bits=5, quant="x", bytes=0)
     with pytest.raises(ValueError, match="rank must be >= 0, got -1"):
         layer("a", rank=-1, bytes=0)
@@ -174,7 +174,7 @@ BAD_EDITS = {
     "shape 1-d": (_set("layers", 0, "shape", value=[576]), "shape must be [out_features, in_features]"),
     "shape zero": (_set("layers", 0, "shape", value=[576, 0]), "shape must be >= 1"),
     "quant mismatch": (_set("layers", 0, "quant", value="nf2"), "quant 'nf2' stores 2-bit codes, not bits 4"),
-    "quant unknown": (_set("layers", 0, "quant", value="q4_0"), "unknown quantizer 'q4_0'; known: int8, nf2"),
+    "quant unknown": (_set("layers", 0, "quant", value="q5_1"), "unknown quantizer 'q5_1'; known: int8, nf2"),
     "keep16 fp32": (lambda d: d["layers"][0].update(bits=16, quant="fp32"), "16-bit layer's quant must be one of"),
     "block size 7": (_set("layers", 0, "block_size", value=7), "block_size must be a power of two >= 16, got 7"),
     "bits_per_weight edited": (_set("layers", 0, "bits_per_weight", value=4.0), "bits_per_weight 4.0 is not what nf4"),
@@ -278,7 +278,7 @@ def test_search_extra_must_be_plain_json() -> None:
 def test_in_memory_plan_takes_typed_records() -> None:
     with pytest.raises(ValueError, match="run must be a RunSettings, got dict"):
         make_plan(run=RUN.to_dict())
-    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 4"):
+    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 5"):
         make_plan(schema_version=1)
     plan = make_plan()
     assert plan.run.seq_len == 512 and plan.search.proxy.chosen() == {"trial": 0, "chosen": True}
@@ -305,22 +305,52 @@ def test_v1_plans_written_by_the_v1_code_still_load(name: str, tmp_path: Path) -
         assert plan.search.proxy.candidates == tuple(doc["search"]["proxy"]["candidates"])
         assert plan.search.timings == doc["search"]["timings"] and plan.search.study_name == doc["search"]["study_name"]
     again = load_plan(save_plan(plan, tmp_path / "now.json"))  # written back and read as the current schema
-    assert again == plan and json.loads((tmp_path / "now.json").read_text())["schema_version"] == 3  # plain LoftQ
+    assert again == plan and json.loads((tmp_path / "now.json").read_text())["schema_version"] == 4  # plain LoftQ
 
 
 def test_v2_plan_written_by_the_v2_code_still_loads(tmp_path: Path) -> None:
     """A file written by the planner at schema v2 (commit bff2ca0: plan_from_choices on a tiny llama with
-    nf2, nf4 + double quant, nf8, int8, uniform4 and bf16 layers) loads as v3 with every field as written."""
+    nf2, nf4 + double quant, nf8, int8, uniform4 and bf16 layers) loads as v4 with every field as written."""
     doc = json.loads((DATA / "plan_v2_manual.json").read_text())
     assert doc["schema_version"] == 2
     plan = load_plan(DATA / "plan_v2_manual.json")
-    assert plan.schema_version == SCHEMA_VERSION == 4 and plan.init == InitRecord()
+    assert plan.schema_version == SCHEMA_VERSION == 5 and plan.init == InitRecord()
     assert {k: v for k, v in plan.to_dict().items() if k != "schema_version"} == \
         {k: v for k, v in doc.items() if k != "schema_version"}
     assert {(x.quant, x.double_quant) for x in plan.layers} >= {("nf2", False), ("nf4", True), ("int8", False),
                                                                ("uniform4", False), ("bf16", False)}
-    again = load_plan(save_plan(plan, tmp_path / "v3.json"))
-    assert again == plan and json.loads((tmp_path / "v3.json").read_text())["schema_version"] == 3
+    again = load_plan(save_plan(plan, tmp_path / "now.json"))
+    assert again == plan and json.loads((tmp_path / "now.json").read_text())["schema_version"] == 4  # plain LoftQ
+
+
+def test_v3_plan_written_by_the_v3_code_still_loads(tmp_path: Path) -> None:
+    """A file written by the planner at schema v3 (commit 490b045: plan_from_choices on a tiny llama with
+    nf2, nf3 (+ double quant), nf4 + double quant, int8, uniform4 and bf16 layers) loads as v4 unchanged."""
+    doc = json.loads((DATA / "plan_v3_manual.json").read_text())
+    assert doc["schema_version"] == 3
+    plan = load_plan(DATA / "plan_v3_manual.json")
+    assert plan.schema_version == SCHEMA_VERSION == 5 and plan.init == InitRecord()
+    assert {k: v for k, v in plan.to_dict().items() if k != "schema_version"} == \
+        {k: v for k, v in doc.items() if k != "schema_version"}
+    assert {x.quant for x in plan.layers} == {"nf2", "nf3", "nf4", "int8", "uniform4", "bf16"}
+
+
+def test_gguf_layers_carry_their_type_and_fractional_width() -> None:
+    """A down_proj-shaped layer [576, 1536] as q4_k: 6 super-blocks of 144 B per row = 4.5 bits/weight;
+    q6_k is bits 6 (6.5625 bits/weight); q8_0 on a 576-wide row 8.5. Wrong width, block or row length
+    is refused naming the value."""
+    q4k = LayerPlan("m.down", (576, 1536), 4, "q4_k", 256, 8, 8.0, 1, None, 576 * 6 * 144 + 8 * (576 + 1536) * 4)
+    assert q4k.bits_per_weight == 4.5 and q4k.gguf_type == "q4_k" and q4k.method == "q4_k" and q4k.quant_config is None
+    q6k = LayerPlan("m.down", (576, 1536), 6, "q6_k", 256, 0, 0.0, 1, None, 576 * 6 * 210)
+    assert q6k.bits_per_weight == 6.5625
+    q80 = LayerPlan("m.q", (576, 576), 8, "q8_0", 32, 0, 0.0, 1, None, 576 * 18 * 34)
+    assert q80.bits_per_weight == 8.5 and q80.stored_bytes == 576 * 18 * 34
+    with pytest.raises(ValueError, match="q4_k stores 4-bit codes in blocks of 256"):
+        LayerPlan("m.down", (576, 1536), 4, "q4_k", 64, 0, 0.0, 1, None, 0)
+    with pytest.raises(ValueError, match="cols a multiple of 256"):
+        LayerPlan("m.q", (576, 576), 4, "q4_k", 256, 0, 0.0, 1, None, 0)
+    with pytest.raises(ValueError, match="q8_0 stores 8-bit codes"):
+        LayerPlan("m.q", (576, 576), 4, "q8_0", 32, 0, 0.0, 1, None, 0)
 
 
 def test_nf3_and_double_quant_layers_record_their_exact_bits_per_weight(tmp_path: Path) -> None:
@@ -393,20 +423,21 @@ def test_show_reads_a_v1_plan(capsys: pytest.CaptureFixture) -> None:
 DATA_INIT = InitRecord("loftq-data", seqs=16, seq_len=256, corpus="0123456789abcdef", damp=0.01)
 
 
-def test_v3_plan_written_by_the_v3_code_loads_as_plain_loftq_and_is_written_back_byte_for_byte(tmp_path: Path) -> None:
-    """plan_v3_manual.json: written by the v3 code (main at 490b045, plan_from_choices on a tiny llama).
-    It reads as init loftq, and a plain-LoftQ plan is still written as that v3 document, same bytes."""
-    raw = (DATA / "plan_v3_manual.json").read_bytes()
-    assert json.loads(raw)["schema_version"] == 3
-    plan = load_plan(DATA / "plan_v3_manual.json")
-    assert plan.schema_version == SCHEMA_VERSION == 4 and plan.init == InitRecord() and plan.document_version == 3
+def test_v4_plan_written_by_the_v4_code_loads_as_plain_loftq_and_is_written_back_byte_for_byte(tmp_path: Path) -> None:
+    """plan_v4_manual.json: written by the v4 code (main at 3a4f9e5, plan_from_choices on a tiny llama
+    with nf2, nf3 + double quant, nf8, int8, uniform4, bf16 and nf4 + double quant layers). It reads as
+    init loftq, and a plain-LoftQ plan is still written as that v4 document, same bytes."""
+    raw = (DATA / "plan_v4_manual.json").read_bytes()
+    assert json.loads(raw)["schema_version"] == 4
+    plan = load_plan(DATA / "plan_v4_manual.json")
+    assert plan.schema_version == SCHEMA_VERSION == 5 and plan.init == InitRecord() and plan.document_version == 4
     assert save_plan(plan, tmp_path / "again.json").read_bytes() == raw
 
 
-def test_a_data_aware_plan_is_written_as_v4_with_its_init(tmp_path: Path) -> None:
+def test_a_data_aware_plan_is_written_as_v5_with_its_init(tmp_path: Path) -> None:
     plan = make_plan(init=DATA_INIT)
     doc = json.loads(save_plan(plan, tmp_path / "p.json").read_text())
-    assert doc["schema_version"] == 4 and doc["init"] == {"method": "loftq-data", "seqs": 16, "seq_len": 256,
+    assert doc["schema_version"] == 5 and doc["init"] == {"method": "loftq-data", "seqs": 16, "seq_len": 256,
                                                           "corpus": "0123456789abcdef", "damp": 0.01}
     assert load_plan(tmp_path / "p.json") == plan
     bad = dict(doc, init={"method": "loftq-data", "seqs": 16})
@@ -416,8 +447,8 @@ def test_a_data_aware_plan_is_written_as_v4_with_its_init(tmp_path: Path) -> Non
     (tmp_path / "bad.json").write_text(json.dumps(dict(doc, init={"method": "gptq"})))
     with pytest.raises(PlannerError, match="init.method must be one of loftq, loftq-data; got 'gptq'"):
         load_plan(tmp_path / "bad.json")
-    (tmp_path / "bad.json").write_text(json.dumps(dict(doc, schema_version=3)))
-    with pytest.raises(PlannerError, match="a schema v3 plan has none"):
+    (tmp_path / "bad.json").write_text(json.dumps(dict(doc, schema_version=4)))
+    with pytest.raises(PlannerError, match="a schema v4 plan has none"):
         load_plan(tmp_path / "bad.json")
     (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "init"}))
     with pytest.raises(PlannerError, match="missing field"):

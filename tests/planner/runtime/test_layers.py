@@ -197,3 +197,27 @@ def test_lora_ranks_alphas_and_trainability() -> None:
         base.get_submodule("model.layers.0.mlp.down_proj").merge()
     with pytest.raises(ValueError, match="rank > 0"):
         add_lora(build_tiny("llama"), {n: 0 for n in names})
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "iq4_nl"])
+def test_gguf_layer_decodes_bit_exactly_in_row_chunks(qtype: str, smollm2_linears, monkeypatch) -> None:
+    """A QuantLinear on a GGUF tensor (SmolLM2's blk.3 down_proj, 576 x 1536) holds exactly its tensor
+    data (code_nbytes = gguf_nbytes: 576 x 6 x 144 B for q4_k) and rebuilds the weight bit-exactly with
+    loftq's decoder, also when the decode runs in row chunks (CHUNK shrunk to 5 rows' worth), in
+    forward and backward."""
+    from loftq import gguf_nbytes, gguf_quantize
+    from loftq.gguf_quants import decode
+
+    w = smollm2_linears["model.layers.3.mlp.down_proj"]
+    gt = gguf_quantize(w, qtype)
+    layer = QuantLinear(gt, None, torch.float32)
+    assert layer.code_nbytes == gguf_nbytes(tuple(w.shape), qtype) == gt.nbytes and layer.bits == 4
+    whole = decode(gt.data, qtype)
+    assert torch.equal(layer.dense_weight(), whole)
+    monkeypatch.setattr(runtime, "CHUNK", 5 * 1536)
+    assert torch.equal(layer.dense_weight(), whole)
+    x = torch.randn(3, 1536, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert torch.allclose(y, x @ whole.T, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(x.grad, whole.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)

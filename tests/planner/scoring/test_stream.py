@@ -110,8 +110,13 @@ def test_disk_store_round_trip_and_corruption(smollm, tmp_path):
         for b in (2, 4):
             e = again.store.get(n, b)
             assert e is not None and e.deq is None  # read back, not recomputed
+            assert e.b is None and e.a is None  # fill quantizes; factors wait for a rank above 0
             assert torch.equal(e.quantized.packed, mem.quantized(n, b).packed)
+            assert torch.equal(again.weight(n, b, 0), mem.weight(n, b, 0))
+            assert again.store.get(n, b).b is None  # rank 0 needs no SVD
             assert torch.equal(again.weight(n, b, 8), mem.weight(n, b, 8))
+            stored = DiskStore(tmp_path, "k1").get(n, b)  # the factors, computed once, are in the file now
+            assert stored.rank == 8 and torch.equal(stored.b, mem.factors(n, b, 8).b)
     path = tmp_path / f"{names[0]}.2.safetensors"
     path.write_bytes(path.read_bytes()[:100])  # truncated: recomputed, with a warning
     assert DiskStore(tmp_path, "k1").get(names[0], 2) is None

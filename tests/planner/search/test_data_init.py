@@ -47,10 +47,10 @@ def planned(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_the_plan_records_its_init_and_its_residuals_are_in_that_norm(planned) -> None:
     cfg, root, plain, data = planned
-    assert plain.init.method == "loftq" and plain.document_version == 3
+    assert plain.init.method == "loftq" and plain.document_version == 4
     init = data.init
     assert (init.method, init.seqs, init.seq_len, init.damp, init.data) == ("loftq-data", 2, 64, 0.01, None)
-    assert init.corpus and data.to_dict()["schema_version"] == 4 and data.to_dict()["init"]["corpus"] == init.corpus
+    assert init.corpus and data.to_dict()["schema_version"] == 5 and data.to_dict()["init"]["corpus"] == init.corpus
     assert "moments_s" in data.search.timings and "moments_s" not in plain.search.timings
     assert len(list((root / "cache" / "moments").glob("*/block-*.safetensors"))) == 3  # one file per block
     # the residuals differ (another norm), and the same choice costs the same bytes
@@ -109,7 +109,7 @@ def test_materialize_honours_the_init(planned, tiny_dir: Path, tmp_path: Path, m
     # --init loftq on the same plan: plain LoftQ, exactly loftq() without calibration (as before this change)
     again = planner.materialize(tmp_path / "data.json", tmp_path / "as-plain", planner.MaterializeConfig(init="loftq"))
     assert again.plan.init.method == "loftq" and json.loads((tmp_path / "as-plain" / "plan.json").read_text())[
-        "schema_version"] == 3
+        "schema_version"] == 4
     got = _layers(tmp_path / "as-plain")
     for layer in data.layers:
         if layer.bits == 16 or not layer.rank:
