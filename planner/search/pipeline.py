@@ -262,17 +262,18 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
             return plan_shared(prep, budget, corpus, *study, timings, t0)
         open_study(study[0], study[1], cfg.seed, study[2])
     scorer = open_scorer(prep) if cfg.init != "loftq" else None
-    train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
-    moments, init = None, None
+    moments, init, calibration = None, None, None
     if cfg.init == "loftq-data":  # the calibration pass comes before the tables, whose norm it sets
         from planner.scoring.moments import data_init
 
+        calibration = train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
         moments, init = data_init(prep.source, [t.name for t in prep.targets], train, corpus_sha, cfg, scorer)
         timings["moments_s"] = time.perf_counter() - t0
     tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
                              device=cfg.score_device, moments=moments, damp=DEFAULT_DAMP)
     timings["tables_s"] = time.perf_counter() - t0 - timings.get("moments_s", 0.0)
-    scorer = scorer or open_scorer(prep)
+    scorer = scorer or open_scorer(prep)  # names a non-finite non-target weight before the tokenizer loads
+    train, val, corpus_sha = calibration or _calibration(prep, prep.source.tokenizer(), corpus)
     bank = weight_bank(prep, scorer, bank_store, moments) if study is not None else None  # the Fisher reuses its Q
     fisher_err = fisher_errors_cached(prep, tables, scorer, train, corpus_sha, bank)
     timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"] - timings.get("moments_s", 0.0)
