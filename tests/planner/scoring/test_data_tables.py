@@ -8,10 +8,10 @@ import torch
 
 from loftq import loftq, residual_table
 from loftq.solver import calibration_factor
-from planner import progress
 from planner.scoring.moments import calibration_blocks, input_moments
 from planner.scoring.tables import TableSettings, compute_tables
 from planner.sources import resolve
+from tests.planner.scoring.test_tables import tables_on_1_and_2_threads
 
 LAYERS = [f"model.layers.{b}.{m}" for b in (0, 14, 29)
           for m in ("self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
@@ -54,18 +54,7 @@ def test_weighted_tables_stacked_and_threaded_equal_the_solver(smol) -> None:
     src, store, weights = smol
     targets = [t for t in src.targets() if t.name in LAYERS]
     settings = TableSettings(bits=(2, 4), ranks=(0, 16, 64))
-    before = torch.get_num_threads()
-    progress.set_enabled(False)
-    try:
-        got = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            got.append(compute_tables(((t, weights[t.name]) for t in targets), len(targets), settings,
-                                      torch.device("cpu"), moments=store))
-    finally:
-        torch.set_num_threads(before)
-        progress.set_enabled(True)
-    one, two = got
+    one, two = tables_on_1_and_2_threads([(t, weights[t.name]) for t in targets], settings, moments=store)
     assert one.names == two.names and torch.allclose(one.table, two.table, rtol=1e-5, atol=0)
     for name in LAYERS[:5]:
         w, h = weights[name], store[name]

@@ -50,19 +50,26 @@ def test_on_threads_splits_the_stack_and_restores_the_thread_count() -> None:
         torch.set_num_threads(before)
 
 
-def test_tables_on_two_threads_equal_one_thread(smollm2_linears) -> None:
-    names = [f"model.layers.{b}.mlp.up_proj" for b in (0, 10, 20, 29)]
-    layers = [(TargetLayer(n, tuple(smollm2_linears[n].shape), "up_proj", 0), smollm2_linears[n]) for n in names]
+def tables_on_1_and_2_threads(layers, settings: TableSettings, **kwargs) -> list:
+    """compute_tables over ``layers`` [(TargetLayer, weight)] with torch on 1 thread, then on 2
+    (the thread count and the progress bars restored after)."""
     before = torch.get_num_threads()
     progress.set_enabled(False)
     try:
         results = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append(compute_tables(iter(layers), len(layers), TableSettings(), torch.device("cpu")))
+            results.append(compute_tables(iter(layers), len(layers), settings, torch.device("cpu"), **kwargs))
     finally:
         torch.set_num_threads(before)
         progress.set_enabled(True)
+    return results
+
+
+def test_tables_on_two_threads_equal_one_thread(smollm2_linears) -> None:
+    names = [f"model.layers.{b}.mlp.up_proj" for b in (0, 10, 20, 29)]
+    layers = [(TargetLayer(n, tuple(smollm2_linears[n].shape), "up_proj", 0), smollm2_linears[n]) for n in names]
+    results = tables_on_1_and_2_threads(layers, TableSettings())
     assert results[0].names == results[1].names == names
     assert torch.allclose(results[0].table, results[1].table, rtol=1e-4)
     assert torch.equal(results[0].sq_norm, results[1].sq_norm)
