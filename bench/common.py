@@ -27,9 +27,10 @@ from planner.scoring.ftproxy import CandidateBuilder
 from planner.search.pipeline import Prepared, prepare
 from planner.settings import RunSettings
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
+from search_spaces.widths import WidthKey
 
 RANK_GRID = (0, 4, 8, 12, 16, 24, 32, 48, 64)
-Assignment = list[tuple[int, int]]  # (bits, rank) per target layer, in the order of prep.targets
+Assignment = list[tuple[WidthKey, int]]  # (width, rank) per target layer, in the order of prep.targets
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,12 @@ class Counter:
     def __init__(self, prep: Prepared) -> None:
         self.prep, self.targets, self.run, self.facts = prep, prep.targets, prep.run, prep.source.facts
         self.n_weights = sum(t.shape[0] * t.shape[1] for t in self.targets)
-        self._cache: dict[tuple[int, int, int], int] = {}
+        self._cache: dict[tuple[int, WidthKey, int], int] = {}
 
-    def layer(self, i: int, bits: int, rank: int) -> int:
+    def layer(self, i: int, bits: WidthKey, rank: int) -> int:
         key = (i, bits, rank)
         if key not in self._cache:
-            ch = LayerChoice(bits=bits, rank=rank, block_size=self.prep.cfg.block_size)
+            ch = LayerChoice.of(bits, rank, block_size=self.prep.cfg.block_size)
             self._cache[key] = layer_bytes(self.targets[i], ch, self.run, self.facts)
         return self._cache[key]
 
@@ -82,33 +83,34 @@ class Counter:
         return self.prep.fixed_bytes + math.floor(float(label) * self.n_weights / 8)
 
 
-def uniform(counter: Counter, bits: int, budget: int) -> Assignment | None:
-    """``bits`` everywhere with the largest rank of RANK_GRID that fits; None if none does."""
+def uniform(counter: Counter, bits: WidthKey, budget: int) -> Assignment | None:
+    """``bits`` (a width: 4 or 4dq) everywhere with the largest rank of RANK_GRID that fits; None if none does."""
     n = len(counter.targets)
     fits = [r for r in RANK_GRID if counter.total([(bits, r)] * n) <= budget]
     return [(bits, max(fits))] * n if fits else None
 
 
-def first_k(counter: Counter, budget: int, rank: int | None = None) -> tuple[Assignment, int] | None:
-    """The LoftQ paper's mixed-precision rule: 4-bit in the first k blocks, 2-bit in the rest, one
-    rank everywhere. With ``rank`` fixed: the largest k that fits. Without: the largest k that fits
+def first_k(counter: Counter, budget: int, rank: int | None = None, hi: WidthKey = 4,
+            lo: WidthKey = 2) -> tuple[Assignment, int] | None:
+    """The LoftQ paper's mixed-precision rule: 4-bit (``hi``) in the first k blocks, 2-bit (``lo``)
+    in the rest, one rank everywhere. With ``rank`` fixed: the largest k that fits. Without: the largest k that fits
     at rank 0, then the largest rank of RANK_GRID that still fits with that k (the blocks are the
     rule's point; the paper's rank 16 alone costs ~8 bits/weight on SmolLM2 in fine-tune mode)."""
     blocks = [t.block for t in counter.targets]
     ranks = (rank,) if rank is not None else (0,)
     for k in range(max(blocks) + 1, -1, -1):
-        if any(counter.total([(4 if b < k else 2, r) for b in blocks]) <= budget for r in ranks):
+        if any(counter.total([(hi if b < k else lo, r) for b in blocks]) <= budget for r in ranks):
             fits = [r for r in (ranks if rank is not None else RANK_GRID)
-                    if counter.total([(4 if b < k else 2, r) for b in blocks]) <= budget]
-            return [(4 if b < k else 2, max(fits)) for b in blocks], k
+                    if counter.total([(hi if b < k else lo, r) for b in blocks]) <= budget]
+            return [(hi if b < k else lo, max(fits)) for b in blocks], k
     return None
 
 
 def describe(plan: Assignment) -> dict[str, Any]:
     """Histograms of bits and ranks over the layers."""
-    bits = [b for b, _ in plan]
+    bits = [str(b) for b, _ in plan]
     ranks = [r for _, r in plan]
-    return {"bits_hist": {str(b): bits.count(b) for b in sorted(set(bits))},
+    return {"bits_hist": {b: bits.count(b) for b in sorted(set(bits), key=lambda w: (int(w.rstrip("dq")), w))},
             "rank_hist": {str(r): ranks.count(r) for r in sorted(set(ranks))}}
 
 

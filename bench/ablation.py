@@ -1,0 +1,151 @@
+"""Issue 15's ablation: what NF3, double quantization and the data-aware initialisation each buy at
+tight budgets (SmolLM2, fine-tune mode, CPU).
+
+    python -m bench.ablation [--budgets 4.0,3.5] [--variants all] [--out bench/results/ablation.json]
+
+Every planner variant is the product's own ``make_plan`` (guided search, zero-step KL, the QUICK
+setting's trials) with one PlanConfig changed: the bit menu (2,4,8 or 2,3,4,8), ``--double-quant``
+(off or search: the planner chooses per layer) and ``--init`` (loftq or loftq-data); the 8 variants
+are the full factorial. Baselines get the same levers: the LoftQ paper's first-k rule (4-bit first k
+blocks, 2-bit after) plain, double-quantized and with NF3 for the tail, and uniform NF2/NF3 (± DQ)
+where they fit. The ceiling ``lora-16bit`` (bf16 backbone, rank 16 everywhere, not held to the
+budget) runs once. Evaluation as in bench.quality: test-split perplexity at step 0 and after the
+QUICK fine-tune (12 steps, 3 seeds; a plan without adapters has nothing to train), each row also as a
+ratio to the ceiling. A data-aware plan is evaluated with the data-aware factors (exact SVD), a
+plain one with plain LoftQ's, so each row is what ``materialize`` would build for it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from bench.common import QUICK, Assignment, BenchSetup, describe, first_k, setup, uniform, write_json
+from bench.quality import CEILING, ratios, run_method
+from planner.scoring.bank import MemoryStore, WeightBank
+from planner.scoring.ftproxy import CandidateBuilder
+from planner.search.pipeline import make_plan
+from search_spaces.choices import menu
+from search_spaces.widths import Width
+
+# name -> (bits menu, double_quant, init)
+VARIANTS: dict[str, tuple[tuple[int, ...], str, str]] = {
+    "plain": ((2, 4, 8), "off", "loftq"),
+    "nf3+dq+data": ((2, 3, 4, 8), "search", "loftq-data"),
+    "nf3+dq": ((2, 3, 4, 8), "search", "loftq"),
+    "nf3+data": ((2, 3, 4, 8), "off", "loftq-data"),
+    "dq+data": ((2, 4, 8), "search", "loftq-data"),
+    "nf3": ((2, 3, 4, 8), "off", "loftq"),
+    "dq": ((2, 4, 8), "search", "loftq"),
+    "data": ((2, 4, 8), "off", "loftq-data"),
+}
+
+
+def baselines(b: BenchSetup, budget: int) -> dict[str, Assignment | None]:
+    dq2, dq3, dq4 = Width(2), Width(3), Width(4)
+    out: dict[str, Assignment | None] = {}
+    for name, hi, lo in (("first-k", 4, 2), ("first-k dq", dq4, dq2), ("first-k nf3 dq", dq4, dq3)):
+        fk = first_k(b.counter, budget, hi=hi, lo=lo)
+        out[f"loftq-{name}"] = fk[0] if fk else None
+    for w in (2, dq2, 3, dq3, dq4):
+        out[f"loftq-uniform-{w}"] = uniform(b.counter, w, budget)
+    return out
+
+
+class Builders:
+    """One CandidateBuilder per initialisation over the same fp32 model (exact-SVD factors)."""
+
+    def __init__(self, b: BenchSetup) -> None:
+        self.b, self._data = b, None
+
+    def get(self, init: str, plan_init: Any = None) -> CandidateBuilder:
+        if init == "loftq":
+            return self.b.bank
+        if self._data is None:
+            from planner.scoring.bank import ModelWeights
+            from planner.scoring.moments import plan_moments
+
+            moments, _ = plan_moments(self.b.prep.source, self.b.names, plan_init, cache_dir=self.b.cfg.cache_path)
+            bank = WeightBank(ModelWeights(self.b.model, self.b.names), menu((2, 3, 4, 8), "search"), 64, "nf",
+                              self.b.cfg.block_size, svd="exact", moments=moments)
+            self._data = CandidateBuilder(self.b.model, "nf", self.b.cfg.block_size, bank=bank)
+        return self._data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="4.0,3.5", help="bits per target weight, comma list")
+    ap.add_argument("--variants", default="all", help=f"comma list of {', '.join(VARIANTS)} (default all)")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--out", default=None, help="also write the rows here (JSON), after every row")
+    args = ap.parse_args(argv)
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(2)
+    s = replace(QUICK, budgets=tuple(args.budgets.split(",")))
+    b = setup(s)
+    builders = Builders(b)
+    stores = {"loftq": MemoryStore(), "loftq-data": MemoryStore()}
+    rows: list[dict[str, Any]] = []
+    done: dict[tuple, dict[str, Any]] = {}
+
+    def record(label: str, budget: int, method: str, plan: Assignment | None, init: str,
+               builder: CandidateBuilder, extra: dict[str, Any]) -> None:
+        row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget,
+                               "budget_bits_per_weight": round(b.counter.bits_per_weight(budget), 3), **extra}
+        if plan is None:
+            rows.append({**row, "bytes": None, "infeasible": True})
+            print(f"[{label}] {method}: does not fit", file=sys.stderr)
+        else:
+            used = b.counter.total(plan)
+            row.update(bytes=used, bits_per_weight=round(b.counter.bits_per_weight(used), 3), **describe(plan))
+            key = (tuple(plan), init)
+            t0 = time.perf_counter()
+            if key in done:
+                row.update({k: done[key][k] for k in ("ppl_before", "ppl_after", "ppl_after_std", "ppl_after_seeds",
+                                                      "ft_seconds")}, same_plan_as=done[key]["method"])
+            else:
+                row.update(run_method(replace(b, bank=builder), plan, "default" if method == CEILING else "loftq", s))
+                done[key] = row
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(f"[{label}] {method}: {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± "
+                  f"{row['ppl_after_std']:.2f} ({row['seconds']}s) {row['bits_hist']} {row['rank_hist']}",
+                  file=sys.stderr)
+        ratios(rows)
+        if args.out:
+            write_json(args.out, {"setting": s.__dict__, "variants": {n: VARIANTS[n] for n in names}, "rows": rows})
+
+    record("-", 0, CEILING, [(16, 16)] * len(b.names), "default", b.bank, {"ceiling": True})
+    for label in s.budgets:
+        budget = b.counter.budget_for(label)
+        for name in names:
+            bits, dq, init = VARIANTS[name]
+            cfg = replace(b.cfg, bits=bits, double_quant=dq, init=init,
+                          storage=b.cfg.storage.replace("studies.sqlite3", f"{name}-{label}.sqlite3"))
+            t0 = time.perf_counter()
+            outcome = make_plan(cfg, b.run, budget, bank_store=stores[init])
+            opts = outcome.problem.table.options
+            plan = [opts[k] for k in outcome.chosen.choice]
+            timings = {k: round(v, 1) for k, v in outcome.plan.search.timings.items()}
+            record(label, budget, f"planner[{name}]", plan, init, builders.get(init, outcome.plan.init),
+                   {"variant": name, "kl": outcome.chosen.proxy.kl if outcome.chosen.proxy else None,
+                    "planning_seconds": round(time.perf_counter() - t0, 1), "timings": timings})
+        if not args.no_baselines:
+            for method, plan in baselines(b, budget).items():
+                record(label, budget, method, plan, "loftq", b.bank, {})
+    print(json.dumps([{k: r.get(k) for k in ("budget", "method", "bits_per_weight", "ppl_before", "ppl_after",
+                                             "ppl_after_std", "ppl_after_vs_lora16")} for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
