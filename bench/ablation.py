@@ -25,37 +25,12 @@ from typing import Any
 
 import torch
 
-from bench.common import QUICK, Assignment, BenchSetup, describe, first_k, setup, uniform, write_json
+from bench.common import QUICK, VARIANTS, Assignment, BenchSetup, describe, lever_baselines, setup, write_json
 from bench.quality import CEILING, ratios, run_method
 from planner.scoring.bank import MemoryStore, WeightBank
 from planner.scoring.ftproxy import CandidateBuilder
 from planner.search.pipeline import make_plan
 from search_spaces.choices import menu
-from search_spaces.widths import Width
-
-# name -> (bits menu, double_quant, init)
-VARIANTS: dict[str, tuple[tuple[int, ...], str, str]] = {
-    "plain": ((2, 4, 8), "off", "loftq"),
-    "nf3+dq+data": ((2, 3, 4, 8), "search", "loftq-data"),
-    "nf3+dq": ((2, 3, 4, 8), "search", "loftq"),
-    "nf3+data": ((2, 3, 4, 8), "off", "loftq-data"),
-    "dq+data": ((2, 4, 8), "search", "loftq-data"),
-    "nf3": ((2, 3, 4, 8), "off", "loftq"),
-    "dq": ((2, 4, 8), "search", "loftq"),
-    "data": ((2, 4, 8), "off", "loftq-data"),
-}
-
-
-def baselines(b: BenchSetup, budget: int) -> dict[str, Assignment | None]:
-    dq2, dq3, dq4 = Width(2), Width(3), Width(4)
-    out: dict[str, Assignment | None] = {}
-    for name, hi, lo in (("first-k", 4, 2), ("first-k dq", dq4, dq2), ("first-k nf3 dq", dq4, dq3)):
-        fk = first_k(b.counter, budget, hi=hi, lo=lo)
-        out[f"loftq-{name}"] = fk[0] if fk else None
-    for w in (2, dq2, 3, dq3, dq4):
-        out[f"loftq-uniform-{w}"] = uniform(b.counter, w, budget)
-    return out
-
 
 class Builders:
     """One CandidateBuilder per initialisation over the same fp32 model (exact-SVD factors)."""
@@ -140,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                    {"variant": name, "kl": outcome.chosen.proxy.kl if outcome.chosen.proxy else None,
                     "planning_seconds": round(time.perf_counter() - t0, 1), "timings": timings})
         if not args.no_baselines:
-            for method, plan in baselines(b, budget).items():
+            for method, plan in lever_baselines(b.counter, budget).items():
                 record(label, budget, method, plan, "loftq", b.bank, {})
     print(json.dumps([{k: r.get(k) for k in ("budget", "method", "bits_per_weight", "ppl_before", "ppl_after",
                                              "ppl_after_std", "ppl_after_vs_lora16")} for r in rows], indent=1))

@@ -27,7 +27,7 @@ from planner.scoring.ftproxy import CandidateBuilder
 from planner.search.pipeline import Prepared, prepare
 from planner.settings import RunSettings
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
-from search_spaces.widths import WidthKey
+from search_spaces.widths import Width, WidthKey
 
 RANK_GRID = (0, 4, 8, 12, 16, 24, 32, 48, 64)
 Assignment = list[tuple[WidthKey, int]]  # (width, rank) per target layer, in the order of prep.targets
@@ -104,6 +104,33 @@ def first_k(counter: Counter, budget: int, rank: int | None = None, hi: WidthKey
                     if counter.total([(hi if b < k else lo, r) for b in blocks]) <= budget]
             return [(hi if b < k else lo, max(fits)) for b in blocks], k
     return None
+
+
+# issue 15's levers, the planner's variants in bench.ablation and bench.embedding:
+# name -> (bits menu, --double-quant, --init); the first five are "all on" and each lever off
+VARIANTS: dict[str, tuple[tuple[int, ...], str, str]] = {
+    "plain": ((2, 4, 8), "off", "loftq"),
+    "nf3+dq+data": ((2, 3, 4, 8), "search", "loftq-data"),
+    "nf3+dq": ((2, 3, 4, 8), "search", "loftq"),
+    "nf3+data": ((2, 3, 4, 8), "off", "loftq-data"),
+    "dq+data": ((2, 4, 8), "search", "loftq-data"),
+    "nf3": ((2, 3, 4, 8), "off", "loftq"),
+    "dq": ((2, 4, 8), "search", "loftq"),
+    "data": ((2, 4, 8), "off", "loftq-data"),
+}
+
+
+def lever_baselines(counter: Counter, budget: int) -> dict[str, Assignment | None]:
+    """The baselines given issue 15's levers: first-k plain, double-quantized and with NF3 for the
+    tail, and uniform NF2/NF3 (± DQ) and NF4+DQ, each None where it does not fit."""
+    dq2, dq3, dq4 = Width(2), Width(3), Width(4)
+    out: dict[str, Assignment | None] = {}
+    for name, hi, lo in (("first-k", 4, 2), ("first-k dq", dq4, dq2), ("first-k nf3 dq", dq4, dq3)):
+        fk = first_k(counter, budget, hi=hi, lo=lo)
+        out[f"loftq-{name}"] = fk[0] if fk else None
+    for w in (2, dq2, 3, dq3, dq4):
+        out[f"loftq-uniform-{w}"] = uniform(counter, w, budget)
+    return out
 
 
 def describe(plan: Assignment) -> dict[str, Any]:
