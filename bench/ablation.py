@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from bench.common import QUICK, VARIANTS, Assignment, BenchSetup, describe, lever_baselines, setup, write_json
+from bench.common import (QUICK, VARIANTS, Assignment, BenchSetup, describe, lever_baselines, setup, variant_config,
+                          write_json)
 from bench.quality import CEILING, ratios, run_method
 from planner.scoring.bank import MemoryStore, WeightBank
 from planner.scoring.ftproxy import CandidateBuilder
@@ -99,13 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_json(args.out, {"setting": s.__dict__, "variants": {n: VARIANTS[n] for n in names}, "rows": rows})
 
-    record("-", 0, CEILING, [(16, 16)] * len(b.names), "default", b.bank, {"ceiling": True})
     for label in s.budgets:
         budget = b.counter.budget_for(label)
         for name in names:
-            bits, dq, init = VARIANTS[name]
-            cfg = replace(b.cfg, bits=bits, double_quant=dq, init=init,
-                          storage=b.cfg.storage.replace("studies.sqlite3", f"{name}-{label}.sqlite3"))
+            init = VARIANTS[name][2]
+            cfg = variant_config(b.cfg, name, label)
             t0 = time.perf_counter()
             outcome = make_plan(cfg, b.run, budget, bank_store=stores[init])
             opts = outcome.problem.table.options
@@ -117,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baselines:
             for method, plan in lever_baselines(b.counter, budget).items():
                 record(label, budget, method, plan, "loftq", b.bank, {})
+    record("-", 0, CEILING, [(16, 16)] * len(b.names), "default", b.bank, {"ceiling": True})
     print(json.dumps([{k: r.get(k) for k in ("budget", "method", "bits_per_weight", "ppl_before", "ppl_after",
                                              "ppl_after_std", "ppl_after_vs_lora16")} for r in rows], indent=1))
     return 0

@@ -13,7 +13,8 @@ import json
 import math
 import re
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,15 @@ VARIANTS: dict[str, tuple[tuple[int, ...], str, str]] = {
     "dq": ((2, 4, 8), "search", "loftq"),
     "data": ((2, 4, 8), "off", "loftq-data"),
 }
+
+
+def variant_config(cfg: PlanConfig, name: str, tag: str) -> PlanConfig:
+    """``cfg`` with variant ``name``'s levers, planned on one machine (the default SQLite storage:
+    ``--init loftq-data`` is refused with a shared --storage) in a study of its own (a fresh name,
+    so no earlier run's trials are resumed)."""
+    bits, dq, init = VARIANTS[name]
+    return replace(cfg, bits=bits, double_quant=dq, init=init, storage=None,
+                   study_name=f"bench-{name}-{tag}-{time.time_ns()}")
 
 
 def lever_baselines(counter: Counter, budget: int) -> dict[str, Assignment | None]:

@@ -22,13 +22,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from bench.common import (VARIANTS, Counter, bench_run, describe, first_k, fresh_config, lever_baselines,
-                          uniform, write_json)
+                          uniform, variant_config, write_json)
 from planner.config import PlanConfig
 from planner.scoring.proxy import ZeroStepProxy
 from planner.scoring.bank import ModelWeights, WeightBank
@@ -87,9 +87,7 @@ def run_bench(budgets: list[str], trials: int, test_blocks: int, variants: list[
         plans: dict[str, Any] = {}
         proxies: dict[str, ZeroStepProxy] = {}
         for v in variants or [None]:
-            vcfg = cfg if v is None else replace(cfg, bits=VARIANTS[v][0], double_quant=VARIANTS[v][1],
-                                                 init=VARIANTS[v][2],
-                                                 storage=cfg.storage.replace("studies", f"studies-{v}"))
+            vcfg = cfg if v is None else variant_config(cfg, v, label)
             outcome = make_plan(vcfg, run, budget)
             opts = outcome.problem.table.options
             method = "planner" if v is None else f"planner[{v}]"
