@@ -120,8 +120,12 @@ def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: 
     with H diagonal (H = I) no error moves and the codes are round-to-nearest's, bit for bit.
     Without double quantization each block's absmax comes from the updated weights when its block
     is reached. With it, the absmax of every block is taken from W first and double-quantized, and
-    the feedback rounds against those stored values (measured on SmolLM2 against rounding with the
-    updated exact absmax and double-quantizing afterwards: see ``bench/init_residuals.py --rounding``).
+    the feedback rounds against those stored values: the only variant whose feedback sees the scales
+    dequantization uses, in one pass. Measured on 12 SmolLM2 layers (16 x 256 pydoc tokens), mean
+    ||(W - Q) L|| / ||W L|| of this / updated exact absmax double-quantized afterwards / a second
+    pass against those: NF2 0.2305 / 0.2604 / 0.2611, NF3 0.0808 / 0.0812 / 0.0812, NF4 0.0369 /
+    0.0367 / 0.0366. (Without double quantization, fixed scales from W would also win at NF2:
+    0.2304 against the updated scales' 0.2604; NF3 0.0809 / 0.0810, NF4 0.0369 / 0.0364.)
     Raises ValueError on non-finite input, a shape mismatch, a row-wise method or in % block != 0.
     """
     _check(weight, config)
