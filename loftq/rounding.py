@@ -22,9 +22,10 @@ import math
 import torch
 
 from .packing import pack
-from .quant import QuantConfig, QuantizedTensor, _double_quantize, _dq_absmax, check_finite
+from .quant import QuantConfig, QuantizedTensor, _double_quantize, _dq_absmax, check_finite, count_nonfinite
 
 ROUNDINGS = ("nearest", "feedback")
+STEP = 8  # columns updated one by one; the rest of their block gets their errors in one product
 
 
 def check_rounding(rounding: str) -> None:
@@ -55,48 +56,59 @@ def inverse_factor(second_moment: torch.Tensor, damp: float = 0.01) -> torch.Ten
     dead = diag == 0
     diag.add_(damp * max(mean, 1e-12))
     diag[dead] += mean if damp == 0 else 0.0
-    chol, info = torch.linalg.cholesky_ex(h)
+    # No explicit inverse: with J the reversal, chol(J H J) = M gives H = R R^T, R = J M J upper,
+    # so H^-1 = R^-T R^-1 and U = R^-1 (upper, positive diagonal): one Cholesky and one triangular
+    # inverse (2.5x faster than inverting H and factoring the inverse, measured at 1536^2).
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info):
         raise ValueError(f"the input second moment (+ damp={damp}) is not positive definite; use damp > 0")
-    inverse = torch.cholesky_inverse(chol)
-    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    if int(info):
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
+    if count_nonfinite(upper):
         raise ValueError(f"the input second moment (+ damp={damp}) is too ill-conditioned to invert; raise damp")
     return upper.float()
 
 
 def _feedback(w: torch.Tensor, upper: torch.Tensor, codebook: torch.Tensor, block: int,
               scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round ``w`` (fp32 [out, in], updated in place) column by column with error feedback.
+    """Round ``w`` (fp32 [out, in]) column by column with error feedback.
 
     ``scales``: fixed absmax [out, in // block] to round against (the stored ones of a double-
     quantized tensor), or None: each block's absmax is taken from the updated weights when the
     block starts. Returns (uint8 codes [out, in], the absmax used [out, in // block]).
+    Works on W^T so that a column is a contiguous row; the loop is per column, so each step is a
+    few small calls (torch.bucketize on a 576-vector cost 4 ms here under load; a compare-and-count
+    against the midpoints gives the same codes in microseconds).
     """
     out, n = w.shape
+    wt = w.t().clone(memory_format=torch.contiguous_format)  # [in, out], never the caller's tensor
     mids = (codebook[:-1] + codebook[1:]) / 2  # nearest entry, ties to the lower one: code_lookup's codes
-    codes = torch.empty(out, n, dtype=torch.uint8, device=w.device)
-    used = w.new_empty(out, n // block) if scales is None else scales
-    err = w.new_empty(out, block)
+    codes = torch.empty(n, out, dtype=torch.uint8, device=w.device)
+    used = w.new_empty(n // block, out) if scales is None else scales.t().contiguous()
+    err = w.new_empty(block, out)
     for g, c0 in enumerate(range(0, n, block)):
         c1 = c0 + block
-        part = w[:, c0:c1]
+        part = wt[c0:c1]
         if scales is None:
-            used[:, g] = part.abs().amax(dim=1)
-        absmax = used[:, g]
+            used[g] = part.abs().amax(dim=0)
+        absmax = used[g]
         inv = absmax.clamp(min=1e-38).reciprocal()  # quantize()'s arithmetic: x * (1 / absmax)
         diag = upper[c0:c1, c0:c1]
-        for j in range(block):
-            col = part[:, j]
-            code = torch.bucketize((col * inv).clamp_(-1.0, 1.0), mids)  # one call: the loop is overhead-bound
-            deq = codebook.index_select(0, code) * absmax  # dequantize()'s product, bit for bit
-            torch.div(col - deq, diag[j, j], out=err[:, j])
-            if j + 1 < block:
-                part[:, j + 1:].addr_(err[:, j], diag[j, j + 1:], alpha=-1.0)
-            codes[:, c0 + j] = code.to(torch.uint8)
+        for s0 in range(0, block, STEP):  # a second level of lazy updates inside the block
+            s1 = min(block, s0 + STEP)
+            for j in range(s0, s1):
+                scaled = (part[j] * inv).clamp_(-1.0, 1.0)
+                code = (scaled.unsqueeze(1) > mids).sum(dim=1)  # = number of midpoints strictly below
+                deq = codebook.index_select(0, code) * absmax  # dequantize()'s product, bit for bit
+                torch.div(part[j] - deq, diag[j, j], out=err[j])
+                if j + 1 < s1:  # small enough to stay on one thread
+                    part[j + 1:s1].sub_(diag[j, j + 1:s1, None] * err[j])
+                codes[c0 + j] = code
+            if s1 < block:
+                part[s1:].addmm_(diag[s0:s1, s1:].t(), err[s0:s1], alpha=-1.0)
         if c1 < n:
-            w[:, c1:].addmm_(err, upper[c0:c1, c1:], alpha=-1.0)
-    return codes, used
+            wt[c1:].addmm_(upper[c0:c1, c1:].t(), err, alpha=-1.0)
+    return codes.t().contiguous(), used.t().contiguous()
 
 
 def _check(weight: torch.Tensor, config: QuantConfig) -> None:
@@ -138,7 +150,7 @@ def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: 
         raise ValueError(f"the input second moment is {tuple(upper.shape)}, the weight has "
                          f"{weight.shape[1]} inputs")
     codebook = config.spec.codebook(config.bits).to(weight.device)
-    w = weight.detach().float().clone()
+    w = weight.detach().float()
     block = config.block_size
     consts: dict[str, torch.Tensor] = {}
     fixed = None
