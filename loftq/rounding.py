@@ -7,8 +7,9 @@ by the columns that are still to be rounded, because correlated inputs see them 
 :func:`quantize_feedback` rounds the input columns left to right and, after column j, moves its
 error onto the columns right of j by the upper Cholesky factor U of (H + damp)^-1 (the optimal
 update of the remaining weights for a fixed rounded column; then U's next row serves the next
-column). Columns are taken one block of ``block_size`` at a time: inside a block the update is
-applied column by column, the rest of the matrix gets the block's errors in one product at its end.
+column). Columns are taken one block of ``block_size`` at a time (lazy updates): inside a block
+the next ``STEP`` columns are updated column by column, the rest of the block gets their errors in
+one product, and the rest of the matrix gets the whole block's errors in one product at its end.
 
 The result is an ordinary :class:`~loftq.quant.QuantizedTensor` of the config's layout (same packed
 codes, same constants, same bytes), so every dequantizer, packer and byte count takes it unchanged.
@@ -55,7 +56,8 @@ def inverse_factor(second_moment: torch.Tensor, damp: float = 0.01) -> torch.Ten
         mean = 1.0
     dead = diag == 0
     diag.add_(damp * max(mean, 1e-12))
-    diag[dead] += mean if damp == 0 else 0.0
+    if damp == 0:
+        diag[dead] = mean
     # No explicit inverse: with J the reversal, chol(J H J) = M gives H = R R^T, R = J M J upper,
     # so H^-1 = R^-T R^-1 and U = R^-1 (upper, positive diagonal): one Cholesky and one triangular
     # inverse (2.5x faster than inverting H and factoring the inverse, measured at 1536^2).
