@@ -10,12 +10,16 @@
 2. Costs on SmolLM2: the moments pass (time, peak RSS rise, cache bytes), and per layer the
    Cholesky and materialize's loftq() with and without calibration (materialize's default
    ``--svd randomized`` for both).
-3. phi-2 shapes (random data, timed once): a 10240^2 moment's Cholesky (calibration_factor:
+3. ``--rounding`` (instead of 1 and 2 and the phi-2 costs): round-to-nearest vs error-feedback
+   rounding of Q (:func:`loftq.quantize_feedback`) inside the data-aware LoftQ, at NF2/3/4 with and
+   without double quantization, ranks 0 and 16: the weighted residual on the fit moment and on the
+   held-out one, mean [min, max] over the layers, and wall seconds per layer of each loftq() call.
+4. phi-2 shapes (random data, timed once): a 10240^2 moment's Cholesky (calibration_factor:
    float64) and its peak RSS rise, the weighted product W L for W [2560, 10240], loftq() on that
    shape with and without calibration, the X^T X flop rate measured here applied to phi-2's moments
    pass, and the moments' cache size.
 
-    python -m bench.init_residuals [--seqs 16] [--seq-len 256] [--skip-phi2] [--json F]
+    python -m bench.init_residuals [--seqs 16] [--seq-len 256] [--skip-phi2] [--rounding] [--json F]
 
 Timings are wall seconds on this machine; ``uptime`` is printed beside them (a shared machine's
 numbers are noise-prone: compare within a run).
@@ -111,6 +115,42 @@ def residual_rows(weights: dict[str, torch.Tensor], moments: Any, held_out: Any)
     return rows
 
 
+ROUNDING_BITS = (2, 3, 4)
+ROUNDING_RANKS = (0, 16)
+
+
+def rounding_rows(weights: dict[str, torch.Tensor], moments: Any, held_out: Any) -> list[dict[str, Any]]:
+    """Round-to-nearest vs error feedback in the data-aware LoftQ (iters 1, exact SVD), per width,
+    double quantization and rank: weighted residuals on the fit and held-out moments, seconds."""
+    rows = []
+    factors = {n: calibration_factor(moments[n]) for n in weights}
+    held = {n: calibration_factor(held_out[n]) for n in weights}
+    for bits in ROUNDING_BITS:
+        for dq in (False, True):
+            for rank in ROUNDING_RANKS:
+                cells: dict[str, list[float]] = {f"{r}_{k}": [] for r in ("nearest", "feedback")
+                                                 for k in ("L", "Lval", "s")}
+                for name, w in weights.items():
+                    for rounding in ("nearest", "feedback"):
+                        res, seconds, _ = measured(lambda: loftq(w, bits, rank, double_quant=dq,
+                                                                 calibration=moments[name], rounding=rounding))
+                        cells[f"{rounding}_L"].append(_residuals(w, res, factors[name])[0])
+                        cells[f"{rounding}_Lval"].append(_residuals(w, res, held[name])[0])
+                        cells[f"{rounding}_s"].append(seconds)
+                row: dict[str, Any] = {"bits": bits, "double_quant": dq, "rank": rank}
+                for k, v in cells.items():
+                    row[k] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+                row["gain"] = 1 - row["feedback_L"]["mean"] / row["nearest_L"]["mean"]
+                row["held_out_gain"] = 1 - row["feedback_Lval"]["mean"] / row["nearest_Lval"]["mean"]
+                rows.append(row)
+                m = {k: v["mean"] for k, v in row.items() if isinstance(v, dict)}
+                print(f"NF{bits}{'dq' if dq else '  '} r{rank:<2} ||(W-Q-BA)L||/||WL|| fit: nearest {m['nearest_L']:.4f} "
+                      f"feedback {m['feedback_L']:.4f} ({row['gain']:+.1%}) | held-out: nearest {m['nearest_Lval']:.4f} "
+                      f"feedback {m['feedback_Lval']:.4f} ({row['held_out_gain']:+.1%}) | s/layer nearest "
+                      f"{m['nearest_s']:.2f} feedback {m['feedback_s']:.2f}", flush=True)
+    return rows
+
+
 def smollm2_costs(src: Any, names: list[str], blocks: torch.Tensor, corpus: str,
                   weights: dict[str, torch.Tensor]) -> tuple[Any, dict[str, Any]]:
     cache = Path(tempfile.mkdtemp(prefix="init-bench-"))
@@ -193,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqs", type=int, default=16, help="calibration sequences (the plan command's --calib-seqs)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (--calib-seq-len)")
     ap.add_argument("--skip-phi2", action="store_true")
+    ap.add_argument("--rounding", action="store_true",
+                    help="only the round-to-nearest vs error-feedback table (section 3)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     progress.set_enabled(False)
@@ -201,17 +243,29 @@ def main(argv: list[str] | None = None) -> int:
     names = [t.name for t in src.targets()]
     blocks, corpus = calibration_blocks(src, None, args.seqs, args.seq_len)
     weights = {t.name: w for t, w in src.iter_weights([t for t in src.targets() if t.name in LAYERS])}
+    if args.rounding:
+        store = input_moments(src, names, blocks, corpus, cache_dir=Path(tempfile.mkdtemp(prefix="init-bench-")))
+        held_out = _held_out_moments(src, names, args.seqs, args.seq_len)
+        report = {"layers": LAYERS, "seqs": args.seqs, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
+                  "rounding": rounding_rows(weights, store, held_out), "uptime": uptime()}
+        print(report["uptime"], flush=True)
+        _write(args.json, report)
+        return 0
     store, costs = smollm2_costs(src, names, blocks, corpus, weights)
     held_out = _held_out_moments(src, names, args.seqs, args.seq_len)
     report = {"layers": LAYERS, "seqs": args.seqs, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
               "residuals": residual_rows(weights, store, held_out), "smollm2": costs}
     if not args.skip_phi2:
         report["phi2"] = phi2_costs()
-    if args.json:
+    _write(args.json, report)
+    return 0
+
+
+def _write(path: str | None, report: dict[str, Any]) -> None:
+    if path:
         from planner.artifact.atomic import atomic_write_bytes
 
-        atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
-    return 0
+        atomic_write_bytes(path, json.dumps(report, indent=1).encode())
 
 
 if __name__ == "__main__":

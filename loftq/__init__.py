@@ -29,3 +29,6 @@ __all__ += ["GGUF_TYPES", "GGUFTensor", "GGUFType", "allowed_types", "gguf_nbyte
 from .solver import DEFAULT_RANKS, LoftQResult, calibration_factor, loftq, residual_table
 
 __all__ += ["DEFAULT_RANKS", "LoftQResult", "calibration_factor", "loftq", "residual_table"]
+from .rounding import ROUNDINGS, quantize_feedback
+
+__all__ += ["ROUNDINGS", "quantize_feedback"]

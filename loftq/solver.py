@@ -19,6 +19,7 @@ from .quant import (QuantConfig, QuantizedTensor, check_finite, dequantize, quan
                     squared_norm)
 from .spectral import top_squared_singular_values, truncated_svd
 from .gguf_quants import GGUFTensor, check_shape, gguf_quantize
+from .rounding import check_rounding, inverse_factor, quantize_feedback
 
 DEFAULT_RANKS = (0, 8, 16, 32, 64)
 
@@ -88,18 +89,24 @@ def _config(bits: int, method: str | Mapping[int, str], block_size: int, double_
 
 
 def _quantizer(bits: int | str, method: str | Mapping[int, str], block_size: int, double_quant: bool,
-               shape: tuple[int, ...]) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
-    """(quantize, dequantize-to-fp32) for a codebook width or a GGUF type name."""
+               shape: tuple[int, ...], upper: torch.Tensor | None = None
+               ) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
+    """(quantize, dequantize-to-fp32) for a codebook width or a GGUF type name; ``upper``: round by
+    error feedback with this inverse factor (:func:`loftq.rounding.inverse_factor`)."""
     if isinstance(bits, str):
+        if upper is not None:
+            raise ValueError(f"rounding='feedback' takes a codebook width, not the GGUF type {bits!r}")
         check_shape(shape, bits)
         return (lambda m: gguf_quantize(m, bits)), (lambda qt: qt.dequantize(torch.float32))
     cfg = _config(bits, method, block_size, double_quant)
+    if upper is not None:
+        return (lambda m: quantize_feedback(m, cfg, upper=upper)), (lambda qt: dequantize(qt, torch.float32))
     return (lambda m: quantize(m, config=cfg)), (lambda qt: dequantize(qt, torch.float32))
 
 
 def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, method: str | Mapping[int, str] = "nf",
           block_size: int = 64, double_quant: bool = False, calibration: torch.Tensor | None = None,
-          damp: float = 0.01, svd: str = "exact") -> LoftQResult:
+          damp: float = 0.01, svd: str = "exact", rounding: str = "nearest") -> LoftQResult:
     """LoftQ for one weight [out, in]; returns the best of ``iters`` iterates.
 
     ``bits``: a codebook width (with ``method``, ``block_size``, ``double_quant``) or the name of a
@@ -108,6 +115,8 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
     choice of the best iterate use ||(W - Q - BA) L||, L L^T = H + damp.
     ``svd``: "exact" (a full thin SVD per step) or "randomized" (block Krylov, used for codebook
     widths where :func:`loftq.spectral.applies`; measured within 1% of the exact residual on SmolLM2).
+    ``rounding``: "nearest" (each code alone) or "feedback" (needs ``calibration``): each Q_t is
+    :func:`loftq.rounding.quantize_feedback` of W - B A under H, which lowers ||(W - Q) L||.
     """
     if weight.ndim != 2:
         raise ValueError(f"loftq() takes a 2-D weight [out, in], got shape {tuple(weight.shape)}")
@@ -117,8 +126,14 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
         raise ValueError(f"iters must be a positive int, got {iters!r}")
     if svd not in SVD_METHODS:
         raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}; got {svd!r}")
+    check_rounding(rounding)
+    if calibration is not None and tuple(calibration.shape) != (weight.shape[1],) * 2:
+        raise ValueError(f"calibration must be [in, in] = {[weight.shape[1]] * 2}, got {list(calibration.shape)}")
+    if rounding == "feedback" and calibration is None:
+        raise ValueError("rounding='feedback' needs calibration=H (the input second moment)")
     check_finite(weight)
-    quant, dequant = _quantizer(bits, method, block_size, double_quant, tuple(weight.shape))
+    upper = inverse_factor(calibration.to(weight.device), damp) if rounding == "feedback" else None
+    quant, dequant = _quantizer(bits, method, block_size, double_quant, tuple(weight.shape), upper)
     svd = svd if isinstance(bits, int) else "exact"  # the randomized step was tested on codebook widths
     w = weight.detach().float()
     factor = calibration_factor(calibration.to(w.device).float(), damp) if calibration is not None else None

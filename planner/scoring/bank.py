@@ -23,7 +23,8 @@ from typing import Iterator, Mapping, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
-from loftq import QuantConfig, QuantizedTensor, dequantize, quantize
+from loftq import QuantConfig, QuantizedTensor, dequantize, quantize, quantize_feedback
+from loftq.rounding import check_rounding
 from search_spaces.widths import quant_config
 
 from planner import progress
@@ -204,16 +205,23 @@ class WeightBank:
     ``moments`` (name -> input second moment H, :mod:`planner.scoring.moments`): the factors are
     the data-aware initialisation's, the top-r of (W - deq Q) L mapped back by L^{-1} (L L^T = H +
     ``damp``), so every rank's truncation is that rank's best fit in the weighted norm; their
-    entries are marked ``SVD/data``.
+    entries are marked ``SVD/data``. ``rounding="feedback"`` (needs ``moments``): Q itself is
+    :func:`loftq.quantize_feedback` of W under H (same format and bytes, codes chosen to lower
+    ||(W - deq Q) L||), marked ``SVD/data/feedback`` so that a store never mixes the two roundings.
     """
 
     def __init__(self, weights: Mapping[str, torch.Tensor], bits: Sequence[int], max_rank: int,
                  method: str = "nf", block_size: int = 64, dtype: torch.dtype = torch.float32, *,
                  svd: str = "randomized", store: BankStore | None = None,
                  device: torch.device | str | None = None, moments: Mapping[str, torch.Tensor] | None = None,
-                 damp: float = 0.01) -> None:
-        self.weights, self.moments, self.damp = weights, moments, damp
+                 damp: float = 0.01, rounding: str = "nearest") -> None:
+        check_rounding(rounding)
+        if rounding == "feedback" and moments is None:
+            raise ValueError("rounding='feedback' needs the layers' input moments (moments=...)")
+        self.weights, self.moments, self.damp, self.rounding = weights, moments, damp, rounding
         self.label = svd if moments is None else f"{svd}/data"  # what an entry's ``svd`` must say
+        if rounding != "nearest":
+            self.label += f"/{rounding}"
         self.settings = BankSettings(tuple(bits), max_rank, method, block_size, dtype, svd)
         self.store: BankStore = store if store is not None else MemoryStore()
         self.device = torch.device(device) if device is not None else None  # where entries are computed
@@ -253,7 +261,10 @@ class WeightBank:
     def _compute(self, name: str, bits: int, factors: bool) -> BankEntry:
         s = self.settings
         w, home = self._source(name)
-        qt = quantize(w, config=s.quant_config(bits))
+        if self.rounding == "feedback":
+            qt = quantize_feedback(w, s.quant_config(bits), self.moments[name].to(w.device), self.damp)
+        else:
+            qt = quantize(w, config=s.quant_config(bits))
         deq = dequantize(qt, torch.float32)
         entry = BankEntry(qt.to(home), deq.to(home, s.dtype), None, None, self.label)
         return self._with_factors(name, entry, w, deq) if factors else entry

@@ -9,6 +9,7 @@ from loftq import loftq
 from tests.tiny_models import build_tiny
 
 from planner.scoring.bank import BankSettings, MemoryStore, ModelWeights, WeightBank
+from tests.planner.scoring.test_data_tables import smol  # noqa: F401  (the fixture: real SmolLM2 moments)
 
 Q = "encoder.layer.0.attention.self.query"  # 384 x 384
 UP = "encoder.layer.0.intermediate.dense"  # 1536 x 384
@@ -92,3 +93,40 @@ def test_model_weights_are_out_in_for_conv1d_too() -> None:
 def test_settings_validation_names_the_value(kwargs: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):
         BankSettings(**{"bits": (4,), "max_rank": 8, **kwargs})
+
+
+def test_feedback_rounding_entries_are_their_own_and_never_mixed(smol, tmp_path) -> None:  # noqa: F811
+    """With moments and rounding="feedback": Q is loftq.quantize_feedback's (same bytes as
+    round-to-nearest, lower weighted error), the factors are the weighted ones, and the label keeps a
+    store (in RAM or on disk) from serving one rounding's entry to the other's bank."""
+    from loftq import QuantConfig, dequantize, quantize_feedback
+    from loftq.solver import calibration_factor
+    from planner.scoring.bank import DiskStore
+    from tests.planner.scoring.test_data_tables import LAYERS as SMOL
+
+    _, moments, weights = smol
+    name = SMOL[4]  # down_proj [576, 1536]
+    w, h = weights[name], moments[name]
+    store = MemoryStore()
+    near = WeightBank({name: w}, (2, 4), 16, svd="exact", moments=moments, store=store)
+    fb = WeightBank({name: w}, (2, 4), 16, svd="exact", moments=moments, rounding="feedback", store=DiskStore(tmp_path, "k"))
+    assert (near.label, fb.label) == ("exact/data", "exact/data/feedback")
+    factor = calibration_factor(h)
+    for bits in (2, 4):
+        q = fb.quantized(name, bits)
+        assert torch.equal(q.packed, quantize_feedback(w, QuantConfig(bits), h).packed)
+        assert q.nbytes == near.quantized(name, bits).nbytes
+        ref = loftq(w, bits, 16, calibration=h, rounding="feedback")
+        assert torch.equal(q.packed, ref.quantized.packed)
+        got = float(((w - fb.weight(name, bits, 16)) @ factor).norm() / (w @ factor).norm())
+        assert got == pytest.approx(ref.weighted_errors[0], rel=1e-4)
+        assert got < float(((w - near.weight(name, bits, 16)) @ factor).norm() / (w @ factor).norm())
+        assert torch.equal(fb.deq(name, bits), dequantize(q, torch.float32))
+    with pytest.raises(ValueError, match="other settings"):  # the nearest bank's RAM store
+        WeightBank({name: w}, (2, 4), 16, svd="exact", moments=moments, rounding="feedback", store=store).entry(name, 2)
+    with pytest.raises(ValueError, match="other settings"):  # the feedback bank's file
+        WeightBank({name: w}, (2, 4), 16, svd="exact", moments=moments, store=DiskStore(tmp_path, "k")).entry(name, 2)
+    with pytest.raises(ValueError, match="moments"):
+        WeightBank({name: w}, (2,), 16, rounding="feedback")
+    with pytest.raises(ValueError, match="rounding"):
+        WeightBank({name: w}, (2,), 16, moments=moments, rounding="stochastic")

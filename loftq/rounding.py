@@ -1,0 +1,167 @@
+"""Data-aware rounding of the quantized weight: error feedback under the input second moment.
+
+Round-to-nearest (:func:`loftq.quant.quantize`) picks each code alone. With the layer's input
+second moment H = X^T X / n [in, in], the error that matters is ||(W - Q) L||_F (L L^T = H + damp,
+:func:`loftq.solver.calibration_factor`): a rounding error in one input column can be partly undone
+by the columns that are still to be rounded, because correlated inputs see them together.
+:func:`quantize_feedback` rounds the input columns left to right and, after column j, moves its
+error onto the columns right of j by the upper Cholesky factor U of (H + damp)^-1 (the optimal
+update of the remaining weights for a fixed rounded column; then U's next row serves the next
+column). Columns are taken one block of ``block_size`` at a time (lazy updates): inside a block
+the next ``STEP`` columns are updated column by column, the rest of the block gets their errors in
+one product, and the rest of the matrix gets the whole block's errors in one product at its end.
+
+The result is an ordinary :class:`~loftq.quant.QuantizedTensor` of the config's layout (same packed
+codes, same constants, same bytes), so every dequantizer, packer and byte count takes it unchanged.
+Only the choice of codes differs (and, without double quantization, the block scales: each block's
+absmax is taken from the updated weights when the block is reached).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .packing import pack
+from .quant import QuantConfig, QuantizedTensor, _double_quantize, _dq_absmax, check_finite, count_nonfinite
+
+ROUNDINGS = ("nearest", "feedback")
+STEP = 8  # columns updated one by one; the rest of their block gets their errors in one product
+
+
+def check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}; got {rounding!r}")
+
+
+def inverse_factor(second_moment: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor U (fp32 [in, in]) of (H + damp * mean(diag H) * I)^-1: U^T U = (H + ridge)^-1.
+
+    The ridge is :func:`loftq.solver.calibration_factor`'s, so the feedback minimises the norm the
+    solver reports. An input that never fires (zero diagonal) has a zero row and column in H: it is
+    decoupled from the others and rounds to nearest; with ``damp=0`` its diagonal is set to the
+    mean so that the factor exists. Computed in float64.
+    """
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    if not isinstance(second_moment, torch.Tensor) or second_moment.ndim != 2 \
+            or second_moment.shape[0] != second_moment.shape[1]:
+        shape = tuple(second_moment.shape) if isinstance(second_moment, torch.Tensor) else type(second_moment).__name__
+        raise ValueError(f"the input second moment must be a square [in, in] tensor, got {shape}")
+    check_finite(second_moment, "input second moment")
+    h = second_moment.detach().double().clone()
+    diag = h.diagonal()
+    mean = float(diag.mean()) if diag.numel() else 0.0
+    if mean <= 0:  # no input ever fired: every column is dead, nothing couples them
+        mean = 1.0
+    dead = diag == 0
+    diag.add_(damp * max(mean, 1e-12))
+    if damp == 0:
+        diag[dead] = mean
+    # No explicit inverse: with J the reversal, chol(J H J) = M gives H = R R^T, R = J M J upper,
+    # so H^-1 = R^-T R^-1 and U = R^-1 (upper, positive diagonal): one Cholesky and one triangular
+    # inverse (2.5x faster than inverting H and factoring the inverse, measured at 1536^2).
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info):
+        raise ValueError(f"the input second moment (+ damp={damp}) is not positive definite; use damp > 0")
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
+    if count_nonfinite(upper):
+        raise ValueError(f"the input second moment (+ damp={damp}) is too ill-conditioned to invert; raise damp")
+    return upper.float()
+
+
+def _feedback(w: torch.Tensor, upper: torch.Tensor, codebook: torch.Tensor, block: int,
+              scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``w`` (fp32 [out, in]) column by column with error feedback.
+
+    ``scales``: fixed absmax [out, in // block] to round against (the stored ones of a double-
+    quantized tensor), or None: each block's absmax is taken from the updated weights when the
+    block starts. Returns (uint8 codes [out, in], the absmax used [out, in // block]).
+    Works on W^T so that a column is a contiguous row; the loop is per column, so each step is a
+    few small calls (torch.bucketize on a 576-vector cost 4 ms here under load; a compare-and-count
+    against the midpoints gives the same codes in microseconds).
+    """
+    out, n = w.shape
+    wt = w.t().clone(memory_format=torch.contiguous_format)  # [in, out], never the caller's tensor
+    mids = (codebook[:-1] + codebook[1:]) / 2  # nearest entry, ties to the lower one: code_lookup's codes
+    codes = torch.empty(n, out, dtype=torch.uint8, device=w.device)
+    used = w.new_empty(n // block, out) if scales is None else scales.t().contiguous()
+    err = w.new_empty(block, out)
+    for g, c0 in enumerate(range(0, n, block)):
+        c1 = c0 + block
+        part = wt[c0:c1]
+        if scales is None:
+            used[g] = part.abs().amax(dim=0)
+        absmax = used[g]
+        inv = absmax.clamp(min=1e-38).reciprocal()  # quantize()'s arithmetic: x * (1 / absmax)
+        diag = upper[c0:c1, c0:c1]
+        for s0 in range(0, block, STEP):  # a second level of lazy updates inside the block
+            s1 = min(block, s0 + STEP)
+            for j in range(s0, s1):
+                scaled = (part[j] * inv).clamp_(-1.0, 1.0)
+                code = (scaled.unsqueeze(1) > mids).sum(dim=1)  # = number of midpoints strictly below
+                deq = codebook.index_select(0, code) * absmax  # dequantize()'s product, bit for bit
+                torch.div(part[j] - deq, diag[j, j], out=err[j])
+                if j + 1 < s1:  # small enough to stay on one thread
+                    part[j + 1:s1].sub_(diag[j, j + 1:s1, None] * err[j])
+                codes[c0 + j] = code
+            if s1 < block:
+                part[s1:].addmm_(diag[s0:s1, s1:].t(), err[s0:s1], alpha=-1.0)
+        if c1 < n:
+            wt[c1:].addmm_(upper[c0:c1, c1:].t(), err, alpha=-1.0)
+    return codes.t().contiguous(), used.t().contiguous()
+
+
+def _check(weight: torch.Tensor, config: QuantConfig) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.is_floating_point():
+        what = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"feedback rounding takes a 2-D floating weight [out, in], got {what}")
+    if config.spec.rowwise:
+        raise ValueError(f"feedback rounding needs a blockwise method, not the row-wise {config.method!r}")
+    if weight.shape[1] % config.block_size:
+        raise ValueError(f"feedback rounding needs in_features ({weight.shape[1]}) divisible by the block "
+                         f"size ({config.block_size}): a block must be a run of input columns of one row")
+    check_finite(weight)
+
+
+def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: torch.Tensor | None = None,
+                      damp: float = 0.01, *, upper: torch.Tensor | None = None) -> QuantizedTensor:
+    """Quantize ``weight`` [out, in] in ``config``'s format, choosing codes by error feedback under H.
+
+    ``second_moment``: H [in, in] of the layer's inputs (or ``upper``, its :func:`inverse_factor`
+    computed once for several calls). Lowers ||(W - deq Q) L|| against :func:`loftq.quant.quantize`;
+    with H diagonal (H = I) no error moves and the codes are round-to-nearest's, bit for bit.
+    Without double quantization each block's absmax comes from the updated weights when its block
+    is reached. With it, the absmax of every block is taken from W first and double-quantized, and
+    the feedback rounds against those stored values: the only variant whose feedback sees the scales
+    dequantization uses, in one pass. Measured on 12 SmolLM2 layers (16 x 256 pydoc tokens), mean
+    ||(W - Q) L|| / ||W L|| of this / updated exact absmax double-quantized afterwards / a second
+    pass against those: NF2 0.2305 / 0.2604 / 0.2611, NF3 0.0808 / 0.0812 / 0.0812, NF4 0.0369 /
+    0.0367 / 0.0366. (Without double quantization, fixed scales from W would also win at NF2:
+    0.2304 against the updated scales' 0.2604, and after the rank-16 fit on held-out moments 0.2473
+    against 0.2723, where round-to-nearest gives 0.2700; NF3 0.0809 / 0.0810, NF4 0.0369 / 0.0364.)
+    Raises ValueError on non-finite input, a shape mismatch, a row-wise method or in % block != 0.
+    """
+    _check(weight, config)
+    if upper is None:
+        if second_moment is None:
+            raise ValueError("quantize_feedback() needs the input second moment (or its inverse factor)")
+        upper = inverse_factor(second_moment.to(weight.device), damp)
+    if tuple(upper.shape) != (weight.shape[1],) * 2:
+        raise ValueError(f"the input second moment is {tuple(upper.shape)}, the weight has "
+                         f"{weight.shape[1]} inputs")
+    codebook = config.spec.codebook(config.bits).to(weight.device)
+    w = weight.detach().float()
+    block = config.block_size
+    consts: dict[str, torch.Tensor] = {}
+    fixed = None
+    if config.double_quant:
+        absmax = w.view(w.shape[0], -1, block).abs().amax(dim=2).reshape(-1)
+        consts = _double_quantize(absmax)
+        fixed = _dq_absmax(consts["absmax_codes"], consts["absmax_scale"], consts["absmax_offset"])
+        fixed = fixed.view(w.shape[0], -1)
+    codes, used = _feedback(w, upper.to(w.device, torch.float32), codebook, block, fixed)
+    if not config.double_quant:
+        consts = {"absmax": used.reshape(-1).contiguous()}
+    return QuantizedTensor(pack(codes, config.bits), tuple(weight.shape), weight.dtype, config, block=block, **consts)
