@@ -13,8 +13,7 @@ one product, and the rest of the matrix gets the whole block's errors in one pro
 
 The result is an ordinary :class:`~loftq.quant.QuantizedTensor` of the config's layout (same packed
 codes, same constants, same bytes), so every dequantizer, packer and byte count takes it unchanged.
-Only the choice of codes differs (and, without double quantization, the block scales: each block's
-absmax is taken from the updated weights when the block is reached).
+Only the choice of codes differs: the block scales are round-to-nearest's (W's absmax).
 """
 from __future__ import annotations
 
@@ -72,12 +71,11 @@ def inverse_factor(second_moment: torch.Tensor, damp: float = 0.01) -> torch.Ten
 
 
 def _feedback(w: torch.Tensor, upper: torch.Tensor, codebook: torch.Tensor, block: int,
-              scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+              scales: torch.Tensor) -> torch.Tensor:
     """Round ``w`` (fp32 [out, in]) column by column with error feedback.
 
-    ``scales``: fixed absmax [out, in // block] to round against (the stored ones of a double-
-    quantized tensor), or None: each block's absmax is taken from the updated weights when the
-    block starts. Returns (uint8 codes [out, in], the absmax used [out, in // block]).
+    ``scales``: the absmax [out, in // block] to round against (the stored ones). Returns the uint8
+    codes [out, in].
     Works on W^T so that a column is a contiguous row; the loop is per column, so each step is a
     few small calls (torch.bucketize on a 576-vector cost 4 ms here under load; a compare-and-count
     against the midpoints gives the same codes in microseconds).
@@ -86,13 +84,11 @@ def _feedback(w: torch.Tensor, upper: torch.Tensor, codebook: torch.Tensor, bloc
     wt = w.t().clone(memory_format=torch.contiguous_format)  # [in, out], never the caller's tensor
     mids = (codebook[:-1] + codebook[1:]) / 2  # nearest entry, ties to the lower one: code_lookup's codes
     codes = torch.empty(n, out, dtype=torch.uint8, device=w.device)
-    used = w.new_empty(n // block, out) if scales is None else scales.t().contiguous()
+    used = scales.t().contiguous()
     err = w.new_empty(block, out)
     for g, c0 in enumerate(range(0, n, block)):
         c1 = c0 + block
         part = wt[c0:c1]
-        if scales is None:
-            used[g] = part.abs().amax(dim=0)
         absmax = used[g]
         inv = absmax.clamp(min=1e-38).reciprocal()  # quantize()'s arithmetic: x * (1 / absmax)
         diag = upper[c0:c1, c0:c1]
@@ -110,7 +106,7 @@ def _feedback(w: torch.Tensor, upper: torch.Tensor, codebook: torch.Tensor, bloc
                 part[s1:].addmm_(diag[s0:s1, s1:].t(), err[s0:s1], alpha=-1.0)
         if c1 < n:
             wt[c1:].addmm_(upper[c0:c1, c1:].t(), err, alpha=-1.0)
-    return codes.t().contiguous(), used.t().contiguous()
+    return codes.t().contiguous()
 
 
 def _check(weight: torch.Tensor, config: QuantConfig) -> None:
@@ -132,15 +128,14 @@ def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: 
     ``second_moment``: H [in, in] of the layer's inputs (or ``upper``, its :func:`inverse_factor`
     computed once for several calls). Lowers ||(W - deq Q) L|| against :func:`loftq.quant.quantize`;
     with H diagonal (H = I) no error moves and the codes are round-to-nearest's, bit for bit.
-    Without double quantization each block's absmax comes from the updated weights when its block
-    is reached. With it, the absmax of every block is taken from W first and double-quantized, and
-    the feedback rounds against those stored values: the only variant whose feedback sees the scales
-    dequantization uses, in one pass. Measured on 12 SmolLM2 layers (16 x 256 pydoc tokens), mean
+    Every block's absmax is taken from W first (and double-quantized when the config says so), and
+    the feedback rounds against those stored values: the feedback sees the scales dequantization
+    uses, in one pass; an updated weight beyond its block's absmax takes the end code. Measured on 12 SmolLM2 layers (16 x 256 pydoc tokens), mean
     ||(W - Q) L|| / ||W L|| of this / updated exact absmax double-quantized afterwards / a second
     pass against those: NF2 0.2305 / 0.2604 / 0.2611, NF3 0.0808 / 0.0812 / 0.0812, NF4 0.0369 /
-    0.0367 / 0.0366. (Without double quantization, fixed scales from W would also win at NF2:
-    0.2304 against the updated scales' 0.2604, and after the rank-16 fit on held-out moments 0.2473
-    against 0.2723, where round-to-nearest gives 0.2700; NF3 0.0809 / 0.0810, NF4 0.0369 / 0.0364.)
+    0.0367 / 0.0366. Without double quantization, W's scales against the updated weights' absmax:
+    NF2 0.2304 / 0.2604 (after the rank-16 fit, on held-out moments, 0.2473 / 0.2723, where
+    round-to-nearest gives 0.2700), NF3 0.0809 / 0.0810, NF4 0.0369 / 0.0364.
     Raises ValueError on non-finite input, a shape mismatch, a row-wise method or in % block != 0.
     """
     _check(weight, config)
@@ -154,14 +149,11 @@ def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: 
     codebook = config.spec.codebook(config.bits).to(weight.device)
     w = weight.detach().float()
     block = config.block_size
-    consts: dict[str, torch.Tensor] = {}
-    fixed = None
+    absmax = w.view(w.shape[0], -1, block).abs().amax(dim=2).reshape(-1)  # the scales are W's, fixed
     if config.double_quant:
-        absmax = w.view(w.shape[0], -1, block).abs().amax(dim=2).reshape(-1)
         consts = _double_quantize(absmax)
         fixed = _dq_absmax(consts["absmax_codes"], consts["absmax_scale"], consts["absmax_offset"])
-        fixed = fixed.view(w.shape[0], -1)
-    codes, used = _feedback(w, upper.to(w.device, torch.float32), codebook, block, fixed)
-    if not config.double_quant:
-        consts = {"absmax": used.reshape(-1).contiguous()}
+    else:
+        consts, fixed = {"absmax": absmax.contiguous()}, absmax
+    codes = _feedback(w, upper.to(w.device, torch.float32), codebook, block, fixed.view(w.shape[0], -1))
     return QuantizedTensor(pack(codes, config.bits), tuple(weight.shape), weight.dtype, config, block=block, **consts)
