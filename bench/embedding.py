@@ -53,13 +53,14 @@ class EmbeddingSetup:
     test: torch.Tensor
     prep: object
 
-    def data_proxy(self, init: object) -> ZeroStepProxy:
-        """The proxy over the data-aware factors of a plan whose InitRecord is ``init``."""
+    def data_proxy(self, init: object, rounding: str = "nearest") -> ZeroStepProxy:
+        """The proxy over the data-aware factors of a plan whose InitRecord is ``init`` (``rounding``
+        "feedback": Q by error feedback under the same moments, loftq.rounding)."""
         from planner.scoring.moments import plan_moments
 
         moments, _ = plan_moments(self.prep.source, self.names, init, cache_dir=self.cfg.cache_path)
         bank = WeightBank(ModelWeights(self.model, self.names), menu((2, 3, 4, 8), "search"), max(self.cfg.ranks),
-                          moments=moments)
+                          moments=moments, rounding=rounding)
         return ZeroStepProxy(self.model, bank, self.test)
 
 
@@ -75,12 +76,13 @@ def setup(trials: int, test_blocks: int) -> EmbeddingSetup:
     return EmbeddingSetup(run, cfg, Counter(prep), ZeroStepProxy(model, bank, test), names, model, test, prep)
 
 
-def run_bench(budgets: list[str], trials: int, test_blocks: int, variants: list[str] | None = None) -> list[dict[str, Any]]:
+def run_bench(budgets: list[str], trials: int, test_blocks: int, variants: list[str] | None = None,
+              rounding: bool = False) -> list[dict[str, Any]]:
     e = setup(trials, test_blocks)
     run, cfg, counter, proxy, names = e.run, e.cfg, e.counter, e.proxy, e.names
     print(f"test blocks {len(proxy.blocks)} x {SEQ_LEN} tokens", file=sys.stderr)
     rows: list[dict[str, Any]] = []
-    data_proxy = None
+    data_proxy = fb_proxy = None
     for label in budgets:
         budget = counter.budget_for(label)
         t0 = time.perf_counter()
@@ -95,6 +97,10 @@ def run_bench(budgets: list[str], trials: int, test_blocks: int, variants: list[
             if vcfg.init == "loftq-data":
                 data_proxy = data_proxy or e.data_proxy(outcome.plan.init)
                 proxies[method] = data_proxy
+                if rounding:  # the same plan built with error-feedback rounding of Q
+                    fb_proxy = fb_proxy or e.data_proxy(outcome.plan.init, "feedback")
+                    plans[f"{method} +feedback"] = plans[method]
+                    proxies[f"{method} +feedback"] = fb_proxy
         fk = first_k(counter, budget)
         if variants:
             plans.update(lever_baselines(counter, budget))
@@ -133,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--test-blocks", type=int, default=32)
     ap.add_argument("--variants", default=None, help=f"planner variants, comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--rounding", action="store_true", help="also build each data-aware planner row's plan with "
+                    "error-feedback rounding of Q (loftq.rounding)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown variant in {args.variants}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     torch.set_num_threads(2)
-    rows = run_bench(args.budgets.split(","), args.trials, args.test_blocks, variants)
+    rows = run_bench(args.budgets.split(","), args.trials, args.test_blocks, variants, args.rounding)
     if args.out:
         write_json(args.out, rows)
     if args.json:
