@@ -37,20 +37,21 @@ class Builders:
     """One CandidateBuilder per initialisation over the same fp32 model (exact-SVD factors)."""
 
     def __init__(self, b: BenchSetup) -> None:
-        self.b, self._data = b, None
+        self.b, self._data = b, {}
 
-    def get(self, init: str, plan_init: Any = None) -> CandidateBuilder:
+    def get(self, init: str, plan_init: Any = None, rounding: str = "nearest") -> CandidateBuilder:
+        """``rounding`` "feedback": Q by error feedback under the moments (loftq.rounding)."""
         if init == "loftq":
             return self.b.bank
-        if self._data is None:
+        if rounding not in self._data:
             from planner.scoring.bank import ModelWeights
             from planner.scoring.moments import plan_moments
 
             moments, _ = plan_moments(self.b.prep.source, self.b.names, plan_init, cache_dir=self.b.cfg.cache_path)
             bank = WeightBank(ModelWeights(self.b.model, self.b.names), menu((2, 3, 4, 8), "search"), 64, "nf",
-                              self.b.cfg.block_size, svd="exact", moments=moments)
-            self._data = CandidateBuilder(self.b.model, "nf", self.b.cfg.block_size, bank=bank)
-        return self._data
+                              self.b.cfg.block_size, svd="exact", moments=moments, rounding=rounding)
+            self._data[rounding] = CandidateBuilder(self.b.model, "nf", self.b.cfg.block_size, bank=bank)
+        return self._data[rounding]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="4.0,3.5", help="bits per target weight, comma list")
     ap.add_argument("--variants", default="all", help=f"comma list of {', '.join(VARIANTS)} (default all)")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--no-ceiling", action="store_true")
+    ap.add_argument("--rounding", action="store_true", help="also build each data-aware planner row's plan with "
+                    "error-feedback rounding of Q (loftq.rounding)")
     ap.add_argument("--out", default=None, help="also write the rows here (JSON), after every row")
     args = ap.parse_args(argv)
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
@@ -113,10 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             record(label, budget, f"planner[{name}]", plan, init, builders.get(init, outcome.plan.init),
                    {"variant": name, "kl": outcome.chosen.proxy.kl if outcome.chosen.proxy else None,
                     "planning_seconds": round(time.perf_counter() - t0, 1), "timings": timings})
+            if args.rounding and init == "loftq-data":  # the same plan, Q by error feedback
+                record(label, budget, f"planner[{name}] +feedback", plan, "loftq-data-feedback",
+                       builders.get(init, outcome.plan.init, "feedback"), {"variant": name, "rounding": "feedback"})
         if not args.no_baselines:
             for method, plan in lever_baselines(b.counter, budget).items():
                 record(label, budget, method, plan, "loftq", b.bank, {})
-    record("-", 0, CEILING, [(16, 16)] * len(b.names), "default", b.bank, {"ceiling": True})
+    if not args.no_ceiling:
+        record("-", 0, CEILING, [(16, 16)] * len(b.names), "default", b.bank, {"ceiling": True})
     print(json.dumps([{k: r.get(k) for k in ("budget", "method", "bits_per_weight", "ppl_before", "ppl_after",
                                              "ppl_after_std", "ppl_after_vs_lora16")} for r in rows], indent=1))
     return 0
