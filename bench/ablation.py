@@ -57,14 +57,14 @@ class Builders:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="4.0,3.5", help="bits per target weight, comma list")
-    ap.add_argument("--variants", default="all", help=f"comma list of {', '.join(VARIANTS)} (default all)")
+    ap.add_argument("--variants", default="all", help=f"comma list of {', '.join(VARIANTS)}, all (default) or none (baselines only)")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--rounding", action="store_true", help="also build each data-aware planner row's plan with "
                     "error-feedback rounding of Q (loftq.rounding)")
     ap.add_argument("--out", default=None, help="also write the rows here (JSON), after every row")
     args = ap.parse_args(argv)
-    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    names = list(VARIANTS) if args.variants == "all" else [] if args.variants == "none" else args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         print(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
