@@ -17,7 +17,7 @@ stored Q8_0 in every file, so only the target tensors differ): uniform Q4_0, uni
 Q8_0 (attn_v, ffn_down) / Q4_0 mix; bytes are whole-file sizes (model + adapter).
 
     python -m bench.llamacpp [--json] [--out bench/results/llamacpp.json] [--ours mix_r16,q4_0_r8]
-                             [--blocks 16] [--seq-len 128] [--threads 2] [--no-peer]
+                             [--blocks 16] [--seq-len 128] [--threads 2] [--no-peer] [--work DIR]
 """
 from __future__ import annotations
 
@@ -69,8 +69,11 @@ PEERS: dict[str, tuple[int, dict[str, int]]] = {
 
 
 # ---------------------------------------------------------------- our files
-def build_ours(name: str, root: Path, seq_len: int) -> tuple[Path, float]:
-    """Plan ``name`` of OURS for SmolLM2, materialized through the CLI with --format gguf; (DIR, seconds)."""
+def build_ours(name: str, root: Path, seq_len: int) -> tuple[Path, float | None]:
+    """Plan ``name`` of OURS for SmolLM2, materialized through the CLI with --format gguf; (DIR, seconds).
+    A ROOT/NAME with a model.gguf (an earlier run's, ``--work``) is reused as is (seconds None)."""
+    if (root / name / "gguf" / "model.gguf").is_file():
+        return root / name, None
     types, rank = OURS[name]
     source = resolve(MODEL)
     choices = {t.name: LayerChoice(BITS[types[t.name.rsplit(".", 1)[-1]]], rank, types[t.name.rsplit(".", 1)[-1]], 32)
@@ -181,6 +184,26 @@ def tensor_types(path: Path) -> dict[str, int]:
     return counts
 
 
+def reference_check(theirs: float, their_logits: np.ndarray, blocks: torch.Tensor) -> dict[str, Any]:
+    """llama.cpp on the F32-target file against transformers on the packaged GGUF (fp32, the weights
+    every plan starts from): how far llama.cpp's own arithmetic (activations rounded to 8 bits for its
+    quantized matmuls, the Q8_0 head, an f16 KV cache) moves perplexity with no export involved."""
+    from transformers import AutoModelForCausalLM
+
+    from planner.train.loop import eval_loss
+
+    path = packaged_gguf(MODEL)
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    mine = eval_loss(ref, blocks, batch_size=8)
+    with torch.no_grad():
+        logits = ref(blocks[:1]).logits[0].float().numpy()
+    return {"plan": "F32 targets vs transformers (no export)", "ppl_llamacpp": math.exp(theirs),
+            "ppl_ours": math.exp(mine), "ratio": math.exp(theirs - mine), "ppl_llamacpp_no_adapter": math.exp(theirs),
+            "ppl_ours_no_adapter": math.exp(mine), "ratio_no_adapter": math.exp(theirs - mine),
+            "max_abs_logit_diff_block0": float(np.abs(their_logits - logits).max()),
+            "max_abs_logit_block0": float(np.abs(logits).max()), "within_1pct": abs(math.exp(theirs - mine) - 1) < 0.01}
+
+
 # ---------------------------------------------------------------- the run
 def test_blocks(folder: Path, n_blocks: int, seq_len: int) -> torch.Tensor:
     from transformers import AutoTokenizer
@@ -214,7 +237,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                  "ppl_ours_no_adapter": math.exp(mine_bare), "ratio_no_adapter": math.exp(theirs_bare - mine_bare),
                  "max_abs_logit_diff_block0": diff, "max_abs_logit_block0": float(my_logits.abs().max()),
                  "within_1pct": abs(math.exp(theirs - mine) - 1) < 0.01 and abs(math.exp(theirs_bare - mine_bare) - 1) < 0.01,
-                 "materialize_s": round(build_s, 1), "ours_eval_s": round(t_ours, 1), "llamacpp_eval_s": round(t_llama, 1)}
+                 "materialize_s": build_s and round(build_s, 1), "ours_eval_s": round(t_ours, 1), "llamacpp_eval_s": round(t_llama, 1)}
         checks.append(check)
         size = model.stat().st_size
         extra = adapter.stat().st_size if has_adapter else 0
@@ -231,10 +254,12 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                          "total_bytes": out.stat().st_size, "ppl_llamacpp": math.exp(nll),
                          "ppl_llamacpp_no_adapter": math.exp(nll), "types": tensor_types(out)})
             print(json.dumps(rows[-1]), flush=True)
-        nll, _ = llama_nll(src, blocks, args.threads)
+        nll, their_logits = llama_nll(src, blocks, args.threads)
         rows.append({"name": "F32 targets (the dequantized Q4_1 weights)", "model_bytes": src.stat().st_size,
                      "adapter_bytes": 0, "total_bytes": src.stat().st_size, "ppl_llamacpp": math.exp(nll),
                      "ppl_llamacpp_no_adapter": math.exp(nll), "types": tensor_types(src)})
+        checks.append(reference_check(nll, their_logits, blocks))
+        print(json.dumps(checks[-1]), flush=True)
     return {"checks": checks, "rows": rows, "tokens": {"blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]),
                                                        "split": "pydoc test, seed 0", "bos": "none"}}
 
@@ -260,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip llama.cpp's own quantizer")
+    ap.add_argument("--work", default=None, help="keep the built folders and GGUFs here and reuse those already "
+                    "there (default: a temporary folder)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -270,8 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("LOFTQ_PLANNER_CACHE", "/tmp/cache-llama")
     start, load_before = time.perf_counter(), os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
-        result = run(args, Path(tmp))
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        result = run(args, Path(args.work))
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
+            result = run(args, Path(tmp))
     result.update({"wall_s": round(time.perf_counter() - start, 1), "threads": args.threads,
                    "llama_cpp_python": llama_cpp.__version__, "loadavg_1m_before": load_before[0],
                    "loadavg_1m_after": os.getloadavg()[0],
