@@ -9,6 +9,7 @@ search       the exact solver vs scipy milp (phi-2-sized workload); guided searc
 loftq_speed  residual-table speed vs PEFT's loftq_init
 loftq_report LoftQ residual per iteration; the 8-bit formats' rate-distortion
 scale        planning at scale: memory and time of plan + materialize on random checkpoints of real shapes
+llamacpp     SmolLM2 GGUF export run by llama.cpp itself: perplexity vs planner.load (issue 18's 1%), vs llama.cpp's quantizer
 synthetic    (no script) random bf16 checkpoints of real shapes, written shard by shard, for scale
 
 May import ``planner``, ``loftq``, ``search_spaces`` and ``tests`` (the PEFT reference); nothing
