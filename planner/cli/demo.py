@@ -9,6 +9,7 @@ Outputs go to ./demo-out/. Every step is one `python -m planner ...` command a u
 from __future__ import annotations
 
 import shlex
+from collections import Counter
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from planner.cli.app import _register, main
-from planner.artifact.plan import load_plan
+from planner.artifact.plan import Plan, load_plan
 from planner.progress import stdout_console
 
 BUDGET = "2.2GB"  # binds (the space spans 1.89-2.26 GB) and leaves room for adapters
@@ -32,6 +33,20 @@ def step(console: Console, title: str, argv: list[str]) -> None:
         sys.exit(rc)
 
 
+def why(plan: Plan) -> str:
+    """One line on what the planner decided and why, read off the plan."""
+    widths = Counter(f"{layer.bits}-bit{'+dq' if layer.double_quant else ''}" for layer in plan.layers)
+    ranks = Counter(layer.rank for layer in plan.layers if layer.rank)
+    mix = ", ".join(f"{n} at {w}" for w, n in sorted(widths.items(), key=lambda kv: -kv[1]))
+    adapters = (f"{sum(ranks.values())} adapters (rank {min(ranks)}-{max(ranks)})" if ranks else "no adapter")
+    binds = plan.search.budget_binds
+    reason = ("" if binds is None else  # a hand-made plan: no search to explain
+              "; the budget binds: the bytes the widest layers would take go to the layers whose Fisher-weighted "
+              "LoftQ error is highest, and to adapters where the search found they lower the loss" if binds
+              else "; the budget does not bind: every layer could take the best option")
+    return f"why this plan: {len(plan.layers)} layers, {mix}; {adapters}{reason}"
+
+
 def run() -> None:
     console = stdout_console()
     _register()
@@ -43,6 +58,7 @@ def run() -> None:
          ["--budget", BUDGET, "--trials", "8", "--proxy-top", "2", "--proxy-steps", "10", "--out", plan,
           "--pareto", str(OUT / "pareto")])
     step(console, "3. the plan file", ["show", plan])
+    console.print(why(load_plan(plan)), style="bold")
     model_dir = OUT / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     step(console, "4. build it: LoftQ backbone + adapters", ["materialize", plan, "--out", str(model_dir), "--force"])

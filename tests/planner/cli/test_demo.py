@@ -1,0 +1,25 @@
+"""``make demo``'s one line on why the plan is what it is, read off a real plan of a tiny llama."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from planner.cli.demo import why
+from planner.settings import LayerChoice, RunSettings
+from planner.sources import resolve
+from planner.verify import plan_from_choices
+from tests.tiny_models import save_tiny_checkpoint
+
+
+def test_why_names_the_widths_and_adapters_of_the_plan(tmp_path: Path) -> None:
+    source = resolve(str(save_tiny_checkpoint("llama", tmp_path / "ckpt")))
+    targets = source.targets()
+    choices = {t.name: (LayerChoice(8, 16) if i % 3 == 0 else LayerChoice(4, 0) if i % 3 == 1
+                        else LayerChoice(3, 8, double_quant=True)) for i, t in enumerate(targets)}
+    plan = plan_from_choices(source, choices, RunSettings(device="cpu", seq_len=32))
+    n8, n4, n3 = (sum(1 for i in range(len(targets)) if i % 3 == k) for k in range(3))
+    line = why(plan)
+    assert line.startswith(f"why this plan: {len(targets)} layers, ")
+    for n, w in ((n8, "8-bit"), (n4, "4-bit"), (n3, "3-bit+dq")):
+        assert f"{n} at {w}" in line
+    assert f"{n8 + n3} adapters (rank 8-16)" in line
+    assert "\n" not in line
