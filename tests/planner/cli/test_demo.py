@@ -23,3 +23,25 @@ def test_why_names_the_widths_and_adapters_of_the_plan(tmp_path: Path) -> None:
         assert f"{n} at {w}" in line
     assert f"{n8 + n3} adapters (rank 8-16)" in line
     assert "\n" not in line
+
+
+def test_plan_report_suggests_nf3_only_when_2_bit_layers_came_from_a_menu_without_it(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from planner.cli.plan_cmd import low_bit_note
+    from search_spaces.widths import Width
+
+    source = resolve(str(save_tiny_checkpoint("llama", tmp_path / "ckpt")))
+    targets = source.targets()
+    choices = {t.name: LayerChoice(2 if i < 3 else 4, 0) for i, t in enumerate(targets)}
+    plan = plan_from_choices(source, choices, RunSettings(device="cpu", seq_len=32))
+    for options, expected in ((((2, 0), (4, 0), (8, 0)), "3 layers are at 2 bits"),
+                              (((2, 0), (Width(3), 0), (4, 0)), None),
+                              (((2, 0), (3, 0), (4, 0)), None)):
+        console = Console(record=True, width=200)
+        low_bit_note(SimpleNamespace(plan=plan, problem=SimpleNamespace(table=SimpleNamespace(options=options))),
+                     console)
+        text = console.export_text()
+        assert (expected in text) if expected else text == ""
