@@ -52,6 +52,7 @@ import torch
 from safetensors import safe_open
 
 from loftq import loftq
+from loftq.rounding import ROUNDINGS
 from loftq.solver import SVD_METHODS
 from search_spaces.discovery import is_conv1d, is_linear_like
 
@@ -99,6 +100,11 @@ class MaterializeConfig:
     init: str | None = _opt(None, "adapter initialisation (default: the plan's init): loftq = plain norm; "
                             "loftq-data = the layer-output norm on the plan's calibration sequences (their input "
                             "moments come from the planner's cache, or are recomputed)", choices=INITS)
+    rounding: str = _opt("nearest", "how Q's codes are chosen: nearest = round to nearest; feedback = error feedback "
+                         "under the layers' input moments (loftq.rounding: the same format and bytes, a lower output "
+                         "error; needs the data-aware initialisation's moments, i.e. a loftq-data plan or --init "
+                         "loftq-data; codebook layers whose input width is a multiple of the block size, the others "
+                         "round to nearest)", choices=ROUNDINGS)
 
     def __post_init__(self) -> None:
         if self.iters is not None and (not isinstance(self.iters, int) or isinstance(self.iters, bool)
@@ -110,6 +116,8 @@ class MaterializeConfig:
             raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}; got {self.svd!r}")
         if self.init is not None and self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}; got {self.rounding!r}")
         if self.non_target_dtype not in DTYPES:
             raise ValueError(f"non_target_dtype must be one of {', '.join(DTYPES)}; got {self.non_target_dtype!r}")
 
@@ -150,6 +158,12 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
     init = init_of(plan, config)
     device = resolve_device(config.device)
     h: Mapping[str, torch.Tensor] = {}
+    if config.rounding == "feedback":
+        if not init.data_aware:
+            raise PlannerError("--rounding feedback rounds under the layers' input moments: use it with a loftq-data "
+                               "plan or add --init loftq-data")
+        if any(layer.gguf_type for layer in plan.layers):
+            raise PlannerError("--rounding feedback works on codebook layers (NF); this plan has GGUF types")
     if init.data_aware:
         if moments is None:
             raise PlannerError("the data-aware initialisation needs the layers' input moments: run it through "
@@ -157,7 +171,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
         h, corpus = moments(source, [layer.name for layer in plan.layers], init, device)  # the plan's key
         init = dataclasses.replace(init, corpus=corpus)
     plan = dataclasses.replace(plan, init=init)
-    key = job_key(plan, source.weights_sha256(), iters, config.svd)
+    key = job_key(plan, source.weights_sha256(), iters, config.svd, config.rounding)
     partial = partial_dir(out)
     with _job(partial, key, config.force):
         names = [t.name for t in targets]
@@ -168,7 +182,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
         with progress.task(f"LoftQ on {device} ({len(names) - len(todo)} resumed)", len(todo)) as advance:
             for target, weight in source.iter_weights(todo):
                 _compute_layer(partial, layers[target.name], weight, iters[target.name], device, key, config.svd,
-                               h.get(target.name) if init.data_aware else None, init.damp)
+                               h.get(target.name) if init.data_aware else None, init.damp, config.rounding)
                 advance(1)
                 if on_layer is not None:
                     on_layer(target.name)
@@ -260,12 +274,15 @@ def init_of(plan: Plan, config: MaterializeConfig) -> InitRecord:
     return InitRecord("loftq-data", data=d.data, seqs=d.calib_seqs, seq_len=d.calib_seq_len, damp=DEFAULT_DAMP)
 
 
-def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int], svd: str = "randomized") -> str:
+def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int], svd: str = "randomized",
+            rounding: str = "nearest") -> str:
     """What a partial run's layers depend on: each layer's choice and T, the SVD method, the
-    initialisation (when data-aware) and the weights."""
+    initialisation (when data-aware), the rounding (when not nearest) and the weights."""
     spec = [[layer.name, list(layer.shape), layer.bits, layer.quant, layer.block_size, layer.double_quant,
              layer.rank, float(layer.alpha), iters[layer.name]] for layer in plan.layers]
     extra = {"init": plan.init.to_dict()} if plan.init.data_aware else {}
+    if rounding != "nearest":
+        extra["rounding"] = rounding
     blob = json.dumps({"v": JOB_VERSION, "weights": weights_sha, "layers": spec, "svd": svd, **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -334,7 +351,8 @@ def _committed(partial: Path, name: str, key: str) -> bool:
 
 
 def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters: int, device: torch.device,
-                   key: str, svd: str, moment: torch.Tensor | None = None, damp: float | None = None) -> None:
+                   key: str, svd: str, moment: torch.Tensor | None = None, damp: float | None = None,
+                   rounding: str = "nearest") -> None:
     """LoftQ one layer [out, in] and commit it: codes to artifact/backbone/layers, A/B to work/.
     (``weight`` is finite: the source's reader checks every tensor.) ``moment``: the layer's input
     second moment H [in, in] for the data-aware initialisation (its residual is then the weighted one)."""
@@ -346,7 +364,9 @@ def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters:
         meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
                          layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
     else:  # a GGUF type runs LoftQ with that format's quantizer (loftq takes its name as the width)
-        extra = {} if moment is None else {"calibration": moment.to(device), "damp": damp}
+        if weight.shape[1] % layer.block_size:  # feedback rounds whole blocks of input columns: nearest here
+            rounding = "nearest"
+        extra = {} if moment is None else {"calibration": moment.to(device), "damp": damp, "rounding": rounding}
         res = loftq(weight.to(device), layer.gguf_type or layer.bits, layer.rank, iters=iters, method=layer.method,
                     block_size=layer.block_size, double_quant=layer.double_quant, svd=svd, **extra)
         stored = res.quantized.to("cpu")

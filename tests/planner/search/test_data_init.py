@@ -163,3 +163,46 @@ def test_the_search_scores_the_data_aware_candidates(planned, tiny_dir: Path) ->
     guided = dataclasses.replace(cfg, init="loftq-data", search="guided", trials=2, proxy_top=1, proxy_steps=2)
     out = make_plan(guided, RUN, (prep.estimate(lo).total_bytes + prep.estimate(hi).total_bytes) // 2)
     assert out.plan.init == data.init and out.plan.search.trials == 2
+
+
+def test_materialize_rounding_feedback_builds_loftq_feedback_and_lowers_the_output_error(
+        planned, tiny_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """--rounding feedback: every quantized layer whose input width is a multiple of the block is
+    exactly loftq(..., rounding="feedback") under its moment (same bytes as nearest) with a lower
+    weighted residual; the others round to nearest; a plain plan without --init loftq-data is refused
+    with one line and exit 2."""
+    cfg, root, plain, data = planned
+    monkeypatch.setenv("LOFTQ_PLANNER_CACHE", str(root / "cache"))
+    save_plan(data, tmp_path / "data.json")
+    save_plan(plain, tmp_path / "plain.json")
+    near = planner.materialize(tmp_path / "data.json", tmp_path / "near")
+    fb = planner.materialize(tmp_path / "data.json", tmp_path / "fb", planner.MaterializeConfig(rounding="feedback"))
+    src = resolve(str(tiny_dir))
+    store, _ = plan_moments(src, [l.name for l in data.layers], data.init, cache_dir=root / "cache")
+    weights = {t.name: w for t, w in src.iter_weights(src.targets())}
+    got, got_near = _layers(tmp_path / "fb"), _layers(tmp_path / "near")
+    checked = 0
+    for layer in data.layers:
+        if layer.bits == 16:
+            continue
+        q, a, b = got[layer.name]
+        if layer.shape[1] % layer.block_size:
+            assert torch.equal(q.packed, got_near[layer.name][0].packed), layer.name
+            continue
+        want = loftq(weights[layer.name], layer.bits, layer.rank, method=layer.method, block_size=layer.block_size,
+                     double_quant=layer.double_quant, calibration=store[layer.name], damp=0.01, svd="randomized",
+                     rounding="feedback")
+        assert torch.equal(q.packed, want.quantized.packed), layer.name  # the feedback codes, as stored
+        assert not torch.equal(q.packed, got_near[layer.name][0].packed), layer.name  # and not nearest's
+        if layer.rank:
+            assert torch.equal(a.float(), want.lora_a) and torch.equal(b.float(), want.lora_b), layer.name
+        assert fb.plan.layer(layer.name).residual == round(want.weighted_errors[0], 6)
+        assert fb.plan.layer(layer.name).residual < near.plan.layer(layer.name).residual, layer.name
+        assert fb.plan.layer(layer.name).bytes == near.plan.layer(layer.name).bytes
+        checked += 1
+    assert checked >= 3
+    capsys.readouterr()
+    assert main(["materialize", str(tmp_path / "plain.json"), "--out", str(tmp_path / "x"), "--rounding", "feedback"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init loftq-data" in err[0]
+    assert not (tmp_path / "x").exists()
