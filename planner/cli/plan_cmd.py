@@ -110,8 +110,12 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
 
 
 def low_bit_note(outcome: Any, console: Console) -> None:
-    """A plan with NF2 layers from a menu without 3 bits: say what the wider menu bought (README)."""
-    offered = {int(str(w).rstrip("dq")) for w, _ in outcome.problem.table.options}
+    """A plan with NF2 layers from a menu without 3 bits: say what the wider menu bought (README).
+    Only after a search (``show`` of a saved plan has no menu to look at)."""
+    problem = getattr(outcome, "problem", None)
+    if problem is None:
+        return
+    offered = {int(str(w).rstrip("dq")) for w, _ in problem.table.options}
     n2 = sum(1 for layer in outcome.plan.layers if layer.bits == 2)
     if n2 and 3 not in offered:
         console.print(f"[yellow]note: {n2} layers are at 2 bits. At budgets this tight, --bits 2,3,4,8 "
