@@ -40,10 +40,16 @@ def why(plan: Plan) -> str:
     mix = ", ".join(f"{n} at {w}" for w, n in sorted(widths.items(), key=lambda kv: -kv[1]))
     adapters = (f"{sum(ranks.values())} adapters (rank {min(ranks)}-{max(ranks)})" if ranks else "no adapter")
     binds = plan.search.budget_binds
-    reason = ("" if binds is None else  # a hand-made plan: no search to explain
-              "; the budget binds: the bytes the widest layers would take go to the layers whose Fisher-weighted "
-              "LoftQ error is highest, and to adapters where the search found they lower the loss" if binds
-              else "; the budget does not bind: every layer could take the best option")
+    if binds is None:  # a hand-made plan: no search to explain
+        reason = ""
+    elif not binds:
+        reason = "; the budget does not bind: every layer could take the best option"
+    elif len(widths) == 1:
+        reason = (f"; the budget binds, but not on the widths: every layer fits at {next(iter(widths))}, and the "
+                  "bytes left went to adapters where the search found they lower the loss")
+    else:
+        reason = ("; the budget binds: the widest widths go to the layers whose Fisher-weighted LoftQ error is "
+                  "highest, and bytes go to adapters where the search found they lower the loss")
     return f"why this plan: {len(plan.layers)} layers, {mix}; {adapters}{reason}"
 
 
