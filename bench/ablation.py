@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from bench.common import (QUICK, VARIANTS, Assignment, BenchSetup, describe, lever_baselines, setup, variant_config,
+from bench.common import (QUICK, VARIANTS, Assignment, BenchSetup, lever_baselines, setup, variant_config,
                           write_json)
-from bench.quality import CEILING, ratios, run_method
+from bench.quality import CEILING, measure_row, ratios
 from planner.scoring.bank import MemoryStore, WeightBank
 from planner.scoring.ftproxy import CandidateBuilder
 from planner.search.pipeline import make_plan
@@ -77,26 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     done: dict[tuple, dict[str, Any]] = {}
 
-    def record(label: str, budget: int, method: str, plan: Assignment | None, init: str,
+    def record(label: str, budget: int, method: str, plan: Assignment | None, tag: str,
                builder: CandidateBuilder, extra: dict[str, Any]) -> None:
-        row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget,
-                               "budget_bits_per_weight": round(b.counter.bits_per_weight(budget), 3), **extra}
-        if plan is None:
-            rows.append({**row, "bytes": None, "infeasible": True})
+        row = measure_row(b, s, done, label, budget, method, plan, "default" if method == CEILING else "loftq",
+                          extra, tag=tag, builder=builder)
+        rows.append(row)
+        if row.get("infeasible"):
             print(f"[{label}] {method}: does not fit", file=sys.stderr)
         else:
-            used = b.counter.total(plan)
-            row.update(bytes=used, bits_per_weight=round(b.counter.bits_per_weight(used), 3), **describe(plan))
-            key = (tuple(plan), init)
-            t0 = time.perf_counter()
-            if key in done:
-                row.update({k: done[key][k] for k in ("ppl_before", "ppl_after", "ppl_after_std", "ppl_after_seeds",
-                                                      "ft_seconds")}, same_plan_as=done[key]["method"])
-            else:
-                row.update(run_method(replace(b, bank=builder), plan, "default" if method == CEILING else "loftq", s))
-                done[key] = row
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
             print(f"[{label}] {method}: {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± "
                   f"{row['ppl_after_std']:.2f} ({row['seconds']}s) {row['bits_hist']} {row['rank_hist']}",
                   file=sys.stderr)

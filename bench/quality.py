@@ -135,6 +135,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def measure_row(b: BenchSetup, s: Setting, done: dict[tuple, dict[str, Any]], label: str, budget: int,
+                method: str, plan: Assignment | None, init: str, extra: dict[str, Any], *, tag: str | None = None,
+                builder: Any = None) -> dict[str, Any]:
+    """One results row: ``plan``'s bytes and histograms, and its perplexities (:func:`run_method`
+    with ``init``, over ``builder`` if given, else ``b.bank``), or ``infeasible`` when ``plan`` is
+    None. A plan measured before under the same ``tag`` (default: ``init``) reuses that row's numbers
+    (``done`` holds them)."""
+    row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget,
+                           "budget_bits_per_weight": round(b.counter.bits_per_weight(budget), 3)}
+    if plan is None:
+        return {**row, "bytes": None, "infeasible": True}
+    used = b.counter.total(plan)
+    row.update(bytes=used, bits_per_weight=round(b.counter.bits_per_weight(used), 3), **describe(plan), **extra)
+    key = (tuple(plan), tag or init)
+    t0 = time.perf_counter()
+    if key in done:
+        row.update({k: done[key][k] for k in ("ppl_before", "ppl_after", "ppl_after_std", "ppl_after_seeds",
+                                              "ft_seconds")}, same_plan_as=done[key]["method"])
+    else:
+        row.update(run_method(b if builder is None else replace(b, bank=builder), plan, init, s))
+        done[key] = row
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
 def run_quality(s: Setting, methods: list[str] | None = None,
                 on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Rows for every budget x method; ``on_row(rows)`` after each (the bench saves as it goes). A
@@ -152,24 +177,11 @@ def run_quality(s: Setting, methods: list[str] | None = None,
         for method, (plan, init, extra) in plans.items():
             if methods and method not in methods:
                 continue
-            row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget,
-                                   "budget_bits_per_weight": round(b.counter.bits_per_weight(budget), 3)}
-            if plan is None:
-                rows.append({**row, "bytes": None, "infeasible": True})
+            row = measure_row(b, s, done, label, budget, method, plan, init, extra)
+            rows.append(row)
+            if row.get("infeasible"):
                 print(f"[{label}] {method}: does not fit", file=sys.stderr)
                 continue
-            used = b.counter.total(plan)
-            row.update(bytes=used, bits_per_weight=round(b.counter.bits_per_weight(used), 3), **describe(plan), **extra)
-            key = (tuple(plan), init)
-            t0 = time.perf_counter()
-            if key in done:
-                row.update({k: done[key][k] for k in ("ppl_before", "ppl_after", "ppl_after_std", "ppl_after_seeds",
-                                                      "ft_seconds")}, same_plan_as=done[key]["method"])
-            else:
-                row.update(run_method(b, plan, init, s))
-                done[key] = row
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
             ratios(rows)
             if on_row:
                 on_row(rows)
