@@ -1,7 +1,6 @@
 """llama.cpp itself on ``materialize --format gguf`` output (issue 18): perplexity and bytes.
 
-For each of our GGUF-type plans of the packaged SmolLM2 (built from hand-made choices, since the
-search does not offer GGUF types yet), ``python -m planner materialize plan.json --out DIR --format
+For each of our GGUF-type plans of the packaged SmolLM2 (hand-made choices), ``python -m planner materialize plan.json --out DIR --format
 gguf --non-target-dtype fp32`` writes DIR/gguf/model.gguf + adapter.gguf. On the same token ids
 (the pydoc corpus' test split, ``token_blocks`` with SmolLM2's tokenizer, no BOS added on either
 side) the perplexity is computed by
@@ -16,7 +15,13 @@ GGUF of the same weights (the packaged Q4_1 file's targets dequantized; token em
 stored Q8_0 in every file, so only the target tensors differ): uniform Q4_0, uniform IQ4_NL, and the
 Q8_0 (attn_v, ffn_down) / Q4_0 mix; bytes are whole-file sizes (model + adapter).
 
+With ``--planned q4_0,mix`` the planner's own GGUF plan (``--quant gguf``: it chooses every layer's
+type and rank) is built at the serving memory of each of those plans without adapter, and with
+``--finetune-steps N`` every plan with an adapter is also evaluated after the same short fine-tune
+(``python -m planner finetune``, train split), its trained ``adapter.gguf`` run by llama.cpp.
+
     python -m bench.llamacpp [--json] [--out bench/results/llamacpp.json] [--ours mix_r16,q4_0_r8]
+                             [--planned q4_0,mix] [--trials 8] [--finetune-steps 0]
                              [--blocks 16] [--seq-len 128] [--threads 2] [--no-peer] [--work DIR]
 """
 from __future__ import annotations
@@ -89,12 +94,13 @@ def build_ours(name: str, root: Path, seq_len: int) -> tuple[Path, float | None]
     return out, time.perf_counter() - start
 
 
-def ours_nll(folder: Path, blocks: torch.Tensor) -> tuple[float, float | None, torch.Tensor]:
-    """planner.load(DIR) on CPU in fp32: (mean nll with the adapter, without it or None, logits of block 0)."""
+def ours_nll(folder: Path, blocks: torch.Tensor, adapter: Path | None = None) -> tuple[float, float | None, torch.Tensor]:
+    """planner.load(DIR) on CPU in fp32: (mean nll with the adapter, without it or None, logits of block 0);
+    ``adapter``: a fine-tuned adapter folder instead of the LoftQ initialisation."""
     import planner
     from planner.train.loop import eval_loss
 
-    model = planner.load(folder, "cpu", torch.float32)
+    model = planner.load(folder, "cpu", torch.float32, **({"adapter": adapter} if adapter is not None else {}))
     # batches of 8: QuantLinear dequantizes its weight once per forward
     with_adapter = eval_loss(model, blocks, batch_size=8)
     with torch.no_grad():
@@ -104,6 +110,47 @@ def ours_nll(folder: Path, blocks: torch.Tensor) -> tuple[float, float | None, t
         with model.disable_adapter():
             bare = eval_loss(model, blocks, batch_size=8)
     return with_adapter, bare, logits
+
+
+def build_planned(peer: str, root: Path, seq_len: int, trials: int) -> tuple[Path, float | None]:
+    """The planner's own GGUF plan (``--quant gguf``, every type on the menu, llama.cpp's serving
+    memory at ``seq_len``) at the memory of ``peer``'s choices without adapter (the same estimate:
+    so its backbone plus f16 adapters take at most the peer's backbone bytes), materialized like
+    :func:`build_ours`. ROOT/planned-PEER is reused when an earlier run left it (seconds None)."""
+    name = f"planned-{peer}"
+    if (root / name / "gguf" / "model.gguf").is_file():
+        return root / name, None
+    types, _ = OURS[peer]
+    source = resolve(MODEL)
+    run = RunSettings(mode="inference", engine="llama.cpp", seq_len=seq_len)
+    choices = {t.name: LayerChoice(BITS[types[t.name.rsplit(".", 1)[-1]]], 0, types[t.name.rsplit(".", 1)[-1]], 32)
+               for t in source.targets()}
+    budget = plan_from_choices(source, choices, run).estimate.total_bytes
+    start = time.perf_counter()
+    argv = ["--model", MODEL, "--budget", str(budget), "--quant", "gguf", "--bits", "2,3,4,6,8", "--mode", "inference",
+            "--seq-len", str(seq_len), "--trials", str(trials), "--out", str(root / f"{name}.json")]
+    if planner_main(argv) != 0:
+        raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+    argv = ["materialize", str(root / f"{name}.json"), "--out", str(root / name), "--format", "gguf",
+            "--non-target-dtype", "fp32", "--device", "cpu"]
+    if planner_main(argv) != 0:
+        raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+    return root / name, time.perf_counter() - start
+
+
+def finetuned(folder: Path, steps: int, seq_len: int) -> Path | None:
+    """``python -m planner finetune DIR --steps N`` (train split, seed 0) into DIR/ft: the trained
+    adapter as PEFT and as adapter.gguf; None when the plan has no adapter to train."""
+    out = folder / f"ft-{steps}"
+    if (out / "adapter.gguf").is_file():
+        return out
+    if not (folder / "gguf" / "adapter.gguf").is_file():
+        return None
+    argv = ["finetune", str(folder), "--steps", str(steps), "--seq-len", str(seq_len), "--device", "cpu",
+            "--out", str(out), "--force"]
+    if planner_main(argv) != 0:
+        raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+    return out
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -220,8 +267,11 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rows, checks, blocks = [], [], None
-    for name in args.ours:
-        folder, build_s = build_ours(name, root, args.seq_len)
+    builds = [(name, lambda name=name: build_ours(name, root, args.seq_len)) for name in args.ours]
+    builds += [(f"planned at {peer}'s memory", lambda peer=peer: build_planned(peer, root, args.seq_len, args.trials))
+               for peer in args.planned]
+    for name, build in builds:
+        folder, build_s = build()
         if blocks is None:
             blocks = test_blocks(folder, args.blocks, args.seq_len)
         model, adapter = folder / "gguf" / "model.gguf", folder / "gguf" / "adapter.gguf"
@@ -238,12 +288,18 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                  "max_abs_logit_diff_block0": diff, "max_abs_logit_block0": float(my_logits.abs().max()),
                  "within_1pct": abs(math.exp(theirs - mine) - 1) < 0.01 and abs(math.exp(theirs_bare - mine_bare) - 1) < 0.01,
                  "materialize_s": build_s and round(build_s, 1), "ours_eval_s": round(t_ours, 1), "llamacpp_eval_s": round(t_llama, 1)}
+        ft = finetuned(folder, args.finetune_steps, args.seq_len) if args.finetune_steps else None
+        if ft is not None:  # the same short fine-tune, then each side runs the trained adapter
+            check["ppl_llamacpp_finetuned"] = math.exp(llama_nll(model, blocks, args.threads, ft / "adapter.gguf")[0])
+            check["ppl_ours_finetuned"] = math.exp(ours_nll(folder, blocks, ft)[0])
+            check["finetune_steps"] = args.finetune_steps
         checks.append(check)
         size = model.stat().st_size
         extra = adapter.stat().st_size if has_adapter else 0
         rows.append({"name": f"ours {name} (LoftQ)", "model_bytes": size, "adapter_bytes": extra,
                      "total_bytes": size + extra, "ppl_llamacpp": check["ppl_llamacpp"],
-                     "ppl_llamacpp_no_adapter": check["ppl_llamacpp_no_adapter"], "types": tensor_types(model)})
+                     "ppl_llamacpp_no_adapter": check["ppl_llamacpp_no_adapter"],
+                     "ppl_llamacpp_finetuned": check.get("ppl_llamacpp_finetuned"), "types": tensor_types(model)})
         print(json.dumps(check), flush=True)
     if args.peer:
         src = write_f32_base(packaged_gguf(MODEL), root / "smollm2-f32.gguf")
@@ -265,10 +321,13 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| file | model MB | adapter MB | total MB | ppl (llama.cpp) | ppl without adapter |", "|---|---|---|---|---|---|"]
+    lines = ["| file | model MB | adapter MB | total MB | ppl (llama.cpp) | ppl without adapter | after fine-tune |",
+             "|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: r["total_bytes"]):
+        ft = r.get("ppl_llamacpp_finetuned")
         lines.append(f"| {r['name']} | {r['model_bytes'] / 1e6:.1f} | {r['adapter_bytes'] / 1e6:.1f} | "
-                     f"{r['total_bytes'] / 1e6:.1f} | {r['ppl_llamacpp']:.3f} | {r['ppl_llamacpp_no_adapter']:.3f} |")
+                     f"{r['total_bytes'] / 1e6:.1f} | {r['ppl_llamacpp']:.3f} | {r['ppl_llamacpp_no_adapter']:.3f} | "
+                     f"{'–' if ft is None else f'{ft:.3f}'} |")
     lines += ["", "| plan | ppl llama.cpp | ppl ours | ratio | no adapter: llama.cpp / ours | ratio | max abs logit diff |",
               "|---|---|---|---|---|---|---|"]
     for c in result["checks"]:
@@ -281,6 +340,11 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ours", default="mix_r16,q4_0_r8", help=f"comma-separated plans of {', '.join(OURS)}")
+    ap.add_argument("--planned", default="", help="also the planner's own --quant gguf plan at the memory of each "
+                    f"of these plans without adapter (comma-separated, of {', '.join(OURS)})")
+    ap.add_argument("--trials", type=int, default=8, help="Optuna trials of --planned")
+    ap.add_argument("--finetune-steps", type=int, default=0, help="also evaluate every plan with an adapter after "
+                    "`python -m planner finetune DIR --steps N` (0: off)")
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -291,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.ours = [n.strip() for n in args.ours.split(",") if n.strip()]
-    unknown = [n for n in args.ours if n not in OURS]
+    args.planned = [n.strip() for n in args.planned.split(",") if n.strip()]
+    unknown = [n for n in args.ours + args.planned if n not in OURS]
     if unknown:
         ap.error(f"unknown plan {unknown[0]}; known: {', '.join(OURS)}")
     torch.set_num_threads(args.threads)

@@ -257,8 +257,11 @@ def stored_absmax(qt: QuantizedTensor) -> torch.Tensor:
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """QuantizedTensor -> tensor of ``qt.shape`` in ``dtype`` (default: the original dtype).
 
-    Computed in fp32 (codebook value times absmax), then cast, as bitsandbytes does.
+    Computed in fp32 (codebook value times absmax), then cast, as bitsandbytes does. A
+    :class:`loftq.GGUFTensor` decodes by its own format (bit-exact with llama.cpp).
     """
+    if not isinstance(qt, QuantizedTensor):
+        return qt.dequantize(dtype)
     codes = unpack(qt.packed, qt.config.bits, qt.numel)
     if qt.config.spec.rowwise:  # bnb's int8 arithmetic, in its order: c * absmax * (1/127)
         rows = (codes.float() - 127.0).view(-1, qt.block)

@@ -169,6 +169,24 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
 TABLE_DTYPE = torch.bfloat16  # the Krylov products of the tables (fp32 where bf16 matmuls are slow)
 
 
+def _width_residuals(w: torch.Tensor, bits: Sequence[int | str], method: str | Mapping[int, str], block_size: int,
+                     double_quant: bool, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(W - deq q_b(W) in ``dtype``, its fp64 squared norm per matrix) for each width of a stack
+    [L, out, in]: codebook widths in one fused pass, GGUF type names matrix by matrix."""
+    codebook = [b for b in bits if not isinstance(b, str)]
+    fused = iter(quantization_residuals(w, [_config(b, method, block_size, double_quant) for b in codebook],
+                                        dtype=dtype, checked=True) if codebook else [])
+    out = []
+    for b in bits:
+        if not isinstance(b, str):
+            out.append(next(fused))
+            continue
+        check_shape(tuple(w.shape[1:]), b)
+        res = torch.stack([m - gguf_quantize(m, b).dequantize(torch.float32) for m in w])
+        out.append((res.to(dtype), squared_norm(res)))
+    return out
+
+
 def table_dtype(device: torch.device) -> torch.dtype:
     """bf16 where it has fast matmuls (CUDA, CPUs with AVX512-BF16/AMX), else fp32. Measured on
     SmolLM2: same worst-case table error as fp32 (the residual's norm is always summed in fp32)."""
@@ -177,11 +195,12 @@ def table_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ranks: Sequence[int] = DEFAULT_RANKS,
+def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8), ranks: Sequence[int] = DEFAULT_RANKS,
                    iters: int = 1, method: str | Mapping[int, str] = "nf", block_size: int = 64,
                    double_quant: bool = False, calibration: torch.Tensor | None = None,
                    damp: float = 0.01, factor: torch.Tensor | None = None) -> torch.Tensor:
-    """Relative LoftQ residuals ||W - Q - BA|| / ||W|| for every (bits, rank) cell.
+    """Relative LoftQ residuals ||W - Q - BA|| / ||W|| for every (bits, rank) cell; a ``bits`` entry
+    may be a GGUF type name (``"q4_k"``: the rows must be whole blocks of it).
 
     weight: [out, in] -> [len(bits), len(ranks)]; or a batch of same-shape weights [L, out, in]
     -> [L, len(bits), len(ranks)] (one spectrum per matrix and width).
@@ -218,8 +237,7 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int] = (2, 4, 8), ran
     ref = w if factor is None else w @ factor
     ref_sq = squared_norm(ref).clamp(min=1e-60)
     dtype = table_dtype(w.device) if factor is None else torch.float32
-    configs = [_config(b, method, block_size, double_quant) for b in bits]
-    for j, (res, total) in enumerate(quantization_residuals(w, configs, dtype=dtype, checked=True)):
+    for j, (res, total) in enumerate(_width_residuals(w, bits, method, block_size, double_quant, dtype)):
         if factor is not None:
             res = res @ factor
             total = res.double().pow(2).sum(dim=(1, 2))

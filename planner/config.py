@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from search_spaces.choices import BITS, DQ_MODES, GRANULARITIES, SearchSpace
+from search_spaces.choices import BITS, DQ_MODES, GGUF_BITS, GRANULARITIES, QUANTS, SearchSpace
 
 from planner.options import option as _opt
 from planner.settings import INITS, TRAINERS
@@ -26,6 +26,10 @@ class PlanConfig:
     double_quant: str = _opt(_SPACE.double_quant, "double quantization of the blocks' absmax constants (QLoRA: "
                              "8-bit, blocks of 256; NF4 4.5 -> 4.127 bits/weight): off, on for every "
                              "quantized width, or search (the planner chooses per layer)", choices=DQ_MODES)
+    quant: str = _opt("nf", "quantizer family: nf (NormalFloat codebooks, for planner.load and bitsandbytes) or "
+                      "gguf (llama.cpp's block formats, for `materialize --format gguf`: --bits 2 = q2_k, 3 = q3_k, "
+                      "4 = q4_0/iq4_nl/q4_k, 6 = q6_k, 8 = q8_0; a K-quant on rows not a multiple of 256 "
+                      "falls back as llama.cpp's quantizer does)", choices=QUANTS)
     init: str = _opt("loftq", "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
                      "norm; loftq-data fits the layer's output on the calibration sequences (--data, --calib-seqs, "
                      "--calib-seq-len), and the planner's residuals use that norm too", choices=INITS)
@@ -57,11 +61,15 @@ class PlanConfig:
                          "unless this is set or HF_HUB_OFFLINE=1)")
 
     def __post_init__(self) -> None:
-        self.search_space  # noqa: B018 — SearchSpace validates, naming the value
-        bad_bits = [b for b in self.bits if b not in BITS]
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {', '.join(QUANTS)}; got {self.quant!r}")
+        allowed = GGUF_BITS if self.quant == "gguf" else BITS
+        bad_bits = [b for b in self.bits if b not in allowed]
         if not self.bits or bad_bits:
-            raise ValueError(f"bits must be a non-empty subset of {','.join(map(str, BITS))}; "
-                             f"got {','.join(map(str, self.bits))}")
+            hint = " (6 bits is a GGUF width: --quant gguf)" if 6 in bad_bits and self.quant == "nf" else ""
+            raise ValueError(f"bits must be a non-empty subset of {','.join(map(str, allowed))}; "
+                             f"got {','.join(map(str, self.bits))}{hint}")
+        self.search_space  # noqa: B018 — SearchSpace validates, naming the value
         if not self.ranks or any((not isinstance(r, int)) or r < 0 or r > 4096 for r in self.ranks):
             raise ValueError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
         if self.granularity not in GRANULARITIES:
@@ -87,7 +95,7 @@ class PlanConfig:
         """The space these options describe: 16 in ``bits`` means "may keep a layer in 16 bits"."""
         return SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,
                            keep16=16 in self.bits, block_size=self.block_size, granularity=self.granularity,
-                           double_quant=self.double_quant)
+                           double_quant=self.double_quant, quant=self.quant)
 
     @property
     def cache_path(self) -> Path | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from search_spaces.facts import ModelFacts, TargetLayer
+from search_spaces.widths import is_gguf
 
 from planner.budget import format_bytes
 from planner.memory import estimate
@@ -68,7 +69,9 @@ def uniform_plans(targets: Sequence[TargetLayer], space: Any, method: str = "nf"
     plans: dict[str, dict[str, LayerChoice]] = {}
     for w in sorted({b for b, _ in shared}):
         rank = max(r for b, r in shared if b == w)
-        plans[f"uniform {w}-bit r{rank}"] = {t.name: LayerChoice.of(w, rank, method, space.block_size) for t in targets}
+        label = f"uniform {w}" if is_gguf(w) else f"uniform {w}-bit"
+        plans[f"{label} r{rank}"] = {t.name: LayerChoice.of(w, rank, method, space.block_size, shape=tuple(t.shape))
+                                     for t in targets}
     return plans
 
 

@@ -352,6 +352,8 @@ def fixed_breakdown(facts: ModelFacts, targets: Sequence[TargetLayer], run: RunS
         out["activations"] = activation_fixed_bytes(facts, run)
         out["logits"] = kept
         out["transient"] = transient_bytes(facts, run, peak, kept, workspace)
+    elif run.llamacpp:
+        out.update(llamacpp_breakdown(facts, run, n_params))
     else:
         if facts.is_decoder:  # generation keeps keys and values; an encoder keeps nothing between layers
             out["kv_cache"] = run.tokens * facts.layers * 2 * facts.kv_dim * run.compute_bytes
@@ -359,6 +361,37 @@ def fixed_breakdown(facts: ModelFacts, targets: Sequence[TargetLayer], run: RunS
         out["transient"] = workspace + run.tokens * facts.intermediate * 3 * run.compute_bytes \
             + (run.batch_size * facts.vocab * 4 if facts.is_decoder else 0)
     return out
+
+
+LLAMACPP_CTX_PAD = 256  # llama.cpp rounds the context up to a multiple of this
+
+
+def llamacpp_compute_bytes(facts: ModelFacts, run: RunSettings) -> int:
+    """llama.cpp's compute buffer for one physical batch (``ubatch`` tokens, at most the context)
+    against a full context, flash attention off (its largest case; on, the scores are never built):
+    the larger of the head's phase (fp32 logits [ubatch, vocab] and ~3 hidden states) and the
+    attention's (fp32 scores [heads, ctx, ubatch] plus the mask, and ~2 MLP intermediates and a
+    hidden state per token). Fitted to the sizes llama.cpp 0.3.36 logs for SmolLM2 (CPU backend,
+    contexts 512-16384, ubatch 128/512): never under, at most 1.2 % over (tests/planner/test_memory_llamacpp.py)."""
+    ctx = -(-run.seq_len // LLAMACPP_CTX_PAD) * LLAMACPP_CTX_PAD
+    ub = min(run.ubatch, run.seq_len)
+    head = (facts.vocab * ub + 3 * facts.hidden * ub) * 4 if facts.is_decoder else 0
+    attention = ((facts.heads + 1) * ctx * ub + (2 * facts.intermediate + facts.hidden) * ub) * 4
+    return max(head, attention)
+
+
+def llamacpp_breakdown(facts: ModelFacts, run: RunSettings, non_target_params: int) -> dict[str, int]:
+    """The fixed device bytes of a llama.cpp server with every layer offloaded (``-ngl 99``): the
+    non-target weights less the token embedding, which llama.cpp keeps in host memory (a tied head
+    is a device copy of it, so then it counts), counted at 2 bytes (f16; a base GGUF with smaller
+    types needs less); its f16 KV cache for ``batch_size`` sequences of ``seq_len`` (its default
+    ``-ctk/-ctv f16``); the compute buffer (:func:`llamacpp_compute_bytes`) and the fp32 output buffer
+    (last-token logits per sequence)."""
+    host = 0 if facts.tied_embeddings else facts.vocab * facts.hidden
+    return {"non_target": max(non_target_params - host, 0) * 2,
+            "kv_cache": run.tokens * facts.layers * 2 * facts.kv_dim * 2,
+            "compute_buffer": llamacpp_compute_bytes(facts, run),
+            "output_buffer": run.batch_size * facts.vocab * 4 if facts.is_decoder else 0}
 
 
 def fixed_bytes(facts: ModelFacts, targets: Sequence[TargetLayer], run: RunSettings,

@@ -5,11 +5,11 @@ options from :func:`run_fields` and the memory model reads the same object.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from loftq import GGUF_TYPES, QuantConfig
-from search_spaces.widths import WidthKey, is_double_quant, width_bits
+from search_spaces.widths import GgufWidth, WidthKey, gguf_type_for, is_double_quant, width_bits
 
 from planner.options import option as _opt
 
@@ -21,6 +21,7 @@ ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TRAINERS = ("finetune", "hf", "trl", "other")
+ENGINES = ("auto", "torch", "llama.cpp")  # what serves an inference plan (auto: llama.cpp for --quant gguf)
 INITS = ("loftq", "loftq-data")  # LoftQ in the plain norm, or in the layer-output norm on calibration data
 
 
@@ -58,6 +59,11 @@ class RunSettings:
                         "transformers' Trainer (hf), TRL's SFTTrainer (trl: its default chunked loss never "
                         "builds the full logits), or another one (other: a margin on the step's peak)",
                         choices=TRAINERS)
+    engine: str = _opt("auto", "inference mode: what serves the model: torch (planner.load / transformers) or "
+                       "llama.cpp (its f16 KV cache at --seq-len context, its compute and output buffers; the "
+                       "token embedding stays in host memory); auto: llama.cpp for --quant gguf, else torch",
+                       choices=ENGINES)
+    ubatch: int = _opt(512, "llama.cpp's physical batch (-ub): its compute buffer grows with it")
     reserve_context_bytes: int = _opt(512 * 2**20, "the CUDA context and kernel images, outside torch's "
                                       "allocator (not seen by torch.cuda.max_memory_reserved)")
     reserve_fraction: float = _opt(0.05, "caching-allocator fragmentation (reserved but unusable) as a fraction of the "
@@ -66,10 +72,10 @@ class RunSettings:
     def __post_init__(self) -> None:
         for name, allowed in (("mode", MODES), ("compute_dtype", DTYPES), ("adapter_dtype", ADAPTER_DTYPES),
                               ("optimizer", OPTIMIZERS), ("attn_implementation", ATTENTION),
-                              ("device", DEVICES), ("trainer", TRAINERS)):
+                              ("device", DEVICES), ("trainer", TRAINERS), ("engine", ENGINES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("seq_len", "batch_size"):
+        for name in ("seq_len", "batch_size", "ubatch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -103,8 +109,18 @@ class RunSettings:
             return self.compute_bytes
         return DTYPE_BYTES[self.adapter_dtype]
 
+    @property
+    def llamacpp(self) -> bool:
+        """Served by llama.cpp (an inference plan with ``engine`` llama.cpp)."""
+        return self.engine == "llama.cpp" and not self.finetune
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; ``engine``/``ubatch`` only for a llama.cpp run (a torch run's dict, and so
+        every earlier plan's, is what it was)."""
+        d = asdict(self)
+        if self.engine != "llama.cpp":
+            del d["engine"], d["ubatch"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSettings":
@@ -113,6 +129,17 @@ class RunSettings:
         if unknown:
             raise ValueError(f"unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**d)
+
+
+def resolve_engine(run: RunSettings, quant: str) -> RunSettings:
+    """``engine`` auto made definite for a plan of quantizer family ``quant``: llama.cpp serves a
+    GGUF inference plan, torch everything else. ValueError for llama.cpp with codebook (NF) widths,
+    which it cannot read, or for a fine-tune (llama.cpp does not train here)."""
+    if run.engine == "auto":
+        return replace(run, engine="llama.cpp" if quant == "gguf" and not run.finetune else "torch")
+    if run.engine == "llama.cpp" and (quant != "gguf" or run.finetune):
+        raise ValueError("--engine llama.cpp serves GGUF types: it needs --quant gguf and --mode inference")
+    return run
 
 
 def run_fields() -> list:
@@ -163,9 +190,16 @@ class LayerChoice:
         return QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
 
     @classmethod
-    def of(cls, w: WidthKey, rank: int, method: str = "nf", block_size: int = 64) -> "LayerChoice":
+    def of(cls, w: WidthKey, rank: int, method: str = "nf", block_size: int = 64,
+           shape: tuple[int, ...] | None = None) -> "LayerChoice":
         """The choice of a search option (width, rank): a Width variant sets ``double_quant``; a
-        16-bit keep takes no method."""
+        16-bit keep takes no method; a GGUF width is the type a layer of ``shape`` stores for it
+        (:func:`search_spaces.widths.gguf_type_for`: a K-quant on a row it cannot hold falls back)."""
+        if isinstance(w, GgufWidth):
+            if shape is None:
+                raise ValueError(f"the GGUF width {w} needs the layer's shape")
+            t = GGUF_TYPES.get(gguf_type_for(w.name, tuple(shape)))
+            return cls(t.code_bits, rank, t.name, t.block_size, False)
         bits = width_bits(w)
         return cls(bits, rank, method if bits < 16 else "nf", block_size, is_double_quant(w))
 

@@ -42,8 +42,9 @@ from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, layer_param_breakdown
 from planner.settings import LayerChoice, RunSettings
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PLAIN_VERSION = 4  # a plan with plain LoftQ is written as this version (plan_versions: v4 -> v5)
+DATA_VERSION = 5  # a data-aware plan served by torch: v5 (v6 added run.engine/ubatch for llama.cpp serving)
 KEEP16 = ("bf16", "fp16")  # the dtypes a 16-bit layer may be kept in
 MODES = ("finetune", "inference")
 MODEL_KEYS = ("id", "source", "architecture", "weights_sha256")
@@ -250,9 +251,12 @@ class Plan:
 
     @property
     def document_version(self) -> int:
-        """The schema version this plan is written as: v3 for plain LoftQ (every v3 reader reads it
-        right), v4 for a data-aware one (see :mod:`planner.artifact.plan_versions`)."""
-        return SCHEMA_VERSION if self.init.data_aware else PLAIN_VERSION
+        """The oldest schema version that says all this plan says (see :mod:`planner.artifact.plan_versions`):
+        v4 for plain LoftQ served by torch (every v4 reader reads it right), v5 for a data-aware one,
+        v6 for one served by llama.cpp (its run records ``engine`` and ``ubatch``)."""
+        if self.run.llamacpp:
+            return SCHEMA_VERSION
+        return DATA_VERSION if self.init.data_aware else PLAIN_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         out = {"schema_version": self.document_version, "model": dict(self.model),

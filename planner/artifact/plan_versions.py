@@ -97,8 +97,15 @@ def _v4_to_v5(d: dict[str, Any]) -> dict[str, Any]:
     return {**d, "schema_version": 5, "init": {"method": "loftq"}}
 
 
+def _v5_to_v6(d: dict[str, Any]) -> dict[str, Any]:
+    run = d.get("run")
+    if isinstance(run, dict) and ("engine" in run or "ubatch" in run):
+        raise ValueError("plan run has unknown field(s) engine/ubatch (a schema v5 plan has none; they came with v6)")
+    return {**d, "schema_version": 6}
+
+
 READERS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4,
-                                                                 4: _v4_to_v5}
+                                                                 4: _v4_to_v5, 5: _v5_to_v6}
 
 
 def upgrade(d: dict[str, Any], version: int, current: int) -> dict[str, Any]:

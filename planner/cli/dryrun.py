@@ -15,7 +15,7 @@ from planner.budget import format_bytes, parse_budget
 from planner.config import PlanConfig
 from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, estimate, layer_bytes
-from planner.settings import LayerChoice, RunSettings
+from planner.settings import LayerChoice, RunSettings, resolve_engine
 
 DRY_RUN_METHOD = "nf"  # NF2 / NF3 / NF4 / NF8, as planner.search.pipeline plans them
 
@@ -33,11 +33,15 @@ def extreme_choices(targets: Sequence, space: Any, run: RunSettings, facts: Any)
                 space.choices_for(t)
         except ValueError as err:
             raise PlannerError(str(err)) from None
-        options = [LayerChoice.of(w, r, DRY_RUN_METHOD, space.block_size) for w, r in space.choices()]
-        costs = [sum(layer_bytes(t, o, run, facts) for t in members) for o in options]
-        lo, hi = options[costs.index(min(costs))], options[costs.index(max(costs))]
+        options = space.choices()
+
+        def choice(t: Any, k: int) -> LayerChoice:  # a GGUF width resolves per layer shape
+            return LayerChoice.of(*options[k], DRY_RUN_METHOD, space.block_size, shape=tuple(t.shape))
+
+        costs = [sum(layer_bytes(t, choice(t, k), run, facts) for t in members) for k in range(len(options))]
+        lo, hi = costs.index(min(costs)), costs.index(max(costs))
         for t in members:
-            low[t.name], high[t.name] = lo, hi
+            low[t.name], high[t.name] = choice(t, lo), choice(t, hi)
     return low, high
 
 
@@ -63,6 +67,10 @@ def dry_run(cfg: PlanConfig, run: RunSettings, as_json: bool = False) -> int:
     from planner.sources import resolve
 
     _check_data(cfg)
+    try:
+        run = resolve_engine(run, cfg.quant)
+    except ValueError as err:
+        raise PlannerError(str(err)) from None
     space = cfg.search_space
     budget = parse_budget(cfg.budget) if cfg.budget else None
     source = resolve(cfg.model, allow_download=False)  # shape facts suffice: never download for a dry run

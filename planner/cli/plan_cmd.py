@@ -25,6 +25,7 @@ from planner.errors import PlannerError
 from planner.options import option
 from planner.progress import stdout_console
 from planner.settings import RunSettings
+from search_spaces.widths import is_gguf, width_bits
 
 _FIRST = ("model", "budget")  # documented first in --help
 
@@ -115,7 +116,9 @@ def low_bit_note(outcome: Any, console: Console) -> None:
     problem = getattr(outcome, "problem", None)
     if problem is None:
         return
-    offered = {int(str(w).rstrip("dq")) for w, _ in problem.table.options}
+    if any(is_gguf(w) for w, _ in problem.table.options):  # the advice is about the NF menu
+        return
+    offered = {width_bits(w) for w, _ in problem.table.options}
     n2 = sum(1 for layer in outcome.plan.layers if layer.bits == 2)
     if n2 and 3 not in offered:
         console.print(f"[yellow]note: {n2} layers are at 2 bits. At budgets this tight, --bits 2,3,4,8 "

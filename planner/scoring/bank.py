@@ -23,9 +23,9 @@ from typing import Iterator, Mapping, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
-from loftq import QuantConfig, QuantizedTensor, dequantize, quantize, quantize_feedback
+from loftq import GGUFTensor, QuantConfig, QuantizedTensor, dequantize, gguf_quantize, quantize, quantize_feedback
 from loftq.rounding import check_rounding
-from search_spaces.widths import quant_config
+from search_spaces.widths import GgufWidth, WidthKey, gguf_type_for, is_gguf, quant_config, quant_spec
 
 from planner import progress
 from planner.runtime.layers import linear_weight
@@ -53,12 +53,25 @@ class BankSettings:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype, got {self.dtype!r}")
         for b in self.bits:
-            if b < 16:
+            if b < 16 and not is_gguf(b):  # a GGUF width's type depends on the layer's shape (spec)
                 self.quant_config(b)  # QuantConfig names an unsupported (method, bits, block_size)
 
     def quant_config(self, bits: int) -> QuantConfig:
         """``bits``: a width of the menu (an int, or a double-quantized ``Width``)."""
         return quant_config(bits, self.method, self.block_size)
+
+    def spec(self, bits: WidthKey, shape: tuple[int, ...]) -> QuantConfig | str:
+        """What a layer of ``shape`` is quantized as at ``bits``: a QuantConfig or a GGUF type name."""
+        return quant_spec(bits, shape, self.method, self.block_size)
+
+
+def spec_of(qt: QuantizedTensor | GGUFTensor) -> QuantConfig | str:
+    """The spec (:meth:`BankSettings.spec`) a stored tensor was quantized with."""
+    return qt.qtype if isinstance(qt, GGUFTensor) else qt.config
+
+
+def device_of(qt: QuantizedTensor | GGUFTensor) -> torch.device:
+    return (qt.data if isinstance(qt, GGUFTensor) else qt.packed).device
 
 
 class LowRank(NamedTuple):
@@ -73,7 +86,7 @@ class BankEntry:
     """One (layer, bits): Q, deq(Q) [out, in] and the top ``rank`` factors of W - deq(Q) (None until
     a lookup needs them: a width the search only ever uses at rank 0 never pays for an SVD)."""
 
-    quantized: QuantizedTensor
+    quantized: QuantizedTensor | GGUFTensor
     deq: torch.Tensor | None  # [out, in], bank dtype; None: dequantized on use (an on-disk store keeps Q only)
     b: torch.Tensor | None  # [out, rank], bank dtype
     a: torch.Tensor | None  # [rank, in], bank dtype
@@ -131,6 +144,9 @@ class DiskStore:
 
         with safe_open(str(self._path(name, bits)), framework="pt") as f:
             meta = f.metadata()
+        if "gguf" in meta:
+            gt = GGUFTensor(t["packed"], tuple(json.loads(meta["shape"])), getattr(torch, meta["dtype"]), meta["gguf"])
+            return BankEntry(gt, None, t.get("b"), t.get("a"), meta["svd"])
         config = QuantConfig.from_name(meta["quant"], int(meta["block_size"]), meta["double_quant"] == "1")
         consts = {k: t[k] for k in ("absmax", "absmax_codes", "absmax_scale", "absmax_offset") if k in t}
         qt = QuantizedTensor(t["packed"], tuple(json.loads(meta["shape"])), getattr(torch, meta["dtype"]), config,
@@ -141,10 +157,15 @@ class DiskStore:
         from planner.cache import save_cached
 
         qt = entry.quantized
+        factors = {"b": entry.b, "a": entry.a} if entry.b is not None else {}
+        if isinstance(qt, GGUFTensor):
+            meta = {"gguf": qt.qtype, "shape": json.dumps(list(qt.shape)), "dtype": str(qt.dtype).removeprefix("torch."),
+                    "svd": entry.svd}
+            save_cached(self._path(name, bits), f"{self.key}/{name}/{bits}", {"packed": qt.data, **factors}, meta)
+            return
         meta = {"quant": qt.config.quant_name, "block_size": str(qt.config.block_size),
                 "double_quant": "1" if qt.config.double_quant else "0", "shape": json.dumps(list(qt.shape)),
                 "dtype": str(qt.dtype).removeprefix("torch."), "block": str(qt.block), "svd": entry.svd}
-        factors = {"b": entry.b, "a": entry.a} if entry.b is not None else {}
         save_cached(self._path(name, bits), f"{self.key}/{name}/{bits}", {"packed": qt.packed, **qt.constants(), **factors},
                     meta)
 
@@ -240,18 +261,28 @@ class WeightBank:
         s = self.settings
         if bits not in s.bits or bits >= 16:
             raise ValueError(f"bits {bits!r} is not a quantized width of this bank ({s.bits})")
+        bits = self._canonical(name, bits)
         entry = self.store.get(name, bits)
         if entry is None:
             entry = self._compute(name, bits, factors)
             self.store.put(name, bits, entry)
-        elif (entry.quantized.config != s.quant_config(bits) or entry.svd != self.label
+        elif (spec_of(entry.quantized) != s.spec(bits, tuple(entry.quantized.shape)) or entry.svd != self.label
               or (entry.b is not None and (entry.b.dtype != s.dtype or entry.rank < min(s.max_rank, *entry.quantized.shape)))):
             raise ValueError(f"the bank's store holds {name} at {bits} bits built with other settings "
-                             f"({entry.quantized.config}, {entry.svd} SVD, rank {entry.rank}) than this bank's {s}")
+                             f"({spec_of(entry.quantized)}, {entry.svd} SVD, rank {entry.rank}) than this bank's {s}")
         elif factors and entry.b is None:
             entry = self._with_factors(name, entry)
             self.store.put(name, bits, entry)
         return entry
+
+    def _canonical(self, name: str, bits: WidthKey) -> WidthKey:
+        """The key an entry is stored under: a GGUF width that falls back on this layer (q4_k on a
+        576-wide row) is the same tensor as its fallback's width, computed and stored once."""
+        if not is_gguf(bits):
+            return bits
+        shape_of = getattr(self.weights, "shape_of", None)
+        shape = shape_of(name) if shape_of is not None else tuple(self.weights[name].shape)
+        return GgufWidth(gguf_type_for(bits.name, shape))
 
     def _source(self, name: str) -> tuple[torch.Tensor, torch.device]:
         original = self.weights[name].detach()
@@ -261,10 +292,15 @@ class WeightBank:
     def _compute(self, name: str, bits: int, factors: bool) -> BankEntry:
         s = self.settings
         w, home = self._source(name)
-        if self.rounding == "feedback":
-            qt = quantize_feedback(w, s.quant_config(bits), self.moments[name].to(w.device), self.damp)
+        spec = s.spec(bits, tuple(w.shape))
+        if isinstance(spec, str):
+            if self.rounding == "feedback":
+                raise ValueError(f"rounding='feedback' takes codebook widths, not the GGUF type {spec}")
+            qt = gguf_quantize(w, spec)
+        elif self.rounding == "feedback":
+            qt = quantize_feedback(w, spec, self.moments[name].to(w.device), self.damp)
         else:
-            qt = quantize(w, config=s.quant_config(bits))
+            qt = quantize(w, config=spec)
         deq = dequantize(qt, torch.float32)
         entry = BankEntry(qt.to(home), deq.to(home, s.dtype), None, None, self.label)
         return self._with_factors(name, entry, w, deq) if factors else entry
@@ -274,7 +310,7 @@ class WeightBank:
         s = self.settings
         if w is None:
             w, _ = self._source(name)
-        home = e.quantized.packed.device
+        home = device_of(e.quantized)
         if deq is None:
             deq = dequantize(e.quantized.to(w.device), torch.float32)
         if self.moments is None:
@@ -287,7 +323,7 @@ class WeightBank:
             f = LowRank(f.b, torch.linalg.solve_triangular(factor, f.a, upper=False, left=False))
         return BankEntry(e.quantized, e.deq, f.b.to(home, s.dtype), f.a.to(home, s.dtype), self.label)
 
-    def quantized(self, name: str, bits: int) -> QuantizedTensor:
+    def quantized(self, name: str, bits: int) -> QuantizedTensor | GGUFTensor:
         return self.entry(name, bits, factors=False).quantized
 
     def deq(self, name: str, bits: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from search_spaces.discovery import block_path
+from search_spaces.widths import width_bits
 
 FP32 = 4
 RUNTIME_BYTES = 600 * 2**20  # Python, torch and transformers loaded, measured RSS before any weight
@@ -88,7 +89,7 @@ def planner_peak(facts: Any, targets: Sequence[Any], non_target: Sequence[Any], 
     work = max(stages.values())
     widths = [b for b in bits if b < 16]
     n_weights = sum(numel(t.shape) for t in targets)
-    bank = sum(n_weights * b // 8 + n_weights // 64 * FP32 for b in widths) if trials > 0 else 0
+    bank = sum(n_weights * width_bits(b) // 8 + n_weights // 64 * FP32 for b in widths) if trials > 0 else 0
     bank += FP32 * max_rank * sum(sum(t.shape) for t in targets) * len(widths) if trials > 0 else 0
     boundary = FP32 * (facts.layers + 1) * calib_seqs * seq * h
     return PlannerPeak(host_bytes=RUNTIME_BYTES + (2 * layer if on_gpu else work), device_bytes=work if on_gpu else 0,

@@ -33,6 +33,10 @@ class SourceWeights(Mapping[str, torch.Tensor]):
         target = self._targets[name]
         return next(iter(self.source.iter_weights([target])))[1]
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """[out, in] without reading the weight."""
+        return tuple(self._targets[name].shape)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._targets)
 

@@ -15,9 +15,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from loftq import dequantize, quantize
+from loftq import dequantize
 from search_spaces.discovery import weight_out_in
-from search_spaces.widths import quant_config
+from search_spaces.widths import quantize_width
 
 from planner import progress
 
@@ -107,7 +107,7 @@ def fisher_errors(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tens
         for j, b in enumerate(bits):
             if b >= 16:
                 continue
-            err = w.float() - dequantize(quantize(w, config=quant_config(b, method, block_size)), torch.float32)
+            err = w.float() - dequantize(quantize_width(w, b, method, block_size), torch.float32)
             out[i, j] = 0.5 * float((fisher[name] * err.pow(2)).sum())
     return out
 
@@ -171,7 +171,7 @@ def streamed_fisher_errors(stream, blocks: torch.Tensor, bits: Sequence[int], me
                         if b >= 16:
                             continue
                         deq = bank.deq(name, b).float() if bank is not None else \
-                            dequantize(quantize(w, config=quant_config(b, method, block_size)), torch.float32)
+                            dequantize(quantize_width(w, b, method, block_size), torch.float32)
                         out[row[name], j] = 0.5 * float((f * (w - deq.to(w.device)).pow(2)).sum())
             advance(1)
     return out

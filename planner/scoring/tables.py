@@ -23,7 +23,7 @@ from loftq import residual_table
 from loftq.solver import calibration_factor
 from loftq.quant import squared_norm
 from search_spaces.facts import TargetLayer
-from search_spaces.widths import WidthKey, is_double_quant, width_bits
+from search_spaces.widths import WidthKey, gguf_type_for, is_double_quant, is_gguf, width_bits
 
 from planner import progress
 from planner.devices import resolve_device
@@ -80,6 +80,12 @@ def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tup
         yield [t for t, _ in group], torch.stack([w for _, w in group])
 
 
+def _row(w: WidthKey, stack: torch.Tensor) -> int | str:
+    """What ``residual_table`` computes for a width on this stack: its bits, or the GGUF type the
+    stack's shape stores for it (a K-quant's fallback on rows it cannot hold)."""
+    return gguf_type_for(w.name, tuple(stack.shape[1:])) if is_gguf(w) else width_bits(w)
+
+
 def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tensor | None = None) -> torch.Tensor:
     """[L, len(bits), len(ranks)] for a stack [L, out, in]: one ``residual_table`` call per
     double-quantization setting among the rows (one call, as always, for a plain menu); ``factor``:
@@ -88,9 +94,12 @@ def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tenso
     out: torch.Tensor | None = None
     for flag in sorted(set(dq)):
         rows = [j for j, d in enumerate(dq) if d == flag]
-        tab = residual_table(stack, bits=[width_bits(settings.bits[j]) for j in rows], ranks=settings.ranks,
+        specs = [_row(settings.bits[j], stack) for j in rows]
+        unique = list(dict.fromkeys(specs))  # GGUF widths that fall back to one type: computed once
+        tab = residual_table(stack, bits=unique, ranks=settings.ranks,
                              iters=settings.iters, method=settings.method, block_size=settings.block_size,
                              double_quant=flag, factor=factor)
+        tab = tab[:, [unique.index(x) for x in specs]]
         if len(rows) == len(dq):
             return tab
         if out is None:

@@ -32,7 +32,7 @@ from planner.overheads import allocatable_bytes
 from planner.search.objective import OptionTable
 from planner.search.study import (DONE, Candidate, SearchProblem, assignment, guided_search,
                                   open_study, redact)
-from planner.settings import RunSettings
+from planner.settings import RunSettings, resolve_engine
 from planner.scoring.tables import ResidualTables, TableSettings, residual_tables
 
 log = logging.getLogger(__name__)
@@ -55,20 +55,21 @@ class Prepared:
     group_names: list[str]
     timings: dict[str, float] = field(default_factory=dict)
 
-    def choice_of(self, option: tuple[WidthKey, int]) -> LayerChoice:
-        return LayerChoice.of(*option, method=METHOD, block_size=self.cfg.block_size)
+    def choice_of(self, option: tuple[WidthKey, int], target: TargetLayer) -> LayerChoice:
+        """What ``target`` stores for a search option (a GGUF width resolves per shape)."""
+        return LayerChoice.of(*option, method=METHOD, block_size=self.cfg.block_size, shape=tuple(target.shape))
 
     def total_bytes(self, choice: Sequence[int]) -> int:
         return self.fixed_bytes + int(sum(int(self.costs[i, k]) for i, k in enumerate(choice)))
 
     def estimate(self, choice: Sequence[int]):
-        choices = {t.name: self.choice_of(self.options[k]) for t, k in zip(self.targets, choice)}
+        choices = {t.name: self.choice_of(self.options[k], t) for t, k in zip(self.targets, choice)}
         return estimate(self.source.facts, self.targets, choices, self.run, self.source.non_target_params(self.targets))
 
 
 def options_of(cfg: PlanConfig) -> list[tuple[WidthKey, int]]:
-    """(width, rank) pairs, width-major; widths from ``--bits`` under ``--double-quant``."""
-    return [(w, r) for w in menu(cfg.bits, cfg.double_quant) for r in sorted(set(cfg.ranks))]
+    """(width, rank) pairs, width-major; widths from ``--bits`` under ``--double-quant`` and ``--quant``."""
+    return [(w, r) for w in menu(cfg.bits, cfg.double_quant, cfg.quant) for r in sorted(set(cfg.ranks))]
 
 
 def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
@@ -77,6 +78,10 @@ def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
 
     from planner.sources import resolve
 
+    try:  # engine auto -> llama.cpp for a GGUF inference plan
+        run = resolve_engine(run, cfg.quant)
+    except ValueError as err:
+        raise PlannerError(str(err)) from None
     source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_path,
                      allow_download=False if cfg.offline else None)
     try:
@@ -93,7 +98,7 @@ def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
         raise PlannerError(str(err)) from None
     prep = Prepared(cfg, run, source, targets, options, torch.empty(0), 0, [], [])
     facts = source.facts
-    prep.costs = torch.tensor([[layer_bytes(t, prep.choice_of(o), run, facts) for o in options] for t in targets],
+    prep.costs = torch.tensor([[layer_bytes(t, prep.choice_of(o, t), run, facts) for o in options] for t in targets],
                               dtype=torch.int64)
     prep.fixed_bytes = fixed_bytes(facts, targets, run, source.non_target_params(targets))
     grouped = group_targets(targets, cfg.granularity)
@@ -118,7 +123,8 @@ def check_budget(prep: Prepared, budget: int) -> int:
 
 
 def table_settings(cfg: PlanConfig) -> TableSettings:
-    return TableSettings(bits=tuple(w for w in menu(cfg.bits, cfg.double_quant) if w < 16) or (4,),
+    quantized = tuple(w for w in menu(cfg.bits, cfg.double_quant, cfg.quant) if w < 16)
+    return TableSettings(bits=quantized or menu((4,), cfg.double_quant, cfg.quant)[:1],
                          ranks=tuple(sorted(set(cfg.ranks) | {0})), method=METHOD, block_size=cfg.block_size)
 
 
@@ -201,6 +207,7 @@ def _dq(cfg: PlanConfig) -> dict[str, str]:
     """``--double-quant`` and ``--init`` for study names and fingerprints, absent at their defaults
     (today's names)."""
     return {**({} if cfg.double_quant == "off" else {"double_quant": cfg.double_quant}),
+            **({} if cfg.quant == "nf" else {"quant": cfg.quant}),
             **({} if cfg.init == "loftq" else {"init": cfg.init})}
 
 
@@ -426,11 +433,11 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
     layers = []
     for i, (t, k) in enumerate(zip(prep.targets, chosen.choice)):
         w, rank = prep.options[k]
-        lc = prep.choice_of((w, rank))
-        quant = lc.quant_config.quant_name if lc.quant_config is not None else "bf16"
+        lc = prep.choice_of((w, rank), t)
+        quant = lc.gguf_type or (lc.quant_config.quant_name if lc.quant_config is not None else "bf16")
         residual = tables.cell(t.name, w, rank) if w < 16 else 0.0
         layers.append(LayerPlan(name=t.name, shape=tuple(t.shape), bits=lc.bits, quant=quant,
-                                block_size=prep.cfg.block_size, rank=rank, alpha=float(rank), iters=1,
+                                block_size=lc.block_size if lc.gguf_type else prep.cfg.block_size, rank=rank, alpha=float(rank), iters=1,
                                 residual=round(residual, 6), bytes=int(prep.costs[i, k]),
                                 sensitivity=float(table.est[i, k]), double_quant=lc.double_quant))
     est = prep.estimate(chosen.choice)

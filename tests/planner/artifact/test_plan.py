@@ -278,7 +278,7 @@ def test_search_extra_must_be_plain_json() -> None:
 def test_in_memory_plan_takes_typed_records() -> None:
     with pytest.raises(ValueError, match="run must be a RunSettings, got dict"):
         make_plan(run=RUN.to_dict())
-    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 5"):
+    with pytest.raises(ValueError, match="schema_version of a plan in memory must be 6"):
         make_plan(schema_version=1)
     plan = make_plan()
     assert plan.run.seq_len == 512 and plan.search.proxy.chosen() == {"trial": 0, "chosen": True}
@@ -314,7 +314,7 @@ def test_v2_plan_written_by_the_v2_code_still_loads(tmp_path: Path) -> None:
     doc = json.loads((DATA / "plan_v2_manual.json").read_text())
     assert doc["schema_version"] == 2
     plan = load_plan(DATA / "plan_v2_manual.json")
-    assert plan.schema_version == SCHEMA_VERSION == 5 and plan.init == InitRecord()
+    assert plan.schema_version == SCHEMA_VERSION == 6 and plan.init == InitRecord()
     assert {k: v for k, v in plan.to_dict().items() if k != "schema_version"} == \
         {k: v for k, v in doc.items() if k != "schema_version"}
     assert {(x.quant, x.double_quant) for x in plan.layers} >= {("nf2", False), ("nf4", True), ("int8", False),
@@ -329,7 +329,7 @@ def test_v3_plan_written_by_the_v3_code_still_loads(tmp_path: Path) -> None:
     doc = json.loads((DATA / "plan_v3_manual.json").read_text())
     assert doc["schema_version"] == 3
     plan = load_plan(DATA / "plan_v3_manual.json")
-    assert plan.schema_version == SCHEMA_VERSION == 5 and plan.init == InitRecord()
+    assert plan.schema_version == SCHEMA_VERSION == 6 and plan.init == InitRecord()
     assert {k: v for k, v in plan.to_dict().items() if k != "schema_version"} == \
         {k: v for k, v in doc.items() if k != "schema_version"}
     assert {x.quant for x in plan.layers} == {"nf2", "nf3", "nf4", "int8", "uniform4", "bf16"}
@@ -430,7 +430,7 @@ def test_v4_plan_written_by_the_v4_code_loads_as_plain_loftq_and_is_written_back
     raw = (DATA / "plan_v4_manual.json").read_bytes()
     assert json.loads(raw)["schema_version"] == 4
     plan = load_plan(DATA / "plan_v4_manual.json")
-    assert plan.schema_version == SCHEMA_VERSION == 5 and plan.init == InitRecord() and plan.document_version == 4
+    assert plan.schema_version == SCHEMA_VERSION == 6 and plan.init == InitRecord() and plan.document_version == 4
     assert save_plan(plan, tmp_path / "again.json").read_bytes() == raw
 
 
@@ -453,3 +453,14 @@ def test_a_data_aware_plan_is_written_as_v5_with_its_init(tmp_path: Path) -> Non
     (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "init"}))
     with pytest.raises(PlannerError, match="missing field"):
         load_plan(tmp_path / "bad.json")
+
+
+def test_v5_plan_written_by_the_v5_code_loads_and_is_written_back_byte_for_byte(tmp_path: Path) -> None:
+    """plan_v5_manual.json: written by the v5 code (main at da48fda, make_plan(init=DATA_INIT)). It
+    reads as a v6 plan served by torch, and a data-aware plan is still written as that v5 document."""
+    raw = (DATA / "plan_v5_manual.json").read_bytes()
+    assert json.loads(raw)["schema_version"] == 5
+    plan = load_plan(DATA / "plan_v5_manual.json")
+    assert plan.schema_version == SCHEMA_VERSION == 6 and plan.init == DATA_INIT and plan.document_version == 5
+    assert not plan.run.llamacpp and plan.run.engine == "auto"
+    assert save_plan(plan, tmp_path / "again.json").read_bytes() == raw
