@@ -64,6 +64,8 @@ OURS: dict[str, tuple[dict[str, str], int]] = {
     "iq4_nl_r8": ({leaf: "iq4_nl" for leaf in LEAVES}, 8),
 }
 BITS = {"q8_0": 8, "q4_0": 4, "iq4_nl": 4}
+# --planned: the planner's own plan at the memory of these types without adapter (llama.cpp's peers' layouts)
+PLANNED_AT = {"q4_0": OURS["q4_0_r8"][0], "iq4_nl": OURS["iq4_nl_r8"][0], "mix": OURS["mix_r16"][0]}
 # llama.cpp's quantizer: (ftype, {tensor regex: ggml type}) with pure=True
 PEERS: dict[str, tuple[int, dict[str, int]]] = {
     "llama.cpp Q4_0": (llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, {}),
@@ -120,7 +122,7 @@ def build_planned(peer: str, root: Path, seq_len: int, trials: int) -> tuple[Pat
     name = f"planned-{peer}"
     if (root / name / "gguf" / "model.gguf").is_file():
         return root / name, None
-    types, _ = OURS[peer]
+    types = PLANNED_AT[peer]
     source = resolve(MODEL)
     run = RunSettings(mode="inference", engine="llama.cpp", seq_len=seq_len)
     choices = {t.name: LayerChoice(BITS[types[t.name.rsplit(".", 1)[-1]]], 0, types[t.name.rsplit(".", 1)[-1]], 32)
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ours", default="mix_r16,q4_0_r8", help=f"comma-separated plans of {', '.join(OURS)}")
     ap.add_argument("--planned", default="", help="also the planner's own --quant gguf plan at the memory of each "
-                    f"of these plans without adapter (comma-separated, of {', '.join(OURS)})")
+                    f"of these layouts without adapter (comma-separated, of {', '.join(PLANNED_AT)})")
     ap.add_argument("--trials", type=int, default=8, help="Optuna trials of --planned")
     ap.add_argument("--finetune-steps", type=int, default=0, help="also evaluate every plan with an adapter after "
                     "`python -m planner finetune DIR --steps N` (0: off)")
@@ -356,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.ours = [n.strip() for n in args.ours.split(",") if n.strip()]
     args.planned = [n.strip() for n in args.planned.split(",") if n.strip()]
-    unknown = [n for n in args.ours + args.planned if n not in OURS]
+    unknown = [n for n in args.ours if n not in OURS]
     if unknown:
         ap.error(f"unknown plan {unknown[0]}; known: {', '.join(OURS)}")
+    unknown = [n for n in args.planned if n not in PLANNED_AT]
+    if unknown:
+        ap.error(f"unknown --planned {unknown[0]}; known: {', '.join(PLANNED_AT)}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("LOFTQ_PLANNER_CACHE", "/tmp/cache-llama")
     start, load_before = time.perf_counter(), os.getloadavg()

@@ -33,6 +33,11 @@ class PlanConfig:
     init: str = _opt("loftq", "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
                      "norm; loftq-data fits the layer's output on the calibration sequences (--data, --calib-seqs, "
                      "--calib-seq-len), and the planner's residuals use that norm too", choices=INITS)
+    rounding: str = _opt("nearest", "how Q's codes are chosen, recorded in the plan: nearest, or feedback (error "
+                         "feedback under the data-aware initialisation's moments: the same format and bytes, a lower "
+                         "output error; needs --init loftq-data and --quant nf). The search's candidates are built with "
+                         "it and materialize uses it; the residual tables still rank widths by round-to-nearest",
+                         choices=("nearest", "feedback"))
     target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
     search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; exact: the solver alone",
                        choices=SEARCHES)
@@ -76,6 +81,11 @@ class PlanConfig:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if self.rounding not in ("nearest", "feedback"):
+            raise ValueError(f"rounding must be nearest or feedback; got {self.rounding!r}")
+        if self.rounding == "feedback" and (self.init != "loftq-data" or self.quant != "nf"):
+            raise ValueError("--rounding feedback rounds under the calibration moments of codebook widths: it needs "
+                             "--init loftq-data and --quant nf")
         if self.search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if self.trials < 0:

@@ -84,8 +84,14 @@ def fit_space(budget: int, facts: ModelFacts, targets: Sequence[TargetLayer], sp
 
 def fit_lines(fits: Sequence[Fit], run: RunSettings, budget: int) -> list[str]:
     """Human lines: one per plan, saying the longest context at the batch and the largest batch at the context."""
-    lines = [f"fits {format_bytes(budget)} (trainer {run.trainer}, "
-             f"{'checkpointing' if run.gradient_checkpointing else 'no checkpointing'}, {run.attn_implementation}):"]
+    if run.llamacpp:
+        how = f"served by llama.cpp: f16 KV cache, ubatch {run.ubatch}, flash attention off"
+    elif not run.finetune:
+        how = f"served by torch, {run.attn_implementation}"
+    else:
+        how = (f"trainer {run.trainer}, {'checkpointing' if run.gradient_checkpointing else 'no checkpointing'}, "
+               f"{run.attn_implementation}")
+    lines = [f"fits {format_bytes(budget)} ({how}):"]
     for f in fits:
         if f.longest_seq == 0:
             lines.append(f"  {f.label}: nothing fits, not even 1 token x batch {run.batch_size}")

@@ -368,13 +368,14 @@ LLAMACPP_CTX_PAD = 256  # llama.cpp rounds the context up to a multiple of this
 
 def llamacpp_compute_bytes(facts: ModelFacts, run: RunSettings) -> int:
     """llama.cpp's compute buffer for one physical batch (``ubatch`` tokens, at most the context)
-    against a full context, flash attention off (its largest case; on, the scores are never built):
+    against a full context (``seq_len`` x ``batch_size``: its ``-c`` for that many parallel
+    sequences, one unified KV cache), flash attention off (its largest case; on, the scores are never built):
     the larger of the head's phase (fp32 logits [ubatch, vocab] and ~3 hidden states) and the
     attention's (fp32 scores [heads, ctx, ubatch] plus the mask, and ~2 MLP intermediates and a
     hidden state per token). Fitted to the sizes llama.cpp 0.3.36 logs for SmolLM2 (CPU backend,
     contexts 512-16384, ubatch 128/512): never under, at most 1.2 % over (tests/planner/test_memory_llamacpp.py)."""
-    ctx = -(-run.seq_len // LLAMACPP_CTX_PAD) * LLAMACPP_CTX_PAD
-    ub = min(run.ubatch, run.seq_len)
+    ctx = -(-run.tokens // LLAMACPP_CTX_PAD) * LLAMACPP_CTX_PAD  # -c: every sequence's context together
+    ub = min(run.ubatch, run.tokens)
     head = (facts.vocab * ub + 3 * facts.hidden * ub) * 4 if facts.is_decoder else 0
     attention = ((facts.heads + 1) * ctx * ub + (2 * facts.intermediate + facts.hidden) * ub) * 4
     return max(head, attention)

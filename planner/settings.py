@@ -115,10 +115,10 @@ class RunSettings:
         return self.engine == "llama.cpp" and not self.finetune
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields; ``engine``/``ubatch`` only for a llama.cpp run (a torch run's dict, and so
-        every earlier plan's, is what it was)."""
+        """The fields; ``engine``/``ubatch`` only when the engine is not ``auto`` (a torch run's dict,
+        and so every earlier plan's, is what it was)."""
         d = asdict(self)
-        if self.engine != "llama.cpp":
+        if self.engine == "auto":
             del d["engine"], d["ubatch"]
         return d
 
@@ -132,13 +132,17 @@ class RunSettings:
 
 
 def resolve_engine(run: RunSettings, quant: str) -> RunSettings:
-    """``engine`` auto made definite for a plan of quantizer family ``quant``: llama.cpp serves a
-    GGUF inference plan, torch everything else. ValueError for llama.cpp with codebook (NF) widths,
+    """``engine`` made definite for a plan of quantizer family ``quant``: auto is llama.cpp for a GGUF
+    inference plan and stays auto (torch) for everything else; torch there is auto too, so only a
+    GGUF inference plan served by torch on purpose records ``engine`` torch. ValueError for llama.cpp with codebook (NF) widths,
     which it cannot read, or for a fine-tune (llama.cpp does not train here)."""
-    if run.engine == "auto":
-        return replace(run, engine="llama.cpp" if quant == "gguf" and not run.finetune else "torch")
-    if run.engine == "llama.cpp" and (quant != "gguf" or run.finetune):
+    gguf_serving = quant == "gguf" and not run.finetune
+    if run.engine == "llama.cpp" and not gguf_serving:
         raise ValueError("--engine llama.cpp serves GGUF types: it needs --quant gguf and --mode inference")
+    if run.engine == "auto" and gguf_serving:
+        return replace(run, engine="llama.cpp")
+    if run.engine == "torch" and not gguf_serving:
+        return replace(run, engine="auto")  # the same run: torch is what auto means here (and what a plan omits)
     return run
 
 

@@ -101,7 +101,8 @@ class MaterializeConfig:
     init: str | None = _opt(None, "adapter initialisation (default: the plan's init): loftq = plain norm; "
                             "loftq-data = the layer-output norm on the plan's calibration sequences (their input "
                             "moments come from the planner's cache, or are recomputed)", choices=INITS)
-    rounding: str = _opt("nearest", "how Q's codes are chosen: nearest = round to nearest; feedback = error feedback "
+    rounding: str | None = _opt(None, "how Q's codes are chosen (default: the plan's init.rounding, else nearest): "
+                         "nearest = round to nearest; feedback = error feedback "
                          "under the layers' input moments (loftq.rounding: the same format and bytes, a lower output "
                          "error; needs the data-aware initialisation's moments, i.e. a loftq-data plan or --init "
                          "loftq-data; codebook layers whose input width is a multiple of the block size, the others "
@@ -117,7 +118,7 @@ class MaterializeConfig:
             raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}; got {self.svd!r}")
         if self.init is not None and self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
-        if self.rounding not in ROUNDINGS:
+        if self.rounding is not None and self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}; got {self.rounding!r}")
         if self.non_target_dtype not in DTYPES:
             raise ValueError(f"non_target_dtype must be one of {', '.join(DTYPES)}; got {self.non_target_dtype!r}")
@@ -159,7 +160,8 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
     init = init_of(plan, config)
     device = resolve_device(config.device)
     h: Mapping[str, torch.Tensor] = {}
-    if config.rounding == "feedback":
+    rounding = config.rounding or init.rounding or "nearest"
+    if rounding == "feedback":
         if not init.data_aware:
             raise PlannerError("--rounding feedback rounds under the layers' input moments: use it with a loftq-data "
                                "plan or add --init loftq-data")
@@ -171,8 +173,10 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
                                "planner.materialize or the CLI")
         h, corpus = moments(source, [layer.name for layer in plan.layers], init, device)  # the plan's key
         init = dataclasses.replace(init, corpus=corpus)
+    if init.data_aware:  # the folder's plan.json says how its Q was rounded
+        init = dataclasses.replace(init, rounding=None if rounding == "nearest" else rounding)
     plan = dataclasses.replace(plan, init=init)
-    key = job_key(plan, source.weights_sha256(), iters, config.svd, config.rounding)
+    key = job_key(plan, source.weights_sha256(), iters, config.svd, rounding)
     partial = partial_dir(out)
     with _job(partial, key, config.force):
         names = [t.name for t in targets]
@@ -183,7 +187,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
         with progress.task(f"LoftQ on {device} ({len(names) - len(todo)} resumed)", len(todo)) as advance:
             for target, weight in source.iter_weights(todo):
                 _compute_layer(partial, layers[target.name], weight, iters[target.name], device, key, config.svd,
-                               h.get(target.name) if init.data_aware else None, init.damp, config.rounding)
+                               h.get(target.name) if init.data_aware else None, init.damp, rounding)
                 advance(1)
                 if on_layer is not None:
                     on_layer(target.name)

@@ -44,7 +44,7 @@ from planner.settings import LayerChoice, RunSettings
 
 SCHEMA_VERSION = 6
 PLAIN_VERSION = 4  # a plan with plain LoftQ is written as this version (plan_versions: v4 -> v5)
-DATA_VERSION = 5  # a data-aware plan served by torch: v5 (v6 added run.engine/ubatch for llama.cpp serving)
+DATA_VERSION = 5  # a data-aware plan served by torch: v5 (v6 added run.engine/ubatch and init.rounding)
 KEEP16 = ("bf16", "fp16")  # the dtypes a 16-bit layer may be kept in
 MODES = ("finetune", "inference")
 MODEL_KEYS = ("id", "source", "architecture", "weights_sha256")
@@ -253,8 +253,9 @@ class Plan:
     def document_version(self) -> int:
         """The oldest schema version that says all this plan says (see :mod:`planner.artifact.plan_versions`):
         v4 for plain LoftQ served by torch (every v4 reader reads it right), v5 for a data-aware one,
-        v6 for one served by llama.cpp (its run records ``engine`` and ``ubatch``)."""
-        if self.run.llamacpp:
+        v6 for one served by llama.cpp (its run records ``engine`` and ``ubatch``) or whose Q is
+        rounded by error feedback (``init.rounding``)."""
+        if self.run.engine != "auto" or self.init.rounding is not None:
             return SCHEMA_VERSION
         return DATA_VERSION if self.init.data_aware else PLAIN_VERSION
 

@@ -98,9 +98,11 @@ def _v4_to_v5(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v5_to_v6(d: dict[str, Any]) -> dict[str, Any]:
-    run = d.get("run")
+    run, init = d.get("run"), d.get("init")
     if isinstance(run, dict) and ("engine" in run or "ubatch" in run):
         raise ValueError("plan run has unknown field(s) engine/ubatch (a schema v5 plan has none; they came with v6)")
+    if isinstance(init, dict) and "rounding" in init:
+        raise ValueError("plan init has unknown field(s) rounding (a schema v5 plan has none; it came with v6)")
     return {**d, "schema_version": 6}
 
 

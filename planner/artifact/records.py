@@ -143,7 +143,9 @@ class InitRecord:
     ``loftq``: B A fits W - Q in the Frobenius norm. ``loftq-data``: in the layer-output norm
     ||(W - Q - BA) L||, L L^T = H + ``damp`` mean(diag H) I, H = X^T X / n the layer's input second
     moment over the first ``seqs`` sequences of ``seq_len`` tokens of the train split of ``data``
-    (None: pydoc), whose corpus fingerprint is ``corpus`` (materialize checks it; None: not known yet)."""
+    (None: pydoc), whose corpus fingerprint is ``corpus`` (materialize checks it; None: not known yet).
+    ``rounding`` ``feedback`` (loftq-data only): Q's codes are chosen by error feedback under the same
+    moments (:mod:`loftq.rounding`); None: round to nearest."""
 
     method: str = "loftq"
     data: str | None = None
@@ -151,21 +153,26 @@ class InitRecord:
     seq_len: int | None = None
     corpus: str | None = None
     damp: float | None = None
+    rounding: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in INITS:
             raise ValueError(f"init.method must be one of {', '.join(INITS)}; got {self.method!r}")
+        if self.rounding is not None and self.rounding != "feedback":
+            raise ValueError(f"init.rounding must be feedback or absent (round to nearest); got {self.rounding!r}")
         text("init.data", self.data, optional=True)
         text("init.corpus", self.corpus, optional=True)
         number("init.damp", self.damp, optional=True)
         for name in ("seqs", "seq_len"):
             if getattr(self, name) is not None:
                 whole(f"init.{name}", getattr(self, name), 1)
-        given = [f.name for f in fields(self) if f.name not in ("method", "data") and getattr(self, f.name) is not None]
+        given = [f.name for f in fields(self) if f.name not in ("method", "data", "rounding")
+                 and getattr(self, f.name) is not None]
         if self.data_aware and not {"seqs", "seq_len", "damp"} <= set(given):
             raise ValueError("init loftq-data needs seqs, seq_len and damp")
-        if not self.data_aware and (given or self.data is not None):
-            raise ValueError(f"init loftq takes no calibration settings, got {', '.join(given or ['data'])}")
+        if not self.data_aware and (given or self.data is not None or self.rounding is not None):
+            raise ValueError(f"init loftq takes no calibration settings, got "
+                             f"{', '.join(given or (['data'] if self.data is not None else ['rounding']))}")
 
     @property
     def data_aware(self) -> bool:

@@ -2,7 +2,7 @@
 
 1. dry run: the memory range of the search space for a LoRA fine-tune (seq 1024, batch 1);
 2. plan at a budget that binds (between the smallest and the largest plan), Optuna-guided;
-3. show the plan; 4. materialize it (LoftQ backbone + adapters); 5. verify its memory; 6. fine-tune it
+3. show the plan, and plan the same model for serving at a budget where the widths must mix; 4. materialize it (LoftQ backbone + adapters); 5. verify its memory; 6. fine-tune it
 briefly.
 Outputs go to ./demo-out/. Every step is one `python -m planner ...` command a user can copy.
 """
@@ -16,11 +16,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from loftq import GGUF_TYPES
+
 from planner.cli.app import _register, main
 from planner.artifact.plan import Plan, load_plan
 from planner.progress import stdout_console
 
 BUDGET = "2.2GB"  # binds (the space spans 1.89-2.26 GB) and leaves room for adapters
+SERVE_BUDGET = "0.79GB"  # serving: the space spans 0.73-0.86 GB, so the weights mix 4 and 8 bits
 OUT = Path("demo-out")
 
 
@@ -35,7 +38,8 @@ def step(console: Console, title: str, argv: list[str]) -> None:
 
 def why(plan: Plan) -> str:
     """One line on what the planner decided and why, read off the plan."""
-    widths = Counter(f"{layer.bits}-bit{'+dq' if layer.double_quant else ''}" for layer in plan.layers)
+    widths = Counter(layer.quant if layer.quant in GGUF_TYPES else f"{layer.bits}-bit{'+dq' if layer.double_quant else ''}"
+                     for layer in plan.layers)
     ranks = Counter(layer.rank for layer in plan.layers if layer.rank)
     mix = ", ".join(f"{n} at {w}" for w, n in sorted(widths.items(), key=lambda kv: -kv[1]))
     adapters = (f"{sum(ranks.values())} adapters (rank {min(ranks)}-{max(ranks)})" if ranks else "no adapter")
@@ -65,6 +69,11 @@ def run() -> None:
           "--pareto", str(OUT / "pareto")])
     step(console, "3. the plan file", ["show", plan])
     console.print(why(load_plan(plan)), style="bold")
+    serve = str(OUT / "serve-plan.json")
+    step(console, f"3b. the same model served (inference) within {SERVE_BUDGET}: here the weights themselves must "
+         "shrink, so the widths mix (the tables and sensitivities above are reused from the cache)",
+         ["--budget", SERVE_BUDGET, "--mode", "inference", "--trials", "8", "--out", serve])
+    console.print(why(load_plan(serve)), style="bold")
     model_dir = OUT / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     step(console, "4. build it: LoftQ backbone + adapters", ["materialize", plan, "--out", str(model_dir), "--force"])
@@ -77,7 +86,7 @@ def run() -> None:
     step(console, "6. a short LoRA fine-tune with held-out loss (pydoc train/val splits)",
          ["finetune", str(model_dir), "--steps", "10", "--seq-len", "256", "--eval-seqs", "4", "--force"])
     console.rule("[bold]done")
-    console.print(f"outputs in {OUT}/: plan.json, pareto.json/.png, model/ (backbone, adapter, "
+    console.print(f"outputs in {OUT}/: plan.json, serve-plan.json, pareto.json/.png, model/ (backbone, adapter, "
                   "finetuned-adapter); load it with planner.load('demo-out/model')")
 
 

@@ -135,7 +135,9 @@ def fisher_errors_cached(prep: Prepared, tables: ResidualTables, scorer: Any, bl
     key = cache_key(FISHER_PRODUCER, {"weights": prep.source.weights_sha256(), "targets": names,
                                       "bits": tables.settings.bits, "block": tables.settings.block_size,
                                       "method": METHOD, "corpus": corpus_sha, "blocks": list(blocks.shape),
-                                      "kind": "fisher"})
+                                      "kind": "fisher",
+                                      **({"rounding": bank.rounding} if bank is not None and bank.rounding != "nearest"
+                                         else {})})
     path = (prep.cfg.cache_path or default_cache_dir()) / "fisher" / f"{key}.safetensors"
     cached = load_cached(path, key)
     if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
@@ -170,10 +172,12 @@ def weight_bank(prep: Prepared, scorer: Any, store: Any = None, moments: Any = N
         key = cache_key(BANK_PRODUCER, {"weights": prep.source.weights_sha256(), "targets": names,
                                         "bits": settings.bits, "rank": max(prep.cfg.ranks), "method": METHOD,
                                         "block": prep.cfg.block_size, "svd": "randomized", "dtype": "float32",
-                                        **({"moments": moments.key, "damp": DEFAULT_DAMP} if moments is not None else {})})
+                                        **({"moments": moments.key, "damp": DEFAULT_DAMP} if moments is not None else {}),
+                                        **({"rounding": prep.cfg.rounding} if prep.cfg.rounding != "nearest" else {})})
         store = DiskStore((prep.cfg.cache_path or default_cache_dir()) / "bank" / key, key)
     bank = WeightBank(scorer.weights(), settings.bits, max(prep.cfg.ranks), METHOD, prep.cfg.block_size, store=store,
-                      device=scorer.device, moments=moments, damp=DEFAULT_DAMP)
+                      device=scorer.device, moments=moments, damp=DEFAULT_DAMP,
+                      rounding=prep.cfg.rounding if moments is not None else "nearest")
     bank.fill()
     return bank
 
@@ -208,6 +212,7 @@ def _dq(cfg: PlanConfig) -> dict[str, str]:
     (today's names)."""
     return {**({} if cfg.double_quant == "off" else {"double_quant": cfg.double_quant}),
             **({} if cfg.quant == "nf" else {"quant": cfg.quant}),
+            **({} if cfg.rounding == "nearest" else {"rounding": cfg.rounding}),
             **({} if cfg.init == "loftq" else {"init": cfg.init})}
 
 
@@ -275,6 +280,8 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
 
         calibration = train, val, corpus_sha = _calibration(prep, prep.source.tokenizer(), corpus)
         moments, init = data_init(prep.source, [t.name for t in prep.targets], train, corpus_sha, cfg, scorer)
+        if cfg.rounding != "nearest":
+            init = dataclasses.replace(init, rounding=cfg.rounding)
         timings["moments_s"] = time.perf_counter() - t0
     tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
                              device=cfg.score_device, moments=moments, damp=DEFAULT_DAMP)

@@ -54,8 +54,10 @@ def test_a_llamacpp_estimate_counts_its_buffers_and_keeps_the_embedding_on_the_h
 def test_engine_resolution_and_what_a_plan_records() -> None:
     run = RunSettings(mode="inference")
     assert resolve_engine(run, "gguf").engine == "llama.cpp"
-    assert resolve_engine(run, "nf").engine == "torch"
-    assert resolve_engine(RunSettings(), "gguf").engine == "torch"  # a fine-tune runs in torch
+    assert resolve_engine(run, "nf").engine == "auto"  # torch
+    assert resolve_engine(RunSettings(), "gguf").engine == "auto"  # a fine-tune runs in torch
+    assert resolve_engine(dataclasses.replace(run, engine="torch"), "nf").engine == "auto"
+    assert resolve_engine(dataclasses.replace(run, engine="torch"), "gguf").to_dict()["engine"] == "torch"
     with pytest.raises(ValueError, match="--quant gguf"):
         resolve_engine(dataclasses.replace(run, engine="llama.cpp"), "nf")
     assert "engine" not in resolve_engine(run, "nf").to_dict()  # earlier plans' run dicts unchanged
@@ -82,5 +84,5 @@ def test_a_llamacpp_plan_is_written_as_schema_v6_and_older_readers_are_told(smol
     (tmp_path / "v5.json").write_text(json.dumps(dict(doc, schema_version=5)))
     with pytest.raises(PlannerError, match="came with v6"):
         load_plan(tmp_path / "v5.json")
-    torch_plan = plan_from_choices(smol, choices, dataclasses.replace(run, engine="torch"))
+    torch_plan = plan_from_choices(smol, choices, dataclasses.replace(run, engine="auto"))
     assert json.loads(save_plan(torch_plan, tmp_path / "t.json").read_text())["schema_version"] == 4

@@ -45,3 +45,13 @@ def test_plan_report_suggests_nf3_only_when_2_bit_layers_came_from_a_menu_withou
                      console)
         text = console.export_text()
         assert (expected in text) if expected else text == ""
+
+
+def test_why_names_gguf_types(tmp_path: Path) -> None:
+    source = resolve(str(save_tiny_checkpoint("llama", tmp_path / "ckpt")))
+    targets = source.targets()
+    choices = {t.name: LayerChoice(8, 4, "q8_0", 32) if i % 2 else LayerChoice(4, 0, "iq4_nl", 32)
+               for i, t in enumerate(targets)}
+    plan = plan_from_choices(source, choices, RunSettings(mode="inference", engine="llama.cpp", seq_len=32))
+    line = why(plan)
+    assert f"{len(targets) // 2} at q8_0" in line and f"{len(targets) - len(targets) // 2} at iq4_nl" in line

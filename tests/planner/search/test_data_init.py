@@ -206,3 +206,32 @@ def test_materialize_rounding_feedback_builds_loftq_feedback_and_lowers_the_outp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--init loftq-data" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_plan_rounding_feedback_is_recorded_and_materialize_follows_it(planned, tmp_path: Path, monkeypatch) -> None:
+    """--rounding feedback on the plan command: the search's candidates use it, the plan records it
+    (schema v6, init.rounding) and materialize builds it without being told; --rounding nearest
+    overrides, and the folder's plan says what was built."""
+    cfg, root, plain, data = planned
+    monkeypatch.setenv("LOFTQ_PLANNER_CACHE", str(root / "cache"))
+    with pytest.raises(ValueError, match="--init loftq-data"):
+        dataclasses.replace(cfg, rounding="feedback")
+    fcfg = dataclasses.replace(cfg, init="loftq-data", rounding="feedback")
+    budget = data.budget_bytes
+    plan = make_plan(fcfg, RUN, budget).plan
+    assert plan.init.rounding == "feedback" and plan.to_dict()["schema_version"] == 6
+    assert plan.to_dict()["init"]["rounding"] == "feedback" and plan.estimate.total_bytes <= budget
+    save_plan(plan, tmp_path / "fb.json")
+    assert load_plan(tmp_path / "fb.json") == plan
+    built = planner.materialize(tmp_path / "fb.json", tmp_path / "fb")
+    told = planner.materialize(tmp_path / "fb.json", tmp_path / "told", planner.MaterializeConfig(rounding="feedback"))
+    near = planner.materialize(tmp_path / "fb.json", tmp_path / "near", planner.MaterializeConfig(rounding="nearest"))
+    assert built.plan.init.rounding == "feedback" and near.plan.init.rounding is None
+    a, b, n = _layers(tmp_path / "fb"), _layers(tmp_path / "told"), _layers(tmp_path / "near")
+    differ = 0
+    for layer in plan.layers:
+        if layer.bits == 16:
+            continue
+        assert torch.equal(a[layer.name][0].packed, b[layer.name][0].packed), layer.name
+        differ += not torch.equal(a[layer.name][0].packed, n[layer.name][0].packed)
+    assert differ >= 3
