@@ -46,8 +46,8 @@ FP16_MAX = 65504.0
 
 def adapter_dtype_option() -> Any:
     """The ``--gguf-adapter-dtype`` setting (materialize --format gguf, finetune): declared once here."""
-    return option(DEFAULT_ADAPTER_DTYPE, "dtype of lora_a / lora_b in the llama.cpp adapter.gguf: f16 (half the bytes; llama.cpp "
-                  "accepts it; a value beyond +-65504 after alpha folding is refused) or f32",
+    return option(DEFAULT_ADAPTER_DTYPE, "dtype of lora_a / lora_b in the llama.cpp adapter.gguf: f16 (half the "
+                  "bytes; llama.cpp accepts it; a value beyond +-65504 after alpha folding is refused) or f32",
                   choices=tuple(ADAPTER_DTYPES))
 
 
@@ -253,7 +253,8 @@ def write_adapter_gguf(out: Path, base: Base, state: Mapping[str, torch.Tensor],
         b = base.permute(b.detach().float().cpu() * (float(alphas[layer]) / alpha), name)
         for suffix, t in ((".lora_a", a), (".lora_b", b)):
             t = _stored(t, dtype, name + suffix)
-            writer.add_tensor_info(name + suffix, tuple(t.shape), np.dtype(t.numpy().dtype), t.numel() * t.element_size())
+            nbytes = t.numel() * t.element_size()
+            writer.add_tensor_info(name + suffix, tuple(t.shape), np.dtype(t.numpy().dtype), nbytes)
             data.append((name + suffix, lambda t=t: t.numpy()))
     return _write(out, writer, data)
 
