@@ -8,7 +8,8 @@ No files, no printing, no device moves: every function runs where its inputs liv
 # second-level constants across the stack).
 # 3: residual_table's spectra by block Krylov in the table dtype (loftq.spectral) instead of a
 # randomized eigensolver on an fp32 Gram; loftq(svd="randomized") added (svd="exact" unchanged).
-__version__ = "3"
+# 4: the q4_0 / iq4_nl GGUF encoders choose block scales under the rms+|w| weighted error (gguf_fit).
+__version__ = "4"
 
 from .codebooks import int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack

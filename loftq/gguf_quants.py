@@ -33,10 +33,11 @@ class GGUFType:
     ggml_type: int  # ggml's enum value (GGMLQuantizationType), written in GGUF tensor headers
     block_size: int
     type_size: int
-    encode_blocks: Callable[[torch.Tensor], lay.Fields]  # fp32 [n, block] -> fields
+    encode_blocks: Callable[[torch.Tensor, str], lay.Fields]  # fp32 [n, block], objective -> fields
     pack: Callable[[lay.Fields], torch.Tensor]  # fields -> uint8 [n, type_size]
     decode_blocks: Callable[[torch.Tensor], torch.Tensor]  # uint8 [n, type_size] -> fp32 [n, block]
     description: str = ""
+    objective: str = "plain"  # the encoder's default error objective (loftq.gguf_fit.OBJECTIVES)
 
     @property
     def bits_per_weight(self) -> float:
@@ -54,9 +55,9 @@ for _t in (
     GGUFType("q8_0", 8, lay.QK, 34, fit.encode_q8_0, lay.pack_q8_0, lay.decode_q8_0,
              "8-bit codes, one fp16 scale per 32"),
     GGUFType("q4_0", 2, lay.QK, 18, fit.encode_q4_0, lay.pack_nibbles32, lay.decode_q4_0,
-             "4-bit codes -8..7, one fp16 scale per 32"),
+             "4-bit codes -8..7, one fp16 scale per 32", "rms_abs"),
     GGUFType("iq4_nl", 20, lay.QK, 18, fit.encode_iq4_nl, lay.pack_nibbles32, lay.decode_iq4_nl,
-             "4-bit non-linear grid, one fp16 scale per 32"),
+             "4-bit non-linear grid, one fp16 scale per 32", "rms_abs"),
     GGUFType("q2_k", 10, lay.QK_K, 84, fit.encode_q2_k, lay.pack_q2_k, lay.decode_q2_k,
              "2-bit codes, 4-bit scales and mins per 16, fp16 d and dmin per 256"),
     GGUFType("q3_k", 11, lay.QK_K, 110, fit.encode_q3_k, lay.pack_q3_k, lay.decode_q3_k,
@@ -94,11 +95,13 @@ def gguf_nbytes(shape: tuple[int, ...], name: str) -> int:
     return shape[0] * (shape[1] // t.block_size) * t.type_size
 
 
-def encode(weight: torch.Tensor, name: str) -> torch.Tensor:
+def encode(weight: torch.Tensor, name: str, objective: str | None = None) -> torch.Tensor:
     """fp32/fp16/bf16 [rows, cols] -> uint8 [rows, cols / block_size * type_size] in GGUF layout.
 
-    Runs on the weight's device; raises ``ValueError`` on a shape the format cannot hold or on
-    non-finite values. Magnitudes beyond fp16's range saturate the stored scales.
+    ``objective``: the error the scale search minimises (``plain``, ``w2``, ``rms_abs``; see
+    :mod:`loftq.gguf_fit`), default the type's own. Runs on the weight's device; raises
+    ``ValueError`` on a shape the format cannot hold, an unknown objective or non-finite values.
+    Magnitudes beyond fp16's range saturate the stored scales.
     """
     t = check_shape(tuple(weight.shape), name)
     if not weight.is_floating_point():
@@ -107,7 +110,7 @@ def encode(weight: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"weight contains non-finite values; refusing to encode as {name}")
     rows, cols = weight.shape
     blocks = weight.detach().float().reshape(-1, t.block_size)
-    return t.pack(t.encode_blocks(blocks)).view(rows, cols // t.block_size * t.type_size)
+    return t.pack(t.encode_blocks(blocks, objective or t.objective)).view(rows, cols // t.block_size * t.type_size)
 
 
 def decode(data: torch.Tensor, name: str) -> torch.Tensor:
@@ -154,6 +157,6 @@ class GGUFTensor:
         return replace(self, data=self.data.to(device))
 
 
-def gguf_quantize(weight: torch.Tensor, name: str) -> GGUFTensor:
-    """Encode ``weight`` [rows, cols] as GGUF type ``name``."""
-    return GGUFTensor(encode(weight, name), tuple(weight.shape), weight.dtype, name)
+def gguf_quantize(weight: torch.Tensor, name: str, objective: str | None = None) -> GGUFTensor:
+    """Encode ``weight`` [rows, cols] as GGUF type ``name`` (``objective``: see :func:`encode`)."""
+    return GGUFTensor(encode(weight, name, objective), tuple(weight.shape), weight.dtype, name)

@@ -5,7 +5,8 @@ tensor the plan does not target, copied byte for byte in its stored type) with e
 replaced by the plan's GGUF type holding LoftQ's codes (a 16-bit keep as F16/BF16). ``adapter.gguf``
 is a LoRA adapter in llama.cpp's format (``llama-adapter.cpp``): ``general.type = adapter``,
 ``adapter.type = lora``, one ``adapter.lora.alpha`` (float32) for the file, and per target tensor
-``<tensor name>.lora_a`` [r, in] and ``<tensor name>.lora_b`` [out, r] (float32); llama.cpp scales
+``<tensor name>.lora_a`` [r, in] and ``<tensor name>.lora_b`` [out, r] (f16 by default, half the
+bytes of f32 and what llama.cpp computes LoRA in anyway; f32 on request); llama.cpp scales
 each pair by alpha / r with r read from the shapes, so each layer's own alpha is folded into its
 ``lora_b`` (``lora_b = lora_B * alpha_layer / alpha_file``, ``lora_a = lora_A`` as PEFT stores them).
 
@@ -31,12 +32,23 @@ from planner.artifact.atomic import atomic_write_path
 from planner.artifact.layout import PLAN_FILE, peft_key, read_artifact, read_layer
 from planner.artifact.plan import Plan
 from planner.errors import PlannerError
+from planner.options import option
 
 log = logging.getLogger(__name__)
 
 GGUF_DIR, MODEL_GGUF, ADAPTER_GGUF = "gguf", "model.gguf", "adapter.gguf"
 PERMUTED_ARCHS = ("llama",)  # archs whose q/k rows llama.cpp permutes (transformers' LlamaTensorProcessor)
 _KEEP_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16"}
+ADAPTER_DTYPES = {"f16": torch.float16, "f32": torch.float32}  # adapter.gguf's lora_a / lora_b storage
+DEFAULT_ADAPTER_DTYPE = "f16"
+FP16_MAX = 65504.0
+
+
+def adapter_dtype_option() -> Any:
+    """The ``--gguf-adapter-dtype`` setting (materialize --format gguf, finetune): declared once here."""
+    return option(DEFAULT_ADAPTER_DTYPE, "dtype of lora_a / lora_b in the llama.cpp adapter.gguf: f16 (half the "
+                  "bytes; llama.cpp accepts it; a value beyond +-65504 after alpha folding is refused) or f32",
+                  choices=tuple(ADAPTER_DTYPES))
 
 
 def base_gguf(reference: str) -> Path | None:
@@ -213,12 +225,16 @@ def file_alpha(alphas: Mapping[str, float]) -> float:
 
 
 def write_adapter_gguf(out: Path, base: Base, state: Mapping[str, torch.Tensor], ranks: Mapping[str, int],
-                       alphas: Mapping[str, float]) -> Path:
+                       alphas: Mapping[str, float], dtype: str = DEFAULT_ADAPTER_DTYPE) -> Path:
     """``out``: llama.cpp's LoRA adapter GGUF from PEFT adapter weights ``state`` (keys
     ``base_model.model.NAME.lora_A.weight`` [r, in] / ``.lora_B.weight`` [out, r]) with PEFT's scaling
-    alphas[NAME] / ranks[NAME]; see the module docstring for the folding and the permutation."""
+    alphas[NAME] / ranks[NAME], tensors stored as ``dtype`` (``f16`` or ``f32``: values rounded to
+    nearest from fp32); see the module docstring for the folding and the permutation. Every tensor
+    is converted and checked (finite, within f16's range) before the file is opened."""
     import gguf
 
+    if dtype not in ADAPTER_DTYPES:
+        raise PlannerError(f"adapter dtype must be one of {', '.join(ADAPTER_DTYPES)}; got {dtype!r}")
     alpha = file_alpha({n: alphas[n] for n, r in ranks.items() if r})
     writer = base.writer()
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -233,16 +249,30 @@ def write_adapter_gguf(out: Path, base: Base, state: Mapping[str, torch.Tensor],
         except KeyError as err:
             raise PlannerError(f"the adapter has no {err.args[0]}") from None
         name = base.tensor_name(layer)
-        a = a.detach().float().cpu().contiguous()
-        b = base.permute(b.detach().float().cpu() * (float(alphas[layer]) / alpha), name).contiguous()
+        a = a.detach().float().cpu()
+        b = base.permute(b.detach().float().cpu() * (float(alphas[layer]) / alpha), name)
         for suffix, t in ((".lora_a", a), (".lora_b", b)):
-            writer.add_tensor_info(name + suffix, tuple(t.shape), np.dtype(np.float32), t.numel() * 4)
+            t = _stored(t, dtype, name + suffix)
+            nbytes = t.numel() * t.element_size()
+            writer.add_tensor_info(name + suffix, tuple(t.shape), np.dtype(t.numpy().dtype), nbytes)
             data.append((name + suffix, lambda t=t: t.numpy()))
     return _write(out, writer, data)
 
 
-def export_gguf(artifact: Path, base_path: Path) -> Path:
-    """``artifact/gguf/``: model.gguf, and adapter.gguf from ``artifact/adapter`` when the plan has ranks."""
+def _stored(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
+    """fp32 ``t`` as ``dtype``, contiguous; PlannerError on a value it cannot hold."""
+    if not torch.isfinite(t).all():
+        raise PlannerError(f"adapter tensor {name} has non-finite values; refusing to write adapter.gguf")
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    if dtype == "f16" and peak > FP16_MAX:
+        raise PlannerError(f"adapter tensor {name} has a value of magnitude {peak:.6g} (after alpha folding), beyond "
+                           f"f16's {FP16_MAX:g}: pass --gguf-adapter-dtype f32")
+    return t.to(ADAPTER_DTYPES[dtype]).contiguous()
+
+
+def export_gguf(artifact: Path, base_path: Path, adapter_dtype: str = DEFAULT_ADAPTER_DTYPE) -> Path:
+    """``artifact/gguf/``: model.gguf, and adapter.gguf (tensors in ``adapter_dtype``) from
+    ``artifact/adapter`` when the plan has ranks."""
     from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS, load_tensors
 
     base = Base(base_path)
@@ -251,6 +281,6 @@ def export_gguf(artifact: Path, base_path: Path) -> Path:
     write_model_gguf(artifact, base, folder / MODEL_GGUF)
     if art.ranks():
         state = load_tensors(artifact / ADAPTER / ADAPTER_WEIGHTS)
-        write_adapter_gguf(folder / ADAPTER_GGUF, base, state, art.ranks(), art.alphas())
+        write_adapter_gguf(folder / ADAPTER_GGUF, base, state, art.ranks(), art.alphas(), adapter_dtype)
     log.debug("wrote %s from %s and %s", folder, artifact / PLAN_FILE, base_path)
     return folder

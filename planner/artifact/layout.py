@@ -382,13 +382,16 @@ def _task_type(plan: Plan) -> str | None:
     return None if arch == "bert" else "SEQ_2_SEQ_LM" if arch in ("t5", "bart") else "CAUSAL_LM"
 
 
-def write_trained_adapter(artifact: Path, state: Mapping[str, torch.Tensor], out: Path) -> Path:
+def write_trained_adapter(artifact: Path, state: Mapping[str, torch.Tensor], out: Path,
+                          gguf_adapter_dtype: str | None = None) -> Path:
     """A PEFT folder with ``artifact``'s adapter config and the trained weights ``state``, built in a
     temp folder and renamed to ``out`` (an existing folder there is replaced). An artifact with a
     llama.cpp export (``materialize --format gguf``) also gets ``out/adapter.gguf``, the trained
-    adapter in llama.cpp's format for its ``gguf/model.gguf``."""
+    adapter in llama.cpp's format for its ``gguf/model.gguf`` (tensors in ``gguf_adapter_dtype``,
+    default the export's default, f16)."""
     from planner.artifact.atomic import atomic_dir
-    from planner.artifact.gguf_export import ADAPTER_GGUF, GGUF_DIR, MODEL_GGUF, Base, write_adapter_gguf
+    from planner.artifact.gguf_export import (ADAPTER_GGUF, DEFAULT_ADAPTER_DTYPE, GGUF_DIR, MODEL_GGUF, Base,
+                                              write_adapter_gguf)
 
     model_gguf = artifact / GGUF_DIR / MODEL_GGUF
 
@@ -397,6 +400,7 @@ def write_trained_adapter(artifact: Path, state: Mapping[str, torch.Tensor], out
         atomic_save_tensors(tmp / ADAPTER_WEIGHTS, dict(state), {"format": "pt"})
         if model_gguf.is_file():
             art = read_artifact(artifact)
-            write_adapter_gguf(tmp / ADAPTER_GGUF, Base(model_gguf), state, art.ranks(), art.alphas())
+            write_adapter_gguf(tmp / ADAPTER_GGUF, Base(model_gguf), state, art.ranks(), art.alphas(),
+                               gguf_adapter_dtype or DEFAULT_ADAPTER_DTYPE)
 
     return atomic_dir(out, build, replace=True)

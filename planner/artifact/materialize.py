@@ -58,7 +58,7 @@ from loftq.solver import SVD_METHODS
 from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
-from planner.artifact.gguf_export import export_gguf, gguf_base as _gguf_base
+from planner.artifact.gguf_export import ADAPTER_DTYPES, adapter_dtype_option, export_gguf, gguf_base as _gguf_base
 from planner.artifact.atomic import (atomic_save_tensors, atomic_write_bytes, check_dir_target, check_writable,
                                      rename_dir)
 from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, LAYER_DIR, NON_TARGET_FILE, PLAN_FILE, QUANT_META,
@@ -90,6 +90,7 @@ class MaterializeConfig:
                        "DIR/gguf/model.gguf + adapter.gguf for llama.cpp (plans with only GGUF-type and 16-bit "
                        "layers; metadata, tokenizer and other tensors from the model's GGUF: --model FILE.gguf, "
                        "a .gguf plan model, or the packaged smollm2-135m)", choices=FORMATS)
+    gguf_adapter_dtype: str = adapter_dtype_option()
     non_target_dtype: str = _opt("bf16", "dtype of the non-target weights (embeddings, norms, biases)",
                                  choices=tuple(DTYPES))
     model: str | None = _opt(None, "model to read the weights from (default: the plan's model.id)")
@@ -120,6 +121,9 @@ class MaterializeConfig:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
         if self.rounding is not None and self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}; got {self.rounding!r}")
+        if self.gguf_adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"gguf_adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}; "
+                             f"got {self.gguf_adapter_dtype!r}")
         if self.non_target_dtype not in DTYPES:
             raise ValueError(f"non_target_dtype must be one of {', '.join(DTYPES)}; got {self.non_target_dtype!r}")
 
@@ -194,7 +198,7 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
         artifact = partial / "artifact"
         final_plan = _finalize(artifact, partial, plan, source, targets, iters, config)
         if base is not None:
-            export_gguf(artifact, base)
+            export_gguf(artifact, base, config.gguf_adapter_dtype)
         _swap_into_place(artifact, out, config.force)
     shutil.rmtree(partial, ignore_errors=True)
     return Materialized(out, final_plan, tuple(t.name for t in todo), time.perf_counter() - t0)

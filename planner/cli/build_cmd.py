@@ -28,6 +28,7 @@ from planner.config import VerifyConfig
 from planner.errors import PlannerError
 from planner.options import option
 from planner.train.loop import FinetuneConfig
+from planner.artifact.gguf_export import adapter_dtype_option
 from planner.artifact.materialize import MaterializeConfig
 from planner.progress import stdout_console
 from planner.settings import TRAINERS
@@ -47,6 +48,7 @@ class FinetuneOutput:
     out: str | None = option(None, f"adapter folder to write (default: DIR/{DEFAULT_FINETUNED}); with a llama.cpp "
                              "export in DIR (materialize --format gguf) it also holds adapter.gguf")
     force: bool = option(False, "replace an existing --out folder")
+    gguf_adapter_dtype: str = adapter_dtype_option()
     json: bool = option(False, "print a JSON summary")
 
 
@@ -89,7 +91,7 @@ def finetune_command(args: argparse.Namespace) -> int:
     if out.exists() and not io.force:
         raise PlannerError(f"{out} already exists; pass --force to replace it")
     result, model = run_finetune(args.dir, cfg)
-    save_adapter(model, args.dir, out)
+    save_adapter(model, args.dir, out, io.gguf_adapter_dtype)
     summary = {"out": str(out), **result.to_dict()}
     if io.json:
         sys.stdout.write(json.dumps(summary) + "\n")
@@ -130,13 +132,14 @@ def run_finetune(path: str | Path, cfg: FinetuneConfig) -> tuple[Any, Any]:
     return result, model
 
 
-def save_adapter(model: Any, path: str | Path, out: str | Path) -> Path:
-    """The trained adapter as a PEFT folder (DIR/adapter's config, new weights): temp folder + rename."""
+def save_adapter(model: Any, path: str | Path, out: str | Path, gguf_adapter_dtype: str | None = None) -> Path:
+    """The trained adapter as a PEFT folder (DIR/adapter's config, new weights): temp folder + rename;
+    with DIR's llama.cpp export, also adapter.gguf in ``gguf_adapter_dtype`` (default f16)."""
     from peft import get_peft_model_state_dict
 
     from planner.artifact.layout import write_trained_adapter
 
-    return write_trained_adapter(Path(path), get_peft_model_state_dict(model), Path(out))
+    return write_trained_adapter(Path(path), get_peft_model_state_dict(model), Path(out), gguf_adapter_dtype)
 
 
 # ---------------------------------------------------------------- verify

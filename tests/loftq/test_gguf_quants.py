@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from loftq import GGUF_TYPES, allowed_types, gguf_nbytes, gguf_quantize, gguf_type, loftq
+from loftq.gguf_fit import OBJECTIVES
 from loftq.gguf_quants import decode, encode
 from tests.conftest import smollm2_gguf
 
@@ -20,9 +21,15 @@ DOWN = "blk.3.ffn_down.weight"  # [576, 1536]: rows are 6 super-blocks of 256
 SMALL = ["blk.12.attn_v.weight", "blk.20.attn_output.weight"]  # [192, 576], [576, 576]
 BLOCK32 = ("q8_0", "q4_0", "iq4_nl")
 K_QUANTS = ("q2_k", "q3_k", "q4_k", "q6_k")
-# relative error ||W - deq(encode(W))|| / ||W|| of our encoder on DOWN, measured on this CPU
-DOWN_ERRORS = {"q8_0": 0.00474, "q4_0": 0.0746, "iq4_nl": 0.0655, "q2_k": 0.271, "q3_k": 0.144,
+# relative error ||W - deq(encode(W))|| / ||W|| of our encoder (each type's default objective) on
+# DOWN, measured on this CPU
+DOWN_ERRORS = {"q8_0": 0.00474, "q4_0": 0.0758, "iq4_nl": 0.0666, "q2_k": 0.271, "q3_k": 0.144,
                "q4_k": 0.0153, "q6_k": 0.0160}
+# (plain, w²-weighted) relative error on DOWN per objective, measured on this CPU
+DOWN_OBJECTIVES = {("iq4_nl", "plain"): (0.0655, 0.0537), ("iq4_nl", "w2"): (0.0730, 0.0442),
+                   ("iq4_nl", "rms_abs"): (0.0666, 0.0477), ("q4_0", "plain"): (0.0747, 0.0516),
+                   ("q4_0", "w2"): (0.0828, 0.0363), ("q4_0", "rms_abs"): (0.0758, 0.0407),
+                   ("q6_k", "plain"): (0.0160, 0.00867), ("q6_k", "w2"): (0.0170, 0.00744)}
 
 
 def qtype(name: str):
@@ -129,10 +136,11 @@ def random_weights(cols: int) -> torch.Tensor:
     return w
 
 
-def test_random_weights_round_trip_bit_exact() -> None:
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_random_weights_round_trip_bit_exact(objective: str) -> None:
     for name in GGUF_TYPES:
         w = random_weights(512)
-        data = encode(w, name)
+        data = encode(w, name, objective)
         ours = decode(data, name)
         assert_bit_exact(ours, gguf.quants.dequantize(data.numpy(), qtype(name)))
         assert torch.isfinite(ours).all()
@@ -154,17 +162,54 @@ def test_encoder_error_on_real_layer(weights, encoded) -> None:
     assert errors["q2_k"] > errors["q3_k"] > errors["q4_0"] > errors["iq4_nl"] > errors["q8_0"]
 
 
+def w2_error(w: torch.Tensor, approx: torch.Tensor) -> float:
+    """Relative error with each squared error weighted by w²: sqrt(sum w² e² / sum w⁴)."""
+    w, e = w.double(), (w - approx).double()
+    return float((w * w * e * e).sum().sqrt() / (w ** 4).sum().sqrt())
+
+
 def test_encoder_beats_gguf_package_encoder(weights, encoded) -> None:
-    """Where gguf.quants can quantize (q8_0, q4_0): our least-squares scales lose less, on every layer."""
+    """Where gguf.quants can quantize (q8_0, q4_0): our least-squares scales (plain objective) lose
+    less, on every layer; the default objective loses less by both the plain and the w²-weighted error."""
     for q in ("q8_0", "q4_0"):
-        ratios = []
+        ratios, w2_ratios = [], []
         for name, w in weights.items():
-            theirs = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype(q)), qtype(q))
-            ratios.append(rel_error(w, decode(encoded[(name, q)], q)) / rel_error(w, torch.from_numpy(theirs)))
+            theirs = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype(q)), qtype(q)))
+            ratios.append(rel_error(w, decode(encode(w, q, "plain"), q)) / rel_error(w, theirs))
+            ours = decode(encoded[(name, q)], q)
+            assert rel_error(w, ours) < rel_error(w, theirs) and w2_error(w, ours) < w2_error(w, theirs), (q, name)
+            w2_ratios.append(w2_error(w, ours) / w2_error(w, theirs))
         assert max(ratios) < 0.93 and sum(ratios) / len(ratios) < 0.9, (q, ratios)
+        assert max(w2_ratios) < 0.96, (q, w2_ratios)
 
 
-@pytest.mark.parametrize("name,plain,at_rank16", [("q4_k", 0.0153, 0.0114), ("q4_0", 0.0747, 0.0692),
+@pytest.mark.parametrize("name,objective", sorted(DOWN_OBJECTIVES))
+def test_objective_trades_plain_for_weighted_error(weights, name, objective) -> None:
+    """Weighting the scale search by w² (or rms + |w|) lowers the w²-weighted error and raises the
+    plain one; plain least squares is the reverse. Numbers measured on DOWN."""
+    w = weights[DOWN]
+    approx = decode(encode(w, name, objective), name)
+    plain, weighted = DOWN_OBJECTIVES[(name, objective)]
+    assert rel_error(w, approx) == pytest.approx(plain, rel=0.02)
+    assert w2_error(w, approx) == pytest.approx(weighted, rel=0.02)
+    if objective != "plain":
+        least_squares = decode(encode(w, name, "plain"), name)
+        assert rel_error(w, approx) > rel_error(w, least_squares)
+        assert w2_error(w, approx) < 0.95 * w2_error(w, least_squares)
+
+
+def test_objective_defaults_and_errors() -> None:
+    assert {n: gguf_type(n).objective for n in GGUF_TYPES} == {
+        "q8_0": "plain", "q4_0": "rms_abs", "iq4_nl": "rms_abs", "q2_k": "plain", "q3_k": "plain", "q4_k": "plain",
+        "q6_k": "plain"}
+    w = torch.randn(4, 256)
+    assert torch.equal(encode(w, "iq4_nl"), encode(w, "iq4_nl", "rms_abs"))
+    assert not torch.equal(encode(w, "iq4_nl"), encode(w, "iq4_nl", "plain"))
+    with pytest.raises(ValueError, match="unknown GGUF encoder objective 'w3'; known: plain, w2"):
+        encode(w, "q4_0", "w3")
+
+
+@pytest.mark.parametrize("name,plain,at_rank16", [("q4_k", 0.0153, 0.0114), ("q4_0", 0.0758, 0.0706),
                                                   ("q2_k", 0.271, 0.261)])
 def test_loftq_with_gguf_quantizer(weights, encoded, name, plain, at_rank16) -> None:
     w = weights[DOWN]

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from planner import progress
-from planner.artifact.gguf_export import file_alpha
+from planner.artifact.gguf_export import Base, file_alpha, write_adapter_gguf
 from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS, load_tensors, peft_key, read_artifact, read_layer
 from planner.artifact.materialize import MaterializeConfig, materialize
 from planner.artifact.plan import save_plan
@@ -101,7 +102,7 @@ def test_gguf_reads_back_our_codes_and_adapter(case: str, request: pytest.Fixtur
     other tensor byte-identical in its stored type; each target in its planned type dequantizes
     (gguf.quants.dequantize, rows un-permuted by transformers) exactly to our Q. The adapter file has
     llama.cpp's metadata and per target lora_a = PEFT's lora_A [r, in], lora_b = lora_B * alpha / alpha_file
-    [out, r] in llama.cpp's row order."""
+    [out, r] in llama.cpp's row order, both rounded to f16 (the default adapter dtype) from fp32."""
     out, base_path = request.getfixturevalue(case)
     art = read_artifact(out)
     model, base = gguf.GGUFReader(str(out / "gguf" / "model.gguf")), gguf.GGUFReader(str(base_path))
@@ -139,25 +140,34 @@ def test_gguf_reads_back_our_codes_and_adapter(case: str, request: pytest.Fixtur
     assert len(pairs) == 2 * len(art.ranks())
     for layer, r in art.ranks().items():
         a, b = pairs[_gguf_name(layer) + ".lora_a"], pairs[_gguf_name(layer) + ".lora_b"]
-        assert a.tensor_type.name == b.tensor_type.name == "F32"
+        assert a.tensor_type.name == b.tensor_type.name == "F16" and a.data.dtype == np.float16
         assert a.data.shape == (r, art.plan.layer(layer).shape[1]) and b.data.shape == (art.plan.layer(layer).shape[0], r)
-        assert np.array_equal(a.data, peft[f"{peft_key(layer)}.lora_A.weight"].numpy())
+        assert np.array_equal(a.data, peft[f"{peft_key(layer)}.lora_A.weight"].half().numpy())
         scaled = peft[f"{peft_key(layer)}.lora_B.weight"] * (art.alphas()[layer] / alpha)
-        assert np.array_equal(_unpermute(b.data, _gguf_name(layer), art), scaled.numpy())
+        assert np.array_equal(_unpermute(b.data, _gguf_name(layer), art), scaled.half().numpy())
 
 
 @pytest.mark.parametrize("case", ["smol", "tiny"])
-def test_transformers_loads_the_gguf_and_with_the_adapter_matches_planner_load(case: str,
+def _write_adapter(out: Path, base_path: Path, dest: Path, dtype: str) -> Path:
+    """The artifact's LoftQ adapter as llama.cpp's adapter.gguf in ``dtype``, the way materialize writes it."""
+    art = read_artifact(out)
+    state = load_tensors(out / ADAPTER / ADAPTER_WEIGHTS)
+    return write_adapter_gguf(dest, Base(base_path), state, art.ranks(), art.alphas(), dtype)
+
+
+@pytest.mark.parametrize("case", ["smol", "tiny"])
+def test_transformers_loads_the_gguf_and_with_the_adapter_matches_planner_load(case: str, tmp_path: Path,
                                                                               request: pytest.FixtureRequest) -> None:
-    """transformers' GGUF loader gives exactly our Q for every target; with the adapter merged the way
-    llama.cpp applies it (W + alpha_file / r * lora_b @ lora_a, un-permuted), its fp32 logits equal
-    planner.load's (QuantLinear + PEFT LoRA, fp32) up to summation order: merged vs separate low-rank
-    products differ by float32 rounding, ~1e-6 relative; 2e-4 absolute leaves room above that."""
+    """transformers' GGUF loader gives exactly our Q for every target; with the adapter (written in f32)
+    merged the way llama.cpp applies it (W + alpha_file / r * lora_b @ lora_a, un-permuted), its fp32
+    logits equal planner.load's (QuantLinear + PEFT LoRA, fp32) up to summation order: merged vs
+    separate low-rank products differ by float32 rounding, ~1e-6 relative; 2e-4 absolute leaves room
+    above that. The default f16 file moves them by its rounding only (checked loosely)."""
     from transformers import AutoModelForCausalLM
 
     import planner
 
-    out, _ = request.getfixturevalue(case)
+    out, base_path = request.getfixturevalue(case)
     art = read_artifact(out)
     hf = AutoModelForCausalLM.from_pretrained(str(out / "gguf"), gguf_file="model.gguf", dtype=torch.float32).eval()
     weights = dict(hf.named_parameters())
@@ -165,32 +175,38 @@ def test_transformers_loads_the_gguf_and_with_the_adapter_matches_planner_load(c
         want = read_layer(art.backbone, meta)
         want = want.dequantize(torch.float32) if meta.gguf_type else want.float()
         assert torch.equal(weights[f"{meta.name}.weight"], want), meta.name
-    adapter = {t.name: t.data for t in gguf.GGUFReader(str(out / "gguf" / "adapter.gguf")).tensors}
     alpha = file_alpha(art.alphas())
     ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    originals = {f"{layer}.weight": weights[f"{layer}.weight"].detach().clone() for layer in art.ranks()}
+    logits = {}
     with torch.no_grad():
         bare = hf(ids).logits
-        for layer, r in art.ranks().items():
-            name = _gguf_name(layer)
-            b = torch.from_numpy(np.array(_unpermute(adapter[name + ".lora_b"], name, art)))
-            weights[f"{layer}.weight"] += (alpha / r) * b @ torch.from_numpy(np.array(adapter[name + ".lora_a"]))
         ours = planner.load(out, "cpu")(ids).logits
-        theirs = hf(ids).logits
-    diff = (ours - theirs).abs().max().item()
+        for dtype, path in (("f32", _write_adapter(out, base_path, tmp_path / "f32.gguf", "f32")),
+                            ("f16", out / "gguf" / "adapter.gguf")):
+            adapter = {t.name: t.data for t in gguf.GGUFReader(str(path)).tensors}
+            for layer, r in art.ranks().items():
+                name = _gguf_name(layer)
+                b = torch.from_numpy(np.array(_unpermute(adapter[name + ".lora_b"], name, art), dtype=np.float32))
+                a = torch.from_numpy(np.array(adapter[name + ".lora_a"], dtype=np.float32))
+                weights[f"{layer}.weight"].copy_(originals[f"{layer}.weight"] + (alpha / r) * b @ a)
+            logits[dtype] = hf(ids).logits
+    diff, diff16 = ((ours - logits[d]).abs().max().item() for d in ("f32", "f16"))
     without = (ours - bare).abs().max().item()
-    print(f"{case}: max |logit difference| {diff:.3g} ({without:.3g} without the adapter), "
+    print(f"{case}: max |logit difference| {diff:.3g} (f16 adapter {diff16:.3g}; {without:.3g} without the adapter), "
           f"max |logit| {ours.abs().max().item():.3g}")
     assert diff < 2e-4, diff
     assert without > 50 * 2e-4  # the adapter changes the logits far beyond the tolerance: not a vacuous match
+    assert diff16 < 0.01 * without, (diff16, without)
 
 
 def test_finetune_exports_its_trained_adapter_as_gguf(smol: tuple[Path, Path], tmp_path: Path) -> None:
     """After `finetune` on an artifact with a GGUF export, OUT/adapter.gguf holds the trained weights
-    (not the LoftQ initialisation), folded and permuted as at materialize."""
+    (not the LoftQ initialisation), folded and permuted as at materialize, exactly in f32 when asked."""
     out, _ = smol
     ft = tmp_path / "ft"
     assert main(["finetune", str(out), "--steps", "2", "--seq-len", "32", "--batch-size", "1", "--eval-seqs", "1",
-                 "--device", "cpu", "--out", str(ft), "--json"]) == 0
+                 "--device", "cpu", "--out", str(ft), "--gguf-adapter-dtype", "f32", "--json"]) == 0
     art = read_artifact(out)
     trained, init = load_tensors(ft / ADAPTER_WEIGHTS), load_tensors(out / ADAPTER / ADAPTER_WEIGHTS)
     pairs = {t.name: t.data for t in gguf.GGUFReader(str(ft / "adapter.gguf")).tensors}
@@ -222,3 +238,65 @@ def test_gguf_format_refuses_plans_it_cannot_write(tmp_path: Path, capsys: pytes
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / label).exists() and not (tmp_path / f"{label}.partial").exists()
+
+
+def _expected_file_bytes(path: Path) -> int:
+    """A GGUF's size from its own header: the data offset plus every tensor padded to the alignment."""
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.alignment")
+    align = int(field.contents()) if field is not None else 32
+    return reader.data_offset + sum(-(-int(t.n_bytes) // align) * align for t in reader.tensors)
+
+
+def test_adapter_dtypes_f16_halves_the_tensor_bytes_and_f32_stays_exact(smol: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """f32: lora_a / lora_b equal PEFT's A and alpha-scaled B exactly; f16: the same rounded to f16
+    (the materialized default file, byte for byte the same as writing f16 again); each file's size is
+    its header plus 2 or 4 bytes per adapter value, padded per tensor."""
+    out, base_path = smol
+    art = read_artifact(out)
+    peft, alpha = load_tensors(out / ADAPTER / ADAPTER_WEIGHTS), file_alpha(art.alphas())
+    values = sum(r * sum(art.plan.layer(layer).shape) for layer, r in art.ranks().items())
+    f32 = _write_adapter(out, base_path, tmp_path / "f32.gguf", "f32")
+    f16 = _write_adapter(out, base_path, tmp_path / "f16.gguf", "f16")
+    assert f16.read_bytes() == (out / "gguf" / "adapter.gguf").read_bytes()
+    for path, dtype, size in ((f32, np.float32, 4), (f16, np.float16, 2)):
+        tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+        assert sum(int(t.n_bytes) for t in tensors.values()) == size * values
+        assert path.stat().st_size == _expected_file_bytes(path)
+        for layer in art.ranks():
+            name, key = _gguf_name(layer), peft_key(layer)
+            a, b = tensors[name + ".lora_a"].data, tensors[name + ".lora_b"].data
+            scaled = peft[f"{key}.lora_B.weight"] * (art.alphas()[layer] / alpha)
+            assert a.dtype == b.dtype == dtype
+            assert np.array_equal(a, peft[f"{key}.lora_A.weight"].numpy().astype(dtype))
+            assert np.array_equal(_unpermute(b, name, art), scaled.numpy().astype(dtype))
+    saved = f32.stat().st_size - f16.stat().st_size
+    assert 2 * values - 32 * 2 * len(art.ranks()) <= saved <= 2 * values  # padding per tensor moves it a little
+    print(f"adapter.gguf: f32 {f32.stat().st_size} B, f16 {f16.stat().st_size} B, {values} values")
+
+
+def test_f16_adapter_overflow_is_one_error_line(smol: tuple[Path, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A trained lora_B value beyond f16's range after alpha folding: `finetune` exits 2 with one line
+    naming the tensor and --gguf-adapter-dtype f32, writes nothing; f32 writes it."""
+    import planner
+    import planner.cli.build_cmd as build_cmd
+
+    out, _ = smol
+    art = read_artifact(out)
+    layer = sorted(art.ranks())[0]
+    model = planner.load(out, "cpu")
+    with torch.no_grad():
+        lora_b = dict(model.named_parameters())[f"{peft_key(layer)}.lora_B.default.weight"]
+        lora_b[0, 0] = 7e4 * file_alpha(art.alphas()) / art.alphas()[layer]  # 70000 once folded
+    stub = SimpleNamespace(to_dict=lambda: {})  # the training result: only the summary reads it
+    monkeypatch.setattr(build_cmd, "run_finetune", lambda path, cfg: (stub, model))
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(out), "--out", str(ft)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{_gguf_name(layer)}.lora_b" in err[0] and "--gguf-adapter-dtype f32" in err[0], err
+    assert "70000" in err[0] and not ft.exists()
+    assert main(["finetune", str(out), "--out", str(ft), "--gguf-adapter-dtype", "f32", "--json"]) == 0
+    b = {t.name: t.data for t in gguf.GGUFReader(str(ft / "adapter.gguf")).tensors}[f"{_gguf_name(layer)}.lora_b"]
+    assert b.dtype == np.float32 and float(np.abs(b).max()) == pytest.approx(7e4, rel=1e-6)
