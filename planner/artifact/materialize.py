@@ -286,13 +286,17 @@ def init_of(plan: Plan, config: MaterializeConfig) -> InitRecord:
 def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int], svd: str = "randomized",
             rounding: str = "nearest") -> str:
     """What a partial run's layers depend on: each layer's choice and T, the SVD method, the
-    initialisation (when data-aware), the rounding (when not nearest) and the weights."""
+    initialisation (when data-aware), the rounding (when not nearest), the weights and the version of
+    loftq's numbers."""
     spec = [[layer.name, list(layer.shape), layer.bits, layer.quant, layer.block_size, layer.double_quant,
              layer.rank, float(layer.alpha), iters[layer.name]] for layer in plan.layers]
     extra = {"init": plan.init.to_dict()} if plan.init.data_aware else {}
     if rounding != "nearest":
         extra["rounding"] = rounding
-    blob = json.dumps({"v": JOB_VERSION, "weights": weights_sha, "layers": spec, "svd": svd, **extra}, sort_keys=True)
+    import loftq  # a build resumed across a change of the quantizers' numbers would mix two encodings
+
+    blob = json.dumps({"v": JOB_VERSION, "loftq": loftq.__version__, "weights": weights_sha, "layers": spec, "svd": svd,
+                       **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
