@@ -142,5 +142,5 @@ def test_cli_bits_3_and_double_quant(cfg: PlanConfig, capsys: pytest.CaptureFixt
     assert main([*args, "--double-quant", "maybe"]) == 2
     assert main([*args[:-4], "--bits", "2,5", "--budget", "10GB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "maybe" in err[-2] and "bits must be a subset of (2, 3, 4, 8, 16), got (2, 5)" in err[-1]
+    assert "maybe" in err[-2] and "bits must be a non-empty subset of 2,3,4,8,16; got 2,5" in err[-1]
     assert not Path(cfg.out).exists()
