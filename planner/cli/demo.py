@@ -42,7 +42,9 @@ def why(plan: Plan) -> str:
                      for layer in plan.layers)
     ranks = Counter(layer.rank for layer in plan.layers if layer.rank)
     mix = ", ".join(f"{n} at {w}" for w, n in sorted(widths.items(), key=lambda kv: -kv[1]))
-    adapters = (f"{sum(ranks.values())} adapters (rank {min(ranks)}-{max(ranks)})" if ranks else "no adapter")
+    n = sum(ranks.values())
+    span = f"rank {min(ranks)}" if ranks and min(ranks) == max(ranks) else f"rank {min(ranks, default=0)}-{max(ranks, default=0)}"
+    adapters = f"{n} adapter{'s' if n != 1 else ''} ({span})" if ranks else "no adapter"
     binds = plan.search.budget_binds
     if binds is None:  # a hand-made plan: no search to explain
         reason = ""
