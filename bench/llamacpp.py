@@ -18,10 +18,12 @@ Q8_0 (attn_v, ffn_down) / Q4_0 mix; bytes are whole-file sizes (model + adapter)
 With ``--planned q4_0,mix`` the planner's own GGUF plan (``--quant gguf``: it chooses every layer's
 type and rank) is built at the serving memory of each of those plans without adapter, and with
 ``--finetune-steps N`` every plan with an adapter is also evaluated after the same short fine-tune
-(``python -m planner finetune``, train split), its trained ``adapter.gguf`` run by llama.cpp.
+(``python -m planner finetune``, train split), its trained ``adapter.gguf`` run by llama.cpp; with
+``--peer-lora-rank R`` each of llama.cpp's files gets the same fine-tune of a rank-R LoRA (PEFT's
+default init, QLoRA's recipe) on its own quantized weights.
 
     python -m bench.llamacpp [--json] [--out bench/results/llamacpp.json] [--ours mix_r16,q4_0_r8]
-                             [--planned q4_0,mix] [--trials 8] [--finetune-steps 0]
+                             [--planned q4_0,mix] [--trials 8] [--finetune-steps 0] [--peer-lora-rank 0]
                              [--blocks 16] [--seq-len 128] [--threads 2] [--no-peer] [--work DIR]
 """
 from __future__ import annotations
@@ -152,6 +154,28 @@ def finetuned(folder: Path, steps: int, seq_len: int) -> Path | None:
             "--out", str(out), "--force"]
     if planner_main(argv) != 0:
         raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+    return out
+
+
+def peer_finetuned(peer: Path, rank: int, steps: int, seq_len: int, root: Path) -> Path:
+    """QLoRA's recipe on llama.cpp's own file: a rank-``rank`` LoRA with PEFT's default init (B = 0)
+    on every target layer of ``peer`` (its dequantized weights kept in bf16 for training: 0.1 % of
+    Q4_0's own error), ``python -m planner finetune --steps N`` as for our plans, the trained
+    adapter written as adapter.gguf against the peer's own tensors. Returns the fine-tune folder."""
+    folder = root / f"{peer.stem}-lora{rank}"
+    out = folder / f"ft-{steps}"
+    if (out / "adapter.gguf").is_file():
+        return out
+    source = resolve(str(peer))
+    choices = {t.name: LayerChoice(16, rank) for t in source.targets()}
+    plan = save_plan(plan_from_choices(source, choices, RunSettings(device="cpu", seq_len=seq_len)),
+                     root / f"{folder.name}.json")
+    for argv in (["materialize", str(plan), "--out", str(folder), "--format", "gguf", "--non-target-dtype", "fp32",
+                  "--device", "cpu", "--model", str(peer), "--force"],
+                 ["finetune", str(folder), "--steps", str(steps), "--seq-len", str(seq_len), "--device", "cpu",
+                  "--out", str(out), "--force"]):
+        if planner_main(argv) != 0:
+            raise SystemExit(f"python -m planner {' '.join(argv)} failed")
     return out
 
 
@@ -311,6 +335,13 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             rows.append({"name": label, "model_bytes": out.stat().st_size, "adapter_bytes": 0,
                          "total_bytes": out.stat().st_size, "ppl_llamacpp": math.exp(nll),
                          "ppl_llamacpp_no_adapter": math.exp(nll), "types": tensor_types(out)})
+            if args.finetune_steps and args.peer_lora_rank:
+                ft = peer_finetuned(out, args.peer_lora_rank, args.finetune_steps, args.seq_len, root)
+                extra = (ft / "adapter.gguf").stat().st_size
+                rows.append({**rows[-1], "name": f"{label} + LoRA r{args.peer_lora_rank} (default init)",
+                             "adapter_bytes": extra, "total_bytes": rows[-1]["model_bytes"] + extra,
+                             "ppl_llamacpp_finetuned": math.exp(llama_nll(out, blocks, args.threads,
+                                                                          ft / "adapter.gguf")[0])})
             print(json.dumps(rows[-1]), flush=True)
         nll, their_logits = llama_nll(src, blocks, args.threads)
         rows.append({"name": "F32 targets (the dequantized Q4_1 weights)", "model_bytes": src.stat().st_size,
@@ -347,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=8, help="Optuna trials of --planned")
     ap.add_argument("--finetune-steps", type=int, default=0, help="also evaluate every plan with an adapter after "
                     "`python -m planner finetune DIR --steps N` (0: off)")
+    ap.add_argument("--peer-lora-rank", type=int, default=0, help="with --finetune-steps: also fine-tune a LoRA of "
+                    "this rank (PEFT's default init) on each of llama.cpp's files the same way (0: off)")
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
