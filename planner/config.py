@@ -74,6 +74,8 @@ class PlanConfig:
             hint = " (6 bits is a GGUF width: --quant gguf)" if 6 in bad_bits and self.quant == "nf" else ""
             raise ValueError(f"bits must be a non-empty subset of {','.join(map(str, allowed))}; "
                              f"got {','.join(map(str, self.bits))}{hint}")
+        if self.quant == "gguf" and self.double_quant != "off":
+            raise ValueError("--double-quant is for --quant nf: GGUF types keep their own block constants")
         self.search_space  # noqa: B018 — SearchSpace validates, naming the value
         if not self.ranks or any((not isinstance(r, int)) or r < 0 or r > 4096 for r in self.ranks):
             raise ValueError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
