@@ -78,6 +78,12 @@ PEERS: dict[str, tuple[int, dict[str, int]]] = {
 
 
 # ---------------------------------------------------------------- our files
+def cli(argv: list[str]) -> None:
+    """``python -m planner ARGV`` in this process; stop the bench if it fails."""
+    if planner_main(argv) != 0:
+        raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+
+
 def build_ours(name: str, root: Path, seq_len: int) -> tuple[Path, float | None]:
     """Plan ``name`` of OURS for SmolLM2, materialized through the CLI with --format gguf; (DIR, seconds).
     A ROOT/NAME with a model.gguf (an earlier run's, ``--work``) is reused as is (seconds None)."""
@@ -93,8 +99,7 @@ def build_ours(name: str, root: Path, seq_len: int) -> tuple[Path, float | None]
     # fp32 non-target weights: planner.load then holds the GGUF's own embedding and norm values
     argv = ["materialize", str(plan), "--out", str(out), "--format", "gguf", "--non-target-dtype", "fp32",
             "--device", "cpu"]
-    if planner_main(argv) != 0:
-        raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+    cli(argv)
     return out, time.perf_counter() - start
 
 
@@ -133,12 +138,10 @@ def build_planned(peer: str, root: Path, seq_len: int, trials: int) -> tuple[Pat
     start = time.perf_counter()
     argv = ["--model", MODEL, "--budget", str(budget), "--quant", "gguf", "--bits", "2,3,4,6,8", "--mode", "inference",
             "--seq-len", str(seq_len), "--trials", str(trials), "--out", str(root / f"{name}.json")]
-    if planner_main(argv) != 0:
-        raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+    cli(argv)
     argv = ["materialize", str(root / f"{name}.json"), "--out", str(root / name), "--format", "gguf",
             "--non-target-dtype", "fp32", "--device", "cpu"]
-    if planner_main(argv) != 0:
-        raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+    cli(argv)
     return root / name, time.perf_counter() - start
 
 
@@ -152,8 +155,7 @@ def finetuned(folder: Path, steps: int, seq_len: int) -> Path | None:
         return None
     argv = ["finetune", str(folder), "--steps", str(steps), "--seq-len", str(seq_len), "--device", "cpu",
             "--out", str(out), "--force"]
-    if planner_main(argv) != 0:
-        raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+    cli(argv)
     return out
 
 
@@ -174,8 +176,7 @@ def peer_finetuned(peer: Path, rank: int, steps: int, seq_len: int, root: Path) 
                   "--device", "cpu", "--model", str(peer), "--force"],
                  ["finetune", str(folder), "--steps", str(steps), "--seq-len", str(seq_len), "--device", "cpu",
                   "--out", str(out), "--force"]):
-        if planner_main(argv) != 0:
-            raise SystemExit(f"python -m planner {' '.join(argv)} failed")
+        cli(argv)
     return out
 
 

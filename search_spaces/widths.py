@@ -20,7 +20,7 @@ KEEP_BITS = 16
 GGUF_ORDER = ("q2_k", "q3_k", "q4_0", "iq4_nl", "q4_k", "q6_k", "q8_0")  # menu order among GGUF widths
 # A K-quant needs rows that are whole 256-value super-blocks; on a narrower row the layer takes the
 # block-32 type llama.cpp's own quantizer falls back to (it has no q5_0 here: q4_k -> iq4_nl too).
-GGUF_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "iq4_nl", "q6_k": "q8_0", "iq4_nl": "q4_0"}
+GGUF_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "iq4_nl", "q6_k": "q8_0"}
 
 
 @total_ordering

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from safetensors import safe_open
 
-from loftq import loftq
+from loftq import __version__ as LOFTQ_VERSION, loftq
 from loftq.quant import METHODS
 from loftq.rounding import ROUNDINGS
 from loftq.solver import SVD_METHODS
@@ -176,9 +176,8 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
             raise PlannerError("the data-aware initialisation needs the layers' input moments: run it through "
                                "planner.materialize or the CLI")
         h, corpus = moments(source, [layer.name for layer in plan.layers], init, device)  # the plan's key
-        init = dataclasses.replace(init, corpus=corpus)
-    if init.data_aware:  # the folder's plan.json says how its Q was rounded
-        init = dataclasses.replace(init, rounding=None if rounding == "nearest" else rounding)
+        # the folder's plan.json says how its Q was rounded
+        init = dataclasses.replace(init, corpus=corpus, rounding=None if rounding == "nearest" else rounding)
     plan = dataclasses.replace(plan, init=init)
     key = job_key(plan, source.weights_sha256(), iters, config.svd, rounding)
     partial = partial_dir(out)
@@ -293,9 +292,8 @@ def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int], svd: str = "
     extra = {"init": plan.init.to_dict()} if plan.init.data_aware else {}
     if rounding != "nearest":
         extra["rounding"] = rounding
-    import loftq  # a build resumed across a change of the quantizers' numbers would mix two encodings
-
-    blob = json.dumps({"v": JOB_VERSION, "loftq": loftq.__version__, "weights": weights_sha, "layers": spec, "svd": svd,
+    # a build resumed across a change of the quantizers' numbers would mix two encodings: loftq's version
+    blob = json.dumps({"v": JOB_VERSION, "loftq": LOFTQ_VERSION, "weights": weights_sha, "layers": spec, "svd": svd,
                        **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -23,9 +23,9 @@ from typing import Iterator, Mapping, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
-from loftq import GGUFTensor, QuantConfig, QuantizedTensor, dequantize, gguf_quantize, quantize, quantize_feedback
+from loftq import GGUFTensor, QuantConfig, QuantizedTensor, dequantize, quantize_feedback
 from loftq.rounding import check_rounding
-from search_spaces.widths import GgufWidth, WidthKey, gguf_type_for, is_gguf, quant_config, quant_spec
+from search_spaces.widths import GgufWidth, WidthKey, gguf_type_for, is_gguf, quant_config, quant_spec, quantize_width
 
 from planner import progress
 from planner.runtime.layers import linear_weight
@@ -292,15 +292,12 @@ class WeightBank:
     def _compute(self, name: str, bits: int, factors: bool) -> BankEntry:
         s = self.settings
         w, home = self._source(name)
-        spec = s.spec(bits, tuple(w.shape))
-        if isinstance(spec, str):
-            if self.rounding == "feedback":
-                raise ValueError(f"rounding='feedback' takes codebook widths, not the GGUF type {spec}")
-            qt = gguf_quantize(w, spec)
-        elif self.rounding == "feedback":
-            qt = quantize_feedback(w, spec, self.moments[name].to(w.device), self.damp)
+        if self.rounding != "feedback":
+            qt = quantize_width(w, bits, s.method, s.block_size)
+        elif is_gguf(bits):
+            raise ValueError(f"rounding='feedback' takes codebook widths, not the GGUF width {bits}")
         else:
-            qt = quantize(w, config=spec)
+            qt = quantize_feedback(w, s.quant_config(bits), self.moments[name].to(w.device), self.damp)
         deq = dequantize(qt, torch.float32)
         entry = BankEntry(qt.to(home), deq.to(home, s.dtype), None, None, self.label)
         return self._with_factors(name, entry, w, deq) if factors else entry
