@@ -13,6 +13,50 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # tests read stderr line by line
 
 
+# A test that hangs fails with its stacks instead of holding CI until its job is killed (a race in
+# the heartbeat test once did, and the report said only "Terminated"). Per phase: setup, call and
+# teardown each get the limit.
+TEST_LIMIT_S = int(os.environ.get("PLANNER_TEST_LIMIT_S", "600"))
+
+
+def _over_limit(signum, frame) -> None:  # noqa: ANN001 - a signal handler's signature
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    pytest.fail(f"ran over PLANNER_TEST_LIMIT_S={TEST_LIMIT_S} s (hung?); stacks above", pytrace=True)
+
+
+def _limited():
+    import signal
+
+    if TEST_LIMIT_S <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _over_limit)
+    signal.alarm(TEST_LIMIT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    yield from _limited()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    yield from _limited()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item):
+    yield from _limited()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

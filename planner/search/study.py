@@ -9,6 +9,7 @@ no feasible plan in 200 trials on SmolLM2.)
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import math
 import os
 import random
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -164,12 +166,58 @@ def run_trials(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Fail (and queue a retry of) the study's trials whose process stopped sending heartbeats."""
+    """Fail (and queue a retry of) the study's trials whose process stopped sending heartbeats, and
+    those whose process died before its first heartbeat (see :func:`_fail_silent`)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+        _fail_silent(study)
+
+
+# storage -> {trial_id: monotonic time this process first saw it RUNNING with no heartbeat}
+_SILENT_SINCE: "weakref.WeakKeyDictionary[Any, dict[int, float]]" = weakref.WeakKeyDictionary()
+
+
+def _fail_silent(study: optuna.Study) -> None:
+    """Optuna only fails a RUNNING trial whose last heartbeat is old: a process killed between
+    creating its trial and its heartbeat thread's first beat leaves one with no heartbeat at all,
+    RUNNING for ever, and every other worker waiting on it. Such a trial that this process has seen
+    silent for longer than the grace period is failed and retried like a stale one. The time is this
+    process's own clock, so workers on machines with skewed clocks agree."""
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    if not isinstance(rdb, optuna.storages.RDBStorage) or rdb.heartbeat_interval is None:
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import orm
+
+    with _create_scoped_session(rdb.scoped_session) as session:
+        running = (session.query(models.TrialModel).options(orm.selectinload(models.TrialModel.heartbeats))
+                   .filter(models.TrialModel.state == TrialState.RUNNING)
+                   .filter(models.TrialModel.study_id == study._study_id).all())
+        silent = {t.trial_id for t in running if not t.heartbeats}
+    grace = rdb.grace_period if rdb.grace_period is not None else 2 * rdb.heartbeat_interval
+    now = time.monotonic()
+    seen = _SILENT_SINCE.setdefault(rdb, {})
+    for trial_id in list(seen):
+        if trial_id not in silent:  # it beat, finished or was failed by someone else
+            del seen[trial_id]
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in sorted(silent):
+        if now - seen.setdefault(trial_id, now) <= grace:
+            continue
+        del seen[trial_id]
+        try:
+            failed = storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        log.warning("trial %d never sent a heartbeat in %d s (its process died as it started): failed, retried",
+                    storage.get_trial_number_from_id(trial_id), grace)
+        if failed and retry is not None:
+            retry(study, copy.deepcopy(storage.get_trial(trial_id)))
 
 
 def dashboard_attrs(options: Sequence[tuple[int, int]], choice: Sequence[int]) -> dict[str, Any]:

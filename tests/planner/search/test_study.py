@@ -145,3 +145,43 @@ def test_cli_refuses_a_study_of_other_ranks_or_weights_in_one_line(tmp_path: Pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and what in err[0], err
         assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_whose_process_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path: Path, monkeypatch) -> None:
+    """Optuna fails only trials whose last heartbeat is old. A worker killed between creating its
+    trial and its first heartbeat left one RUNNING with no heartbeat at all, and this wait looped
+    for ever (CI hung in the test above when its SIGKILL won that race)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    monkeypatch.setenv("LOFTQ_PLANNER_HEARTBEAT", "1,3")
+    orphan = open_study(url, "s", 0, FP).ask()  # RUNNING, and no heartbeat thread ever started
+    x = orphan.suggest_float("x", 0, 1)
+    study = open_study(url, "s", 0, FP)
+    t0 = time.monotonic()
+    run_trials(study, lambda t: t.suggest_float("x", 0, 1), 3, None, poll_s=0.2)
+    waited = time.monotonic() - t0
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE, TrialState.COMPLETE]
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retried) == 1 and retried[0].params["x"] == x
+    assert 3 <= waited < 20  # failed once silent for the grace period, not at first sight
+
+
+def test_a_trial_that_is_beating_is_never_failed_as_silent(tmp_path: Path, monkeypatch) -> None:
+    from planner.search.study import fail_stale
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    monkeypatch.setenv("LOFTQ_PLANNER_HEARTBEAT", "1,3")
+    study = open_study(url, "s", 0, FP)
+    seen = []
+
+    def slow(trial: optuna.Trial) -> float:  # runs 5 s, past the grace period, beating every second
+        other = open_study(url, "s", 0, FP)
+        for _ in range(10):
+            fail_stale(other)
+            seen.append(other.get_trials()[0].state)
+            time.sleep(0.5)
+        return trial.suggest_float("x", 0, 1)
+
+    study.optimize(slow, n_trials=1)
+    assert set(seen) == {TrialState.RUNNING} and study.get_trials()[0].state == TrialState.COMPLETE
