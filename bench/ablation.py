@@ -6,7 +6,8 @@ tight budgets (SmolLM2, fine-tune mode, CPU).
 Every planner variant is the product's own ``make_plan`` (guided search, zero-step KL, the QUICK
 setting's trials) with one PlanConfig changed: the bit menu (2,4,8 or 2,3,4,8), ``--double-quant``
 (off or search: the planner chooses per layer) and ``--init`` (loftq or loftq-data); the 8 variants
-are the full factorial. Baselines get the same levers: the LoftQ paper's first-k rule (4-bit first k
+are the full factorial, and ``nf3+dq+data+fb`` plans all three with ``--rounding feedback`` (its
+tables, Fisher errors and candidates score error-feedback Q, and its row is built with it). Baselines get the same levers: the LoftQ paper's first-k rule (4-bit first k
 blocks, 2-bit after) plain, double-quantized and with NF3 for the tail, and uniform NF2/NF3 (± DQ)
 where they fit. The ceiling ``lora-16bit`` (bf16 backbone, rank 16 everywhere, not held to the
 budget) runs once. Evaluation as in bench.quality: test-split perplexity at step 0 and after the
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     s = replace(QUICK, budgets=tuple(args.budgets.split(",")))
     b = setup(s)
     builders = Builders(b)
-    stores = {"loftq": MemoryStore(), "loftq-data": MemoryStore()}
+    stores = {(init, rounding): MemoryStore() for init in ("loftq", "loftq-data") for rounding in ("nearest", "feedback")}
     rows: list[dict[str, Any]] = []
     done: dict[tuple, dict[str, Any]] = {}
 
@@ -95,17 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     for label in s.budgets:
         budget = b.counter.budget_for(label)
         for name in names:
-            init = VARIANTS[name][2]
+            _, _, init, rounding = VARIANTS[name]
             cfg = variant_config(b.cfg, name, label)
             t0 = time.perf_counter()
-            outcome = make_plan(cfg, b.run, budget, bank_store=stores[init])
+            outcome = make_plan(cfg, b.run, budget, bank_store=stores[init, rounding])
             opts = outcome.problem.table.options
             plan = [opts[k] for k in outcome.chosen.choice]
             timings = {k: round(v, 1) for k, v in outcome.plan.search.timings.items()}
-            record(label, budget, f"planner[{name}]", plan, init, builders.get(init, outcome.plan.init),
+            tag = "loftq-data-feedback" if rounding == "feedback" else init
+            record(label, budget, f"planner[{name}]", plan, tag, builders.get(init, outcome.plan.init, rounding),
                    {"variant": name, "kl": outcome.chosen.proxy.kl if outcome.chosen.proxy else None,
                     "planning_seconds": round(time.perf_counter() - t0, 1), "timings": timings})
-            if args.rounding and init == "loftq-data":  # the same plan, Q by error feedback
+            if args.rounding and init == "loftq-data" and rounding == "nearest":  # the same plan, Q by error feedback
                 record(label, budget, f"planner[{name}] +feedback", plan, "loftq-data-feedback",
                        builders.get(init, outcome.plan.init, "feedback"), {"variant": name, "rounding": "feedback"})
         if not args.no_baselines:

@@ -108,16 +108,18 @@ def first_k(counter: Counter, budget: int, rank: int | None = None, hi: WidthKey
 
 
 # issue 15's levers, the planner's variants in bench.ablation and bench.embedding:
-# name -> (bits menu, --double-quant, --init); the first five are "all on" and each lever off
-VARIANTS: dict[str, tuple[tuple[int, ...], str, str]] = {
-    "plain": ((2, 4, 8), "off", "loftq"),
-    "nf3+dq+data": ((2, 3, 4, 8), "search", "loftq-data"),
-    "nf3+dq": ((2, 3, 4, 8), "search", "loftq"),
-    "nf3+data": ((2, 3, 4, 8), "off", "loftq-data"),
-    "dq+data": ((2, 4, 8), "search", "loftq-data"),
-    "nf3": ((2, 3, 4, 8), "off", "loftq"),
-    "dq": ((2, 4, 8), "search", "loftq"),
-    "data": ((2, 4, 8), "off", "loftq-data"),
+# name -> (bits menu, --double-quant, --init, --rounding); the first five are "all on" and each
+# lever off; "+fb" plans with --rounding feedback (tables, Fisher and bank all score feedback Q)
+VARIANTS: dict[str, tuple[tuple[int, ...], str, str, str]] = {
+    "plain": ((2, 4, 8), "off", "loftq", "nearest"),
+    "nf3+dq+data": ((2, 3, 4, 8), "search", "loftq-data", "nearest"),
+    "nf3+dq": ((2, 3, 4, 8), "search", "loftq", "nearest"),
+    "nf3+data": ((2, 3, 4, 8), "off", "loftq-data", "nearest"),
+    "dq+data": ((2, 4, 8), "search", "loftq-data", "nearest"),
+    "nf3": ((2, 3, 4, 8), "off", "loftq", "nearest"),
+    "dq": ((2, 4, 8), "search", "loftq", "nearest"),
+    "data": ((2, 4, 8), "off", "loftq-data", "nearest"),
+    "nf3+dq+data+fb": ((2, 3, 4, 8), "search", "loftq-data", "feedback"),
 }
 
 
@@ -125,8 +127,8 @@ def variant_config(cfg: PlanConfig, name: str, tag: str) -> PlanConfig:
     """``cfg`` with variant ``name``'s levers, planned on one machine (the default SQLite storage:
     ``--init loftq-data`` is refused with a shared --storage) in a study of its own (a fresh name,
     so no earlier run's trials are resumed)."""
-    bits, dq, init = VARIANTS[name]
-    return replace(cfg, bits=bits, double_quant=dq, init=init, storage=None,
+    bits, dq, init, rounding = VARIANTS[name]
+    return replace(cfg, bits=bits, double_quant=dq, init=init, rounding=rounding, storage=None,
                    study_name=f"bench-{name}-{tag}-{time.time_ns()}")
 
 

@@ -94,7 +94,10 @@ def run_bench(budgets: list[str], trials: int, test_blocks: int, variants: list[
             opts = outcome.problem.table.options
             method = "planner" if v is None else f"planner[{v}]"
             plans[method] = [opts[k] for k in outcome.chosen.choice]
-            if vcfg.init == "loftq-data":
+            if vcfg.init == "loftq-data" and vcfg.rounding == "feedback":  # planned for feedback Q: built so
+                fb_proxy = fb_proxy or e.data_proxy(outcome.plan.init, "feedback")
+                proxies[method] = fb_proxy
+            elif vcfg.init == "loftq-data":
                 data_proxy = data_proxy or e.data_proxy(outcome.plan.init)
                 proxies[method] = data_proxy
                 if rounding:  # the same plan built with error-feedback rounding of Q

@@ -170,9 +170,21 @@ TABLE_DTYPE = torch.bfloat16  # the Krylov products of the tables (fp32 where bf
 
 
 def _width_residuals(w: torch.Tensor, bits: Sequence[int | str], method: str | Mapping[int, str], block_size: int,
-                     double_quant: bool, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     double_quant: bool, dtype: torch.dtype, uppers: torch.Tensor | None = None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(W - deq q_b(W) in ``dtype``, its fp64 squared norm per matrix) for each width of a stack
-    [L, out, in]: codebook widths in one fused pass, GGUF type names matrix by matrix."""
+    [L, out, in]: codebook widths in one fused pass, GGUF type names matrix by matrix; ``uppers``
+    [L, in, in]: each matrix's inverse factor, Q by error-feedback rounding (matrix by matrix)."""
+    if uppers is not None:
+        out = []
+        for b in bits:
+            parts = []
+            for m, u in zip(w, uppers):
+                quant, deq = _quantizer(b, method, block_size, double_quant, tuple(m.shape), u)
+                parts.append(m - deq(quant(m)))
+            res = torch.stack(parts)
+            out.append((res.to(dtype), squared_norm(res)))
+        return out
     codebook = [b for b in bits if not isinstance(b, str)]
     fused = iter(quantization_residuals(w, [_config(b, method, block_size, double_quant) for b in codebook],
                                         dtype=dtype, checked=True) if codebook else [])
@@ -198,7 +210,8 @@ def table_dtype(device: torch.device) -> torch.dtype:
 def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8), ranks: Sequence[int] = DEFAULT_RANKS,
                    iters: int = 1, method: str | Mapping[int, str] = "nf", block_size: int = 64,
                    double_quant: bool = False, calibration: torch.Tensor | None = None,
-                   damp: float = 0.01, factor: torch.Tensor | None = None) -> torch.Tensor:
+                   damp: float = 0.01, factor: torch.Tensor | None = None, rounding: str = "nearest",
+                   uppers: torch.Tensor | None = None) -> torch.Tensor:
     """Relative LoftQ residuals ||W - Q - BA|| / ||W|| for every (bits, rank) cell; a ``bits`` entry
     may be a GGUF type name (``"q4_k"``: the rows must be whole blocks of it).
 
@@ -212,6 +225,9 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8
     ``calibration`` (H [in, in], shared by the batch) switches to the data-aware norm ||(.) L||;
     ``factor``: that L already computed (``calibration_factor(H, damp)``) [in, in], or one per matrix
     of the batch [L, in, in] (layers with different inputs stacked together).
+    ``rounding="feedback"`` (needs the data-aware norm): Q is :func:`loftq.rounding.quantize_feedback`'s,
+    as ``loftq(..., rounding="feedback")`` builds it with iters == 1; ``uppers``: the inverse factors
+    (:func:`loftq.rounding.inverse_factor`) already computed, [in, in] or one per matrix [L, in, in].
     """
     single = weight.ndim == 2
     w = weight.detach().float().unsqueeze(0) if single else weight.detach().float()
@@ -225,19 +241,33 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8
         factor = calibration_factor(calibration.to(w.device).float(), damp)
     if factor is not None and calibration is None and iters > 1:
         raise ValueError("residual_table(iters > 1) takes calibration=H, not a precomputed factor")
+    check_rounding(rounding)
+    if rounding == "feedback":
+        if factor is None:
+            raise ValueError("residual_table(rounding='feedback') needs the data-aware norm (calibration=H or factor)")
+        if any(isinstance(b, str) for b in bits):
+            raise ValueError("rounding='feedback' takes codebook widths, not GGUF types")
+        if uppers is None:
+            if calibration is None:
+                raise ValueError("residual_table(rounding='feedback') with a precomputed factor also takes uppers")
+            uppers = inverse_factor(calibration.to(w.device), damp)
+        if uppers.ndim == 2:
+            uppers = uppers.expand(w.shape[0], *uppers.shape)
+    elif uppers is not None:
+        raise ValueError("uppers is for rounding='feedback'")
     out = torch.empty(w.shape[0], len(bits), len(ranks), dtype=torch.float64)
     if iters > 1:
         for i in range(w.shape[0]):
             for j, b in enumerate(bits):
                 for k, r in enumerate(ranks):
                     res = loftq(w[i], b, r, iters=iters, method=method, block_size=block_size,
-                                double_quant=double_quant, calibration=calibration, damp=damp)
+                                double_quant=double_quant, calibration=calibration, damp=damp, rounding=rounding)
                     out[i, j, k] = res.weighted_errors[res.best_iter - 1] if factor is not None else res.error
         return out[0].float() if single else out.float()
     ref = w if factor is None else w @ factor
     ref_sq = squared_norm(ref).clamp(min=1e-60)
     dtype = table_dtype(w.device) if factor is None else torch.float32
-    for j, (res, total) in enumerate(_width_residuals(w, bits, method, block_size, double_quant, dtype)):
+    for j, (res, total) in enumerate(_width_residuals(w, bits, method, block_size, double_quant, dtype, uppers)):
         if factor is not None:
             res = res @ factor
             total = res.double().pow(2).sum(dim=(1, 2))

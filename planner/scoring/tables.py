@@ -8,6 +8,8 @@ With input moments (the data-aware initialisation, :mod:`planner.scoring.moments
 are in the norm that initialisation optimises: ||(W - Q - BA) L|| / ||W L||, L L^T = H + damp, with
 each layer's own H: same-shape layers are stacked as before, each with its own factor (one Cholesky
 per moment in the stack: k/v and gate/up share one), and the threads split stack and factors alike.
+With ``rounding="feedback"`` as well, Q is the error-feedback rounding under the same H
+(:func:`loftq.rounding.quantize_feedback`), the Q that ``plan/materialize --rounding feedback`` build.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from loftq import residual_table
+from loftq.rounding import check_rounding, inverse_factor
 from loftq.solver import calibration_factor
 from loftq.quant import squared_norm
 from search_spaces.facts import TargetLayer
@@ -86,10 +89,12 @@ def _row(w: WidthKey, stack: torch.Tensor) -> int | str:
     return gguf_type_for(w.name, tuple(stack.shape[1:])) if is_gguf(w) else width_bits(w)
 
 
-def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tensor | None = None) -> torch.Tensor:
+def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tensor | None = None,
+               uppers: torch.Tensor | None = None) -> torch.Tensor:
     """[L, len(bits), len(ranks)] for a stack [L, out, in]: one ``residual_table`` call per
     double-quantization setting among the rows (one call, as always, for a plain menu); ``factor``:
-    the stack's calibration factor L (data-aware norm), None for the plain norm."""
+    the stack's calibration factor L (data-aware norm), None for the plain norm; ``uppers``: the
+    stack's inverse factors, Q by error-feedback rounding."""
     dq = [settings.double_quant or is_double_quant(w) for w in settings.bits]
     out: torch.Tensor | None = None
     for flag in sorted(set(dq)):
@@ -98,7 +103,8 @@ def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tenso
         unique = list(dict.fromkeys(specs))  # GGUF widths that fall back to one type: computed once
         tab = residual_table(stack, bits=unique, ranks=settings.ranks,
                              iters=settings.iters, method=settings.method, block_size=settings.block_size,
-                             double_quant=flag, factor=factor)
+                             double_quant=flag, factor=factor,
+                             rounding="nearest" if uppers is None else "feedback", uppers=uppers)
         tab = tab[:, [unique.index(x) for x in specs]]
         if len(rows) == len(dq):
             return tab
@@ -135,19 +141,26 @@ def on_threads(fn: Callable[..., torch.Tensor], stack: torch.Tensor, *aligned: t
         torch.set_num_threads(before)
 
 
-def _factors(moments: Any, names: Sequence[str], device: torch.device, damp: float) -> torch.Tensor:
-    """[L, in, in]: each layer's calibration factor, one Cholesky per distinct moment."""
+def _factors(moments: Any, names: Sequence[str], device: torch.device, damp: float,
+             of: Callable[[torch.Tensor, float], torch.Tensor] = calibration_factor) -> torch.Tensor:
+    """[L, in, in]: each layer's calibration factor (or ``of`` its moment, e.g. the inverse factor
+    of feedback rounding), one factorisation per distinct moment."""
     done: dict[str, torch.Tensor] = {}
     for name in names:
         if moments.group(name) not in done:
-            done[moments.group(name)] = calibration_factor(moments[name].to(device), damp)
+            done[moments.group(name)] = of(moments[name].to(device), damp)
     return torch.stack([done[moments.group(name)] for name in names])
 
 
 def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers: int, settings: TableSettings,
-                   device: torch.device, moments: Any = None, damp: float = 0.01) -> ResidualTables:
+                   device: torch.device, moments: Any = None, damp: float = 0.01,
+                   rounding: str = "nearest") -> ResidualTables:
     """``moments``: a :class:`planner.scoring.moments.MomentStore` (name -> H, with ``group``) for the
-    data-aware norm; None: the plain norm, exactly as before."""
+    data-aware norm; None: the plain norm, exactly as before. ``rounding="feedback"`` (needs
+    ``moments``): Q by error feedback under each layer's H."""
+    check_rounding(rounding)
+    if rounding == "feedback" and moments is None:
+        raise ValueError("rounding='feedback' needs the layers' input moments")
     rows: dict[str, torch.Tensor] = {}
     norms: dict[str, float] = {}
     with progress.task(f"residual tables ({device.type})", n_layers) as advance:
@@ -155,9 +168,14 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
             stack = stack.to(device)
             if moments is None:
                 tab = on_threads(lambda part: _residuals(part, settings), stack).cpu()
-            else:
+            elif rounding == "nearest":
                 factors = _factors(moments, [t.name for t in targets], device, damp)
                 tab = on_threads(lambda part, f: _residuals(part, settings, f), stack, factors).cpu()
+            else:
+                names = [t.name for t in targets]
+                factors = _factors(moments, names, device, damp)
+                uppers = _factors(moments, names, device, damp, of=inverse_factor)
+                tab = on_threads(lambda part, f, u: _residuals(part, settings, f, u), stack, factors, uppers).cpu()
             sq = squared_norm(stack).cpu()
             for i, t in enumerate(targets):
                 rows[t.name], norms[t.name] = tab[i], float(sq[i])
@@ -168,20 +186,25 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
 
 
 def tables_key(weights_sha: str, targets: Sequence[TargetLayer], settings: TableSettings,
-               moments: str | None = None, damp: float = 0.01) -> str:
+               moments: str | None = None, damp: float = 0.01, rounding: str = "nearest") -> str:
     """Cache key of a table set: weights, targets, settings and the code versions (planner.cache);
-    data-aware tables add their moments' key and damp (plain keys are unchanged)."""
+    data-aware tables add their moments' key and damp, feedback-rounded ones the rounding (the
+    keys of the others are unchanged)."""
     extra = {"moments": moments, "damp": damp} if moments is not None else {}
+    if rounding != "nearest":
+        extra["rounding"] = rounding
     return cache_key(PRODUCER, {"weights": weights_sha, "targets": [(t.name, t.shape) for t in targets],
                                 "settings": asdict(settings), **extra})
 
 
 def residual_tables(source, targets: Sequence[TargetLayer], settings: TableSettings, *,
                     cache_dir: Path | None = None, device: str | None = None, moments: Any = None,
-                    damp: float = 0.01) -> ResidualTables:
+                    damp: float = 0.01, rounding: str = "nearest") -> ResidualTables:
     """Tables for ``targets`` of ``source`` (a planner.sources.ModelSource), from cache when valid;
-    ``moments``: a :class:`planner.scoring.moments.MomentStore` for the data-aware norm."""
-    key = tables_key(source.weights_sha256(), targets, settings, moments.key if moments is not None else None, damp)
+    ``moments``: a :class:`planner.scoring.moments.MomentStore` for the data-aware norm;
+    ``rounding``: "feedback" for Q by error feedback under those moments."""
+    key = tables_key(source.weights_sha256(), targets, settings, moments.key if moments is not None else None, damp,
+                     rounding)
     path = (cache_dir or default_cache_dir()) / "tables" / f"{key}.safetensors"
     cached = load_cached(path, key)
     names = [t.name for t in targets]
@@ -189,7 +212,7 @@ def residual_tables(source, targets: Sequence[TargetLayer], settings: TableSetti
     if cached is not None and tuple(cached.get("table", torch.empty(0)).shape) == want:
         return ResidualTables(names, settings, cached["table"], cached["sq_norm"])
     result = compute_tables(source.iter_weights(targets), len(targets), settings, resolve_device(device), moments,
-                            damp)
+                            damp, rounding)
     order = [result.names.index(n) for n in names]
     result = ResidualTables(names, settings, result.table[order], result.sq_norm[order])
     save_cached(path, key, {"table": result.table, "sq_norm": result.sq_norm})

@@ -284,7 +284,8 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
             init = dataclasses.replace(init, rounding=cfg.rounding)
         timings["moments_s"] = time.perf_counter() - t0
     tables = residual_tables(prep.source, prep.targets, table_settings(cfg), cache_dir=cfg.cache_path,
-                             device=cfg.score_device, moments=moments, damp=DEFAULT_DAMP)
+                             device=cfg.score_device, moments=moments, damp=DEFAULT_DAMP,
+                             rounding=cfg.rounding if moments is not None else "nearest")
     timings["tables_s"] = time.perf_counter() - t0 - timings.get("moments_s", 0.0)
     scorer = scorer or open_scorer(prep)  # names a non-finite non-target weight before the tokenizer loads
     train, val, corpus_sha = calibration or _calibration(prep, prep.source.tokenizer(), corpus)

@@ -11,6 +11,7 @@ from loftq.solver import calibration_factor
 from planner.scoring.moments import calibration_blocks, input_moments
 from planner.scoring.tables import TableSettings, compute_tables
 from planner.sources import resolve
+from search_spaces.widths import Width
 from tests.planner.scoring.test_tables import tables_on_1_and_2_threads
 
 LAYERS = [f"model.layers.{b}.{m}" for b in (0, 14, 29)
@@ -68,6 +69,29 @@ def test_weighted_tables_stacked_and_threaded_equal_the_solver(smol) -> None:
     plain = compute_tables(((t, weights[t.name]) for t in targets), len(targets), settings, torch.device("cpu"))
     assert not torch.allclose(plain.table, one.table, rtol=0.05)
     assert float(plain.of(LAYERS[0])[1, 1]) == pytest.approx(loftq(weights[LAYERS[0]], 4, 16).error, rel=0.01)
+
+
+def test_feedback_tables_are_the_q_that_rounding_feedback_builds(smol) -> None:
+    """plan --rounding feedback: the tables' Q is quantize_feedback's under each layer's own moment
+    (k/v and gate/up share one, stacked with down_proj's), equal to loftq(..., rounding="feedback")
+    cell by cell, on 1 and 2 threads; and below round-to-nearest's in that norm at every cell."""
+    src, store, weights = smol
+    targets = [t for t in src.targets() if t.name in LAYERS]
+    settings = TableSettings(bits=(2, 3, Width(4)), ranks=(0, 16))
+    layers = [(t, weights[t.name]) for t in targets]
+    one, two = tables_on_1_and_2_threads(layers, settings, moments=store, rounding="feedback")
+    assert torch.allclose(one.table, two.table, rtol=1e-5, atol=0)
+    nearest = compute_tables(iter(layers), len(layers), settings, torch.device("cpu"), moments=store)
+    assert (one.table <= nearest.table * (1 + 1e-4)).all()
+    assert float((1 - one.table[:, :, 0] / nearest.table[:, :, 0]).mean()) > 0.05  # feedback pays on real moments
+    for name in LAYERS[:5]:
+        w, h = weights[name], store[name]
+        for j, (b, dq) in enumerate(((2, False), (3, False), (4, True))):
+            for k, r in enumerate((0, 16)):
+                exact = loftq(w, b, r, calibration=h, rounding="feedback", double_quant=dq, svd="exact")
+                assert float(one.of(name)[j, k]) == pytest.approx(exact.weighted_errors[0], rel=0.01), (name, b, r)
+    with pytest.raises(ValueError, match="moments"):
+        compute_tables(iter(layers), len(layers), settings, torch.device("cpu"), rounding="feedback")
 
 
 def test_the_krylov_step_is_exact_enough_in_the_weighted_norm(smol) -> None:
