@@ -33,6 +33,15 @@ def check_rounding(rounding: str) -> None:
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}; got {rounding!r}")
 
 
+def feedback_applies(in_features: int, method: str, block_size: int) -> bool:
+    """Whether :func:`quantize_feedback` can round a weight with ``in_features`` inputs in this
+    format: a blockwise method whose blocks are whole runs of input columns. Where it cannot, the
+    planner (tables, weight bank, materialize) rounds that layer to nearest."""
+    from .quant import METHODS
+
+    return not METHODS.get(method).rowwise and in_features % block_size == 0
+
+
 def inverse_factor(second_moment: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """Upper Cholesky factor U (fp32 [in, in]) of (H + damp * mean(diag H) * I)^-1: U^T U = (H + ridge)^-1.
 

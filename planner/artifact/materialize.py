@@ -53,7 +53,7 @@ from safetensors import safe_open
 
 from loftq import __version__ as LOFTQ_VERSION, loftq
 from loftq.quant import METHODS
-from loftq.rounding import ROUNDINGS
+from loftq.rounding import ROUNDINGS, feedback_applies
 from loftq.solver import SVD_METHODS
 from search_spaces.discovery import is_conv1d, is_linear_like
 
@@ -375,7 +375,7 @@ def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters:
         meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
                          layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
     else:  # a GGUF type runs LoftQ with that format's quantizer (loftq takes its name as the width)
-        if rounding == "feedback" and (weight.shape[1] % layer.block_size or METHODS.get(layer.method).rowwise):
+        if rounding == "feedback" and not feedback_applies(weight.shape[1], layer.method, layer.block_size):
             rounding = "nearest"  # feedback rounds whole blocks of input columns: nearest here
         extra = {} if moment is None else {"calibration": moment.to(device), "damp": damp, "rounding": rounding}
         res = loftq(weight.to(device), layer.gguf_type or layer.bits, layer.rank, iters=iters, method=layer.method,

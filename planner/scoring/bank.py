@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from loftq import GGUFTensor, QuantConfig, QuantizedTensor, dequantize, quantize_feedback
-from loftq.rounding import check_rounding
+from loftq.rounding import check_rounding, feedback_applies
 from search_spaces.widths import GgufWidth, WidthKey, gguf_type_for, is_gguf, quant_config, quant_spec, quantize_width
 
 from planner import progress
@@ -292,12 +292,13 @@ class WeightBank:
     def _compute(self, name: str, bits: int, factors: bool) -> BankEntry:
         s = self.settings
         w, home = self._source(name)
-        if self.rounding != "feedback":
-            qt = quantize_width(w, bits, s.method, s.block_size)
-        elif is_gguf(bits):
+        if self.rounding == "feedback" and is_gguf(bits):
             raise ValueError(f"rounding='feedback' takes codebook widths, not the GGUF width {bits}")
+        cfg = None if is_gguf(bits) else s.quant_config(bits)
+        if self.rounding != "feedback" or not feedback_applies(w.shape[1], cfg.method, cfg.block_size):
+            qt = quantize_width(w, bits, s.method, s.block_size)  # materialize rounds such a layer to nearest too
         else:
-            qt = quantize_feedback(w, s.quant_config(bits), self.moments[name].to(w.device), self.damp)
+            qt = quantize_feedback(w, cfg, self.moments[name].to(w.device), self.damp)
         deq = dequantize(qt, torch.float32)
         entry = BankEntry(qt.to(home), deq.to(home, s.dtype), None, None, self.label)
         return self._with_factors(name, entry, w, deq) if factors else entry

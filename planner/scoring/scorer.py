@@ -105,7 +105,8 @@ class Scorer:
                                           folder=self.scratch, seed_offset=seed_offset)
         fisher = empirical_fisher(self.model, self.names, blocks, causal=self.causal, seed_offset=seed_offset)
         mods = target_modules(self.model, self.names)
-        return fisher_errors({n: module_weight(mods[n]).detach() for n in self.names}, fisher, bits, method, block_size)
+        return fisher_errors({n: module_weight(mods[n]).detach() for n in self.names}, fisher, bits, method, block_size,
+                             bank=bank)
 
     def zero_step(self, bank: Any, blocks: torch.Tensor) -> Any:
         from planner.scoring.proxy import StreamedZeroStepProxy, ZeroStepProxy

@@ -100,14 +100,17 @@ def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tenso
 
 
 def fisher_errors(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], bits: Sequence[int],
-                  method: str = "nf", block_size: int = 64) -> torch.Tensor:
-    """[n_layers, len(bits)]: 1/2 sum F (W - deq q_b(W))^2 in the order of ``weights``."""
+                  method: str = "nf", block_size: int = 64, bank=None) -> torch.Tensor:
+    """[n_layers, len(bits)]: 1/2 sum F (W - deq q_b(W))^2 in the order of ``weights``; ``bank``: take
+    deq q_b(W) from this :class:`planner.scoring.bank.WeightBank` (e.g. its feedback-rounded Q)."""
     out = torch.zeros(len(weights), len(bits), dtype=torch.float64)
     for i, (name, w) in enumerate(weights.items()):
         for j, b in enumerate(bits):
             if b >= 16:
                 continue
-            err = w.float() - dequantize(quantize_width(w, b, method, block_size), torch.float32)
+            deq = bank.deq(name, b).float() if bank is not None else \
+                dequantize(quantize_width(w, b, method, block_size), torch.float32)
+            err = w.float() - deq
             out[i, j] = 0.5 * float((fisher[name] * err.pow(2)).sum())
     return out
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from loftq import residual_table
-from loftq.rounding import check_rounding, inverse_factor
+from loftq.rounding import check_rounding, feedback_applies, inverse_factor
 from loftq.solver import calibration_factor
 from loftq.quant import squared_norm
 from search_spaces.facts import TargetLayer
@@ -170,6 +170,9 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
                 tab = on_threads(lambda part: _residuals(part, settings), stack).cpu()
             elif rounding == "nearest":
                 factors = _factors(moments, [t.name for t in targets], device, damp)
+                tab = on_threads(lambda part, f: _residuals(part, settings, f), stack, factors).cpu()
+            elif not feedback_applies(stack.shape[-1], settings.method, settings.block_size):
+                factors = _factors(moments, [t.name for t in targets], device, damp)  # rounded to nearest when built
                 tab = on_threads(lambda part, f: _residuals(part, settings, f), stack, factors).cpu()
             else:
                 names = [t.name for t in targets]

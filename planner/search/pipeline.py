@@ -289,7 +289,8 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
     timings["tables_s"] = time.perf_counter() - t0 - timings.get("moments_s", 0.0)
     scorer = scorer or open_scorer(prep)  # names a non-finite non-target weight before the tokenizer loads
     train, val, corpus_sha = calibration or _calibration(prep, prep.source.tokenizer(), corpus)
-    bank = weight_bank(prep, scorer, bank_store, moments) if study is not None else None  # the Fisher reuses its Q
+    # the Fisher errors reuse the search's bank's Q; an exact plan fills one (Q only) for feedback rounding
+    bank = weight_bank(prep, scorer, bank_store, moments) if study is not None or cfg.rounding != "nearest" else None
     fisher_err = fisher_errors_cached(prep, tables, scorer, train, corpus_sha, bank)
     timings["sensitivity_s"] = time.perf_counter() - t0 - timings["tables_s"] - timings.get("moments_s", 0.0)
     table = OptionTable.build(prep.targets, tables, fisher_err, prep.options)
