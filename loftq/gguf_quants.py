@@ -59,13 +59,13 @@ for _t in (
     GGUFType("iq4_nl", 20, lay.QK, 18, fit.encode_iq4_nl, lay.pack_nibbles32, lay.decode_iq4_nl,
              "4-bit non-linear grid, one fp16 scale per 32", "rms_abs"),
     GGUFType("q2_k", 10, lay.QK_K, 84, fit.encode_q2_k, lay.pack_q2_k, lay.decode_q2_k,
-             "2-bit codes, 4-bit scales and mins per 16, fp16 d and dmin per 256"),
+             "2-bit codes, 4-bit scales and mins per 16, fp16 d and dmin per 256", "rms_abs"),
     GGUFType("q3_k", 11, lay.QK_K, 110, fit.encode_q3_k, lay.pack_q3_k, lay.decode_q3_k,
              "3-bit codes, 6-bit scales per 16, fp16 d per 256"),
     GGUFType("q4_k", 12, lay.QK_K, 144, fit.encode_q4_k, lay.pack_q4_k, lay.decode_q4_k,
-             "4-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256"),
+             "4-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256", "rms_abs"),
     GGUFType("q6_k", 14, lay.QK_K, 210, fit.encode_q6_k, lay.pack_q6_k, lay.decode_q6_k,
-             "6-bit codes, int8 scales per 16, fp16 d per 256"),
+             "6-bit codes, int8 scales per 16, fp16 d per 256", "rms_abs"),
 ):
     GGUF_TYPES.add(_t.name, _t)
 

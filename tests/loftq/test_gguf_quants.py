@@ -23,8 +23,8 @@ BLOCK32 = ("q8_0", "q4_0", "iq4_nl")
 K_QUANTS = ("q2_k", "q3_k", "q4_k", "q6_k")
 # relative error ||W - deq(encode(W))|| / ||W|| of our encoder (each type's default objective) on
 # DOWN, measured on this CPU
-DOWN_ERRORS = {"q8_0": 0.00474, "q4_0": 0.0758, "iq4_nl": 0.0666, "q2_k": 0.271, "q3_k": 0.144,
-               "q4_k": 0.0153, "q6_k": 0.0160}
+DOWN_ERRORS = {"q8_0": 0.00474, "q4_0": 0.0758, "iq4_nl": 0.0666, "q2_k": 0.277, "q3_k": 0.144,
+               "q4_k": 0.0153, "q6_k": 0.0162}
 # (plain, w²-weighted) relative error on DOWN per objective, measured on this CPU
 DOWN_OBJECTIVES = {("iq4_nl", "plain"): (0.0655, 0.0537), ("iq4_nl", "w2"): (0.0730, 0.0442),
                    ("iq4_nl", "rms_abs"): (0.0666, 0.0477), ("q4_0", "plain"): (0.0747, 0.0516),
@@ -200,8 +200,8 @@ def test_objective_trades_plain_for_weighted_error(weights, name, objective) -> 
 
 def test_objective_defaults_and_errors() -> None:
     assert {n: gguf_type(n).objective for n in GGUF_TYPES} == {
-        "q8_0": "plain", "q4_0": "rms_abs", "iq4_nl": "rms_abs", "q2_k": "plain", "q3_k": "plain", "q4_k": "plain",
-        "q6_k": "plain"}
+        "q8_0": "plain", "q4_0": "rms_abs", "iq4_nl": "rms_abs", "q2_k": "rms_abs", "q3_k": "plain", "q4_k": "rms_abs",
+        "q6_k": "rms_abs"}
     w = torch.randn(4, 256)
     assert torch.equal(encode(w, "iq4_nl"), encode(w, "iq4_nl", "rms_abs"))
     assert not torch.equal(encode(w, "iq4_nl"), encode(w, "iq4_nl", "plain"))
@@ -210,7 +210,7 @@ def test_objective_defaults_and_errors() -> None:
 
 
 @pytest.mark.parametrize("name,plain,at_rank16", [("q4_k", 0.0153, 0.0114), ("q4_0", 0.0758, 0.0706),
-                                                  ("q2_k", 0.271, 0.261)])
+                                                  ("q2_k", 0.277, 0.266)])
 def test_loftq_with_gguf_quantizer(weights, encoded, name, plain, at_rank16) -> None:
     w = weights[DOWN]
     res = loftq(w, name, 16)
