@@ -168,17 +168,16 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
             stack = stack.to(device)
             if moments is None:
                 tab = on_threads(lambda part: _residuals(part, settings), stack).cpu()
-            elif rounding == "nearest":
-                factors = _factors(moments, [t.name for t in targets], device, damp)
-                tab = on_threads(lambda part, f: _residuals(part, settings, f), stack, factors).cpu()
-            elif not feedback_applies(stack.shape[-1], settings.method, settings.block_size):
-                factors = _factors(moments, [t.name for t in targets], device, damp)  # rounded to nearest when built
-                tab = on_threads(lambda part, f: _residuals(part, settings, f), stack, factors).cpu()
             else:
                 names = [t.name for t in targets]
                 factors = _factors(moments, names, device, damp)
-                uppers = _factors(moments, names, device, damp, of=inverse_factor)
-                tab = on_threads(lambda part, f, u: _residuals(part, settings, f, u), stack, factors, uppers).cpu()
+                # feedback where it can round this shape; elsewhere it is built (and scored) to nearest
+                if rounding == "feedback" and feedback_applies(stack.shape[-1], settings.method, settings.block_size):
+                    uppers = _factors(moments, names, device, damp, of=inverse_factor)
+                    tab = on_threads(lambda part, f, u: _residuals(part, settings, f, u), stack, factors, uppers)
+                else:
+                    tab = on_threads(lambda part, f: _residuals(part, settings, f), stack, factors)
+                tab = tab.cpu()
             sq = squared_norm(stack).cpu()
             for i, t in enumerate(targets):
                 rows[t.name], norms[t.name] = tab[i], float(sq[i])
