@@ -7,16 +7,22 @@ Hadamard matrix of order n is H_n = H_m (x) H_{2^k}: H_{2^k} is Sylvester's, H[i
 (p an odd prime, e <= 3), with Jacobsthal matrix Q[i, j] = chi(x_i - x_j), chi the quadratic character:
 
 - Paley I, q = 3 mod 4, order q + 1: H = I + [[0, 1^T], [-1, Q]]   (12 from q=11, 20, 44, 60, 344 from 7^3)
-- Paley II, q = 1 mod 4, order 2 (q + 1): S = [[0, 1^T], [1, Q]], H = S (x) [[1, -1], [-1, -1]] + I (x) [[1, 1], [1, -1]]
+- Paley II, q = 1 mod 4, order 2 (q + 1): S = [[0, 1^T], [1, Q]],
+  H = S (x) [[1, -1], [-1, -1]] + I (x) [[1, 1], [1, -1]]
   (28 from q=13, 36 from 17, 52 from 5^2, 100 from 7^2)
 
 Paley I is tried first. m = 1 for powers of two; otherwise m is the smallest buildable 4 o 2^j
-(o the odd part of n) up to MAX_SMALL_ORDER. Unsupported up to 256: 92, 116, 156, 172, 188, 236.
+(o the odd part of n) up to MAX_SMALL_ORDER, 49 orders in all (:func:`small_orders`). No route
+here to 4 o = 92, 116, 156, 172, 188, 236 (Williamson-type constructions would be needed); such a
+width is still supported when 8 o or 16 o builds: Llama's 11008 = 172 * 64 uses 344 = 7^3 + 1.
 
 Transform. With Ĥ = H_n / sqrt(n) (orthonormal), ``hadamard_transform(x, dim)`` computes Ĥ v for
-every vector v along ``dim`` (``inverse=True``: Ĥ^T v): a butterfly over the 2^k part, one [m, m]
-matmul over the m part, no n x n matrix; O(n log n + n m) per vector. fp16/bf16 are computed in fp32
-and rounded once at the end; fp32/fp64 in their own dtype.
+every vector v along ``dim`` (``inverse=True``: Ĥ^T v) without an n x n matrix: the vector is viewed
+as [m, 2^k] and gets one [m, m] matmul over the m axis and a Walsh-Hadamard butterfly over the 2^k
+part, whose stages are radix-2^r (Sylvester blocks of <= 2^RADIX_BITS, one matmul each):
+n (m + 2^r ceil(k / r)) multiply-adds per vector, O(n log n + n m). fp16/bf16 are computed in fp32
+and rounded once at the end, fp32/fp64 in their own dtype (on CUDA an fp32 matmul follows torch's
+float32 matmul precision: TF32, if a caller enables it, costs ~1e-3 relative).
 
 Rotations. S = diag(signs(n, seed)) and R = Ĥ S (orthogonal: R R^T = I). For W [..., out, in]:
 
@@ -43,6 +49,10 @@ import torch
 # The dense factor costs m multiply-adds per element: past a few hundred the transform stops being
 # cheap (and a width that would need more is better reported than padded).
 MAX_SMALL_ORDER = 512
+# The 2^k part is applied as Sylvester blocks of at most 2^RADIX_BITS, one matmul each: a radix-2
+# butterfly makes k memory-bound passes of one add per element; ceil(k / 5) passes of <= 32
+# multiply-adds run at matmul speed instead (bench/hadamard_speed.py times both against dense).
+RADIX_BITS = 5
 
 
 def _is_prime(n: int) -> bool:
@@ -186,44 +196,49 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"Hadamard transforms need a floating dtype (fp16/bf16/fp32/fp64), got {dtype}")
 
 
-def _butterfly(y: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh-Hadamard of each row: y [R, p], p = 2^k, -> y H_p [R, p], a new tensor
-    (y is not written).
-    Two buffers ping-pong through the k stages: each stage writes every element once."""
-    rows, p = y.shape
-    bufs = [torch.empty_like(y), torch.empty_like(y) if p > 2 else None]
-    src, h, turn = y, 1, 0
-    while h < p:
-        s = src.view(rows, p // (2 * h), 2, h)
-        dst = bufs[turn]
-        d = dst.view(rows, p // (2 * h), 2, h)
-        torch.add(s[:, :, 0], s[:, :, 1], out=d[:, :, 0])
-        torch.sub(s[:, :, 0], s[:, :, 1], out=d[:, :, 1])
-        src, h, turn = dst, 2 * h, 1 - turn
-    return src if p > 1 else y.clone()
+def _factors(m: int, k: int, radix_bits: int) -> list[int]:
+    """Orders of the Kronecker factors of H_{m 2^k}: m (when > 1), then 2^k split as evenly as
+    possible into Sylvester blocks of at most 2^radix_bits (a radix-2^r Walsh-Hadamard butterfly)."""
+    stages = -(-k // radix_bits)
+    return ([m] if m > 1 else []) + [1 << (k // stages + (i < k % stages)) for i in range(stages)]
 
 
-def _transform(y: torch.Tensor, dim: int, inverse: bool) -> torch.Tensor:
-    """Ĥ (or Ĥ^T) along ``dim`` of y already in its compute dtype; a new tensor."""
+@lru_cache(maxsize=None)
+def _factor(c: int) -> torch.Tensor:
+    return hadamard_matrix(c)  # a Paley H_m or a Sylvester block: cached, never written
+
+
+def _transform(y: torch.Tensor, dim: int, inverse: bool, radix_bits: int = 0) -> torch.Tensor:
+    """Ĥ (or Ĥ^T) along ``dim`` of y already in its compute dtype: a new contiguous tensor (y is not
+    written). y viewed as [A, c_1, ..., c_s, B] (c_i the factor orders, B the dims after ``dim``) gets
+    one matmul per factor axis, all on contiguous views: (F_1 (x) ... (x) F_s) v for every vector
+    v. 1/sqrt(n) is folded into the first factor."""
     n = y.shape[dim]
     m, k = _order(n)
-    moved = y.movedim(dim, -1)
-    lead = moved.shape[:-1]
-    z = _butterfly(moved.reshape(-1, 1 << k).contiguous())  # [R * m, 2^k]
-    if m == 1:
-        z = z.mul_(1.0 / math.sqrt(n))
-    else:
-        h = _small(m).to(device=y.device, dtype=y.dtype)
-        h = (h.T if inverse else h) * (1.0 / math.sqrt(n))
-        z = torch.matmul(h, z.view(-1, m, 1 << k))  # [R, m, 2^k]: (H_m (x) H_2^k) v
-    return z.reshape(*lead, n).movedim(-1, dim)
+    after = n * math.prod(y.shape[dim % y.dim() + 1:])
+    z = y.contiguous()
+    scale = 1.0 / math.sqrt(n)
+    for i, c in enumerate(_factors(m, k, radix_bits or RADIX_BITS)):
+        f = _factor(c).to(device=y.device, dtype=y.dtype)
+        f = (f.T if inverse else f) * (scale if i == 0 else 1.0)
+        after //= c
+        # the last axis of the tensor is one plain GEMM; any other a matmul broadcast over the leading axes
+        z = z.reshape(-1, c) @ f.T if after == 1 else torch.matmul(f, z.reshape(-1, c, after))
+    if n == 1:
+        z = z * scale
+    return z.reshape(y.shape)
 
 
-def hadamard_transform(x: torch.Tensor, dim: int = -1, *, inverse: bool = False) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, dim: int = -1, *, inverse: bool = False,
+                       radix_bits: int = 0) -> torch.Tensor:
     """Ĥ v for every vector v of x along ``dim`` (Ĥ = H_n / sqrt(n), n = x.shape[dim]); with
     ``inverse`` Ĥ^T v. x [..., n, ...] -> same shape and dtype, on x's device. For dim = -1 this is
-    x @ Ĥ^T. ValueError for an unsupported width or a non-floating dtype."""
-    return _transform(x.to(_compute_dtype(x.dtype)), dim, inverse).to(x.dtype)
+    x @ Ĥ^T. ``radix_bits``: the largest Sylvester block applied as one matmul (1 = the classic
+    radix-2 butterfly; 0 = RADIX_BITS); the same maths, grouped differently. ValueError for an
+    unsupported width or a non-floating dtype."""
+    if not isinstance(radix_bits, int) or isinstance(radix_bits, bool) or radix_bits < 0:
+        raise ValueError(f"radix_bits must be a non-negative int, got {radix_bits!r}")
+    return _transform(x.to(_compute_dtype(x.dtype)), dim, inverse, radix_bits).to(x.dtype)
 
 
 def signs(n: int, seed: int) -> torch.Tensor:
