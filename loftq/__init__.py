@@ -1,4 +1,5 @@
-"""LoftQ maths in pure torch: quantizers (NF2/3/4/8, uniform, int8), bit packing, the alternating solver, residual tables.
+"""LoftQ maths in pure torch: quantizers (NF2/3/4/8, uniform, int8), bit packing, the alternating solver, residual tables;
+QuIP#-style Hadamard rotations in :mod:`loftq.hadamard` (imported from there: ``rotate``, ``signs``, ...).
 
 No files, no printing, no device moves: every function runs where its inputs live (CPU or CUDA).
 """
