@@ -215,6 +215,8 @@ def _transform(y: torch.Tensor, dim: int, inverse: bool, radix_bits: int = 0) ->
     v. 1/sqrt(n) is folded into the first factor."""
     n = y.shape[dim]
     m, k = _order(n)
+    if y.numel() == 0:  # an empty batch: reshape(-1, c) cannot infer a size from 0 elements
+        return y.clone()
     after = n * math.prod(y.shape[dim % y.dim() + 1:])
     z = y.contiguous()
     scale = 1.0 / math.sqrt(n)
@@ -246,8 +248,8 @@ def signs(n: int, seed: int) -> torch.Tensor:
     accelerator's generator, so CPU and CUDA runs rotate with the same signs, bit for bit)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"signs need a positive int length, got {n!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"a rotation seed must be a non-negative int, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"a rotation seed must be an int in [0, 2^63), got {seed!r}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randint(0, 2, (n,), generator=gen).mul_(2).sub_(1).to(torch.float32)
 

@@ -65,6 +65,9 @@ def test_hadamard_order_of_model_widths() -> None:
         hadamard_transform(torch.randn(3, 92))
     with pytest.raises(ValueError, match="floating dtype"):
         hadamard_transform(torch.ones(3, 12, dtype=torch.int32))
+    with pytest.raises(ValueError, match="radix_bits"):
+        hadamard_transform(torch.ones(3, 12), radix_bits=-1)
+    assert hadamard_transform(torch.empty(0, 576)).shape == (0, 576)  # an empty batch is fine
 
 
 @pytest.mark.parametrize("n", TRANSFORM_WIDTHS)
@@ -112,7 +115,7 @@ def test_signs_are_pinned_and_reproducible() -> None:
     assert s[:12].tolist() == [-1, 1, 1, -1, 1, 1, 1, 1, 1, 1, 1, -1]  # the CPU generator's stream
     assert signs(1536, 0)[:576].tolist() == s.tolist()  # a prefix of the same draw
     assert abs(float(s.sum())) < 3 * math.sqrt(576)
-    for bad in ((0, 0), (4, -1), (4, 1.5), (True, 0)):
+    for bad in ((0, 0), (4, -1), (4, 1.5), (True, 0), (4, 2 ** 63)):
         with pytest.raises(ValueError):
             signs(*bad)  # type: ignore[arg-type]
 
