@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from planner.artifact.atomic import atomic_write_bytes
+from planner.files.atomic import atomic_write_bytes
 from planner.config import PlanConfig
 from planner.memory import LayerChoice, layer_bytes
 from planner.scoring.bank import MemoryStore

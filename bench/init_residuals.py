@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(path: str | None, report: dict[str, Any]) -> None:
     if path:
-        from planner.artifact.atomic import atomic_write_bytes
+        from planner.files.atomic import atomic_write_bytes
 
         atomic_write_bytes(path, json.dumps(report, indent=1).encode())
 

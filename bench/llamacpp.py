@@ -46,7 +46,7 @@ try:
 except ImportError:  # one line, like the other benches' missing-package exits
     raise SystemExit("bench.llamacpp needs llama-cpp-python (it builds llama.cpp): pip install llama-cpp-python") from None
 
-from planner.artifact.atomic import atomic_write_bytes
+from planner.files.atomic import atomic_write_bytes
 from planner.artifact.gguf_export import Base, _write
 from planner.artifact.plan import save_plan
 from planner.cli.app import main as planner_main

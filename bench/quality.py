@@ -33,7 +33,7 @@ import torch
 
 from bench.common import (BANK_STORE, FULL, QUICK, Assignment, BenchSetup, Setting, describe, first_k, setup, uniform,
                           write_json)
-from planner.artifact.atomic import atomic_write
+from planner.files.atomic import atomic_write
 from planner.scoring.ftproxy import FinetuneSettings, eval_loss, finetune
 from planner.search.pipeline import make_plan
 

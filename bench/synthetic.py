@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from planner.artifact.atomic import atomic_dir, atomic_save_tensors, atomic_write_bytes
+from planner.files.atomic import atomic_dir, atomic_save_tensors, atomic_write_bytes
 from planner.artifact.layout import CONFIG_FILES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "planner" / "shipped" / "models"
@@ -85,7 +85,7 @@ def tokenizer_folder() -> Path:
 
     if os.environ.get("SCALE_TOKENIZER_DIR"):
         return Path(os.environ["SCALE_TOKENIZER_DIR"])
-    from planner.cache import default_cache_dir
+    from planner.files.cache import default_cache_dir
     from planner.sources.packaged import PACKAGED
 
     return PACKAGED.get("smollm2-135m").folder(default_cache_dir())

@@ -20,6 +20,7 @@ Packages (each ``__init__`` says what it owns and may import)::
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,10 +50,11 @@ def plan(config: PlanConfig, run: RunSettings | None = None, *, out: str | Path 
     budget = parse_budget(config.budget)
     # every path and the storage checked before the heavy work, as the CLI does
     if out is not None:
-        preflight.output_file(out)
-    if config.storage:
-        preflight.storage(config.storage)
-    preflight.cache_dir(config)
+        preflight.plan_outputs(dataclasses.replace(config, pareto=None), out)
+    else:
+        if config.storage:
+            preflight.storage(config.storage)
+        preflight.cache_dir(config)
     outcome = make_plan(config, run or RunSettings(), budget)
     if out is not None:
         save_plan(outcome.plan, out)

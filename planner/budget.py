@@ -13,6 +13,7 @@ UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+MAX_BUDGET = 10**15  # 1 PB: far beyond any accelerator's memory, and a plan's byte counts stay exact
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -56,8 +57,8 @@ def parse_budget(text: str | int | float) -> int:
             raise PlannerError(f"unknown unit {m.group(2)!r} in budget {raw!r}; known: {known}")
     if value <= 0:
         raise PlannerError(f"budget must be a positive size, got {text!r}")
-    if value.adjusted() > 30:  # no memory is 10^30 bytes; also keeps Decimal and float maths finite
-        raise PlannerError(f"budget {text!r} is beyond any machine; use e.g. 11GB")
+    if value.adjusted() > 30 or value * UNITS[unit] > MAX_BUDGET:  # also keeps Decimal and float maths finite
+        raise PlannerError(f"budget {text!r} is beyond any machine (the most accepted is 1PB); use e.g. 11GB")
     nbytes = int(value * UNITS[unit])  # exact decimal arithmetic: 2.3GB is 2_300_000_000
     if nbytes <= 0:
         raise PlannerError(f"budget {text!r} is less than one byte")

@@ -2,21 +2,29 @@
 default and help defined once (:func:`planner.options.option`)."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Sequence
 
+from search_spaces.facts import TargetLayer
 from search_spaces.choices import BITS, DQ_MODES, GGUF_BITS, GRANULARITIES, QUANTS, SearchSpace
 
+from planner.errors import ConfigError
 from planner.options import option as _opt
 from planner.settings import INITS, TRAINERS
 
+log = logging.getLogger(__name__)
 SEARCHES = ("guided", "exact")
 _SPACE = SearchSpace()  # the search-space defaults live there, once
 
 
 @dataclass(frozen=True)
 class PlanConfig:
-    model: str = _opt("smollm2-135m", "model id, alias (see `models`), or local HF folder")
+    model: str = _opt("smollm2-135m", "model id, alias (see `models`), local Hugging Face folder (safetensors only), "
+                      "or a .gguf file")
     budget: str = _opt("", "memory budget: 11GB (=11e9 B), 11GiB, 900MB, bytes, or auto (free GPU memory)")
     bits: tuple[int, ...] = _opt(_SPACE.bits, "bit widths to choose from; add 16 to allow keeping a layer in 16 bits")
     ranks: tuple[int, ...] = _opt(_SPACE.ranks, "LoRA ranks to choose from (0 = no adapter)")
@@ -66,41 +74,71 @@ class PlanConfig:
                          "unless this is set or HF_HUB_OFFLINE=1)")
 
     def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except ConfigError:
+            raise
+        except ValueError as err:  # SearchSpace's own message: one line, the config's error type
+            raise ConfigError(str(err)) from None
+
+    def _validate(self) -> None:
         if self.quant not in QUANTS:
-            raise ValueError(f"quant must be one of {', '.join(QUANTS)}; got {self.quant!r}")
+            raise ConfigError(f"quant must be one of {', '.join(QUANTS)}; got {self.quant!r}")
+        for name in ("bits", "ranks"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                               for v in value):
+                raise ConfigError(f"{name} must be a tuple of integers, e.g. (2, 4, 8); got {value!r}")
+            object.__setattr__(self, name, tuple(sorted(set(value))))  # the menu's order, as the CLI gives it
         allowed = GGUF_BITS if self.quant == "gguf" else BITS
         bad_bits = [b for b in self.bits if b not in allowed]
         if not self.bits or bad_bits:
             hint = " (6 bits is a GGUF width: --quant gguf)" if 6 in bad_bits and self.quant == "nf" else ""
-            raise ValueError(f"bits must be a non-empty subset of {','.join(map(str, allowed))}; "
-                             f"got {','.join(map(str, self.bits))}{hint}")
+            raise ConfigError(f"bits must be a non-empty subset of {','.join(map(str, allowed))}; "
+                              f"got {','.join(map(str, self.bits))}{hint}")
         if self.quant == "gguf" and self.double_quant != "off":
-            raise ValueError("--double-quant is for --quant nf: GGUF types keep their own block constants")
+            raise ConfigError("--double-quant is for --quant nf: GGUF types keep their own block constants")
+        if not self.ranks or any(r < 0 or r > 4096 for r in self.ranks):
+            raise ConfigError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
         self.search_space  # noqa: B018 — SearchSpace validates, naming the value
-        if not self.ranks or any((not isinstance(r, int)) or r < 0 or r > 4096 for r in self.ranks):
-            raise ValueError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
-        if self.rounding not in ("nearest", "feedback"):
-            raise ValueError(f"rounding must be nearest or feedback; got {self.rounding!r}")
+        for name, allowed_values in (("granularity", GRANULARITIES), ("init", INITS),
+                                     ("rounding", ("nearest", "feedback")), ("search", SEARCHES)):
+            if getattr(self, name) not in allowed_values:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed_values)}; got {getattr(self, name)!r}")
         if self.rounding == "feedback" and (self.init != "loftq-data" or self.quant != "nf"):
-            raise ValueError("--rounding feedback rounds under the calibration moments of codebook widths: it needs "
-                             "--init loftq-data and --quant nf")
-        if self.search not in SEARCHES:
-            raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
-        if self.trials < 0:
-            raise ValueError(f"trials must be >= 0, got {self.trials}")
-        if self.proxy_top < 0:
-            raise ValueError(f"proxy_top must be >= 0, got {self.proxy_top}")
-        if not self.adapter_margin >= 0:
-            raise ValueError(f"adapter_margin must be >= 0, got {self.adapter_margin}")
-        if not self.proxy_lr > 0:
-            raise ValueError(f"proxy_lr must be > 0, got {self.proxy_lr}")
-        for name in ("calib_seqs", "proxy_seqs", "calib_seq_len", "proxy_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            raise ConfigError("--rounding feedback rounds under the calibration moments of codebook widths: it needs "
+                              "--init loftq-data and --quant nf")
+        for name, low in (("trials", 0), ("proxy_top", 0), ("seed", 0), ("calib_seqs", 1), ("proxy_seqs", 1),
+                          ("calib_seq_len", 2), ("proxy_steps", 1), ("block_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        # finite, in range: an infinite margin or rate would run the whole search and fail at the end
+        for name, low, strict in (("adapter_margin", 0.0, False), ("proxy_lr", 0.0, True)):
+            value = getattr(self, name)
+            if not _real(value) or value < low or (strict and value == low):
+                raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, "
+                                  f"got {value!r}")
+        if self.timeout is not None and (not _real(self.timeout) or self.timeout <= 0):
+            raise ConfigError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+
+    def fitted_to(self, targets: Sequence[TargetLayer]) -> "PlanConfig":
+        """This config for a model's ``targets``: the default ``ranks`` lose the ranks above the
+        smallest layer's smaller side (a small model, logged); ranks the user chose that do not fit
+        are refused (ConfigError naming the layer and the ranks that fit every layer)."""
+        side = min(min(t.shape) for t in targets)
+        too_big = [r for r in self.ranks if r > side]
+        if not too_big:
+            return self
+        fit = tuple(r for r in self.ranks if r <= side)
+        if self.ranks == _SPACE.ranks and fit:
+            log.warning("the default ranks %s include %s, above the smallest layer side (%d): planning with ranks %s",
+                        ",".join(map(str, self.ranks)), ",".join(map(str, too_big)), side, ",".join(map(str, fit)))
+            return dataclasses.replace(self, ranks=fit)
+        small = min(targets, key=lambda t: min(t.shape))
+        raise ConfigError(f"rank {max(too_big)} exceeds layer {small.name} {tuple(small.shape)}; the ranks that fit "
+                          f"every layer are at most {side}: choose --ranks from those (e.g. "
+                          f"{','.join(map(str, fit or (0,)))})")
 
     @property
     def search_space(self) -> SearchSpace:
@@ -116,6 +154,10 @@ class PlanConfig:
     @property
     def target_list(self) -> list[str] | None:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()] if self.target_modules else None
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def config_fields() -> list:

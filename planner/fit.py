@@ -8,6 +8,8 @@ scaling, which the model does not do by itself); the report says when that cap i
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -70,8 +72,11 @@ def uniform_plans(targets: Sequence[TargetLayer], space: Any, method: str = "nf"
     for w in sorted({b for b, _ in shared}):
         rank = max(r for b, r in shared if b == w)
         label = f"uniform {w}" if is_gguf(w) else f"uniform {w}-bit"
-        plans[f"{label} r{rank}"] = {t.name: LayerChoice.of(w, rank, method, space.block_size, shape=tuple(t.shape))
-                                     for t in targets}
+        choices = {t.name: LayerChoice.of(w, rank, method, space.block_size, shape=tuple(t.shape)) for t in targets}
+        stored = Counter(c.quant for c in choices.values())
+        if len(stored) > 1:  # a width some rows cannot hold: say what each layer really stores
+            label += " (" + ", ".join(f"{n} on {k}" for n, k in stored.most_common()) + " layers)"
+        plans[f"{label} r{rank}"] = choices
     return plans
 
 

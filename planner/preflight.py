@@ -6,9 +6,11 @@ probe file it removes (and the cache folder itself, which the planner creates an
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from planner.artifact.atomic import check_dir_target, check_file_target, check_writable, storage_errors
+from planner.files.atomic import check_dir_target, check_file_target, check_writable, storage_errors, sweep_temps
+from planner.files.paths import Input, Output, check_input_dir, check_input_file, check_outputs
 from planner.config import PlanConfig
 from planner.errors import PlannerError
 
@@ -30,11 +32,13 @@ def output_dir(path: str | Path) -> Path:
 def cache_dir(cfg: PlanConfig) -> Path:
     """The cache folder (or, while it does not exist, its nearest existing parent) takes new files;
     nothing is created here: a run refused later for bad input leaves no cache folder behind."""
-    from planner.cache import default_cache_dir  # imports torch: only when a plan really runs
+    from planner.files.cache import default_cache_dir  # imports torch: only when a plan really runs
 
     folder = cfg.cache_path or default_cache_dir()
     if folder.exists() and not folder.is_dir():
         raise PlannerError(f"cache folder {folder} exists and is not a directory; pass --cache-dir")
+    if folder.is_dir():
+        sweep_temps(folder)  # what killed runs left (a live writer's temps are kept)
     try:
         check_writable(folder)
     except PlannerError as err:
@@ -69,18 +73,58 @@ def storage(url: str) -> None:
         engine.dispose()
 
 
-def plan_outputs(cfg: PlanConfig) -> None:
-    """Everything a plan run writes, checked before it starts: the plan, the Pareto files, the
-    storage (or the default SQLite study in the cache folder) and the cache folder."""
-    output_file(cfg.out)
+def plan_outputs(cfg: PlanConfig, out: str | Path | None = None) -> None:
+    """Everything a plan run writes, checked before it starts: the plan (``out``, default
+    ``cfg.out``), the Pareto files, that none of them is or replaces an input (the model, the
+    calibration text, the study database), the storage (or the default SQLite study in the cache
+    folder) and the cache folder."""
+    out = cfg.out if out is None else out
+    outputs = [Output(Path(out), "--out")]
+    output_file(out)
     if cfg.pareto:
         for suffix in (".json", ".png"):
             output_file(f"{cfg.pareto}{suffix}")
+            outputs.append(Output(Path(f"{cfg.pareto}{suffix}"), "--pareto"))
+    check_outputs(outputs, plan_inputs(cfg))
     if cfg.storage:
         storage(cfg.storage)
     cache_dir(cfg)
 
 
+def plan_inputs(cfg: PlanConfig) -> list[Input]:
+    """What a plan run reads from the user's files: a model given as a path, the ``--data`` file
+    (a regular file: checked here), a SQLite study database."""
+    inputs = []
+    model = Path(cfg.model).expanduser()
+    if os.path.lexists(model):
+        inputs.append(Input(model, "model"))
+    if cfg.data and not cfg.data.startswith("hf:") and os.path.lexists(cfg.data):
+        inputs.append(Input(check_input_file(cfg.data, "data file"), "calibration text (--data)"))
+    db = sqlite_path(cfg.storage)
+    if db is not None:
+        inputs.append(Input(db, "study database (--storage)"))
+    return inputs
+
+
+def sqlite_path(url: str | None) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` storage URL (None for other URLs)."""
+    if not url or not url.startswith("sqlite:///"):
+        return None
+    rest = url[len("sqlite:///"):].split("?", 1)[0]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def finetune_io(folder: str | Path, out: Path, data: str | None) -> None:
+    """``finetune DIR --out OUT``: OUT is neither DIR itself nor over any part of it (plan, backbone,
+    adapter, exports; an earlier finetune output inside DIR may be replaced), nor the --data file."""
+    from planner.artifact.layout import MEMBERS
+
+    inputs = [Input(check_input_dir(folder, "materialized folder"), "materialized folder", MEMBERS)]
+    if data and not data.startswith("hf:") and os.path.lexists(data):
+        inputs.append(Input(check_input_file(data, "data file"), "training text (--data)"))
+    check_outputs([Output(out, "--out")], inputs)

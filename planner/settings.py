@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from loftq import GGUF_TYPES, QuantConfig
+from search_spaces.facts import ModelFacts
 from search_spaces.widths import GgufWidth, WidthKey, gguf_type_for, is_double_quant, width_bits
 
 from planner.options import option as _opt
@@ -18,11 +19,12 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 ADAPTER_DTYPES = ("fp32", "bf16", "fp16", "compute")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 ATTENTION = ("sdpa", "eager")
-DEVICES = ("cuda", "cpu")
+DEVICES = ("auto", "cuda", "cpu")  # auto: resolved at construction to this machine's
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TRAINERS = ("finetune", "hf", "trl", "other")
 ENGINES = ("auto", "torch", "llama.cpp")  # what serves an inference plan (auto: llama.cpp for --quant gguf)
-INITS = ("loftq", "loftq-data")  # LoftQ in the plain norm, or in the layer-output norm on calibration data
+INITS = ("loftq", "loftq-data")
+MAX_TOKENS = 1 << 24  # tokens per sequence or batch: beyond every model's positions, and keeps products exact  # LoftQ in the plain norm, or in the layer-output norm on calibration data
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,10 @@ class RunSettings:
     """
 
     mode: str = _opt("finetune", "what the model is planned for", choices=MODES)
-    device: str = _opt("cuda", "where the run happens (cpu: auto compute dtype is fp32 and dropout masks are "
-                       "kept in the input dtype instead of bool)", choices=DEVICES)
+    device: str = _opt("auto", "where the planned run happens: auto = this machine's (cuda when a GPU is visible, "
+                       "else cpu; planning on a CPU box for a GPU run, pass --device cuda); cuda counts the CUDA "
+                       "context's reserve; cpu: auto compute dtype is fp32 and dropout masks are kept in the input "
+                       "dtype instead of bool", choices=DEVICES)
     seq_len: int = _opt(1024, "tokens per sequence")
     batch_size: int = _opt(1, "sequences per step (micro-batch)")
     compute_dtype: str = _opt("auto", "dtype of activations and dequantized weights (auto: bf16 on a GPU with "
@@ -70,6 +74,10 @@ class RunSettings:
                                    "allocated bytes")
 
     def __post_init__(self) -> None:
+        if self.device == "auto":  # recorded as what it resolved to: a plan says where its run happens
+            import torch
+
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         for name, allowed in (("mode", MODES), ("compute_dtype", DTYPES), ("adapter_dtype", ADAPTER_DTYPES),
                               ("optimizer", OPTIMIZERS), ("attn_implementation", ATTENTION),
                               ("device", DEVICES), ("trainer", TRAINERS), ("engine", ENGINES)):
@@ -77,8 +85,8 @@ class RunSettings:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "ubatch"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOKENS:
+                raise ValueError(f"{name} must be an integer in [1, {MAX_TOKENS}], got {value!r}")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -87,6 +95,11 @@ class RunSettings:
             raise ValueError(f"reserve_context_bytes must be a non-negative integer, got {self.reserve_context_bytes!r}")
         if not 0.0 <= self.reserve_fraction < 1.0:
             raise ValueError(f"reserve_fraction must be in [0, 1), got {self.reserve_fraction!r}")
+
+    def check_model(self, facts: ModelFacts, model: str = "the model") -> None:
+        """ValueError when the run cannot happen on this model: ``seq_len`` beyond its positions."""
+        if self.seq_len > facts.max_positions:
+            raise ValueError(f"run.seq_len {self.seq_len} exceeds the {facts.max_positions} positions of {model}")
 
     @property
     def tokens(self) -> int:
@@ -185,6 +198,14 @@ class LayerChoice:
     def gguf_type(self) -> str | None:
         """The GGUF block format this choice stores (``method``), or None for a codebook or a keep."""
         return self.method if self.method in GGUF_TYPES else None
+
+    @property
+    def quant(self) -> str:
+        """What the layer stores, by name: ``nf4``, ``q4_k``, ``bf16`` (a 16-bit keep)."""
+        if self.gguf_type is not None:
+            return self.gguf_type
+        cfg = self.quant_config
+        return cfg.quant_name if cfg is not None else "bf16"
 
     @property
     def quant_config(self) -> QuantConfig | None:

@@ -32,6 +32,8 @@ from torch import nn
 from planner.train.loop import make_optimizer, trainable_parameters
 from planner.artifact.layout import Artifact, read_artifact
 from planner.devices import default_device
+from planner.errors import PlannerError
+from planner.files.paths import one_line
 from planner.runtime.load import install_module, load, load_backbone
 from planner.budget import format_bytes
 from planner.memory import estimate, layer_bytes, unread_shared_input_bytes
@@ -107,18 +109,31 @@ def choices_of(plan: Plan) -> dict[str, LayerChoice]:
 
 def _facts_targets(art: Artifact) -> tuple[Any, list[Any]]:
     """Shape facts and target layers of the artifact's model, from its config (no weights)."""
+    config = _config(art)
+    return facts_of(art, config), targets_of(config, [layer.name for layer in art.plan.layers])
+
+
+def _config(art: Artifact) -> Any:
     from transformers import AutoConfig
 
+    try:
+        return AutoConfig.from_pretrained(str(art.backbone))
+    except Exception as err:  # an edited or corrupt config.json: one line
+        raise PlannerError(f"{art.backbone / 'config.json'}: unreadable ({type(err).__name__}: {one_line(err)})") from None
+
+
+def facts_of(art: Artifact, config: Any = None) -> Any:
+    """The shape facts of a materialized model (its max positions, for one), from its config."""
     from search_spaces.discovery import facts_from_config
 
-    config = AutoConfig.from_pretrained(str(art.backbone))
-    return facts_from_config(config), targets_of(config, [layer.name for layer in art.plan.layers])
+    return facts_from_config(config if config is not None else _config(art))
 
 
 def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunSettings, *,
-                      budget_bytes: int | None = None, iters: int = 1) -> Plan:
+                      budget_bytes: int | None = None, iters: int = 1, model: Mapping[str, Any] | None = None) -> Plan:
     """A plan with explicit per-layer choices (alpha = rank) for ``source``'s targets of those names,
-    its estimate from the memory model: hand-made plans, tests, benchmarks."""
+    its estimate from the memory model: hand-made plans, tests, benchmarks. ``model``: the plan's
+    model entry (default: ``source``'s, fingerprints included, which needs its weights)."""
     targets = source.targets([re.escape(n) for n in choices], include_head=True)
     facts, non_target = source.facts, source.non_target_params(targets)
     est = estimate(facts, targets, choices, run, non_target)
@@ -126,8 +141,9 @@ def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunS
         name=t.name, shape=tuple(t.shape), bits=c.bits, block_size=c.block_size, rank=c.rank, alpha=float(c.rank),
         quant=c.gguf_type or (c.quant_config.quant_name if c.quant_config else "bf16"), iters=iters, residual=None,
         bytes=layer_bytes(t, c, run, facts), double_quant=c.double_quant) for t in targets for c in [choices[t.name]])
-    model = {"id": source.reference, "source": source.kind, "architecture": facts.architecture,
-             "weights_sha256": source.weights_sha256() if source.folder is not None else None}
+    from planner.sources import model_record
+
+    model = dict(model) if model is not None else model_record(source, source.reference)
     return Plan(SCHEMA_VERSION, model, budget_bytes or est.total_bytes, run.mode, run, est, layers,
                 SearchRecord("manual"), created_with())
 
@@ -186,6 +202,11 @@ def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | Non
     run = dataclasses.replace(art.run, device="cuda" if dev.type == "cuda" else "cpu",
                               seq_len=seq_len or art.run.seq_len, batch_size=batch_size or art.run.batch_size,
                               mode="finetune", trainer=trainer or art.run.trainer)
+    facts, targets = _facts_targets(art)
+    try:  # a hand-edited seq_len would allocate for a context the model does not have
+        run.check_model(facts, str(art.path))
+    except ValueError as err:
+        raise PlannerError(f"{path}: {err}") from None
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
@@ -196,7 +217,6 @@ def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | Non
     model = load(path, dev)
     configure_run(model, run)
     n_nt_bytes, n_nt = non_target_nbytes(model)
-    facts, targets = _facts_targets(art)
     choices = choices_of(art.plan)
     est = estimate(facts, targets, choices, run, n_nt)
     vocab = int(model.get_input_embeddings().weight.shape[0])

@@ -110,6 +110,12 @@ def _override_matches(entry: str, name: str, pattern: re.Pattern[str] | None) ->
     return pattern.fullmatch(name) is not None
 
 
+def _shown(entry: str) -> str:
+    """A target as the user knows it: a layer name the planner escaped into a regex, unescaped."""
+    plain = re.sub(r"\\(.)", r"\1", entry)
+    return plain if re.escape(plain) == entry else entry
+
+
 def _select_override(names: list[str], target_modules: Sequence[str]) -> set[str]:
     """Names matched by the user's leaf names / dotted suffixes / regexes; ValueError on a miss."""
     chosen: set[str] = set()
@@ -125,7 +131,7 @@ def _select_override(names: list[str], target_modules: Sequence[str]) -> set[str
         hits = {n for n in names if _override_matches(entry, n, pattern)}
         if not hits:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-            raise ValueError(f"target module {entry!r} matches no linear layer; available leaf names: "
+            raise ValueError(f"target module {_shown(entry)!r} matches no linear layer; available leaf names: "
                              f"{', '.join(leaves)}")
         chosen |= hits
     return chosen

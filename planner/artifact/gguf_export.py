@@ -28,15 +28,15 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from planner.artifact.atomic import atomic_write_path
-from planner.artifact.layout import PLAN_FILE, peft_key, read_artifact, read_layer
+from planner.files.atomic import atomic_write_path
+from planner.artifact.layout import GGUF_DIR, PLAN_FILE, peft_key, read_artifact, read_layer
 from planner.artifact.plan import Plan
 from planner.errors import PlannerError
 from planner.options import option
 
 log = logging.getLogger(__name__)
 
-GGUF_DIR, MODEL_GGUF, ADAPTER_GGUF = "gguf", "model.gguf", "adapter.gguf"
+MODEL_GGUF, ADAPTER_GGUF = "model.gguf", "adapter.gguf"
 PERMUTED_ARCHS = ("llama",)  # archs whose q/k rows llama.cpp permutes (transformers' LlamaTensorProcessor)
 _KEEP_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16"}
 ADAPTER_DTYPES = {"f16": torch.float16, "f32": torch.float32}  # adapter.gguf's lora_a / lora_b storage
@@ -273,7 +273,8 @@ def _stored(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
 def export_gguf(artifact: Path, base_path: Path, adapter_dtype: str = DEFAULT_ADAPTER_DTYPE) -> Path:
     """``artifact/gguf/``: model.gguf, and adapter.gguf (tensors in ``adapter_dtype``) from
     ``artifact/adapter`` when the plan has ranks."""
-    from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS, load_tensors
+    from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS
+    from planner.files.tensors import load_tensors
 
     base = Base(base_path)
     art = read_artifact(artifact)

@@ -20,23 +20,22 @@ The backbone is not a stock transformers checkpoint (transformers has no 2/8-bit
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from loftq import GGUF_TYPES, METHODS, GGUFTensor, QuantConfig, QuantizedTensor
+from loftq import GGUF_TYPES, METHODS, GGUFTensor, QuantConfig, QuantizedTensor, expected_nbytes, gguf_nbytes, packed_numel
 from loftq.gguf_quants import check_shape
 
-from planner.artifact.atomic import atomic_save_tensors, atomic_write_bytes
+from planner.files.atomic import atomic_save_tensors, atomic_write_bytes
+from planner.files.paths import check_links, contained, one_line
+from planner.files.tensors import load_tensors
 from planner.artifact.plan import Plan, load_plan
 from planner.errors import PlannerError
 from planner.settings import RunSettings
@@ -48,6 +47,8 @@ FORMAT = "loftq-planner/packed"
 # 3: layers may hold GGUF block data (method = the type's name, e.g. q4_k); 1 and 2 are read as they are
 FORMAT_VERSION = 3
 BACKBONE, ADAPTER, PLAN_FILE = "backbone", "adapter", "plan.json"
+GGUF_DIR, HF_BNB = "gguf", "hf-bnb"  # materialize --format gguf / hf-bnb
+MEMBERS = (PLAN_FILE, BACKBONE, ADAPTER, GGUF_DIR, HF_BNB)  # what a materialized folder is made of
 QUANT_META, NON_TARGET_FILE, LAYER_DIR = "quantization.json", "non_target.safetensors", "layers"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -105,6 +106,19 @@ class LayerMeta:
             check_shape(self.shape, self.method)
         elif self.bits < 16:
             self.config  # noqa: B018 - QuantConfig validates (method, bits, block_size)
+        if self.nbytes != self.expected_nbytes:  # an edited width, block or shape no longer describes the codes
+            raise ValueError(f"{self.name}: nbytes {self.nbytes!r} is not what {self.method} at {self.bits} bits "
+                             f"(block {self.block_size}) stores for shape {list(self.shape)}: {self.expected_nbytes}")
+
+    @property
+    def expected_nbytes(self) -> int:
+        """Bytes the layer's codes take, from its width, shape and block (loftq's exact count)."""
+        numel = self.shape[0] * self.shape[1]
+        if self.bits == 16:
+            return numel * DTYPES[self.dtype].itemsize
+        if self.gguf_type is not None:
+            return gguf_nbytes(self.shape, self.gguf_type)
+        return expected_nbytes(numel, self.config, row=self.shape[1])
 
     @property
     def gguf_type(self) -> str | None:
@@ -156,57 +170,6 @@ class BackboneMeta:
 
 
 # ---------------------------------------------------------------- reading files the user may have altered
-def contained(path: Path, roots: Sequence[Path]) -> Path:
-    """``path`` with its symlinks resolved, when that lies inside one of ``roots``; else PlannerError.
-
-    Every file read from a model folder or an artifact goes through here: a symlink or a shard name
-    such as ``../../etc/x`` must not make the planner read (and copy into its outputs) files elsewhere.
-    """
-    real = Path(os.path.realpath(path))
-    for root in roots:
-        top = Path(os.path.realpath(root))
-        if real == top or real.is_relative_to(top):
-            return real
-    raise PlannerError(f"{path} points outside {roots[0]} (to {real}); refusing to read it")
-
-
-def check_links(folder: Path, roots: Sequence[Path] | None = None) -> None:
-    """Every symlink under ``folder`` (walked without following links) resolves inside ``roots``
-    (default: ``folder`` itself); else PlannerError naming the first that does not."""
-    roots = roots or (folder,)
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in sorted(dirnames + filenames):
-            entry = Path(dirpath) / name
-            if entry.is_symlink():
-                contained(entry, roots)
-
-
-def one_line(err: BaseException, limit: int = 240) -> str:
-    """An exception's message as one line (its lines joined), at most ``limit`` characters."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-@contextlib.contextmanager
-def open_safetensors(path: Path, device: str = "cpu") -> Iterator[Any]:
-    """``safe_open`` whose failures (missing, truncated or corrupt header or data) are one PlannerError line."""
-    try:
-        handle = safe_open(str(path), framework="pt", device=device)
-    except (SafetensorError, OSError) as err:
-        raise PlannerError(f"{path}: not a readable safetensors file ({one_line(err)})") from None
-    with handle:
-        try:
-            yield handle
-        except SafetensorError as err:
-            raise PlannerError(f"{path}: corrupt safetensors data ({one_line(err)})") from None
-
-
-def load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file (see :func:`open_safetensors` for the errors)."""
-    with open_safetensors(path, device) as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
-
-
 def layer_tensors(name: str, weight: QuantizedTensor | GGUFTensor | torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors stored for one layer, under ``NAME.<QuantLinear buffer name>``."""
     if isinstance(weight, GGUFTensor):
@@ -229,15 +192,20 @@ def read_layer(folder: Path, meta: LayerMeta,
     if "qweight" not in own:
         raise PlannerError(f"{folder / LAYER_DIR / meta.file}: no tensor {meta.name}.qweight")
     if meta.bits == 16:
-        return own["qweight"]
+        weight = own["qweight"]
+        if tuple(weight.shape) != meta.shape or weight.dtype != DTYPES[meta.dtype]:
+            raise PlannerError(f"{folder / LAYER_DIR / meta.file}: holds {weight.dtype} {list(weight.shape)} for "
+                               f"{meta.name}, quantization.json says {meta.dtype} {list(meta.shape)}")
+        return weight
     if meta.gguf_type is not None:
         return _read_gguf_layer(folder / LAYER_DIR / meta.file, meta, own)
     try:
         qt = QuantizedTensor(own.pop("qweight"), meta.shape, DTYPES[meta.dtype], meta.config, block=meta.block, **own)
     except (TypeError, ValueError, RuntimeError) as err:
         raise PlannerError(f"{folder / LAYER_DIR / meta.file}: does not hold layer {meta.name} ({one_line(err)})") from None
-    if qt.nbytes != meta.nbytes:
-        raise PlannerError(f"{meta.name}: stored {qt.nbytes} bytes, quantization.json says {meta.nbytes}")
+    if qt.nbytes != meta.nbytes or qt.packed.numel() != packed_numel(qt.numel, meta.bits):
+        raise PlannerError(f"{meta.name}: stored {qt.nbytes} bytes ({qt.packed.numel()} of codes), quantization.json "
+                           f"describes {meta.nbytes} ({packed_numel(qt.numel, meta.bits)} of {meta.bits}-bit codes)")
     return qt
 
 
@@ -389,8 +357,8 @@ def write_trained_adapter(artifact: Path, state: Mapping[str, torch.Tensor], out
     llama.cpp export (``materialize --format gguf``) also gets ``out/adapter.gguf``, the trained
     adapter in llama.cpp's format for its ``gguf/model.gguf`` (tensors in ``gguf_adapter_dtype``,
     default the export's default, f16)."""
-    from planner.artifact.atomic import atomic_dir
-    from planner.artifact.gguf_export import (ADAPTER_GGUF, DEFAULT_ADAPTER_DTYPE, GGUF_DIR, MODEL_GGUF, Base,
+    from planner.files.atomic import atomic_dir
+    from planner.artifact.gguf_export import (ADAPTER_GGUF, DEFAULT_ADAPTER_DTYPE, MODEL_GGUF, Base,
                                               write_adapter_gguf)
 
     model_gguf = artifact / GGUF_DIR / MODEL_GGUF

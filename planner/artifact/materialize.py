@@ -59,15 +59,17 @@ from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
 from planner.artifact.gguf_export import ADAPTER_DTYPES, adapter_dtype_option, export_gguf, gguf_base as _gguf_base
-from planner.artifact.atomic import (atomic_save_tensors, atomic_write_bytes, check_dir_target, check_writable,
-                                     rename_dir)
-from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, LAYER_DIR, NON_TARGET_FILE, PLAN_FILE, QUANT_META,
-                                     BackboneMeta, LayerMeta, check_links, copy_config_files, dtype_name,
-                                     layer_tensors, open_safetensors, write_adapter)
-from planner.artifact.plan import LayerPlan, Plan, created_with, load_plan, save_plan
+from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, HF_BNB, LAYER_DIR, NON_TARGET_FILE, PLAN_FILE, QUANT_META,
+                                     BackboneMeta, LayerMeta, copy_config_files, dtype_name, layer_tensors,
+                                     write_adapter)
+from planner.artifact.plan import MAX_ITERS, LayerPlan, Plan, created_with, load_plan, save_plan
 from planner.artifact.records import DEFAULT_DAMP, InitRecord
 from planner.devices import default_device, resolve_device
 from planner.errors import PlannerError
+from planner.files.atomic import (atomic_save_tensors, atomic_write_bytes, check_dir_target, check_writable, rename_dir,
+                                   storage_errors, sweep_temps)
+from planner.files.paths import Input, Output, check_links, check_outputs
+from planner.files.tensors import open_safetensors
 from planner.options import option as _opt
 from planner.settings import INITS
 
@@ -111,8 +113,8 @@ class MaterializeConfig:
 
     def __post_init__(self) -> None:
         if self.iters is not None and (not isinstance(self.iters, int) or isinstance(self.iters, bool)
-                                       or self.iters < 1):
-            raise ValueError(f"iters must be a positive integer, got {self.iters!r}")
+                                       or not 1 <= self.iters <= MAX_ITERS):
+            raise ValueError(f"iters must be an integer in [1, {MAX_ITERS}], got {self.iters!r}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
         if self.svd not in SVD_METHODS:
@@ -154,11 +156,23 @@ def materialize(plan_path: str | Path, out: str | Path, config: MaterializeConfi
     non-NF4 plan) raises PlannerError and leaves DIR untouched."""
     t0 = time.perf_counter()
     out = preflight(out, config.force)
+    with storage_errors(out):  # a disk that fills (or turns read-only) mid-way: one line, the work kept
+        return _materialize(plan_path, out, config, t0, on_layer, moments)
+
+
+def _materialize(plan_path: str | Path, out: Path, config: MaterializeConfig, t0: float,
+                 on_layer: Callable[[str], None] | None, moments: MomentsFor | None) -> Materialized:
     plan = load_plan(plan_path)
     if config.format == "hf-bnb":
         check_nf4_only(plan)
     base = _gguf_base(plan, config.model) if config.format == "gguf" else None
+    check_io(out, plan_path, config.model, base)  # before a GGUF model is converted
     source = _source(plan, config)
+    check_io(out, plan_path, config.model, base, source.folder)
+    try:
+        plan.run.check_model(source.facts, source.reference)
+    except ValueError as err:
+        raise PlannerError(f"{plan_path}: {err}") from None
     targets = _targets(source, plan)
     iters = {layer.name: config.iters or max(1, layer.iters) for layer in plan.layers}
     init = init_of(plan, config)
@@ -209,9 +223,20 @@ def preflight(out: str | Path, force: bool) -> Path:
     out = check_dir_target(out)
     check_dir_target(partial_dir(out))
     if out.exists() and not force:
-        raise PlannerError(f"{out} already exists; pass --force to replace it")
+        raise PlannerError(f"{out} already exists; pass --force (MaterializeConfig(force=True) in Python) to replace it")
     check_writable(out.parent)
     return out
+
+
+def check_io(out: Path, plan_path: str | Path, model: str | None, base: Path | None,
+             folder: Path | None = None) -> None:
+    """``--out`` (and its ``.partial``) is not, does not hold and does not replace the plan, the model
+    (``--model`` given as a path, and the folder its weights are read from) or the base GGUF."""
+    inputs = [Input(Path(plan_path), "plan")]
+    if model and os.path.lexists(Path(model).expanduser()):
+        inputs.append(Input(Path(model).expanduser(), "model (--model)"))
+    inputs += [Input(p, what) for p, what in ((folder, "model folder"), (base, "base GGUF")) if p is not None]
+    check_outputs([Output(out, "--out"), Output(partial_dir(out), "--out (its .partial work folder)")], inputs)
 
 
 def check_nf4_only(plan: Plan) -> None:
@@ -222,7 +247,7 @@ def check_nf4_only(plan: Plan) -> None:
 
 
 def _source(plan: Plan, config: MaterializeConfig) -> Any:
-    from planner.sources import downloads_allowed, resolve
+    from planner.sources import check_weights, downloads_allowed, resolve
 
     allowed = not config.offline and downloads_allowed()
     source = resolve(config.model or plan.model["id"], allow_download=allowed)
@@ -230,10 +255,7 @@ def _source(plan: Plan, config: MaterializeConfig) -> Any:
         why = "--offline" if config.offline else "HF_HUB_OFFLINE=1"
         raise PlannerError(f"{source.reference}: its weights are not in the local hub cache and downloads are off "
                            f"({why}); download them without it, or pass --model FOLDER")
-    planned = plan.model.get("weights_sha256")
-    if planned is not None and planned != source.weights_sha256():
-        raise PlannerError(f"the weights of {source.reference} are not the ones the plan was made for "
-                           f"(sha256 {source.weights_sha256()[:12]}... vs {planned[:12]}...); re-plan or pass --model")
+    check_weights(source, plan.model)
     return source
 
 
@@ -329,7 +351,8 @@ def _job(partial: Path, key: str, force: bool) -> Iterator[None]:
             old = None  # no job written yet: nothing was committed
         if old not in (None, key) and not force:
             raise PlannerError(f"{partial} holds an unfinished run of another plan, model or settings; "
-                               "remove it or pass --force to discard it")
+                               "remove it or pass --force (MaterializeConfig(force=True) in Python) to discard it")
+        sweep_temps(partial, all_temps=True)  # a killed run's half-written files: this run holds the lock
         if old != key:
             for child in partial.iterdir():
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
@@ -469,12 +492,12 @@ def _swap_into_place(artifact: Path, out: Path, force: bool) -> None:
     """Rename the finished artifact to ``out``; an existing ``out`` (force) is replaced only now, by
     the atomic writer's folder swap (a symlink or file there is refused, never followed)."""
     if os.path.lexists(out) and not force:
-        raise PlannerError(f"{out} already exists; pass --force to replace it")
+        raise PlannerError(f"{out} already exists; pass --force (MaterializeConfig(force=True) in Python) to replace it")
+    sweep_temps(artifact, all_temps=True)  # no temp file is ever published
     rename_dir(artifact, out, replace=True)
 
 
 # ---------------------------------------------------------------- interop: a stock NF4 checkpoint
-HF_BNB = "hf-bnb"
 
 
 def write_hf_bnb(artifact: Path, source: Any) -> Path:
@@ -488,7 +511,8 @@ def write_hf_bnb(artifact: Path, source: Any) -> Path:
     ``PeftModel.from_pretrained(model, DIR/adapter)``. The whole state is built in memory (about the
     backbone size) before it is written.
     """
-    from planner.artifact.layout import load_tensors, read_artifact, read_layer
+    from planner.artifact.layout import read_artifact, read_layer
+    from planner.files.tensors import load_tensors
     from loftq.bnb import bnb_quant_state
 
     try:

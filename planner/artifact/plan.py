@@ -35,7 +35,8 @@ from typing import Any, BinaryIO, Mapping, Sequence
 
 from search_spaces.facts import TargetLayer
 
-from planner.artifact.atomic import atomic_write
+from planner.files.atomic import atomic_write
+from planner.files.paths import input_problem
 from planner.artifact.checks import keys, number, obj, plain_json, text, whole
 from planner.artifact.records import InitRecord, ProxyRecord, SearchRecord
 from planner.errors import PlannerError
@@ -45,6 +46,7 @@ from planner.settings import LayerChoice, RunSettings
 SCHEMA_VERSION = 6
 PLAIN_VERSION = 4  # a plan with plain LoftQ is written as this version (plan_versions: v4 -> v5)
 DATA_VERSION = 5  # a data-aware plan served by torch: v5 (v6 added run.engine/ubatch and init.rounding)
+MAX_ITERS = 100  # LoftQ alternating steps per layer: the error stops falling within a few (paper: 1-5)
 KEEP16 = ("bf16", "fp16")  # the dtypes a 16-bit layer may be kept in
 MODES = ("finetune", "inference")
 MODEL_KEYS = ("id", "source", "architecture", "weights_sha256")
@@ -118,6 +120,8 @@ class LayerPlan:
             raise ValueError(f"rank {self.rank} exceeds min(shape) = {min(self.shape)}")
         number("alpha", self.alpha)
         whole("iters", self.iters, 0)
+        if self.iters > MAX_ITERS:
+            raise ValueError(f"iters must be at most {MAX_ITERS} LoftQ steps, got {self.iters}")
         number("residual", self.residual, optional=True)
         whole("bytes", self.bytes, 0)
         number("sensitivity", self.sensitivity, optional=True, signed=True)
@@ -221,9 +225,10 @@ class Plan:
             raise ValueError(f"model is missing field(s) {', '.join(missing)}")
         for key in ("id", "source", "architecture"):
             text(f"model.{key}", model[key])
-        sha = text("model.weights_sha256", model["weights_sha256"], optional=True)
-        if sha is not None and not _SHA256.fullmatch(sha):
-            raise ValueError(f"model.weights_sha256 must be 64 lowercase hex digits, got {sha!r}")
+        for key in ("weights_sha256", "weights_content_sha256"):  # the first required, the second from v3 on
+            sha = text(f"model.{key}", model.get(key), optional=key != "weights_sha256")
+            if sha is not None and not _SHA256.fullmatch(sha):
+                raise ValueError(f"model.{key} must be 64 lowercase hex digits (the model's fingerprint), got {sha!r}")
         whole("budget_bytes", self.budget_bytes, 1)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
@@ -366,6 +371,10 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and validate a plan; any problem raises PlannerError("<path>: <problem>") on one line."""
     path = Path(path)
+    problem = input_problem(path)  # a FIFO would block the read, a device never end it
+    if problem is not None:
+        raise PlannerError(f"{path}: plan file not found" if problem == "missing" else
+                           f"{path}: cannot read plan file: it is {problem}")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -383,10 +392,31 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise PlannerError(f"{path}: {hint} (line {err.lineno}, column {err.colno}: {err.msg})") from None
     except ValueError as err:
         raise PlannerError(f"{path}: {err}") from None
+    except RecursionError:
+        raise PlannerError(f"{path}: invalid plan: JSON nested deeper than Python can parse") from None
+    depth = nesting_depth(data)
+    if depth > MAX_DEPTH:
+        raise PlannerError(f"{path}: invalid plan: JSON nested {depth} levels deep (a plan needs at most {MAX_DEPTH})")
     try:
         return Plan.from_dict(data)
     except (ValueError, TypeError) as err:
         raise PlannerError(f"{path}: invalid plan: {_one_line(err)}") from None
+
+
+MAX_DEPTH = 32  # a plan's deepest value sits about 6 levels down; free-form records get room, not 5000 levels
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply JSON containers nest in ``value`` (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:  # no need to walk further than the limit
+                stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _ends_early(err: json.JSONDecodeError) -> bool:
@@ -394,7 +424,8 @@ def _ends_early(err: json.JSONDecodeError) -> bool:
     lines, so an unterminated one means the file ended) or inside true/false/null."""
     tail = err.doc[err.pos:].strip()
     return (not tail or err.msg.startswith("Unterminated string")
-            or any(word.startswith(tail) for word in ("true", "false", "null")))
+            or any(word.startswith(tail) for word in ("true", "false", "null"))
+            or re.fullmatch(r"[-+.eE0-9]+", tail) is not None)  # a number cut after its sign, point or exponent
 
 
 def _reject_constant(name: str) -> float:

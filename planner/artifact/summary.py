@@ -21,11 +21,12 @@ class BlockRow:
     params: int
     bytes: int
 
-    bit_params: int = 0  # sum of bits x numel, for the weighted mean
+    bit_params: float = 0.0  # sum of stored bits per weight x numel, for the weighted mean
 
     @property
     def bits_per_weight(self) -> float:
-        """Parameter-weighted mean of the layers' bits (adapters not included)."""
+        """Parameter-weighted mean of the layers' stored bits per weight, quantization constants
+        included (adapters not included)."""
         return self.bit_params / self.params if self.params else 0.0
 
 
@@ -77,7 +78,7 @@ def summary_by_block(plan: Plan) -> BlockSummary:
         row["cells"][short[path]] = (kind, layer.rank)
         row["params"] += layer.numel
         row["bytes"] += layer.bytes
-        row["bits"] += layer.bits * layer.numel
+        row["bits"] += layer.bits_per_weight * layer.numel  # what is stored: NF8 at block 64 is 8.5
     order = sorted(rows, key=lambda b: (b is None, b if b is not None else 0))
     return BlockSummary(
         columns=tuple(dict.fromkeys(short[p] for p in paths)),

@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _register()
     command = argv.pop(0) if argv and argv[0] in COMMANDS else DEFAULT_COMMAND
     try:
-        args = build_parser(command).parse_args(argv)
+        parser = build_parser(command)
+        args = parser.parse_args(_dash_values(parser, argv))
         # devices this process will run on (the plan command's --device is where the planned run happens)
         from planner.devices import check_local_device  # imports torch: not before the arguments parse
 
@@ -80,6 +81,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PlannerError as err:
         sys.stderr.write(f"error: {err}\n")
         return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: the work done so far is kept (caches, DIR.partial); no traceback
+        sys.stderr.write("interrupted; run the same command again to resume from what is cached\n")
+        return 130
+
+
+def _dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--budget -1GB`` as ``--budget=-1GB``: argparse reads a value that starts with a dash as an
+    option and answers "expected one argument"; joined, the value reaches its own check (which
+    names it). Only values after an option that takes one, and that are no option themselves."""
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs is None for s in a.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if (tok in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-")
+                and argv[i + 1] not in parser._option_string_actions and argv[i + 1] != "--"):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
 
 
 def entry() -> None:

@@ -12,6 +12,7 @@ stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import MISSING, dataclass
@@ -26,6 +27,7 @@ from planner.cli.app import COMMANDS, Command
 from planner.cli.options import Report, add_options, config_from, user_config
 from planner.config import VerifyConfig
 from planner.errors import PlannerError
+from planner.files.atomic import sweep_temps
 from planner.options import option
 from planner.train.loop import FinetuneConfig
 from planner.artifact.gguf_export import adapter_dtype_option
@@ -88,6 +90,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 def finetune_command(args: argparse.Namespace) -> int:
     cfg, io = config_from(FinetuneConfig, args), config_from(FinetuneOutput, args)
     out = preflight.output_dir(Path(io.out) if io.out else Path(args.dir) / DEFAULT_FINETUNED)
+    preflight.finetune_io(args.dir, out, cfg.data)
+    sweep_temps(args.dir)  # a killed finetune's half-built adapter folder (a live writer's is kept)
     if out.exists() and not io.force:
         raise PlannerError(f"{out} already exists; pass --force to replace it")
     result, model = run_finetune(args.dir, cfg)
@@ -116,6 +120,12 @@ def run_finetune(path: str | Path, cfg: FinetuneConfig) -> tuple[Any, Any]:
     art = read_artifact(path)
     run = art.run
     seq_len, batch = cfg.seq_len or run.seq_len, cfg.batch_size or run.batch_size
+    from planner.verify import facts_of
+
+    try:  # a hand-edited seq_len would allocate for a context the model does not have
+        dataclasses.replace(run, seq_len=seq_len).check_model(facts_of(art), str(art.path))
+    except ValueError as err:
+        raise PlannerError(f"{path}: {err}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(art.backbone))
     except Exception as err:  # no or broken tokenizer files: the user's artifact, one line

@@ -80,6 +80,8 @@ def dry_run(cfg: PlanConfig, run: RunSettings, as_json: bool = False) -> int:
         raise PlannerError(str(err)) from None
     if not targets:
         raise PlannerError(f"{cfg.model}: no target layers found")
+    cfg = cfg.fitted_to(targets)  # as the real plan does: default ranks clipped, chosen ones checked
+    space = cfg.search_space
     non_target = source.non_target_params(targets)
     low, high = extreme_choices(targets, space, run, source.facts)
     est_min = estimate(source.facts, targets, low, run, non_target)

@@ -22,6 +22,7 @@ from planner.cli.dryrun import dry_run
 from planner.cli.options import Report, add_options, config_from
 from planner.config import PlanConfig
 from planner.errors import PlannerError
+from planner.files.paths import Input, Output, check_outputs
 from planner.options import option
 from planner.progress import stdout_console
 from planner.settings import RunSettings
@@ -213,6 +214,8 @@ def collect_command(args: argparse.Namespace) -> int:
 
     cfg = config_from(CollectCommand, args)
     preflight.output_file(cfg.out)
+    db = preflight.sqlite_path(cfg.storage)
+    check_outputs([Output(Path(cfg.out), "--out")], [Input(db, "study database (--storage)")] if db else [])
     preflight.storage(cfg.storage)
     outcome = collect(cfg.storage, cfg.study_name, cfg.cache_dir)
     report(outcome, save_plan(outcome.plan, cfg.out), outcome.plan.budget_bytes)

@@ -7,6 +7,7 @@ layer and the PEFT adapters, and checks every rank and alpha against the plan.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -16,11 +17,15 @@ from torch import nn
 from search_spaces.discovery import weight_out_in
 
 from planner.artifact.layout import (ADAPTER, ADAPTER_WEIGHTS, DTYPES, NON_TARGET_FILE, check_adapter_config,
-                                     check_links, load_tensors, one_line, read_artifact, read_layer)
+                                     read_artifact, read_layer)
 from planner.devices import default_device
 from planner.errors import PlannerError
+from planner.files.paths import check_links, one_line
+from planner.files.tensors import load_tensors
 from planner.runtime.layers import QuantLinear, add_lora, backbone_nbytes, resolve_compute_dtype
 from planner.settings import RunSettings
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- building the model
@@ -71,7 +76,8 @@ def load_backbone(path: str | Path, device: torch.device | str | None = None,
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or compute_dtype_for(art.run, device)
     model = _skeleton(art.backbone)
-    state = {k: v.to(dtype) for k, v in load_tensors(art.backbone / NON_TARGET_FILE, str(device)).items()}
+    state = {k: v.to(dtype) for k, v in finite(load_tensors(art.backbone / NON_TARGET_FILE, str(device)),
+                                                art.backbone / NON_TARGET_FILE).items()}
     for meta in art.meta.layers:
         weight = read_layer(art.backbone, meta, device)
         mod = model.get_submodule(meta.name)
@@ -114,7 +120,8 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     ``device``: default CUDA when present, else CPU. ``dtype``: compute dtype (default: the plan's,
     ``auto`` = bf16/fp16 on a GPU, fp32 on CPU). ``adapter``: another PEFT folder of the same plan
     (e.g. written by ``finetune``) instead of DIR/adapter. Only the adapters are trainable; every
-    module's r and alpha are the plan's (checked). A plan without ranks gives the bare backbone.
+    module's r and alpha are the plan's (checked). A plan without ranks gives the bare quantized
+    model (every parameter frozen: nothing to train), with a warning.
     ``with model.disable_adapter():`` runs the bare quantized backbone.
     """
     art = read_artifact(path)
@@ -123,6 +130,8 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     model = load_backbone(path, device, dtype)
     ranks, alphas = art.ranks(), art.alphas()
     if not ranks:
+        log.warning("%s: the plan gives no layer an adapter, so the model has nothing to train (a plain frozen "
+                    "model, not a PeftModel)", path)
         return model
     folder = Path(adapter) if adapter is not None else art.adapter
     if folder is None or not (folder / ADAPTER_WEIGHTS).is_file():
@@ -141,7 +150,7 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
     """Copy ``adapter_model.safetensors`` into the PeftModel's default adapter (every tensor must land)."""
     from peft import set_peft_model_state_dict
 
-    state = load_tensors(folder / ADAPTER_WEIGHTS)
+    state = finite(load_tensors(folder / ADAPTER_WEIGHTS), folder / ADAPTER_WEIGHTS)
     try:
         result = set_peft_model_state_dict(model, state)
     except RuntimeError as err:  # edited tensors of the wrong shape
@@ -152,6 +161,16 @@ def load_adapter_weights(model: nn.Module, folder: Path) -> None:
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
     if missing:
         raise PlannerError(f"{folder / ADAPTER_WEIGHTS}: no values for {missing[:3]}")
+
+
+def finite(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state`` when every tensor is finite; else PlannerError naming the first bad one (a corrupt or
+    diverged file: training on it would only report a NaN loss)."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PlannerError(f"{path}: {key} holds non-finite values (NaN or Inf); the file is corrupt, or a "
+                               "fine-tune that wrote it diverged")
+    return state
 
 
 def check_ranks(model: nn.Module, ranks: Mapping[str, int], alphas: Mapping[str, float]) -> None:

@@ -135,7 +135,7 @@ class DiskStore:
         return self.folder / f"{name}.{bits}.safetensors"
 
     def get(self, name: str, bits: int) -> BankEntry | None:
-        from planner.cache import load_cached
+        from planner.files.cache import load_cached
 
         t = load_cached(self._path(name, bits), f"{self.key}/{name}/{bits}")
         if t is None:
@@ -154,7 +154,7 @@ class DiskStore:
         return BankEntry(qt, None, t.get("b"), t.get("a"), meta["svd"])
 
     def put(self, name: str, bits: int, entry: BankEntry) -> None:
-        from planner.cache import save_cached
+        from planner.files.cache import save_cached
 
         qt = entry.quantized
         factors = {"b": entry.b, "a": entry.a} if entry.b is not None else {}

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from planner import progress
-from planner.cache import cache_key, default_cache_dir
+from planner.files.atomic import sweep_temps
+from planner.files.cache import cache_key, default_cache_dir
 from planner.errors import PlannerError
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def _mapped(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 class MomentStore(Mapping[str, torch.Tensor]):
     """Layer name -> H [in, in] (fp32), memory-mapped from the block files under ``folder``.
 
-    Trusted as the cache trusts a file (:mod:`planner.cache`): ``done.json`` and every block file
+    Trusted as the cache trusts a file (:mod:`planner.files.cache`): ``done.json`` and every block file
     parse and carry ``key``; anything else (a torn, foreign or garbage file) leaves the store
     incomplete, so :func:`input_moments` computes it again. Finiteness is checked per moment on
     read (checking a phi-2 set up front would read 16 GB)."""
@@ -90,9 +91,9 @@ class MomentStore(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         path, tensor = self._where[name]
         h = _mapped(path)[1][tensor]
-        if not bool(torch.isfinite(h).all()):
-            raise PlannerError(f"{path}: the cached input moment of {name} is not finite; remove {self.folder} "
-                               "and run again")
+        if not bool(torch.isfinite(h).all()) or bool((h.diagonal() < 0).any()):
+            raise PlannerError(f"{path}: the cached input moment of {name} is not finite or has a negative "
+                               f"variance; remove {self.folder} and run again")
         return h
 
     def __iter__(self) -> Iterator[str]:
@@ -110,7 +111,7 @@ class MomentStore(Mapping[str, torch.Tensor]):
 def collect_moments(stream: Any, blocks: torch.Tensor, folder: Path, key: str) -> MomentStore:
     """Compute every target layer's H over ``blocks`` [n_seqs, seq_len] (see the module docstring)
     into ``folder``, one file per transformer block, and return the store."""
-    from planner.artifact.atomic import atomic_save_tensors, atomic_write_bytes
+    from planner.files.atomic import atomic_save_tensors, atomic_write_bytes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -182,6 +183,8 @@ def input_moments(source: Any, targets: Sequence[str], blocks: torch.Tensor, cor
     if stream is None:
         raise PlannerError(f"{source.reference}: the data-aware initialisation needs a model that runs block by "
                            f"block ({why}); use --init loftq")
+    if folder.is_dir():
+        sweep_temps(folder)  # a killed run's half-written block files
     return collect_moments(stream, blocks, folder, key)
 
 

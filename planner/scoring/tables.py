@@ -30,7 +30,7 @@ from search_spaces.widths import WidthKey, gguf_type_for, is_double_quant, is_gg
 
 from planner import progress
 from planner.devices import resolve_device
-from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
+from planner.files.cache import cache_key, default_cache_dir, load_cached, non_negative, save_cached
 
 BATCH_BYTES = 256 * 2**20  # stack same-shape weights up to this many fp32 bytes per call
 PRODUCER = "residual-tables/2"  # bump when compute_tables' numbers change for the same loftq (2: Krylov spectra)
@@ -189,7 +189,7 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
 
 def tables_key(weights_sha: str, targets: Sequence[TargetLayer], settings: TableSettings,
                moments: str | None = None, damp: float = 0.01, rounding: str = "nearest") -> str:
-    """Cache key of a table set: weights, targets, settings and the code versions (planner.cache);
+    """Cache key of a table set: weights, targets, settings and the code versions (planner.files.cache);
     data-aware tables add their moments' key and damp, feedback-rounded ones the rounding (the
     keys of the others are unchanged)."""
     extra = {"moments": moments, "damp": damp} if moments is not None else {}
@@ -197,6 +197,18 @@ def tables_key(weights_sha: str, targets: Sequence[TargetLayer], settings: Table
         extra["rounding"] = rounding
     return cache_key(PRODUCER, {"weights": weights_sha, "targets": [(t.name, t.shape) for t in targets],
                                 "settings": asdict(settings), **extra})
+
+
+def valid_tables(tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with cached tables, or None: relative residuals and squared norms are >= 0, and
+    residuals do not rise with the rank (iters = 1: each rank's fit holds the smaller ones')."""
+    problem = non_negative("table", "sq_norm")(tensors)
+    if problem is not None:
+        return problem
+    table = tensors["table"]
+    if table.ndim != 3 or bool((table[..., 1:] > table[..., :-1] * (1 + 1e-4) + 1e-6).any()):
+        return "residuals rise with the rank"
+    return None
 
 
 def residual_tables(source, targets: Sequence[TargetLayer], settings: TableSettings, *,
@@ -208,7 +220,7 @@ def residual_tables(source, targets: Sequence[TargetLayer], settings: TableSetti
     key = tables_key(source.weights_sha256(), targets, settings, moments.key if moments is not None else None, damp,
                      rounding)
     path = (cache_dir or default_cache_dir()) / "tables" / f"{key}.safetensors"
-    cached = load_cached(path, key)
+    cached = load_cached(path, key, valid_tables)
     names = [t.name for t in targets]
     want = (len(names), len(settings.bits), len(settings.ranks))
     if cached is not None and tuple(cached.get("table", torch.empty(0)).shape) == want:

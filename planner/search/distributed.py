@@ -31,6 +31,7 @@ from search_spaces.choices import has_adapter
 
 from planner.config import PlanConfig
 from planner.errors import PlannerError
+from planner.files.paths import one_line
 from planner.search.objective import OptionTable
 from planner.search.pipeline import (METHOD, PlanOutcome, Prepared, _diverged, _prefer_adapters, build_plan,
                                      check_budget, problem_budget, table_settings)
@@ -432,9 +433,15 @@ def collect(url: str, name: str, cache_dir: str | None = None) -> PlanOutcome:
     record, fp = main.user_attrs.get(CONFIG), main.user_attrs.get(FINGERPRINT)
     if record is None or fp is None:
         raise PlannerError(f"study {name!r} was not made by a shared planner run (no {CONFIG} attribute)")
-    cfg = PlanConfig(**{**record["plan"], "bits": tuple(record["plan"]["bits"]), "ranks": tuple(record["plan"]["ranks"]),
-                        "cache_dir": cache_dir, "storage": url, "study_name": name})
-    prep = prepare(cfg, RunSettings.from_dict(record["run"]))
+    try:
+        cfg = PlanConfig(**{**record["plan"], "bits": tuple(record["plan"]["bits"]),
+                            "ranks": tuple(record["plan"]["ranks"]), "cache_dir": cache_dir, "storage": url,
+                            "study_name": name})
+        run, budget = RunSettings.from_dict(record["run"]), int(record["budget"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited or foreign study
+        raise PlannerError(f"study {name!r}: its stored configuration ({CONFIG}) is malformed "
+                           f"({type(err).__name__}: {one_line(err)})") from None
+    prep = prepare(cfg, run)
     if prep.source.weights_sha256() != fp["weights"]:
         raise PlannerError(f"study {name!r} was made with other weights than {cfg.model} here")
-    return outcome_from_storage(prep, storage, name, int(record["budget"]), {})
+    return outcome_from_storage(prep, storage, name, budget, {})

@@ -8,7 +8,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from planner.artifact.atomic import atomic_write
+from planner.files.atomic import atomic_write
 from planner.search.allocate import InfeasibleBudget, Knapsack, Option
 
 

@@ -24,13 +24,13 @@ from search_spaces.widths import WidthKey
 
 from planner.artifact.records import DEFAULT_DAMP
 from planner.search.allocate import InfeasibleBudget
-from planner.cache import cache_key, default_cache_dir, load_cached, save_cached
+from planner.files.cache import cache_key, default_cache_dir, load_cached, non_negative, save_cached
 from planner.config import PlanConfig
 from planner.errors import PlannerError
 from planner.memory import LayerChoice, estimate, fixed_bytes, layer_bytes
 from planner.overheads import allocatable_bytes
 from planner.search.objective import OptionTable
-from planner.search.study import (DONE, Candidate, SearchProblem, assignment, guided_search,
+from planner.search.study import (DEFAULT_DB, DONE, Candidate, SearchProblem, assignment, guided_search,
                                   open_study, redact)
 from planner.settings import RunSettings, resolve_engine
 from planner.scoring.tables import ResidualTables, TableSettings, residual_tables
@@ -90,6 +90,7 @@ def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
         raise PlannerError(str(err)) from None
     if not targets:
         raise PlannerError(f"{cfg.model}: no target layers found")
+    cfg = cfg.fitted_to(targets)  # a small model: the default ranks lose those no layer can hold
     options = options_of(cfg)
     try:  # the search space's own rule, so the dry run and the plan refuse the same ranks alike
         for t in targets:
@@ -139,7 +140,7 @@ def fisher_errors_cached(prep: Prepared, tables: ResidualTables, scorer: Any, bl
                                       **({"rounding": bank.rounding} if bank is not None and bank.rounding != "nearest"
                                          else {})})
     path = (prep.cfg.cache_path or default_cache_dir()) / "fisher" / f"{key}.safetensors"
-    cached = load_cached(path, key)
+    cached = load_cached(path, key, non_negative("fisher_err"))  # a squared error: never below 0
     if cached is not None and tuple(cached["fisher_err"].shape) == (len(names), len(tables.settings.bits)):
         return cached["fisher_err"]
     errs = scorer.fisher_errors(blocks, tables.settings.bits, METHOD, tables.settings.block_size, bank=bank)
@@ -223,7 +224,7 @@ def shared_storage(cfg: PlanConfig) -> bool:
 
 
 def default_storage(cfg: PlanConfig) -> str:
-    path = (cfg.cache_path or default_cache_dir()) / "studies.sqlite3"
+    path = (cfg.cache_path or default_cache_dir()) / DEFAULT_DB
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -257,6 +258,7 @@ def make_plan(cfg: PlanConfig, run: RunSettings, budget: int, *, bank_store: Any
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prep = prepare(cfg, run)
+    cfg = prep.cfg  # as fitted to the model (its ranks)
     allocatable = check_budget(prep, budget)
     from planner.train.data import CorpusConfig, load_corpus
 
@@ -483,9 +485,9 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
                           gap=chosen.objective - exact.objective, budget_binds=exact.budget_binds,
                           allocatable_bytes=problem_budget(prep, budget),
                           timings={k: round(v, 3) for k, v in timings.items()}, proxy=proxy)
-    source = prep.source
-    model = {"id": prep.cfg.model, "source": source.kind, "architecture": source.facts.architecture,
-             "weights_sha256": source.weights_sha256()}
+    from planner.sources import model_record
+
+    model = model_record(prep.source, prep.cfg.model)
     return Plan(schema_version=SCHEMA_VERSION, model=model, budget_bytes=int(budget), mode=prep.run.mode,
                 run=prep.run, estimate=est, layers=tuple(layers), search=search, created_with=created_with(),
                 init=init or InitRecord())

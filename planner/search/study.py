@@ -78,8 +78,27 @@ def _retrying(what: str, url: str, make: Callable[[], Any], tries: int = 8) -> A
                 w in str(err).lower() for w in ("already exists", "database is locked"))
             if not racing or attempt == tries - 1:
                 first = str(err.orig if getattr(err, "orig", None) is not None else err).splitlines()[0]
-                raise PlannerError(f"--storage {redact(url)}: cannot {what}: {first}") from None
+                raise PlannerError(f"{describe_storage(url)}: cannot {what}: {first}{_hint(url, first)}") from None
             time.sleep(0.05 * 2 ** attempt * (0.5 + random.random()))
+
+
+DEFAULT_DB = "studies.sqlite3"  # the study database in the cache folder when no --storage is given
+
+
+def describe_storage(url: str) -> str:
+    """How a message names a storage: ``--storage URL`` (password hidden), or for the default
+    SQLite file in the cache folder, that file (the user gave no --storage)."""
+    text = str(getattr(url, "url", url))
+    if text.startswith("sqlite:///") and text.endswith("/" + DEFAULT_DB):
+        return f"the default study database {text[len('sqlite:///'):]}"
+    return f"--storage {redact(text)}"
+
+
+def _hint(url: str, message: str) -> str:
+    """What to do about a SQLite file that is not a database (a corrupt or foreign file)."""
+    if "not a database" in message and str(getattr(url, "url", url)).startswith("sqlite:///"):
+        return " (a corrupt or foreign file: delete it to start the studies afresh, or pass another --storage)"
+    return ""
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -100,12 +119,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     try:
         return _retrying("open the study database", url, make)
     except (sqlalchemy.exc.ArgumentError, ValueError) as err:
-        raise PlannerError(f"--storage {redact(url)}: not a database URL ({str(err).splitlines()[0]})") from None
+        raise PlannerError(f"{describe_storage(url)}: not a database URL ({str(err).splitlines()[0]})") from None
     except ModuleNotFoundError as err:
-        raise PlannerError(f"--storage {redact(url)}: its driver {err.name!r} is not installed "
+        raise PlannerError(f"{describe_storage(url)}: its driver {err.name!r} is not installed "
                            "(pip install 'loftq-planner[distributed]' for PostgreSQL)") from None
     except sqlalchemy.exc.SQLAlchemyError as err:
-        raise PlannerError(f"--storage {redact(url)}: {str(err).splitlines()[0]}") from None
+        first = str(err).splitlines()[0]
+        raise PlannerError(f"{describe_storage(url)}: {first}{_hint(url, first)}") from None
 
 
 def open_study(storage: str | optuna.storages.BaseStorage | None, name: str, sampler_seed: int,

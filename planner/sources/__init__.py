@@ -16,7 +16,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -25,10 +25,12 @@ from search_spaces.architectures import rule_for
 from search_spaces.discovery import facts_from_config, find_targets
 from search_spaces.facts import ModelFacts, TargetLayer
 
-from planner.artifact.layout import CONFIG_FILES, contained, one_line
-from planner.cache import default_cache_dir
+from planner.artifact.layout import CONFIG_FILES
+from planner.files.paths import check_input_file, contained, one_line
+from planner.files.cache import default_cache_dir
 from planner.errors import PlannerError
-from planner.sources.files import WeightIndex, check_finite, fingerprint, folder_roots
+from planner.files.fingerprint import Memo, content_fingerprint, partial_fingerprint
+from planner.sources.files import WeightIndex, check_finite, folder_roots
 from planner.sources.gguf_convert import gguf_folder
 from planner.sources.packaged import PACKAGED, hub_folder
 
@@ -129,13 +131,14 @@ class ModelSource:
     """
 
     def __init__(self, reference: str, kind: str, config: Any, folder: Path | None = None, *,
-                 hub_id: str | None = None, trust_remote_code: bool = False) -> None:
+                 hub_id: str | None = None, trust_remote_code: bool = False, memo_dir: Path | None = None) -> None:
         if kind not in ("packaged", "local", "hub", "facts"):
             raise ValueError(f"ModelSource.kind must be packaged, local, hub or facts, got {kind!r}")
         if (folder is None) != (kind == "facts"):
             raise ValueError(f"ModelSource of kind {kind!r} with folder {folder!r}")
         self.reference, self.kind, self.config, self.folder = reference, kind, config, folder
         self.hub_id, self.trust_remote_code = hub_id, trust_remote_code
+        self.memo_dir = memo_dir  # where file digests are memoised (planner.files.fingerprint.Memo)
         self.facts: ModelFacts = facts_from_config(config)
 
     def __repr__(self) -> str:
@@ -270,14 +273,24 @@ class ModelSource:
         return folder_roots(self._need_weights())
 
     def weights_sha256(self) -> str:
-        """Fingerprint of the weight files: see :func:`planner.sources.files.fingerprint` (names,
-        sizes, first and last MiB of each file; whole files up to 2 MiB)."""
-        return self._sha256
+        """The content fingerprint of the weight files (:func:`planner.files.fingerprint.content_fingerprint`:
+        every byte of every file): what caches, studies and plans are keyed by."""
+        return self._content_sha256
+
+    def partial_sha256(self) -> str:
+        """The v2 fingerprint (:func:`planner.files.fingerprint.partial_fingerprint`: headers, first and
+        last MiB) that plans before the content fingerprint recorded as ``model.weights_sha256``."""
+        return self._partial_sha256
 
     @cached_property
-    def _sha256(self) -> str:
+    def _content_sha256(self) -> str:
         folder = self._need_weights()
-        return fingerprint(self.index.files, folder)
+        memo = Memo(self.memo_dir) if self.memo_dir is not None else None
+        return content_fingerprint(self.index.files, folder, memo)
+
+    @cached_property
+    def _partial_sha256(self) -> str:
+        return partial_fingerprint(self.index.files, self._need_weights())
 
 
 # -- resolving references -------------------------------------------------------------------------
@@ -355,7 +368,13 @@ def resolve(reference: str, *, trust_remote_code: bool = False, cache_dir: Path 
     if allow_download is None:
         allow_download = downloads_allowed()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    ref = str(reference).strip()
+    source = _resolve(str(reference).strip(), trust_remote_code, cache_dir, cache, allow_download)
+    source.memo_dir = cache / "fingerprints"
+    return source
+
+
+def _resolve(ref: str, trust_remote_code: bool, cache_dir: Path | None, cache: Path,
+             allow_download: bool) -> ModelSource:
     record = _shipped_record(ref)
     if record is not None and record["name"] in PACKAGED and ref.lower() == record["name"]:
         packaged = PACKAGED.get(record["name"])
@@ -369,7 +388,8 @@ def resolve(reference: str, *, trust_remote_code: bool = False, cache_dir: Path 
     path = Path(ref).expanduser()
     if path.is_dir():
         return _folder_source(ref, "local", path.resolve(), trust_remote_code)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.suffix == ".gguf" and os.path.lexists(path):
+        check_input_file(path, "model")  # a FIFO or device is never read
         folder = gguf_folder(path.resolve(), cache)
         return _folder_source(ref, "local", folder, trust_remote_code)
     if path.exists():
@@ -394,3 +414,26 @@ def known_models() -> list[dict[str, Any]]:
                      "architecture": cfg["model_type"], "hidden": cfg.get("hidden_size"),
                      "layers": cfg.get("num_hidden_layers"), "vocab": cfg.get("vocab_size")})
     return rows
+
+
+def model_record(source: ModelSource, model_id: str) -> dict[str, Any]:
+    """A plan's ``model`` entry for ``source``: its id, kind, architecture and both fingerprints
+    (``weights_sha256``: the partial v2 one every planner reads; ``weights_content_sha256``: every
+    byte, :mod:`planner.files.fingerprint`)."""
+    return {"id": model_id, "source": source.kind, "architecture": source.facts.architecture,
+            "weights_sha256": source.partial_sha256(), "weights_content_sha256": source.weights_sha256()}
+
+
+def check_weights(source: ModelSource, model: Mapping[str, Any], what: str = "the plan") -> None:
+    """PlannerError unless ``source``'s weights are those ``model`` (a plan's ``model`` entry)
+    records: its content fingerprint when it has one (plans from this version on), and always the
+    partial one."""
+    checks = [("weights_content_sha256", source.weights_sha256), ("weights_sha256", source.partial_sha256)]
+    for key, ours in checks:
+        recorded = model.get(key)
+        if recorded is None and key == "weights_content_sha256":
+            continue
+        if recorded != ours():
+            raise PlannerError(f"the weights of {source.reference} are not the ones {what} was made for "
+                               f"({key} {ours()[:12]}... vs {str(recorded)[:12]}...); re-plan, or pass --model with "
+                               "the plan's model")

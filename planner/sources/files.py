@@ -10,7 +10,6 @@ one line before any work starts.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -20,15 +19,14 @@ import torch
 
 from loftq.quant import count_nonfinite
 
-from planner.artifact.layout import contained, open_safetensors
+from planner.files.paths import check_input_file, contained
+from planner.files.tensors import open_safetensors
 from planner.errors import PlannerError
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MIB = 1 << 20
-MAX_HEADER = 100 * MIB  # safetensors' own limit on the JSON header
 
 
 def folder_roots(folder: Path) -> tuple[Path, ...]:
@@ -69,6 +67,7 @@ def weight_files(folder: Path) -> list[Path]:
         files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
     for path in files:
         contained(path, roots)
+        check_input_file(path, "weight file")  # a FIFO or device named *.safetensors is never opened
     if files:
         return files
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -126,36 +125,3 @@ class WeightIndex:
         with contextlib.ExitStack() as stack:
             handles = {path: stack.enter_context(open_safetensors(path)) for path in self.files}
             yield {key: handles[path].get_slice(key) for key, path in self.file_of.items()}
-
-
-def fingerprint(files: Sequence[Path], root: Path) -> str:
-    """sha256 over each file's name relative to ``root``, its size, and its content: whole when the
-    file is at most 2 MiB, else its first and last MiB. A safetensors header (every tensor's name,
-    dtype, shape and offset) is hashed in full as canonical JSON (safetensors writes its metadata
-    map in no fixed order, so two writes of the same weights differ in header bytes), then the first
-    and last MiB of the data. Cheap on 15 GB checkpoints; a change confined to the middle of a large
-    file with the same header goes unnoticed."""
-    digest = hashlib.sha256(b"loftq-planner weights v2\0")
-    for path in sorted(files, key=lambda p: str(p.relative_to(root))):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(root)}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            start = 0
-            if path.suffix == ".safetensors" and size >= 8:
-                n = int.from_bytes(f.read(8), "little")
-                if n > min(size - 8, MAX_HEADER):
-                    raise PlannerError(f"{path}: not a valid safetensors file (header length {n} B, file {size} B)")
-                try:
-                    header = json.loads(f.read(n))
-                except ValueError:
-                    raise PlannerError(f"{path}: not a valid safetensors file (unreadable header)") from None
-                digest.update(json.dumps(header, sort_keys=True).encode())
-                start = 8 + n
-            f.seek(start)
-            if size - start <= 2 * MIB:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(MIB))
-                f.seek(size - MIB)
-                digest.update(f.read(MIB))
-    return digest.hexdigest()

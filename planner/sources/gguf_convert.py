@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from planner import progress
-from planner.artifact.atomic import atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_path
-from planner.artifact.layout import one_line
+from planner.files.atomic import atomic_dir, atomic_save_tensors, atomic_write_bytes, atomic_write_path
+from planner.files.fingerprint import Memo, file_digest
+from planner.files.paths import check_input_file, one_line
 from planner.errors import PlannerError
-from planner.sources.files import INDEX_NAME, fingerprint
+from planner.sources.files import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,12 @@ ENTRY_BYTES = 256  # header bytes reserved per tensor beyond its JSON name: dtyp
 def gguf_folder(gguf: Path, cache_dir: Path) -> Path:
     """The converted folder of ``gguf`` in ``cache_dir/models``, converting it on first use.
 
-    Named after the file and keyed by :func:`conversion_key`: an updated file, converter or
-    transformers converts again, and the same file reached as a packaged id or as a path shares
-    one conversion.
+    Keyed by :func:`conversion_key` (the file's whole content, not its name): an updated file,
+    converter or transformers converts again, and the same file reached as a packaged id, as a path
+    or as a renamed copy shares one conversion.
     """
-    if not gguf.is_file():
-        raise PlannerError(f"GGUF file {gguf} does not exist")
-    final = cache_dir / "models" / f"{gguf.stem.lower()}-{GGUF_CONVERSION}-{conversion_key(gguf)}"
+    check_input_file(gguf, "GGUF file")
+    final = cache_dir / "models" / f"gguf-{GGUF_CONVERSION}-{conversion_key(gguf, Memo(cache_dir / 'fingerprints'))}"
     return atomic_dir(final, lambda tmp: _convert_or_explain(gguf, tmp))
 
 
@@ -67,12 +67,12 @@ def _convert_or_explain(gguf: Path, out: Path) -> None:
         raise PlannerError(f"{gguf}: cannot convert it ({type(err).__name__}: {one_line(err)})") from None
 
 
-def conversion_key(gguf: Path) -> str:
-    """The file's fingerprint and the code that converts it: GGUF_CONVERSION and transformers'
+def conversion_key(gguf: Path, memo: Memo | None = None) -> str:
+    """The file's content digest and the code that converts it: GGUF_CONVERSION and transformers'
     version (its GGUF code names and fixes up the tensors). Not loftq's: none of it runs here."""
     from importlib.metadata import version
 
-    blob = json.dumps({"file": fingerprint([gguf], gguf.parent), "producer": GGUF_CONVERSION,
+    blob = json.dumps({"file": file_digest(gguf, memo), "producer": GGUF_CONVERSION,
                        "transformers": version("transformers")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -88,6 +88,7 @@ def convert_gguf(gguf: Path, out: Path, shard_bytes: int | None = None) -> None:
     log.info("converting %s to safetensors in %s (once)", gguf.name, out.parent)
     # the tokenizer first: parsing the GGUF's vocabulary is a transient peak of its own
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    # the name is information only: the content fingerprint leaves a header's metadata out
     metadata = {"format": "pt", "converted_from": gguf.name, "conversion": GGUF_CONVERSION}
     reader = GGUFReader(str(gguf))
     arch = str(read_field(reader, "general.architecture")[0])

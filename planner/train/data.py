@@ -36,11 +36,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from planner.errors import PlannerError
+from planner.files.paths import check_input_file
 
 SPLITS = ("train", "val", "test")
 PYDOC = "pydoc"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n+")
+CHUNK_HINT = 2000  # characters per chunk at the default chunk_chars, for messages
 DEDUPE_MIN_CHARS = 32  # shorter repeats ("Example:", "Added in version 3.8.") carry no content
 
 
@@ -143,6 +145,7 @@ def load_text(source: str = PYDOC, text_field: str = "text") -> str:
         raise PlannerError(f"{source}: data file not found (for a Hugging Face dataset write hf:NAME)")
     if path.is_dir():
         raise PlannerError(f"{source}: is a folder, expected a .txt or .jsonl file")
+    check_input_file(path, "data file")  # a FIFO would block the read, a device never end it
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -248,8 +251,10 @@ def split_chunks(chunks: Sequence[str], fractions: Sequence[float], seed: int) -
         counts[i] = max(1, round(fractions[i] * n)) if fractions[i] > 0 else 0
     counts[0] = n - counts[1] - counts[2]
     if counts[0] < 1:
-        raise PlannerError(f"data too small to split: {n} chunk(s) of ~{len(chunks[0]) if chunks else 0} chars; "
-                           "give more text")
+        need = 1 + counts[1] + counts[2]
+        raise PlannerError(f"data too small to split: {n} chunk(s) of ~{len(chunks[0]) if chunks else 0} chars, and "
+                           f"train, val and test need at least {need} (give at least ~{need * CHUNK_HINT} characters "
+                           "of text in paragraphs)")
     rank = sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}:{i}:{chunks[i]}".encode()).digest())
     test, val, train = rank[:counts[2]], rank[counts[2]:counts[2] + counts[1]], rank[counts[2] + counts[1]:]
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}

@@ -9,7 +9,7 @@ import torch
 import loftq
 import planner.scoring.tables as tables_mod
 import planner.sources.gguf_convert as gguf_convert
-from planner.cache import cache_key, code_version, load_cached, save_cached
+from planner.files.cache import cache_key, code_version, load_cached, save_cached
 from planner.scoring.tables import TableSettings, tables_key
 from search_spaces.facts import TargetLayer
 

@@ -246,14 +246,14 @@ def _mistral7b_like() -> tuple[ModelFacts, list[TargetLayer], int]:
     return facts, targets, 2 * 32000 * h + layers * 2 * h + h
 
 
-RUNS = [RunSettings(), RunSettings(gradient_checkpointing=True), RunSettings(attn_implementation="eager"),
-        RunSettings(adapter_dtype="fp32", lora_dropout=0.1), RunSettings(optimizer="adamw8bit", seq_len=333),
-        RunSettings(optimizer="sgd", batch_size=3, gradient_checkpointing=True, lora_dropout=0.05),
-        RunSettings(mode="inference"), RunSettings(compute_dtype="fp32", device="cpu")]
+RUNS = [RunSettings(device="cuda"), RunSettings(device="cuda", gradient_checkpointing=True), RunSettings(device="cuda", attn_implementation="eager"),
+        RunSettings(device="cuda", adapter_dtype="fp32", lora_dropout=0.1), RunSettings(device="cuda", optimizer="adamw8bit", seq_len=333),
+        RunSettings(device="cuda", optimizer="sgd", batch_size=3, gradient_checkpointing=True, lora_dropout=0.05),
+        RunSettings(device="cuda", mode="inference"), RunSettings(compute_dtype="fp32", device="cpu")]
 
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: "-".join(f"{k}={v}" for k, v in r.to_dict().items()
-                                                              if v != RunSettings().to_dict()[k]) or "default")
+                                                              if v != RunSettings(device="cuda").to_dict()[k]) or "default")
 @pytest.mark.parametrize("model", ["phi-2", "mistral-7b", "tiny-llama"])
 def test_estimate_is_fixed_plus_sum_of_layer_bytes(run: RunSettings, model: str) -> None:
     if model == "tiny-llama":
@@ -278,11 +278,11 @@ def test_slide_anchor_phi2_and_mistral7b() -> None:
     Reproduced with the defaults (NF4 everywhere, rank 64, sdpa, no checkpointing, adapters in bf16)."""
     for (facts, targets, nt), limit in ((_phi2_like(), 11e9), (_mistral7b_like(), 16e9)):
         choices = {t.name: LayerChoice(4, 64) for t in targets}
-        est = estimate(facts, targets, choices, RunSettings(), nt)
+        est = estimate(facts, targets, choices, RunSettings(device="cuda"), nt)
         assert est.total_bytes < limit
-        with_dropout = estimate(facts, targets, choices, RunSettings(lora_dropout=0.1), nt)
+        with_dropout = estimate(facts, targets, choices, RunSettings(device="cuda", lora_dropout=0.1), nt)
         assert with_dropout.total_bytes < limit  # and still with PEFT's usual 0.1 LoRA dropout
-        checkpointed = estimate(facts, targets, choices, RunSettings(gradient_checkpointing=True), nt)
+        checkpointed = estimate(facts, targets, choices, RunSettings(device="cuda", gradient_checkpointing=True), nt)
         assert checkpointed.total_bytes < limit / 2  # the slides' figures are not checkpointed runs
 
 
@@ -298,14 +298,14 @@ def test_shipped_phi2_facts_count_residual_dropout_masks(capsys: pytest.CaptureF
     facts, targets = source.facts, source.targets()
     assert facts == _phi2_like()[0]  # the anchor below uses exactly the shipped facts
     assert facts.resid_dropout == 0.1
-    run = RunSettings()
+    run = RunSettings(device="cuda")
     choices = {t.name: LayerChoice(8, 64) for t in targets}
     nt = source.non_target_params(targets)
     est = estimate(facts, targets, choices, run, nt)
     without = estimate(dataclasses.replace(facts, resid_dropout=0.0), targets, choices, run, nt)
     masks = 2 * 32 * 1024 * 2560 * 1  # 2 dropouts x 32 blocks x T x hidden, bool on CUDA
     assert est.breakdown["activations"] - without.breakdown["activations"] == masks
-    assert main(["--model", "phi-2", "--budget", "11GB", "--dry-run", "--json"]) == 0
+    assert main(["--model", "phi-2", "--budget", "11GB", "--dry-run", "--json", "--device", "cuda"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["max"]["breakdown"]["activations"] == est.breakdown["activations"]
 
@@ -314,7 +314,7 @@ def test_allocatable_bytes_is_fast_for_absurd_budgets() -> None:
     """--budget 1e30GB walked a float guess down one byte per loop for minutes."""
     import time
 
-    run = RunSettings()
+    run = RunSettings(device="cuda")
     for budget in (10**39, 10**39 + 7, 2**127 - 1):
         t0 = time.perf_counter()
         k = allocatable_bytes(budget, run)
@@ -322,7 +322,7 @@ def test_allocatable_bytes_is_fast_for_absurd_budgets() -> None:
         assert k + reserve_bytes(k, run) <= budget < k + 1 + reserve_bytes(k + 1, run)
 
 
-@pytest.mark.parametrize("run", [RunSettings(), RunSettings(trainer="other"), RunSettings(device="cpu", trainer="other"),
+@pytest.mark.parametrize("run", [RunSettings(device="cuda"), RunSettings(device="cuda", trainer="other"), RunSettings(device="cpu", trainer="other"),
                                  RunSettings(device="cpu")], ids=["cuda", "cuda-other", "cpu-other", "cpu"])
 def test_allocatable_bytes_inverts_the_reserve(run: RunSettings) -> None:
     for budget in (11_000_000_000, 16 * 2**30, run.reserve_context_bytes + 1000, 10**6):
@@ -336,11 +336,11 @@ def test_allocatable_bytes_inverts_the_reserve(run: RunSettings) -> None:
 def test_reserve_terms_and_their_sources() -> None:
     """The reserve is the sum of named CUDA terms; a CPU run has none, an unmeasured trainer a margin."""
     alloc = 10 * 2**30
-    terms = reserve_breakdown(alloc, RunSettings())
+    terms = reserve_breakdown(alloc, RunSettings(device="cuda"))
     assert terms == {"cuda_context": 512 * 2**20, "cublas_workspace": 32 * 2**20, "allocator_rounding": 22 * 2**20,
                      "fragmentation": math.ceil(alloc * 0.05), "trainer_margin": 0}
-    assert reserve_bytes(alloc, RunSettings()) == sum(terms.values())
-    assert reserve_breakdown(alloc, RunSettings(trainer="other"))["trainer_margin"] == math.ceil(alloc * 0.10)
+    assert reserve_bytes(alloc, RunSettings(device="cuda")) == sum(terms.values())
+    assert reserve_breakdown(alloc, RunSettings(device="cuda", trainer="other"))["trainer_margin"] == math.ceil(alloc * 0.10)
     assert reserve_bytes(alloc, RunSettings(device="cpu")) == 0
     assert reserve_bytes(alloc, RunSettings(device="cpu", mode="inference", trainer="other")) == 0
 
@@ -351,8 +351,8 @@ def test_trl_chunked_loss_replaces_the_full_logits() -> None:
     facts, targets, nt = _mistral7b_like()
     facts = dataclasses.replace(facts, vocab=128256)
     choices = {t.name: LayerChoice(4, 16) for t in targets}
-    base = estimate(facts, targets, choices, RunSettings(seq_len=4096, gradient_checkpointing=True), nt)
-    trl = estimate(facts, targets, choices, RunSettings(seq_len=4096, gradient_checkpointing=True, trainer="trl"), nt)
+    base = estimate(facts, targets, choices, RunSettings(device="cuda", seq_len=4096, gradient_checkpointing=True), nt)
+    trl = estimate(facts, targets, choices, RunSettings(device="cuda", seq_len=4096, gradient_checkpointing=True, trainer="trl"), nt)
     assert base.breakdown["logits"] == 4096 * 128256 * 4 + 4096 * 8
     assert trl.breakdown["logits"] == 4096 * 4096 * 2 + 2 * 4096 * 8
     assert trl.allocated_bytes < base.allocated_bytes - 2 * 2**30
@@ -361,11 +361,11 @@ def test_trl_chunked_loss_replaces_the_full_logits() -> None:
 def test_estimate_names_a_missing_choice() -> None:
     facts, targets, nt = _mistral7b_like()
     with pytest.raises(KeyError, match="model.layers.0.self_attn.q_proj"):
-        estimate(facts, targets, {}, RunSettings(), nt)
+        estimate(facts, targets, {}, RunSettings(device="cuda"), nt)
 
 
 def test_run_settings_validate_and_round_trip() -> None:
-    run = RunSettings(seq_len=2048, optimizer="paged_adamw8bit", gradient_checkpointing=True)
+    run = RunSettings(device="cuda", seq_len=2048, optimizer="paged_adamw8bit", gradient_checkpointing=True)
     assert RunSettings.from_dict(run.to_dict()) == run
     for bad, word in ((dict(seq_len=0), "seq_len"), (dict(optimizer="adam"), "'adam'"), (dict(mode="serve"), "serve"),
                       (dict(lora_dropout=1.5), "1.5"), (dict(attn_implementation="flash"), "flash")):
@@ -379,4 +379,4 @@ def test_run_settings_validate_and_round_trip() -> None:
         LayerChoice(3, method="int8")
     with pytest.raises(ValueError, match="-1"):
         LayerChoice(4, -1)
-    assert RunSettings().compute_bytes == 2 and RunSettings(device="cpu").compute_bytes == 4
+    assert RunSettings(device="cuda").compute_bytes == 2 and RunSettings(device="cpu").compute_bytes == 4

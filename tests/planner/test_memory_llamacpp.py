@@ -27,7 +27,7 @@ def smol():
 
 @pytest.mark.parametrize("ub,ctx", sorted(LOGGED))
 def test_kv_compute_and_output_buffers_match_llamacpp(smol, ub: int, ctx: int) -> None:
-    run = RunSettings(mode="inference", engine="llama.cpp", seq_len=ctx, ubatch=ub)
+    run = RunSettings(device="cuda", mode="inference", engine="llama.cpp", seq_len=ctx, ubatch=ub)
     kv, compute = LOGGED[ub, ctx]
     b = llamacpp_breakdown(smol.facts, run, 0)
     assert b["kv_cache"] == kv * MIB  # exact: 2 x layers x ctx x kv_dim x 2 bytes
@@ -39,7 +39,7 @@ def test_kv_compute_and_output_buffers_match_llamacpp(smol, ub: int, ctx: int) -
 def test_a_llamacpp_estimate_counts_its_buffers_and_keeps_the_embedding_on_the_host(smol) -> None:
     targets = smol.targets()
     choices = {t.name: LayerChoice(4, 0, "q4_0", 32) for t in targets}
-    llama = RunSettings(mode="inference", engine="llama.cpp", seq_len=4096)
+    llama = RunSettings(device="cuda", mode="inference", engine="llama.cpp", seq_len=4096)
     torch_run = dataclasses.replace(llama, engine="torch")
     n = sum(int(p) for p in smol.non_target_params(targets))
     a = estimate(smol.facts, targets, choices, llama, n).breakdown
@@ -52,10 +52,10 @@ def test_a_llamacpp_estimate_counts_its_buffers_and_keeps_the_embedding_on_the_h
 
 
 def test_engine_resolution_and_what_a_plan_records() -> None:
-    run = RunSettings(mode="inference")
+    run = RunSettings(device="cuda", mode="inference")
     assert resolve_engine(run, "gguf").engine == "llama.cpp"
     assert resolve_engine(run, "nf").engine == "auto"  # torch
-    assert resolve_engine(RunSettings(), "gguf").engine == "auto"  # a fine-tune runs in torch
+    assert resolve_engine(RunSettings(device="cuda"), "gguf").engine == "auto"  # a fine-tune runs in torch
     assert resolve_engine(dataclasses.replace(run, engine="torch"), "nf").engine == "auto"
     assert resolve_engine(dataclasses.replace(run, engine="torch"), "gguf").to_dict()["engine"] == "torch"
     with pytest.raises(ValueError, match="--quant gguf"):
@@ -64,7 +64,7 @@ def test_engine_resolution_and_what_a_plan_records() -> None:
     d = resolve_engine(run, "gguf").to_dict()
     assert (d["engine"], d["ubatch"]) == ("llama.cpp", 512) and RunSettings.from_dict(d).llamacpp
     with pytest.raises(ValueError, match="ubatch"):
-        RunSettings(ubatch=0)
+        RunSettings(device="cuda", ubatch=0)
 
 
 def test_a_llamacpp_plan_is_written_as_schema_v6_and_older_readers_are_told(smol, tmp_path) -> None:
@@ -74,7 +74,7 @@ def test_a_llamacpp_plan_is_written_as_schema_v6_and_older_readers_are_told(smol
     from planner.errors import PlannerError
     from planner.verify import plan_from_choices
 
-    run = RunSettings(mode="inference", engine="llama.cpp", seq_len=2048)
+    run = RunSettings(device="cuda", mode="inference", engine="llama.cpp", seq_len=2048)
     choices = {t.name: LayerChoice(4, 8, "q4_0", 32) for t in smol.targets()}
     plan = plan_from_choices(smol, choices, run)
     doc = json.loads(save_plan(plan, tmp_path / "p.json").read_text())

@@ -16,7 +16,8 @@ import torch
 
 from planner import progress
 from planner.artifact.gguf_export import Base, file_alpha, write_adapter_gguf
-from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS, load_tensors, peft_key, read_artifact, read_layer
+from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS, peft_key, read_artifact, read_layer
+from planner.files.tensors import load_tensors
 from planner.artifact.materialize import MaterializeConfig, materialize
 from planner.artifact.plan import save_plan
 from planner.artifact.summary import summary_by_block

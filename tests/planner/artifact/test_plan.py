@@ -143,7 +143,7 @@ BAD_EDITS = {
     "model missing id": (_del("model", "id"), "model is missing field(s) id"),
     "bad sha": (_set("model", "weights_sha256", value="xyz"), "weights_sha256 must be 64"),
     "run unknown setting": (_set("run", "warp_drive", value=True), "unknown run setting"),
-    "run bad value": (_set("run", "seq_len", value=0), "seq_len must be a positive integer"),
+    "run bad value": (_set("run", "seq_len", value=0), "seq_len must be an integer in [1, "),
     "run mode differs": (_set("run", "mode", value="inference"), "differs from mode"),
     "estimate total missing": (_del("estimate", "total_bytes"), "estimate is missing field(s) total_bytes"),
     "breakdown float": (_set("estimate", "breakdown", "backbone", value=1.5), "breakdown.backbone must be a non-negative integer, got 1.5"),
@@ -387,7 +387,9 @@ def test_summary_by_block_llama() -> None:
     assert summary.columns == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
     assert [row.block for row in summary] == [0, 1, 2, None]
     assert summary.rows[0].cells["up_proj"] == (4, 16) and summary.rows[1].cells["q_proj"] == (2, 8)
-    assert summary.rows[0].bits_per_weight == 4.0 and summary.rows[3].cells == {"lm_head": (8, 0)}
+    # what NF4 stores at block 64, constants included (issue 25: show read 8.00 for NF8's 8.5)
+    assert summary.rows[0].bits_per_weight == 4.5 and summary.rows[3].cells == {"lm_head": (8, 0)}
+    assert summary.rows[3].bits_per_weight == 8.5
     assert sum(r.bytes for r in summary) == sum(x.bytes for x in plan.layers)
 
 
@@ -399,7 +401,7 @@ def test_summary_by_block_bert_names_stay_unambiguous() -> None:
     assert summary.columns == ("query", "attention.output.dense", "intermediate.dense", "output.dense")
     assert len(summary) == 6 and summary.rows[5].cells["output.dense"] == (8, 8)
     numel = sum(o * i for o, i in types.values())
-    assert summary.rows[1].bits_per_weight == 4.0 and summary.rows[1].params == numel
+    assert summary.rows[1].bits_per_weight == 4.5 and summary.rows[1].params == numel
 
 
 def test_truncated_anywhere_is_reported_as_truncated(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_double_quant_and_nf3_on_the_menu(capsys: pytest.CaptureFixture) -> None
 
 
 def test_json_gives_min_max_breakdowns_and_fits(capsys: pytest.CaptureFixture) -> None:
-    rc, out, err = _run(capsys, "--model", "phi-2", "--budget", "11GB", "--dry-run", "--json")
+    rc, out, err = _run(capsys, "--model", "phi-2", "--budget", "11GB", "--dry-run", "--json", "--device", "cuda")
     assert rc == 0, err
     report = json.loads(out)
     assert report["budget_bytes"] == 11_000_000_000
@@ -61,7 +61,7 @@ def test_json_gives_min_max_breakdowns_and_fits(capsys: pytest.CaptureFixture) -
     source = resolve("phi-2")
     targets = source.targets()
     for side, choice in (("min", LayerChoice(2, 0)), ("max", LayerChoice(8, 64))):
-        direct = estimate(source.facts, targets, {t.name: choice for t in targets}, RunSettings(),
+        direct = estimate(source.facts, targets, {t.name: choice for t in targets}, RunSettings(device="cuda"),
                           source.non_target_params(targets))
         assert report[f"{side}_bytes"] == direct.total_bytes
 

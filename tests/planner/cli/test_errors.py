@@ -56,8 +56,8 @@ def test_an_internal_error_exits_1_with_a_traceback_from_the_shell() -> None:
     (["verify", "/nonexistent", "--seq-len", "1"], "seq_len must be >= 2"),
     (["finetune", "/nonexistent", "--lr", "-1"], "lr must be a positive number"),
     (["finetune", "/nonexistent", "--eval-every", "0"], "eval_every"),
-    (["materialize", "/nonexistent/plan.json", "--out", "/tmp/x", "--iters", "0"], "iters must be a positive"),
-    (["--model", "phi-2", "--budget", "1GB", "--trials", "-1"], "trials must be >= 0"),
+    (["materialize", "/nonexistent/plan.json", "--out", "/tmp/x", "--iters", "0"], "iters must be an integer in [1, 100]"),
+    (["--model", "phi-2", "--budget", "1GB", "--trials", "-1"], "trials must be an integer >= 0"),
     (["--model", "phi-2", "--budget", "1GB", "--lora-dropout", "1.5"], "lora_dropout"),
     (["--model", "phi-2", "--dry-run", "--target-modules", "no_such_module"], "no_such_module"),
 ])

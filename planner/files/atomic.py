@@ -20,10 +20,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
 import shutil
+import socket
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -34,6 +37,61 @@ log = logging.getLogger(__name__)
 # what the file system says when the user's disk or folder cannot take the data: the user's problem
 # to fix (free space, another folder), so one line; other OSErrors keep their traceback
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+# Temp names carry the writer's host and pid (``.NAME.HOST-PID.RANDOM.tmp``), so a sweep can tell the
+# temps of a killed writer (``kill -9`` leaves them) from those of one still running.
+STALE_S = 24 * 3600  # a temp this old is removed whoever wrote it (another host, an older planner)
+
+
+def _tag() -> str:
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"  # the pid of this process (after a fork too)
+
+
+def _writer_alive(name: str) -> bool | None:
+    """For a temp name made here: whether its writer (this host) still runs; None: not ours to judge."""
+    host = re.escape(socket.gethostname().replace(".", "_"))
+    m = re.search(rf"(?:^|[.-]){host}-(\d+)(?:[.-]|$)", name)
+    if m is None:
+        return None
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        pass
+    return True
+
+
+def is_temp(name: str) -> bool:
+    """A name the atomic writer (or the folder swap) uses while it works: ``.X.….tmp``, ``.X.old-…``."""
+    return name.startswith(".") and (name.endswith(".tmp") or ".old-" in name)
+
+
+def sweep_temps(folder: str | os.PathLike, *, all_temps: bool = False) -> int:
+    """Remove the atomic writer's leftovers under ``folder`` (walked without following links): with
+    ``all_temps`` every one (the caller holds the folder alone, e.g. under a lock), else those whose
+    writer on this host is dead, or older than a day. Returns how many were removed."""
+    removed, now = 0, time.time()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in list(dirnames) + filenames:
+            if not is_temp(name):
+                continue
+            entry = Path(dirpath) / name
+            try:
+                st = os.lstat(entry)
+            except OSError:
+                continue
+            stale = all_temps or _writer_alive(name) is False or now - st.st_mtime > STALE_S
+            if not stale:
+                continue
+            _remove(entry)
+            removed += 1
+            if name in dirnames:
+                dirnames.remove(name)
+    if removed:
+        log.info("removed %d leftover temp file(s) under %s", removed, folder)
+    return removed
 
 
 def _umask() -> int:
@@ -76,15 +134,29 @@ def check_dir_target(path: str | os.PathLike) -> Path:
     raise PlannerError(f"{path} exists and is not a directory; refusing to replace it")
 
 
+def refused_errno(err: BaseException) -> int | None:
+    """The errno of a refused write (:data:`STORAGE_ERRNOS`) behind ``err``: an OSError's own, or the
+    ``os error N`` that safetensors' writer (a Rust library) puts in its SafetensorError message."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None and type(err).__name__ == "SafetensorError":
+        m = re.search(r"os error (\d+)", str(err))
+        code = int(m.group(1)) if m else None
+    if code is None and isinstance(err, OSError) and re.fullmatch(r"\d+ requested and \d+ written", str(err)):
+        code = errno.ENOSPC  # numpy's tofile (the gguf writer's) on a short write: no errno, the disk is full
+    return code if code in STORAGE_ERRNOS else None
+
+
 @contextmanager
 def storage_errors(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a refused write under ``path`` (:data:`STORAGE_ERRNOS`) into one PlannerError line."""
+    """Turn a refused write under ``path`` (:data:`STORAGE_ERRNOS`: full disk, read-only, no
+    permission) into one PlannerError line; other errors go on as they are."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in STORAGE_ERRNOS:
+    except Exception as err:
+        code = refused_errno(err)
+        if code is None:
             raise
-        raise PlannerError(f"cannot write {path}: {err.strerror or err}") from None
+        raise PlannerError(f"cannot write {path}: {os.strerror(code)}") from None
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
@@ -132,7 +204,7 @@ def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None]) ->
     path = check_file_target(path)
     _mkdir_parent(path)
     with storage_errors(path):
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_tag()}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -184,7 +256,7 @@ def atomic_dir(final: str | os.PathLike, build: Callable[[Path], None], *, repla
         return final
     _mkdir_parent(final)
     with storage_errors(final):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_tag()}.", suffix=".tmp", dir=final.parent))
     try:
         with storage_errors(final):
             build(tmp)
@@ -202,7 +274,7 @@ def rename_dir(src: Path, final: Path, *, replace: bool) -> bool:
     renamed in, then the old one removed; if the second rename fails the old folder is put back.
     A symlink, file or device at ``final`` is refused before anything moves (never followed)."""
     check_dir_target(final)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    old = final.with_name(f".{final.name}.old-{_tag()}-{secrets.token_hex(4)}")
     with storage_errors(final):
         if replace and final.is_dir():
             os.rename(final, old)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner.artifact.atomic import (atomic_dir, atomic_write_bytes, check_writable, rename_dir)
+from planner.files.atomic import (atomic_dir, atomic_write_bytes, check_writable, rename_dir)
 from planner.errors import PlannerError
 from tests.faults import disk_full_on_fsync, refuse_writes
 
@@ -47,7 +47,8 @@ def _plan():
 
     source = resolve("phi-2", allow_download=False)
     name = source.targets()[0].name
-    return plan_from_choices(source, {name: LayerChoice(4, 8)}, RunSettings())
+    model = {"id": "phi-2", "source": "facts", "architecture": "phi", "weights_sha256": "0" * 64}
+    return plan_from_choices(source, {name: LayerChoice(4, 8)}, RunSettings(device="cuda"), model=model)
 
 
 @pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750),
@@ -56,7 +57,7 @@ def test_plans_cache_files_and_folders_get_the_users_umask(tmp_path: Path, umask
                                                            dir_mode: int) -> None:
     """Not the 0600 / 0700 that mkstemp / mkdtemp create."""
     from planner.artifact.plan import save_plan
-    from planner.cache import save_cached
+    from planner.files.cache import save_cached
 
     umask(mask)
     assert _mode(atomic_write_bytes(tmp_path / "a.bin", b"x")) == file_mode
@@ -115,7 +116,7 @@ def test_other_os_errors_keep_their_traceback(tmp_path: Path) -> None:
     def write(fh) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    from planner.artifact.atomic import atomic_write
+    from planner.files.atomic import atomic_write
 
     with pytest.raises(OSError) as err:
         atomic_write(tmp_path / "f", write)

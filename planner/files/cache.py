@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -43,8 +43,11 @@ def cache_key(producer: str, payload: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def load_cached(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    """Tensors stored under ``key`` at ``path``, or None when missing or corrupt."""
+def load_cached(path: Path, key: str, check: Callable[[dict[str, torch.Tensor]], str | None] | None = None
+                ) -> dict[str, torch.Tensor] | None:
+    """Tensors stored under ``key`` at ``path``, or None when missing or corrupt. ``check(tensors)``:
+    why the values are out of their valid range (a Fisher error below 0, ...), or None when they are
+    fine; values it rejects are recomputed like a corrupt file."""
     if not path.exists():
         return None
     try:
@@ -60,10 +63,27 @@ def load_cached(path: Path, key: str) -> dict[str, torch.Tensor] | None:
     if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         log.warning("cache %s holds non-finite numbers; recomputing", path)
         return None
+    problem = check(tensors) if check is not None else None
+    if problem is not None:
+        log.warning("cache %s holds values out of range (%s); recomputing", path, problem)
+        return None
     return tensors
 
 
+def non_negative(*names: str) -> Callable[[dict[str, torch.Tensor]], str | None]:
+    """A ``check`` for :func:`load_cached`: the named tensors are present and have no negative entry."""
+    def check(tensors: dict[str, torch.Tensor]) -> str | None:
+        for name in names:
+            if name not in tensors:
+                return f"no {name}"
+            if bool((tensors[name] < 0).any()):
+                return f"{name} has negative entries"
+        return None
+
+    return check
+
+
 def save_cached(path: Path, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
-    from planner.artifact.atomic import atomic_save_tensors
+    from planner.files.atomic import atomic_save_tensors
 
     atomic_save_tensors(path, tensors, {"key": key, **(meta or {})})
