@@ -150,11 +150,37 @@ class GGUFTensor:
         return 8.0 * self.nbytes / self.numel
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """fp32 decode (bit-exact with llama.cpp), then cast to ``dtype`` (default: the original)."""
-        return decode(self.data, self.qtype).to(dtype or self.dtype)
+        """fp32 decode (bit-exact with llama.cpp), then cast to ``dtype`` (default: the original), about
+        ``CHUNK`` weights per decode call (its temporaries stay that size, not weight-sized)."""
+        dtype = dtype or self.dtype
+        rows, row_len = self.shape
+        step = max(1, CHUNK // row_len)
+        if step >= rows:
+            return decode(self.data, self.qtype).to(dtype)
+        out = torch.empty(rows, row_len, dtype=dtype, device=self.data.device)
+        for start in range(0, rows, step):
+            out[start:start + step] = decode(self.data[start:start + step], self.qtype)
+        return out
 
     def to(self, device: torch.device | str) -> "GGUFTensor":
         return replace(self, data=self.data.to(device))
+
+    # -- the format protocol (loftq.formats.Quantized) -------------------------------------------
+    @property
+    def spec(self):
+        from .formats.gguf import GGUFSpec
+
+        return GGUFSpec(self.qtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.data}
+
+
+CHUNK = 1 << 22  # weights decoded per step by GGUFTensor.dequantize
 
 
 def gguf_quantize(weight: torch.Tensor, name: str, objective: str | None = None) -> GGUFTensor:

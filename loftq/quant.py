@@ -8,7 +8,8 @@ divided by its absmax. Dequantization is ``codebook[code] * absmax`` in fp32, ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from functools import lru_cache
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -70,6 +71,72 @@ class QuantConfig:
         method, bits = parse_quant_name(name)
         return cls(bits, method, block_size, double_quant)
 
+    # -- the format protocol (loftq.formats.Spec) ------------------------------------------------
+    family = "nf"  # the codebook family: NormalFloat, uniform, bitsandbytes' int8
+    randomized_svd = True  # LoftQ's block Krylov low-rank step was validated on these widths
+
+    @property
+    def name(self) -> str:
+        return self.quant_name
+
+    def nbytes(self, shape: Sequence[int]) -> int:
+        """Exact bytes stored for a weight of ``shape`` (codes and every constant)."""
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        return expected_nbytes(numel, self, row=int(shape[-1]))
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"{self.quant_name} stores [out, in] weights; got shape {tuple(shape)}")
+
+    def quantize(self, weight: torch.Tensor, *, upper: torch.Tensor | None = None,
+                 importance: torch.Tensor | None = None) -> "QuantizedTensor":
+        """Round to nearest, or with ``upper`` by error feedback where :meth:`feedback_applies`
+        (elsewhere to nearest). ``importance`` does not apply: a codebook block's scale is its absmax."""
+        if upper is not None and self.feedback_applies(tuple(weight.shape)):
+            from .rounding import quantize_feedback
+
+            return quantize_feedback(weight, self, upper=upper)
+        return quantize(weight, config=self)
+
+    def feedback_applies(self, shape: Sequence[int]) -> bool:
+        """Error feedback rounds whole blocks of input columns: blockwise methods, in % block == 0."""
+        return len(shape) == 2 and not self.spec.rowwise and int(shape[1]) % self.block_size == 0
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], shape: Sequence[int],
+                dtype: torch.dtype) -> "QuantizedTensor":
+        """The QuantizedTensor stored as ``tensors`` (``qweight`` = the packed codes, and the
+        constants by name); ValueError when their sizes are not this spec's for ``shape``."""
+        own = dict(tensors)
+        if "qweight" not in own:
+            raise ValueError("no qweight tensor")
+        packed = own.pop("qweight")
+        unknown = sorted(set(own) - set(CONSTANT_NAMES))
+        if unknown:
+            raise ValueError(f"unexpected tensors {', '.join(unknown)}")
+        block = int(shape[-1]) if self.spec.rowwise else self.block_size
+        qt = QuantizedTensor(packed, tuple(int(s) for s in shape), dtype, self, block=block, **own)
+        numel = qt.numel
+        if packed.dtype != torch.uint8 or packed.numel() != packed_numel(numel, self.bits) or qt.nbytes != self.nbytes(shape):
+            raise ValueError(f"{qt.nbytes} bytes ({packed.numel()} of {packed.dtype} codes) are not what "
+                             f"{self.quant_name} stores for shape {list(shape)} ({self.nbytes(shape)})")
+        return qt
+
+    @property
+    def ggml_type(self) -> int | None:
+        return None  # no GGUF type holds NormalFloat codes
+
+    @property
+    def bnb_4bit(self) -> bool:
+        return self.method == "nf" and self.bits == 4
+
+    @property
+    def menu_key(self) -> Any:
+        from .formats.codebook import Width
+
+        return Width(self.bits) if self.double_quant else self.bits
+
 
 def quant_name(method: str, bits: int) -> str:
     """The one naming rule: a method with a single width is named alone (``int8``), others get
@@ -119,8 +186,7 @@ class QuantizedTensor:
         return -(-self.numel // self.block)
 
     def constants(self) -> dict[str, torch.Tensor]:
-        names = ("absmax", "absmax_codes", "absmax_scale", "absmax_offset")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in CONSTANT_NAMES if getattr(self, n) is not None}
 
     @property
     def nbytes(self) -> int:
@@ -137,6 +203,56 @@ class QuantizedTensor:
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         moved = {k: v.to(device) for k, v in self.constants().items()}
         return replace(self, packed=self.packed.to(device), **moved)
+
+    # -- the format protocol (loftq.formats.Quantized) -------------------------------------------
+    @property
+    def spec(self) -> QuantConfig:
+        return self.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.packed, **self.constants()}
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[out, in] in ``dtype`` (default: the original), the numbers of :func:`dequantize`, in
+        block-aligned chunks of ~CHUNK weights (the temporaries stay that size, not weight-sized);
+        NF4 on CUDA through bitsandbytes' kernel when it is installed (it reads our codes bit-exactly)."""
+        dtype = dtype or self.dtype
+        if self.packed.is_cuda and self.config.bnb_4bit and _bnb_available():
+            from .bnb import bnb_quant_state
+            from bitsandbytes.functional import dequantize_4bit
+
+            return dequantize_4bit(self.packed.view(-1, 1), bnb_quant_state(self, dtype)).view(self.shape)
+        if self.numel <= CHUNK or self.config.spec.rowwise:
+            return _decode(self, dtype)
+        absmax = stored_absmax(self)
+        flat_cfg = replace(self.config, double_quant=False)
+        step = max(1, CHUNK // self.block) * self.block
+        out = torch.empty(self.numel, dtype=dtype, device=self.packed.device)
+        bits = self.config.bits
+        for start in range(0, self.numel, step):
+            stop = min(self.numel, start + step)
+            part = QuantizedTensor(self.packed[start * bits // 8: -(-stop * bits // 8)], (stop - start,), dtype,
+                                   flat_cfg, absmax=absmax[start // self.block: -(-stop // self.block)],
+                                   block=self.block)
+            out[start:stop] = _decode(part, dtype)
+        return out.view(self.shape)
+
+
+CONSTANT_NAMES = ("absmax", "absmax_codes", "absmax_scale", "absmax_offset")
+CHUNK = 1 << 22  # weights dequantized per step by QuantizedTensor.dequantize
+
+
+@lru_cache(maxsize=None)
+def _bnb_available() -> bool:
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except Exception:  # bnb raises various errors when its native library is missing
+        return False
+    return True
 
 
 def expected_nbytes(numel: int, config: QuantConfig, row: int | None = None) -> int:
@@ -254,14 +370,16 @@ def stored_absmax(qt: QuantizedTensor) -> torch.Tensor:
     return _dq_absmax(qt.absmax_codes, qt.absmax_scale, qt.absmax_offset)
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """QuantizedTensor -> tensor of ``qt.shape`` in ``dtype`` (default: the original dtype).
+def dequantize(qt: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A stored weight (any :class:`loftq.formats.Quantized`) -> tensor of its shape in ``dtype``
+    (default: the original dtype). A codebook tensor is computed in fp32 (codebook value times
+    absmax), then cast, as bitsandbytes does; a GGUF tensor decodes by its own format (bit-exact
+    with llama.cpp)."""
+    return qt.dequantize(dtype)
 
-    Computed in fp32 (codebook value times absmax), then cast, as bitsandbytes does. A
-    :class:`loftq.GGUFTensor` decodes by its own format (bit-exact with llama.cpp).
-    """
-    if not isinstance(qt, QuantizedTensor):
-        return qt.dequantize(dtype)
+
+def _decode(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The codebook maths of :func:`dequantize` for one QuantizedTensor, in one pass."""
     codes = unpack(qt.packed, qt.config.bits, qt.numel)
     if qt.config.spec.rowwise:  # bnb's int8 arithmetic, in its order: c * absmax * (1/127)
         rows = (codes.float() - 127.0).view(-1, qt.block)
@@ -295,7 +413,7 @@ def fake_quantize(weight: torch.Tensor, config: QuantConfig, *, checked: bool = 
     if not checked:
         check_finite(weight)
     if config.double_quant:
-        return dequantize(quantize(weight, config=config), torch.float32)
+        return _decode(quantize(weight, config=config), torch.float32)
     if config.spec.rowwise:
         rows = weight.detach().reshape(-1, weight.shape[-1]).float()
         absmax = rows.abs().amax(dim=1, keepdim=True)

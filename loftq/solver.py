@@ -15,11 +15,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .quant import (QuantConfig, QuantizedTensor, check_finite, dequantize, quantization_residuals, quantize,
-                    squared_norm)
+from .formats import Quantized, Spec, residuals as formats_residuals, spec_from_fields
+from .quant import QuantConfig, check_finite, squared_norm
 from .spectral import top_squared_singular_values, truncated_svd
-from .gguf_quants import GGUFTensor, check_shape, gguf_quantize
-from .rounding import check_rounding, inverse_factor, quantize_feedback
+from .rounding import check_rounding, inverse_factor
 
 DEFAULT_RANKS = (0, 8, 16, 32, 64)
 
@@ -34,7 +33,7 @@ class LoftQResult:
     ``best_iter``: 1-based index of the iterate kept.
     """
 
-    quantized: QuantizedTensor | GGUFTensor
+    quantized: Quantized
     lora_a: torch.Tensor
     lora_b: torch.Tensor
     errors: list[float]
@@ -88,20 +87,15 @@ def _config(bits: int, method: str | Mapping[int, str], block_size: int, double_
     return QuantConfig(bits, m, block_size, double_quant)
 
 
-def _quantizer(bits: int | str, method: str | Mapping[int, str], block_size: int, double_quant: bool,
-               shape: tuple[int, ...], upper: torch.Tensor | None = None
-               ) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
-    """(quantize, dequantize-to-fp32) for a codebook width or a GGUF type name; ``upper``: round by
-    error feedback with this inverse factor (:func:`loftq.rounding.inverse_factor`)."""
-    if isinstance(bits, str):
-        if upper is not None:
-            raise ValueError(f"rounding='feedback' takes a codebook width, not the GGUF type {bits!r}")
-        check_shape(shape, bits)
-        return (lambda m: gguf_quantize(m, bits)), (lambda qt: qt.dequantize(torch.float32))
-    cfg = _config(bits, method, block_size, double_quant)
-    if upper is not None:
-        return (lambda m: quantize_feedback(m, cfg, upper=upper)), (lambda qt: dequantize(qt, torch.float32))
-    return (lambda m: quantize(m, config=cfg)), (lambda qt: dequantize(qt, torch.float32))
+def as_spec(bits: Any, method: str | Mapping[int, str] = "nf", block_size: int = 64,
+            double_quant: bool = False) -> Spec:
+    """A format spec (:mod:`loftq.formats`) as it is; an int: the codebook width of ``method``; a
+    name: the spec it names (``"q4_k"``, ``"nf4"``)."""
+    if isinstance(bits, Spec):
+        return bits
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        return _config(bits, method, block_size, double_quant)
+    return spec_from_fields(bits, None, block_size, double_quant)
 
 
 def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, method: str | Mapping[int, str] = "nf",
@@ -132,9 +126,13 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
     if rounding == "feedback" and calibration is None:
         raise ValueError("rounding='feedback' needs calibration=H (the input second moment)")
     check_finite(weight)
+    spec = as_spec(bits, method, block_size, double_quant)
+    spec.check_shape(tuple(weight.shape))
     upper = inverse_factor(calibration.to(weight.device), damp) if rounding == "feedback" else None
-    quant, dequant = _quantizer(bits, method, block_size, double_quant, tuple(weight.shape), upper)
-    svd = svd if isinstance(bits, int) else "exact"  # the randomized step was tested on codebook widths
+    if upper is not None and not spec.feedback_applies(tuple(weight.shape)):
+        raise ValueError(f"rounding='feedback' cannot round {spec.name} for shape {tuple(weight.shape)} "
+                         "(a codebook width whose blocks are whole runs of input columns)")
+    svd = svd if spec.randomized_svd else "exact"  # where the randomized step was tested
     w = weight.detach().float()
     factor = calibration_factor(calibration.to(w.device).float(), damp) if calibration is not None else None
     w_norm = w.norm().clamp(min=1e-30)
@@ -146,8 +144,8 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
     errors: list[float] = []
     weighted: list[float] = []
     for t in range(iters):
-        qt = quant(w - b @ a) if rank and t else quant(w)
-        residual = w - dequant(qt)
+        qt = spec.quantize(w - b @ a if rank and t else w, upper=upper)
+        residual = w - qt.dequantize(torch.float32)
         if rank:
             b, a = _low_rank(residual, rank, factor, svd)
             residual = residual - b @ a
@@ -169,32 +167,18 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
 TABLE_DTYPE = torch.bfloat16  # the Krylov products of the tables (fp32 where bf16 matmuls are slow)
 
 
-def _width_residuals(w: torch.Tensor, bits: Sequence[int | str], method: str | Mapping[int, str], block_size: int,
-                     double_quant: bool, dtype: torch.dtype, uppers: torch.Tensor | None = None
-                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(W - deq q_b(W) in ``dtype``, its fp64 squared norm per matrix) for each width of a stack
-    [L, out, in]: codebook widths in one fused pass, GGUF type names matrix by matrix; ``uppers``
-    [L, in, in]: each matrix's inverse factor, Q by error-feedback rounding (matrix by matrix)."""
-    if uppers is not None:
-        out = []
-        for b in bits:
-            parts = []
-            for m, u in zip(w, uppers):
-                quant, deq = _quantizer(b, method, block_size, double_quant, tuple(m.shape), u)
-                parts.append(m - deq(quant(m)))
-            res = torch.stack(parts)
-            out.append((res.to(dtype), squared_norm(res)))
-        return out
-    codebook = [b for b in bits if not isinstance(b, str)]
-    fused = iter(quantization_residuals(w, [_config(b, method, block_size, double_quant) for b in codebook],
-                                        dtype=dtype, checked=True) if codebook else [])
+def _width_residuals(w: torch.Tensor, specs: Sequence[Spec], dtype: torch.dtype,
+                     uppers: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(W - deq q(W) in ``dtype``, its fp64 squared norm per matrix) for each spec on a stack
+    [L, out, in]: each family's own pass (codebook widths fused); ``uppers`` [L, in, in]: each
+    matrix's inverse factor, Q by error-feedback rounding (matrix by matrix)."""
+    for spec in specs:
+        spec.check_shape(tuple(w.shape[1:]))
+    if uppers is None:
+        return formats_residuals(w, specs, dtype)
     out = []
-    for b in bits:
-        if not isinstance(b, str):
-            out.append(next(fused))
-            continue
-        check_shape(tuple(w.shape[1:]), b)
-        res = torch.stack([m - gguf_quantize(m, b).dequantize(torch.float32) for m in w])
+    for spec in specs:
+        res = torch.stack([m - spec.quantize(m, upper=u).dequantize(torch.float32) for m, u in zip(w, uppers)])
         out.append((res.to(dtype), squared_norm(res)))
     return out
 
@@ -242,11 +226,13 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8
     if factor is not None and calibration is None and iters > 1:
         raise ValueError("residual_table(iters > 1) takes calibration=H, not a precomputed factor")
     check_rounding(rounding)
+    specs = [as_spec(b, method, block_size, double_quant) for b in bits]
     if rounding == "feedback":
         if factor is None:
             raise ValueError("residual_table(rounding='feedback') needs the data-aware norm (calibration=H or factor)")
-        if any(isinstance(b, str) for b in bits):
-            raise ValueError("rounding='feedback' takes codebook widths, not GGUF types")
+        if not all(s.feedback_applies(tuple(w.shape[1:])) for s in specs):
+            raise ValueError("rounding='feedback' takes widths whose blocks are runs of input columns (codebook "
+                             f"widths, in % block == 0); got {', '.join(s.name for s in specs)} for {tuple(w.shape[1:])}")
         if uppers is None:
             if calibration is None:
                 raise ValueError("residual_table(rounding='feedback') with a precomputed factor also takes uppers")
@@ -258,16 +244,15 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8
     out = torch.empty(w.shape[0], len(bits), len(ranks), dtype=torch.float64)
     if iters > 1:
         for i in range(w.shape[0]):
-            for j, b in enumerate(bits):
+            for j, spec in enumerate(specs):
                 for k, r in enumerate(ranks):
-                    res = loftq(w[i], b, r, iters=iters, method=method, block_size=block_size,
-                                double_quant=double_quant, calibration=calibration, damp=damp, rounding=rounding)
+                    res = loftq(w[i], spec, r, iters=iters, calibration=calibration, damp=damp, rounding=rounding)
                     out[i, j, k] = res.weighted_errors[res.best_iter - 1] if factor is not None else res.error
         return out[0].float() if single else out.float()
     ref = w if factor is None else w @ factor
     ref_sq = squared_norm(ref).clamp(min=1e-60)
     dtype = table_dtype(w.device) if factor is None else torch.float32
-    for j, (res, total) in enumerate(_width_residuals(w, bits, method, block_size, double_quant, dtype, uppers)):
+    for j, (res, total) in enumerate(_width_residuals(w, specs, dtype, uppers)):
         if factor is not None:
             res = res @ factor
             total = res.double().pow(2).sum(dim=(1, 2))

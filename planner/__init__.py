@@ -24,9 +24,15 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from planner.config import PlanConfig
-from planner.errors import PlannerError
-from planner.settings import RunSettings
+import logging as _logging
+
+# bitsandbytes logs on import, on every CPU with AVX512-BF16, that an optional kernel package could not
+# be fetched from its hub: nothing here needs it, and offline the user can do nothing about it
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+from planner.config import PlanConfig  # noqa: E402
+from planner.errors import PlannerError  # noqa: E402
+from planner.settings import RunSettings  # noqa: E402
 
 if TYPE_CHECKING:  # imported lazily below: torch/transformers are slow to import
     from planner.artifact.materialize import Materialized, MaterializeConfig

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from search_spaces.facts import ModelFacts, TargetLayer
-from search_spaces.widths import is_gguf
 
 from planner.budget import format_bytes
 from planner.memory import estimate
@@ -71,7 +70,7 @@ def uniform_plans(targets: Sequence[TargetLayer], space: Any, method: str = "nf"
     plans: dict[str, dict[str, LayerChoice]] = {}
     for w in sorted({b for b, _ in shared}):
         rank = max(r for b, r in shared if b == w)
-        label = f"uniform {w}" if is_gguf(w) else f"uniform {w}-bit"
+        label = f"uniform {w}" + ("-bit" if str(w).isdigit() else "")  # 4-bit, 4dq, q4_k
         choices = {t.name: LayerChoice.of(w, rank, method, space.block_size, shape=tuple(t.shape)) for t in targets}
         stored = Counter(c.quant for c in choices.values())
         if len(stored) > 1:  # a width some rows cannot hold: say what each layer really stores
@@ -121,11 +120,7 @@ def fit_plan_file(plan: Any) -> list[Fit] | None:
         return None
     import re
 
-    choices = {layer.name: LayerChoice(layer.bits, layer.rank, _method(layer), layer.block_size, layer.double_quant)
-               for layer in plan.layers}
+    choices = {layer.name: LayerChoice.from_spec(layer.spec, layer.rank, layer.block_size) for layer in plan.layers}
     targets = source.targets([re.escape(n) for n in choices], include_head=True)
     return [fit_choices(plan.budget_bytes, source.facts, targets, choices, run, source.non_target_params(targets))]
 
-
-def _method(layer: Any) -> str:
-    return layer.method if layer.bits < 16 else "nf"

@@ -5,7 +5,7 @@ verify). It is the exact sum of a choice-independent part (:func:`fixed_breakdow
 per target layer (:func:`layer_breakdown`), so an exact knapsack can add up per-layer costs.
 
 What is counted (T = batch x seq tokens, c = compute-dtype bytes, a = adapter-dtype bytes):
-- backbone: codes + constants of every target (``loftq.expected_nbytes``), 16-bit keeps at 2 B/weight;
+- backbone: what every target's format stores (``loftq.formats.Spec.nbytes``), 16-bit keeps at 2 B/weight;
 - non-target parameters (embeddings, untied head, norms, biases) in the compute dtype;
 - adapters r(in + out) x a, and when fine-tuning their gradients and optimizer states;
 - what autograd saves per block (the frozen quantized layers save nothing: they re-dequantize in
@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from loftq import Registry, expected_nbytes, gguf_nbytes
+from loftq import Registry
 from search_spaces.facts import ModelFacts, TargetLayer
 
 from planner.overheads import reserve_bytes, trainer_logits_bytes
@@ -138,14 +138,10 @@ def _whole(name: str, value: object) -> None:
 
 # ---------------------------------------------------------------- per-layer terms
 def backbone_bytes(target: TargetLayer, choice: LayerChoice) -> int:
-    """Stored bytes of one frozen weight: exactly what ``loftq.quantize`` / QuantLinear keep (a GGUF
-    type: its tensor data in a GGUF file, ``loftq.gguf_nbytes``)."""
-    if choice.gguf_type is not None:
-        return gguf_nbytes(tuple(target.shape), choice.gguf_type)
-    cfg = choice.quant_config
-    if cfg is None:
-        return 2 * target.numel
-    return expected_nbytes(target.numel, cfg, row=target.shape[1])
+    """Stored bytes of one frozen weight: exactly what its format stores (``Spec.nbytes``: codes and
+    constants, or a GGUF type's tensor data), 2 per weight for a 16-bit keep."""
+    spec = choice.spec
+    return 2 * target.numel if spec is None else spec.nbytes(tuple(target.shape))
 
 
 def optimizer_state_bytes(numel: int, run: RunSettings) -> int:

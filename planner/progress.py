@@ -32,9 +32,10 @@ def stdout_console() -> Console:
 
 
 @contextlib.contextmanager
-def task(description: str, total: int) -> Iterator[Advance]:
-    """``with task("residual tables", n) as advance: ... advance(1)`` shows a bar with ETA."""
-    if not _enabled:
+def task(description: str, total: int, enabled: bool = True) -> Iterator[Advance]:
+    """``with task("residual tables", n) as advance: ... advance(1)`` shows a bar with ETA
+    (``enabled`` False: this one stays quiet)."""
+    if not (_enabled and enabled):
         yield lambda n=1: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from loftq import GGUF_TYPES, QuantConfig
+from loftq.formats import Spec, spec_from_fields
 from search_spaces.facts import ModelFacts
-from search_spaces.widths import GgufWidth, WidthKey, gguf_type_for, is_double_quant, width_bits
+from search_spaces.widths import KEEP_BITS, WidthKey, resolve
 
 from planner.options import option as _opt
 
@@ -164,21 +164,12 @@ def run_fields() -> list:
     return list(fields(RunSettings))
 
 
-def check_gguf_choice(name: str, bits: int, block_size: int, double_quant: bool) -> None:
-    """A GGUF type's fields agree with it: ``bits`` is the width in its name, ``block_size`` its
-    block, no double quantization (its constants are the format's own); ValueError naming the value."""
-    t = GGUF_TYPES.get(name)
-    if bits != t.code_bits or block_size != t.block_size or double_quant:
-        raise ValueError(f"{name} stores {t.code_bits}-bit codes in blocks of {t.block_size} without double "
-                         f"quantization; got bits {bits!r}, block_size {block_size!r}, double_quant {double_quant!r}")
-
-
 @dataclass(frozen=True)
 class LayerChoice:
-    """What one target layer gets: ``bits`` 2/3/4/8 (quantized with ``method``, its constants
-    double-quantized with ``double_quant``) or 16 (kept in a 16-bit dtype), and a LoRA ``rank``
-    (0 = no adapter). ``method`` may also name a GGUF block format (``q4_k``, see
-    :data:`loftq.GGUF_TYPES`): ``bits`` is then the width in its name and ``block_size`` its block."""
+    """What one target layer gets: ``bits`` (the code width; 16 = kept in a 16-bit dtype) stored by
+    ``method`` (a codebook method, ``nf``, whose constants ``double_quant`` double-quantizes, or a
+    quantizer type that names itself, e.g. ``q4_k``) at ``block_size``, and a LoRA ``rank`` (0 = no
+    adapter). :attr:`spec` is the format's spec (:mod:`loftq.formats`) those fields name."""
 
     bits: int
     rank: int = 0
@@ -189,44 +180,35 @@ class LayerChoice:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
             raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
-        if self.gguf_type is not None:
-            check_gguf_choice(self.method, self.bits, self.block_size, self.double_quant)
-        elif self.bits != 16:
-            self.quant_config  # noqa: B018 — QuantConfig validates (method, bits, block_size)
+        self.spec  # noqa: B018 — the format validates (method, bits, block_size, double_quant)
 
     @property
-    def gguf_type(self) -> str | None:
-        """The GGUF block format this choice stores (``method``), or None for a codebook or a keep."""
-        return self.method if self.method in GGUF_TYPES else None
+    def spec(self) -> Spec | None:
+        """How the weight is stored (None for a 16-bit keep)."""
+        if self.bits == KEEP_BITS:
+            return None
+        return spec_from_fields(self.method, self.bits, self.block_size, self.double_quant)
 
     @property
     def quant(self) -> str:
         """What the layer stores, by name: ``nf4``, ``q4_k``, ``bf16`` (a 16-bit keep)."""
-        if self.gguf_type is not None:
-            return self.gguf_type
-        cfg = self.quant_config
-        return cfg.quant_name if cfg is not None else "bf16"
+        spec = self.spec
+        return spec.name if spec is not None else "bf16"
 
-    @property
-    def quant_config(self) -> QuantConfig | None:
-        """The QuantConfig of a codebook choice; None for a 16-bit keep or a GGUF type."""
-        if self.bits == 16 or self.gguf_type is not None:
-            return None
-        return QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
+    @classmethod
+    def from_spec(cls, spec: Spec | None, rank: int = 0, keep_block_size: int = 64) -> "LayerChoice":
+        """The choice storing ``spec`` (None: a 16-bit keep, which records ``keep_block_size``)."""
+        if spec is None:
+            return cls(KEEP_BITS, rank, "nf", keep_block_size)
+        return cls(spec.bits, rank, spec.method, spec.block_size, spec.double_quant)
 
     @classmethod
     def of(cls, w: WidthKey, rank: int, method: str = "nf", block_size: int = 64,
-           shape: tuple[int, ...] | None = None) -> "LayerChoice":
-        """The choice of a search option (width, rank): a Width variant sets ``double_quant``; a
-        16-bit keep takes no method; a GGUF width is the type a layer of ``shape`` stores for it
-        (:func:`search_spaces.widths.gguf_type_for`: a K-quant on a row it cannot hold falls back)."""
-        if isinstance(w, GgufWidth):
-            if shape is None:
-                raise ValueError(f"the GGUF width {w} needs the layer's shape")
-            t = GGUF_TYPES.get(gguf_type_for(w.name, tuple(shape)))
-            return cls(t.code_bits, rank, t.name, t.block_size, False)
-        bits = width_bits(w)
-        return cls(bits, rank, method if bits < 16 else "nf", block_size, is_double_quant(w))
+           shape: tuple[int, ...] = (4096, 4096)) -> "LayerChoice":
+        """The choice of a search option (width, rank) for a layer of ``shape`` (a width may store
+        another type on rows it cannot hold: :func:`search_spaces.widths.resolve`; the default shape
+        is one every registered width holds as itself)."""
+        return cls.from_spec(resolve(w, tuple(shape), method, block_size), rank, block_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -103,8 +103,7 @@ def targets_of(config: Any, names: Sequence[str]) -> list[Any]:
 
 
 def choices_of(plan: Plan) -> dict[str, LayerChoice]:
-    return {layer.name: LayerChoice(layer.bits, layer.rank, layer.method if layer.bits < 16 else "nf",
-                                    layer.block_size, layer.double_quant) for layer in plan.layers}
+    return {layer.name: LayerChoice.from_spec(layer.spec, layer.rank, layer.block_size) for layer in plan.layers}
 
 
 def _facts_targets(art: Artifact) -> tuple[Any, list[Any]]:
@@ -139,7 +138,7 @@ def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunS
     est = estimate(facts, targets, choices, run, non_target)
     layers = tuple(LayerPlan(
         name=t.name, shape=tuple(t.shape), bits=c.bits, block_size=c.block_size, rank=c.rank, alpha=float(c.rank),
-        quant=c.gguf_type or (c.quant_config.quant_name if c.quant_config else "bf16"), iters=iters, residual=None,
+        quant=c.quant, iters=iters, residual=None,
         bytes=layer_bytes(t, c, run, facts), double_quant=c.double_quant) for t in targets for c in [choices[t.name]])
     from planner.sources import model_record
 

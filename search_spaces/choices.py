@@ -11,11 +11,20 @@ from loftq.registry import Registry
 
 from .discovery import block_path, type_path
 from .facts import TargetLayer
-from .widths import KEEP_BITS, WidthKey, gguf_type_for, gguf_widths, is_gguf, width
+from loftq.formats import FAMILIES
 
-BITS = (2, 3, 4, 8, 16)  # 16 = keep the weight in 16 bits (no quantization)
-GGUF_BITS = (2, 3, 4, 6, 8, 16)  # q2_k, q3_k, q4_0/iq4_nl/q4_k, q6_k, q8_0, keep
-QUANTS = ("nf", "gguf")  # the quantizer family: NormalFloat codebooks, or llama.cpp's GGUF block formats
+from .widths import KEEP_BITS, WidthKey, menu as family_menu, resolve
+
+QUANTS = tuple(FAMILIES)  # the quantizer families (loftq.formats): nf (NormalFloat codebooks), gguf (llama.cpp's)
+
+
+def family_bits(quant: str) -> tuple[int, ...]:
+    """The ``--bits`` a family offers, and 16 (keep the weight in 16 bits, no quantization)."""
+    return tuple(FAMILIES.get(quant).bits) + (KEEP_BITS,)
+
+
+BITS = family_bits("nf")  # (2, 3, 4, 8, 16)
+GGUF_BITS = family_bits("gguf")
 GRANULARITIES = ("module", "block", "type")
 DQ_MODES = ("off", "on", "search")  # double quantization: never, on every quantized width, or both offered
 SCHEMA_VERSION = 1
@@ -33,25 +42,13 @@ def _sorted_unique_ints(name: str, values: Any, allowed: Iterable[int] | None = 
 
 
 def menu(bits: Iterable[int], double_quant: str = "off", quant: str = "nf") -> tuple[WidthKey, ...]:
-    """Widths offered for ``bits``: quantized ones plain (``off``), double-quantized (``on``) or
-    both (``search``); 16 as it is; in menu order (2, 2dq, 3, ..., 16). ``quant="gguf"``: the GGUF
-    types of those widths instead (:func:`search_spaces.widths.gguf_widths`; no double quantization,
-    the formats' constants are their own)."""
+    """Widths offered for ``bits``: the family's (:mod:`loftq.formats`) under ``double_quant``
+    (plain ``off``, double-quantized ``on``, or both ``search``), 16 as it is; in menu order."""
     if double_quant not in DQ_MODES:
         raise ValueError(f"double_quant must be one of {', '.join(DQ_MODES)}, got {double_quant!r}")
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
-    if quant == "gguf":
-        if double_quant != "off":
-            raise ValueError("GGUF types store their own block constants: double quantization is for --quant nf")
-        return gguf_widths(bits)
-    out: list[WidthKey] = []
-    for b in sorted(set(bits)):
-        if b >= KEEP_BITS or double_quant != "on":
-            out.append(b)
-        if b < KEEP_BITS and double_quant != "off":
-            out.append(width(b, double_quant=True))
-    return tuple(out)
+    return family_menu(bits, double_quant, quant)
 
 
 @dataclass(frozen=True)
@@ -63,9 +60,8 @@ class SearchSpace:
     weights per quantization block (a power of two). ``granularity``: one choice per ``module``,
     per transformer ``block``, or per module ``type`` (the same module in every block).
     ``double_quant``: ``off`` (plain widths), ``on`` (every quantized width double-quantized) or
-    ``search`` (both, per layer). ``quant``: ``nf`` (NormalFloat codebooks; 6 bits is not one) or
-    ``gguf`` (llama.cpp's block formats for those widths: 2 q2_k, 3 q3_k, 4 q4_0/iq4_nl/q4_k, 6 q6_k,
-    8 q8_0; ``block_size`` does not apply).
+    ``search`` (both, per layer). ``quant``: the family (:mod:`loftq.formats`): ``nf`` (NormalFloat
+    codebooks) or ``gguf`` (llama.cpp's block types of those widths; ``block_size`` does not apply).
     """
 
     bits: tuple[int, ...] = (2, 4, 8)
@@ -79,9 +75,10 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if self.quant not in QUANTS:
             raise ValueError(f"SearchSpace.quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
-        _sorted_unique_ints("bits", self.bits, GGUF_BITS if self.quant == "gguf" else BITS)
-        if self.quant == "gguf" and self.double_quant != "off":
-            raise ValueError("SearchSpace.double_quant must be off with quant gguf (GGUF types keep their own constants)")
+        _sorted_unique_ints("bits", self.bits, family_bits(self.quant))
+        if not FAMILIES.get(self.quant).double_quant and self.double_quant != "off":
+            raise ValueError(f"SearchSpace.double_quant must be off with quant {self.quant} (its types keep their own "
+                             "constants)")
         _sorted_unique_ints("ranks", self.ranks)
         if self.ranks[0] < 0:
             raise ValueError(f"SearchSpace.ranks must be non-negative, got {self.ranks!r}")
@@ -120,12 +117,11 @@ class SearchSpace:
         if too_big:
             raise ValueError(f"rank {max(too_big)} exceeds layer {target.name} {tuple(target.shape)}; "
                              "choose smaller --ranks")
-        for w in self.widths:  # a GGUF width the rows cannot hold falls back; none at all is refused
-            if is_gguf(w):
-                try:
-                    gguf_type_for(w.name, tuple(target.shape))
-                except ValueError as err:
-                    raise ValueError(f"layer {target.name}: {err}") from None
+        for w in self.widths:  # a width the rows cannot hold may fall back (GGUF); none at all is refused
+            try:
+                resolve(w, tuple(target.shape), block_size=self.block_size)
+            except ValueError as err:
+                raise ValueError(f"layer {target.name}: {err}") from None
         return self.choices()
 
     def to_dict(self) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def gguf_base(plan: Plan, model: str | None) -> Path:
 
 def check_gguf_plan(plan: Plan) -> None:
     """Every target must be a GGUF type or a 16-bit keep (codebook codes have no GGUF type)."""
-    bad = [layer for layer in plan.layers if layer.bits != 16 and layer.gguf_type is None]
+    bad = [layer for layer in plan.layers if layer.spec is not None and layer.spec.ggml_type is None]
     if bad:
         raise PlannerError(f"--format gguf needs a plan whose layers are GGUF types (q8_0, q4_k, ...) or 16-bit; "
                            f"{bad[0].name} is {bad[0].quant} ({len(bad)} such layers)")
@@ -198,8 +198,8 @@ def write_model_gguf(artifact: Path, base: Base, out: Path) -> Path:
             writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
             data.append((t.name, lambda t=t: t.data))
             continue
-        if meta.gguf_type is not None:
-            qtype = gguf.GGMLQuantizationType[meta.gguf_type.upper()]
+        if meta.spec is not None:
+            qtype = gguf.GGMLQuantizationType(meta.spec.ggml_type)
         else:
             qtype = gguf.GGMLQuantizationType[_KEEP_TYPES[torch.bfloat16 if meta.dtype == "bf16" else torch.float16]]
         row_bytes = meta.nbytes // meta.shape[0]
@@ -211,7 +211,8 @@ def write_model_gguf(artifact: Path, base: Base, out: Path) -> Path:
 def _layer_bytes(backbone: Path, meta: Any, base: Base, name: str) -> np.ndarray:
     """The stored layer as GGUF tensor data, uint8 [out, row bytes], rows in llama.cpp's order."""
     weight = read_layer(backbone, meta)
-    rows = weight.data if meta.gguf_type is not None else weight.contiguous().view(torch.uint8)
+    # a GGUF type's data is one qweight tensor [out, row bytes]; a keep is the 16-bit weight's bytes
+    rows = weight.contiguous().view(torch.uint8) if meta.spec is None else weight.tensors()["qweight"]
     return base.permute(rows, name).contiguous().numpy()
 
 

@@ -30,8 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from loftq import GGUF_TYPES, METHODS, GGUFTensor, QuantConfig, QuantizedTensor, expected_nbytes, gguf_nbytes, packed_numel
-from loftq.gguf_quants import check_shape
+from loftq.formats import Quantized, Spec, spec_from_fields
 
 from planner.files.atomic import atomic_save_tensors, atomic_write_bytes
 from planner.files.paths import check_links, contained, one_line
@@ -58,10 +57,6 @@ CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
                 "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-_WIDTHS = tuple(sorted({b for m in METHODS for b in METHODS.get(m).bits} | {16}  # loftq's widths + the 16-bit keep
-                       | {GGUF_TYPES.get(n).code_bits for n in GGUF_TYPES}))  # + the GGUF types' (q6_k: 6)
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES[dtype]
 
@@ -74,9 +69,10 @@ def peft_key(name: str) -> str:
 @dataclass(frozen=True)
 class LayerMeta:
     """One stored target layer. ``bits`` 16: ``qweight`` is the 16-bit weight (``dtype``), no
-    constants. Otherwise ``dtype`` is the weight's dtype before quantization and ``block`` the
-    effective block length (row length for row-wise int8). ``method`` a GGUF type name (``q4_k``):
-    ``qweight`` is that type's tensor data, uint8 [out, in / block * type_size]."""
+    constants. Otherwise ``method``, ``bits``, ``block_size`` and ``double_quant`` name the format's
+    spec (:mod:`loftq.formats`: ``nf`` codes with their constants, or a GGUF type's tensor data, uint8
+    [out, in / block * type_size]); ``dtype`` is the weight's dtype before quantization and ``block``
+    the effective block length (the row length for row-wise int8)."""
 
     name: str
     file: str
@@ -90,8 +86,6 @@ class LayerMeta:
     nbytes: int
 
     def __post_init__(self) -> None:
-        if self.bits not in _WIDTHS:
-            raise ValueError(f"{self.name}: bits must be one of {', '.join(map(str, _WIDTHS))}, got {self.bits!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"{self.name}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if len(self.shape) != 2 or min(self.shape) < 1:
@@ -99,37 +93,42 @@ class LayerMeta:
         if "/" in self.file or self.file.startswith("."):
             raise ValueError(f"{self.name}: file must be a plain file name, got {self.file!r}")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        if self.gguf_type is not None:
-            from planner.settings import check_gguf_choice
-
-            check_gguf_choice(self.method, self.bits, self.block_size, self.double_quant)
-            check_shape(self.shape, self.method)
-        elif self.bits < 16:
-            self.config  # noqa: B018 - QuantConfig validates (method, bits, block_size)
+        try:
+            spec = self.spec
+            if spec is not None:
+                spec.check_shape(self.shape)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{self.name}: {err}") from None
         if self.nbytes != self.expected_nbytes:  # an edited width, block or shape no longer describes the codes
             raise ValueError(f"{self.name}: nbytes {self.nbytes!r} is not what {self.method} at {self.bits} bits "
                              f"(block {self.block_size}) stores for shape {list(self.shape)}: {self.expected_nbytes}")
 
     @property
-    def expected_nbytes(self) -> int:
-        """Bytes the layer's codes take, from its width, shape and block (loftq's exact count)."""
-        numel = self.shape[0] * self.shape[1]
+    def spec(self) -> Spec | None:
+        """The format spec of the stored codes (None for a 16-bit keep)."""
         if self.bits == 16:
-            return numel * DTYPES[self.dtype].itemsize
-        if self.gguf_type is not None:
-            return gguf_nbytes(self.shape, self.gguf_type)
-        return expected_nbytes(numel, self.config, row=self.shape[1])
-
-    @property
-    def gguf_type(self) -> str | None:
-        return self.method if self.bits < 16 and self.method in GGUF_TYPES else None
-
-    @property
-    def config(self) -> QuantConfig | None:
-        """The codebook quantizer's config; None for a 16-bit keep or a GGUF type."""
-        if self.bits == 16 or self.gguf_type is not None:
             return None
-        return QuantConfig(self.bits, self.method, self.block_size, self.double_quant)
+        return spec_from_fields(self.method, self.bits, self.block_size, self.double_quant)
+
+    @property
+    def expected_nbytes(self) -> int:
+        """Bytes the layer's codes take, from its format, shape and block (the spec's exact count)."""
+        spec = self.spec
+        if spec is None:
+            return self.shape[0] * self.shape[1] * DTYPES[self.dtype].itemsize
+        return spec.nbytes(self.shape)
+
+    @classmethod
+    def of(cls, name: str, weight: Quantized | torch.Tensor, keep_block_size: int = 64) -> "LayerMeta":
+        """The entry of one layer stored as ``weight`` (a format's tensor, or a kept 16-bit weight,
+        which records ``keep_block_size``: the plan's, unused)."""
+        if isinstance(weight, torch.Tensor):  # a 16-bit keep
+            return cls(name, f"{name}.safetensors", 16, "none", keep_block_size, False, 0, tuple(weight.shape),
+                       dtype_name(weight.dtype), weight.numel() * weight.element_size())
+        spec = weight.spec
+        block = getattr(weight, "block", spec.block_size)
+        return cls(name, f"{name}.safetensors", spec.bits, spec.method, spec.block_size, spec.double_quant, block,
+                   tuple(weight.shape), dtype_name(weight.dtype), weight.nbytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "shape": list(self.shape)}
@@ -170,55 +169,36 @@ class BackboneMeta:
 
 
 # ---------------------------------------------------------------- reading files the user may have altered
-def layer_tensors(name: str, weight: QuantizedTensor | GGUFTensor | torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors stored for one layer, under ``NAME.<QuantLinear buffer name>``."""
-    if isinstance(weight, GGUFTensor):
-        out = {f"{name}.qweight": weight.data}
-    elif isinstance(weight, QuantizedTensor):
-        out = {f"{name}.qweight": weight.packed}
-        out.update({f"{name}.{k}": v for k, v in weight.constants().items()})
-    else:
-        out = {f"{name}.qweight": weight}
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+def layer_tensors(name: str, weight: Quantized | torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors stored for one layer, under ``NAME.<QuantLinear buffer name>``: the format's own
+    (``qweight`` and its constants), or ``qweight`` = the kept 16-bit weight."""
+    own = {"qweight": weight} if isinstance(weight, torch.Tensor) else weight.tensors()
+    return {f"{name}.{k}": v.detach().contiguous().cpu() for k, v in own.items()}
 
 
-def read_layer(folder: Path, meta: LayerMeta,
-               device: torch.device | str = "cpu") -> QuantizedTensor | GGUFTensor | torch.Tensor:
-    """Rebuild one stored layer from ``backbone/layers/``: a QuantizedTensor, a GGUFTensor, or the
-    16-bit weight [out, in]."""
-    tensors = load_tensors(folder / LAYER_DIR / meta.file, str(device))
+def read_layer(folder: Path, meta: LayerMeta, device: torch.device | str = "cpu") -> Quantized | torch.Tensor:
+    """Rebuild one stored layer from ``backbone/layers/``: its format's tensor (checked against the
+    bytes its spec stores for the shape), or the 16-bit weight [out, in]."""
+    path = folder / LAYER_DIR / meta.file
+    tensors = load_tensors(path, str(device))
     prefix = meta.name + "."
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if "qweight" not in own:
-        raise PlannerError(f"{folder / LAYER_DIR / meta.file}: no tensor {meta.name}.qweight")
-    if meta.bits == 16:
+        raise PlannerError(f"{path}: no tensor {meta.name}.qweight")
+    spec = meta.spec
+    if spec is None:
         weight = own["qweight"]
-        if tuple(weight.shape) != meta.shape or weight.dtype != DTYPES[meta.dtype]:
-            raise PlannerError(f"{folder / LAYER_DIR / meta.file}: holds {weight.dtype} {list(weight.shape)} for "
-                               f"{meta.name}, quantization.json says {meta.dtype} {list(meta.shape)}")
+        if tuple(weight.shape) != meta.shape or weight.dtype != DTYPES[meta.dtype] or len(own) != 1:
+            raise PlannerError(f"{path}: holds {weight.dtype} {list(weight.shape)} for {meta.name}, "
+                               f"quantization.json says {meta.dtype} {list(meta.shape)}")
         return weight
-    if meta.gguf_type is not None:
-        return _read_gguf_layer(folder / LAYER_DIR / meta.file, meta, own)
     try:
-        qt = QuantizedTensor(own.pop("qweight"), meta.shape, DTYPES[meta.dtype], meta.config, block=meta.block, **own)
+        stored = spec.restore(own, meta.shape, DTYPES[meta.dtype])
     except (TypeError, ValueError, RuntimeError) as err:
-        raise PlannerError(f"{folder / LAYER_DIR / meta.file}: does not hold layer {meta.name} ({one_line(err)})") from None
-    if qt.nbytes != meta.nbytes or qt.packed.numel() != packed_numel(qt.numel, meta.bits):
-        raise PlannerError(f"{meta.name}: stored {qt.nbytes} bytes ({qt.packed.numel()} of codes), quantization.json "
-                           f"describes {meta.nbytes} ({packed_numel(qt.numel, meta.bits)} of {meta.bits}-bit codes)")
-    return qt
-
-
-def _read_gguf_layer(path: Path, meta: LayerMeta, own: dict[str, torch.Tensor]) -> GGUFTensor:
-    data = own["qweight"]
-    t = GGUF_TYPES.get(meta.gguf_type)
-    want = (meta.shape[0], meta.shape[1] // t.block_size * t.type_size)
-    if data.dtype != torch.uint8 or tuple(data.shape) != want or len(own) != 1:
-        raise PlannerError(f"{path}: does not hold layer {meta.name} as {meta.gguf_type} (uint8 {list(want)} "
-                           f"expected, got {data.dtype} {list(data.shape)} and {len(own) - 1} other tensors)")
-    if data.numel() != meta.nbytes:
-        raise PlannerError(f"{meta.name}: stored {data.numel()} bytes, quantization.json says {meta.nbytes}")
-    return GGUFTensor(data, meta.shape, DTYPES[meta.dtype], meta.gguf_type)
+        raise PlannerError(f"{path}: does not hold layer {meta.name} as {spec.name} ({one_line(err)})") from None
+    if stored.nbytes != meta.nbytes:
+        raise PlannerError(f"{meta.name}: stored {stored.nbytes} bytes, quantization.json says {meta.nbytes}")
+    return stored
 
 
 @dataclass(frozen=True)
@@ -321,7 +301,8 @@ def copy_config_files(src: Path, dst: Path, warn: bool = True, roots: Sequence[P
 def write_adapter(folder: Path, plan: Plan, adapters: Mapping[str, tuple[torch.Tensor, torch.Tensor]], base: str) -> None:
     """A PEFT LoRA folder: adapter_config.json (per-module r and alpha as rank_pattern / alpha_pattern,
     the same config :func:`planner.runtime.layers.add_lora` builds) and adapter_model.safetensors holding
-    lora_A = A / (alpha / r) [r, in] and lora_B = B [out, r], so that PEFT's B·A·alpha/r is LoftQ's B·A."""
+    ``adapters[name]`` = PEFT's (lora_A [r, in], lora_B [out, r]) (:func:`planner.runtime.build.peft_pair`:
+    PEFT's B·A·alpha/r is LoftQ's B·A)."""
     from peft import LoraConfig
 
     layers = {layer.name: layer for layer in plan.layers}
@@ -338,9 +319,9 @@ def write_adapter(folder: Path, plan: Plan, adapters: Mapping[str, tuple[torch.T
     cfg = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
     atomic_write_bytes(folder / ADAPTER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True).encode())
     tensors = {}
-    for name, (a, b) in adapters.items():
-        tensors[f"{peft_key(name)}.lora_A.weight"] = (a / (alphas[name] / ranks[name])).contiguous()
-        tensors[f"{peft_key(name)}.lora_B.weight"] = b.contiguous()
+    for name, (lora_a, lora_b) in adapters.items():
+        tensors[f"{peft_key(name)}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{peft_key(name)}.lora_B.weight"] = lora_b.contiguous()
     atomic_save_tensors(folder / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
 
 

@@ -51,9 +51,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from safetensors import safe_open
 
-from loftq import __version__ as LOFTQ_VERSION, loftq
+from loftq import __version__ as LOFTQ_VERSION
 from loftq.quant import METHODS
-from loftq.rounding import ROUNDINGS, feedback_applies
+from loftq.rounding import ROUNDINGS
 from loftq.solver import SVD_METHODS
 from search_spaces.discovery import is_conv1d, is_linear_like
 
@@ -71,12 +71,13 @@ from planner.files.atomic import (atomic_save_tensors, atomic_write_bytes, check
 from planner.files.paths import Input, Output, check_links, check_outputs
 from planner.files.tensors import open_safetensors
 from planner.options import option as _opt
-from planner.settings import INITS
+from planner.runtime.build import build_layer
+from planner.settings import INITS, LayerChoice
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("packed", "hf-bnb", "gguf")
-JOB_VERSION = 1
+JOB_VERSION = 2  # 2: work files hold PEFT's (lora_A, lora_B), built by planner.runtime.build
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,9 @@ def _materialize(plan_path: str | Path, out: Path, config: MaterializeConfig, t0
         if not init.data_aware:
             raise PlannerError("--rounding feedback rounds under the layers' input moments: use it with a loftq-data "
                                "plan or add --init loftq-data")
-        if any(layer.gguf_type for layer in plan.layers):
-            raise PlannerError("--rounding feedback works on codebook layers (NF); this plan has GGUF types")
+        if not any(layer.spec is not None and layer.spec.feedback_applies(layer.shape) for layer in plan.layers):
+            raise PlannerError("--rounding feedback rounds codebook layers (NF) whose blocks are runs of input "
+                               "columns; this plan has none")
     if init.data_aware:
         if moments is None:
             raise PlannerError("the data-aware initialisation needs the layers' input moments: run it through "
@@ -240,10 +242,10 @@ def check_io(out: Path, plan_path: str | Path, model: str | None, base: Path | N
 
 
 def check_nf4_only(plan: Plan) -> None:
-    bad = [layer for layer in plan.layers if layer.bits != 16 and (layer.bits != 4 or layer.method != "nf")]
+    bad = [layer for layer in plan.layers if layer.spec is not None and not layer.spec.bnb_4bit]
     if bad:
-        raise PlannerError(f"--format hf-bnb needs a plan with only NF4 and 16-bit layers; {bad[0].name} is "
-                           f"{bad[0].quant} ({len(bad)} such layers)")
+        raise PlannerError(f"--format hf-bnb needs a plan with only NF4 and 16-bit layers (what bitsandbytes' "
+                           f"Linear4bit reads); {bad[0].name} is {bad[0].quant} ({len(bad)} such layers)")
 
 
 def _source(plan: Plan, config: MaterializeConfig) -> Any:
@@ -387,47 +389,20 @@ def _committed(partial: Path, name: str, key: str) -> bool:
 def _compute_layer(partial: Path, layer: LayerPlan, weight: torch.Tensor, iters: int, device: torch.device,
                    key: str, svd: str, moment: torch.Tensor | None = None, damp: float | None = None,
                    rounding: str = "nearest") -> None:
-    """LoftQ one layer [out, in] and commit it: codes to artifact/backbone/layers, A/B to work/.
-    (``weight`` is finite: the source's reader checks every tensor.) ``moment``: the layer's input
-    second moment H [in, in] for the data-aware initialisation (its residual is then the weighted one)."""
-    if layer.bits == 16:
-        stored: Any = weight.to(DTYPES.get(layer.quant, torch.bfloat16))
-        residual = float((weight - stored.float()).norm() / weight.norm().clamp(min=1e-30))
-        a, b = _plain_lora_init(layer)
-        best, errors = 0, [residual]
-        meta = LayerMeta(layer.name, f"{layer.name}.safetensors", 16, "none", layer.block_size, False, 0,
-                         layer.shape, dtype_name(stored.dtype), stored.numel() * stored.element_size())
-    else:  # a GGUF type runs LoftQ with that format's quantizer (loftq takes its name as the width)
-        if rounding == "feedback" and not feedback_applies(weight.shape[1], layer.method, layer.block_size):
-            rounding = "nearest"  # feedback rounds whole blocks of input columns: nearest here
-        extra = {} if moment is None else {"calibration": moment.to(device), "damp": damp, "rounding": rounding}
-        res = loftq(weight.to(device), layer.gguf_type or layer.bits, layer.rank, iters=iters, method=layer.method,
-                    block_size=layer.block_size, double_quant=layer.double_quant, svd=svd, **extra)
-        stored = res.quantized.to("cpu")
-        a, b = res.lora_a.cpu(), res.lora_b.cpu()
-        residual, best, errors = res.error, res.best_iter, res.errors
-        if moment is not None:
-            residual, errors = res.weighted_errors[best - 1], res.weighted_errors
-        if layer.gguf_type is not None:
-            meta = LayerMeta(layer.name, f"{layer.name}.safetensors", layer.bits, layer.gguf_type, layer.block_size,
-                             False, layer.block_size, layer.shape, dtype_name(stored.dtype), stored.nbytes)
-        else:
-            cfg = stored.config
-            meta = LayerMeta(layer.name, f"{layer.name}.safetensors", cfg.bits, cfg.method, cfg.block_size,
-                             cfg.double_quant, stored.block, layer.shape, dtype_name(stored.dtype), stored.nbytes)
-    atomic_save_tensors(partial / "artifact" / BACKBONE / LAYER_DIR / meta.file, layer_tensors(layer.name, stored))
-    info = {"job": key, "residual": repr(residual), "best_iter": str(best), "errors": json.dumps(errors),
-            "meta": json.dumps(meta.to_dict())}
-    atomic_save_tensors(_work_file(partial, layer.name), {"lora_A": a.contiguous(), "lora_B": b.contiguous()}, info)
-
-
-def _plain_lora_init(layer: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 16-bit layer with a rank gets PEFT's default init (A Kaiming-uniform, B = 0), seeded by name."""
-    out_f, in_f = layer.shape
-    gen = torch.Generator().manual_seed(int(hashlib.sha256(layer.name.encode()).hexdigest()[:8], 16))
-    bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
-    a = (torch.rand(layer.rank, in_f, generator=gen) * 2 - 1) * bound
-    return a, torch.zeros(out_f, layer.rank)
+    """Build one layer [out, in] (:func:`planner.runtime.build.build_layer`) and commit it: its stored
+    tensors to artifact/backbone/layers, PEFT's (lora_A, lora_B) to work/. (``weight`` is finite: the
+    source's reader checks every tensor.) ``moment``: the layer's input second moment H [in, in] for
+    the data-aware initialisation (its residual is then the weighted one)."""
+    choice = LayerChoice.from_spec(layer.spec, layer.rank, layer.block_size)
+    built = build_layer(layer.name, weight, choice, alpha=layer.alpha, iters=iters, svd=svd, moment=moment,
+                        damp=damp if damp is not None else DEFAULT_DAMP, rounding=rounding, device=device,
+                        keep_dtype=DTYPES.get(layer.quant, torch.bfloat16))
+    meta = LayerMeta.of(layer.name, built.stored, layer.block_size)
+    atomic_save_tensors(partial / "artifact" / BACKBONE / LAYER_DIR / meta.file, layer_tensors(layer.name, built.stored))
+    info = {"job": key, "residual": repr(built.residual), "best_iter": str(built.best_iter),
+            "errors": json.dumps(built.errors), "meta": json.dumps(meta.to_dict())}
+    lora = {"lora_A": built.lora[0], "lora_B": built.lora[1]} if built.lora is not None else {}
+    atomic_save_tensors(_work_file(partial, layer.name), lora, info)
 
 
 # ---------------------------------------------------------------- assembling the artifact
@@ -447,7 +422,7 @@ def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: S
     atomic_write_bytes(backbone / QUANT_META, json.dumps(meta.to_dict(), indent=1).encode())
     copy_config_files(source.folder, backbone, roots=source.roots)
     layers = {layer.name: layer for layer in plan.layers}
-    adapters = {n: (t["lora_A"], t["lora_B"]) for n, (t, _) in results.items() if layers[n].rank}
+    adapters = {n: (t["lora_A"], t["lora_B"]) for n, (t, _) in results.items() if layers[n].rank}  # PEFT's
     if adapters:
         write_adapter(artifact / ADAPTER, plan, adapters, base=str(source.reference))
     new_layers = tuple(dataclasses.replace(layer, residual=round(float(results[layer.name][1]["residual"]), 6),

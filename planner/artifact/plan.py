@@ -8,10 +8,9 @@ versions are read by :mod:`planner.artifact.plan_versions` and come back as the 
 
 Validation lives in the dataclasses' ``__post_init__`` (``ValueError`` naming the bad value), so a
 plan built in memory is checked exactly like one read from disk. What is checked beyond types:
-- each layer's ``quant`` is a registered quantizer (``loftq.parse_quant_name``) of width ``bits``
-  accepting its ``block_size``, a GGUF block format (``q8_0``, ``q4_k``, ... in
-  ``loftq.GGUF_TYPES``: ``bits`` the width in its name, ``block_size`` its block, rows whole
-  blocks), or ``bf16``/``fp16`` for a 16-bit keep; ``bits_per_weight`` equals
+- each layer's ``quant`` names a spec of a registered format (:func:`loftq.formats.spec_from_fields`:
+  ``nf4`` of width ``bits`` at its ``block_size``, or a GGUF type such as ``q4_k`` with ``bits`` the
+  width in its name, ``block_size`` its block, rows whole blocks), or ``bf16``/``fp16`` for a 16-bit keep; ``bits_per_weight`` equals
   8 x the bytes loftq stores for it / its weights; ``rank`` <= min(shape);
 - the estimate adds up: breakdown sum = ``allocated_bytes``, allocated + reserve = ``total_bytes``
   (the reserve is kept as it was estimated: its CUDA terms are refined between versions, and a plan
@@ -33,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping, Sequence
 
+from loftq.formats import Spec, spec_from_fields
 from search_spaces.facts import TargetLayer
 
 from planner.files.atomic import atomic_write
@@ -68,10 +68,10 @@ def _version(value: Any) -> int:
 
 
 def _widths() -> tuple[int, ...]:
-    from loftq import GGUF_TYPES, METHODS
+    """Every code width a registered family offers, and 16 (a keep)."""
+    from loftq.formats import FAMILIES
 
-    gguf = {GGUF_TYPES.get(n).code_bits for n in GGUF_TYPES}
-    return tuple(sorted({b for m in METHODS for b in METHODS.get(m).bits} | gguf | {16}))
+    return tuple(sorted({b for f in FAMILIES for b in FAMILIES.get(f).bits} | {16}))
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class LayerPlan:
         whole("block_size", self.block_size, 1)
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant must be true or false, got {self.double_quant!r}")
-        self.quant_config  # noqa: B018 — the quantizer registry validates quant, bits and block_size
+        self.spec  # noqa: B018 — the format validates quant, bits, block_size and the shape
         whole("rank", self.rank, 0)
         if self.rank > min(self.shape):
             raise ValueError(f"rank {self.rank} exceeds min(shape) = {min(self.shape)}")
@@ -137,51 +137,32 @@ class LayerPlan:
         return self.shape[0] * self.shape[1]
 
     @property
-    def gguf_type(self) -> str | None:
-        """The GGUF block format ``quant`` names (``q4_k``), or None for a codebook quantizer or a keep."""
-        from loftq import GGUF_TYPES
-
-        return self.quant if self.bits != 16 and self.quant in GGUF_TYPES else None
-
-    @property
-    def quant_config(self) -> Any:
-        """The loftq QuantConfig ``quant`` names (None for a 16-bit keep or a GGUF type); ValueError if
-        it is not a registered quantizer of width ``bits`` that accepts ``block_size``, or a GGUF type
-        whose width, block and row length do not fit."""
-        from loftq import QuantConfig
-        from loftq.gguf_quants import check_shape
-
-        from planner.settings import check_gguf_choice
-
-        if self.gguf_type is not None:
-            check_gguf_choice(self.quant, self.bits, self.block_size, self.double_quant)
-            check_shape(self.shape, self.quant)
-            return None
+    def spec(self) -> Spec | None:
+        """The format spec ``quant`` names (:mod:`loftq.formats`; None for a 16-bit keep); ValueError
+        when ``quant`` is no registered quantizer of width ``bits`` accepting ``block_size`` and the
+        layer's shape, or a keep's ``quant`` is not a 16-bit dtype."""
         if self.bits == 16:
             if self.quant not in KEEP16:
                 raise ValueError(f"a 16-bit layer's quant must be one of {', '.join(KEEP16)}; got {self.quant!r}")
             return None
-        cfg = QuantConfig.from_name(self.quant, self.block_size, self.double_quant)
-        if cfg.bits != self.bits:
-            raise ValueError(f"quant {self.quant!r} stores {cfg.bits}-bit codes, not bits {self.bits}")
-        return cfg
+        spec = spec_from_fields(self.quant, self.bits, self.block_size, self.double_quant)
+        if spec.name != self.quant:  # a method alone ("nf") is no quantizer name: nf4 is
+            raise ValueError(f"unknown quantizer {self.quant!r}; did you mean {spec.name!r}?")
+        spec.check_shape(self.shape)
+        return spec
 
     @property
     def method(self) -> str:
-        """The loftq quantization method (``nf``, ``uniform``, ``int8``, or the GGUF type's name);
+        """The format's method (``nf``, ``uniform``, ``int8``, or a type that names itself: ``q4_k``);
         ``keep16`` for 16-bit layers."""
-        cfg = self.quant_config
-        return self.gguf_type or ("keep16" if cfg is None else cfg.method)
+        spec = self.spec
+        return "keep16" if spec is None else spec.method
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes of the stored weight: loftq's exact count, or 2 per weight for a 16-bit keep."""
-        from loftq import expected_nbytes, gguf_nbytes
-
-        cfg = self.quant_config
-        if self.gguf_type is not None:
-            return gguf_nbytes(self.shape, self.gguf_type)
-        return 2 * self.numel if cfg is None else expected_nbytes(self.numel, cfg, row=self.shape[1])
+        """Bytes of the stored weight: its format's exact count, or 2 per weight for a 16-bit keep."""
+        spec = self.spec
+        return 2 * self.numel if spec is None else spec.nbytes(self.shape)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}
@@ -332,9 +313,7 @@ def _check_bytes(layers: Sequence[LayerPlan], run: RunSettings, est: MemoryEstim
     sums = dict.fromkeys(PARAM_TERMS, 0)
     activations = 0
     for layer in layers:
-        keep = layer.bits == 16
-        choice = LayerChoice(layer.bits, layer.rank, "nf" if keep else layer.method,
-                             64 if keep else layer.block_size, layer.double_quant)
+        choice = LayerChoice.from_spec(layer.spec, layer.rank)
         terms = layer_param_breakdown(TargetLayer(layer.name, layer.shape, layer.name.rsplit(".", 1)[-1], -1),
                                       choice, run)
         own = layer.bytes - sum(terms.values())

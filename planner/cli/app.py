@@ -19,9 +19,7 @@ from typing import Callable, Sequence
 from planner.errors import PlannerError
 
 log = logging.getLogger(__name__)
-# bitsandbytes warns on every CPU import that an optional faster 4-bit kernel package ("kernels") is
-# missing; nothing here needs it, and the line reads like a failure in every command's output
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# bitsandbytes' import-time kernel warning is silenced in planner/__init__.py (the API's users see it too)
 # PEFT reads transformers' deprecated is_gradient_checkpointing when it wraps a model: not ours to show
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 

@@ -26,7 +26,7 @@ from planner.files.paths import Input, Output, check_outputs
 from planner.options import option
 from planner.progress import stdout_console
 from planner.settings import RunSettings
-from search_spaces.widths import is_gguf, width_bits
+from search_spaces.widths import width_bits
 
 _FIRST = ("model", "budget")  # documented first in --help
 
@@ -112,19 +112,17 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
 
 
 def low_bit_note(outcome: Any, console: Console) -> None:
-    """A plan with NF2 layers from a menu without 3 bits: say what the wider menu bought (README).
+    """A plan with 2-bit layers from a menu without 3 bits: say what the wider menu bought (README).
     Only after a search (``show`` of a saved plan has no menu to look at)."""
     problem = getattr(outcome, "problem", None)
     if problem is None:
         return
-    if any(is_gguf(w) for w, _ in problem.table.options):  # the advice is about the NF menu
-        return
     offered = {width_bits(w) for w, _ in problem.table.options}
     n2 = sum(1 for layer in outcome.plan.layers if layer.bits == 2)
     if n2 and 3 not in offered:
-        console.print(f"[yellow]note: {n2} layers are at 2 bits. At budgets this tight, --bits 2,3,4,8 "
-                      "--double-quant search usually does much better (SmolLM2 at 4.0 bits/weight: perplexity "
-                      "88.6 -> 34.8; README \"Tight budgets\").")
+        console.print(f"[yellow]note: {n2} layers are at 2 bits. At budgets this tight a menu with 3-bit widths "
+                      "(--bits 2,3,4,8) usually does much better (SmolLM2 at 4.0 bits/weight: perplexity 88.6 -> "
+                      "34.8; README \"Tight budgets\").")
 
 
 def _search_line(s: Any) -> str:

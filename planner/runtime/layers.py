@@ -1,39 +1,32 @@
 """Frozen quantized linear layers, the model surgery that installs them, and PEFT LoRA on top.
 
-A :class:`QuantLinear` holds only what :class:`loftq.QuantizedTensor` stores (packed codes and
-constants) as buffers, so its resident bytes are exactly ``QuantizedTensor.nbytes``; a 16-bit
-"keep" layer holds its weight in a 16-bit dtype. Forward dequantizes to the compute dtype and
-multiplies; backward dequantizes again (:class:`_DequantLinear`) so autograd never keeps a
-weight-sized tensor. Dequantization backends live in a registry: bitsandbytes' kernel for NF4 on
-CUDA (it consumes our codes bit-exactly), chunked torch for everything else. A layer in a GGUF block
-format (:class:`loftq.GGUFTensor`) holds that format's tensor data and decodes it with
-:func:`loftq.gguf_quants.decode` (bit-exact with llama.cpp), row chunk by row chunk.
+A :class:`QuantLinear` holds only what its format stores (:meth:`loftq.formats.Quantized.tensors`:
+``qweight`` and the constants) as buffers, so its resident bytes are exactly the stored tensor's
+``nbytes``; a 16-bit "keep" layer holds its weight in a 16-bit dtype. Forward dequantizes to the
+compute dtype and multiplies; backward dequantizes again (:class:`_DequantLinear`) so autograd never
+keeps a weight-sized tensor. How a stored weight decodes (chunked, on CPU or CUDA, with bitsandbytes'
+kernel for NF4 on CUDA, GGUF types bit-exact with llama.cpp) is its format's business.
 """
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loftq import GGUF_TYPES, GGUFTensor, QuantConfig, QuantizedTensor, Registry, dequantize, quantize, stored_absmax
-from loftq.gguf_quants import decode as gguf_decode
-from loftq.bnb import bnb_quant_state
+from loftq.formats import Quantized, Spec
 
-from search_spaces.discovery import is_conv1d, is_linear_like, weight_out_in
+from search_spaces.discovery import is_linear_like, weight_out_in
 
 from planner.devices import resolve_device
 from planner.settings import LayerChoice, RunSettings
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 22  # weights dequantized per torch step: bounds the temporaries (~25 bytes each)
-_CONSTANT_NAMES = ("absmax", "absmax_codes", "absmax_scale", "absmax_offset")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -48,82 +41,6 @@ def resolve_compute_dtype(name: str = "auto", device: torch.device | str | None 
     if dev.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-# ---------------------------------------------------------------- dequantization backends
-@dataclass(frozen=True)
-class Dequantizer:
-    """A way to turn a QuantizedTensor into a dense [out, in] weight; the first that accepts wins."""
-
-    name: str
-    accepts: Callable[[QuantizedTensor], bool]
-    run: Callable[[QuantizedTensor, torch.dtype], torch.Tensor]
-
-
-DEQUANTIZERS: Registry[Dequantizer] = Registry("dequantization backend")
-_ORDER: list[str] = []
-
-
-def _register(d: Dequantizer) -> None:
-    DEQUANTIZERS.add(d.name, d)
-    _ORDER.append(d.name)
-
-
-@lru_cache(maxsize=None)
-def _bnb_available() -> bool:
-    try:
-        import bitsandbytes.functional  # noqa: F401
-    except Exception:  # bnb raises various errors when its native library is missing
-        return False
-    return True
-
-
-def dequantize_bnb(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """NF4 codes -> [out, in] in ``dtype`` with bitsandbytes' kernel (CUDA; its CPU op works too)."""
-    from bitsandbytes.functional import dequantize_4bit
-
-    return dequantize_4bit(qt.packed.view(-1, 1), bnb_quant_state(qt, dtype)).view(qt.shape)
-
-
-def dequantize_chunked(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """Same numbers as :func:`loftq.dequantize`, written block-aligned chunk by chunk into one
-    [out, in] tensor so the fp32/int64 temporaries stay ~``CHUNK`` elements instead of weight-sized."""
-    if qt.numel <= CHUNK:
-        return dequantize(qt, dtype)
-    absmax = stored_absmax(qt)
-    flat_cfg = replace(qt.config, double_quant=False)
-    step = max(1, CHUNK // qt.block) * qt.block
-    out = torch.empty(qt.numel, dtype=dtype, device=qt.packed.device)
-    bits = qt.config.bits
-    for start in range(0, qt.numel, step):
-        stop = min(qt.numel, start + step)
-        part = QuantizedTensor(qt.packed[start * bits // 8: -(-stop * bits // 8)], (stop - start,), dtype,
-                               flat_cfg, absmax=absmax[start // qt.block: -(-stop // qt.block)], block=qt.block)
-        out[start:stop] = dequantize(part, dtype)
-    return out.view(qt.shape)
-
-
-_register(Dequantizer("bnb-nf4", lambda qt: (qt.packed.is_cuda and qt.config.method == "nf" and qt.config.bits == 4
-                                             and _bnb_available()), dequantize_bnb))
-_register(Dequantizer("torch", lambda qt: True, dequantize_chunked))
-
-
-def dequantize_gguf(data: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
-    """GGUF tensor data uint8 [out, row bytes] -> [out, in] in ``dtype``, about ``CHUNK`` weights per
-    decode call (the fp32 values and the decoder's temporaries stay that size, not weight-sized)."""
-    rows, row_bytes = data.shape
-    row_len = row_bytes // GGUF_TYPES.get(qtype).type_size * GGUF_TYPES.get(qtype).block_size
-    step = max(1, CHUNK // row_len)
-    if step >= rows:
-        return gguf_decode(data, qtype).to(dtype)
-    out = torch.empty(rows, row_len, dtype=dtype, device=data.device)
-    for start in range(0, rows, step):
-        out[start:start + step] = gguf_decode(data[start:start + step], qtype)
-    return out
-
-
-def pick_dequantizer(qt: QuantizedTensor) -> Dequantizer:
-    return next(DEQUANTIZERS.get(n) for n in _ORDER if DEQUANTIZERS.get(n).accepts(qt))
 
 
 # ---------------------------------------------------------------- the layer
@@ -147,39 +64,33 @@ class _DequantLinear(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    """A frozen linear layer stored as packed 2/3/4/8-bit codes, as a GGUF block format, or as a
-    16-bit weight (``bits=16``).
+    """A frozen linear layer stored in a quantizer format (:mod:`loftq.formats`), or as a 16-bit
+    weight (``spec`` None, ``bits`` 16).
 
-    Buffers: ``qweight`` (uint8 [packed bytes], GGUF tensor data uint8 [out, row bytes], or the
-    16-bit weight [out, in]), the constants of the QuantizedTensor under their own names, and
-    ``bias`` [out] in the compute dtype if any. ``gguf_type`` names the GGUF format (else None).
+    Buffers: the format's tensors under their own names (``qweight`` and its constants; for a keep,
+    ``qweight`` is the 16-bit weight [out, in]), and ``bias`` [out] in the compute dtype if any.
     """
 
-    def __init__(self, weight: QuantizedTensor | GGUFTensor | torch.Tensor, bias: torch.Tensor | None = None,
+    def __init__(self, weight: Quantized | torch.Tensor, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.compute_dtype = compute_dtype
-        self.gguf_type: str | None = None
-        if isinstance(weight, GGUFTensor):
-            self.config, self.block, self.weight_dtype = None, GGUF_TYPES.get(weight.qtype).block_size, weight.dtype
-            self.gguf_type = weight.qtype
-            self.register_buffer("qweight", weight.data)
-            shape = weight.shape
-        elif isinstance(weight, QuantizedTensor):
-            if len(weight.shape) != 2:
-                raise ValueError(f"a linear weight must be 2-D (out, in), got shape {weight.shape}")
-            self.config: QuantConfig | None = weight.config
-            self.block, self.weight_dtype = weight.block, weight.dtype
-            self.register_buffer("qweight", weight.packed)
-            for name, t in weight.constants().items():
-                self.register_buffer(name, t)
-            shape = weight.shape
-        else:
+        if isinstance(weight, torch.Tensor):  # a 16-bit keep
             if weight.dim() != 2 or weight.element_size() != 2 or not weight.is_floating_point():
                 raise ValueError(f"a kept weight must be a 2-D 16-bit float tensor, got {weight.dtype} {tuple(weight.shape)}")
-            self.config, self.block, self.weight_dtype = None, 0, weight.dtype
+            self.spec: Spec | None = None
+            self.weight_dtype = weight.dtype
+            self._names: tuple[str, ...] = ("qweight",)
             self.register_buffer("qweight", weight.detach())
-            shape = tuple(weight.shape)
+        else:
+            if len(weight.shape) != 2:
+                raise ValueError(f"a linear weight must be 2-D (out, in), got shape {weight.shape}")
+            self.spec, self.weight_dtype = weight.spec, weight.dtype
+            stored = weight.tensors()
+            self._names = tuple(stored)
+            for name, t in stored.items():
+                self.register_buffer(name, t)
+        shape = tuple(weight.shape)
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={self.out_features}")
@@ -187,39 +98,32 @@ class QuantLinear(nn.Module):
 
     @property
     def bits(self) -> int:
-        if self.gguf_type is not None:
-            return GGUF_TYPES.get(self.gguf_type).code_bits
-        return 16 if self.config is None else self.config.bits
+        return 16 if self.spec is None else self.spec.bits
 
-    def quantized(self) -> QuantizedTensor:
-        """The stored weight as a QuantizedTensor (views of the buffers, no copy)."""
-        if self.config is None:
-            raise ValueError("a 16-bit keep layer has no QuantizedTensor")
-        consts = {n: getattr(self, n) for n in _CONSTANT_NAMES if getattr(self, n, None) is not None}
-        return QuantizedTensor(self.qweight, (self.out_features, self.in_features), self.weight_dtype,
-                               self.config, block=self.block, **consts)
+    def quantized(self) -> Quantized:
+        """The stored weight in its format (views of the buffers, no copy)."""
+        if self.spec is None:
+            raise ValueError("a 16-bit keep layer has no quantized weight")
+        return self.spec.restore({n: getattr(self, n) for n in self._names}, (self.out_features, self.in_features),
+                                 self.weight_dtype)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight in ``dtype`` (default: compute dtype), rebuilt from the buffers."""
         dtype = dtype or self.compute_dtype
-        if self.gguf_type is not None:
-            return dequantize_gguf(self.qweight, self.gguf_type, dtype)
-        if self.config is None:
+        if self.spec is None:
             return self.qweight.to(dtype)
-        qt = self.quantized()
-        return pick_dequantizer(qt).run(qt, dtype)
+        return self.quantized().dequantize(dtype)
 
     @property
     def code_nbytes(self) -> int:
-        """Bytes of the stored weight (codes + constants, or the 16-bit weight): QuantizedTensor.nbytes."""
-        names = ("qweight",) + _CONSTANT_NAMES
-        return sum(t.numel() * t.element_size() for n in names if (t := getattr(self, n, None)) is not None)
+        """Bytes of the stored weight (the format's tensors, or the 16-bit weight)."""
+        return sum(t.numel() * t.element_size() for n in self._names if (t := getattr(self, n, None)) is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantLinear.apply(x.to(self.compute_dtype), self)
 
     def extra_repr(self) -> str:
-        kind = self.gguf_type or ("keep16" if self.config is None else self.config.quant_name)
+        kind = "keep16" if self.spec is None else self.spec.name
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, bias={self.bias is not None}"
 
 
@@ -234,12 +138,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
-def swap_linears(model: nn.Module, weights: Mapping[str, QuantizedTensor | GGUFTensor | torch.Tensor | None],
+def swap_linears(model: nn.Module, weights: Mapping[str, Quantized | torch.Tensor | None],
                  compute_dtype: torch.dtype | None = None, keep_dtype: torch.dtype | None = None) -> dict[str, QuantLinear]:
     """Replace the named nn.Linear / Conv1D modules in place by :class:`QuantLinear`.
 
-    ``weights[name]``: a QuantizedTensor of shape (out, in); a 16-bit tensor to keep; or None to
-    keep the module's own weight in ``keep_dtype`` (default: the compute dtype if 16-bit, else bf16).
+    ``weights[name]``: a stored weight of shape (out, in) (:class:`loftq.formats.Quantized`); a 16-bit
+    tensor to keep; or None to keep the module's own weight in ``keep_dtype`` (default: the compute
+    dtype if 16-bit, else bf16).
     The original dense weight is dropped. Returns the new layers by name.
     """
     compute_dtype = compute_dtype or resolve_compute_dtype("auto")
@@ -255,11 +160,10 @@ def swap_linears(model: nn.Module, weights: Mapping[str, QuantizedTensor | GGUFT
             raise ValueError(f"{name}: weight shape {shape} does not match the module's (out, in) {tuple(dense.shape)}")
         if w is None:
             w = dense.to(keep_dtype).contiguous()
-        elif not isinstance(w, (QuantizedTensor, GGUFTensor)):
+        elif isinstance(w, torch.Tensor):
             w = w.detach().to(keep_dtype).contiguous()
         layer = QuantLinear(w, getattr(mod, "bias", None), compute_dtype)
-        stored = w.packed if isinstance(w, QuantizedTensor) else w.data if isinstance(w, GGUFTensor) else w
-        device = dense.device if not dense.is_meta else stored.device
+        device = dense.device if not dense.is_meta else w.device
         _set_module(model, name, layer.to(device))  # a meta weight: a shell model awaiting its targets
         new[name] = layer
     return new
@@ -268,11 +172,10 @@ def swap_linears(model: nn.Module, weights: Mapping[str, QuantizedTensor | GGUFT
 def quantize_model(model: nn.Module, choices: Mapping[str, LayerChoice],
                    compute_dtype: torch.dtype | None = None) -> dict[str, QuantLinear]:
     """Quantize each named layer at its choice (plain quantization, no LoftQ) and swap it in."""
-    weights: dict[str, QuantizedTensor | None] = {}
+    weights: dict[str, Quantized | None] = {}
     for name, choice in choices.items():
-        mod = model.get_submodule(name)
-        cfg = choice.quant_config
-        weights[name] = None if cfg is None else quantize(linear_weight(mod), config=cfg)
+        spec = choice.spec
+        weights[name] = None if spec is None else spec.quantize(linear_weight(model.get_submodule(name)))
     return swap_linears(model, weights, compute_dtype)
 
 

@@ -16,13 +16,14 @@ from torch import nn
 
 from search_spaces.discovery import weight_out_in
 
-from planner.artifact.layout import (ADAPTER, ADAPTER_WEIGHTS, DTYPES, NON_TARGET_FILE, check_adapter_config,
-                                     read_artifact, read_layer)
+from planner.artifact.layout import (ADAPTER, ADAPTER_WEIGHTS, DTYPES, NON_TARGET_FILE, Artifact,
+                                     check_adapter_config, read_artifact, read_layer)
 from planner.devices import default_device
 from planner.errors import PlannerError
 from planner.files.paths import check_links, one_line
 from planner.files.tensors import load_tensors
-from planner.runtime.layers import QuantLinear, add_lora, backbone_nbytes, resolve_compute_dtype
+from planner.runtime.build import LayerBuild, assemble
+from planner.runtime.layers import backbone_nbytes, resolve_compute_dtype
 from planner.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,47 @@ def install_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, layer)
 
 
+def _model_with_non_targets(art: Artifact, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The skeleton with every non-target parameter (embeddings, norms, target biases) loaded in
+    ``dtype``; the target weights stay on the meta device until their layers are installed."""
+    model = _skeleton(art.backbone)
+    path = art.backbone / NON_TARGET_FILE
+    state = {k: v.to(dtype) for k, v in finite(load_tensors(path, str(device)), path).items()}
+    try:
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # edited tensors of the wrong shape
+        raise PlannerError(f"{path}: does not fit the model ({one_line(err)})") from None
+    if unexpected:
+        raise PlannerError(f"{path}: tensors the model does not have: {unexpected[:3]}")
+    return model
+
+
+def _stored_layers(art: Artifact, model: nn.Module, device: torch.device) -> dict[str, LayerBuild]:
+    layers = {}
+    for meta in art.meta.layers:
+        weight = read_layer(art.backbone, meta, device)
+        out_in = tuple(weight_out_in(model.get_submodule(meta.name)).shape)
+        if out_in != meta.shape:
+            raise PlannerError(f"{meta.name}: stored shape {meta.shape} does not match the model's {out_in}")
+        layers[meta.name] = LayerBuild(weight, None)
+    return layers
+
+
+def _finish(model: nn.Module, art: Artifact, device: torch.device) -> nn.Module:
+    """Tie weights, check nothing is left on meta and the resident backbone is what was stored."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "tie_weights"):
+        base.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise PlannerError(f"{art.path}: no stored value for {', '.join(left[:3])}")
+    model.to(device)
+    if backbone_nbytes(model) != art.meta.nbytes:
+        raise PlannerError(f"{art.path}: resident backbone {backbone_nbytes(model)} B != stored {art.meta.nbytes} B")
+    base.set_attn_implementation(art.run.attn_implementation)
+    return model.eval()
+
+
 def load_backbone(path: str | Path, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> nn.Module:
     """The bare quantized model (no LoRA): QuantLinear target layers, non-target weights in ``dtype``
@@ -75,34 +117,9 @@ def load_backbone(path: str | Path, device: torch.device | str | None = None,
     art = read_artifact(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or compute_dtype_for(art.run, device)
-    model = _skeleton(art.backbone)
-    state = {k: v.to(dtype) for k, v in finite(load_tensors(art.backbone / NON_TARGET_FILE, str(device)),
-                                                art.backbone / NON_TARGET_FILE).items()}
-    for meta in art.meta.layers:
-        weight = read_layer(art.backbone, meta, device)
-        mod = model.get_submodule(meta.name)
-        out_in = tuple(weight_out_in(mod).shape)
-        if tuple(out_in) != meta.shape:
-            raise PlannerError(f"{meta.name}: stored shape {meta.shape} does not match the model's {tuple(out_in)}")
-        install_module(model, meta.name, QuantLinear(weight, state.pop(f"{meta.name}.bias", None), dtype))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as err:  # edited tensors of the wrong shape
-        raise PlannerError(f"{art.backbone / NON_TARGET_FILE}: does not fit the model ({one_line(err)})") from None
-    if unexpected:
-        raise PlannerError(f"{art.backbone / NON_TARGET_FILE}: tensors the model does not have: {unexpected[:3]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise PlannerError(f"{art.path}: no stored value for {', '.join(left[:3])}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.to(device)
-    if backbone_nbytes(model) != art.meta.nbytes:
-        raise PlannerError(f"{art.path}: resident backbone {backbone_nbytes(model)} B != stored {art.meta.nbytes} B")
-    model.set_attn_implementation(art.run.attn_implementation)
-    return model.eval()
+    model = _model_with_non_targets(art, device, dtype)
+    model = assemble(model, _stored_layers(art, model, device), compute_dtype=dtype)
+    return _finish(model, art, device)
 
 
 def compute_dtype_for(run: RunSettings, device: torch.device) -> torch.dtype:
@@ -115,7 +132,8 @@ def adapter_dtype_for(run: RunSettings, compute: torch.dtype) -> torch.dtype:
 
 def load(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
          adapter: str | Path | None = None) -> nn.Module:
-    """A materialized folder as a trainable PeftModel on :class:`QuantLinear` layers.
+    """A materialized folder as a trainable PeftModel on :class:`QuantLinear` layers, assembled by the
+    one builder (:func:`planner.runtime.build.assemble`) from the stored layers and adapter.
 
     ``device``: default CUDA when present, else CPU. ``dtype``: compute dtype (default: the plan's,
     ``auto`` = bf16/fp16 on a GPU, fp32 on CPU). ``adapter``: another PEFT folder of the same plan
@@ -127,40 +145,49 @@ def load(path: str | Path, device: torch.device | str | None = None, dtype: torc
     art = read_artifact(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or compute_dtype_for(art.run, device)
-    model = load_backbone(path, device, dtype)
     ranks, alphas = art.ranks(), art.alphas()
     if not ranks:
         log.warning("%s: the plan gives no layer an adapter, so the model has nothing to train (a plain frozen "
                     "model, not a PeftModel)", path)
-        return model
+        return load_backbone(path, device, dtype)
     folder = Path(adapter) if adapter is not None else art.adapter
     if folder is None or not (folder / ADAPTER_WEIGHTS).is_file():
         raise PlannerError(f"{path}: the plan has ranks but no adapter folder {folder or art.path / ADAPTER}")
     check_links(folder)
     check_adapter_config(folder, ranks, alphas)
-    model = add_lora(model, ranks, alphas, dropout=art.run.lora_dropout,
-                     adapter_dtype=adapter_dtype_for(art.run, dtype))
-    load_adapter_weights(model, folder)
+    model = _model_with_non_targets(art, device, dtype)
+    layers = _stored_layers(art, model, device)
+    for name, pair in adapter_pairs(folder, layers, ranks).items():
+        layers[name].lora = pair
+    model = assemble(model, layers, alphas, compute_dtype=dtype, adapter_dtype=adapter_dtype_for(art.run, dtype),
+                     dropout=art.run.lora_dropout)
     check_ranks(model, ranks, alphas)
-    return model.to(device)
+    return _finish(model, art, device)
 
 
-
-def load_adapter_weights(model: nn.Module, folder: Path) -> None:
-    """Copy ``adapter_model.safetensors`` into the PeftModel's default adapter (every tensor must land)."""
-    from peft import set_peft_model_state_dict
-
-    state = finite(load_tensors(folder / ADAPTER_WEIGHTS), folder / ADAPTER_WEIGHTS)
-    try:
-        result = set_peft_model_state_dict(model, state)
-    except RuntimeError as err:  # edited tensors of the wrong shape
-        raise PlannerError(f"{folder / ADAPTER_WEIGHTS}: does not fit the plan's adapters ({one_line(err)})") from None
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+def adapter_pairs(folder: Path, layers: Mapping[str, LayerBuild], ranks: Mapping[str, int]
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's (lora_A [r, in], lora_B [out, r]) per adapted layer from ``adapter_model.safetensors``;
+    every tensor must belong to a planned adapter, every planned adapter must be there, with its shapes."""
+    path = folder / ADAPTER_WEIGHTS
+    state = finite(load_tensors(path), path)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    want = {f"base_model.model.{n}.lora_{ab}.weight": (n, ab) for n in ranks for ab in "AB"}
+    unexpected = sorted(k for k in state if k not in want)
     if unexpected:
-        raise PlannerError(f"{folder / ADAPTER_WEIGHTS}: tensors for modules the plan has no adapter on: {unexpected[:3]}")
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+        raise PlannerError(f"{path}: tensors for modules the plan has no adapter on: {unexpected[:3]}")
+    missing = sorted(k for k in want if k not in state)
     if missing:
-        raise PlannerError(f"{folder / ADAPTER_WEIGHTS}: no values for {missing[:3]}")
+        raise PlannerError(f"{path}: no values for {missing[:3]}")
+    for name, r in ranks.items():
+        out_f, in_f = layers[name].stored.shape
+        a, b = state[f"base_model.model.{name}.lora_A.weight"], state[f"base_model.model.{name}.lora_B.weight"]
+        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+            raise PlannerError(f"{path}: does not fit the plan's adapters ({name}: lora_A {list(a.shape)}, lora_B "
+                               f"{list(b.shape)}; rank {r} of a {out_f} x {in_f} layer needs [{r}, {in_f}] and "
+                               f"[{out_f}, {r}])")
+        pairs[name] = (a, b)
+    return pairs
 
 
 def finite(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -23,11 +23,12 @@ from typing import Iterator, Mapping, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
-from loftq import GGUFTensor, QuantConfig, QuantizedTensor, dequantize, quantize_feedback
-from loftq.rounding import check_rounding, feedback_applies
-from search_spaces.widths import GgufWidth, WidthKey, gguf_type_for, is_gguf, quant_config, quant_spec, quantize_width
+from loftq.formats import Quantized, Spec, spec_from_fields
+from loftq.rounding import check_rounding, inverse_factor
+from search_spaces.widths import WidthKey, resolve
 
 from planner import progress
+from planner.runtime.build import LayerBuild, peft_pair
 from planner.runtime.layers import linear_weight
 
 SVD_KINDS = ("randomized", "exact")
@@ -53,25 +54,18 @@ class BankSettings:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype, got {self.dtype!r}")
         for b in self.bits:
-            if b < 16 and not is_gguf(b):  # a GGUF width's type depends on the layer's shape (spec)
-                self.quant_config(b)  # QuantConfig names an unsupported (method, bits, block_size)
+            if b < 16:  # the format refuses an unsupported (method, bits, block_size) now, not at first use
+                resolve(b, (256, 4096), self.method, self.block_size)
 
-    def quant_config(self, bits: int) -> QuantConfig:
-        """``bits``: a width of the menu (an int, or a double-quantized ``Width``)."""
-        return quant_config(bits, self.method, self.block_size)
-
-    def spec(self, bits: WidthKey, shape: tuple[int, ...]) -> QuantConfig | str:
-        """What a layer of ``shape`` is quantized as at ``bits``: a QuantConfig or a GGUF type name."""
-        return quant_spec(bits, shape, self.method, self.block_size)
+    def spec(self, bits: WidthKey, shape: tuple[int, ...]) -> Spec:
+        """What a layer of ``shape`` is stored as at width ``bits`` (:func:`search_spaces.widths.resolve`)."""
+        return resolve(bits, shape, self.method, self.block_size)
 
 
-def spec_of(qt: QuantizedTensor | GGUFTensor) -> QuantConfig | str:
-    """The spec (:meth:`BankSettings.spec`) a stored tensor was quantized with."""
-    return qt.qtype if isinstance(qt, GGUFTensor) else qt.config
-
-
-def device_of(qt: QuantizedTensor | GGUFTensor) -> torch.device:
-    return (qt.data if isinstance(qt, GGUFTensor) else qt.packed).device
+def entry_key(spec: Spec) -> str:
+    """What a bank stores an entry under: its spec's name (two widths that store one spec, a GGUF
+    type and its fallback on a narrow row, share one entry)."""
+    return spec.name + ("dq" if spec.double_quant else "")
 
 
 class LowRank(NamedTuple):
@@ -86,7 +80,7 @@ class BankEntry:
     """One (layer, bits): Q, deq(Q) [out, in] and the top ``rank`` factors of W - deq(Q) (None until
     a lookup needs them: a width the search only ever uses at rank 0 never pays for an SVD)."""
 
-    quantized: QuantizedTensor | GGUFTensor
+    quantized: Quantized
     deq: torch.Tensor | None  # [out, in], bank dtype; None: dequantized on use (an on-disk store keeps Q only)
     b: torch.Tensor | None  # [out, rank], bank dtype
     a: torch.Tensor | None  # [rank, in], bank dtype
@@ -98,11 +92,11 @@ class BankEntry:
 
 
 class BankStore(Protocol):
-    """Where entries live; keyed by (layer name, bits)."""
+    """Where entries live; keyed by (layer name, :func:`entry_key` of its spec)."""
 
-    def get(self, name: str, bits: int) -> BankEntry | None: ...
+    def get(self, name: str, key: str) -> BankEntry | None: ...
 
-    def put(self, name: str, bits: int, entry: BankEntry) -> None: ...
+    def put(self, name: str, key: str, entry: BankEntry) -> None: ...
 
 
 class MemoryStore:
@@ -110,64 +104,56 @@ class MemoryStore:
     one planning run per budget in one process): each entry is then computed once."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, int], BankEntry] = {}
+        self._entries: dict[tuple[str, str], BankEntry] = {}
 
-    def get(self, name: str, bits: int) -> BankEntry | None:
-        return self._entries.get((name, bits))
+    def get(self, name: str, key: str) -> BankEntry | None:
+        return self._entries.get((name, key))
 
-    def put(self, name: str, bits: int, entry: BankEntry) -> None:
-        self._entries[(name, bits)] = entry
+    def put(self, name: str, key: str, entry: BankEntry) -> None:
+        self._entries[(name, key)] = entry
 
     def __len__(self) -> int:
         return len(self._entries)
 
 
 class DiskStore:
-    """Entries in the cache, one safetensors file per (layer, bits) under ``folder``: Q's packed codes
-    and constants and the factors, not deq(Q) (dequantized on use, which is cheap). Nothing stays in
-    RAM, and an interrupted plan finds the entries it already computed. ``key``: what the entries
-    were computed from (weights, settings, code version); a file with another key is recomputed."""
+    """Entries in the cache, one safetensors file per (layer, spec) under ``folder``: the stored
+    tensors of Q (its format's own) and the factors, not deq(Q) (dequantized on use, which is cheap).
+    Nothing stays in RAM, and an interrupted plan finds the entries it already computed. ``key``:
+    what the entries were computed from (weights, settings, code version); a file with another key
+    is recomputed."""
 
     def __init__(self, folder: Path, key: str) -> None:
         self.folder, self.key = Path(folder), key
 
-    def _path(self, name: str, bits: int) -> Path:
-        return self.folder / f"{name}.{bits}.safetensors"
+    def _path(self, name: str, key: str) -> Path:
+        return self.folder / f"{name}.{key}.safetensors"
 
-    def get(self, name: str, bits: int) -> BankEntry | None:
+    def get(self, name: str, key: str) -> BankEntry | None:
         from planner.files.cache import load_cached
 
-        t = load_cached(self._path(name, bits), f"{self.key}/{name}/{bits}")
+        t = load_cached(self._path(name, key), f"{self.key}/{name}/{key}")
         if t is None:
             return None
         from safetensors import safe_open
 
-        with safe_open(str(self._path(name, bits)), framework="pt") as f:
+        with safe_open(str(self._path(name, key)), framework="pt") as f:
             meta = f.metadata()
-        if "gguf" in meta:
-            gt = GGUFTensor(t["packed"], tuple(json.loads(meta["shape"])), getattr(torch, meta["dtype"]), meta["gguf"])
-            return BankEntry(gt, None, t.get("b"), t.get("a"), meta["svd"])
-        config = QuantConfig.from_name(meta["quant"], int(meta["block_size"]), meta["double_quant"] == "1")
-        consts = {k: t[k] for k in ("absmax", "absmax_codes", "absmax_scale", "absmax_offset") if k in t}
-        qt = QuantizedTensor(t["packed"], tuple(json.loads(meta["shape"])), getattr(torch, meta["dtype"]), config,
-                             block=int(meta["block"]), **consts)
-        return BankEntry(qt, None, t.get("b"), t.get("a"), meta["svd"])
+        spec = spec_from_fields(meta["method"], int(meta["bits"]), int(meta["block_size"]), meta["double_quant"] == "1")
+        factors = {k: t.pop(k) for k in ("b", "a") if k in t}
+        qt = spec.restore(t, tuple(json.loads(meta["shape"])), getattr(torch, meta["dtype"]))
+        return BankEntry(qt, None, factors.get("b"), factors.get("a"), meta["svd"])
 
-    def put(self, name: str, bits: int, entry: BankEntry) -> None:
+    def put(self, name: str, key: str, entry: BankEntry) -> None:
         from planner.files.cache import save_cached
 
         qt = entry.quantized
+        spec = qt.spec
         factors = {"b": entry.b, "a": entry.a} if entry.b is not None else {}
-        if isinstance(qt, GGUFTensor):
-            meta = {"gguf": qt.qtype, "shape": json.dumps(list(qt.shape)), "dtype": str(qt.dtype).removeprefix("torch."),
-                    "svd": entry.svd}
-            save_cached(self._path(name, bits), f"{self.key}/{name}/{bits}", {"packed": qt.data, **factors}, meta)
-            return
-        meta = {"quant": qt.config.quant_name, "block_size": str(qt.config.block_size),
-                "double_quant": "1" if qt.config.double_quant else "0", "shape": json.dumps(list(qt.shape)),
-                "dtype": str(qt.dtype).removeprefix("torch."), "block": str(qt.block), "svd": entry.svd}
-        save_cached(self._path(name, bits), f"{self.key}/{name}/{bits}", {"packed": qt.packed, **qt.constants(), **factors},
-                    meta)
+        meta = {"method": spec.method, "bits": str(spec.bits), "block_size": str(spec.block_size),
+                "double_quant": "1" if spec.double_quant else "0", "shape": json.dumps(list(qt.shape)),
+                "dtype": str(qt.dtype).removeprefix("torch."), "svd": entry.svd}
+        save_cached(self._path(name, key), f"{self.key}/{name}/{key}", {**qt.tensors(), **factors}, meta)
 
 
 class ModelWeights(Mapping[str, torch.Tensor]):
@@ -255,51 +241,46 @@ class WeightBank:
         """[out, in] original weight in the bank dtype (the mapping's tensor itself when it has that dtype)."""
         return self.weights[name].detach().to(self.settings.dtype)
 
-    def entry(self, name: str, bits: int, factors: bool = True) -> BankEntry:
-        """The entry of (name, bits), computed and stored on first lookup; ``factors``: with its
+    def entry(self, name: str, bits: WidthKey, factors: bool = True) -> BankEntry:
+        """The entry of (name, width), computed and stored on first lookup; ``factors``: with its
         factors (computed and stored now if the stored entry has none yet)."""
         s = self.settings
         if bits not in s.bits or bits >= 16:
             raise ValueError(f"bits {bits!r} is not a quantized width of this bank ({s.bits})")
-        bits = self._canonical(name, bits)
-        entry = self.store.get(name, bits)
+        spec = s.spec(bits, self._shape(name))
+        key = entry_key(spec)
+        entry = self.store.get(name, key)
         if entry is None:
-            entry = self._compute(name, bits, factors)
-            self.store.put(name, bits, entry)
-        elif (spec_of(entry.quantized) != s.spec(bits, tuple(entry.quantized.shape)) or entry.svd != self.label
+            entry = self._compute(name, spec, factors)
+            self.store.put(name, key, entry)
+        elif (entry.quantized.spec != spec or entry.svd != self.label
               or (entry.b is not None and (entry.b.dtype != s.dtype or entry.rank < min(s.max_rank, *entry.quantized.shape)))):
-            raise ValueError(f"the bank's store holds {name} at {bits} bits built with other settings "
-                             f"({spec_of(entry.quantized)}, {entry.svd} SVD, rank {entry.rank}) than this bank's {s}")
+            raise ValueError(f"the bank's store holds {name} at {bits} built with other settings "
+                             f"({entry.quantized.spec}, {entry.svd} SVD, rank {entry.rank}) than this bank's {s}")
         elif factors and entry.b is None:
             entry = self._with_factors(name, entry)
-            self.store.put(name, bits, entry)
+            self.store.put(name, key, entry)
         return entry
 
-    def _canonical(self, name: str, bits: WidthKey) -> WidthKey:
-        """The key an entry is stored under: a GGUF width that falls back on this layer (q4_k on a
-        576-wide row) is the same tensor as its fallback's width, computed and stored once."""
-        if not is_gguf(bits):
-            return bits
-        shape_of = getattr(self.weights, "shape_of", None)
-        shape = shape_of(name) if shape_of is not None else tuple(self.weights[name].shape)
-        return GgufWidth(gguf_type_for(bits.name, shape))
+    def _shape(self, name: str) -> tuple[int, ...]:
+        shape_of = getattr(self.weights, "shape_of", None)  # a streamed source knows shapes without reading
+        return tuple(shape_of(name)) if shape_of is not None else tuple(self.weights[name].shape)
 
     def _source(self, name: str) -> tuple[torch.Tensor, torch.device]:
         original = self.weights[name].detach()
         home = original.device  # entries live where W does (the CPU for a streamed source)
         return (original.to(self.device) if self.device is not None else original).float(), home
 
-    def _compute(self, name: str, bits: int, factors: bool) -> BankEntry:
+    def _compute(self, name: str, spec: Spec, factors: bool) -> BankEntry:
+        """Q at ``spec``: by error feedback under the layer's moment where the bank rounds so and the
+        format can (elsewhere to nearest, as materialize builds it)."""
         s = self.settings
         w, home = self._source(name)
-        if self.rounding == "feedback" and is_gguf(bits):
-            raise ValueError(f"rounding='feedback' takes codebook widths, not the GGUF width {bits}")
-        cfg = None if is_gguf(bits) else s.quant_config(bits)
-        if self.rounding != "feedback" or not feedback_applies(w.shape[1], cfg.method, cfg.block_size):
-            qt = quantize_width(w, bits, s.method, s.block_size)  # materialize rounds such a layer to nearest too
-        else:
-            qt = quantize_feedback(w, cfg, self.moments[name].to(w.device), self.damp)
-        deq = dequantize(qt, torch.float32)
+        upper = None
+        if self.rounding == "feedback" and spec.feedback_applies(tuple(w.shape)):
+            upper = inverse_factor(self.moments[name].to(w.device), self.damp)
+        qt = spec.quantize(w, upper=upper)
+        deq = qt.dequantize(torch.float32)
         entry = BankEntry(qt.to(home), deq.to(home, s.dtype), None, None, self.label)
         return self._with_factors(name, entry, w, deq) if factors else entry
 
@@ -308,9 +289,9 @@ class WeightBank:
         s = self.settings
         if w is None:
             w, _ = self._source(name)
-        home = device_of(e.quantized)
+        home = e.quantized.device
         if deq is None:
-            deq = dequantize(e.quantized.to(w.device), torch.float32)
+            deq = e.quantized.to(w.device).dequantize(torch.float32)
         if self.moments is None:
             f = top_factors(w - deq, min(s.max_rank, *w.shape), s.svd)
         else:
@@ -321,13 +302,13 @@ class WeightBank:
             f = LowRank(f.b, torch.linalg.solve_triangular(factor, f.a, upper=False, left=False))
         return BankEntry(e.quantized, e.deq, f.b.to(home, s.dtype), f.a.to(home, s.dtype), self.label)
 
-    def quantized(self, name: str, bits: int) -> QuantizedTensor | GGUFTensor:
+    def quantized(self, name: str, bits: WidthKey) -> Quantized:
         return self.entry(name, bits, factors=False).quantized
 
     def deq(self, name: str, bits: int) -> torch.Tensor:
         """[out, in] deq(Q) in the bank dtype (kept by an in-memory store, dequantized on use otherwise)."""
         e = self.entry(name, bits, factors=False)
-        return e.deq if e.deq is not None else dequantize(e.quantized, self.settings.dtype)
+        return e.deq if e.deq is not None else e.quantized.dequantize(self.settings.dtype)
 
     def factors(self, name: str, bits: int, rank: int) -> LowRank:
         """(B [out, rank], A [rank, in]); zero-padded past the layer's own rank (min(out, in))."""
@@ -352,11 +333,27 @@ class WeightBank:
         if e.deq is not None:
             deq = e.deq if device is None else e.deq.to(device)
         else:
-            deq = dequantize(e.quantized if device is None else e.quantized.to(device), self.settings.dtype)
+            deq = (e.quantized if device is None else e.quantized.to(device)).dequantize(self.settings.dtype)
         if rank == 0:
             return deq
         b, a = self._factors(e, rank)
         return torch.addmm(deq, b.to(deq.device), a.to(deq.device))
+
+    def layer(self, name: str, bits: WidthKey, rank: int, *, alpha: float | None = None, init: str = "loftq",
+              keep_dtype: torch.dtype = torch.bfloat16) -> LayerBuild:
+        """The layer a build at (``bits``, ``rank``) gives, from this bank (iters = 1): Q as stored and
+        PEFT's (lora_A, lora_B) from the entry's top factors; bits >= 16: the original weight in
+        ``keep_dtype``. ``init="default"``: the adapter keeps PEFT's own initialisation (QLoRA's
+        recipe), as does a kept layer's."""
+        if init not in ("loftq", "default"):
+            raise ValueError(f"init must be 'loftq' or 'default', got {init!r}")
+        if bits >= 16:
+            return LayerBuild(self.original(name).to(keep_dtype), None, rank=rank)
+        stored = self.quantized(name, bits)
+        if not rank or init == "default":
+            return LayerBuild(stored, None, rank=rank)
+        f = self.factors(name, bits, rank)
+        return LayerBuild(stored, peft_pair(f.a.float(), f.b.float(), rank, float(rank if alpha is None else alpha)))
 
     def fill(self, names: Sequence[str] | None = None, label: str = "quantized weight bank") -> None:
         """Quantize every (layer, width) now, with a progress bar (factors come on first use)."""

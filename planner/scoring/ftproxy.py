@@ -20,9 +20,9 @@ proxy-validation split; the chosen plan is the feasible, fully trained one with 
 - Speed: with LoftQ iters = 1, Q = q(W) does not depend on the rank and B A for every rank is a
   truncation of one SVD of W - deq(Q) (ARCHITECTURE.md). :class:`CandidateBuilder` reads Q and the
   factors from the one :class:`planner.scoring.bank.WeightBank` (computed once per (layer, bits))
-  and assembles each candidate with the same runtime pieces as
-  :func:`planner.runtime.lora.build_loftq_model` (swap_linears, add_lora, load_adapter_init): the same
-  model, without re-running LoftQ for every candidate.
+  and assembles each candidate with the one builder (:mod:`planner.runtime.build`), as
+  :func:`planner.runtime.lora.build_loftq_model` and ``planner.load`` do: the same model, without
+  re-running LoftQ for every candidate.
 """
 from __future__ import annotations
 
@@ -40,8 +40,7 @@ from torch import nn
 from loftq import METHODS
 from search_spaces.choices import has_adapter, menu
 
-from planner.runtime.layers import add_lora, swap_linears
-from planner.runtime.lora import load_adapter_init
+from planner.runtime.build import assemble
 from planner.scoring.bank import ModelWeights, WeightBank
 from planner.settings import OPTIMIZERS
 from planner.train.loop import DEFAULT_GRAD_CLIP, DEFAULT_LR, TrainResult, eval_loss, train_lora
@@ -107,31 +106,13 @@ class CandidateBuilder:
         self.adapter_dtype = adapter_dtype or compute_dtype
 
     def build(self, assignment: Assignment, *, init: str = "loftq") -> nn.Module:
-        if init not in ("loftq", "default"):
-            raise ValueError(f"init must be 'loftq' or 'default', got {init!r}")
-        model = copy.deepcopy(self.base)
-        stored: dict[str, Any] = {}
-        adapters: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
-        for name, (bits, rank) in assignment.items():
-            if bits >= 16:  # the bank's original: the base may be a shell without target weights
-                w = self.bank.original(name)
-                stored[name] = w.to(self.compute_dtype if self.compute_dtype != torch.float32 else torch.bfloat16)
-            else:
-                stored[name] = self.bank.quantized(name, bits)
-            if rank:
-                f = self.bank.factors(name, bits, rank) if bits < 16 and init == "loftq" else None
-                adapters[name] = (f.a.float(), f.b.float()) if f is not None else None  # runtime's (A, B) order
-        swap_linears(model, stored, self.compute_dtype)
-        if self.device is not None:
-            model.to(self.device)
-        ranks = {n: r for n, (_, r) in assignment.items()}
-        if not any(ranks.values()):  # nothing to train: the embeddings and norms stay frozen too
-            model.requires_grad_(False)
-            return model
-        alphas = {n: float(r) for n, r in ranks.items() if r}
-        model = add_lora(model, ranks, alphas, adapter_dtype=self.adapter_dtype)
-        load_adapter_init(model, adapters, ranks, alphas)
-        return model
+        """A fresh model (a deep copy of ``base``) with every assigned layer built from the bank by the
+        one builder (:func:`planner.runtime.build.assemble`)."""
+        keep = self.compute_dtype if self.compute_dtype != torch.float32 else torch.bfloat16
+        layers = {name: self.bank.layer(name, bits, rank, init=init, keep_dtype=keep)
+                  for name, (bits, rank) in assignment.items()}
+        return assemble(copy.deepcopy(self.base), layers, compute_dtype=self.compute_dtype,
+                        adapter_dtype=self.adapter_dtype, device=self.device)
 
 
 # ---------------------------------------------------------------- training

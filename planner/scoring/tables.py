@@ -22,31 +22,31 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from loftq import residual_table
-from loftq.rounding import check_rounding, feedback_applies, inverse_factor
+from loftq.rounding import check_rounding, inverse_factor
 from loftq.solver import calibration_factor
 from loftq.quant import squared_norm
 from search_spaces.facts import TargetLayer
-from search_spaces.widths import WidthKey, gguf_type_for, is_double_quant, is_gguf, width_bits
+from search_spaces.widths import WidthKey, resolve
 
 from planner import progress
 from planner.devices import resolve_device
 from planner.files.cache import cache_key, default_cache_dir, load_cached, non_negative, save_cached
 
 BATCH_BYTES = 256 * 2**20  # stack same-shape weights up to this many fp32 bytes per call
-PRODUCER = "residual-tables/2"  # bump when compute_tables' numbers change for the same loftq (2: Krylov spectra)
+PRODUCER = "residual-tables/3"  # bump when compute_tables' numbers change for the same loftq (2: Krylov spectra; 3: rows by spec)
 
 
 @dataclass(frozen=True)
 class TableSettings:
-    """``bits``: the widths of the table's rows, plain (``4``) or double-quantized (``Width(4)``,
-    computed with the second-level constants it stores); ``double_quant`` double-quantizes every row."""
+    """``bits``: the widths of the table's rows (menu widths of any family: ``4``, ``Width(4)`` =
+    4dq, a GGUF type), each computed as a layer of its shape stores it
+    (:func:`search_spaces.widths.resolve`)."""
 
     bits: tuple[WidthKey, ...] = (2, 4, 8)
     ranks: tuple[int, ...] = (0, 8, 16, 32, 64)
     iters: int = 1
-    method: str = "nf"  # "nf" = NF2 / NF4 / NF8
+    method: str = "nf"  # the codebook method of plain int widths: "nf" = NF2 / NF4 / NF8
     block_size: int = 64
-    double_quant: bool = False
 
 
 @dataclass
@@ -83,36 +83,17 @@ def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tup
         yield [t for t, _ in group], torch.stack([w for _, w in group])
 
 
-def _row(w: WidthKey, stack: torch.Tensor) -> int | str:
-    """What ``residual_table`` computes for a width on this stack: its bits, or the GGUF type the
-    stack's shape stores for it (a K-quant's fallback on rows it cannot hold)."""
-    return gguf_type_for(w.name, tuple(stack.shape[1:])) if is_gguf(w) else width_bits(w)
-
-
 def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tensor | None = None,
                uppers: torch.Tensor | None = None) -> torch.Tensor:
-    """[L, len(bits), len(ranks)] for a stack [L, out, in]: one ``residual_table`` call per
-    double-quantization setting among the rows (one call, as always, for a plain menu); ``factor``:
-    the stack's calibration factor L (data-aware norm), None for the plain norm; ``uppers``: the
-    stack's inverse factors, Q by error-feedback rounding."""
-    dq = [settings.double_quant or is_double_quant(w) for w in settings.bits]
-    out: torch.Tensor | None = None
-    for flag in sorted(set(dq)):
-        rows = [j for j, d in enumerate(dq) if d == flag]
-        specs = [_row(settings.bits[j], stack) for j in rows]
-        unique = list(dict.fromkeys(specs))  # GGUF widths that fall back to one type: computed once
-        tab = residual_table(stack, bits=unique, ranks=settings.ranks,
-                             iters=settings.iters, method=settings.method, block_size=settings.block_size,
-                             double_quant=flag, factor=factor,
-                             rounding="nearest" if uppers is None else "feedback", uppers=uppers)
-        tab = tab[:, [unique.index(x) for x in specs]]
-        if len(rows) == len(dq):
-            return tab
-        if out is None:
-            out = tab.new_empty(tab.shape[0], len(dq), tab.shape[2])
-        out[:, rows] = tab
-    assert out is not None
-    return out
+    """[L, len(bits), len(ranks)] for a stack [L, out, in]: one ``residual_table`` call over the
+    specs the widths store at this shape (widths that store one spec, a GGUF type and its fallback,
+    computed once); ``factor``: the stack's calibration factor L (data-aware norm), None for the
+    plain norm; ``uppers``: the stack's inverse factors, Q by error-feedback rounding."""
+    specs = [resolve(w, tuple(stack.shape[1:]), settings.method, settings.block_size) for w in settings.bits]
+    unique = list(dict.fromkeys(specs))
+    tab = residual_table(stack, bits=unique, ranks=settings.ranks, iters=settings.iters, factor=factor,
+                         rounding="nearest" if uppers is None else "feedback", uppers=uppers)
+    return tab[:, [unique.index(s) for s in specs]]
 
 
 def on_threads(fn: Callable[..., torch.Tensor], stack: torch.Tensor, *aligned: torch.Tensor) -> torch.Tensor:
@@ -171,8 +152,9 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
             else:
                 names = [t.name for t in targets]
                 factors = _factors(moments, names, device, damp)
-                # feedback where it can round this shape; elsewhere it is built (and scored) to nearest
-                if rounding == "feedback" and feedback_applies(stack.shape[-1], settings.method, settings.block_size):
+                # feedback where every width can round this shape; elsewhere it is built (and scored) to nearest
+                if rounding == "feedback" and all(resolve(w, tuple(stack.shape[1:]), settings.method, settings.block_size)
+                                                  .feedback_applies(tuple(stack.shape[1:])) for w in settings.bits):
                     uppers = _factors(moments, names, device, damp, of=inverse_factor)
                     tab = on_threads(lambda part, f, u: _residuals(part, settings, f, u), stack, factors, uppers)
                 else:

@@ -56,7 +56,8 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
 
     def choice_of(self, option: tuple[WidthKey, int], target: TargetLayer) -> LayerChoice:
-        """What ``target`` stores for a search option (a GGUF width resolves per shape)."""
+        """What ``target`` stores for a search option (a width may store another type on rows it
+        cannot hold: search_spaces.widths.resolve)."""
         return LayerChoice.of(*option, method=METHOD, block_size=self.cfg.block_size, shape=tuple(target.shape))
 
     def total_bytes(self, choice: Sequence[int]) -> int:
@@ -158,7 +159,7 @@ def open_scorer(prep: Prepared) -> Any:
                   scratch=cache / "scratch")
 
 
-BANK_PRODUCER = "weight-bank/1"  # bump when a bank entry changes for the same loftq
+BANK_PRODUCER = "weight-bank/2"  # bump when a bank entry changes for the same loftq (2: entries by spec, format tensors)
 
 
 def weight_bank(prep: Prepared, scorer: Any, store: Any = None, moments: Any = None) -> Any:
@@ -445,10 +446,9 @@ def build_plan(prep: Prepared, tables: ResidualTables, table: OptionTable, chose
     for i, (t, k) in enumerate(zip(prep.targets, chosen.choice)):
         w, rank = prep.options[k]
         lc = prep.choice_of((w, rank), t)
-        quant = lc.gguf_type or (lc.quant_config.quant_name if lc.quant_config is not None else "bf16")
         residual = tables.cell(t.name, w, rank) if w < 16 else 0.0
-        layers.append(LayerPlan(name=t.name, shape=tuple(t.shape), bits=lc.bits, quant=quant,
-                                block_size=lc.block_size if lc.gguf_type else prep.cfg.block_size, rank=rank, alpha=float(rank), iters=1,
+        layers.append(LayerPlan(name=t.name, shape=tuple(t.shape), bits=lc.bits, quant=lc.quant,
+                                block_size=lc.block_size, rank=rank, alpha=float(rank), iters=1,
                                 residual=round(residual, 6), bytes=int(prep.costs[i, k]),
                                 sensitivity=float(table.est[i, k]), double_quant=lc.double_quant))
     est = prep.estimate(chosen.choice)
