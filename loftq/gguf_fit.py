@@ -119,13 +119,14 @@ def fit_symmetric(x: torch.Tensor, levels: torch.Tensor, targets: list[float],
 
 
 def fit_affine(x: torch.Tensor, nmax: int, targets: list[float],
-               weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               weight: torch.Tensor | None = None, signed_min: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Best (scale >= 0, min >= 0) per row for x ~= scale * u - min, u in 0..nmax, under
     sum(weight * err^2).
 
     x: [n, b]. Candidates: the row's range [min(x, 0), max(x)] mapped onto t grid steps; each is
-    refined by weighted least squares in (scale, offset) with the offset kept <= 0 (GGUF stores
-    -min >= 0). Returns (scale [n], min [n]).
+    refined by weighted least squares in (scale, offset) with the offset kept <= 0 (the K-quants
+    store -min >= 0). ``signed_min``: the min may take either sign (q5_1 stores an fp16 offset), so
+    the range is [min(x), max(x)] and the offset is free. Returns (scale [n], min [n]).
     """
     out_s, out_m = [], []
     step = max(1, CHUNK // (len(targets) * x.shape[1]))
@@ -133,7 +134,8 @@ def fit_affine(x: torch.Tensor, nmax: int, targets: list[float],
     for start in range(0, x.shape[0], step):
         xc = x[start:start + step]
         wc = (torch.ones_like(xc) if weight is None else weight[start:start + step]).unsqueeze(1)
-        lo = xc.amin(1, keepdim=True).clamp(max=0)
+        lo = xc.amin(1, keepdim=True)
+        lo = lo if signed_min else lo.clamp(max=0)
         span = xc.amax(1, keepdim=True) - lo
         inv = torch.where(span > 0, t / _safe(span), torch.zeros_like(t))  # [n, k]
         u = torch.round((xc - lo).unsqueeze(1) * inv.unsqueeze(2)).clamp_(0, nmax)  # [n, k, b]
@@ -145,8 +147,10 @@ def fit_affine(x: torch.Tensor, nmax: int, targets: list[float],
         s_full = (nb * sxq - sq * sx) / _safe(det)
         b_full = (squ * sx - sq * sxq) / _safe(det)
         s_zero = sxq / _safe(squ)  # offset pinned at 0
-        b_only = (sx / _safe(nb)).clamp(max=0)  # every code 0: only the offset
-        options = [(s_full, b_full, (det > 0) & (b_full <= 0) & (s_full >= 0)),
+        b_only = sx / _safe(nb)  # every code 0: only the offset
+        b_only = b_only if signed_min else b_only.clamp(max=0)
+        b_ok = torch.ones_like(det, dtype=torch.bool) if signed_min else b_full <= 0
+        options = [(s_full, b_full, (det > 0) & b_ok & (s_full >= 0)),
                    (s_zero.clamp(min=0), torch.zeros_like(s_zero), squ > 0),
                    (torch.zeros_like(sx), b_only, torch.ones_like(sx, dtype=torch.bool))]
         errs, scales, offs = [], [], []
@@ -194,17 +198,29 @@ def encode_q4_0(blocks: torch.Tensor, objective: str = "plain") -> Fields:
     return encode_scaled32(blocks, _grid(-8, 7, blocks.device), _steps(-8, 1, 11) + _steps(7, 1, 5), objective)
 
 
+def encode_q5_0(blocks: torch.Tensor, objective: str = "plain") -> Fields:
+    return encode_scaled32(blocks, _grid(-16, 15, blocks.device), _steps(-16, 1, 11) + _steps(15, 1, 5), objective)
+
+
+def encode_q5_1(blocks: torch.Tensor, objective: str = "plain") -> Fields:
+    """q5_1: w = d * u + m with u in 0..31 and fp16 d, m (m of either sign)."""
+    s, m = fit_affine(blocks, 31, _steps(31, 1.5, 16), importance(blocks, objective), signed_min=True)
+    d, offset = to_fp16(s), to_fp16(-m)
+    codes = _codes(blocks.unsqueeze(1), d.float().unsqueeze(1), _grid(0, 31, blocks.device), -offset.float().unsqueeze(1))
+    return Fields(d=d, dmin=offset, codes=codes.squeeze(1))
+
+
 def encode_iq4_nl(blocks: torch.Tensor, objective: str = "plain") -> Fields:
     levels = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
     return encode_scaled32(blocks, levels, _steps(-127, 12, 9) + _steps(113, 12, 5), objective)
 
 
-def _encode_k_symmetric(blocks: torch.Tensor, sub: int, qlo: int, qhi: int, slo: int, shi: int,
+def _encode_k_symmetric(blocks: torch.Tensor, sub: int, levels: torch.Tensor, slo: int, shi: int,
                         targets: list[float], objective: str) -> Fields:
-    """q3_k / q6_k: sub-blocks of ``sub`` with signed codes qlo..qhi and signed integer scales
-    slo..shi times one fp16 super-scale."""
+    """q3_k / q6_k / iq4_xs: sub-blocks of ``sub`` with codes indexing the sorted ``levels`` (the
+    signed integers qlo..qhi, or iq4's grid) and signed integer scales slo..shi times one fp16
+    super-scale."""
     x = blocks.view(-1, QK_K // sub, sub)
-    levels = _grid(qlo, qhi, blocks.device)
     s, q2 = fit_symmetric(x.reshape(-1, sub), levels, targets, importance(x.reshape(-1, sub), objective))
     s, q2 = s.view(x.shape[:2]), q2.view(x.shape[:2])
     # quantize the sub-block scales; the (weighted) error of a scale error ds is ds^2 * sum(w q^2)
@@ -218,11 +234,18 @@ def _encode_k_symmetric(blocks: torch.Tensor, sub: int, qlo: int, qhi: int, slo:
 
 
 def encode_q6_k(blocks: torch.Tensor, objective: str = "plain") -> Fields:
-    return _encode_k_symmetric(blocks, 16, -32, 31, -128, 127, _steps(-32, 1, 11) + _steps(31, 1, 5), objective)
+    return _encode_k_symmetric(blocks, 16, _grid(-32, 31, blocks.device), -128, 127,
+                               _steps(-32, 1, 11) + _steps(31, 1, 5), objective)
 
 
 def encode_q3_k(blocks: torch.Tensor, objective: str = "plain") -> Fields:
-    return _encode_k_symmetric(blocks, 16, -4, 3, -32, 31, _steps(-4, 0.6, 9) + _steps(3, 0.6, 7), objective)
+    return _encode_k_symmetric(blocks, 16, _grid(-4, 3, blocks.device), -32, 31,
+                               _steps(-4, 0.6, 9) + _steps(3, 0.6, 7), objective)
+
+
+def encode_iq4_xs(blocks: torch.Tensor, objective: str = "plain") -> Fields:
+    levels = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+    return _encode_k_symmetric(blocks, 32, levels, -32, 31, _steps(-127, 12, 9) + _steps(113, 12, 5), objective)
 
 
 def _encode_k_affine(blocks: torch.Tensor, sub: int, nmax: int, smax: int, targets: list[float],
@@ -252,6 +275,10 @@ def _encode_k_affine(blocks: torch.Tensor, sub: int, nmax: int, smax: int, targe
 
 def encode_q4_k(blocks: torch.Tensor, objective: str = "plain") -> Fields:
     return _encode_k_affine(blocks, 32, 15, 63, _steps(15, 1, 11), objective)
+
+
+def encode_q5_k(blocks: torch.Tensor, objective: str = "plain") -> Fields:
+    return _encode_k_affine(blocks, 32, 31, 63, _steps(31, 1, 11), objective)
 
 
 def encode_q2_k(blocks: torch.Tensor, objective: str = "plain") -> Fields:

@@ -10,12 +10,20 @@ Byte layouts, for n blocks (element e of a 256 super-block):
 - q8_0 (34 B / 32): d fp16 | int8 q[32];                   w = q * d
 - q4_0, iq4_nl (18 B / 32): d fp16 | qs[16];  nibble lo = e < 16, hi = e >= 16 of byte e % 16;
   q4_0: w = d * (u - 8);  iq4_nl: w = d * IQ4_NL_VALUES[u]
+- q5_0 (22 B / 32): d | qh[4] | qs[16] (as q4_0);  fifth code bit of e = bit e % 8 of qh[e // 8]
+  (one little-endian uint32);  w = d * (u - 16)
+- q5_1 (24 B / 32): d | m | qh[4] | qs[16] (as q5_0);  w = d * u + m
 - q2_k (84 B): scales[16] (sc | m << 4) | qs[64] | d | dmin;  2-bit code of e at byte
   32 (e // 128) + e % 32, bits 2 ((e // 32) % 4);  w = (d sc) u - (dmin m), sub-block e // 16
 - q3_k (110 B): hmask[32] | qs[64] (as q2_k) | scales[12] (16 x 6 bit, offset 32) | d;
   high code bit of e = bit e // 32 of hmask[e % 32];  w = (d s) (u - 4)
 - q4_k (144 B): d | dmin | scales[12] (8 x 6-bit sc and m) | qs[128]; nibble of e at byte
   32 (e // 64) + e % 32, hi nibble when (e // 32) is odd;  w = (d sc) u - (dmin m), sub-block e // 32
+- q5_k (176 B): d | dmin | scales[12] (as q4_k) | qh[32] | qs[128] (as q4_k); fifth code bit of e =
+  bit e // 32 of qh[e % 32];  w = (d sc) u - (dmin m), sub-block e // 32
+- iq4_xs (136 B): d | scales_h (uint16: bits 2j..2j+1 = high 2 bits of sub-block j's 6-bit scale) |
+  scales_l[4] (low 4 bits, sub-block j in byte j // 2, hi nibble when j is odd) | qs[128] (each
+  sub-block of 32 as iq4_nl's 16 bytes);  w = (d (s - 32)) * IQ4_NL_VALUES[u], sub-block e // 32
 - q6_k (210 B): ql[128] | qh[64] | int8 scales[16] | d;  low nibble of e at ql[64 (e // 128) + e % 64]
   (hi when (e // 64) is odd), top 2 bits at qh[32 (e // 128) + e % 32] bits 2 ((e // 32) % 4);
   w = (d s) (u - 32)
@@ -35,8 +43,9 @@ IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 class Fields:
     """One encoder's decisions for n blocks.
 
-    ``d``/``dmin``: fp16 [n]; ``scales``/``mins``: int64 [n, sub-blocks] (the stored unsigned or
-    signed values); ``codes``: int64 [n, block_size] as stored (unsigned, before any offset).
+    ``d``/``dmin``: fp16 [n] (q5_1: ``dmin`` is its offset m, added rather than subtracted);
+    ``scales``/``mins``: int64 [n, sub-blocks] (the stored unsigned or signed values); ``codes``:
+    int64 [n, block_size] as stored (unsigned, before any offset).
     """
 
     d: torch.Tensor
@@ -104,6 +113,39 @@ def decode_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
     return _half(blocks, 0) * values[_nibbles32(blocks)]
 
 
+def _pack_high_bits32(u: torch.Tensor) -> torch.Tensor:
+    """q5_0 / q5_1's qh: bit 4 of each of 32 codes [n, 32] -> [n, 4], element e at bit e % 8 of byte e // 8."""
+    return _or_shifted((u >> 4).view(-1, 4, 8), 2, 1)
+
+
+def _codes5_32(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The 5-bit codes [n, 32] of a q5_0 / q5_1 block whose qh starts at byte ``at``."""
+    high = _split_shifted(blocks[:, at:at + 4], 2, 8, 1).reshape(-1, QK)
+    qs = blocks[:, at + 4:]
+    return torch.cat([qs & 15, qs >> 4], dim=1).long() | (high << 4)
+
+
+def pack_q5_0(f: Fields) -> torch.Tensor:
+    u = f.codes.to(torch.uint8)
+    low = u & 15
+    return torch.cat([_half_bytes(f.d), _pack_high_bits32(u), low[:, :16] | (low[:, 16:] << 4)], dim=1)
+
+
+def decode_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    return _half(blocks, 0) * (_codes5_32(blocks, 2) - 16).float()
+
+
+def pack_q5_1(f: Fields) -> torch.Tensor:
+    u = f.codes.to(torch.uint8)
+    low = u & 15
+    return torch.cat([_half_bytes(f.d), _half_bytes(f.dmin), _pack_high_bits32(u),
+                      low[:, :16] | (low[:, 16:] << 4)], dim=1)
+
+
+def decode_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    return _half(blocks, 0) * _codes5_32(blocks, 4).float() + _half(blocks, 2)
+
+
 # ---- super-block 256 --------------------------------------------------------------------------
 
 def _pack_2bit(u: torch.Tensor) -> torch.Tensor:
@@ -166,19 +208,67 @@ def _unpack_6bit_pairs(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _pack_nibbles_k(u: torch.Tensor) -> torch.Tensor:
+    """q4_k / q5_k's qs: the low 4 bits of codes [n, 256] -> [n, 128]; sub-blocks 2i, 2i + 1 share
+    32 bytes (2i in the low nibbles)."""
+    lo = (u.to(torch.uint8) & 15).view(-1, 4, 2, 32)
+    return (lo[:, :, 0] | (lo[:, :, 1] << 4)).view(-1, 128)
+
+
 def pack_q4_k(f: Fields) -> torch.Tensor:
-    u = f.codes.to(torch.uint8).view(-1, 4, 2, 32)
-    qs = (u[:, :, 0] | (u[:, :, 1] << 4)).view(-1, 128)
-    return torch.cat([_half_bytes(f.d), _half_bytes(f.dmin), _pack_6bit_pairs(f.scales, f.mins), qs], dim=1)
+    return torch.cat([_half_bytes(f.d), _half_bytes(f.dmin), _pack_6bit_pairs(f.scales, f.mins),
+                      _pack_nibbles_k(f.codes)], dim=1)
 
 
-def decode_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def _unpack_nibbles_k(qs: torch.Tensor) -> torch.Tensor:
+    """q4_k / q5_k's qs [n, 128] -> the low 4 code bits [n, 8, 32] (int64) by sub-block."""
+    qs = qs.reshape(-1, 4, 1, 32)
+    return torch.cat([qs & 15, qs >> 4], dim=2).view(-1, 8, 32).long()
+
+
+def _decode_affine_k(blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q4_k / q5_k: scales at bytes 4..15 applied to codes q [n, 8, 32] (fp32)."""
     sc, mn = _unpack_6bit_pairs(blocks[:, 4:16])
     dl = (_half(blocks, 0) * sc.float()).unsqueeze(2)
     ml = (_half(blocks, 2) * mn.float()).unsqueeze(2)
-    qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
-    q = torch.cat([qs & 15, qs >> 4], dim=2).view(-1, 8, 32).float()
     return (dl * q - ml).reshape(-1, QK_K)
+
+
+def decode_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    return _decode_affine_k(blocks, _unpack_nibbles_k(blocks[:, 16:]).float())
+
+
+def pack_q5_k(f: Fields) -> torch.Tensor:
+    qh = _or_shifted((f.codes.to(torch.uint8) >> 4).view(-1, 8, 32), 1, 1)
+    return torch.cat([_half_bytes(f.d), _half_bytes(f.dmin), _pack_6bit_pairs(f.scales, f.mins), qh,
+                      _pack_nibbles_k(f.codes)], dim=1)
+
+
+def decode_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    high = _split_shifted(blocks[:, 16:48], 1, 8, 1)  # [n, 8, 32]: bit j of qh[l] is sub-block j's
+    q = _unpack_nibbles_k(blocks[:, 48:]) | (high << 4)
+    return _decode_affine_k(blocks, q.float())
+
+
+def pack_iq4_xs(f: Fields) -> torch.Tensor:
+    s6 = (f.scales + 32).to(torch.uint8)  # 8 x 6 bits
+    low = (s6 & 15).view(-1, 4, 2)
+    scales_l = low[:, :, 0] | (low[:, :, 1] << 4)
+    scales_h = _or_shifted((s6 >> 4).view(-1, 2, 4), 2, 2)  # little-endian uint16, 2 bits per sub-block
+    u = f.codes.to(torch.uint8).view(-1, 8, 2, 16)
+    qs = (u[:, :, 0] | (u[:, :, 1] << 4)).view(-1, 128)
+    return torch.cat([_half_bytes(f.d), scales_h, scales_l, qs], dim=1)
+
+
+def decode_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+    high = _split_shifted(blocks[:, 2:4], 2, 4, 2).reshape(-1, 8)
+    raw = blocks[:, 4:8].unsqueeze(2)
+    low = torch.cat([raw & 15, raw >> 4], dim=2).reshape(-1, 8).long()
+    dl = (_half(blocks, 0) * ((low | (high << 4)) - 32).float()).unsqueeze(2)
+    qs = blocks[:, 8:].reshape(-1, 8, 1, 16)
+    u = torch.cat([qs & 15, qs >> 4], dim=2).view(-1, 8, 32).long()
+    values = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+    return (dl * values[u]).reshape(-1, QK_K)
 
 
 def pack_q6_k(f: Fields) -> torch.Tensor:

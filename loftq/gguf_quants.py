@@ -2,8 +2,9 @@
 
 ``encode(w [rows, cols], "q4_k")`` -> uint8 [rows, cols / block * type_size], byte for byte the
 tensor data a GGUF file stores for that type; ``decode`` reverses it to fp32, bit-exact with
-``gguf.quants.dequantize`` (and llama.cpp). Block-32 formats take any width divisible by 32; the
-K-quants need rows that are a whole number of 256-value super-blocks (:func:`allowed_types`).
+``gguf.quants.dequantize`` (and llama.cpp). Block-32 formats (q8_0, q5_0, q5_1, q4_0, iq4_nl)
+take any width divisible by 32; the K-quants and iq4_xs need rows that are a whole number of
+256-value super-blocks (:func:`allowed_types`).
 Ours is the encoder (a least-squares scale search per block, see :mod:`loftq.gguf_fit`); GGUF
 fixes only the decoding, so any codes are valid.
 
@@ -31,6 +32,7 @@ class GGUFType:
 
     name: str
     ggml_type: int  # ggml's enum value (GGMLQuantizationType), written in GGUF tensor headers
+    code_bits: int  # the width in the type's name (q5_1 -> 5, though it stores 6.0 bits/weight)
     block_size: int
     type_size: int
     encode_blocks: Callable[[torch.Tensor, str], lay.Fields]  # fp32 [n, block], objective -> fields
@@ -43,29 +45,31 @@ class GGUFType:
     def bits_per_weight(self) -> float:
         return 8.0 * self.type_size / self.block_size
 
-    @property
-    def code_bits(self) -> int:
-        """The width in the type's name (q4_k -> 4, q6_k -> 6): the whole bits of its codes, which
-        is also the integer part of ``bits_per_weight`` for every registered type."""
-        return int(self.bits_per_weight)
-
 
 GGUF_TYPES: Registry[GGUFType] = Registry("GGUF quantization type")
-for _t in (
-    GGUFType("q8_0", 8, lay.QK, 34, fit.encode_q8_0, lay.pack_q8_0, lay.decode_q8_0,
+for _t in (  # name, ggml enum, code bits, block, bytes per block, encoder, packer, decoder
+    GGUFType("q8_0", 8, 8, lay.QK, 34, fit.encode_q8_0, lay.pack_q8_0, lay.decode_q8_0,
              "8-bit codes, one fp16 scale per 32"),
-    GGUFType("q4_0", 2, lay.QK, 18, fit.encode_q4_0, lay.pack_nibbles32, lay.decode_q4_0,
+    GGUFType("q4_0", 2, 4, lay.QK, 18, fit.encode_q4_0, lay.pack_nibbles32, lay.decode_q4_0,
              "4-bit codes -8..7, one fp16 scale per 32", "rms_abs"),
-    GGUFType("iq4_nl", 20, lay.QK, 18, fit.encode_iq4_nl, lay.pack_nibbles32, lay.decode_iq4_nl,
+    GGUFType("iq4_nl", 20, 4, lay.QK, 18, fit.encode_iq4_nl, lay.pack_nibbles32, lay.decode_iq4_nl,
              "4-bit non-linear grid, one fp16 scale per 32", "rms_abs"),
-    GGUFType("q2_k", 10, lay.QK_K, 84, fit.encode_q2_k, lay.pack_q2_k, lay.decode_q2_k,
+    GGUFType("q5_0", 6, 5, lay.QK, 22, fit.encode_q5_0, lay.pack_q5_0, lay.decode_q5_0,
+             "5-bit codes -16..15, one fp16 scale per 32", "rms_abs"),
+    GGUFType("q5_1", 7, 5, lay.QK, 24, fit.encode_q5_1, lay.pack_q5_1, lay.decode_q5_1,
+             "5-bit codes 0..31, one fp16 scale and fp16 offset per 32", "rms_abs"),
+    GGUFType("q2_k", 10, 2, lay.QK_K, 84, fit.encode_q2_k, lay.pack_q2_k, lay.decode_q2_k,
              "2-bit codes, 4-bit scales and mins per 16, fp16 d and dmin per 256", "rms_abs"),
-    GGUFType("q3_k", 11, lay.QK_K, 110, fit.encode_q3_k, lay.pack_q3_k, lay.decode_q3_k,
+    GGUFType("q3_k", 11, 3, lay.QK_K, 110, fit.encode_q3_k, lay.pack_q3_k, lay.decode_q3_k,
              "3-bit codes, 6-bit scales per 16, fp16 d per 256"),
-    GGUFType("q4_k", 12, lay.QK_K, 144, fit.encode_q4_k, lay.pack_q4_k, lay.decode_q4_k,
+    GGUFType("q4_k", 12, 4, lay.QK_K, 144, fit.encode_q4_k, lay.pack_q4_k, lay.decode_q4_k,
              "4-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256", "rms_abs"),
-    GGUFType("q6_k", 14, lay.QK_K, 210, fit.encode_q6_k, lay.pack_q6_k, lay.decode_q6_k,
+    GGUFType("q5_k", 13, 5, lay.QK_K, 176, fit.encode_q5_k, lay.pack_q5_k, lay.decode_q5_k,
+             "5-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256", "rms_abs"),
+    GGUFType("q6_k", 14, 6, lay.QK_K, 210, fit.encode_q6_k, lay.pack_q6_k, lay.decode_q6_k,
              "6-bit codes, int8 scales per 16, fp16 d per 256", "rms_abs"),
+    GGUFType("iq4_xs", 23, 4, lay.QK_K, 136, fit.encode_iq4_xs, lay.pack_iq4_xs, lay.decode_iq4_xs,
+             "4-bit non-linear grid, 6-bit scales per 32, fp16 d per 256", "rms_abs"),
 ):
     GGUF_TYPES.add(_t.name, _t)
 

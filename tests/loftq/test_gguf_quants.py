@@ -19,12 +19,12 @@ gguf = pytest.importorskip("gguf")
 
 DOWN = "blk.3.ffn_down.weight"  # [576, 1536]: rows are 6 super-blocks of 256
 SMALL = ["blk.12.attn_v.weight", "blk.20.attn_output.weight"]  # [192, 576], [576, 576]
-BLOCK32 = ("q8_0", "q4_0", "iq4_nl")
-K_QUANTS = ("q2_k", "q3_k", "q4_k", "q6_k")
+BLOCK32 = ("q8_0", "q4_0", "iq4_nl", "q5_0", "q5_1")
+K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")
 # relative error ||W - deq(encode(W))|| / ||W|| of our encoder (each type's default objective) on
 # DOWN, measured on this CPU
 DOWN_ERRORS = {"q8_0": 0.00474, "q4_0": 0.0758, "iq4_nl": 0.0666, "q2_k": 0.277, "q3_k": 0.144,
-               "q4_k": 0.0153, "q6_k": 0.0162}
+               "q4_k": 0.0153, "q6_k": 0.0162, "q5_0": 0.0379, "q5_1": 0.0, "q5_k": 0.0153, "iq4_xs": 0.0672}
 # (plain, w²-weighted) relative error on DOWN per objective, measured on this CPU
 DOWN_OBJECTIVES = {("iq4_nl", "plain"): (0.0655, 0.0537), ("iq4_nl", "w2"): (0.0730, 0.0442),
                    ("iq4_nl", "rms_abs"): (0.0666, 0.0477), ("q4_0", "plain"): (0.0747, 0.0516),
@@ -66,7 +66,8 @@ def assert_bit_exact(ours: torch.Tensor, theirs: np.ndarray) -> None:
 
 def test_byte_counts_equal_ggml_quant_sizes() -> None:
     assert GGUF_TYPES.names() == sorted(BLOCK32 + K_QUANTS)
-    bpw = {"q8_0": 8.5, "q4_0": 4.5, "iq4_nl": 4.5, "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q6_k": 6.5625}
+    bpw = {"q8_0": 8.5, "q4_0": 4.5, "iq4_nl": 4.5, "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q6_k": 6.5625,
+           "q5_0": 5.5, "q5_1": 6.0, "q5_k": 5.5, "iq4_xs": 4.25}
     for name in GGUF_TYPES:
         t = gguf_type(name)
         assert (t.block_size, t.type_size) == gguf.GGML_QUANT_SIZES[qtype(name)]
@@ -83,7 +84,7 @@ def test_byte_counts_equal_ggml_quant_sizes() -> None:
 
 
 def test_allowed_types_and_shape_errors() -> None:
-    assert allowed_types((576, 576)) == ("iq4_nl", "q4_0", "q8_0")
+    assert allowed_types((576, 576)) == ("iq4_nl", "q4_0", "q5_0", "q5_1", "q8_0")
     assert allowed_types((576, 1536)) == tuple(sorted(BLOCK32 + K_QUANTS))
     assert allowed_types((576, 100)) == ()
     w = torch.randn(576, 576)
@@ -94,7 +95,7 @@ def test_allowed_types_and_shape_errors() -> None:
     with pytest.raises(ValueError, match=r"\(4, 48\)"):
         encode(torch.randn(4, 48), "q8_0")
     with pytest.raises(KeyError, match="q4_k"):
-        gguf_type("q5_k")
+        gguf_type("q7_k")
     with pytest.raises(ValueError, match="non-finite"):
         encode(torch.full((1, 32), float("nan")), "q8_0")
 
@@ -201,7 +202,7 @@ def test_objective_trades_plain_for_weighted_error(weights, name, objective) -> 
 def test_objective_defaults_and_errors() -> None:
     assert {n: gguf_type(n).objective for n in GGUF_TYPES} == {
         "q8_0": "plain", "q4_0": "rms_abs", "iq4_nl": "rms_abs", "q2_k": "rms_abs", "q3_k": "plain", "q4_k": "rms_abs",
-        "q6_k": "rms_abs"}
+        "q6_k": "rms_abs", "q5_0": "rms_abs", "q5_1": "rms_abs", "q5_k": "rms_abs", "iq4_xs": "rms_abs"}
     w = torch.randn(4, 256)
     assert torch.equal(encode(w, "iq4_nl"), encode(w, "iq4_nl", "rms_abs"))
     assert not torch.equal(encode(w, "iq4_nl"), encode(w, "iq4_nl", "plain"))

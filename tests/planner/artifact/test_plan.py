@@ -96,8 +96,8 @@ def test_created_with_records_versions() -> None:
 
 
 def test_in_memory_validation_names_the_value() -> None:
-    with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 6, 8, 16; got 5"):
-        layer("a", bits=5, quant="x", bytes=0)
+    with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 5, 6, 8, 16; got 7"):
+        layer("a", bits=7, quant="x", bytes=0)
     with pytest.raises(ValueError, match="rank must be >= 0, got -1"):
         layer("a", rank=-1, bytes=0)
     with pytest.raises(ValueError, match="duplicate layer name 'model.layers.0.mlp.up_proj'"):
@@ -151,7 +151,7 @@ BAD_EDITS = {
     "layers not list": (_set("layers", value={}), "layers must be a list"),
     "layers empty": (_set("layers", value=[]), "layers must be a non-empty list"),
     "layer not object": (_set("layers", 0, value=4), "layers[0]: layer must be a JSON object"),
-    "bits 5": (_set("layers", 1, "bits", value=5), "layers[1] (model.layers.0.self_attn.k_proj): bits must be one of"),
+    "bits 7": (_set("layers", 1, "bits", value=7), "layers[1] (model.layers.0.self_attn.k_proj): bits must be one of"),
     "bits 3 of nf4": (_set("layers", 1, "bits", value=3), "quant 'nf4' stores 4-bit codes, not bits 3"),
     "bits string": (_set("layers", 1, "bits", value="4"), "bits must be an integer"),
     "bits float": (_set("layers", 1, "bits", value=4.0), "bits must be an integer"),
@@ -174,7 +174,7 @@ BAD_EDITS = {
     "shape 1-d": (_set("layers", 0, "shape", value=[576]), "shape must be [out_features, in_features]"),
     "shape zero": (_set("layers", 0, "shape", value=[576, 0]), "shape must be >= 1"),
     "quant mismatch": (_set("layers", 0, "quant", value="nf2"), "quant 'nf2' stores 2-bit codes, not bits 4"),
-    "quant unknown": (_set("layers", 0, "quant", value="q5_1"), "unknown quantizer 'q5_1'; known: int8, nf2"),
+    "quant unknown": (_set("layers", 0, "quant", value="q7_1"), "unknown quantizer 'q7_1'; known: int8, nf2"),
     "keep16 fp32": (lambda d: d["layers"][0].update(bits=16, quant="fp32"), "16-bit layer's quant must be one of"),
     "block size 7": (_set("layers", 0, "block_size", value=7), "block_size must be a power of two >= 16, got 7"),
     "bits_per_weight edited": (_set("layers", 0, "bits_per_weight", value=4.0), "bits_per_weight 4.0 is not what nf4"),
