@@ -40,6 +40,9 @@ class GGUFType:
     decode_blocks: Callable[[torch.Tensor], torch.Tensor]  # uint8 [n, type_size] -> fp32 [n, block]
     description: str = ""
     objective: str = "plain"  # the encoder's default error objective (loftq.gguf_fit.OBJECTIVES)
+    # what llama.cpp's quantizer (llama-cpp-python 0.3.36, 0c1e57098) stores instead on a row that is not
+    # whole blocks of this type (its quantize log says so); None: a block of 32, every row we take holds it
+    fallback: str | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -59,17 +62,17 @@ for _t in (  # name, ggml enum, code bits, block, bytes per block, encoder, pack
     GGUFType("q5_1", 7, 5, lay.QK, 24, fit.encode_q5_1, lay.pack_q5_1, lay.decode_q5_1,
              "5-bit codes 0..31, one fp16 scale and fp16 offset per 32", "rms_abs"),
     GGUFType("q2_k", 10, 2, lay.QK_K, 84, fit.encode_q2_k, lay.pack_q2_k, lay.decode_q2_k,
-             "2-bit codes, 4-bit scales and mins per 16, fp16 d and dmin per 256", "rms_abs"),
+             "2-bit codes, 4-bit scales and mins per 16, fp16 d and dmin per 256", "rms_abs", fallback="q4_0"),
     GGUFType("q3_k", 11, 3, lay.QK_K, 110, fit.encode_q3_k, lay.pack_q3_k, lay.decode_q3_k,
-             "3-bit codes, 6-bit scales per 16, fp16 d per 256"),
+             "3-bit codes, 6-bit scales per 16, fp16 d per 256", fallback="q4_0"),
     GGUFType("q4_k", 12, 4, lay.QK_K, 144, fit.encode_q4_k, lay.pack_q4_k, lay.decode_q4_k,
-             "4-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256", "rms_abs"),
+             "4-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256", "rms_abs", fallback="q5_0"),
     GGUFType("q5_k", 13, 5, lay.QK_K, 176, fit.encode_q5_k, lay.pack_q5_k, lay.decode_q5_k,
-             "5-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256", "rms_abs"),
+             "5-bit codes, 6-bit scales and mins per 32, fp16 d and dmin per 256", "rms_abs", fallback="q5_1"),
     GGUFType("q6_k", 14, 6, lay.QK_K, 210, fit.encode_q6_k, lay.pack_q6_k, lay.decode_q6_k,
-             "6-bit codes, int8 scales per 16, fp16 d per 256", "rms_abs"),
+             "6-bit codes, int8 scales per 16, fp16 d per 256", "rms_abs", fallback="q8_0"),
     GGUFType("iq4_xs", 23, 4, lay.QK_K, 136, fit.encode_iq4_xs, lay.pack_iq4_xs, lay.decode_iq4_xs,
-             "4-bit non-linear grid, 6-bit scales per 32, fp16 d per 256", "rms_abs"),
+             "4-bit non-linear grid, 6-bit scales per 32, fp16 d per 256", "rms_abs", fallback="iq4_nl"),
 ):
     GGUF_TYPES.add(_t.name, _t)
 

@@ -127,11 +127,11 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
         raise ValueError("rounding='feedback' needs calibration=H (the input second moment)")
     check_finite(weight)
     spec = as_spec(bits, method, block_size, double_quant)
+    if rounding == "feedback" and not spec.feedback_applies(tuple(weight.shape)):
+        raise ValueError(f"rounding='feedback' cannot round {spec.name} for shape {tuple(weight.shape)} "
+                         "(it takes a codebook width whose blocks are whole runs of input columns)")
     spec.check_shape(tuple(weight.shape))
     upper = inverse_factor(calibration.to(weight.device), damp) if rounding == "feedback" else None
-    if upper is not None and not spec.feedback_applies(tuple(weight.shape)):
-        raise ValueError(f"rounding='feedback' cannot round {spec.name} for shape {tuple(weight.shape)} "
-                         "(a codebook width whose blocks are whole runs of input columns)")
     svd = svd if spec.randomized_svd else "exact"  # where the randomized step was tested
     w = weight.detach().float()
     factor = calibration_factor(calibration.to(w.device).float(), damp) if calibration is not None else None

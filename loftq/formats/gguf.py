@@ -3,8 +3,8 @@
 A menu width is a type (:class:`GgufWidth`, written ``q4_k``); the spec a layer stores for it is
 that type when the layer's rows are whole blocks of it, else the type llama.cpp's quantizer falls
 back to (its ``fallback`` in the registry: ``q4_k -> q5_0`` on a 576-wide row), followed until one
-fits. The menu of ``--bits`` is every registered type whose code width is one of them, ordered by
-bits per weight. Encoders search block scales (:mod:`loftq.gguf_fit`), optionally under a
+fits. The menu of ``--bits`` is every registered type whose code width is one of them, by width and
+then in registration order. Encoders search block scales (:mod:`loftq.gguf_fit`), optionally under a
 per-column importance; error-feedback rounding does not apply. Bytes are the GGUF file's.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ def names() -> list[str]:
 
 
 def menu_order() -> list[str]:
-    """Every registered type, by code bits, then bits per weight, then name."""
-    return sorted(GGUF_TYPES, key=lambda n: (GGUF_TYPES.get(n).code_bits, GGUF_TYPES.get(n).bits_per_weight, n))
+    """Every registered type, by code bits, then in the order they were registered."""
+    return sorted(GGUF_TYPES.in_order(), key=lambda n: GGUF_TYPES.get(n).code_bits)
 
 
 @dataclass(frozen=True)
@@ -134,12 +134,7 @@ class GgufWidth:
 
 def fallback_of(name: str) -> str | None:
     """The type llama.cpp's quantizer stores instead of ``name`` on rows it cannot hold (registry data)."""
-    return getattr(GGUF_TYPES.get(name), "fallback", None) or _FALLBACK.get(name)
-
-
-# llama-cpp-python 0.3.36's quantizer (0c1e57098): what it writes instead of a K-quant on a row that is
-# not a multiple of 256 (its log says so), and iq4_xs -> iq4_nl
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
+    return GGUF_TYPES.get(name).fallback
 
 
 def stored_type(name: str, shape: Sequence[int]) -> str:

@@ -28,7 +28,7 @@ from loftq.rounding import check_rounding, inverse_factor
 from search_spaces.widths import WidthKey, resolve
 
 from planner import progress
-from planner.runtime.build import LayerBuild, peft_pair
+from planner.runtime.build import LayerBuild, default_lora, peft_pair
 from planner.runtime.layers import linear_weight
 
 SVD_KINDS = ("randomized", "exact")
@@ -343,12 +343,17 @@ class WeightBank:
               keep_dtype: torch.dtype = torch.bfloat16) -> LayerBuild:
         """The layer a build at (``bits``, ``rank``) gives, from this bank (iters = 1): Q as stored and
         PEFT's (lora_A, lora_B) from the entry's top factors; bits >= 16: the original weight in
-        ``keep_dtype``. ``init="default"``: the adapter keeps PEFT's own initialisation (QLoRA's
-        recipe), as does a kept layer's."""
+        ``keep_dtype``, its adapter PEFT's default init seeded by the layer's name (as materialize
+        builds it). ``init="default"``: every adapter keeps PEFT's own initialisation, drawn from
+        torch's RNG (QLoRA's recipe)."""
         if init not in ("loftq", "default"):
             raise ValueError(f"init must be 'loftq' or 'default', got {init!r}")
-        if bits >= 16:
-            return LayerBuild(self.original(name).to(keep_dtype), None, rank=rank)
+        if bits >= 16:  # a kept layer's adapter: PEFT's default init, seeded by name as materialize builds it
+            lora = None
+            if rank and init == "loftq":
+                w = self.original(name)
+                lora = peft_pair(*default_lora(name, tuple(w.shape), rank), rank, float(rank if alpha is None else alpha))
+            return LayerBuild(self.original(name).to(keep_dtype), lora, rank=rank)
         stored = self.quantized(name, bits)
         if not rank or init == "default":
             return LayerBuild(stored, None, rank=rank)

@@ -8,7 +8,8 @@ import torch
 from loftq import QuantConfig, dequantize, expected_nbytes, loftq, quantize, quantize_feedback, unpack
 from loftq.rounding import inverse_factor
 from loftq.solver import calibration_factor
-from planner.runtime.layers import QuantLinear, dequantize_chunked
+from loftq.quant import _decode
+from planner.runtime.layers import QuantLinear
 from tests.planner.scoring.test_data_tables import LAYERS, smol  # noqa: F401  (the fixture)
 
 SOME = LAYERS[::3]  # k_proj 0, up_proj 0, v_proj 14, down_proj 14, gate_proj 29
@@ -38,7 +39,7 @@ def test_a_real_quantized_tensor_with_round_to_nearests_bytes(smol, bits: int, d
     layer = QuantLinear(fb, compute_dtype=torch.float32)  # the runtime's buffers and dequantizer
     assert layer.code_nbytes == fb.nbytes
     assert torch.equal(layer.dense_weight(torch.float32), deq)
-    assert torch.equal(dequantize_chunked(layer.quantized(), torch.float32), deq)
+    assert torch.equal(layer.quantized().dequantize(torch.float32), deq) and torch.equal(_decode(fb, torch.float32), deq)
 
 
 # measured on these 5 layers (2 x 64 tokens), mean ||(W - Q) L|| feedback / round-to-nearest:
@@ -139,7 +140,7 @@ def test_bad_input_raises_value_error(smollm2_linears) -> None:
         (lambda: inverse_factor(h, float("nan")), "damp"),
         (lambda: loftq(w, 4, 16, rounding="feedback"), "calibration"),
         (lambda: loftq(w, 4, 16, calibration=h, rounding="gptq"), "rounding"),
-        (lambda: loftq(w, "q4_k", 16, calibration=h, rounding="feedback"), "GGUF"),
+        (lambda: loftq(w, "q4_k", 16, calibration=h, rounding="feedback"), "cannot round q4_k"),
         (lambda: loftq(w, 4, 16, calibration=torch.eye(64)), "calibration"),
     ]
     for call, word in cases:

@@ -188,7 +188,7 @@ def test_mixed_plan_with_rank_zero_and_keep16() -> None:
 def test_backbone_bytes_equal_stored_bytes(cfg: LayerChoice, shape: tuple[int, int]) -> None:
     target = TargetLayer("x", shape, "q_proj", 0)
     w = torch.randn(*shape)
-    stored = 2 * w.numel() if cfg.bits == 16 else quantize(w, config=cfg.quant_config).nbytes
+    stored = 2 * w.numel() if cfg.bits == 16 else cfg.spec.quantize(w).nbytes
     assert backbone_bytes(target, cfg) == stored
 
 

@@ -29,7 +29,7 @@ def test_widths_plain_ints_and_double_quantized_variants() -> None:
     compared with ints like one (so `w >= 16` and sorting work), its own key and config."""
     from loftq import QuantConfig
     from search_spaces.choices import menu
-    from search_spaces.widths import quant_config, sort_key
+    from search_spaces.widths import resolve, sort_key
 
     w = Width(4)
     assert str(w) == "4dq" and f"{w}-bit" == "4dq-bit" and width(4, True) == w and width(4) == 4
@@ -37,8 +37,8 @@ def test_widths_plain_ints_and_double_quantized_variants() -> None:
     assert 4 < w < 8 and not w >= 16 and w < 16 and 16 > w and sorted([8, w, 16, 4, 2]) == [2, 4, w, 8, 16]
     assert (width_bits(w), width_bits(3), is_double_quant(w), is_double_quant(4)) == (4, 3, True, False)
     assert sorted([Width(8), 3, Width(3)], key=sort_key) == [3, Width(3), Width(8)]
-    assert quant_config(w) == QuantConfig(4, "nf", 64, True) and quant_config(16) is None
-    assert quant_config(3, block_size=128) == QuantConfig(3, "nf", 128, False)
+    assert resolve(w, (64, 64)) == QuantConfig(4, "nf", 64, True) and resolve(16, (64, 64)) is None
+    assert resolve(3, (64, 256), block_size=128) == QuantConfig(3, "nf", 128, False)
     assert menu((2, 3, 16), "search") == (2, Width(2), 3, Width(3), 16)
     assert menu((4, 2), "on") == (Width(2), Width(4)) and menu((4, 2)) == (2, 4)
     assert SearchSpace(bits=(3, 4), double_quant="on", ranks=(0, 8)).choices() == \
@@ -125,12 +125,15 @@ def test_a_rank_above_a_layer_is_refused_by_the_space_and_the_dry_run_like_the_r
     common = ["--model", str(folder), "--budget", "1GB", "--cache-dir", str(tmp_path / "cache"),
               "--out", str(tmp_path / "plan.json")]
     lines = []
-    for extra in (["--dry-run"], ["--trials", "1"]):
-        assert main(common + extra) == 2
+    for extra in (["--dry-run"], ["--trials", "1"]):  # ranks the user chose: refused alike, saying what fits
+        assert main(common + extra + ["--ranks", "0,8,64"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "rank 64 exceeds layer model.layers.0.self_attn.k_proj" in err, err
+        assert "at most 32" in err
         lines.append(err)
     assert lines[0] == lines[1] and not (tmp_path / "plan.json").exists()
+    assert main(common + ["--dry-run", "--json"]) == 0  # the default ranks lose 64 on this model (issue 25)
+    assert json.loads(capsys.readouterr().out)["max"]["plan"]["ranks"] == [32]
     assert main(common + ["--dry-run", "--json", "--ranks", "0,8,32"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["max"]["plan"] == {"bits": [8], "ranks": [32]} and report["min"]["plan"] == {"bits": [2], "ranks": [0]}

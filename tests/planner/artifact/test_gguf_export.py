@@ -121,8 +121,8 @@ def test_gguf_reads_back_our_codes_and_adapter(case: str, request: pytest.Fixtur
         t = got[name]
         types.add(t.tensor_type.name.lower())
         want = read_layer(art.backbone, meta)
-        want = want.dequantize(torch.float32) if meta.gguf_type else want.float()
-        assert t.tensor_type.name.lower() == (meta.gguf_type or meta.dtype), name
+        want = want.dequantize(torch.float32) if meta.spec is not None else want.float()
+        assert t.tensor_type.name.lower() == (meta.method if meta.spec is not None else meta.dtype), name
         deq = _unpermute(gguf.quants.dequantize(t.data, t.tensor_type), name, art)
         assert deq.shape == tuple(meta.shape) and np.array_equal(deq, want.numpy()), name
     assert types >= ({"q8_0", "q4_0", "iq4_nl", "bf16", *K_QUANTS} if case == "smol" else set(K_QUANTS))
@@ -174,7 +174,7 @@ def test_transformers_loads_the_gguf_and_with_the_adapter_matches_planner_load(c
     weights = dict(hf.named_parameters())
     for meta in art.meta.layers:
         want = read_layer(art.backbone, meta)
-        want = want.dequantize(torch.float32) if meta.gguf_type else want.float()
+        want = want.dequantize(torch.float32) if meta.spec is not None else want.float()
         assert torch.equal(weights[f"{meta.name}.weight"], want), meta.name
     alpha = file_alpha(art.alphas())
     ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))

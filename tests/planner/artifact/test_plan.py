@@ -340,7 +340,7 @@ def test_gguf_layers_carry_their_type_and_fractional_width() -> None:
     q6_k is bits 6 (6.5625 bits/weight); q8_0 on a 576-wide row 8.5. Wrong width, block or row length
     is refused naming the value."""
     q4k = LayerPlan("m.down", (576, 1536), 4, "q4_k", 256, 8, 8.0, 1, None, 576 * 6 * 144 + 8 * (576 + 1536) * 4)
-    assert q4k.bits_per_weight == 4.5 and q4k.gguf_type == "q4_k" and q4k.method == "q4_k" and q4k.quant_config is None
+    assert q4k.bits_per_weight == 4.5 and q4k.spec.name == "q4_k" and q4k.method == "q4_k" and q4k.spec.ggml_type == 12
     q6k = LayerPlan("m.down", (576, 1536), 6, "q6_k", 256, 0, 0.0, 1, None, 576 * 6 * 210)
     assert q6k.bits_per_weight == 6.5625
     q80 = LayerPlan("m.q", (576, 576), 8, "q8_0", 32, 0, 0.0, 1, None, 576 * 18 * 34)

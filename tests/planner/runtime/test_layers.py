@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import planner.runtime.layers as runtime
+import loftq.quant as quant_module
 from loftq import dequantize, quantize
-from planner.runtime.layers import (QuantLinear, add_lora, backbone_nbytes, dequantize_bnb, dequantize_chunked,
-                             pick_dequantizer, quantize_model, resolve_compute_dtype, swap_linears)
+from loftq.quant import _decode
+from planner.runtime.layers import (QuantLinear, add_lora, backbone_nbytes, quantize_model, resolve_compute_dtype,
+                                    swap_linears)
 from planner.settings import LayerChoice
 from tests.tiny_models import build_tiny
 
@@ -96,30 +97,38 @@ def test_keep16_layer_stores_16_bits() -> None:
 
 
 def test_chunked_dequantization_is_identical(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "CHUNK", 1000)
+    """The format's dequantize works in chunks of CHUNK weights: the same numbers as one pass."""
+    monkeypatch.setattr(quant_module, "CHUNK", 1000)
     for cfg in CONFIGS:
         for shape in [(37, 192), (35, 33)]:  # chunks of 960 weights; a tail block and, at 3 bits, a short last byte
             qt = quantize(torch.randn(*shape), **cfg)
-            assert torch.equal(dequantize_chunked(qt, torch.bfloat16), dequantize(qt, torch.bfloat16))
+            assert torch.equal(qt.dequantize(torch.bfloat16), _decode(qt, torch.bfloat16))
 
 
-def test_nf3_is_served_by_the_torch_dequantizer() -> None:
-    """The registry gives NF3 (with or without double quantization) to the chunked torch backend on
-    every device (bitsandbytes has no 3-bit kernel); NF4 keeps bnb's kernel on CUDA only."""
+def test_nf3_decodes_like_the_one_pass_maths() -> None:
+    """NF3 (with or without double quantization) decodes by the chunked torch path on every device
+    (bitsandbytes has no 3-bit kernel); the layer's dense weight is that decode."""
     for dq in (False, True):
         layer, qt, _ = _layer(bits=3, double_quant=dq)
-        assert pick_dequantizer(qt).name == "torch" and layer.bits == 3
-        assert torch.equal(layer.dense_weight(torch.float32), dequantize(qt, torch.float32))
-    assert pick_dequantizer(quantize(torch.randn(8, 64), 4)).name == ("bnb-nf4" if torch.cuda.is_available() and
-                                                                      runtime._bnb_available() else "torch")
+        assert layer.bits == 3 and layer.spec == qt.spec
+        assert torch.equal(layer.dense_weight(torch.float32), _decode(qt, torch.float32))
+
+
+def _bnb_decode(qt, dtype: torch.dtype) -> torch.Tensor:
+    from bitsandbytes.functional import dequantize_4bit
+
+    from loftq.bnb import bnb_quant_state
+
+    return dequantize_4bit(qt.packed.view(-1, 1), bnb_quant_state(qt, dtype)).view(qt.shape)
 
 
 @pytest.mark.parametrize("dq", [False, True])
 def test_bnb_nf4_kernel_reads_our_codes(dq: bool) -> None:
+    """What NF4 on CUDA decodes with (bitsandbytes' kernel) gives our numbers: checked here on its CPU op."""
     pytest.importorskip("bitsandbytes.functional")
     qt = quantize(torch.randn(64, 256), 4, double_quant=dq)
-    assert torch.equal(dequantize_bnb(qt, torch.float32), dequantize(qt, torch.float32))
-    assert pick_dequantizer(qt).name == ("bnb-nf4" if torch.cuda.is_available() else "torch")
+    assert qt.spec.bnb_4bit
+    assert torch.equal(_bnb_decode(qt, torch.float32), dequantize(qt, torch.float32))
 
 
 @pytest.mark.gpu
@@ -128,7 +137,6 @@ def test_cuda_matches_cpu() -> None:
     x = torch.randn(8, 160)
     cpu = layer(x).float()
     gpu = layer.to("cuda")(x.cuda()).float().cpu()
-    assert pick_dequantizer(layer.quantized()).name == "bnb-nf4"
     torch.testing.assert_close(gpu, cpu, rtol=2e-2, atol=2e-2)
 
 

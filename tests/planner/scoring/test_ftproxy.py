@@ -10,7 +10,7 @@ import torch
 
 from loftq.quant import dequantize
 from planner.runtime.lora import LayerSpec, build_loftq_model
-from planner.scoring.bank import BankEntry, MemoryStore, ModelWeights, WeightBank
+from planner.scoring.bank import BankEntry, MemoryStore, ModelWeights, WeightBank, entry_key
 from planner.scoring.ftproxy import (CandidateBuilder, FinetuneSettings, finetune, hamming, rescore_with_finetune,
                                     select_diverse)
 from planner.train.loop import eval_loss, train_lora
@@ -149,9 +149,12 @@ def test_finetune_lowers_train_loss(setup):
 def _proxy_losses(model, names, assignment, built, train, val, optimizer: str) -> tuple[float, ...]:
     """The proxy's train losses from a bank whose store holds ``built``'s very Q and factors."""
     bank = WeightBank(ModelWeights(model, names), (2, 4, 8), max_rank=8, svd="exact", store=MemoryStore())
-    for n, (a, b) in built.adapters.items():
-        qt = built.quantized[n]
-        bank.store.put(n, assignment[n][0], BankEntry(qt, dequantize(qt, torch.float32), b, a, "exact"))
+    for n, layer in built.layers.items():
+        if layer.lora is None:
+            continue
+        lora_a, lora_b = layer.lora  # PEFT's: A / (alpha / r) with alpha = r, so LoftQ's A itself
+        qt = layer.stored
+        bank.store.put(n, entry_key(qt.spec), BankEntry(qt, dequantize(qt, torch.float32), lora_b, lora_a, "exact"))
     torch.manual_seed(0)
     net = CandidateBuilder(model, max_rank=8, bank=bank).build(assignment)
     evals: list[int] = []
@@ -178,7 +181,7 @@ def test_proxy_trains_as_the_finetune_does(setup, optimizer, monkeypatch):
     built = build_loftq_model(model, {n: LayerSpec(b, r) for n, (b, r) in assignment.items()},
                               compute_dtype=torch.float32, show_progress=False)
     ft = train_lora(built.model, train, steps=4, lr=1e-2, seed=3, optimizer=optimizer, show_progress=False)
-    # (built.adapters and built.quantized are LoftQ's outputs, copied into the model: training leaves them)
+    # (built.layers hold LoftQ's outputs, copied into the model: training leaves them)
     proxy = _proxy_losses(model, names, assignment, built, train, val, optimizer)
     assert len(proxy) == len(ft.train_losses) == 4 and proxy[1] != proxy[0]  # the steps did train
     gap = max(abs(p - f) / abs(f) for p, f in zip(proxy, ft.train_losses))
