@@ -6,7 +6,8 @@
 # Idempotent: a finished build (all three binaries + the stamp naming this version) is skipped.
 # Needs cmake, a C and C++ compiler and pip (network for the one sdist download). JOBS=2 by default.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
+cd "$here/.."
 
 VERSION=0.3.36
 TOOLS=.tools/llama.cpp
