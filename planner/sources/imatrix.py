@@ -9,7 +9,8 @@ The importance of input column j of a weight tensor is the mean of x_j^2 over th
 GGUF (default since llama.cpp b5989): metadata ``general.type = "imatrix"``, ``imatrix.datasets``
 (array of strings), ``imatrix.chunk_count`` and ``imatrix.chunk_size`` (uint32; ``llama-quantize``
 refuses a GGUF imatrix lacking any of the three); per tensor ``<name>.in_sum2`` (F32, ggml dims
-[in, n_mat]: the *sum* of x_j^2) and ``<name>.counts`` (F32, [1, n_mat]: the rows summed).
+[in, n_mat]: the *sum* of x_j^2) and ``<name>.counts`` (F32, [1, n_mat]: the rows summed), in
+the order of the sorted names; a trailing dim of 1 is not stored (a 2-D weight's are [in] and [1]).
 Importance = in_sum2 / counts; a zero count means "no data" and becomes 1.0, as ``llama-quantize``
 does. n_mat > 1 only for 3-D expert tensors (MoE ``*_exps``).
 
@@ -348,9 +349,9 @@ def _write_gguf(tmp: Path, entries: Mapping[str, tuple[np.ndarray, int]], datase
     writer.add_uint32(KEY_CHUNK_COUNT, chunk_count)
     writer.add_uint32(KEY_CHUNK_SIZE, chunk_size)
     for name, (values, n) in entries.items():
-        # numpy [1, in] is ggml [in, 1]: one matrix of sums, one count
-        writer.add_tensor(name + SUMS, (values * np.float32(n)).reshape(1, -1))
-        writer.add_tensor(name + COUNTS, np.full((1, 1), n, dtype=np.float32))
+        # 1-D, as llama.cpp stores ggml [in, 1] and [1, 1] (GGUF drops trailing dims of 1)
+        writer.add_tensor(name + SUMS, values * np.float32(n))
+        writer.add_tensor(name + COUNTS, np.full(1, n, dtype=np.float32))
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -78,7 +78,7 @@ def test_write_then_read_is_bit_exact_with_power_of_two_tokens(tmp_path: Path, f
 
 
 def test_gguf_layout_is_llama_cpp_s(tmp_path: Path) -> None:
-    """The keys llama-quantize requires, and per tensor in_sum2 [in, 1] = mean * tokens, counts [1, 1]."""
+    """The keys llama-quantize requires, and per tensor in_sum2 [in] = mean * tokens, counts [1]."""
     imp = _importance()
     path = write_imatrix(tmp_path / "i.gguf", imp, tokens={k: 100 + i for i, k in enumerate(imp)})
     reader = gguf.GGUFReader(path)
@@ -87,10 +87,10 @@ def test_gguf_layout_is_llama_cpp_s(tmp_path: Path) -> None:
     assert reader.fields["imatrix.chunk_count"].types == [gguf.GGUFValueType.UINT32]
     tensors = {t.name: t for t in reader.tensors}
     sums, counts = tensors["blk.3.ffn_down.weight.in_sum2"], tensors["blk.3.ffn_down.weight.counts"]
-    assert list(sums.shape) == [1536, 1] and list(counts.shape) == [1, 1]
+    assert list(sums.shape) == [1536] and list(counts.shape) == [1]  # ggml [1536, 1], [1, 1] as llama.cpp stores them
     assert sums.tensor_type == counts.tensor_type == gguf.GGMLQuantizationType.F32
-    assert float(counts.data[0, 0]) == 100
-    np.testing.assert_array_equal(sums.data[0], imp["model.layers.3.mlp.down_proj"].numpy() * np.float32(100))
+    assert float(counts.data[0]) == 100
+    np.testing.assert_array_equal(sums.data, imp["model.layers.3.mlp.down_proj"].numpy() * np.float32(100))
     got = read_imatrix(path)
     assert got.counts["blk.0.attn_q.weight"] == 101
     torch.testing.assert_close(got.importance["blk.3.ffn_down.weight"], imp["model.layers.3.mlp.down_proj"],
