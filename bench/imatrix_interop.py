@@ -11,9 +11,12 @@ SmolLM2 GGUF (Q4_1) and a calibration text cut from Python's pydoc topics:
 3. ``llama-quantize --allow-requantize --imatrix`` to ``--type`` with llama's file and with ours
    (GGUF, .dat) must give byte-identical tensors, and differ from the same quantization without
    an imatrix (so the imatrix was used);
-4. ``llama-perplexity`` on a held-out slice, without and with our imatrix (``--ppl``).
+4. ``llama-perplexity`` on a held-out slice, without and with our imatrix (``--ppl``);
+5. ``--torch``: the importance computed here (transformers' SmolLM2, forward pre-hooks), written
+   under Hugging Face names, is accepted by ``llama-quantize`` and close to llama-imatrix's.
 
-    python -m bench.imatrix_interop [--work DIR] [--type Q4_K_M] [--ctx 128] [--chunks 8] [--threads 2] [--ppl]
+    python -m bench.imatrix_interop [--work DIR] [--type Q4_K_M] [--ctx 128] [--chunks 8] [--threads 2]
+                                    [--ppl] [--torch]
 
 With ``--ctx 128 --chunks 8`` every tensor sees 1024 tokens: a power of two, so sums / counts and
 back are exact and "equal" means bit-equal. Print the load average with any time.
@@ -130,6 +133,44 @@ def perplexity(args: argparse.Namespace, outs: dict[str, Path], held: Path) -> N
           f"(load average {os.getloadavg()[0]:.2f}, {args.threads} threads)")
 
 
+@torch.no_grad()
+def torch_importance(calib: Path, ctx: int, chunks: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Mean x_j^2 at every target's input, by Hugging Face name, from transformers' SmolLM2 (the
+    packaged GGUF dequantized) on the same text cut like llama-imatrix: ``chunks`` x ``ctx``
+    tokens, each chunk starting with BOS. Tokenizers may differ a little: compare, do not equate."""
+    from planner.sources import resolve
+
+    source = resolve("smollm2-135m")
+    model, tok = source.load_model(), source.tokenizer()
+    ids = tok(calib.read_text(), add_special_tokens=False)["input_ids"][:ctx * chunks]
+    batch = torch.tensor(ids).reshape(chunks, ctx)
+    if tok.bos_token_id is not None:
+        batch[:, 0] = tok.bos_token_id
+    sums: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(t.name).register_forward_pre_hook(
+        lambda m, a, name=t.name: sums.__setitem__(name, sums.get(name, 0) + a[0].pow(2).sum((0, 1))))
+        for t in source.targets()]
+    model(batch)
+    for h in hooks:
+        h.remove()
+    return {k: v / (ctx * chunks) for k, v in sums.items()}, ctx * chunks
+
+
+def check_torch(args: argparse.Namespace, model: Path, calib: Path, theirs: Path) -> None:
+    """``--torch``: our own importance, written under HF names, is accepted by llama-quantize and
+    is close to llama-imatrix's for every tensor (cosine; the worst tensor printed)."""
+    ours, tokens = torch_importance(calib, args.ctx, args.chunks)
+    path = write_imatrix(args.work / "torch.gguf", ours, tokens=tokens, datasets=(str(calib),),
+                         chunk_size=args.ctx, chunk_count=args.chunks)
+    llama = read_imatrix(theirs).importance
+    cos = {name: float(torch.nn.functional.cosine_similarity(v, llama[name], dim=0))
+           for name, v in read_imatrix(path).importance.items()}
+    worst = min(cos, key=cos.get)
+    print(f"torch.gguf: {len(cos)} entries (HF names -> GGUF), cosine to llama-imatrix's: median "
+          f"{sorted(cos.values())[len(cos) // 2]:.5f}, worst {cos[worst]:.5f} ({worst})")
+    print(f"  {quantize(model, args.work / f'q-{args.type}-torch.gguf', args.type, args.threads, path).strip()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=None, help="folder for the files (default: a temp folder)")
@@ -139,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kb", type=int, default=12, help="KB of calibration text")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ppl", action="store_true", help="also run llama-perplexity")
+    p.add_argument("--torch", action="store_true", help="also our own importance from transformers' SmolLM2")
     args = p.parse_args(argv)
     missing = [t for t in ("llama-imatrix", "llama-quantize", "llama-perplexity") if not (BIN / t).is_file()]
     if missing:
@@ -153,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder {args.work}; load average {os.getloadavg()}")
     calib, held = calibration(args.work, args.kb)
     model = pkg / SMOLLM2_GGUF
-    outs = check_quantize(args, model, check_files(args, model, calib))
+    files = check_files(args, model, calib)
+    outs = check_quantize(args, model, files)
+    if args.torch:
+        check_torch(args, model, calib, files["llama"])
     if args.ppl:
         perplexity(args, outs, held)
     return 0
