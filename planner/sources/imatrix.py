@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import re
 import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -136,8 +137,13 @@ def read_imatrix(path: str | os.PathLike, *, in_features: Mapping[str, int] | No
     if not stat.S_ISREG(mode):
         raise PlannerError(f"imatrix {path} is not a regular file (a directory, device, FIFO or socket)")
     with open(path, "rb") as fh:
-        head = fh.read(4)
-    imatrix = _read_gguf(path) if head == GGUF_MAGIC else _read_dat(path, path.read_bytes())
+        if fh.read(4) == GGUF_MAGIC:
+            imatrix = _read_gguf(path)
+        elif os.fstat(fh.fileno()).st_size == 0:
+            imatrix = _read_dat(path, b"")
+        else:  # mapped, not read: a large file handed here by mistake fails at its first bad length
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                imatrix = _read_dat(path, data)
     if imatrix.skipped:
         log.warning("%s: %d 3-D expert tensor(s) skipped (not supported), e.g. %s", path, len(imatrix.skipped),
                     imatrix.skipped[0])
@@ -170,8 +176,9 @@ def _gguf_reader(path: Path):  # noqa: ANN202 - gguf is imported lazily
     try:
         return gguf.GGUFReader(path)
     except Exception as err:  # gguf raises ValueError, IndexError, KeyError... on a bad file
+        detail = " ".join(str(err).split())  # one line, whatever gguf put in its message
         raise PlannerError(f"imatrix {path}: not a readable GGUF file, truncated or corrupt "
-                           f"({type(err).__name__}: {err})") from None
+                           f"({type(err).__name__}: {detail})") from None
 
 
 def _field(path: Path, reader, key: str):  # noqa: ANN001, ANN202
@@ -184,13 +191,11 @@ def _field(path: Path, reader, key: str):  # noqa: ANN001, ANN202
 
 def _read_gguf(path: Path) -> Imatrix:
     """See the module docstring for the layout."""
-    import gguf
-
     reader = _gguf_reader(path)
     kind = _field(path, reader, KEY_TYPE)
     if kind is not None and kind != "imatrix":
         raise PlannerError(f"imatrix {path}: a GGUF file of type {kind!r}, not an imatrix (general.type)")
-    pairs: dict[str, dict[str, object]] = {}
+    pairs: dict[str, dict[str, Any]] = {}
     for t in reader.tensors:
         for suffix in (SUMS, COUNTS):
             if t.name.endswith(suffix):
@@ -199,28 +204,37 @@ def _read_gguf(path: Path) -> Imatrix:
         raise PlannerError(f"imatrix {path}: a GGUF file without imatrix tensors (<name>{SUMS}, <name>{COUNTS})")
     importance, counts, skipped = {}, {}, []
     for name in sorted(pairs):
-        if set(pairs[name]) != {SUMS, COUNTS}:
-            missing = SUMS if SUMS not in pairs[name] else COUNTS
-            raise PlannerError(f"imatrix {path}: {name} has no {name}{missing} tensor")
-        sums_t, counts_t = pairs[name][SUMS], pairs[name][COUNTS]
-        if {sums_t.tensor_type, counts_t.tensor_type} != {gguf.GGMLQuantizationType.F32}:
-            raise PlannerError(f"imatrix {path}: {name}'s sums and counts must be F32")
-        sums = np.asarray(sums_t.data, dtype=np.float32).reshape(-1)
-        n = np.asarray(counts_t.data, dtype=np.float32).reshape(-1)
-        _check_values(path, name + SUMS, sums)
-        _check_values(path, name + COUNTS, n, "counts")
-        if sums.size % n.size:
-            raise PlannerError(f"imatrix {path}: {name} has {sums.size} sums for {n.size} counts (wrong length)")
-        if n.size > 1 or _is_expert(name):
+        entry = _gguf_entry(path, name, pairs[name])
+        if entry is None:
             skipped.append(name)
-            continue
-        count = float(np.round(n[0]))
-        if count == 0:
-            log.warning("%s: %s has a zero count (no data); importance 1.0 as llama-quantize uses", path, name)
-        importance[name] = torch.from_numpy(sums / np.float32(count) if count else np.ones_like(sums))
-        counts[name] = int(count)
+        else:
+            importance[name], counts[name] = entry
     return Imatrix(importance, counts, tuple(_str_list(path, reader)), int(_field(path, reader, KEY_CHUNK_COUNT) or 0),
                    int(_field(path, reader, KEY_CHUNK_SIZE) or 0), "gguf", tuple(skipped))
+
+
+def _gguf_entry(path: Path, name: str, pair: Mapping[str, Any]) -> tuple[torch.Tensor, int] | None:
+    """(importance fp32 [in], count) of one in_sum2/counts pair; None for a 3-D expert tensor."""
+    import gguf
+
+    if set(pair) != {SUMS, COUNTS}:
+        raise PlannerError(f"imatrix {path}: {name} has no {name}{SUMS if SUMS not in pair else COUNTS} tensor")
+    if {pair[SUMS].tensor_type, pair[COUNTS].tensor_type} != {gguf.GGMLQuantizationType.F32}:
+        raise PlannerError(f"imatrix {path}: {name}'s sums and counts must be F32")
+    # copies: nothing keeps a view of the reader's memory map
+    sums = np.array(pair[SUMS].data, dtype=np.float32).reshape(-1)
+    n = np.array(pair[COUNTS].data, dtype=np.float32).reshape(-1)
+    _check_values(path, name + SUMS, sums)
+    _check_values(path, name + COUNTS, n, "counts")
+    if sums.size % n.size:
+        raise PlannerError(f"imatrix {path}: {name} has {sums.size} sums for {n.size} counts (wrong length)")
+    if n.size > 1 or _is_expert(name):
+        return None
+    count = float(np.round(n[0]))
+    if count == 0:
+        log.warning("%s: %s has a zero count (no data); importance 1.0, as llama-quantize uses", path, name)
+        return torch.ones(sums.size), 0
+    return torch.from_numpy(sums / np.float32(count)), int(count)
 
 
 def _str_list(path: Path, reader) -> list[str]:  # noqa: ANN001
@@ -233,7 +247,7 @@ def _str_list(path: Path, reader) -> list[str]:  # noqa: ANN001
 class _Cursor:
     """Little-endian reads from ``data``; running past its end is one 'truncated' PlannerError."""
 
-    def __init__(self, path: Path, data: bytes) -> None:
+    def __init__(self, path: Path, data: bytes | mmap.mmap) -> None:
         self.path, self.data, self.pos = path, data, 0
 
     @property
@@ -251,7 +265,7 @@ class _Cursor:
         return struct.unpack("<i", self.take(4, what))[0]
 
 
-def _read_dat(path: Path, data: bytes) -> Imatrix:
+def _read_dat(path: Path, data: bytes | mmap.mmap) -> Imatrix:
     """See the module docstring for the layout."""
     cur = _Cursor(path, data)
     n_entries = cur.i32("the entry count")
