@@ -6,7 +6,7 @@ The importance of input column j of a weight tensor is the mean of x_j^2 over th
 :func:`hf_module_name` / :func:`gguf_tensor_name` map llama-family names to the planner's
 (``model.layers.3.mlp.down_proj``). Both file formats:
 
-GGUF (default since llama.cpp b5989): metadata ``general.type = "imatrix"``, ``imatrix.datasets``
+GGUF (what llama-imatrix writes unless told ``--output-format dat``): metadata ``general.type = "imatrix"``, ``imatrix.datasets``
 (array of strings), ``imatrix.chunk_count`` and ``imatrix.chunk_size`` (uint32; ``llama-quantize``
 refuses a GGUF imatrix lacking any of the three); per tensor ``<name>.in_sum2`` (F32, ggml dims
 [in, n_mat]: the *sum* of x_j^2) and ``<name>.counts`` (F32, [1, n_mat]: the rows summed), in
@@ -136,14 +136,17 @@ def read_imatrix(path: str | os.PathLike, *, in_features: Mapping[str, int] | No
         raise PlannerError(f"imatrix {path}: cannot read it ({err.strerror or err})") from None
     if not stat.S_ISREG(mode):
         raise PlannerError(f"imatrix {path} is not a regular file (a directory, device, FIFO or socket)")
-    with open(path, "rb") as fh:
-        if fh.read(4) == GGUF_MAGIC:
-            imatrix = _read_gguf(path)
-        elif os.fstat(fh.fileno()).st_size == 0:
-            imatrix = _read_dat(path, b"")
-        else:  # mapped, not read: a large file handed here by mistake fails at its first bad length
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                imatrix = _read_dat(path, data)
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) == GGUF_MAGIC:
+                imatrix = _read_gguf(path)
+            elif os.fstat(fh.fileno()).st_size == 0:
+                imatrix = _read_dat(path, b"")
+            else:  # mapped, not read: a large file handed here by mistake fails at its first bad length
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    imatrix = _read_dat(path, data)
+    except OSError as err:
+        raise PlannerError(f"imatrix {path}: cannot read it ({err.strerror or err})") from None
     if imatrix.skipped:
         log.warning("%s: %d 3-D expert tensor(s) skipped (not supported), e.g. %s", path, len(imatrix.skipped),
                     imatrix.skipped[0])
