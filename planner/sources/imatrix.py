@@ -26,7 +26,7 @@ Non-llama Hugging Face names: GGUF names work for every architecture, the HF map
 llama family (llama, mistral, qwen2, SmolLM2: ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``).
 
 File I/O only. Imports numpy, torch, gguf, :mod:`planner.errors` and the one atomic writer
-(:mod:`planner.artifact.atomic`); nothing else from planner.
+(:mod:`planner.files.atomic`); nothing else from planner.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from planner.artifact.atomic import atomic_write_path
+from planner.files.atomic import atomic_write_path
 from planner.errors import PlannerError
 
 log = logging.getLogger(__name__)
