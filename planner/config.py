@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from search_spaces.facts import TargetLayer
-from search_spaces.choices import BITS, DQ_MODES, GGUF_BITS, GRANULARITIES, QUANTS, SearchSpace
+from loftq.formats import FAMILIES
+from search_spaces.choices import DQ_MODES, GRANULARITIES, QUANTS, SearchSpace, family_bits
 
 from planner.errors import ConfigError
 from planner.options import option as _opt
@@ -35,16 +36,17 @@ class PlanConfig:
                              "8-bit, blocks of 256; NF4 4.5 -> 4.127 bits/weight): off, on for every "
                              "quantized width, or search (the planner chooses per layer)", choices=DQ_MODES)
     quant: str = _opt("nf", "quantizer family: nf (NormalFloat codebooks, for planner.load and bitsandbytes) or "
-                      "gguf (llama.cpp's block formats, for `materialize --format gguf`: --bits 2 = q2_k, 3 = q3_k, "
-                      "4 = q4_0/iq4_nl/q4_k, 6 = q6_k, 8 = q8_0; a K-quant on rows not a multiple of 256 "
-                      "falls back as llama.cpp's quantizer does)", choices=QUANTS)
+                      "gguf (llama.cpp's block types, for `materialize --format gguf`: --bits 2 = q2_k, 3 = q3_k, "
+                      "4 = q4_0/iq4_nl/q4_k/iq4_xs, 5 = q5_0/q5_1/q5_k, 6 = q6_k, 8 = q8_0; a type on rows it cannot "
+                      "hold falls back as llama.cpp's quantizer does: q2_k/q3_k -> q4_0, q4_k -> q5_0, q5_k -> q5_1, "
+                      "q6_k -> q8_0, iq4_xs -> iq4_nl)", choices=QUANTS)
     init: str = _opt("loftq", "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
                      "norm; loftq-data fits the layer's output on the calibration sequences (--data, --calib-seqs, "
                      "--calib-seq-len), and the planner's residuals use that norm too", choices=INITS)
     rounding: str = _opt("nearest", "how Q's codes are chosen, recorded in the plan: nearest, or feedback (error "
                          "feedback under the data-aware initialisation's moments: the same format and bytes, a lower "
-                         "output error; needs --init loftq-data and --quant nf). The search's candidates are built with "
-                         "it and materialize uses it; the residual tables still rank widths by round-to-nearest",
+                         "output error; needs --init loftq-data and --quant nf). The residual tables, the Fisher "
+                         "errors and the search's candidates all score that Q, and materialize builds it",
                          choices=("nearest", "feedback"))
     target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
     search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; exact: the solver alone",
@@ -82,22 +84,24 @@ class PlanConfig:
             raise ConfigError(str(err)) from None
 
     def _validate(self) -> None:
-        if self.quant not in QUANTS:
-            raise ConfigError(f"quant must be one of {', '.join(QUANTS)}; got {self.quant!r}")
+        if self.quant not in FAMILIES:  # a family registered after import (a plugin's) counts too
+            raise ConfigError(f"quant must be one of {', '.join(FAMILIES)}; got {self.quant!r}")
         for name in ("bits", "ranks"):
             value = getattr(self, name)
             if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                for v in value):
                 raise ConfigError(f"{name} must be a tuple of integers, e.g. (2, 4, 8); got {value!r}")
             object.__setattr__(self, name, tuple(sorted(set(value))))  # the menu's order, as the CLI gives it
-        allowed = GGUF_BITS if self.quant == "gguf" else BITS
+        allowed = family_bits(self.quant)
         bad_bits = [b for b in self.bits if b not in allowed]
         if not self.bits or bad_bits:
-            hint = " (6 bits is a GGUF width: --quant gguf)" if 6 in bad_bits and self.quant == "nf" else ""
+            others = [f for f in FAMILIES if f != self.quant and set(bad_bits) <= set(family_bits(f))]
+            hint = f" ({','.join(map(str, bad_bits))} bits: --quant {others[0]})" if others and bad_bits else ""
             raise ConfigError(f"bits must be a non-empty subset of {','.join(map(str, allowed))}; "
                               f"got {','.join(map(str, self.bits))}{hint}")
-        if self.quant == "gguf" and self.double_quant != "off":
-            raise ConfigError("--double-quant is for --quant nf: GGUF types keep their own block constants")
+        if not FAMILIES.get(self.quant).double_quant and self.double_quant != "off":
+            raise ConfigError(f"--double-quant is for families with codebook constants (nf): {self.quant} types keep "
+                              "their own block constants")
         if not self.ranks or any(r < 0 or r > 4096 for r in self.ranks):
             raise ConfigError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
         self.search_space  # noqa: B018 — SearchSpace validates, naming the value

@@ -15,7 +15,7 @@ from loftq.formats import FAMILIES
 
 from .widths import KEEP_BITS, WidthKey, menu as family_menu, resolve
 
-QUANTS = tuple(FAMILIES)  # the quantizer families (loftq.formats): nf (NormalFloat codebooks), gguf (llama.cpp's)
+QUANTS = tuple(FAMILIES)  # the families registered at import (loftq.formats): nf (NormalFloat codebooks), gguf
 
 
 def family_bits(quant: str) -> tuple[int, ...]:
@@ -46,8 +46,8 @@ def menu(bits: Iterable[int], double_quant: str = "off", quant: str = "nf") -> t
     (plain ``off``, double-quantized ``on``, or both ``search``), 16 as it is; in menu order."""
     if double_quant not in DQ_MODES:
         raise ValueError(f"double_quant must be one of {', '.join(DQ_MODES)}, got {double_quant!r}")
-    if quant not in QUANTS:
-        raise ValueError(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if quant not in FAMILIES:
+        raise ValueError(f"quant must be one of {', '.join(FAMILIES)}, got {quant!r}")
     return family_menu(bits, double_quant, quant)
 
 
@@ -73,8 +73,8 @@ class SearchSpace:
     quant: str = "nf"
 
     def __post_init__(self) -> None:
-        if self.quant not in QUANTS:
-            raise ValueError(f"SearchSpace.quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.quant not in FAMILIES:
+            raise ValueError(f"SearchSpace.quant must be one of {', '.join(FAMILIES)}, got {self.quant!r}")
         _sorted_unique_ints("bits", self.bits, family_bits(self.quant))
         if not FAMILIES.get(self.quant).double_quant and self.double_quant != "off":
             raise ValueError(f"SearchSpace.double_quant must be off with quant {self.quant} (its types keep their own "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from loftq import GGUF_TYPES
+from search_spaces.widths import is_double_quant, width_bits
 
 from planner.cli.app import _register, main
 from planner.artifact.plan import Plan, load_plan
@@ -36,10 +36,17 @@ def step(console: Console, title: str, argv: list[str]) -> None:
         sys.exit(rc)
 
 
+def _width_label(layer) -> str:
+    """``8-bit``, ``4-bit+dq``, or a type's own name (``q4_k``)."""
+    key = layer.spec.menu_key if layer.spec is not None else layer.bits
+    if str(key).isdigit():
+        return f"{key}-bit"
+    return f"{width_bits(key)}-bit+dq" if is_double_quant(key) else str(key)
+
+
 def why(plan: Plan) -> str:
     """One line on what the planner decided and why, read off the plan."""
-    widths = Counter(layer.quant if layer.quant in GGUF_TYPES else f"{layer.bits}-bit{'+dq' if layer.double_quant else ''}"
-                     for layer in plan.layers)
+    widths = Counter(_width_label(layer) for layer in plan.layers)
     ranks = Counter(layer.rank for layer in plan.layers if layer.rank)
     mix = ", ".join(f"{n} at {w}" for w, n in sorted(widths.items(), key=lambda kv: -kv[1]))
     n = sum(ranks.values())
