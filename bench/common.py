@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from planner.files.atomic import atomic_write_bytes
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.memory import LayerChoice, layer_bytes
 from planner.scoring.bank import MemoryStore
 from planner.scoring.ftproxy import CandidateBuilder

@@ -29,7 +29,7 @@ import torch
 
 from bench.common import (VARIANTS, Counter, bench_run, describe, first_k, fresh_config, lever_baselines,
                           uniform, variant_config, write_json)
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.scoring.proxy import ZeroStepProxy
 from planner.scoring.bank import ModelWeights, WeightBank
 from planner.search.pipeline import make_plan, prepare

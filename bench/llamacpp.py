@@ -47,14 +47,14 @@ except ImportError:  # one line, like the other benches' missing-package exits
     raise SystemExit("bench.llamacpp needs llama-cpp-python (it builds llama.cpp): pip install llama-cpp-python") from None
 
 from planner.files.atomic import atomic_write_bytes
-from planner.artifact.gguf_export import Base, _write
+from planner.build.gguf_export import Base, _write
 from planner.artifact.plan import save_plan
 from planner.cli.app import main as planner_main
 from planner.settings import LayerChoice, RunSettings
 from planner.sources import resolve
 from planner.sources.packaged import packaged_gguf
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
-from planner.verify import plan_from_choices
+from planner.build.manual import plan_from_choices
 
 MODEL = "smollm2-135m"
 LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -5,13 +5,17 @@ mapping lives below both. bitsandbytes is imported only when a state is built.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .codebooks import nf_codebook, uniform_codebook
-from .quant import DQ_BLOCK, QuantizedTensor
+from .codebooks import DQ_BLOCK, nf_codebook, uniform_codebook
+
+if TYPE_CHECKING:
+    from .quant import QuantizedTensor
 
 
-def bnb_quant_state(qt: QuantizedTensor, dtype: torch.dtype):
+def bnb_quant_state(qt: "QuantizedTensor", dtype: torch.dtype):
     """A bitsandbytes ``QuantState`` describing our NF4 codes (double-quantized constants included)."""
     from bitsandbytes.functional import QuantState
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+DQ_BLOCK = 256  # block of the second-level (double) quantization of the absmax constants (QLoRA)
 from scipy.stats import norm
 
 # Probability of the outermost quantile (QLoRA): chosen so that the extreme codes are +-1 after

@@ -17,7 +17,7 @@ bytes and nothing else, so ``nbytes`` is the size of the tensor's data in a GGUF
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -131,6 +131,70 @@ def decode(data: torch.Tensor, name: str) -> torch.Tensor:
     return values.view(rows, nbytes // t.type_size * t.block_size)
 
 
+@dataclass(frozen=True)
+class GGUFSpec:
+    """A weight stored as GGUF type ``name`` (its block, bytes and decoding are llama.cpp's)."""
+
+    name: str
+    family = "gguf"
+    double_quant = False
+    randomized_svd = False  # LoftQ's block Krylov low-rank step was validated on codebook widths only
+
+    def __post_init__(self) -> None:
+        GGUF_TYPES.get(self.name)  # unknown names list the known ones
+
+    @property
+    def type(self):
+        return GGUF_TYPES.get(self.name)
+
+    @property
+    def bits(self) -> int:
+        return self.type.code_bits
+
+    @property
+    def block_size(self) -> int:
+        return self.type.block_size
+
+    @property
+    def method(self) -> str:
+        return self.name  # a type names itself where a codebook spec names its method
+
+    def nbytes(self, shape: Sequence[int]) -> int:
+        return gguf_nbytes(tuple(int(s) for s in shape), self.name)
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        check_shape(tuple(int(s) for s in shape), self.name)
+
+    def quantize(self, weight: torch.Tensor, *, upper: torch.Tensor | None = None,
+                 importance: torch.Tensor | None = None) -> GGUFTensor:
+        if upper is not None:
+            raise ValueError(f"error-feedback rounding takes codebook widths, not the GGUF type {self.name}")
+        return gguf_quantize(weight, self.name, **({"importance": importance} if importance is not None else {}))
+
+    def feedback_applies(self, shape: Sequence[int]) -> bool:
+        return False
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], shape: Sequence[int], dtype: torch.dtype) -> GGUFTensor:
+        shape = tuple(int(s) for s in shape)
+        self.check_shape(shape)
+        if set(tensors) != {"qweight"}:
+            raise ValueError(f"a {self.name} layer is one qweight tensor, got {', '.join(sorted(tensors))}")
+        data = tensors["qweight"]
+        want = (shape[0], self.nbytes(shape) // shape[0])
+        if data.dtype != torch.uint8 or tuple(data.shape) != want:
+            raise ValueError(f"{self.name} data for shape {list(shape)} is uint8 {list(want)}, got "
+                             f"{data.dtype} {list(data.shape)}")
+        return GGUFTensor(data, shape, dtype, self.name)
+
+    @property
+    def ggml_type(self) -> int:
+        return self.type.ggml_type
+
+    @property
+    def bnb_4bit(self) -> bool:
+        return False
+
+
 @dataclass
 class GGUFTensor:
     """A weight stored in a GGUF block format: ``data`` uint8 [rows, row_bytes], nothing else."""
@@ -174,9 +238,7 @@ class GGUFTensor:
 
     # -- the format protocol (loftq.formats.Quantized) -------------------------------------------
     @property
-    def spec(self):
-        from .formats.gguf import GGUFSpec
-
+    def spec(self) -> GGUFSpec:
         return GGUFSpec(self.qtype)
 
     @property

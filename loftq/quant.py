@@ -13,11 +13,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .codebooks import code_lookup, int8_codebook, nf_codebook, uniform_codebook
+from .codebooks import DQ_BLOCK, code_lookup, int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack
 from .registry import Registry
 
-DQ_BLOCK = 256  # block of the second-level (double) quantization of the absmax constants
 INT8_RECIPROCAL = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it
 
 
@@ -95,9 +94,7 @@ class QuantConfig:
         """Round to nearest, or with ``upper`` by error feedback where :meth:`feedback_applies`
         (elsewhere to nearest). ``importance`` does not apply: a codebook block's scale is its absmax."""
         if upper is not None and self.feedback_applies(tuple(weight.shape)):
-            from .rounding import quantize_feedback
-
-            return quantize_feedback(weight, self, upper=upper)
+            return ROUNDERS["feedback"](weight, self, upper=upper)
         return quantize(weight, config=self)
 
     def feedback_applies(self, shape: Sequence[int]) -> bool:
@@ -131,9 +128,6 @@ class QuantConfig:
     def bnb_4bit(self) -> bool:
         return self.method == "nf" and self.bits == 4
 
-    @property
-    def menu_key(self) -> Any:
-        from .formats.codebook import Width
 
         return Width(self.bits) if self.double_quant else self.bits
 
@@ -243,6 +237,9 @@ class QuantizedTensor:
 
 
 CONSTANT_NAMES = ("absmax", "absmax_codes", "absmax_scale", "absmax_offset")
+# rounding name -> quantizer(weight, config, upper=...) other than round-to-nearest: loftq.rounding
+# registers "feedback" when the package loads (it builds on this module, so it plugs in, not the reverse)
+ROUNDERS: dict[str, Callable[..., "QuantizedTensor"]] = {}
 CHUNK = 1 << 22  # weights dequantized per step by QuantizedTensor.dequantize
 
 

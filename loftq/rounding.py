@@ -22,7 +22,7 @@ import math
 import torch
 
 from .packing import pack
-from .quant import QuantConfig, QuantizedTensor, _double_quantize, _dq_absmax, check_finite, count_nonfinite
+from .quant import ROUNDERS, QuantConfig, QuantizedTensor, _double_quantize, _dq_absmax, check_finite, count_nonfinite
 
 ROUNDINGS = ("nearest", "feedback")
 STEP = 8  # columns updated one by one; the rest of their block gets their errors in one product
@@ -166,3 +166,6 @@ def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: 
         consts, fixed = {"absmax": absmax.contiguous()}, absmax
     codes = _feedback(w, upper.to(w.device, torch.float32), codebook, block, fixed.view(w.shape[0], -1))
     return QuantizedTensor(pack(codes, config.bits), tuple(weight.shape), weight.dtype, config, block=block, **consts)
+
+
+ROUNDERS["feedback"] = quantize_feedback  # QuantConfig.quantize(upper=...) rounds by it

@@ -7,16 +7,20 @@ The Python API mirrors the CLI, with the same config dataclasses (defaults and h
     planner.materialize("plan.json", "out-dir")                 # MaterializeConfig() by default
     model = planner.load("out-dir")                             # a trainable PeftModel
 
-Packages (each ``__init__`` says what it owns and may import)::
+Packages (each ``__init__`` says what it owns and may import), from the bottom up::
 
-    cli/       entry point, subcommands, dry run, rendering, demo
-    search/    exact allocation, objective, Optuna layer, Pareto, the planning pipeline
+    files/     the atomic writer, the input/output path rule, safe reads, the cache, fingerprints
+    errors, options, progress, devices, budget          (top-level modules: the bottom utilities)
+    settings, overheads, memory  the run's settings and the one byte-counting function
+    artifact/  the plan schema and the packed folder's format
+    sources/   model sources (packaged, local folder, hub, GGUF), imatrix files
+    runtime/   QuantLinear, LoRA surgery, the one builder, load(DIR)
+    train/     the one training loop + optimizer + eval, corpus and splits, KL divergence
     scoring/   residual tables, sensitivity, weight bank, zero-step and fine-tune proxies
-    train/     the one training loop + optimizer + eval, corpus and splits
-    runtime/   QuantLinear, dequantizers, LoRA surgery, load(DIR)
-    artifact/  plan schema, on-disk layout, materialize, the one atomic writer
-    sources/   model sources (packaged, local folder, hub, GGUF): facts, targets, streamed weights
-    memory.py  the one byte-counting function; settings.py, config.py: run and plan settings
+    search/    plan settings, exact allocation, objective, Optuna layer, Pareto, the planning flow
+    build/     materialize, the hf-bnb and GGUF exports, finetune's adapter folder, hand-made plans
+    verify/    measured memory against the plan (and the trainers' peak oracle)
+    cli/       entry point, subcommands, preflight checks, dry run, rendering, demo
 """
 from __future__ import annotations
 
@@ -30,12 +34,12 @@ import logging as _logging
 # be fetched from its hub: nothing here needs it, and offline the user can do nothing about it
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
-from planner.config import PlanConfig  # noqa: E402
+from planner.search.config import PlanConfig  # noqa: E402
 from planner.errors import PlannerError  # noqa: E402
 from planner.settings import RunSettings  # noqa: E402
 
 if TYPE_CHECKING:  # imported lazily below: torch/transformers are slow to import
-    from planner.artifact.materialize import Materialized, MaterializeConfig
+    from planner.build.materialize import Materialized, MaterializeConfig
     from planner.artifact.plan import Plan
 
 __all__ = ["PlanConfig", "RunSettings", "PlannerError", "plan", "materialize", "load", "load_plan", "MaterializeConfig"]
@@ -46,7 +50,7 @@ def plan(config: PlanConfig, run: RunSettings | None = None, *, out: str | Path 
 
     ``run`` describes the run the plan must fit (default: :class:`RunSettings` defaults). Bad input
     raises :class:`PlannerError` with one line."""
-    from planner import preflight
+    from planner.cli import preflight
     from planner.artifact.plan import save_plan
     from planner.budget import parse_budget
     from planner.search.pipeline import make_plan
@@ -69,9 +73,9 @@ def plan(config: PlanConfig, run: RunSettings | None = None, *, out: str | Path 
 
 def materialize(plan_path: str | Path, out: str | Path, config: "MaterializeConfig | None" = None,
                 **kwargs: Any) -> "Materialized":
-    """Build DIR from a plan file: packed backbone + LoftQ adapters (see :mod:`planner.artifact.materialize`);
+    """Build DIR from a plan file: packed backbone + LoftQ adapters (see :mod:`planner.build.materialize`);
     a data-aware plan's input moments come from :func:`planner.scoring.moments.plan_moments`."""
-    from planner.artifact.materialize import MaterializeConfig, materialize as _materialize
+    from planner.build.materialize import MaterializeConfig, materialize as _materialize
     from planner.scoring.moments import plan_moments
 
     kwargs.setdefault("moments", plan_moments)
@@ -94,7 +98,7 @@ def load_plan(path: str | Path) -> "Plan":
 
 def __getattr__(name: str) -> Any:
     if name == "MaterializeConfig":
-        from planner.artifact.materialize import MaterializeConfig
+        from planner.build.materialize import MaterializeConfig
 
         return MaterializeConfig
     raise AttributeError(f"module 'planner' has no attribute {name!r}")

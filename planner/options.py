@@ -1,8 +1,8 @@
 """The one helper that declares a setting: a dataclass field carrying its default and its help.
 
-Every config dataclass (:class:`~planner.config.PlanConfig`, :class:`~planner.settings.RunSettings`,
-:class:`~planner.artifact.materialize.MaterializeConfig`, :class:`~planner.train.loop.FinetuneConfig`,
-...) declares its fields with :func:`option`; :mod:`planner.cli.options` turns those fields into
+Every config dataclass (:class:`~planner.search.config.PlanConfig`, :class:`~planner.settings.RunSettings`,
+:class:`~planner.build.materialize.MaterializeConfig`, :class:`~planner.train.loop.FinetuneConfig`,
+...) declares its fields with :func:`option`; :mod:`planner.cli.flags` turns those fields into
 ``--flag`` options, so a default and its help are written once. Imports nothing from ``planner``, so
 every layer may use it.
 """

@@ -2,7 +2,7 @@
 
 Part of the memory model (:mod:`planner.memory` imports these and is still the one function that
 counts a run's bytes); kept apart because these terms come from outside the model: a trainer's loss
-implementation (measured with :mod:`planner.oracle`) and the CUDA driver, cuBLAS and PyTorch's
+implementation (measured with :mod:`planner.verify.oracle`) and the CUDA driver, cuBLAS and PyTorch's
 caching allocator (their sources are named at each constant).
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ from planner.settings import RunSettings
 # and runs the LM head and the loss over chunks of 256 tokens under checkpointing.
 TRL_CHUNK = 256  # trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE
 # Peak bytes per [chunk, V] entry while one chunk runs backward: fp32 logits, log-softmax, its exp
-# and their product, and their gradients (measured with planner.oracle: 16.0 at V = 32k and 128k).
+# and their product, and their gradients (measured with planner.verify.oracle: 16.0 at V = 32k and 128k).
 TRL_CHUNK_BYTES_PER_ENTRY = 16
 # Unknown trainers: the step's peak is not measured; a margin on the allocated bytes (the
 # differences measured between the known trainers were up to the size of the full logits, which
-# this does not always cover: measure your trainer with planner.oracle.measure_step).
+# this does not always cover: measure your trainer with planner.verify.oracle.measure_step).
 OTHER_TRAINER_MARGIN = 0.10
 
 

@@ -96,10 +96,6 @@ class Spec(Protocol):
         """Whether bitsandbytes' Linear4bit reads these codes as they are (NF4)."""
         ...
 
-    @property
-    def menu_key(self) -> Any:
-        """The menu width this spec is shown as (``4``, ``4dq``, ``q4_k``)."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -113,7 +109,8 @@ class Family:
     block_size)`` is the spec a layer of that shape stores.
     ``residuals(stack, specs, dtype)``: (W - deq q(W) in ``dtype``, float64 squared norm per matrix)
     for each spec on a stack [L, out, in] (one fused pass where the family has one).
-    ``bits``: the ``--bits`` it offers; ``double_quant``: whether ``--double-quant`` applies."""
+    ``bits``: the ``--bits`` it offers; ``double_quant``: whether ``--double-quant`` applies;
+    ``key(spec)``: the menu width a spec is shown as in reports."""
 
     name: str
     parse: Callable[[str, "int | None", int, bool], "Spec | None"]
@@ -121,6 +118,7 @@ class Family:
     residuals: Callable[[torch.Tensor, Sequence["Spec"], torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]]
     bits: tuple[int, ...]
     double_quant: bool
+    key: Callable[["Spec"], Any] = lambda spec: spec.name  # the menu width a spec is shown as (4, 4dq, q4_k)
     description: str = ""
 
 
@@ -167,6 +165,11 @@ def sort_key(width: Any) -> tuple[int, int]:
     if isinstance(width, int) and not isinstance(width, bool):
         return (width, 0)
     raise TypeError(f"not a menu width: {width!r}")
+
+
+def menu_key(spec: Spec) -> Any:
+    """The menu width ``spec`` is shown as (``4``, ``4dq``, ``q4_k``), by its family."""
+    return FAMILIES.get(spec.family).key(spec)
 
 
 def widths(family: str, bits: Iterable[int], double_quant: str = "off") -> tuple[Any, ...]:

@@ -95,5 +95,9 @@ def residuals(stack: torch.Tensor, specs: Sequence[QuantConfig], dtype: torch.dt
     return quantization_residuals(stack, list(specs), dtype=dtype, checked=True)
 
 
-FAMILY = register(Family("nf", parse, menu, residuals, bits=(2, 3, 4, 8), double_quant=True,
+def key(spec: QuantConfig):
+    return Width(spec.bits) if spec.double_quant else spec.bits
+
+
+FAMILY = register(Family("nf", parse, menu, residuals, bits=(2, 3, 4, 8), double_quant=True, key=key,
                          description="NormalFloat codebooks with blockwise absmax (planner.load, bitsandbytes)"))

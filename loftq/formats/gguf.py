@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from ..gguf_quants import GGUF_TYPES, GGUFTensor, check_shape, gguf_nbytes, gguf_quantize
+from ..gguf_quants import GGUF_TYPES, GGUFSpec, gguf_quantize
 from ..quant import squared_norm
 from . import Family, register, sort_key
 
@@ -29,74 +29,6 @@ def names() -> list[str]:
 def menu_order() -> list[str]:
     """Every registered type, by code bits, then in the order they were registered."""
     return sorted(GGUF_TYPES.in_order(), key=lambda n: GGUF_TYPES.get(n).code_bits)
-
-
-@dataclass(frozen=True)
-class GGUFSpec:
-    """A weight stored as GGUF type ``name`` (its block, bytes and decoding are llama.cpp's)."""
-
-    name: str
-    family = "gguf"
-    double_quant = False
-    randomized_svd = False  # LoftQ's block Krylov low-rank step was validated on codebook widths only
-
-    def __post_init__(self) -> None:
-        GGUF_TYPES.get(self.name)  # unknown names list the known ones
-
-    @property
-    def type(self):
-        return GGUF_TYPES.get(self.name)
-
-    @property
-    def bits(self) -> int:
-        return self.type.code_bits
-
-    @property
-    def block_size(self) -> int:
-        return self.type.block_size
-
-    @property
-    def method(self) -> str:
-        return self.name  # a type names itself where a codebook spec names its method
-
-    def nbytes(self, shape: Sequence[int]) -> int:
-        return gguf_nbytes(tuple(int(s) for s in shape), self.name)
-
-    def check_shape(self, shape: Sequence[int]) -> None:
-        check_shape(tuple(int(s) for s in shape), self.name)
-
-    def quantize(self, weight: torch.Tensor, *, upper: torch.Tensor | None = None,
-                 importance: torch.Tensor | None = None) -> GGUFTensor:
-        if upper is not None:
-            raise ValueError(f"error-feedback rounding takes codebook widths, not the GGUF type {self.name}")
-        return gguf_quantize(weight, self.name, **({"importance": importance} if importance is not None else {}))
-
-    def feedback_applies(self, shape: Sequence[int]) -> bool:
-        return False
-
-    def restore(self, tensors: Mapping[str, torch.Tensor], shape: Sequence[int], dtype: torch.dtype) -> GGUFTensor:
-        shape = tuple(int(s) for s in shape)
-        self.check_shape(shape)
-        if set(tensors) != {"qweight"}:
-            raise ValueError(f"a {self.name} layer is one qweight tensor, got {', '.join(sorted(tensors))}")
-        data = tensors["qweight"]
-        want = (shape[0], self.nbytes(shape) // shape[0])
-        if data.dtype != torch.uint8 or tuple(data.shape) != want:
-            raise ValueError(f"{self.name} data for shape {list(shape)} is uint8 {list(want)}, got "
-                             f"{data.dtype} {list(data.shape)}")
-        return GGUFTensor(data, shape, dtype, self.name)
-
-    @property
-    def ggml_type(self) -> int:
-        return self.type.ggml_type
-
-    @property
-    def bnb_4bit(self) -> bool:
-        return False
-
-    @property
-    def menu_key(self) -> str:
-        return self.name
 
 
 @total_ordering

@@ -1,6 +1,6 @@
 """The materialized artifact on disk, and ``planner.load(DIR)`` -> a trainable PeftModel.
 
-Layout written by :mod:`planner.artifact.materialize`::
+Layout written by :mod:`planner.build.materialize`::
 
     DIR/plan.json                    the plan, with the residuals and iterations actually reached
     DIR/backbone/config.json         the model's config (+ generation config, tokenizer files)
@@ -16,7 +16,7 @@ Layout written by :mod:`planner.artifact.materialize`::
     DIR/adapter/                     a PEFT LoRA folder (absent when no layer has a rank)
 
 The backbone is not a stock transformers checkpoint (transformers has no 2/8-bit NF layers);
-``--format hf-bnb`` adds one for all-NF4 plans (see :mod:`planner.artifact.materialize`).
+``--format hf-bnb`` adds one for all-NF4 plans (see :mod:`planner.build.materialize`).
 """
 from __future__ import annotations
 
@@ -329,27 +329,3 @@ def _task_type(plan: Plan) -> str | None:
     """PEFT task type: causal LM for decoders, seq2seq for t5/bart, none for encoders."""
     arch = plan.model.get("architecture")
     return None if arch == "bert" else "SEQ_2_SEQ_LM" if arch in ("t5", "bart") else "CAUSAL_LM"
-
-
-def write_trained_adapter(artifact: Path, state: Mapping[str, torch.Tensor], out: Path,
-                          gguf_adapter_dtype: str | None = None) -> Path:
-    """A PEFT folder with ``artifact``'s adapter config and the trained weights ``state``, built in a
-    temp folder and renamed to ``out`` (an existing folder there is replaced). An artifact with a
-    llama.cpp export (``materialize --format gguf``) also gets ``out/adapter.gguf``, the trained
-    adapter in llama.cpp's format for its ``gguf/model.gguf`` (tensors in ``gguf_adapter_dtype``,
-    default the export's default, f16)."""
-    from planner.files.atomic import atomic_dir
-    from planner.artifact.gguf_export import (ADAPTER_GGUF, DEFAULT_ADAPTER_DTYPE, MODEL_GGUF, Base,
-                                              write_adapter_gguf)
-
-    model_gguf = artifact / GGUF_DIR / MODEL_GGUF
-
-    def build(tmp: Path) -> None:
-        shutil.copyfile(artifact / ADAPTER / ADAPTER_CONFIG, tmp / ADAPTER_CONFIG)
-        atomic_save_tensors(tmp / ADAPTER_WEIGHTS, dict(state), {"format": "pt"})
-        if model_gguf.is_file():
-            art = read_artifact(artifact)
-            write_adapter_gguf(tmp / ADAPTER_GGUF, Base(model_gguf), state, art.ranks(), art.alphas(),
-                               gguf_adapter_dtype or DEFAULT_ADAPTER_DTYPE)
-
-    return atomic_dir(out, build, replace=True)

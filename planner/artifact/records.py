@@ -134,6 +134,10 @@ class SearchRecord:
 from planner.settings import INITS  # noqa: E402  (one definition: the plan command's choices)
 
 DEFAULT_DAMP = 0.01  # loftq.solver.calibration_factor's ridge, as a fraction of mean(diag H)
+# the calibration the plan command uses by default (PlanConfig's --calib-seqs / --calib-seq-len), and
+# what materialize --init loftq-data takes for a plan made without one: defined once, here
+DEFAULT_CALIB_SEQS = 16
+DEFAULT_CALIB_SEQ_LEN = 256
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """``python -m planner``: one entry point, subcommands in a table (:data:`COMMANDS`).
 
 Each command module (:data:`COMMAND_MODULES`) registers its :class:`Command`: its options come from
-config dataclasses through :mod:`planner.cli.options` (default and help defined once). Exit status 2
+config dataclasses through :mod:`planner.cli.flags` (default and help defined once). Exit status 2
 with one line on stderr is for the user's mistakes only: a :class:`~planner.errors.PlannerError`
 (bad input, impossible request, an output path or storage that cannot be used) or an argparse
 usage error. Anything else, an internal ``ValueError`` included, is a bug and keeps its traceback.

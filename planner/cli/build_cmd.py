@@ -4,8 +4,8 @@
     python -m planner finetune DIR [--data FILE] [--steps N] [--lr LR] [--out ADAPTER_DIR] [--json]
     python -m planner verify DIR [--steps N] [--json]
 
-Options come from config dataclasses: :class:`~planner.artifact.materialize.MaterializeConfig`,
-:class:`~planner.train.loop.FinetuneConfig`, :class:`~planner.config.VerifyConfig`, and each
+Options come from config dataclasses: :class:`~planner.build.materialize.MaterializeConfig`,
+:class:`~planner.train.loop.FinetuneConfig`, :class:`~planner.search.config.VerifyConfig`, and each
 command's output options below. Output folders are checked before any work. Bad input: one line on
 stderr, exit status 2.
 """
@@ -22,16 +22,16 @@ from typing import Any
 from rich.table import Table
 
 from planner.budget import format_bytes
-from planner import preflight
+from planner.cli import preflight
 from planner.cli.app import COMMANDS, Command
-from planner.cli.options import Report, add_options, config_from, user_config
-from planner.config import VerifyConfig
+from planner.cli.flags import Report, add_options, config_from, user_config
+from planner.verify.report import VerifyConfig
 from planner.errors import PlannerError
 from planner.files.atomic import sweep_temps
 from planner.options import option
 from planner.train.loop import FinetuneConfig
-from planner.artifact.gguf_export import adapter_dtype_option
-from planner.artifact.materialize import MaterializeConfig
+from planner.build.gguf_export import adapter_dtype_option
+from planner.build.materialize import MaterializeConfig
 from planner.progress import stdout_console
 from planner.settings import TRAINERS
 
@@ -62,10 +62,11 @@ def _materialize_args(p: argparse.ArgumentParser) -> None:
 
 
 def materialize_command(args: argparse.Namespace) -> int:
-    from planner import materialize
+    from planner.build.materialize import materialize
+    from planner.scoring.moments import plan_moments
 
     cfg, io = config_from(MaterializeConfig, args), config_from(MaterializeOutput, args)
-    result = materialize(args.plan, io.out, cfg)  # checks --out before any work (its preflight)
+    result = materialize(args.plan, io.out, cfg, moments=plan_moments)  # checks --out before any work
     layers = result.plan.layers
     summary = {"out": str(result.path), "layers": len(layers), "computed": len(result.computed),
                "resumed": len(layers) - len(result.computed), "seconds": round(result.seconds, 2),
@@ -120,7 +121,7 @@ def run_finetune(path: str | Path, cfg: FinetuneConfig) -> tuple[Any, Any]:
     art = read_artifact(path)
     run = art.run
     seq_len, batch = cfg.seq_len or run.seq_len, cfg.batch_size or run.batch_size
-    from planner.verify import facts_of
+    from planner.verify.report import facts_of
 
     try:  # a hand-edited seq_len would allocate for a context the model does not have
         dataclasses.replace(run, seq_len=seq_len).check_model(facts_of(art), str(art.path))
@@ -147,7 +148,7 @@ def save_adapter(model: Any, path: str | Path, out: str | Path, gguf_adapter_dty
     with DIR's llama.cpp export, also adapter.gguf in ``gguf_adapter_dtype`` (default f16)."""
     from peft import get_peft_model_state_dict
 
-    from planner.artifact.layout import write_trained_adapter
+    from planner.build.adapter import write_trained_adapter
 
     return write_trained_adapter(Path(path), get_peft_model_state_dict(model), Path(out), gguf_adapter_dtype)
 
@@ -160,7 +161,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    from planner.verify import verify
+    from planner.verify.report import verify
 
     cfg = config_from(VerifyConfig, args)
     report = verify(args.dir, steps=cfg.steps, device=cfg.device, seq_len=cfg.seq_len, batch_size=cfg.batch_size,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from loftq.formats import menu_key
 from search_spaces.widths import is_double_quant, width_bits
 
 from planner.cli.app import _register, main
@@ -38,7 +39,7 @@ def step(console: Console, title: str, argv: list[str]) -> None:
 
 def _width_label(layer) -> str:
     """``8-bit``, ``4-bit+dq``, or a type's own name (``q4_k``)."""
-    key = layer.spec.menu_key if layer.spec is not None else layer.bits
+    key = menu_key(layer.spec) if layer.spec is not None else layer.bits
     if str(key).isdigit():
         return f"{key}-bit"
     return f"{width_bits(key)}-bit+dq" if is_double_quant(key) else str(key)

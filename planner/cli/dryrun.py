@@ -1,7 +1,7 @@
 """``python -m planner --model M --budget B --dry-run [--json]``: the memory range of the search space.
 
 Reads no weights: prints the memory breakdown of the smallest and the largest plan of the search
-space and whether each fits the budget. It takes the same :class:`~planner.config.PlanConfig` and
+space and whether each fits the budget. It takes the same :class:`~planner.search.config.PlanConfig` and
 :class:`~planner.settings.RunSettings` as a real run (so it validates the same options, and checks a
 local ``--data`` file with the real run's corpus loader), and derives what it needs from them.
 """
@@ -12,7 +12,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from planner.budget import format_bytes, parse_budget
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, estimate, layer_bytes
 from planner.settings import LayerChoice, RunSettings, resolve_engine
@@ -56,7 +56,7 @@ def _check_data(cfg: PlanConfig) -> None:
     """A local ``--data`` file is read by the real run's loader (hub datasets are not fetched)."""
     if not cfg.data or cfg.data.startswith("hf:"):
         return
-    from planner.cli.options import user_config
+    from planner.cli.flags import user_config
     from planner.train.data import CorpusConfig, load_corpus
 
     load_corpus(user_config(CorpusConfig, source=cfg.data, seed=0))
@@ -96,7 +96,7 @@ def dry_run(cfg: PlanConfig, run: RunSettings, as_json: bool = False) -> int:
     }
     peak = _planner_peak(cfg, source, targets, non_target, est_max)
     report["planner"] = peak.to_dict()
-    from planner.fit import fit_lines, fit_space  # longest context / largest batch per uniform plan
+    from planner.cli.fit import fit_lines, fit_space  # longest context / largest batch per uniform plan
 
     fits = fit_space(budget, source.facts, targets, space, run, non_target, DRY_RUN_METHOD) if budget else []
     report["fit"] = [f.to_dict() for f in fits]

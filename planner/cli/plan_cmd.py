@@ -1,6 +1,6 @@
 """The ``plan`` command (default), ``models`` and ``show``: options from PlanConfig + RunSettings.
 
-Before any weight is read, :func:`planner.preflight.plan_outputs` checks the plan and Pareto
+Before any weight is read, :func:`planner.cli.preflight.plan_outputs` checks the plan and Pareto
 paths, the study storage and the cache folder.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from planner.budget import format_bytes, parse_budget
-from planner import preflight
+from planner.cli import preflight
 from planner.cli.app import COMMANDS, Command
 from planner.cli.dryrun import dry_run
-from planner.cli.options import Report, add_options, config_from
-from planner.config import PlanConfig
+from planner.cli.flags import Report, add_options, config_from
+from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 from planner.files.paths import Input, Output, check_outputs
 from planner.options import option
@@ -188,7 +188,7 @@ def show_command(args: argparse.Namespace) -> int:
     binds = plan.search.budget_binds
     outcome = SimpleNamespace(plan=plan, budget_binds=True if binds is None else binds)
     report(outcome, Path(args.plan), plan.budget_bytes, written=False)
-    from planner.fit import fit_lines, fit_plan_file  # longest context / largest batch within the plan's budget
+    from planner.cli.fit import fit_lines, fit_plan_file  # longest context / largest batch within the plan's budget
 
     fits = fit_plan_file(plan)
     if fits:

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from search_spaces.choices import has_adapter
 
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 from planner.files.paths import one_line
 from planner.search.objective import OptionTable
@@ -42,7 +42,7 @@ from planner.scoring.tables import ResidualTables, TableSettings, compute_tables
 log = logging.getLogger(__name__)
 TABLE_SHARDS = 16  # layer ranges: enough to keep 2-8 workers busy, few enough to keep the batching
 POLL_S = 0.5
-CONFIG = "planner.config"  # the run's full PlanConfig + RunSettings + budget, for `collect`
+CONFIG = "planner.search.config"  # the run's full PlanConfig + RunSettings + budget, for `collect`
 REF_LOSS = "planner.ref_loss"
 ALIVE = "alive_at"  # a proxy candidate's last step at which it was evaluated and not pruned
 

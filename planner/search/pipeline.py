@@ -25,7 +25,7 @@ from search_spaces.widths import WidthKey
 from planner.artifact.records import DEFAULT_DAMP
 from planner.search.allocate import InfeasibleBudget
 from planner.files.cache import cache_key, default_cache_dir, load_cached, non_negative, save_cached
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 from planner.memory import LayerChoice, estimate, fixed_bytes, layer_bytes
 from planner.overheads import allocatable_bytes

@@ -43,7 +43,7 @@ def _plan():
     """A real plan (one phi-2 layer, from the shipped facts; no weights read)."""
     from planner.settings import LayerChoice, RunSettings
     from planner.sources import resolve
-    from planner.verify import plan_from_choices
+    from planner.build.manual import plan_from_choices
 
     source = resolve("phi-2", allow_download=False)
     name = source.targets()[0].name

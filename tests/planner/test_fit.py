@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from planner.fit import fit_choices, fit_lines, fit_space, uniform_plans
+from planner.cli.fit import fit_choices, fit_lines, fit_space, uniform_plans
 from planner.memory import estimate
 from planner.settings import LayerChoice, RunSettings
 from search_spaces.choices import SearchSpace

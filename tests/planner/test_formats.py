@@ -61,7 +61,6 @@ class ToySpec:
     randomized_svd = False
     ggml_type = None
     bnb_4bit = False
-    menu_key = "toy4"
 
     def nbytes(self, shape: Sequence[int]) -> int:
         return int(shape[0]) * int(shape[1]) + 4 * int(shape[0])

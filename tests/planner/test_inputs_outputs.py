@@ -40,7 +40,7 @@ def _tiny(root: Path, ranks=(0, 8)) -> tuple[Path, Path]:
     from planner.artifact.plan import save_plan
     from planner.settings import LayerChoice, RunSettings
     from planner.sources import resolve
-    from planner.verify import plan_from_choices
+    from planner.build.manual import plan_from_choices
     from tests.tiny_models import save_tiny_checkpoint
 
     ckpt = save_tiny_checkpoint("llama", root / "ckpt")
@@ -74,8 +74,8 @@ def test_plan_out_equal_to_the_calibration_text_is_refused(tmp_path: Path, capsy
 
 def test_plan_out_over_a_file_of_the_model_folder_is_refused_and_a_new_file_there_is_not(tmp_path: Path,
                                                                                           capsys) -> None:
-    from planner import preflight
-    from planner.config import PlanConfig
+    from planner.cli import preflight
+    from planner.search.config import PlanConfig
 
     ckpt, _ = _tiny(tmp_path)
     config = ckpt / "config.json"
@@ -226,7 +226,7 @@ def _dead_tag() -> str:
 def test_a_killed_materialize_leaves_temps_the_resume_never_publishes(tmp_path: Path) -> None:
     """After kill -9 the resumed run shipped `.model.gguf.*.tmp` and `.non_target.safetensors.*.tmp`."""
     from planner import materialize
-    from planner.artifact.materialize import partial_dir
+    from planner.build.materialize import partial_dir
 
     _, plan = _tiny(tmp_path)
     out = tmp_path / "out"
@@ -282,7 +282,7 @@ def test_a_full_disk_in_safetensors_or_the_gguf_writer_is_one_line(tmp_path: Pat
 
 
 def test_materialize_on_a_disk_that_fills_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
-    import planner.artifact.materialize as mat
+    import planner.build.materialize as mat
 
     _, plan = _tiny(tmp_path)
 
@@ -415,7 +415,7 @@ def test_option_values_that_start_with_a_dash_reach_their_own_check(tmp_path: Pa
 
 
 def test_the_api_config_raises_the_one_line_error_type(tmp_path: Path) -> None:
-    from planner.config import PlanConfig
+    from planner.search.config import PlanConfig
 
     with pytest.raises(PlannerError, match=r"bits must be a tuple of integers.*'2,4'") as err:
         PlanConfig(bits="2,4")
@@ -474,7 +474,7 @@ def test_a_nan_adapter_is_named_not_blamed_on_the_learning_rate(tmp_path: Path, 
 
 def test_default_ranks_are_clipped_on_a_small_model_and_chosen_ones_say_what_fits(tmp_path: Path) -> None:
     """The default --ranks include 64: a small model failed with "rank 64 exceeds layer"."""
-    from planner.config import PlanConfig
+    from planner.search.config import PlanConfig
     from planner.sources import resolve
     from tests.tiny_models import save_tiny_checkpoint
 
@@ -486,7 +486,7 @@ def test_default_ranks_are_clipped_on_a_small_model_and_chosen_ones_say_what_fit
 
 
 def test_uniform_gguf_rows_say_which_types_the_layers_store() -> None:
-    from planner.fit import uniform_plans
+    from planner.cli.fit import uniform_plans
     from planner.sources import resolve
     from search_spaces.choices import SearchSpace
 

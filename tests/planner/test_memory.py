@@ -2,7 +2,7 @@
 
 Accounting: a tiny checkpoint is quantized (NF4), wrapped with PEFT LoRA and trained for two steps.
 During the second step ``saved_tensors_hooks`` collect every tensor autograd keeps (deduplicated by
-storage, parameters and buffers excluded), and the peak oracle (:mod:`planner.oracle`, a dispatch
+storage, parameters and buffers excluded), and the peak oracle (:mod:`planner.verify.oracle`, a dispatch
 mode summing live storages: the CPU analogue of ``torch.cuda.max_memory_allocated``) gives the
 peak. Parameters, buffers, gradients and optimizer states are counted after the step. One set of
 constants serves every architecture and setting.
@@ -36,8 +36,8 @@ def _nbytes(tensors) -> int:
 
 
 def _oracle_peak(fn) -> int:
-    """Most bytes allocated on top of what lives at the start while ``fn`` runs (planner.oracle)."""
-    from planner.oracle import LiveBytes
+    """Most bytes allocated on top of what lives at the start while ``fn`` runs (planner.verify.oracle)."""
+    from planner.verify.oracle import LiveBytes
 
     with LiveBytes() as mode:
         fn()

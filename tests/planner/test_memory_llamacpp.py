@@ -72,7 +72,7 @@ def test_a_llamacpp_plan_is_written_as_schema_v6_and_older_readers_are_told(smol
 
     from planner.artifact.plan import load_plan, save_plan
     from planner.errors import PlannerError
-    from planner.verify import plan_from_choices
+    from planner.build.manual import plan_from_choices
 
     run = RunSettings(device="cuda", mode="inference", engine="llama.cpp", seq_len=2048)
     choices = {t.name: LayerChoice(4, 8, "q4_0", 32) for t in smol.targets()}

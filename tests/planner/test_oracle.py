@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from planner.memory import estimate
-from planner.oracle import LiveBytes, StepTracker, measure_step, tiny_case
+from planner.verify.oracle import LiveBytes, StepTracker, measure_step, tiny_case
 from planner.settings import RunSettings
 
 TOLERANCE = 0.05  # the bound; measured within 0.3% (README table)

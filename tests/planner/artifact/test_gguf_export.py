@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from planner import progress
-from planner.artifact.gguf_export import Base, file_alpha, write_adapter_gguf
+from planner.build.gguf_export import Base, file_alpha, write_adapter_gguf
 from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS, peft_key, read_artifact, read_layer
 from planner.files.tensors import load_tensors
-from planner.artifact.materialize import MaterializeConfig, materialize
+from planner.build.materialize import MaterializeConfig, materialize
 from planner.artifact.plan import save_plan
 from planner.artifact.summary import summary_by_block
 from planner.cli.app import main
 from planner.settings import LayerChoice, RunSettings
 from planner.sources import resolve
-from planner.verify import plan_from_choices
+from planner.build.manual import plan_from_choices
 from tests.conftest import smollm2_gguf
 from tests.tiny_models import save_tiny_checkpoint, save_tiny_llama_gguf
 

@@ -22,13 +22,14 @@ from planner.cli.app import main
 from planner.errors import PlannerError
 from planner.train.loop import eval_loss
 from planner.artifact.layout import ADAPTER, ADAPTER_WEIGHTS, BACKBONE, LAYER_DIR, QUANT_META, read_artifact
-from planner.artifact.materialize import MaterializeConfig, materialize, partial_dir
+from planner.build.materialize import MaterializeConfig, materialize, partial_dir
 from planner.artifact.plan import load_plan, save_plan
 from planner.runtime.layers import QuantLinear, backbone_nbytes
 from planner.settings import LayerChoice, RunSettings
 from planner.sources import resolve
 from planner.runtime.load import load_backbone
-from planner.verify import load_dense, plan_from_choices
+from planner.build.manual import plan_from_choices
+from planner.verify.report import load_dense
 from tests.tiny_models import build_tiny, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[3]
@@ -249,7 +250,7 @@ def test_interrupted_run_leaves_no_dir_and_resumes_only_the_rest(tmp_path: Path)
 def test_killed_process_leaves_no_dir_and_the_next_run_resumes(tmp_path: Path) -> None:
     plan = _tiny_plan(tmp_path)
     out, k = tmp_path / "out", 3
-    child = (f"import time\nfrom planner import progress\nfrom planner.artifact.materialize import materialize\n"
+    child = (f"import time\nfrom planner import progress\nfrom planner.build.materialize import materialize\n"
              f"progress.set_enabled(False)\nn = []\n"
              f"def hook(name):\n    n.append(name)\n    if len(n) == {k}: time.sleep(600)\n"
              f"materialize({str(plan)!r}, {str(out)!r}, on_layer=hook)\n")
@@ -320,7 +321,7 @@ def test_config_validation_names_the_value() -> None:
 
 def test_svd_method_is_part_of_the_job(tmp_path: Path) -> None:
     """A partial run with one --svd is not resumed by the other (their layers differ)."""
-    from planner.artifact.materialize import job_key
+    from planner.build.materialize import job_key
 
     plan = load_plan(_tiny_plan(tmp_path))
     iters = {layer.name: 1 for layer in plan.layers}
@@ -488,7 +489,7 @@ def test_materialize_follows_the_plan_commands_download_policy(tmp_path: Path, c
     assert not (tmp_path / "c").exists() and not partial_dir(tmp_path / "c").exists()
 
 
-_MATERIALIZE = ("import sys\nfrom planner import progress\nfrom planner.artifact.materialize import materialize\n"
+_MATERIALIZE = ("import sys\nfrom planner import progress\nfrom planner.build.materialize import materialize\n"
                 "progress.set_enabled(False)\nmaterialize(sys.argv[1], sys.argv[2])\n")
 
 

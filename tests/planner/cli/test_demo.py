@@ -6,7 +6,7 @@ from pathlib import Path
 from planner.cli.demo import why
 from planner.settings import LayerChoice, RunSettings
 from planner.sources import resolve
-from planner.verify import plan_from_choices
+from planner.build.manual import plan_from_choices
 from tests.tiny_models import save_tiny_checkpoint
 
 

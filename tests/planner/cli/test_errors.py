@@ -69,11 +69,12 @@ def test_a_bad_option_value_is_one_line_and_exit_2(capsys: pytest.CaptureFixture
 
 # ---------------------------------------------------------------- one mechanism for an option
 def _option_dataclasses() -> list[type]:
-    from planner.artifact.materialize import MaterializeConfig
+    from planner.build.materialize import MaterializeConfig
     from planner.cli.build_cmd import FinetuneOutput, MaterializeOutput
-    from planner.cli.options import Report
+    from planner.cli.flags import Report
     from planner.cli.plan_cmd import CollectCommand, PlanCommand
-    from planner.config import PlanConfig, VerifyConfig
+    from planner.search.config import PlanConfig
+    from planner.verify.report import VerifyConfig
     from planner.settings import RunSettings
     from planner.train.loop import FinetuneConfig
 
@@ -99,13 +100,13 @@ def test_every_option_of_every_command_is_a_dataclass_field() -> None:
 
 
 def test_one_field_helper() -> None:
-    import planner.artifact.materialize
-    import planner.config
+    import planner.build.materialize
+    import planner.search.config
     import planner.settings
     import planner.train.loop
     from planner.options import option
 
-    for module in (planner.config, planner.settings, planner.artifact.materialize, planner.train.loop):
+    for module in (planner.search.config, planner.settings, planner.build.materialize, planner.train.loop):
         assert module._opt is option, module.__name__
 
 

@@ -21,7 +21,7 @@ def no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def heavy(*args, **kwargs):
         raise AssertionError("heavy work started before the bad input was refused")
 
-    import planner.artifact.materialize as mat
+    import planner.build.materialize as mat
     import planner.cli.build_cmd as build
     import planner.search.pipeline as pipeline
 
@@ -179,11 +179,11 @@ def test_a_full_disk_while_materializing_is_one_line_and_the_next_run_resumes(tm
     """ENOSPC at the 4th layer file: exit 2, no DIR, no temp file; the 3 committed layers are kept in
     DIR.partial and the next run (space freed) computes only the rest."""
     from planner import progress
-    from planner.artifact.materialize import partial_dir
+    from planner.build.materialize import partial_dir
     from planner.artifact.plan import save_plan
     from planner.settings import LayerChoice, RunSettings
     from planner.sources import resolve
-    from planner.verify import plan_from_choices
+    from planner.build.manual import plan_from_choices
     from tests.tiny_models import save_tiny_checkpoint
 
     monkeypatch.setattr(progress, "_enabled", False)

@@ -14,13 +14,13 @@ import planner.cli.build_cmd  # noqa: F401  registers the commands
 from planner import load, progress
 from planner.artifact.layout import (ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, BACKBONE, LAYER_DIR,
                                      NON_TARGET_FILE)
-from planner.artifact.materialize import materialize
+from planner.build.materialize import materialize
 from planner.artifact.plan import save_plan
 from planner.cli.app import main
 from planner.errors import PlannerError
 from planner.settings import LayerChoice, RunSettings
 from planner.sources import resolve
-from planner.verify import plan_from_choices
+from planner.build.manual import plan_from_choices
 from tests.tiny_models import save_tiny_checkpoint
 
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from planner.oracle import LiveBytes
+from planner.verify.oracle import LiveBytes
 from planner.scoring.bank import DiskStore, MemoryStore, ModelWeights, WeightBank
 from planner.scoring.proxy import StreamedZeroStepProxy, ZeroStepProxy
 from planner.scoring.scorer import Scorer, SourceWeights, shell_model

@@ -15,7 +15,7 @@ from loftq import loftq
 from planner.artifact.layout import read_artifact, read_layer
 from planner.artifact.plan import load_plan, save_plan
 from planner.cli.app import main
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 from planner.scoring.moments import plan_moments
 from planner.search.pipeline import extremes, make_plan, prepare

@@ -13,7 +13,7 @@ from loftq import GGUFTensor, dequantize, gguf_nbytes, gguf_quantize
 from planner import progress
 from planner.artifact.layout import read_artifact
 from planner.cli.app import main
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.scoring.bank import DiskStore, WeightBank
 from planner.scoring.tables import TableSettings, compute_tables
 from planner.search.pipeline import extremes, make_plan, prepare

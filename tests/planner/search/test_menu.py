@@ -13,7 +13,7 @@ import torch
 from loftq import loftq
 from planner.artifact.plan import load_plan
 from planner.cli.app import main
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.memory import layer_bytes
 from planner.search.pipeline import (extremes, fingerprint, make_plan, options_of, prepare, study_name_for,
                                      table_settings)

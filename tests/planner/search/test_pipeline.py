@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from planner.cli.app import main
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.artifact.plan import load_plan, save_plan
 from planner.search.pipeline import extremes, make_plan, prepare
 from planner.settings import RunSettings

@@ -16,7 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from planner.artifact.plan import load_plan
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.search.distributed import fisher_specs, table_specs
 from planner.search.pipeline import extremes, prepare
 from planner.settings import RunSettings

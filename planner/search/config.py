@@ -1,5 +1,5 @@
-"""PlanConfig and VerifyConfig: the options of ``python -m planner`` and of ``verify``, each with its
-default and help defined once (:func:`planner.options.option`)."""
+"""PlanConfig: the options of ``python -m planner`` (the plan command), each with its default and help
+defined once (:func:`planner.options.option`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +13,10 @@ from search_spaces.facts import TargetLayer
 from loftq.formats import FAMILIES
 from search_spaces.choices import DQ_MODES, GRANULARITIES, QUANTS, SearchSpace, family_bits
 
+from planner.artifact.records import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_SEQS
 from planner.errors import ConfigError
 from planner.options import option as _opt
-from planner.settings import INITS, TRAINERS
+from planner.settings import INITS
 
 log = logging.getLogger(__name__)
 SEARCHES = ("guided", "exact")
@@ -57,9 +58,9 @@ class PlanConfig:
     storage: str | None = _opt(None, "Optuna storage URL (default: SQLite in the cache dir)")
     study_name: str | None = _opt(None, "Optuna study name (default: derived from model, settings, budget)")
     data: str | None = _opt(None, "calibration text: a .txt or .jsonl file (default: Python's pydoc topics)")
-    calib_seqs: int = _opt(16, "sequences for the Fisher sensitivity")
+    calib_seqs: int = _opt(DEFAULT_CALIB_SEQS, "sequences for the Fisher sensitivity")
     proxy_seqs: int = _opt(4, "held-out sequences for the zero-step proxy")
-    calib_seq_len: int = _opt(256, "tokens per calibration / proxy sequence")
+    calib_seq_len: int = _opt(DEFAULT_CALIB_SEQ_LEN, "tokens per calibration / proxy sequence")
     proxy_top: int = _opt(0, "re-score this many diverse candidates by a short LoRA fine-tune each and keep the "
                           "lowest held-out loss (0 = zero-step proxy only)")
     proxy_steps: int = _opt(20, "LoRA steps per fine-tune proxy candidate")
@@ -166,27 +167,3 @@ def _real(value: object) -> bool:
 
 def config_fields() -> list:
     return list(fields(PlanConfig))
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    """Options of ``python -m planner verify DIR``: a few training steps measured against the plan."""
-
-    steps: int = _opt(3, "training steps to measure")
-    device: str | None = _opt(None, "where to run (default: cuda if available, else cpu)")
-    seq_len: int | None = _opt(None, "tokens per sequence (default: the plan's run seq_len)", type=int)
-    batch_size: int | None = _opt(None, "sequences per step (default: the plan's run batch_size)", type=int)
-    trainer: str | None = _opt(None, "on CPU, measure the peak of a step run through this trainer (default: the "
-                               "plan's run setting)", choices=TRAINERS)
-
-    def __post_init__(self) -> None:
-        if self.trainer is not None and self.trainer not in TRAINERS:
-            raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}; got {self.trainer!r}")
-        for name in ("steps", "seq_len", "batch_size"):
-            value = getattr(self, name)
-            if value is None and name != "steps":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.seq_len is not None and self.seq_len < 2:  # next-token loss needs two tokens
-            raise ValueError(f"seq_len must be >= 2, got {self.seq_len!r}")

@@ -58,12 +58,12 @@ from loftq.solver import SVD_METHODS
 from search_spaces.discovery import is_conv1d, is_linear_like
 
 from planner import progress
-from planner.artifact.gguf_export import ADAPTER_DTYPES, adapter_dtype_option, export_gguf, gguf_base as _gguf_base
+from planner.build.gguf_export import ADAPTER_DTYPES, adapter_dtype_option, export_gguf, gguf_base as _gguf_base
 from planner.artifact.layout import (ADAPTER, BACKBONE, DTYPES, HF_BNB, LAYER_DIR, NON_TARGET_FILE, PLAN_FILE, QUANT_META,
                                      BackboneMeta, LayerMeta, copy_config_files, dtype_name, layer_tensors,
                                      write_adapter)
 from planner.artifact.plan import MAX_ITERS, LayerPlan, Plan, created_with, load_plan, save_plan
-from planner.artifact.records import DEFAULT_DAMP, InitRecord
+from planner.artifact.records import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_SEQS, DEFAULT_DAMP, InitRecord
 from planner.devices import default_device, resolve_device
 from planner.errors import PlannerError
 from planner.files.atomic import (atomic_save_tensors, atomic_write_bytes, check_dir_target, check_writable, rename_dir,
@@ -300,10 +300,7 @@ def init_of(plan: Plan, config: MaterializeConfig) -> InitRecord:
         return plan.init
     if config.init == "loftq":
         return InitRecord()
-    from planner.config import PlanConfig
-
-    d = PlanConfig()
-    return InitRecord("loftq-data", data=d.data, seqs=d.calib_seqs, seq_len=d.calib_seq_len, damp=DEFAULT_DAMP)
+    return InitRecord("loftq-data", data=None, seqs=DEFAULT_CALIB_SEQS, seq_len=DEFAULT_CALIB_SEQ_LEN, damp=DEFAULT_DAMP)
 
 
 def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int], svd: str = "randomized",
@@ -438,6 +435,8 @@ def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: S
     new_plan = dataclasses.replace(plan, layers=new_layers, created_with={**plan.created_with, "materialize": info})
     save_plan(new_plan, artifact / PLAN_FILE)
     if config.format == "hf-bnb":
+        from planner.build.hf_bnb import write_hf_bnb
+
         write_hf_bnb(artifact, source)
     return new_plan
 
@@ -470,59 +469,3 @@ def _swap_into_place(artifact: Path, out: Path, force: bool) -> None:
         raise PlannerError(f"{out} already exists; pass --force (MaterializeConfig(force=True) in Python) to replace it")
     sweep_temps(artifact, all_temps=True)  # no temp file is ever published
     rename_dir(artifact, out, replace=True)
-
-
-# ---------------------------------------------------------------- interop: a stock NF4 checkpoint
-
-
-def write_hf_bnb(artifact: Path, source: Any) -> Path:
-    """``artifact/hf-bnb``: the backbone as a stock transformers bitsandbytes-4bit checkpoint.
-
-    Each NF4 layer is stored the way transformers serializes a prequantized ``Linear4bit``: our codes
-    as NAME.weight (uint8 [n/2, 1]; bnb consumes them bit-exactly) and bnb's QuantState tensors
-    (absmax, quant_map, nested_* for double quantization, the packed JSON state). 16-bit layers and
-    every other linear layer (the output head) are plain weights listed in ``llm_int8_skip_modules``.
-    Load with ``AutoModelForCausalLM.from_pretrained(DIR/hf-bnb)`` and
-    ``PeftModel.from_pretrained(model, DIR/adapter)``. The whole state is built in memory (about the
-    backbone size) before it is written.
-    """
-    from planner.artifact.layout import read_artifact, read_layer
-    from planner.files.tensors import load_tensors
-    from loftq.bnb import bnb_quant_state
-
-    try:
-        from transformers import BitsAndBytesConfig
-        import bitsandbytes.functional  # noqa: F401  (fail early, not half-way)
-    except Exception:
-        raise PlannerError("--format hf-bnb needs bitsandbytes: pip install bitsandbytes") from None
-    art = read_artifact(artifact)
-    if any(getattr(source.skeleton.get_submodule(m.name), "weight", None) is not None
-           and is_conv1d(source.skeleton.get_submodule(m.name)) for m in art.meta.layers):
-        raise PlannerError("--format hf-bnb does not support Conv1D models (gpt2); use the packed format")
-    state = load_tensors(art.backbone / NON_TARGET_FILE)
-    targets_nf4, skip = set(), []
-    for meta in art.meta.layers:
-        weight = read_layer(art.backbone, meta)
-        if meta.bits == 16:
-            state[f"{meta.name}.weight"] = weight
-            skip.append(meta.name)
-            continue
-        targets_nf4.add(meta.name)
-        if meta.shape[1] % meta.block_size:
-            log.warning("%s: in_features %d is not a multiple of the block size %d: bitsandbytes' CPU kernel "
-                        "cannot run this layer (its CUDA kernel can)", meta.name, meta.shape[1], meta.block_size)
-        state[f"{meta.name}.weight"] = weight.packed.view(-1, 1)
-        for k, v in bnb_quant_state(weight, torch.bfloat16).as_dict(packed=True).items():
-            state[f"{meta.name}.weight.{k}"] = v.contiguous()
-    skip += [n for n, m in source.skeleton.named_modules()
-             if is_linear_like(m) and n not in targets_nf4 and n not in skip]
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                               bnb_4bit_use_double_quant=any(m.double_quant for m in art.meta.layers),
-                               llm_int8_skip_modules=sorted(skip))
-    folder = artifact / HF_BNB
-    copy_config_files(art.backbone, folder, warn=False)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["quantization_config"] = quant.to_dict()
-    atomic_write_bytes(folder / "config.json", json.dumps(cfg, indent=2).encode())
-    atomic_save_tensors(folder / "model.safetensors", state, {"format": "pt"})
-    return folder

@@ -9,7 +9,7 @@ gradient and optimizer bytes are exact tensor byte counts; activations are what 
 during one forward and loss (``torch.autograd.graph.saved_tensors_hooks``; unique storages that
 are not parameters or buffers) against the estimate's activations + logits; the PEAK of live
 tensor bytes of one more step, run through the plan's trainer (or ``trainer``), is measured by
-:mod:`planner.oracle` against the estimate's allocated bytes (checked, ±5%); the process RSS is
+:mod:`planner.verify.oracle` against the estimate's allocated bytes (checked, ±5%); the process RSS is
 reported for information only.
 
 The estimate is recomputed for the run as it actually happens (device, seq_len, batch): a plan
@@ -39,7 +39,8 @@ from planner.budget import format_bytes
 from planner.memory import estimate, layer_bytes, unread_shared_input_bytes
 from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, SearchRecord, created_with
 from planner.runtime.layers import QuantLinear, backbone_nbytes, configure_run
-from planner.settings import LayerChoice, RunSettings
+from planner.options import option as _opt
+from planner.settings import TRAINERS, LayerChoice, RunSettings
 
 log = logging.getLogger(__name__)
 TOLERANCE = 0.05
@@ -126,25 +127,6 @@ def facts_of(art: Artifact, config: Any = None) -> Any:
     from search_spaces.discovery import facts_from_config
 
     return facts_from_config(config if config is not None else _config(art))
-
-
-def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunSettings, *,
-                      budget_bytes: int | None = None, iters: int = 1, model: Mapping[str, Any] | None = None) -> Plan:
-    """A plan with explicit per-layer choices (alpha = rank) for ``source``'s targets of those names,
-    its estimate from the memory model: hand-made plans, tests, benchmarks. ``model``: the plan's
-    model entry (default: ``source``'s, fingerprints included, which needs its weights)."""
-    targets = source.targets([re.escape(n) for n in choices], include_head=True)
-    facts, non_target = source.facts, source.non_target_params(targets)
-    est = estimate(facts, targets, choices, run, non_target)
-    layers = tuple(LayerPlan(
-        name=t.name, shape=tuple(t.shape), bits=c.bits, block_size=c.block_size, rank=c.rank, alpha=float(c.rank),
-        quant=c.quant, iters=iters, residual=None,
-        bytes=layer_bytes(t, c, run, facts), double_quant=c.double_quant) for t in targets for c in [choices[t.name]])
-    from planner.sources import model_record
-
-    model = dict(model) if model is not None else model_record(source, source.reference)
-    return Plan(SCHEMA_VERSION, model, budget_bytes or est.total_bytes, run.mode, run, est, layers,
-                SearchRecord("manual"), created_with())
 
 
 # ---------------------------------------------------------------- measuring
@@ -261,12 +243,12 @@ def verify(path: str | Path, *, steps: int = 3, device: str | torch.device | Non
                      note="after the run; includes the CUDA context only if this process created it here")]
     else:
         slack = unread_shared_input_bytes(facts, targets, choices, run)
-        from planner.oracle import measure_step
+        from planner.verify.oracle import measure_step
 
         peak = measure_step(model, ids, run, trainer="finetune" if run.trainer == "other" else run.trainer)
         info["oracle"] = peak.to_dict()
         rows += [Row("allocated (peak)", est.allocated_bytes, peak.peak_bytes, True,
-                     note=f"most live tensor bytes of one {run.trainer} step (planner.oracle)")]
+                     note=f"most live tensor bytes of one {run.trainer} step (planner.verify.oracle)")]
         rows += [Row("activations (saved)", b.get("activations", 0) + b.get("logits", 0) - slack, saved, True,
                      note="autograd saved tensors of one forward vs activations + logits"
                           + (f", less {format_bytes(slack)} of normed inputs no adapter reads (the plan "
@@ -299,3 +281,27 @@ def load_dense(path: str | Path, dtype: torch.dtype = torch.float32, *, with_ada
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(art.adapter)).eval()
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Options of ``python -m planner verify DIR``: a few training steps measured against the plan."""
+
+    steps: int = _opt(3, "training steps to measure")
+    device: str | None = _opt(None, "where to run (default: cuda if available, else cpu)")
+    seq_len: int | None = _opt(None, "tokens per sequence (default: the plan's run seq_len)", type=int)
+    batch_size: int | None = _opt(None, "sequences per step (default: the plan's run batch_size)", type=int)
+    trainer: str | None = _opt(None, "on CPU, measure the peak of a step run through this trainer (default: the "
+                               "plan's run setting)", choices=TRAINERS)
+
+    def __post_init__(self) -> None:
+        if self.trainer is not None and self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {', '.join(TRAINERS)}; got {self.trainer!r}")
+        for name in ("steps", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if value is None and name != "steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seq_len is not None and self.seq_len < 2:  # next-token loss needs two tokens
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len!r}")

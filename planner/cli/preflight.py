@@ -11,7 +11,7 @@ from pathlib import Path
 
 from planner.files.atomic import check_dir_target, check_file_target, check_writable, storage_errors, sweep_temps
 from planner.files.paths import Input, Output, check_input_dir, check_input_file, check_outputs
-from planner.config import PlanConfig
+from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 
 
