@@ -31,7 +31,7 @@ from bench.common import (QUICK, VARIANTS, Assignment, BenchSetup, lever_baselin
 from bench.quality import CEILING, measure_row, ratios
 from planner.scoring.bank import MemoryStore, WeightBank
 from planner.scoring.ftproxy import CandidateBuilder
-from planner.search.pipeline import make_plan
+from planner.search.flow import make_plan
 from search_spaces.choices import menu
 
 class Builders:

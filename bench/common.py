@@ -25,7 +25,7 @@ from planner.search.config import PlanConfig
 from planner.memory import LayerChoice, layer_bytes
 from planner.scoring.bank import MemoryStore
 from planner.scoring.ftproxy import CandidateBuilder
-from planner.search.pipeline import Prepared, prepare
+from planner.search.prepare import Prepared, prepare
 from planner.settings import RunSettings
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
 from search_spaces.widths import Width, WidthKey

@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 from bench.common import BANK_STORE, FULL, RANK_GRID, Setting, first_k, setup, uniform, write_json
 from planner.scoring.ftproxy import FinetuneSettings, eval_loss, finetune
-from planner.search.pipeline import make_plan
+from planner.search.flow import make_plan
 
 
 def spearman_ci(x: list[float], y: list[float], n_boot: int = 2000, seed: int = 0) -> dict[str, float]:

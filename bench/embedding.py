@@ -32,7 +32,8 @@ from bench.common import (VARIANTS, Counter, bench_run, describe, first_k, fresh
 from planner.search.config import PlanConfig
 from planner.scoring.proxy import ZeroStepProxy
 from planner.scoring.bank import ModelWeights, WeightBank
-from planner.search.pipeline import make_plan, prepare
+from planner.search.prepare import prepare
+from planner.search.flow import make_plan
 from planner.settings import RunSettings
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
 from search_spaces.choices import menu

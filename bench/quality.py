@@ -35,7 +35,7 @@ from bench.common import (BANK_STORE, FULL, QUICK, Assignment, BenchSetup, Setti
                           write_json)
 from planner.files.atomic import atomic_write
 from planner.scoring.ftproxy import FinetuneSettings, eval_loss, finetune
-from planner.search.pipeline import make_plan
+from planner.search.flow import make_plan
 
 Plans = dict[str, tuple[Assignment | None, str, dict[str, Any]]]  # method -> (plan, init, extra fields)
 CEILING = "lora-16bit"

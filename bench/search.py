@@ -38,7 +38,7 @@ from bench.common import BANK_STORE, QUICK, setup, write_json
 from planner.memory import fixed_bytes, layer_bytes
 from planner.search.allocate import InfeasibleBudget, Option, quiet_stdout, solve_mckp
 from planner.search.objective import OptionTable, Shaping
-from planner.search.pipeline import make_plan
+from planner.search.flow import make_plan
 from planner.search.study import SHAPE_RANGE
 from planner.settings import LayerChoice, RunSettings
 from planner.sources import resolve

@@ -195,7 +195,7 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8
                    iters: int = 1, method: str | Mapping[int, str] = "nf", block_size: int = 64,
                    double_quant: bool = False, calibration: torch.Tensor | None = None,
                    damp: float = 0.01, factor: torch.Tensor | None = None, rounding: str = "nearest",
-                   uppers: torch.Tensor | None = None) -> torch.Tensor:
+                   uppers: torch.Tensor | None = None, dequantized: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Relative LoftQ residuals ||W - Q - BA|| / ||W|| for every (bits, rank) cell; a ``bits`` entry
     may be a GGUF type name (``"q4_k"``: the rows must be whole blocks of it).
 
@@ -212,6 +212,8 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8
     ``rounding="feedback"`` (needs the data-aware norm): Q is :func:`loftq.rounding.quantize_feedback`'s,
     as ``loftq(..., rounding="feedback")`` builds it with iters == 1; ``uppers``: the inverse factors
     (:func:`loftq.rounding.inverse_factor`) already computed, [in, in] or one per matrix [L, in, in].
+    ``dequantized``: deq q(W) of each width already computed (one [L, out, in] per entry of ``bits``,
+    e.g. a weight bank's Q): the residuals are W minus these, nothing is quantized here (iters == 1).
     """
     single = weight.ndim == 2
     w = weight.detach().float().unsqueeze(0) if single else weight.detach().float()
@@ -252,7 +254,14 @@ def residual_table(weight: torch.Tensor, *, bits: Sequence[int | str] = (2, 4, 8
     ref = w if factor is None else w @ factor
     ref_sq = squared_norm(ref).clamp(min=1e-60)
     dtype = table_dtype(w.device) if factor is None else torch.float32
-    for j, (res, total) in enumerate(_width_residuals(w, specs, dtype, uppers)):
+    if dequantized is not None:
+        if len(dequantized) != len(specs) or any(tuple(d.shape) != tuple(w.shape) for d in dequantized):
+            raise ValueError(f"dequantized must hold one {tuple(w.shape)} tensor per width")
+        given = [(w - d.to(w.device).float()) for d in dequantized]
+        pairs = [(res.to(dtype), squared_norm(res)) for res in given]
+    else:
+        pairs = _width_residuals(w, specs, dtype, uppers)
+    for j, (res, total) in enumerate(pairs):
         if factor is not None:
             res = res @ factor
             total = res.double().pow(2).sum(dim=(1, 2))

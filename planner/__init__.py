@@ -53,7 +53,7 @@ def plan(config: PlanConfig, run: RunSettings | None = None, *, out: str | Path 
     from planner.cli import preflight
     from planner.artifact.plan import save_plan
     from planner.budget import parse_budget
-    from planner.search.pipeline import make_plan
+    from planner.search.flow import make_plan
 
     if not config.budget:
         raise PlannerError("a budget is required (e.g. PlanConfig(budget='11GB'))")

@@ -56,7 +56,7 @@ def plan_command(args: argparse.Namespace) -> int:
     budget = parse_budget(cfg.budget)
     preflight.plan_outputs(cfg)
     from planner.artifact.plan import save_plan
-    from planner.search.pipeline import make_plan
+    from planner.search.flow import make_plan
 
     outcome = make_plan(cfg, run, budget)
     path = save_plan(outcome.plan, cfg.out)
@@ -208,7 +208,7 @@ class CollectCommand:
 
 def collect_command(args: argparse.Namespace) -> int:
     from planner.artifact.plan import save_plan
-    from planner.search.distributed import collect
+    from planner.search.flow import collect
 
     cfg = config_from(CollectCommand, args)
     preflight.output_file(cfg.out)

@@ -161,7 +161,11 @@ def select_diverse(choices: Sequence[Sequence[int]], scores: Sequence[float], k:
 
 # ---------------------------------------------------------------- re-scoring
 @dataclass
-class ProxyRecord:
+class FinetuneRecord:
+    """One candidate the fine-tune proxy trained (or, without an adapter, scored at step 0): its
+    trial, zero-step score, bytes, held-out loss after ``steps`` steps and whether it was pruned,
+    fits the budget, and was chosen. The plan keeps these as ``search.proxy.candidates``."""
+
     trial: int | None
     objective: float
     bytes: int
@@ -172,9 +176,16 @@ class ProxyRecord:
     steps: int = 0
     feasible: bool = True
     seconds: float = 0.0
+    worker: str | None = None  # who trained it (a shared study's worker)
+    waited_s: float | None = None  # how long its pruner waited on candidates ahead trained elsewhere
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("trial", "kl")}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FinetuneRecord":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _zero_step_score(c: Any) -> float:
@@ -186,7 +197,7 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
                           batch_size: int = 1, eval_every: int | None = None, method: str = "nf",
                           block_size: int = 64, optimizer: str = "adamw", builder: CandidateBuilder | None = None,
                           pruner: optuna.pruners.BasePruner | None = None,
-                          on_candidate: Callable[[ProxyRecord], None] | None = None) -> tuple[Any, list[dict]]:
+                          on_candidate: Callable[[FinetuneRecord], None] | None = None) -> tuple[Any, list[dict]]:
     """Fine-tune ``top_k`` diverse candidates with adapters for ``steps`` LoRA steps each; pick the
     lowest val loss. The best candidate without any adapter (if there is one) competes too, scored
     by its val loss at step 0: fine-tuning it trains nothing, and a plan with adapters has to beat it.
@@ -199,21 +210,14 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
     """
     if top_k < 1 or steps < 1:
         raise ValueError(f"top_k and steps must be >= 1, got top_k={top_k!r}, steps={steps!r}")
-    adapters = [has_adapter(c, problem.table.options) for c in candidates]
-    scores = [_zero_step_score(c) for c in candidates]
-    train_idx = [i for i, a in enumerate(adapters) if a]
-    picked = [train_idx[j] for j in select_diverse([candidates[i].choice for i in train_idx],
-                                                    [scores[i] for i in train_idx], top_k)]
-    frozen = [i for i, a in enumerate(adapters) if not a]
-    if frozen:
-        picked.append(min(frozen, key=lambda i: (scores[i], i)))
+    picked = pick(problem, candidates, top_k)
     settings = FinetuneSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                                 eval_every=eval_every or max(1, steps // 4), optimizer=optimizer)
     builder = builder or CandidateBuilder(model, method, block_size)
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=steps // 2)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", pruner=pruner)
-    records: list[ProxyRecord] = []
+    records: list[FinetuneRecord] = []
     for i in picked:
         cand = candidates[i]
         rec = _score_one(problem, cand, builder, train_blocks, val_blocks, settings, study)
@@ -227,8 +231,31 @@ def rescore_with_finetune(problem: Any, candidates: Sequence[Any], model: nn.Mod
     return candidates[picked[best_j]], [r.to_dict() for r in records]
 
 
+def pick(problem: Any, candidates: Sequence[Any], top_k: int) -> list[int]:
+    """Indices of the candidates the proxy trains: ``top_k`` diverse ones with adapters (best zero-step
+    first, :func:`select_diverse`), then the best one without any adapter (it competes at step 0)."""
+    adapters = [has_adapter(c, problem.table.options) for c in candidates]
+    scores = [_zero_step_score(c) for c in candidates]
+    train_idx = [i for i, a in enumerate(adapters) if a]
+    picked = [train_idx[j] for j in select_diverse([candidates[i].choice for i in train_idx],
+                                                    [scores[i] for i in train_idx], top_k)]
+    frozen = [i for i, a in enumerate(adapters) if not a]
+    if frozen:
+        picked.append(min(frozen, key=lambda i: (scores[i], i)))
+    return picked
+
+
+def score_candidate(problem: Any, cand: Any, builder: CandidateBuilder, train: torch.Tensor, val: torch.Tensor,
+                    s: FinetuneSettings, pruner: optuna.pruners.BasePruner) -> FinetuneRecord:
+    """One candidate through the proxy, alone: its own in-memory study with ``pruner``."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rec = _score_one(problem, cand, builder, train, val, s, optuna.create_study(direction="minimize", pruner=pruner))
+    rec.kl = cand.proxy.kl if getattr(cand, "proxy", None) is not None else None
+    return rec
+
+
 def _score_one(problem: Any, cand: Any, builder: CandidateBuilder, train: torch.Tensor, val: torch.Tensor,
-               s: FinetuneSettings, study: optuna.Study) -> ProxyRecord:
+               s: FinetuneSettings, study: optuna.Study) -> FinetuneRecord:
     t0 = time.perf_counter()
     options = problem.table.options
     assignment = {t.name: options[k] for t, k in zip(problem.table.targets, cand.choice)}
@@ -237,7 +264,7 @@ def _score_one(problem: Any, cand: Any, builder: CandidateBuilder, train: torch.
     if not any(p.requires_grad for p in net.parameters()):  # nothing to train: its step-0 loss is its score
         result = finetune(net, train, s, val)
         del net
-        return ProxyRecord(trial=cand.trial, objective=float(cand.objective), bytes=int(cand.bytes),
+        return FinetuneRecord(trial=cand.trial, objective=float(cand.objective), bytes=int(cand.bytes),
                            loss=float(result.final_eval_loss), steps=0, feasible=int(cand.bytes) <= int(problem.budget),
                            seconds=time.perf_counter() - t0)
     trial = study.ask()
@@ -257,6 +284,6 @@ def _score_one(problem: Any, cand: Any, builder: CandidateBuilder, train: torch.
     else:
         study.tell(trial, last["loss"])
     del net
-    return ProxyRecord(trial=cand.trial, objective=float(cand.objective), bytes=int(cand.bytes),
+    return FinetuneRecord(trial=cand.trial, objective=float(cand.objective), bytes=int(cand.bytes),
                        loss=float(last["loss"]), pruned=bool(last["pruned"]), steps=done,
                        feasible=int(cand.bytes) <= int(problem.budget), seconds=time.perf_counter() - t0)

@@ -32,6 +32,31 @@ class ProxyScore:
     ref_loss: float
 
 
+@dataclass
+class ZeroStepReference:
+    """The unquantized model's outputs on the held-out blocks, which every candidate is scored against:
+    causal LMs, per chunk of blocks, log-probabilities [b, seq - 1, vocab] and the cross-entropy;
+    encoders, the pooled embeddings [n, hidden]. Stored as tensors (the planner caches it)."""
+
+    causal: bool
+    logp: list[torch.Tensor] | None = None
+    emb: torch.Tensor | None = None
+    loss: float = 0.0
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        if self.causal:
+            return {**{f"logp.{i}": t for i, t in enumerate(self.logp)},
+                    "loss": torch.tensor([self.loss], dtype=torch.float64)}
+        return {"emb": self.emb}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "ZeroStepReference":
+        if "emb" in tensors:
+            return cls(False, emb=tensors["emb"])
+        chunks = sorted((int(k.split(".")[1]), t) for k, t in tensors.items() if k.startswith("logp."))
+        return cls(True, logp=[t for _, t in chunks], loss=float(tensors["loss"][0]))
+
+
 def zero_step_kind(causal: bool) -> str:
     return "zero-step KL(full || Q+BA) on held-out text" if causal else \
         "zero-step 1 - cos(full, Q+BA) of mean-pooled embeddings on held-out text"
@@ -44,20 +69,28 @@ class ZeroStepProxy:
     runs the same computation one transformer block at a time. Both score with :meth:`score`."""
 
     def __init__(self, model: nn.Module, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2,
-                 causal: bool | None = None) -> None:
+                 causal: bool | None = None, reference: ZeroStepReference | None = None) -> None:
         self.model, self.bank, self.blocks, self.chunk = model, bank, blocks, chunk
         self.mods = target_modules(model, bank.names)
         self._originals = {n: m.weight.data for n, m in self.mods.items()}  # restored after every trial
         self.causal = is_causal_lm(model) if causal is None else causal
-        self._reference()
+        self._reference(reference)
 
-    def _reference(self) -> None:
-        if self.causal:
+    def _reference(self, reference: ZeroStepReference | None) -> None:
+        """The unquantized model's outputs: ``reference`` (computed before, e.g. cached), or run now."""
+        if reference is not None and reference.causal == self.causal:
+            self.ref_logp, self.ref_emb, self.ref_loss = reference.logp, reference.emb, reference.loss
+        elif self.causal:
             self.ref_logp = self._run(None)
             self.ref_loss = self._ce(self.ref_logp)
         else:
             self.ref_emb = self._run(None)
             self.ref_loss = 0.0
+
+    def reference(self) -> ZeroStepReference:
+        if self.causal:
+            return ZeroStepReference(True, logp=self.ref_logp, loss=self.ref_loss)
+        return ZeroStepReference(False, emb=self.ref_emb)
 
     def _chunks(self) -> Iterator[torch.Tensor]:
         for i in range(0, len(self.blocks), self.chunk):
@@ -123,10 +156,10 @@ class StreamedZeroStepProxy(ZeroStepProxy):
     blocks' hidden states (a few MB) and the reference outputs persist between blocks."""
 
     def __init__(self, stream: Any, bank: WeightBank, blocks: torch.Tensor, chunk: int = 2,
-                 causal: bool = True) -> None:
+                 causal: bool = True, reference: ZeroStepReference | None = None) -> None:
         self.stream, self.bank, self.blocks, self.chunk, self.causal = stream, bank, blocks, chunk, causal
         self.inputs = [stream.capture(ids) for ids in self._chunks()]
-        self._reference()
+        self._reference(reference)
 
     @torch.no_grad()
     def _run(self, assignment: Mapping[str, tuple[int, int]] | None) -> Any:

@@ -94,26 +94,28 @@ class Scorer:
 
         return SourceWeights(self.source, self.targets) if self.streamed else ModelWeights(self.model, self.names)
 
-    def fisher_errors(self, blocks: torch.Tensor, bits: Sequence[int], method: str, block_size: int, *,
-                      bank: Any = None, seed_offset: int = 0) -> torch.Tensor:
-        """[n_targets, len(bits)] 1/2 sum F (W - deq q_b(W))^2 over ``blocks`` (mean over sequences)."""
-        from planner.scoring.sensitivity import (empirical_fisher, fisher_errors, module_weight,
-                                                 streamed_fisher_errors, target_modules)
+    def fisher_rows(self, blocks: torch.Tensor, bits: Sequence, method: str, block_size: int, *,
+                    bank: Any = None, seed_offset: int = 0) -> torch.Tensor:
+        """[n_seqs, n_targets, len(bits)]: per calibration sequence, 1/2 sum g^2 (W - deq q_b(W))^2
+        (:func:`planner.scoring.sensitivity.fisher_total` of them is the Fisher-weighted error);
+        sequence s of ``blocks`` is sequence ``seed_offset + s`` of the calibration set (its encoder
+        probe seed)."""
+        from planner.scoring.sensitivity import fisher_rows, streamed_fisher_rows
 
         if self.streamed:
-            return streamed_fisher_errors(self.stream, blocks, bits, method, block_size, self.causal, bank=bank,
-                                          folder=self.scratch, seed_offset=seed_offset)
-        fisher = empirical_fisher(self.model, self.names, blocks, causal=self.causal, seed_offset=seed_offset)
-        mods = target_modules(self.model, self.names)
-        return fisher_errors({n: module_weight(mods[n]).detach() for n in self.names}, fisher, bits, method, block_size,
-                             bank=bank)
+            return streamed_fisher_rows(self.stream, blocks, bits, method, block_size, self.causal, bank=bank,
+                                        folder=self.scratch, seed_offset=seed_offset)
+        return fisher_rows(self.model, self.names, blocks, bits, method, block_size, self.causal, bank=bank,
+                           seed_offset=seed_offset)
 
-    def zero_step(self, bank: Any, blocks: torch.Tensor) -> Any:
+    def zero_step(self, bank: Any, blocks: torch.Tensor, reference: Any = None) -> Any:
+        """The zero-step proxy over ``bank`` on the held-out ``blocks``; ``reference``: the
+        unquantized model's outputs there (a :class:`planner.scoring.proxy.ZeroStepReference`), else run now."""
         from planner.scoring.proxy import StreamedZeroStepProxy, ZeroStepProxy
 
         if self.streamed:
-            return StreamedZeroStepProxy(self.stream, bank, blocks, causal=self.causal)
-        return ZeroStepProxy(self.model, bank, blocks, causal=self.causal)
+            return StreamedZeroStepProxy(self.stream, bank, blocks, causal=self.causal, reference=reference)
+        return ZeroStepProxy(self.model, bank, blocks, causal=self.causal, reference=reference)
 
     def candidate_base(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """What the fine-tune proxy's candidates are built on (never modified)."""

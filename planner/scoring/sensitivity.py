@@ -99,42 +99,70 @@ def empirical_fisher(model: nn.Module, names: Sequence[str], blocks: torch.Tenso
     return fisher
 
 
-def fisher_errors(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], bits: Sequence[int],
-                  method: str = "nf", block_size: int = 64, bank=None) -> torch.Tensor:
-    """[n_layers, len(bits)]: 1/2 sum F (W - deq q_b(W))^2 in the order of ``weights``; ``bank``: take
-    deq q_b(W) from this :class:`planner.scoring.bank.WeightBank` (e.g. its feedback-rounded Q)."""
-    out = torch.zeros(len(weights), len(bits), dtype=torch.float64)
-    for i, (name, w) in enumerate(weights.items()):
-        for j, b in enumerate(bits):
-            if b >= 16:
-                continue
-            deq = bank.deq(name, b).float() if bank is not None else \
-                dequantize(quantize_width(w, b, method, block_size), torch.float32)
-            err = w.float() - deq
-            out[i, j] = 0.5 * float((fisher[name] * err.pow(2)).sum())
+def fisher_total(rows: torch.Tensor) -> torch.Tensor:
+    """fisher_err [n_layers, len(bits)] from per-sequence rows [n_seqs, n_layers, len(bits)]: their
+    sum in sequence order over the number of sequences (the same float64 operations however the
+    sequences were computed: in one pass, or one per worker)."""
+    return rows.sum(0) / rows.shape[0]
+
+
+def _squared_errors(name: str, w: torch.Tensor, bits: Sequence, method: str, block_size: int,
+                    bank=None) -> list[torch.Tensor | None]:
+    """(W - deq q_b(W))^2 [out, in] fp32 per width (None for a 16-bit keep), Q from ``bank`` if given."""
+    out: list[torch.Tensor | None] = []
+    for b in bits:
+        if b >= 16:
+            out.append(None)
+            continue
+        deq = bank.deq(name, b).float() if bank is not None else \
+            dequantize(quantize_width(w, b, method, block_size), torch.float32)
+        out.append((w.float() - deq.to(w.device)).square_())
     return out
 
 
-def streamed_fisher_errors(stream, blocks: torch.Tensor, bits: Sequence[int], method: str = "nf",
-                           block_size: int = 64, causal: bool = True, *, bank=None, folder=None,
-                           seed_offset: int = 0) -> torch.Tensor:
-    """:func:`fisher_errors` of :func:`empirical_fisher`, one transformer block at a time.
+def _row(g2: torch.Tensor, errs: Sequence[torch.Tensor | None]) -> list[float]:
+    """One sequence's 1/2 sum g^2 (W - Q_b)^2 per width (0 for a keep)."""
+    return [0.0 if e is None else 0.5 * float((g2 * e).sum()) for e in errs]
+
+
+def fisher_rows(model: nn.Module, names: Sequence[str], blocks: torch.Tensor, bits: Sequence, method: str = "nf",
+                block_size: int = 64, causal: bool | None = None, *, bank=None, seed_offset: int = 0) -> torch.Tensor:
+    """[n_seqs, n_layers, len(bits)] float64: per calibration sequence s, 1/2 sum g_s^2 (W - deq q_b(W))^2
+    with g_s that sequence's gradient (whole model in memory); :func:`fisher_total` of the rows is the
+    Fisher-weighted error of :mod:`this module <planner.scoring.sensitivity>`. ``bank``: Q from this
+    :class:`planner.scoring.bank.WeightBank` (e.g. its feedback-rounded Q)."""
+    mods = target_modules(model, names)
+    rows = torch.zeros(len(blocks), len(names), len(bits), dtype=torch.float64)
+    for s in range(len(blocks)):
+        g2 = empirical_fisher(model, names, blocks[s:s + 1], causal=causal, seed_offset=seed_offset + s)
+        for i, name in enumerate(names):
+            w = module_weight(mods[name]).detach().float()
+            rows[s, i] = torch.tensor(_row(g2[name], _squared_errors(name, w, bits, method, block_size, bank)),
+                                      dtype=torch.float64)
+    return rows
+
+
+DD_CACHE_BYTES = 1 << 30  # (W - Q_b)^2 of a block's layers kept for all its sequences up to this size
+
+
+def streamed_fisher_rows(stream, blocks: torch.Tensor, bits: Sequence, method: str = "nf", block_size: int = 64,
+                         causal: bool = True, *, bank=None, folder=None, seed_offset: int = 0) -> torch.Tensor:
+    """:func:`fisher_rows`, one transformer block at a time.
 
     ``stream``: a :class:`planner.scoring.stream.BlockStream`; rows in the order of ``stream.targets``.
     Forward: every sequence through block 0, 1, ..., keeping each block's inputs (``folder``: in a
     memory-mapped file there). Backward: the head's gradient with respect to the last hidden states,
     then the blocks in reverse, each recomputed from its kept inputs with its target weights requiring
-    grad; a block's per-sequence squared gradients are summed into one accumulator per layer of that
-    block only, and turned into the per-width scalars 1/2 sum F (W - deq q_b(W))^2 before the next
-    block loads. Nothing weight-sized outlives its block. ``bank``: take deq q_b(W) from this
-    :class:`planner.scoring.bank.WeightBank` instead of quantizing again. Encoders use the probe
+    grad; each sequence's squared gradients are turned into that sequence's per-width scalars at
+    once. (W - Q_b)^2 is computed once per block for all its sequences (up to DD_CACHE_BYTES, else once
+    per sequence: the same numbers). Nothing weight-sized outlives its block. Encoders use the probe
     loss with seed ``seed_offset + s`` for sequence s (as :func:`empirical_fisher` does for s).
     """
     from planner.scoring.stream import Boundaries
 
     n, nb = len(blocks), len(stream)
     row = {name: i for i, name in enumerate(stream.targets)}
-    out = torch.zeros(len(row), len(bits), dtype=torch.float64)
+    out = torch.zeros(n, len(row), len(bits), dtype=torch.float64)
     inputs = [stream.capture(blocks[s:s + 1]) for s in range(n)]
     first = inputs[0].hidden
     bounds = Boundaries((nb + 1, n) + tuple(first.shape[1:]), torch.float32, folder)
@@ -154,27 +182,24 @@ def streamed_fisher_errors(stream, blocks: torch.Tensor, bits: Sequence[int], me
                            (lambda m: encoder_probe_loss(m, ids, seed=seed_offset + s)))
         loss.backward()
         grads[s] = h.grad[0]
+    n_widths = sum(1 for b in bits if b < 16)
     with progress.task("Fisher sensitivity: backward", nb) as advance:
         for i in reversed(range(nb)):
             names = stream.block_targets[i]
             with stream.block(i, grad=names) as blk:
                 mods = {name: blk.get_submodule(name[len(f"{stream.path}.{i}."):]) for name in names}
-                acc = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in mods.items()}
+                weights = {name: weight_out_in(m).detach().float() for name, m in mods.items()}
+                keep = sum(w.numel() for w in weights.values()) * n_widths * 4 <= DD_CACHE_BYTES
+                errs = {name: _squared_errors(name, w, bits, method, block_size, bank) for name, w in weights.items()} \
+                    if keep else {}
                 for s, inp in enumerate(inputs):
                     h = bounds[i][s:s + 1].to(stream.device, stream.dtype).requires_grad_(True)
                     stream.run(blk, h, inp).backward(grads[s:s + 1])
                     grads[s] = h.grad[0]
                     for name, m in mods.items():
-                        acc[name].add_(m.weight.grad.float().pow(2))
+                        g2 = weight_out_in(m, m.weight.grad.float().pow(2))
                         m.weight.grad = None
-                for name, m in mods.items():
-                    f = weight_out_in(m, acc.pop(name)) / n
-                    w = weight_out_in(m).detach().float()
-                    for j, b in enumerate(bits):
-                        if b >= 16:
-                            continue
-                        deq = bank.deq(name, b).float() if bank is not None else \
-                            dequantize(quantize_width(w, b, method, block_size), torch.float32)
-                        out[row[name], j] = 0.5 * float((f * (w - deq.to(w.device)).pow(2)).sum())
+                        e = errs[name] if keep else _squared_errors(name, weights[name], bits, method, block_size, bank)
+                        out[s, row[name]] = torch.tensor(_row(g2, e), dtype=torch.float64)
             advance(1)
     return out

@@ -83,16 +83,24 @@ def _batches(stream: Iterable[tuple[TargetLayer, torch.Tensor]]) -> Iterator[tup
         yield [t for t, _ in group], torch.stack([w for _, w in group])
 
 
+def _specs(settings: TableSettings, shape: Sequence[int]) -> tuple[list, list]:
+    """The spec each width stores at ``shape`` [out, in], and those specs without repeats (widths
+    that store one spec, a GGUF type and its fallback, are computed once)."""
+    specs = [resolve(w, tuple(shape), settings.method, settings.block_size) for w in settings.bits]
+    return specs, list(dict.fromkeys(specs))
+
+
 def _residuals(stack: torch.Tensor, settings: TableSettings, factor: torch.Tensor | None = None,
-               uppers: torch.Tensor | None = None) -> torch.Tensor:
+               uppers: torch.Tensor | None = None, *given: torch.Tensor) -> torch.Tensor:
     """[L, len(bits), len(ranks)] for a stack [L, out, in]: one ``residual_table`` call over the
-    specs the widths store at this shape (widths that store one spec, a GGUF type and its fallback,
-    computed once); ``factor``: the stack's calibration factor L (data-aware norm), None for the
-    plain norm; ``uppers``: the stack's inverse factors, Q by error-feedback rounding."""
-    specs = [resolve(w, tuple(stack.shape[1:]), settings.method, settings.block_size) for w in settings.bits]
-    unique = list(dict.fromkeys(specs))
+    specs the widths store at this shape; ``factor``: the stack's calibration factor L (data-aware
+    norm), None for the plain norm; ``uppers``: the stack's inverse factors, Q by error-feedback
+    rounding; ``given``: deq(Q) [L, out, in] of each distinct spec already computed (a weight bank's),
+    nothing quantized here."""
+    specs, unique = _specs(settings, stack.shape[1:])
     tab = residual_table(stack, bits=unique, ranks=settings.ranks, iters=settings.iters, factor=factor,
-                         rounding="nearest" if uppers is None else "feedback", uppers=uppers)
+                         rounding="nearest" if uppers is None or given else "feedback",
+                         uppers=None if given else uppers, dequantized=list(given) or None)
     return tab[:, [unique.index(s) for s in specs]]
 
 
@@ -135,10 +143,12 @@ def _factors(moments: Any, names: Sequence[str], device: torch.device, damp: flo
 
 def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers: int, settings: TableSettings,
                    device: torch.device, moments: Any = None, damp: float = 0.01,
-                   rounding: str = "nearest") -> ResidualTables:
+                   rounding: str = "nearest", bank: Any = None) -> ResidualTables:
     """``moments``: a :class:`planner.scoring.moments.MomentStore` (name -> H, with ``group``) for the
     data-aware norm; None: the plain norm, exactly as before. ``rounding="feedback"`` (needs
-    ``moments``): Q by error feedback under each layer's H."""
+    ``moments``): Q by error feedback under each layer's H. ``bank``: a
+    :class:`planner.scoring.bank.WeightBank` whose Q the residuals are taken from (quantized once,
+    there: the feedback-rounded Q of the plan); None: quantized here (round to nearest: the fused pass)."""
     check_rounding(rounding)
     if rounding == "feedback" and moments is None:
         raise ValueError("rounding='feedback' needs the layers' input moments")
@@ -147,14 +157,22 @@ def compute_tables(stream: Iterable[tuple[TargetLayer, torch.Tensor]], n_layers:
     with progress.task(f"residual tables ({device.type})", n_layers) as advance:
         for targets, stack in _batches(stream):
             stack = stack.to(device)
+            names = [t.name for t in targets]
+            given: list[torch.Tensor] = []
+            if bank is not None:  # Q as the bank quantized it (once): deq of each distinct spec
+                specs, unique = _specs(settings, stack.shape[1:])
+                width_of = {s: w for w, s in reversed(list(zip(settings.bits, specs)))}
+                given = [torch.stack([bank.deq(n, width_of[s]).to(device, torch.float32) for n in names])
+                         for s in unique]
             if moments is None:
-                tab = on_threads(lambda part: _residuals(part, settings), stack).cpu()
+                tab = on_threads(lambda part, *g: _residuals(part, settings, None, None, *g), stack, *given).cpu()
             else:
-                names = [t.name for t in targets]
                 factors = _factors(moments, names, device, damp)
                 # feedback where every width can round this shape; elsewhere it is built (and scored) to nearest
-                if rounding == "feedback" and all(resolve(w, tuple(stack.shape[1:]), settings.method, settings.block_size)
-                                                  .feedback_applies(tuple(stack.shape[1:])) for w in settings.bits):
+                if given:
+                    tab = on_threads(lambda part, f, *g: _residuals(part, settings, f, None, *g), stack, factors, *given)
+                elif rounding == "feedback" and all(resolve(w, tuple(stack.shape[1:]), settings.method, settings.block_size)
+                                                    .feedback_applies(tuple(stack.shape[1:])) for w in settings.bits):
                     uppers = _factors(moments, names, device, damp, of=inverse_factor)
                     tab = on_threads(lambda part, f, u: _residuals(part, settings, f, u), stack, factors, uppers)
                 else:

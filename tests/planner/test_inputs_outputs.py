@@ -392,7 +392,7 @@ def test_a_cached_fisher_error_below_zero_is_recomputed(tmp_path: Path) -> None:
 def test_collect_on_a_malformed_study_config_is_one_line(tmp_path: Path, capsys) -> None:
     import optuna
 
-    from planner.search.distributed import CONFIG
+    from planner.search.drivers import CONFIG
     from planner.search.study import FINGERPRINT
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

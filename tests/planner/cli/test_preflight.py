@@ -23,7 +23,7 @@ def no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import planner.build.materialize as mat
     import planner.cli.build_cmd as build
-    import planner.search.pipeline as pipeline
+    import planner.search.flow as pipeline
 
     monkeypatch.setattr(pipeline, "make_plan", heavy)
     monkeypatch.setattr(mat, "load_plan", heavy)

@@ -18,7 +18,8 @@ from planner.cli.app import main
 from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 from planner.scoring.moments import plan_moments
-from planner.search.pipeline import extremes, make_plan, prepare
+from planner.search.prepare import extremes, prepare
+from planner.search.flow import make_plan
 from planner.settings import RunSettings
 from planner.sources import resolve
 from tests.tiny_models import save_tiny_llama_with_real_tokenizer

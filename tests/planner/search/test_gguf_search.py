@@ -16,7 +16,8 @@ from planner.cli.app import main
 from planner.search.config import PlanConfig
 from planner.scoring.bank import DiskStore, WeightBank
 from planner.scoring.tables import TableSettings, compute_tables
-from planner.search.pipeline import extremes, make_plan, prepare
+from planner.search.prepare import extremes, prepare
+from planner.search.flow import make_plan
 from planner.settings import LayerChoice, RunSettings
 from planner.sources import resolve
 from search_spaces.choices import SearchSpace, menu

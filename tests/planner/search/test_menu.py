@@ -15,8 +15,8 @@ from planner.artifact.plan import load_plan
 from planner.cli.app import main
 from planner.search.config import PlanConfig
 from planner.memory import layer_bytes
-from planner.search.pipeline import (extremes, fingerprint, make_plan, options_of, prepare, study_name_for,
-                                     table_settings)
+from planner.search.prepare import extremes, fingerprint, options_of, prepare, study_name_for, table_settings
+from planner.search.flow import make_plan
 from planner.settings import LayerChoice, RunSettings
 from planner.scoring.tables import TableSettings, residual_tables
 from search_spaces.widths import Width, width_bits
@@ -80,19 +80,17 @@ def test_every_width_is_costed_and_scored_as_stored(cfg: PlanConfig) -> None:
 def test_fisher_errors_of_double_quantized_widths_are_their_own(cfg: PlanConfig) -> None:
     """The objective's rank-0 estimate of a width is 1/2 sum F (W - Q_w)^2 with Q_w as stored: for 4dq
     the double-quantized absmax, recomputed here from the Fisher of the same calibration blocks."""
-    from planner.scoring.sensitivity import empirical_fisher, fisher_errors, module_weight, target_modules
+    from planner.scoring.sensitivity import fisher_rows, fisher_total
     from planner.scoring.scorer import load_full_model
-    from planner.search.pipeline import _calibration
+    from planner.search.stages import calibration
     from planner.train.data import load_corpus
 
     prep = prepare(cfg, RUN)
     table = make_plan(cfg, RUN, prep.estimate(extremes(prep)[1]).total_bytes).problem.table  # any budget: one table
     model = load_full_model(prep.source, causal=True)  # the whole-model reference; planning streams
-    train, _, _ = _calibration(prep, prep.source.tokenizer(), load_corpus())
+    train, _ = calibration(prep, load_corpus())
     names = [t.name for t in prep.targets]
-    fisher = empirical_fisher(model, names, train, causal=True)
-    mods = target_modules(model, names)
-    errs = fisher_errors({n: module_weight(mods[n]).detach() for n in names}, fisher, [4, Width(4)])
+    errs = fisher_total(fisher_rows(model, names, train, [4, Width(4)], causal=True))
     k4, k4dq = prep.options.index((4, 0)), prep.options.index((Width(4), 0))
     torch.testing.assert_close(table.est[:, k4], errs[:, 0], rtol=1e-6, atol=0)
     torch.testing.assert_close(table.est[:, k4dq], errs[:, 1], rtol=1e-6, atol=0)

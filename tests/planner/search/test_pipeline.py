@@ -11,7 +11,8 @@ import torch
 from planner.cli.app import main
 from planner.search.config import PlanConfig
 from planner.artifact.plan import load_plan, save_plan
-from planner.search.pipeline import extremes, make_plan, prepare
+from planner.search.prepare import extremes, prepare
+from planner.search.flow import make_plan
 from planner.settings import RunSettings
 from tests.tiny_models import save_tiny_llama_with_real_tokenizer
 
@@ -88,7 +89,7 @@ def test_study_resumes_and_accumulates_trials(cfg: PlanConfig, tmp_path: Path) -
 
 
 def test_direct_search_mode_is_gone() -> None:
-    with pytest.raises(ValueError, match=r"search must be one of \('guided', 'exact'\), got 'direct'"):
+    with pytest.raises(ValueError, match=r"search must be one of guided, exact; got 'direct'"):
         PlanConfig(search="direct")
 
 
@@ -106,7 +107,9 @@ def test_corrupt_cache_is_recomputed(cfg: PlanConfig, caplog: pytest.LogCaptureF
     lo, hi = _range(cfg)
     c = replace(cfg, search="exact")
     before = make_plan(c, RUN, (lo + hi) // 2).plan
-    for f in Path(c.cache_dir, "tables").glob("*.safetensors"):
+    units = sorted(Path(c.cache_dir, "tables").rglob("*.safetensors"))  # one file per block's tables
+    assert len(units) == 3
+    for f in units:
         f.write_bytes(f.read_bytes()[:100])  # truncated
     after = make_plan(c, RUN, (lo + hi) // 2).plan
     assert "corrupt" in caplog.text
@@ -131,7 +134,7 @@ def test_cli_writes_a_plan(cfg: PlanConfig, capsys: pytest.CaptureFixture) -> No
 @pytest.mark.parametrize("args,message", [
     (["--budget", "eleven"], "budget"),
     (["--budget=-5GB"], "budget"),
-    (["--budget", "-5GB"], "--budget"),
+    (["--budget", "-5GB"], "budget must be positive"),  # no longer argparse's "expected one argument"
     (["--budget", "1KB"], "smallest plan needs"),
     (["--budget", "1GB", "--bits", "5,4"], "bits"),
     (["--budget", "1GB", "--ranks", "a,b"], "integers"),
@@ -195,15 +198,17 @@ def test_adapter_margin_trades_zero_step_loss_for_trainable_capacity(cfg: PlanCo
 
 def test_diverged_finetune_proxy_is_detected() -> None:
     """Every trained candidate above its own untrained loss (or NaN) = the proxy's verdict is void."""
-    from planner.search.pipeline import _diverged
+    from planner.scoring.ftproxy import FinetuneRecord
     from planner.scoring.proxy import ProxyScore
+    from planner.search.flow import diverged
     from planner.search.study import Candidate
 
     cands = [Candidate([0], 1, 0.0, proxy=ProxyScore(0.1, loss, 2.0), trial=t) for t, loss in ((0, 2.5), (1, 2.6), (2, 3.0))]
-    rec = lambda t, loss, steps=5, pruned=False: {"trial": t, "loss": loss, "steps": steps, "pruned": pruned}
-    assert _diverged([rec(0, 7.0), rec(1, float("nan")), rec(2, 3.0, steps=0)], cands)
-    assert not _diverged([rec(0, 7.0), rec(1, 2.4)], cands)  # one candidate trained fine
-    assert not _diverged([rec(0, 7.0, pruned=True), rec(2, 3.0, steps=0)], cands)  # nothing was trained to the end
+    rec = lambda t, loss, steps=5, pruned=False: FinetuneRecord(trial=t, objective=0.0, bytes=1, loss=loss, steps=steps,
+                                                               pruned=pruned)
+    assert diverged([rec(0, 7.0), rec(1, float("nan")), rec(2, 3.0, steps=0)], cands)
+    assert not diverged([rec(0, 7.0), rec(1, 2.4)], cands)  # one candidate trained fine
+    assert not diverged([rec(0, 7.0, pruned=True), rec(2, 3.0, steps=0)], cands)  # nothing was trained to the end
 
 
 def test_python_api_plans_materializes_and_loads_like_the_cli(cfg: PlanConfig, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from planner.search.distributed import ALIVE, AheadMedianPruner
+from planner.search.drivers import ALIVE, AheadMedianPruner
 
 
 def _claimed(tmp_path, ranks):

@@ -17,8 +17,8 @@ from optuna.trial import TrialState
 
 from planner.artifact.plan import load_plan
 from planner.search.config import PlanConfig
-from planner.search.distributed import fisher_specs, table_specs
-from planner.search.pipeline import extremes, prepare
+from planner.search.stages import fisher_units, table_units
+from planner.search.prepare import extremes, prepare
 from planner.settings import RunSettings
 from tests.pg import postgres_url  # noqa: F401 - the fixture
 from tests.planner.search.test_pipeline import tiny_dir  # noqa: F401 - the fixture

@@ -338,7 +338,7 @@ def test_downloads_follow_hf_hub_offline_and_offline_flag(monkeypatch: pytest.Mo
 
     from planner.cli.app import main
     from planner.search.config import PlanConfig
-    from planner.search.pipeline import prepare
+    from planner.search.prepare import prepare
     from planner.settings import RunSettings
 
     calls = []
