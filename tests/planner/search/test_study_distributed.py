@@ -92,7 +92,7 @@ def test_two_workers_split_the_work_and_survive_a_sigkill(tiny_dir: Path, postgr
     work = optuna.load_study(storage=url, study_name=name + ":work")
     shards = [t for t in work.get_trials(states=(TrialState.COMPLETE,)) if "result" in t.user_attrs]
     keys = [f"{t.user_attrs['kind']}/{t.user_attrs['shard']}" for t in shards]
-    want = [f"{s['kind']}/{s['shard']}" for s in table_specs(len(prep.targets)) + fisher_specs(6)]
+    want = [f"{s['kind']}/{s['shard']}" for s in table_units(prep) + fisher_units(6)]
     assert sorted(keys) == sorted(want)
     by_worker = {t.user_attrs["worker"].split(":")[1] for t in shards}
     assert by_worker == {str(a.pid), str(b.pid)}, by_worker
@@ -112,3 +112,36 @@ def test_two_workers_split_the_work_and_survive_a_sigkill(tiny_dir: Path, postgr
                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
     assert "another proxy" in other.stderr
+
+
+def test_two_workers_with_every_lever_write_the_one_machine_plan(tiny_dir: Path, postgres_url: str,
+                                                                   tmp_path: Path) -> None:
+    """Issue 27: the strongest configuration (3-bit widths, double quantization chosen per layer, the
+    data-aware initialisation, feedback rounding), the exact search, no fine-tune proxy: two workers
+    sharing a PostgreSQL study split the tables and the Fisher errors and both write the layers the
+    one-machine plan has, bit for bit (residuals and sensitivities included)."""
+    url, name = postgres_url, "tiny-levers"
+    cfg = PlanConfig(model=str(tiny_dir), bits=(2, 3, 4, 8), ranks=(0, 4, 8), double_quant="search", init="loftq-data",
+                     rounding="feedback", search="exact", calib_seqs=4, proxy_seqs=2, calib_seq_len=64)
+    prep = prepare(cfg, RunSettings(seq_len=128, batch_size=1, device="cpu"))
+    lo, hi = (prep.estimate(c).total_bytes for c in extremes(prep))
+    args = ["--model", str(tiny_dir), "--bits", "2,3,4,8", "--ranks", "0,4,8", "--double-quant", "search",
+            "--init", "loftq-data", "--rounding", "feedback", "--search", "exact", "--proxy-top", "0",
+            "--calib-seqs", "4", "--proxy-seqs", "2", "--calib-seq-len", "64", "--seq-len", "128", "--batch-size", "1",
+            "--device", "cpu", "--budget", str((lo + hi) // 2)]
+    alone = _worker(args, tmp_path / "alone.json", tmp_path / "cache-alone")
+    assert alone.wait(300) == 0, alone.stderr.read()[-3000:]
+    shared = args + ["--storage", url, "--study-name", name]
+    a = _worker(shared, tmp_path / "a.json", tmp_path / "cache-a")
+    b = _worker(shared, tmp_path / "b.json", tmp_path / "cache-b")
+    assert a.wait(300) == 0, a.stderr.read()[-3000:]
+    assert b.wait(300) == 0, b.stderr.read()[-3000:]
+    one = load_plan(tmp_path / "alone.json")
+    assert {l.quant for l in one.layers} & {"nf3"} or any(l.double_quant for l in one.layers)  # the levers are used
+    assert load_plan(tmp_path / "a.json").layers == one.layers == load_plan(tmp_path / "b.json").layers
+    assert one.init.method == "loftq-data" and one.init.rounding == "feedback"
+    work = optuna.load_study(storage=url, study_name=name + ":work")
+    shards = [t for t in work.get_trials(states=(TrialState.COMPLETE,)) if "result" in t.user_attrs]
+    keys = sorted(f"{t.user_attrs['kind']}/{t.user_attrs['shard']}" for t in shards)
+    assert keys == sorted(f"{u['kind']}/{u['shard']}" for u in table_units(prep) + fisher_units(4))
+    assert len({t.user_attrs["worker"] for t in shards}) == 2  # both computed some of it
