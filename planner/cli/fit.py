@@ -70,7 +70,7 @@ def uniform_plans(targets: Sequence[TargetLayer], space: Any, method: str = "nf"
     plans: dict[str, dict[str, LayerChoice]] = {}
     for w in sorted({b for b, _ in shared}):
         rank = max(r for b, r in shared if b == w)
-        label = f"uniform {w}" + ("-bit" if str(w).isdigit() else "")  # 4-bit, 4dq, q4_k
+        label = f"uniform {w}" + ("-bit" if str(w)[0].isdigit() else "")  # 4-bit, 4dq-bit, q4_k
         choices = {t.name: LayerChoice.of(w, rank, method, space.block_size, shape=tuple(t.shape)) for t in targets}
         stored = Counter(c.quant for c in choices.values())
         if len(stored) > 1:  # a width some rows cannot hold: say what each layer really stores

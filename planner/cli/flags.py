@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, fields
 from typing import Any, Collection, TypeVar
 
 from planner.errors import PlannerError
-from planner.options import option
+from planner.options import int_tuple, option
 
 T = TypeVar("T")
 
@@ -23,13 +23,6 @@ class Report:
     """The option of every command that prints a report (``models``, ``show``, ``verify``)."""
 
     json: bool = option(False, "print JSON instead of tables")
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_options(parser: Any, config: type, *, only: Collection[str] | None = None,
@@ -54,7 +47,7 @@ def add_options(parser: Any, config: type, *, only: Collection[str] | None = Non
             elif isinstance(default, bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif isinstance(default, tuple):
-                kwargs["type"] = _int_tuple
+                kwargs["type"] = int_tuple
             else:
                 kwargs["type"] = type(default)
         if "choices" in meta:

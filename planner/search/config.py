@@ -15,11 +15,13 @@ from search_spaces.choices import DQ_MODES, GRANULARITIES, QUANTS, SearchSpace, 
 
 from planner.artifact.records import DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_SEQS
 from planner.errors import ConfigError
-from planner.options import option as _opt
+from planner.options import int_tuple, option as _opt
 from planner.settings import INITS
 
 log = logging.getLogger(__name__)
 SEARCHES = ("guided", "exact")
+STRONG_BITS = {"nf": (2, 3, 4, 8), "gguf": (2, 3, 4, 5, 6, 8)}  # the default menus (README "Defaults")
+QUICK_BITS = (2, 4, 8)  # --quick: the first planner's menu
 _SPACE = SearchSpace()  # the search-space defaults live there, once
 
 
@@ -28,27 +30,34 @@ class PlanConfig:
     model: str = _opt("smollm2-135m", "model id, alias (see `models`), local Hugging Face folder (safetensors only), "
                       "or a .gguf file")
     budget: str = _opt("", "memory budget: 11GB (=11e9 B), 11GiB, 900MB, bytes, or auto (free GPU memory)")
-    bits: tuple[int, ...] = _opt(_SPACE.bits, "bit widths to choose from; add 16 to allow keeping a layer in 16 bits")
+    bits: tuple[int, ...] | None = _opt(None, "bit widths to choose from; add 16 to allow keeping a layer in 16 bits "
+                                       "(default: the family's strongest menu, nf 2,3,4,8; gguf 2,3,4,5,6,8; with "
+                                       "--quick 2,4,8)", type=int_tuple)
     ranks: tuple[int, ...] = _opt(_SPACE.ranks, "LoRA ranks to choose from (0 = no adapter)")
     block_size: int = _opt(_SPACE.block_size, "quantization block size")
     granularity: str = _opt(_SPACE.granularity, "one choice per module, per block, or per module type",
                             choices=GRANULARITIES)
-    double_quant: str = _opt(_SPACE.double_quant, "double quantization of the blocks' absmax constants (QLoRA: "
-                             "8-bit, blocks of 256; NF4 4.5 -> 4.127 bits/weight): off, on for every "
-                             "quantized width, or search (the planner chooses per layer)", choices=DQ_MODES)
+    double_quant: str | None = _opt(None, "double quantization of the blocks' absmax constants (QLoRA: 8-bit, blocks "
+                                    "of 256; NF4 4.5 -> 4.127 bits/weight): off, on for every quantized width, or "
+                                    "search (the planner chooses per layer; the default for nf, off with --quick and "
+                                    "for families with their own constants)", choices=DQ_MODES)
     quant: str = _opt("nf", "quantizer family: nf (NormalFloat codebooks, for planner.load and bitsandbytes) or "
                       "gguf (llama.cpp's block types, for `materialize --format gguf`: --bits 2 = q2_k, 3 = q3_k, "
                       "4 = q4_0/iq4_nl/q4_k/iq4_xs, 5 = q5_0/q5_1/q5_k, 6 = q6_k, 8 = q8_0; a type on rows it cannot "
                       "hold falls back as llama.cpp's quantizer does: q2_k/q3_k -> q4_0, q4_k -> q5_0, q5_k -> q5_1, "
                       "q6_k -> q8_0, iq4_xs -> iq4_nl)", choices=QUANTS)
-    init: str = _opt("loftq", "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
-                     "norm; loftq-data fits the layer's output on the calibration sequences (--data, --calib-seqs, "
-                     "--calib-seq-len), and the planner's residuals use that norm too", choices=INITS)
-    rounding: str = _opt("nearest", "how Q's codes are chosen, recorded in the plan: nearest, or feedback (error "
-                         "feedback under the data-aware initialisation's moments: the same format and bytes, a lower "
-                         "output error; needs --init loftq-data and --quant nf). The residual tables, the Fisher "
-                         "errors and the search's candidates all score that Q, and materialize builds it",
-                         choices=("nearest", "feedback"))
+    init: str | None = _opt(None, "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
+                            "norm; loftq-data (the default; loftq with --quick) fits the layer's output on the "
+                            "calibration sequences (--data, --calib-seqs, --calib-seq-len), and the planner's "
+                            "residuals use that norm too", choices=INITS)
+    rounding: str | None = _opt(None, "how Q's codes are chosen, recorded in the plan: nearest, or feedback (error "
+                                "feedback under the data-aware initialisation's moments: the same format and bytes, a "
+                                "lower output error; the default for nf, nearest with --quick or --init loftq and for "
+                                "other families). The residual tables, the Fisher errors and the search's candidates "
+                                "all score that Q, and materialize builds it", choices=("nearest", "feedback"))
+    quick: bool = _opt(False, "the quick plan of the first planner: the 2/4/8 menu without double quantization, plain "
+                       "LoftQ, round to nearest (several times faster to plan, and worse at tight budgets: README "
+                       "\"Defaults\")")
     target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
     search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; exact: the solver alone",
                        choices=SEARCHES)
@@ -78,11 +87,30 @@ class PlanConfig:
 
     def __post_init__(self) -> None:
         try:
+            self._defaults()
             self._validate()
         except ConfigError:
             raise
         except ValueError as err:  # SearchSpace's own message: one line, the config's error type
             raise ConfigError(str(err)) from None
+
+    def _defaults(self) -> None:
+        """Fill the levers left at None: the family's strongest configuration, or with ``quick`` the
+        first planner's. A lever set by hand stays as it is (``quick`` with it: only the others)."""
+        if self.quant not in FAMILIES:
+            raise ConfigError(f"quant must be one of {', '.join(FAMILIES)}; got {self.quant!r}")
+        family = FAMILIES.get(self.quant)
+        quick = bool(self.quick)
+        if self.bits is None:
+            bits = QUICK_BITS if quick else STRONG_BITS.get(self.quant, family.bits)
+            object.__setattr__(self, "bits", tuple(b for b in bits if b in family.bits) or family.bits)
+        if self.double_quant is None:
+            object.__setattr__(self, "double_quant", "search" if family.double_quant and not quick else "off")
+        if self.init is None:
+            object.__setattr__(self, "init", "loftq" if quick else "loftq-data")
+        if self.rounding is None:
+            feedback = self.init == "loftq-data" and self.quant == "nf" and not quick
+            object.__setattr__(self, "rounding", "feedback" if feedback else "nearest")
 
     def _validate(self) -> None:
         if self.quant not in FAMILIES:  # a family registered after import (a plugin's) counts too

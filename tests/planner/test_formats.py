@@ -128,7 +128,7 @@ def test_a_toy_format_plans_materializes_and_loads_through_the_api(toy_family, t
 
     progress.set_enabled(False)
     model_dir = save_tiny_llama_with_real_tokenizer(tmp_path / "tiny")
-    cfg = planner.PlanConfig(model=str(model_dir), budget="1GB", quant="toy", bits=(4,), ranks=(0, 4),
+    cfg = planner.PlanConfig(model=str(model_dir), budget="1GB", quant="toy", bits=(4,), ranks=(0, 4), quick=True,
                              search="exact", calib_seqs=2, proxy_seqs=1, calib_seq_len=32,
                              cache_dir=str(tmp_path / "cache"))
     plan = planner.plan(cfg, planner.RunSettings(device="cpu", seq_len=32), out=tmp_path / "plan.json")

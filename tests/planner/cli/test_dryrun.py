@@ -29,7 +29,7 @@ def test_double_quant_and_nf3_on_the_menu(capsys: pytest.CaptureFixture) -> None
     exactly their absmax bytes minus the 8-bit codes and second-level constants), the largest plain
     8-bit; the uniform plans of the menu include the dq widths and NF3."""
     base = ["--model", "phi-2", "--budget", "11GB", "--dry-run", "--json"]
-    _, plain, _ = _run(capsys, *base)
+    _, plain, _ = _run(capsys, *base, "--quick")
     rc, out, err = _run(capsys, *base, "--bits", "2,3,4,8", "--double-quant", "search")
     assert rc == 0, err
     plain, report = json.loads(plain), json.loads(out)
@@ -45,7 +45,7 @@ def test_double_quant_and_nf3_on_the_menu(capsys: pytest.CaptureFixture) -> None
 
 
 def test_json_gives_min_max_breakdowns_and_fits(capsys: pytest.CaptureFixture) -> None:
-    rc, out, err = _run(capsys, "--model", "phi-2", "--budget", "11GB", "--dry-run", "--json", "--device", "cuda")
+    rc, out, err = _run(capsys, "--model", "phi-2", "--budget", "11GB", "--dry-run", "--json", "--device", "cuda", "--quick")
     assert rc == 0, err
     report = json.loads(out)
     assert report["budget_bytes"] == 11_000_000_000
@@ -67,7 +67,7 @@ def test_json_gives_min_max_breakdowns_and_fits(capsys: pytest.CaptureFixture) -
 
 
 def test_run_settings_and_search_space_options_reach_the_estimate(capsys: pytest.CaptureFixture) -> None:
-    argv = ["--model", "mistral-7b", "--budget", "16GiB", "--dry-run", "--json", "--bits", "4", "--ranks", "64"]
+    argv = ["--model", "mistral-7b", "--budget", "16GiB", "--dry-run", "--json", "--bits", "4", "--ranks", "64", "--quick"]
     rc, out, _ = _run(capsys, *argv)
     base = json.loads(out)
     assert rc == 0 and base["budget_bytes"] == 16 * 2**30 and base["min_bytes"] == base["max_bytes"]

@@ -36,7 +36,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def planned(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The same budget planned with plain and with data-aware LoftQ (exact search, one cache)."""
     root = tmp_path_factory.mktemp("plans")
-    cfg = PlanConfig(model=str(tiny_dir), ranks=(0, 4, 8), bits=(2, 4, 8), calib_seqs=2, proxy_seqs=1,
+    cfg = PlanConfig(model=str(tiny_dir), ranks=(0, 4, 8), bits=(2, 4, 8), calib_seqs=2, proxy_seqs=1, quick=True,
                      calib_seq_len=64, search="exact", cache_dir=str(root / "cache"))
     prep = prepare(cfg, RUN)
     lo, hi = extremes(prep)
@@ -246,3 +246,58 @@ def test_plan_rounding_feedback_is_recorded_and_materialize_follows_it(planned, 
         assert torch.equal(a[layer.name][0].packed, b[layer.name][0].packed), layer.name
         differ += not torch.equal(a[layer.name][0].packed, n[layer.name][0].packed)
     assert differ >= 3
+
+
+def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27: with feedback rounding the weight bank's Q is the one source of the residual tables,
+    the Fisher errors and the candidates: every (layer, spec) is encoded exactly once in a plan (a
+    guided search with a fine-tune proxy: every stage that reads Q runs)."""
+    import hashlib
+    from collections import Counter
+
+    import loftq.quant as quant
+    import loftq.rounding as rounding
+
+    counts: Counter = Counter()
+
+    def key(weight: torch.Tensor, config) -> tuple[str, str]:
+        digest = hashlib.sha1(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        return digest, f"{config.quant_name}{'dq' if config.double_quant else ''}"
+
+    real_quantize, real_feedback = quant.quantize, rounding.quantize_feedback
+    real_residuals = quant.quantization_residuals
+
+    def counting_quantize(weight, bits=None, *, config=None, **kw):
+        cfg = config if config is not None else quant.QuantConfig(bits, kw.get("method", "nf"), kw.get("block_size", 64),
+                                                                  kw.get("double_quant", False))
+        counts[key(weight, cfg)] += 1
+        return real_quantize(weight, bits, config=config, **kw)
+
+    def counting_feedback(weight, config, *args, **kw):
+        counts[key(weight, config)] += 1
+        return real_feedback(weight, config, *args, **kw)
+
+    def counting_residuals(weight, configs, **kw):
+        for m in (weight if weight.ndim == 3 else weight[None]):
+            for c in configs:
+                counts[key(m, c)] += 1
+        return real_residuals(weight, configs, **kw)
+
+    monkeypatch.setattr(quant, "quantize", counting_quantize)
+    monkeypatch.setattr(rounding, "quantize_feedback", counting_feedback)
+    monkeypatch.setitem(quant.ROUNDERS, "feedback", counting_feedback)
+    monkeypatch.setattr(quant, "quantization_residuals", counting_residuals)
+    import loftq.formats.codebook as codebook
+
+    monkeypatch.setattr(codebook, "quantization_residuals", counting_residuals)
+    model = save_tiny_llama_with_real_tokenizer(tmp_path / "tiny")
+    cfg = PlanConfig(model=str(model), bits=(2, 3, 4, 8), ranks=(0, 4), double_quant="search", init="loftq-data",
+                     rounding="feedback", trials=3, proxy_top=1, proxy_steps=2, calib_seqs=2, proxy_seqs=1,
+                     calib_seq_len=64, cache_dir=str(tmp_path / "cache"))
+    prep = prepare(cfg, RUN)
+    lo, hi = extremes(prep)
+    make_plan(cfg, RUN, (prep.estimate(lo).total_bytes + prep.estimate(hi).total_bytes) // 2)
+    n_layers, n_widths = len(prep.targets), 8  # 2, 2dq, 3, 3dq, 4, 4dq, 8, 8dq
+    assert len(counts) == n_layers * n_widths, len(counts)
+    assert set(counts.values()) == {1}, [k for k, v in counts.items() if v > 1][:5]

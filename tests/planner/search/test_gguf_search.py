@@ -68,7 +68,7 @@ def smol_layers() -> dict:
 
 
 def test_prepare_costs_the_type_each_layer_stores() -> None:
-    cfg = PlanConfig(quant="gguf", bits=ALL, ranks=(0, 8))
+    cfg = PlanConfig(quant="gguf", bits=ALL, ranks=(0, 8), quick=True)
     prep = prepare(cfg, RUN)
     assert [str(w) for w, r in prep.options[::2]] == ["q2_k", "q3_k", "q4_0", "iq4_nl", "q4_k", "iq4_xs", "q6_k",
                                                       "q8_0"]
@@ -130,7 +130,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_gguf_plan_is_within_budget_and_materializes_to_its_bytes(tiny_dir: Path, tmp_path: Path) -> None:
-    cfg = PlanConfig(model=str(tiny_dir), quant="gguf", bits=(4, 8), ranks=(0, 4), calib_seqs=2, proxy_seqs=1,
+    cfg = PlanConfig(model=str(tiny_dir), quant="gguf", bits=(4, 8), ranks=(0, 4), calib_seqs=2, proxy_seqs=1, quick=True,
                      calib_seq_len=64, trials=3, cache_dir=str(tmp_path / "cache"))
     prep = prepare(cfg, RUN)
     lo, hi = extremes(prep)

@@ -33,7 +33,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def cfg(tiny_dir: Path, tmp_path: Path) -> PlanConfig:
-    return PlanConfig(model=str(tiny_dir), bits=(2, 3, 4, 8), ranks=(0, 4, 8), double_quant="search",
+    return PlanConfig(model=str(tiny_dir), bits=(2, 3, 4, 8), ranks=(0, 4, 8), double_quant="search", quick=True,
                       search="exact", calib_seqs=2, proxy_seqs=1, calib_seq_len=64, trials=2,
                       cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "plan.json"))
 
@@ -128,7 +128,7 @@ def _save(plan, tmp_path: Path) -> Path:
 
 
 def test_cli_bits_3_and_double_quant(cfg: PlanConfig, capsys: pytest.CaptureFixture) -> None:
-    args = ["--model", cfg.model, "--cache-dir", cfg.cache_dir, "--out", cfg.out, "--ranks", "0,4",
+    args = ["--model", cfg.model, "--cache-dir", cfg.cache_dir, "--out", cfg.out, "--quick", "--ranks", "0,4",
             "--calib-seqs", "2", "--proxy-seqs", "1", "--calib-seq-len", "64", "--seq-len", "128",
             "--device", "cpu", "--search", "exact", "--bits", "2,3", "--budget", "10GB"]
     assert main([*args, "--double-quant", "on", "--json"]) == 0

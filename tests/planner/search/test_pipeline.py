@@ -27,7 +27,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def cfg(tiny_dir: Path, tmp_path: Path) -> PlanConfig:
-    return PlanConfig(model=str(tiny_dir), ranks=(0, 4, 8), calib_seqs=2, proxy_seqs=1, calib_seq_len=64,
+    return PlanConfig(model=str(tiny_dir), ranks=(0, 4, 8), calib_seqs=2, proxy_seqs=1, calib_seq_len=64, quick=True,
                       trials=3, cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "plan.json"))
 
 
@@ -117,7 +117,7 @@ def test_corrupt_cache_is_recomputed(cfg: PlanConfig, caplog: pytest.LogCaptureF
 
 
 def _cli(cfg: PlanConfig, *extra: str) -> int:
-    return main(["--model", cfg.model, "--cache-dir", cfg.cache_dir, "--out", cfg.out, "--ranks", "0,4,8",
+    return main(["--model", cfg.model, "--cache-dir", cfg.cache_dir, "--out", cfg.out, "--ranks", "0,4,8", "--quick",
                  "--calib-seqs", "2", "--proxy-seqs", "1", "--calib-seq-len", "64", "--seq-len", "128",
                  "--device", "cpu", "--trials", "2", *extra])
 

@@ -136,7 +136,7 @@ def test_cli_refuses_a_study_of_other_ranks_or_weights_in_one_line(tmp_path: Pat
     from planner.cli.app import main
 
     first, second = _tiny_llama(tmp_path / "m0", 0), _tiny_llama(tmp_path / "m1", 1)
-    base = ["--budget", "2GB", "--seq-len", "128", "--device", "cpu", "--calib-seqs", "2", "--proxy-seqs", "1", "--calib-seq-len", "32", "--trials", "2",
+    base = ["--budget", "2GB", "--quick", "--seq-len", "128", "--device", "cpu", "--calib-seqs", "2", "--proxy-seqs", "1", "--calib-seq-len", "32", "--trials", "2",
             "--storage", f"sqlite:///{tmp_path}/s.db", "--study-name", "shared-name", "--cache-dir", str(tmp_path / "c")]
     assert main(["--model", str(first), "--ranks", "0,4,8", "--out", str(tmp_path / "a.json"), *base]) == 0
     capsys.readouterr()

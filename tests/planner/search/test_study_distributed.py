@@ -51,10 +51,10 @@ def _running_trial_of(url: str, names: list[str], pid: int) -> bool:
 
 def test_two_workers_split_the_work_and_survive_a_sigkill(tiny_dir: Path, postgres_url: str, tmp_path: Path) -> None:
     url, name = postgres_url, "tiny-shared"
-    cfg = PlanConfig(model=str(tiny_dir), ranks=(0, 4, 8), calib_seqs=6, proxy_seqs=2, calib_seq_len=64)
+    cfg = PlanConfig(model=str(tiny_dir), ranks=(0, 4, 8), calib_seqs=6, proxy_seqs=2, calib_seq_len=64, quick=True)
     prep = prepare(cfg, RunSettings(seq_len=128, batch_size=1, device="cpu"))
     lo, hi = (prep.estimate(c).total_bytes for c in extremes(prep))
-    args = ["--model", str(tiny_dir), "--ranks", "0,4,8", "--calib-seqs", "6", "--proxy-seqs", "2",
+    args = ["--model", str(tiny_dir), "--ranks", "0,4,8", "--quick", "--calib-seqs", "6", "--proxy-seqs", "2",
             "--calib-seq-len", "64", "--seq-len", "128", "--batch-size", "1", "--device", "cpu",
             "--budget", str((lo + hi) // 2), "--trials", "10", "--proxy-top", "3", "--proxy-steps", "6",
             "--storage", url, "--study-name", name]

@@ -350,7 +350,7 @@ def test_downloads_follow_hf_hub_offline_and_offline_flag(monkeypatch: pytest.Mo
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert resolve("someone/tiny-qwen").kind == "hub" and calls[-1] is False
-    prepare(PlanConfig(model="someone/tiny-qwen", offline=True, ranks=(0, 8)), RunSettings(device="cpu"))
+    prepare(PlanConfig(model="someone/tiny-qwen", offline=True, ranks=(0, 8), quick=True), RunSettings(device="cpu"))
     assert calls[-1] is True
     # facts, no download (the fake cache holds the tiny qwen: ranks its 32-wide k_proj can take)
     assert main(["--model", "phi-2", "--dry-run", "--json", "--ranks", "0,8"]) == 0 and calls[-1] is True
