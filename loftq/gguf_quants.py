@@ -204,10 +204,15 @@ class GGUFSpec:
     def check_shape(self, shape: Sequence[int]) -> None:
         check_shape(tuple(int(s) for s in shape), self.name)
 
-    def quantize(self, weight: torch.Tensor, *, upper: torch.Tensor | None = None,
-                 importance: torch.Tensor | None = None) -> GGUFTensor:
-        if upper is not None:
-            raise ValueError(f"error-feedback rounding takes codebook widths, not the GGUF type {self.name}")
+    def quantize(self, weight: torch.Tensor, *, rounding: str = "nearest", moment: torch.Tensor | None = None,
+                 upper: torch.Tensor | None = None, importance: torch.Tensor | None = None,
+                 damp: float = 0.01) -> "GGUFTensor":
+        """The type's encoder; its block scales searched under the per-column ``importance`` [in] (by
+        default the diagonal of ``moment``, E[x_j^2]: what llama.cpp's imatrix holds), else under the
+        type's own objective. Error-feedback rounding does not apply to a block type: ``rounding`` is
+        round-to-nearest's here (:meth:`feedback_applies` says so)."""
+        if importance is None and moment is not None:
+            importance = moment.diagonal().float()
         return gguf_quantize(weight, self.name, **({"importance": importance} if importance is not None else {}))
 
     def feedback_applies(self, shape: Sequence[int]) -> bool:

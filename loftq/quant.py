@@ -89,12 +89,17 @@ class QuantConfig:
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"{self.quant_name} stores [out, in] weights; got shape {tuple(shape)}")
 
-    def quantize(self, weight: torch.Tensor, *, upper: torch.Tensor | None = None,
-                 importance: torch.Tensor | None = None) -> "QuantizedTensor":
-        """Round to nearest, or with ``upper`` by error feedback where :meth:`feedback_applies`
-        (elsewhere to nearest). ``importance`` does not apply: a codebook block's scale is its absmax."""
-        if upper is not None and self.feedback_applies(tuple(weight.shape)):
-            return ROUNDERS["feedback"](weight, self, upper=upper)
+    def quantize(self, weight: torch.Tensor, *, rounding: str = "nearest", moment: torch.Tensor | None = None,
+                 upper: torch.Tensor | None = None, importance: torch.Tensor | None = None,
+                 damp: float = 0.01) -> "QuantizedTensor":
+        """Round to nearest, or with ``rounding="feedback"`` by error feedback under the input second
+        moment (``moment`` H [in, in], or ``upper``: its inverse factor already computed) where
+        :meth:`feedback_applies` (elsewhere to nearest). ``importance`` does not apply: a codebook
+        block's scale is its absmax."""
+        if rounding == "feedback" and self.feedback_applies(tuple(weight.shape)):
+            if upper is None and moment is None:
+                raise ValueError("rounding='feedback' needs the input second moment (moment=H or upper=...)")
+            return ROUNDERS["feedback"](weight, self, moment, damp, upper=upper)
         return quantize(weight, config=self)
 
     def feedback_applies(self, shape: Sequence[int]) -> bool:

@@ -168,4 +168,4 @@ def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: 
     return QuantizedTensor(pack(codes, config.bits), tuple(weight.shape), weight.dtype, config, block=block, **consts)
 
 
-ROUNDERS["feedback"] = quantize_feedback  # QuantConfig.quantize(upper=...) rounds by it
+ROUNDERS["feedback"] = quantize_feedback  # QuantConfig.quantize(rounding="feedback") rounds by it

@@ -106,7 +106,8 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
     ``bits``: a codebook width (with ``method``, ``block_size``, ``double_quant``) or the name of a
     GGUF type in ``GGUF_TYPES`` ("q4_k", ...), whose quantizer then replaces the codebook one.
     ``calibration``: optional input second moment H [in, in]; then the low-rank step and the
-    choice of the best iterate use ||(W - Q - BA) L||, L L^T = H + damp.
+    choice of the best iterate use ||(W - Q - BA) L||, L L^T = H + damp, and formats whose encoder
+    searches scales weigh the columns by diag H (GGUF types).
     ``svd``: "exact" (a full thin SVD per step) or "randomized" (block Krylov, used for codebook
     widths where :func:`loftq.spectral.applies`; measured within 1% of the exact residual on SmolLM2).
     ``rounding``: "nearest" (each code alone) or "feedback" (needs ``calibration``): each Q_t is
@@ -131,7 +132,8 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
         raise ValueError(f"rounding='feedback' cannot round {spec.name} for shape {tuple(weight.shape)} "
                          "(it takes a codebook width whose blocks are whole runs of input columns)")
     spec.check_shape(tuple(weight.shape))
-    upper = inverse_factor(calibration.to(weight.device), damp) if rounding == "feedback" else None
+    moment = calibration.to(weight.device) if calibration is not None else None
+    upper = inverse_factor(moment, damp) if rounding == "feedback" else None
     svd = svd if spec.randomized_svd else "exact"  # where the randomized step was tested
     w = weight.detach().float()
     factor = calibration_factor(calibration.to(w.device).float(), damp) if calibration is not None else None
@@ -144,7 +146,7 @@ def loftq(weight: torch.Tensor, bits: int | str, rank: int, *, iters: int = 1, m
     errors: list[float] = []
     weighted: list[float] = []
     for t in range(iters):
-        qt = spec.quantize(w - b @ a if rank and t else w, upper=upper)
+        qt = spec.quantize(w - b @ a if rank and t else w, rounding=rounding, moment=moment, upper=upper, damp=damp)
         residual = w - qt.dequantize(torch.float32)
         if rank:
             b, a = _low_rank(residual, rank, factor, svd)
@@ -178,7 +180,8 @@ def _width_residuals(w: torch.Tensor, specs: Sequence[Spec], dtype: torch.dtype,
         return formats_residuals(w, specs, dtype)
     out = []
     for spec in specs:
-        res = torch.stack([m - spec.quantize(m, upper=u).dequantize(torch.float32) for m, u in zip(w, uppers)])
+        res = torch.stack([m - spec.quantize(m, rounding="feedback", upper=u).dequantize(torch.float32)
+                           for m, u in zip(w, uppers)])
         out.append((res.to(dtype), squared_norm(res)))
     return out
 

@@ -52,8 +52,8 @@ def resolve(w: WidthKey, shape: Sequence[int], method: str = "nf", block_size: i
 
 
 def quantize_width(weight: Any, w: WidthKey, method: str = "nf", block_size: int = 64, **encode: Any) -> Any:
-    """``weight`` [out, in] stored at width ``w`` (a :class:`loftq.formats.Quantized`); ``encode``:
-    the spec's ``upper`` / ``importance``."""
+    """``weight`` [out, in] stored at width ``w`` (a :class:`loftq.formats.Quantized`); ``encode``: the
+    spec's keywords (``rounding``, ``moment``, ``upper``, ``importance``, ``damp``)."""
     spec = resolve(w, tuple(weight.shape), method, block_size)
     if spec is None:
         raise ValueError(f"width {w} keeps the weight in 16 bits: nothing to quantize")

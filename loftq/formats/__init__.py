@@ -72,12 +72,15 @@ class Spec(Protocol):
         """ValueError naming the shape when this spec cannot store a weight of it."""
         ...
 
-    def quantize(self, weight: torch.Tensor, *, upper: torch.Tensor | None = None,
-                 importance: torch.Tensor | None = None) -> Quantized:
-        """Encode ``weight`` [out, in]. ``upper``: the inverse factor of the input moment
-        (:func:`loftq.rounding.inverse_factor`) for error-feedback rounding, where
-        :meth:`feedback_applies`; ``importance`` [in]: the per-column weight of the squared error
-        (E[x_j^2], what llama.cpp's imatrix holds), for formats whose encoder searches scales."""
+    def quantize(self, weight: torch.Tensor, *, rounding: str = "nearest", moment: torch.Tensor | None = None,
+                 upper: torch.Tensor | None = None, importance: torch.Tensor | None = None,
+                 damp: float = 0.01) -> Quantized:
+        """Encode ``weight`` [out, in]. ``moment``: the layer's input second moment H [in, in]; with
+        ``rounding="feedback"`` the codes are chosen by error feedback under it where
+        :meth:`feedback_applies` (``upper``: its inverse factor, :func:`loftq.rounding.inverse_factor`,
+        already computed for the weight's own basis); ``importance`` [in] (default: diag H): the
+        per-column weight of the squared error, for formats whose encoder searches scales (what
+        llama.cpp's imatrix holds)."""
         ...
 
     def feedback_applies(self, shape: Sequence[int]) -> bool: ...

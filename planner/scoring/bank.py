@@ -232,6 +232,7 @@ class WeightBank:
         self.settings = BankSettings(tuple(bits), max_rank, method, block_size, dtype, svd)
         self.store: BankStore = store if store is not None else MemoryStore()
         self.device = torch.device(device) if device is not None else None  # where entries are computed
+        self._upper_of: tuple[str | None, torch.Tensor | None] = (None, None)
 
     @property
     def names(self) -> list[str]:
@@ -276,13 +277,19 @@ class WeightBank:
         format can (elsewhere to nearest, as materialize builds it)."""
         s = self.settings
         w, home = self._source(name)
-        upper = None
-        if self.rounding == "feedback" and spec.feedback_applies(tuple(w.shape)):
-            upper = inverse_factor(self.moments[name].to(w.device), self.damp)
-        qt = spec.quantize(w, upper=upper)
+        moment = self.moments[name].to(w.device) if self.moments is not None else None
+        upper = self._upper(name, moment) if self.rounding == "feedback" and spec.feedback_applies(tuple(w.shape)) \
+            else None
+        qt = spec.quantize(w, rounding=self.rounding, moment=moment, upper=upper, damp=self.damp)
         deq = qt.dequantize(torch.float32)
         entry = BankEntry(qt.to(home), deq.to(home, s.dtype), None, None, self.label)
         return self._with_factors(name, entry, w, deq) if factors else entry
+
+    def _upper(self, name: str, moment: torch.Tensor) -> torch.Tensor:
+        """The layer's inverse factor for feedback rounding, computed once for all its widths."""
+        if self._upper_of[0] != name:
+            self._upper_of = (name, inverse_factor(moment, self.damp))
+        return self._upper_of[1]
 
     def _with_factors(self, name: str, e: BankEntry, w: torch.Tensor | None = None,
                       deq: torch.Tensor | None = None) -> BankEntry:

@@ -35,7 +35,7 @@ from planner.scoring.tables import PRODUCER as TABLES_PRODUCER, ResidualTables, 
 from planner.search.prepare import METHOD, Prepared, table_settings
 
 FISHER_PRODUCER = "fisher-errors/2"  # 2: per calibration sequence, summed in order
-BANK_PRODUCER = "weight-bank/2"  # 2: entries by spec, a format's own tensors
+BANK_PRODUCER = "weight-bank/3"  # 2: entries by spec, a format's own tensors; 3: GGUF Q under diag(H)
 REFERENCE_PRODUCER = "zero-step-reference/1"
 Unit = dict[str, Any]  # {"kind": stage, "shard": index, ...}: JSON, so a study can hold it
 
@@ -171,7 +171,8 @@ def _settings_key(settings: Any) -> dict[str, Any]:
 
 def table_unit(ctx: Context, unit: Unit) -> dict[str, torch.Tensor]:
     """One block's residual tables: {"table": [n, len(bits), len(ranks)], "sq_norm": [n]} in target order.
-    Q is the bank's when it is not round-to-nearest's (feedback rounding), else the fused pass's."""
+    Q is the bank's whenever calibration moments exist (feedback rounding, a GGUF type's importance-weighted
+    scales: the Q materialize stores), else the fused round-to-nearest pass's."""
     from planner.devices import resolve_device
 
     prep = ctx.prep
@@ -179,7 +180,7 @@ def table_unit(ctx: Context, unit: Unit) -> dict[str, torch.Tensor]:
     targets = prep.targets[lo:hi]
     res = compute_tables(prep.source.iter_weights(targets), len(targets), table_settings(prep.cfg),
                          resolve_device(prep.cfg.score_device), ctx.moments, DEFAULT_DAMP, ctx.rounding,
-                         bank=ctx.bank if ctx.rounding != "nearest" else None)
+                         bank=ctx.bank if ctx.moments is not None else None)
     order = [res.names.index(t.name) for t in targets]
     return {"table": res.table[order].float(), "sq_norm": res.sq_norm[order].double()}
 

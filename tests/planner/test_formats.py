@@ -69,7 +69,8 @@ class ToySpec:
         if len(shape) != 2:
             raise ValueError(f"toy4 stores [out, in] weights, got {tuple(shape)}")
 
-    def quantize(self, weight: torch.Tensor, *, upper=None, importance=None) -> ToyTensor:
+    def quantize(self, weight: torch.Tensor, *, rounding="nearest", moment=None, upper=None, importance=None,
+                 damp=0.01) -> ToyTensor:
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 7
         codes = torch.round(w / scale[:, None]).clamp(-7, 7).to(torch.int8)
