@@ -224,7 +224,7 @@ def test_shipped_ood_text_loads_unchanged_and_verified() -> None:
 
 def test_ood_text_is_no_default_source() -> None:
     """Nothing in the planner calibrates or trains on the OOD text unless it is named."""
-    from planner.config import PlanConfig
+    from planner.search.config import PlanConfig
     from planner.train.loop import FinetuneConfig
 
     assert CorpusConfig().source == "pydoc" and PlanConfig(model="x").data is None and FinetuneConfig().data is None
