@@ -41,14 +41,17 @@ def _sorted_unique_ints(name: str, values: Any, allowed: Iterable[int] | None = 
         raise ValueError(f"SearchSpace.{name} must be a subset of {tuple(allowed)}, got {values!r}")
 
 
-def menu(bits: Iterable[int], double_quant: str = "off", quant: str = "nf") -> tuple[WidthKey, ...]:
+def menu(bits: Iterable[int], double_quant: str = "off", quant: str = "nf", rotation: str = "off") -> tuple[WidthKey, ...]:
     """Widths offered for ``bits``: the family's (:mod:`loftq.formats`) under ``double_quant``
-    (plain ``off``, double-quantized ``on``, or both ``search``), 16 as it is; in menu order."""
+    (plain ``off``, double-quantized ``on``, or both ``search``) and ``rotation`` (the same three,
+    for the low codebook widths), 16 as it is; in menu order."""
     if double_quant not in DQ_MODES:
         raise ValueError(f"double_quant must be one of {', '.join(DQ_MODES)}, got {double_quant!r}")
     if quant not in FAMILIES:
         raise ValueError(f"quant must be one of {', '.join(FAMILIES)}, got {quant!r}")
-    return family_menu(bits, double_quant, quant)
+    if rotation not in DQ_MODES:
+        raise ValueError(f"rotation must be one of {', '.join(DQ_MODES)}, got {rotation!r}")
+    return family_menu(bits, double_quant, quant, rotation)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class SearchSpace:
     ``double_quant``: ``off`` (plain widths), ``on`` (every quantized width double-quantized) or
     ``search`` (both, per layer). ``quant``: the family (:mod:`loftq.formats`): ``nf`` (NormalFloat
     codebooks) or ``gguf`` (llama.cpp's block types of those widths; ``block_size`` does not apply).
+    ``rotation``: ``off``, ``on`` (the low codebook widths quantized in a randomized Hadamard basis:
+    :mod:`loftq.formats.rotated`) or ``search`` (both, per layer); codebook families only.
     """
 
     bits: tuple[int, ...] = (2, 4, 8)
@@ -71,6 +76,7 @@ class SearchSpace:
     granularity: str = "module"
     double_quant: str = "off"
     quant: str = "nf"
+    rotation: str = "off"
 
     def __post_init__(self) -> None:
         if self.quant not in FAMILIES:
@@ -93,6 +99,10 @@ class SearchSpace:
         if self.double_quant not in DQ_MODES:
             raise ValueError(f"SearchSpace.double_quant must be one of {', '.join(DQ_MODES)}, "
                              f"got {self.double_quant!r}")
+        if self.rotation not in DQ_MODES:
+            raise ValueError(f"SearchSpace.rotation must be one of {', '.join(DQ_MODES)}, got {self.rotation!r}")
+        if not FAMILIES.get(self.quant).rotation and self.rotation != "off":
+            raise ValueError(f"SearchSpace.rotation must be off with quant {self.quant} (its types cannot be rotated)")
 
     @property
     def all_bits(self) -> tuple[int, ...]:
@@ -101,8 +111,8 @@ class SearchSpace:
 
     @property
     def widths(self) -> tuple[WidthKey, ...]:
-        """The menu of :attr:`all_bits` under ``double_quant`` (:func:`menu`)."""
-        return menu(self.all_bits, self.double_quant, self.quant)
+        """The menu of :attr:`all_bits` under ``double_quant`` and ``rotation`` (:func:`menu`)."""
+        return menu(self.all_bits, self.double_quant, self.quant, self.rotation)
 
     def choices(self) -> list[tuple[WidthKey, int]]:
         """Every (width, rank) pair, width-major: [(2, 0), (2, 8), ..., (8, 64)]."""

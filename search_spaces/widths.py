@@ -17,7 +17,7 @@ from loftq.formats.codebook import Width, width_spec
 KEEP_BITS = 16
 WidthKey = Any  # an int (a plain codebook width, or 16: kept) or a family's width object
 
-__all__ = ["KEEP_BITS", "Width", "WidthKey", "is_double_quant", "menu", "quantize_width", "resolve", "sort_key",
+__all__ = ["KEEP_BITS", "Width", "WidthKey", "is_double_quant", "is_rotated", "menu", "quantize_width", "resolve", "sort_key",
            "width", "width_bits"]
 
 
@@ -35,10 +35,16 @@ def is_double_quant(w: WidthKey) -> bool:
     return bool(getattr(w, "double_quant", False))
 
 
-def menu(bits: Iterable[int], double_quant: str = "off", family: str = "nf") -> tuple[WidthKey, ...]:
-    """``family``'s widths for ``bits`` under a double quantization mode, plus 16 when asked for."""
+def is_rotated(w: WidthKey) -> bool:
+    return bool(getattr(w, "rotated", False))
+
+
+def menu(bits: Iterable[int], double_quant: str = "off", family: str = "nf",
+         rotation: str = "off") -> tuple[WidthKey, ...]:
+    """``family``'s widths for ``bits`` under a double quantization mode and a rotation mode, plus 16
+    when asked for."""
     bits = sorted(set(bits))
-    return family_widths(family, [b for b in bits if b < KEEP_BITS], double_quant) + \
+    return family_widths(family, [b for b in bits if b < KEEP_BITS], double_quant, rotation) + \
         ((KEEP_BITS,) if KEEP_BITS in bits else ())
 
 

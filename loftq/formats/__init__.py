@@ -107,12 +107,14 @@ class Family:
 
     ``parse(quant, bits, block_size, double_quant)``: the spec a plan's fields name, or None when
     ``quant`` is not this family's (ValueError when it is but the fields do not fit).
-    ``menu(bits, double_quant)``: the menu widths for ``--bits`` (16 excluded) under a double
-    quantization mode (``off``, ``on``, ``search``), in menu order; each width's ``spec(shape,
-    block_size)`` is the spec a layer of that shape stores.
+    ``menu(bits, double_quant[, rotation])``: the menu widths for ``--bits`` (16 excluded) under a
+    double quantization mode (``off``, ``on``, ``search``) and, where ``rotation`` is True, a
+    rotation mode (the same three), in menu order; each width's ``spec(shape, block_size)`` is the
+    spec a layer of that shape stores.
     ``residuals(stack, specs, dtype)``: (W - deq q(W) in ``dtype``, float64 squared norm per matrix)
     for each spec on a stack [L, out, in] (one fused pass where the family has one).
-    ``bits``: the ``--bits`` it offers; ``double_quant``: whether ``--double-quant`` applies;
+    ``bits``: the ``--bits`` it offers; ``double_quant`` / ``rotation``: whether ``--double-quant`` /
+    ``--rotation`` apply;
     ``key(spec)``: the menu width a spec is shown as in reports."""
 
     name: str
@@ -123,6 +125,7 @@ class Family:
     double_quant: bool
     key: Callable[["Spec"], Any] = lambda spec: spec.name  # the menu width a spec is shown as (4, 4dq, q4_k)
     description: str = ""
+    rotation: bool = False
 
 
 FAMILIES: Registry[Family] = Registry("quantizer family")
@@ -139,7 +142,8 @@ def spec_from_fields(quant: str, bits: int | None, block_size: int = 64, double_
         spec = FAMILIES.get(name).parse(quant, bits, block_size, double_quant)
         if spec is not None:
             return spec
-    raise ValueError(f"unknown quantizer {quant!r}; known: {', '.join(known_names())}")
+    raise ValueError(f"unknown quantizer {quant!r}; known: {', '.join(known_names())} (a codebook name with -rot, "
+                     "nf3-rot: its rotated width)")
 
 
 def known_names() -> list[str]:
@@ -175,9 +179,20 @@ def menu_key(spec: Spec) -> Any:
     return FAMILIES.get(spec.family).key(spec)
 
 
-def widths(family: str, bits: Iterable[int], double_quant: str = "off") -> tuple[Any, ...]:
-    """``family``'s menu widths for ``bits`` (16 excluded) under a double quantization mode."""
-    return FAMILIES.get(family).menu(bits, double_quant)
+def widths(family: str, bits: Iterable[int], double_quant: str = "off", rotation: str = "off") -> tuple[Any, ...]:
+    """``family``'s menu widths for ``bits`` (16 excluded) under a double quantization mode and a
+    rotation mode (ValueError for a rotation mode other than ``off`` where the family has none)."""
+    fam = FAMILIES.get(family)
+    if not fam.rotation:
+        if rotation != "off":
+            raise ValueError(f"{family} widths cannot be rotated (--rotation applies to {', '.join(rotating())})")
+        return fam.menu(bits, double_quant)
+    return fam.menu(bits, double_quant, rotation)
+
+
+def rotating() -> list[str]:
+    """The families whose widths can be rotated."""
+    return [name for name in FAMILIES if FAMILIES.get(name).rotation]
 
 
 from . import codebook as _codebook  # noqa: E402,F401  (registers "nf")

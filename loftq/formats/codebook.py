@@ -4,9 +4,13 @@ Its spec is :class:`loftq.quant.QuantConfig`, its tensor :class:`loftq.quant.Qua
 carry the format protocol's methods). Menu widths: a plain width is its number of code bits, an
 ``int`` (2, 3, 4, 8), as it always was; a double-quantized one is a :class:`Width` (QLoRA: the fp32
 absmax of every block quantized to 8 bits in blocks of 256, plus one fp32 scale per 256 blocks and
-one offset), written ``4dq``. A Width orders after the plain width of its bits and before the next
-(4 < 4dq < 8) and compares with ints, so code that sorts widths or asks ``width >= 16`` needs no
-change. Residual tables of several widths share one fused pass (:func:`loftq.quant.quantization_residuals`).
+one offset), written ``4dq``; a rotated one (:mod:`loftq.formats.rotated`: the codes of the weight in
+a randomized Hadamard basis) is ``Width(3, double_quant=False, rotated=True)``, written ``3r`` (``3rdq``
+with double quantization), and stores the plain spec on a layer whose shape has no Hadamard order.
+A Width orders after the plain width of its bits and before the next (4 < 4dq < 4r < 4rdq < 8) and
+compares with ints, so code that sorts widths or asks ``width >= 16`` needs no change. Residual
+tables of several widths share one fused pass (:func:`loftq.quant.quantization_residuals`; rotated
+widths one more on the rotated stack).
 """
 from __future__ import annotations
 
@@ -16,32 +20,40 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..quant import METHODS, QuantConfig, parse_quant_name, quant_name, quantization_residuals
+from ..hadamard import rotate, unrotate
+from ..quant import METHODS, QuantConfig, parse_quant_name, quant_name, quantization_residuals, squared_norm
 from . import Family, register, sort_key
+from .rotated import SUFFIX, RotatedSpec, rotatable
 
 KEEP_BITS = 16
 DQ_MODES = ("off", "on", "search")
+ROTATION_MODES = ("off", "on", "search")  # plain widths only, rotated only, both
+ROTATION_MAX_BITS = 4  # rotated widths on the menu: the low ones (8-bit codes lose nothing to outliers)
 
 
 @total_ordering
 @dataclass(frozen=True)
 class Width:
-    """A codebook width with double-quantized constants: ``Width(4)`` is ``4dq``."""
+    """A codebook width variant: ``Width(4)`` is ``4dq`` (double-quantized constants),
+    ``Width(3, False, True)`` is ``3r`` (rotated), ``Width(3, True, True)`` ``3rdq``."""
 
     bits: int
     double_quant: bool = True
+    rotated: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 < self.bits < KEEP_BITS:
             raise ValueError(f"a Width variant needs quantized bits (< {KEEP_BITS}), got {self.bits!r}")
-        if self.double_quant is not True:
+        if not isinstance(self.double_quant, bool) or not isinstance(self.rotated, bool):
+            raise ValueError(f"Width's double_quant and rotated are booleans, got {self.double_quant!r}, {self.rotated!r}")
+        if not (self.double_quant or self.rotated):
             raise ValueError(f"a plain width is its int ({self.bits}), not Width({self.bits}, double_quant=False)")
 
     def __str__(self) -> str:
-        return f"{self.bits}dq"
+        return f"{self.bits}{'r' if self.rotated else ''}{'dq' if self.double_quant else ''}"
 
     def sort_key(self) -> tuple[int, int]:
-        return (self.bits, 1)
+        return (self.bits, int(self.double_quant) + 2 * int(self.rotated))
 
     def __lt__(self, other: object) -> bool:
         try:
@@ -49,8 +61,9 @@ class Width:
         except TypeError:
             return NotImplemented
 
-    def spec(self, shape: Sequence[int], block_size: int = 64, method: str = "nf") -> QuantConfig:
-        return QuantConfig(self.bits, method, block_size, True)
+    def spec(self, shape: Sequence[int], block_size: int = 64, method: str = "nf") -> QuantConfig | RotatedSpec:
+        plain = QuantConfig(self.bits, method, block_size, self.double_quant)
+        return RotatedSpec(plain) if self.rotated and rotatable(shape) else plain
 
 
 def width_spec(bits: int, shape: Sequence[int], block_size: int = 64, method: str = "nf") -> QuantConfig:
@@ -59,12 +72,17 @@ def width_spec(bits: int, shape: Sequence[int], block_size: int = 64, method: st
 
 
 def names() -> list[str]:
+    """The plain names (each also names its rotated width with ``-rot``)."""
     return [quant_name(m, b) for m in METHODS for b in METHODS.get(m).bits]
 
 
-def parse(quant: str, bits: int, block_size: int, double_quant: bool) -> QuantConfig | None:
+def parse(quant: str, bits: int, block_size: int, double_quant: bool) -> QuantConfig | RotatedSpec | None:
     """The QuantConfig a plan's fields name (``nf4``, ``uniform2``, ``int8``, or a method with its
-    bits: ``nf``), or None for another family's name."""
+    bits: ``nf``; with ``-rot``, ``nf3-rot`` / ``nf-rot``, the rotated spec), or None for another
+    family's name."""
+    if isinstance(quant, str) and quant.endswith(SUFFIX):
+        inner = parse(quant[:-len(SUFFIX)], bits, block_size, double_quant)
+        return RotatedSpec(inner) if inner is not None else None
     if quant in METHODS:
         if bits is None:
             raise ValueError(f"the method {quant!r} needs its bits")
@@ -78,26 +96,49 @@ def parse(quant: str, bits: int, block_size: int, double_quant: bool) -> QuantCo
     return QuantConfig(width, method, block_size, bool(double_quant))
 
 
-def menu(bits: Iterable[int], double_quant: str = "off") -> tuple:
-    """Plain widths (``off``), double-quantized (``on``) or both (``search``), in menu order."""
+def menu(bits: Iterable[int], double_quant: str = "off", rotation: str = "off") -> tuple:
+    """Plain widths (``double_quant="off"``), double-quantized (``on``) or both (``search``), each
+    (at most ROTATION_MAX_BITS) also rotated (``rotation="search"``) or only rotated (``on``); in menu
+    order."""
     if double_quant not in DQ_MODES:
         raise ValueError(f"double_quant must be one of {', '.join(DQ_MODES)}, got {double_quant!r}")
+    if rotation not in ROTATION_MODES:
+        raise ValueError(f"rotation must be one of {', '.join(ROTATION_MODES)}, got {rotation!r}")
+    dqs = {"off": (False,), "on": (True,), "search": (False, True)}[double_quant]
     out: list = []
     for b in sorted({int(b) for b in bits if b < KEEP_BITS}):
-        if double_quant != "on":
-            out.append(b)
-        if double_quant != "off":
-            out.append(Width(b))
-    return tuple(out)
+        rots = (False,) if b > ROTATION_MAX_BITS else {"off": (False,), "on": (True,), "search": (False, True)}[rotation]
+        out += [Width(b, dq, rot) if dq or rot else b for rot in rots for dq in dqs]
+    return tuple(sorted(out, key=sort_key))
 
 
-def residuals(stack: torch.Tensor, specs: Sequence[QuantConfig], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return quantization_residuals(stack, list(specs), dtype=dtype, checked=True)
+def residuals(stack: torch.Tensor, specs: Sequence[QuantConfig | RotatedSpec],
+              dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One fused pass for the plain specs, one on the rotated stack for the rotated ones (their
+    residuals mapped back to the original basis)."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    plain = [i for i, s in enumerate(specs) if not isinstance(s, RotatedSpec)]
+    if plain:
+        out.update(zip(plain, quantization_residuals(stack, [specs[i] for i in plain], dtype=dtype, checked=True)))
+    by_seeds: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(specs):
+        if isinstance(s, RotatedSpec):
+            s.check_shape(tuple(stack.shape[-2:]))
+            by_seeds.setdefault(s.seeds, []).append(i)
+    for (seed_out, seed_in), idx in by_seeds.items():
+        turned = rotate(stack.float(), seed_out, seed_in)
+        for i, (res, _) in zip(idx, quantization_residuals(turned, [specs[i].inner for i in idx],
+                                                            dtype=torch.float32, checked=True)):
+            back = unrotate(res, seed_out, seed_in)
+            out[i] = (back.to(dtype), squared_norm(back))
+    return [out[i] for i in range(len(specs))]
 
 
-def key(spec: QuantConfig):
+def key(spec: QuantConfig | RotatedSpec):
+    if isinstance(spec, RotatedSpec):
+        return Width(spec.bits, spec.double_quant, True)
     return Width(spec.bits) if spec.double_quant else spec.bits
 
 
-FAMILY = register(Family("nf", parse, menu, residuals, bits=(2, 3, 4, 8), double_quant=True, key=key,
+FAMILY = register(Family("nf", parse, menu, residuals, bits=(2, 3, 4, 8), double_quant=True, key=key, rotation=True,
                          description="NormalFloat codebooks with blockwise absmax (planner.load, bitsandbytes)"))

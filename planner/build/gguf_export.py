@@ -81,8 +81,9 @@ def check_gguf_plan(plan: Plan) -> None:
     """Every target must be a GGUF type or a 16-bit keep (codebook codes have no GGUF type)."""
     bad = [layer for layer in plan.layers if layer.spec is not None and layer.spec.ggml_type is None]
     if bad:
+        note = getattr(bad[0].spec, "export_note", "")
         raise PlannerError(f"--format gguf needs a plan whose layers are GGUF types (q8_0, q4_k, ...) or 16-bit; "
-                           f"{bad[0].name} is {bad[0].quant} ({len(bad)} such layers)")
+                           f"{bad[0].name} is {bad[0].quant} ({len(bad)} such layers){'; ' + note if note else ''}")
 
 
 # ---------------------------------------------------------------- the base file

@@ -244,8 +244,10 @@ def check_io(out: Path, plan_path: str | Path, model: str | None, base: Path | N
 def check_nf4_only(plan: Plan) -> None:
     bad = [layer for layer in plan.layers if layer.spec is not None and not layer.spec.bnb_4bit]
     if bad:
+        note = getattr(bad[0].spec, "export_note", "")
         raise PlannerError(f"--format hf-bnb needs a plan with only NF4 and 16-bit layers (what bitsandbytes' "
-                           f"Linear4bit reads); {bad[0].name} is {bad[0].quant} ({len(bad)} such layers)")
+                           f"Linear4bit reads); {bad[0].name} is {bad[0].quant} ({len(bad)} such layers)"
+                           f"{'; ' + note if note else ''}")
 
 
 def _source(plan: Plan, config: MaterializeConfig) -> Any:

@@ -107,8 +107,21 @@ def report(outcome: Any, path: Path, budget: int, console: Console | None = None
                       "fits, or every plan with adapters scored worse by more than --adapter-margin (see the "
                       "warnings). To make room: raise the budget, lower --seq-len, or use --gradient-checkpointing.")
     low_bit_note(outcome, console)
+    rotated_note(plan, console)
     console.print(_search_line(s))
     console.print(f"plan written to {path}" if written else f"plan: {path}")
+
+
+def rotated_note(plan: Any, console: Console) -> None:
+    """Say which layers are rotated (a width such as ``3r``), if any."""
+    from loftq.formats import menu_key
+    from search_spaces.widths import is_rotated
+
+    rotated = [layer.name for layer in plan.layers if layer.spec is not None and is_rotated(menu_key(layer.spec))]
+    if rotated:
+        console.print(f"note: r = rotated: {len(rotated)} of {len(plan.layers)} layers store their codes in a randomized "
+                      f"Hadamard basis (e.g. {rotated[0]}); planner.load, finetune and verify run them, GGUF and "
+                      "hf-bnb exports cannot.")
 
 
 def low_bit_note(outcome: Any, console: Console) -> None:

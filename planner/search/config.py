@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 SEARCHES = ("guided", "exact")
 STRONG_BITS = {"nf": (2, 3, 4, 8), "gguf": (2, 3, 4, 5, 6, 8)}  # the default menus (README "Defaults")
 QUICK_BITS = (2, 4, 8)  # --quick: the first planner's menu
+STRONG_ROTATION = "off"  # the default --rotation for families that rotate (README "Defaults")
 _SPACE = SearchSpace()  # the search-space defaults live there, once
 
 
@@ -46,6 +47,11 @@ class PlanConfig:
                       "4 = q4_0/iq4_nl/q4_k/iq4_xs, 5 = q5_0/q5_1/q5_k, 6 = q6_k, 8 = q8_0; a type on rows it cannot "
                       "hold falls back as llama.cpp's quantizer does: q2_k/q3_k -> q4_0, q4_k -> q5_0, q5_k -> q5_1, "
                       "q6_k -> q8_0, iq4_xs -> iq4_nl)", choices=QUANTS)
+    rotation: str | None = _opt(None, "quantize the 2-4-bit codebook widths in a randomized Hadamard basis (QuIP#'s "
+                                "incoherence processing; the adapter stays an ordinary one): off, on for every such "
+                                "width, or search (the planner chooses per layer). Layers without a Hadamard order "
+                                "store the plain width; GGUF and bitsandbytes exports refuse rotated layers. Default: "
+                                "README \"Defaults\"", choices=DQ_MODES)
     init: str | None = _opt(None, "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
                             "norm; loftq-data (the default; loftq with --quick) fits the layer's output on the "
                             "calibration sequences (--data, --calib-seqs, --calib-seq-len), and the planner's "
@@ -106,6 +112,8 @@ class PlanConfig:
             object.__setattr__(self, "bits", tuple(b for b in bits if b in family.bits) or family.bits)
         if self.double_quant is None:
             object.__setattr__(self, "double_quant", "search" if family.double_quant and not quick else "off")
+        if self.rotation is None:
+            object.__setattr__(self, "rotation", STRONG_ROTATION if family.rotation and not quick else "off")
         if self.init is None:
             object.__setattr__(self, "init", "loftq" if quick else "loftq-data")
         if self.rounding is None:
@@ -131,6 +139,9 @@ class PlanConfig:
         if not FAMILIES.get(self.quant).double_quant and self.double_quant != "off":
             raise ConfigError(f"--double-quant is for families with codebook constants (nf): {self.quant} types keep "
                               "their own block constants")
+        if not FAMILIES.get(self.quant).rotation and self.rotation != "off":
+            raise ConfigError(f"--rotation is for codebook families (nf): {self.quant} types cannot be rotated "
+                              "(llama.cpp multiplies in the stored basis)")
         if not self.ranks or any(r < 0 or r > 4096 for r in self.ranks):
             raise ConfigError(f"ranks must be integers in [0, 4096]; got {','.join(map(str, self.ranks))}")
         self.search_space  # noqa: B018 — SearchSpace validates, naming the value
@@ -178,7 +189,7 @@ class PlanConfig:
         """The space these options describe: 16 in ``bits`` means "may keep a layer in 16 bits"."""
         return SearchSpace(bits=tuple(b for b in self.bits if b < 16) or (4,), ranks=self.ranks,
                            keep16=16 in self.bits, block_size=self.block_size, granularity=self.granularity,
-                           double_quant=self.double_quant, quant=self.quant)
+                           double_quant=self.double_quant, quant=self.quant, rotation=self.rotation)
 
     @property
     def cache_path(self) -> Path | None:

@@ -56,8 +56,9 @@ class Prepared:
 
 
 def options_of(cfg: PlanConfig) -> list[tuple[WidthKey, int]]:
-    """(width, rank) pairs, width-major; widths from ``--bits`` under ``--double-quant`` and ``--quant``."""
-    return [(w, r) for w in menu(cfg.bits, cfg.double_quant, cfg.quant) for r in sorted(set(cfg.ranks))]
+    """(width, rank) pairs, width-major; widths from ``--bits`` under ``--double-quant``, ``--rotation``
+    and ``--quant``."""
+    return [(w, r) for w in menu(cfg.bits, cfg.double_quant, cfg.quant, cfg.rotation) for r in sorted(set(cfg.ranks))]
 
 
 def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
@@ -110,7 +111,7 @@ def check_budget(prep: Prepared, budget: int) -> int:
 
 def table_settings(cfg: PlanConfig) -> TableSettings:
     """The widths and ranks of the residual tables (every quantized width of the menu, rank 0 too)."""
-    quantized = tuple(w for w in menu(cfg.bits, cfg.double_quant, cfg.quant) if w < 16)
+    quantized = tuple(w for w in menu(cfg.bits, cfg.double_quant, cfg.quant, cfg.rotation) if w < 16)
     return TableSettings(bits=quantized or menu((4,), cfg.double_quant, cfg.quant)[:1],
                          ranks=tuple(sorted(set(cfg.ranks) | {0})), method=METHOD, block_size=cfg.block_size)
 
@@ -121,6 +122,7 @@ def levers(cfg: PlanConfig) -> dict[str, str]:
     and fingerprints; each absent at that old value, so a plan with none of them keeps its old name."""
     return {**({} if cfg.double_quant == "off" else {"double_quant": cfg.double_quant}),
             **({} if cfg.quant == "nf" else {"quant": cfg.quant}),
+            **({} if cfg.rotation == "off" else {"rotation": cfg.rotation}),
             **({} if cfg.rounding == "nearest" else {"rounding": cfg.rounding}),
             **({} if cfg.init == "loftq" else {"init": cfg.init})}
 

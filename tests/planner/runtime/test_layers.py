@@ -214,6 +214,7 @@ def test_gguf_layer_decodes_bit_exactly_in_row_chunks(qtype: str, smollm2_linear
     loftq's decoder, also when the decode runs in row chunks (CHUNK shrunk to 5 rows' worth), in
     forward and backward."""
     from loftq import gguf_nbytes, gguf_quantize
+    import loftq.gguf_quants as gguf_module
     from loftq.gguf_quants import decode
 
     w = smollm2_linears["model.layers.3.mlp.down_proj"]
@@ -222,7 +223,7 @@ def test_gguf_layer_decodes_bit_exactly_in_row_chunks(qtype: str, smollm2_linear
     assert layer.code_nbytes == gguf_nbytes(tuple(w.shape), qtype) == gt.nbytes and layer.bits == 4
     whole = decode(gt.data, qtype)
     assert torch.equal(layer.dense_weight(), whole)
-    monkeypatch.setattr(runtime, "CHUNK", 5 * 1536)
+    monkeypatch.setattr(gguf_module, "CHUNK", 5 * 1536)
     assert torch.equal(layer.dense_weight(), whole)
     x = torch.randn(3, 1536, requires_grad=True)
     y = layer(x)

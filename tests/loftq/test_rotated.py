@@ -1,0 +1,143 @@
+"""Rotated codebook widths (loftq.formats.rotated) on real SmolLM2 weights: the stored codes are the
+rotated weight's, dequantize maps back exactly, LoftQ's adapter is the rotated fit mapped back,
+error feedback runs under the rotated moment, and the runtime layer's forward/backward equal a
+dense reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loftq import loftq
+from loftq.formats import residuals, spec_from_fields, widths
+from loftq.formats.codebook import Width
+from loftq.formats.rotated import SEEDS, RotatedSpec, rotatable
+from loftq.hadamard import rotate, unrotate, unrotate_adapter
+from loftq.quant import QuantConfig
+from loftq.rounding import inverse_factor
+from planner.runtime.layers import QuantLinear
+
+LAYERS = ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.mlp.down_proj",
+          "model.layers.20.mlp.up_proj")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+@pytest.fixture(scope="module")
+def weights(smollm2_linears) -> dict[str, torch.Tensor]:
+    return {n: smollm2_linears[n] for n in LAYERS}
+
+
+def test_menu_and_names() -> None:
+    assert [str(w) for w in widths("nf", (2, 3, 4, 8), "search", "search")] == [
+        "2", "2dq", "2r", "2rdq", "3", "3dq", "3r", "3rdq", "4", "4dq", "4r", "4rdq", "8", "8dq"]
+    assert [str(w) for w in widths("nf", (3, 8), "off", "on")] == ["3r", "8"]
+    assert [str(w) for w in widths("nf", (3,), "on", "on")] == ["3rdq"]
+    with pytest.raises(ValueError, match="cannot be rotated"):
+        widths("gguf", (4,), "off", "search")
+    spec = spec_from_fields("nf3-rot", None)
+    assert isinstance(spec, RotatedSpec) and spec.name == "nf3-rot" and spec.method == "nf-rot"
+    assert spec_from_fields("nf-rot", 4, 64, True) == RotatedSpec(QuantConfig(4, "nf", 64, True))
+    # a shape with no Hadamard order on a side stores the plain width (1001 = 7 * 11 * 13)
+    assert not rotatable((576, 1001)) and Width(3, False, True).spec((576, 1001)) == QuantConfig(3)
+    assert Width(3, True, True).spec((576, 1536)) == RotatedSpec(QuantConfig(3, "nf", 64, True))
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 1001"):
+        spec.quantize(torch.randn(576, 1001))
+    assert spec.ggml_type is None and not RotatedSpec(QuantConfig(4)).bnb_4bit
+
+
+@pytest.mark.parametrize("bits,dq", [(2, False), (3, False), (3, True), (4, True)])
+def test_round_trip_is_the_unrotated_reconstruction(weights, bits: int, dq: bool) -> None:
+    spec = RotatedSpec(QuantConfig(bits, "nf", 64, dq))
+    for name, w in weights.items():
+        q = spec.quantize(w)
+        inner = QuantConfig(bits, "nf", 64, dq).quantize(rotate(w, *SEEDS))
+        assert torch.equal(q.inner.packed, inner.packed)  # the codes are the rotated weight's
+        ref = unrotate(inner.dequantize(torch.float32), *SEEDS)
+        assert rel(q.dequantize(torch.float32), ref) < 1e-6, name
+        # exact bytes: the inner spec's + the two int64 seeds; restored from its tensors
+        stored = q.tensors()
+        assert q.nbytes == spec.nbytes(w.shape) == sum(t.numel() * t.element_size() for t in stored.values())
+        assert torch.equal(stored["rotation"], torch.tensor(SEEDS))
+        assert torch.equal(spec.restore(stored, w.shape, w.dtype).dequantize(torch.float32), q.dequantize(torch.float32))
+        with pytest.raises(ValueError, match="seeds"):
+            spec.restore({**stored, "rotation": torch.tensor([1, 2])}, w.shape, w.dtype)
+        with pytest.raises(ValueError, match="no rotation tensor"):
+            spec.restore({k: v for k, v in stored.items() if k != "rotation"}, w.shape, w.dtype)
+
+
+def test_family_residuals_are_the_rotated_specs_in_the_original_basis(weights) -> None:
+    w = weights["model.layers.3.mlp.down_proj"]
+    specs = [QuantConfig(3), RotatedSpec(QuantConfig(3)), RotatedSpec(QuantConfig(2, "nf", 64, True))]
+    got = residuals(w[None], specs, torch.float32)
+    for spec, (res, sq) in zip(specs, got):
+        want = w - spec.quantize(w).dequantize(torch.float32)
+        assert rel(res[0], want) < 1e-5 and float(sq[0]) == pytest.approx(float(want.double().pow(2).sum()), rel=1e-5)
+
+
+def test_rotation_lowers_nf3_error_on_smollm2(weights) -> None:
+    for name, w in weights.items():
+        plain = rel(QuantConfig(3).quantize(w).dequantize(torch.float32), w)
+        turned = rel(RotatedSpec(QuantConfig(3)).quantize(w).dequantize(torch.float32), w)
+        assert turned < plain, name
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_loftq_adapter_is_the_rotated_fit_mapped_back(weights, data: bool) -> None:
+    """B A from LoftQ on the rotated spec = unrotate_adapter of LoftQ on W' (same rank), Q likewise."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 576) * torch.linspace(0.2, 3.0, 576)
+    h = x.T @ x / 256
+    spec = RotatedSpec(QuantConfig(3))
+    w = weights["model.layers.3.self_attn.q_proj"]
+    extra = {"calibration": h} if data else {}
+    res = loftq(w, spec, 16, iters=2, svd="exact", **extra)
+    extra_rot = {"calibration": rotate(h.double(), SEEDS[1], SEEDS[1]).float()} if data else {}
+    ref = loftq(rotate(w, *SEEDS), QuantConfig(3), 16, iters=2, svd="exact", **extra_rot)
+    b, a = unrotate_adapter(ref.lora_b, ref.lora_a, *SEEDS)
+    assert res.lora_b.shape == (576, 16) and res.lora_a.shape == (16, 576)
+    assert rel(res.lora_b @ res.lora_a, b @ a) < 1e-3
+    assert rel(res.quantized.dequantize(torch.float32), unrotate(ref.quantized.dequantize(torch.float32), *SEEDS)) < 1e-5
+    assert res.errors == pytest.approx(ref.errors, rel=1e-4)
+
+
+def test_feedback_runs_under_the_rotated_moment(weights) -> None:
+    """Error feedback in the rotated basis lowers the output error ||(W - Q) L|| below rounding to
+    nearest there, and equals feedback on W' under R H R^T (the caller's upper is not used)."""
+    torch.manual_seed(1)
+    x = torch.randn(512, 576) * torch.linspace(0.1, 4.0, 576)
+    h = (x.T @ x / 512).double()
+    w = weights["model.layers.3.self_attn.q_proj"]
+    spec = RotatedSpec(QuantConfig(3))
+    fb = spec.quantize(w, rounding="feedback", moment=h, upper=inverse_factor(h))
+    near = spec.quantize(w)
+    h_rot = rotate(h, SEEDS[1], SEEDS[1])
+    ref = QuantConfig(3).quantize(rotate(w, *SEEDS), rounding="feedback", moment=h_rot)
+    assert torch.equal(fb.inner.packed, ref.packed)
+
+    def out_err(q) -> float:
+        e = (w - q.dequantize(torch.float32)).double()
+        return float(torch.einsum("oi,ij,oj->", e, h, e))
+
+    assert out_err(fb) < 0.9 * out_err(near)
+    with pytest.raises(ValueError, match="needs the input second moment"):
+        spec.quantize(w, rounding="feedback", upper=inverse_factor(h))
+
+
+def test_runtime_layer_forward_backward_equal_dense(weights) -> None:
+    w = weights["model.layers.3.mlp.down_proj"]
+    q = RotatedSpec(QuantConfig(3, "nf", 64, True)).quantize(w)
+    bias = torch.randn(w.shape[0])
+    layer = QuantLinear(q, bias)
+    dense = q.dequantize(torch.float32)
+    x = torch.randn(4, 7, w.shape[1], requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), F.linear(x_ref, dense, bias)
+    assert rel(y, y_ref) < 1e-6
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert rel(x.grad, x_ref.grad) < 1e-6
+    assert layer.rotation.dtype == torch.int64 and layer.to(torch.bfloat16).rotation.dtype == torch.int64
