@@ -10,11 +10,23 @@ from planner.verify.oracle import LiveBytes
 from planner.scoring.bank import DiskStore, MemoryStore, ModelWeights, WeightBank
 from planner.scoring.proxy import StreamedZeroStepProxy, ZeroStepProxy
 from planner.scoring.scorer import Scorer, SourceWeights, shell_model
-from planner.scoring.sensitivity import (empirical_fisher, fisher_errors, module_weight,
-                                         streamed_fisher_errors, target_modules)
+from planner.scoring.sensitivity import (empirical_fisher, fisher_total, module_weight, streamed_fisher_rows,
+                                         target_modules)
+from search_spaces.widths import quantize_width
 from planner.scoring.stream import BlockStream, StreamUnsupported
 from planner.sources import resolve
 from tests.tiny_models import save_tiny_checkpoint, tiny_config
+
+
+def streamed_fisher_errors(stream, ids: torch.Tensor, bits, **kw) -> torch.Tensor:
+    """The streamed Fisher-weighted errors [n_layers, len(bits)] (the mean of the per-sequence rows)."""
+    return fisher_total(streamed_fisher_rows(stream, ids, bits, **kw))
+
+
+def fisher_errors(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], bits) -> torch.Tensor:
+    """The reference: 1/2 sum F (W - deq q_b(W))^2 per layer and width, F the whole-model Fisher."""
+    return torch.tensor([[0.5 * float((fisher[n] * (w.float() - quantize_width(w, b).dequantize(torch.float32)) ** 2).sum())
+                          for b in bits] for n, w in weights.items()], dtype=torch.float64)
 
 
 def _ids(vocab: int, n: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -108,19 +120,19 @@ def test_disk_store_round_trip_and_corruption(smollm, tmp_path):
     again = WeightBank(SourceWeights(src, src.targets()[:3]), (2, 4), 8, store=DiskStore(tmp_path, "k1"))
     for n in names:
         for b in (2, 4):
-            e = again.store.get(n, b)
+            e = again.store.get(n, f"nf{b}")  # entries by spec name
             assert e is not None and e.deq is None  # read back, not recomputed
             assert e.b is None and e.a is None  # fill quantizes; factors wait for a rank above 0
             assert torch.equal(e.quantized.packed, mem.quantized(n, b).packed)
             assert torch.equal(again.weight(n, b, 0), mem.weight(n, b, 0))
-            assert again.store.get(n, b).b is None  # rank 0 needs no SVD
+            assert again.store.get(n, f"nf{b}").b is None  # rank 0 needs no SVD
             assert torch.equal(again.weight(n, b, 8), mem.weight(n, b, 8))
-            stored = DiskStore(tmp_path, "k1").get(n, b)  # the factors, computed once, are in the file now
+            stored = DiskStore(tmp_path, "k1").get(n, f"nf{b}")  # the factors, computed once, are in the file now
             assert stored.rank == 8 and torch.equal(stored.b, mem.factors(n, b, 8).b)
-    path = tmp_path / f"{names[0]}.2.safetensors"
+    path = tmp_path / f"{names[0]}.nf2.safetensors"
     path.write_bytes(path.read_bytes()[:100])  # truncated: recomputed, with a warning
-    assert DiskStore(tmp_path, "k1").get(names[0], 2) is None
-    assert DiskStore(tmp_path, "other-key").get(names[1], 2) is None
+    assert DiskStore(tmp_path, "k1").get(names[0], "nf2") is None
+    assert DiskStore(tmp_path, "other-key").get(names[1], "nf2") is None
 
 
 def test_candidates_built_on_the_shell_equal_those_on_the_full_model(smollm):
