@@ -14,12 +14,18 @@
    rounding of Q (:func:`loftq.quantize_feedback`) inside the data-aware LoftQ, at NF2/3/4 with and
    without double quantization, ranks 0 and 16: the weighted residual on the fit moment and on the
    held-out one, mean [min, max] over the layers, and wall seconds per layer of each loftq() call.
-4. phi-2 shapes (random data, timed once): a 10240^2 moment's Cholesky (calibration_factor:
+4. ``--rotation`` (instead of 1 and 2): each codebook width (NF2/3/4, with and without double
+   quantization, ranks 0 and 16) plain and rotated (:mod:`loftq.formats.rotated`: the codes of
+   R_out W R_in^T), under the first planner's LoftQ (plain norm, round to nearest: the Frobenius
+   residual ||W - Q - BA|| / ||W||) and under the default one (data-aware, error feedback: the output
+   error ||(W - Q - BA) L|| / ||W L|| on the fit moment and on the held-out one), mean [min, max]
+   over the layers, the count of layers where rotating lowers it, and seconds per layer.
+5. phi-2 shapes (random data, timed once): a 10240^2 moment's Cholesky (calibration_factor:
    float64) and its peak RSS rise, the weighted product W L for W [2560, 10240], loftq() on that
    shape with and without calibration, the X^T X flop rate measured here applied to phi-2's moments
    pass, and the moments' cache size.
 
-    python -m bench.init_residuals [--seqs 16] [--seq-len 256] [--skip-phi2] [--rounding] [--json F]
+    python -m bench.init_residuals [--seqs 16] [--seq-len 256] [--skip-phi2] [--rounding | --rotation] [--json F]
 
 Timings are wall seconds on this machine; ``uptime`` is printed beside them (a shared machine's
 numbers are noise-prone: compare within a run).
@@ -218,6 +224,48 @@ def phi2_costs() -> dict[str, Any]:
     return out
 
 
+def rotation_rows(weights: dict[str, torch.Tensor], moments: Any, held_out: Any) -> list[dict[str, Any]]:
+    """Plain vs rotated widths under plain LoftQ and under data-aware LoftQ with error feedback."""
+    from loftq.formats.rotated import RotatedSpec
+    from loftq.quant import QuantConfig
+
+    rows = []
+    factors = {n: calibration_factor(moments[n]) for n in weights}
+    held = {n: calibration_factor(held_out[n]) for n in weights}
+    for bits in ROUNDING_BITS:
+        for dq in (False, True):
+            for rank in ROUNDING_RANKS:
+                cells: dict[str, list[float]] = {}
+                for name, w in weights.items():
+                    for rot in (False, True):
+                        spec = QuantConfig(bits, "nf", 64, dq)
+                        spec = RotatedSpec(spec) if rot else spec
+                        tag = "rotated" if rot else "plain"
+                        res, seconds, _ = measured(lambda: loftq(w, spec, rank, svd="exact"))
+                        cells.setdefault(f"{tag}_F", []).append(_residuals(w, res, factors[name])[1])
+                        res, fb_s, _ = measured(lambda: loftq(w, spec, rank, svd="exact", calibration=moments[name],
+                                                              rounding="feedback"))
+                        cells.setdefault(f"{tag}_L", []).append(_residuals(w, res, factors[name])[0])
+                        cells.setdefault(f"{tag}_Lval", []).append(_residuals(w, res, held[name])[0])
+                        cells.setdefault(f"{tag}_s", []).append(seconds)
+                        cells.setdefault(f"{tag}_fb_s", []).append(fb_s)
+                row: dict[str, Any] = {"bits": bits, "double_quant": dq, "rank": rank}
+                for k, v in cells.items():
+                    row[k] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+                for k in ("F", "L", "Lval"):
+                    row[f"gain_{k}"] = 1 - row[f"rotated_{k}"]["mean"] / row[f"plain_{k}"]["mean"]
+                    row[f"wins_{k}"] = sum(r < p for r, p in zip(cells[f"rotated_{k}"], cells[f"plain_{k}"]))
+                rows.append(row)
+                m = {k: v["mean"] for k, v in row.items() if isinstance(v, dict)}
+                print(f"NF{bits}{'dq' if dq else '  '} r{rank:<2} plain LoftQ ||W-Q-BA||/||W||: {m['plain_F']:.4f} -> "
+                      f"rotated {m['rotated_F']:.4f} ({row['gain_F']:+.1%}, {row['wins_F']}/{len(weights)}) | "
+                      f"data+feedback ||(W-Q-BA)L||/||WL|| fit {m['plain_L']:.4f} -> {m['rotated_L']:.4f} "
+                      f"({row['gain_L']:+.1%}, {row['wins_L']}/{len(weights)}), held-out {m['plain_Lval']:.4f} -> "
+                      f"{m['rotated_Lval']:.4f} ({row['gain_Lval']:+.1%}) | s/layer fb {m['plain_fb_s']:.2f} -> "
+                      f"{m['rotated_fb_s']:.2f}", flush=True)
+    return rows
+
+
 def _held_out_moments(src: Any, names: list[str], seqs: int, seq_len: int) -> Any:
     """The same count of sequences from the validation split (the fit never sees them)."""
     from planner.train.data import CorpusConfig, load_corpus, token_blocks
@@ -235,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-phi2", action="store_true")
     ap.add_argument("--rounding", action="store_true",
                     help="only the round-to-nearest vs error-feedback table (section 3)")
+    ap.add_argument("--rotation", action="store_true",
+                    help="only the plain vs rotated widths table (section 4)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     progress.set_enabled(False)
@@ -243,11 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [t.name for t in src.targets()]
     blocks, corpus = calibration_blocks(src, None, args.seqs, args.seq_len)
     weights = {t.name: w for t, w in src.iter_weights([t for t in src.targets() if t.name in LAYERS])}
-    if args.rounding:
+    if args.rounding or args.rotation:
         store = input_moments(src, names, blocks, corpus, cache_dir=Path(tempfile.mkdtemp(prefix="init-bench-")))
         held_out = _held_out_moments(src, names, args.seqs, args.seq_len)
+        key, fn = ("rotation", rotation_rows) if args.rotation else ("rounding", rounding_rows)
         report = {"layers": LAYERS, "seqs": args.seqs, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
-                  "rounding": rounding_rows(weights, store, held_out), "uptime": uptime()}
+                  key: fn(weights, store, held_out), "uptime": uptime()}
         print(report["uptime"], flush=True)
         _write(args.json, report)
         return 0

@@ -283,6 +283,12 @@ def unrotate(w_rot: torch.Tensor, seed_out: int, seed_in: int) -> torch.Tensor:
     return _back(_back(y, seed_in, -1), seed_out, -2).to(w_rot.dtype)
 
 
+def unrotate_along(y: torch.Tensor, seed: int, dim: int) -> torch.Tensor:
+    """R^T v for every vector v along ``dim`` (one side of :func:`unrotate`, so a caller can undo a
+    rotation a slice at a time: rows for the input side, columns for the output side)."""
+    return _back(y.to(_compute_dtype(y.dtype)), seed, dim).to(y.dtype)
+
+
 def rotate_input(x: torch.Tensor, seed_in: int) -> torch.Tensor:
     """Activations x [..., in] -> R_in x (row layout x S_in Ĥ_in^T): what W' multiplies."""
     return _forward(x.to(_compute_dtype(x.dtype)), seed_in, -1).to(x.dtype)

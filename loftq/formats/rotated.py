@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..hadamard import hadamard_order, rotate, unrotate
+from ..hadamard import hadamard_order, rotate, unrotate_along
 from ..quant import QuantConfig, QuantizedTensor
 
 SUFFIX = "-rot"  # a rotated spec's name and method: nf3-rot, nf-rot
@@ -36,6 +36,7 @@ SUFFIX = "-rot"  # a rotated spec's name and method: nf3-rot, nf-rot
 # name the spec; they are stored with the codes all the same, and a folder holding others is refused.
 SEEDS = (0x5EED_0001, 0x5EED_0002)
 SEED_BYTES = 16
+CHUNK = 1 << 18  # weights per slice when dequantize undoes the rotation in place (temporaries that size)
 
 
 def rotatable(shape: Sequence[int]) -> bool:
@@ -156,9 +157,19 @@ class RotatedTensor:
         return self.inner.device
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """R_out^T deq(Q') R_in in ``dtype`` (default the weight's), computed in fp32."""
-        w = unrotate(self.inner.dequantize(torch.float32), self.spec.seed_out, self.spec.seed_in)
-        return w.to(dtype or self.dtype)
+        """R_out^T deq(Q') R_in in ``dtype`` (default the weight's), in place in that dtype: the input
+        side a slice of rows at a time, the output side a slice of columns at a time, each slice
+        computed in fp32 (a 16-bit result is rounded once per side). The peak is that of the inner
+        dequantization plus CHUNK-sized temporaries: what a plain width of the same shape needs."""
+        w = self.inner.dequantize(dtype or self.dtype)
+        rows, cols = w.shape
+        step = max(1, CHUNK // cols)
+        for r in range(0, rows, step):
+            w[r:r + step] = unrotate_along(w[r:r + step].float(), self.spec.seed_in, -1)
+        step = max(1, CHUNK // rows)
+        for c in range(0, cols, step):
+            w[:, c:c + step] = unrotate_along(w[:, c:c + step].float(), self.spec.seed_out, -2)
+        return w
 
     def to(self, device: torch.device | str) -> "RotatedTensor":
         return RotatedTensor(self.inner.to(device), self.spec)
