@@ -22,6 +22,11 @@ the texts are disjoint, not independent.
 
 Use: ``train`` for calibration statistics and fine-tune proxies; ``val`` for proxy scores that
 choose between plans; ``test`` only for the perplexities a benchmark reports — never for a choice.
+
+Evaluation texts (:func:`load_eval_text`): files listed in a ``MANIFEST.json`` with their sha256,
+read unchanged and verified, e.g. the benches' out-of-domain text in ``bench/texts/``. They are no
+corpus source: nothing here or in the planner reads one unless a caller names the manifest, so the
+planner never calibrates on them.
 """
 from __future__ import annotations
 
@@ -295,3 +300,48 @@ def token_blocks(tokenizer: Any, split: Split | str, seq_len: int, max_tokens: i
     if n_blocks == 0:
         raise PlannerError(f"split {name!r} has {len(ids)} tokens, fewer than one block of {seq_len}")
     return torch.tensor(ids[:n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+# -- evaluation texts ---------------------------------------------------------------------------
+
+EVAL_TEXT_SCHEMA = 1
+
+
+def load_eval_text(manifest: str | Path) -> Split:
+    """The evaluation text a manifest lists: a Split named after the manifest's ``name`` whose chunks
+    are its files' texts (UTF-8, unchanged) in manifest order.
+
+    ``manifest``: a JSON file ``{"schema_version": 1, "name": ..., "files": [{"file": NAME (next to
+    the manifest), "sha256": HEX, ...}, ...]}``. Every file is read and hashed; any missing file or
+    sha256 mismatch raises one PlannerError naming all of them."""
+    path = Path(manifest)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PlannerError(f"{path}: cannot read evaluation-text manifest ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PlannerError(f"{path}: evaluation-text manifest is not JSON ({err})") from None
+    if not isinstance(doc, dict) or doc.get("schema_version") != EVAL_TEXT_SCHEMA:
+        raise PlannerError(f"{path}: expected schema_version {EVAL_TEXT_SCHEMA} in the evaluation-text manifest")
+    entries = doc.get("files")
+    if (not isinstance(doc.get("name"), str) or not isinstance(entries, list) or not entries
+            or any(not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("sha256"), str)
+                   for e in entries)):
+        raise PlannerError(f"{path}: the manifest needs a name and a non-empty files list of {{file, sha256}}")
+    texts, problems = [], []
+    for entry in entries:
+        file = path.parent / entry["file"]
+        try:
+            raw = file.read_bytes()
+        except OSError as err:
+            problems.append(f"{entry['file']}: cannot read ({err.strerror or err})")
+            continue
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != entry["sha256"].lower():
+            problems.append(f"{entry['file']}: sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…")
+            continue
+        texts.append(raw.decode("utf-8"))
+    if problems:
+        raise PlannerError(f"{path}: evaluation text does not match its manifest (changed or missing files must be "
+                           f"restored, or the manifest regenerated): {'; '.join(problems)}")
+    return Split(doc["name"], tuple(texts))

