@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bench.evaluation import ood_text, spread
 from planner.artifact.atomic import atomic_write_bytes
 from planner.config import PlanConfig
 from planner.memory import LayerChoice, layer_bytes
@@ -175,7 +176,8 @@ def fresh_config(model: str, trials: int, prefix: str, **extra: Any) -> PlanConf
 class BenchSetup:
     """A prepared SmolLM2 fine-tune bench: planner inputs, the fp32 model and token blocks
     (``train``/``val``/``test``: int64 [n_blocks, seq_len], deterministic splits of the pydoc corpus;
-    ``test`` is never used for a choice)."""
+    ``test`` is never used for a choice; ``ood``: as many blocks as ``test`` of the out-of-domain
+    text, bench.evaluation.ood_text, spread over all of it; never used for anything but reporting)."""
 
     run: RunSettings
     cfg: PlanConfig
@@ -186,10 +188,16 @@ class BenchSetup:
     val: torch.Tensor
     test: torch.Tensor
     bank: CandidateBuilder
+    ood: torch.Tensor
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.prep.targets]
+
+    @property
+    def texts(self) -> dict[str, torch.Tensor]:
+        """The evaluation texts' blocks by name (bench.evaluation.SUFFIX)."""
+        return {"test": self.test, "ood": self.ood}
 
 
 def setup(s: Setting) -> BenchSetup:
@@ -203,8 +211,9 @@ def setup(s: Setting) -> BenchSetup:
     train = token_blocks(tok, corpus.train, s.seq_len, max_tokens=s.seq_len * max(64, s.steps * 2))
     val = token_blocks(tok, corpus.val, s.seq_len, max_tokens=s.seq_len * 8)
     test = token_blocks(tok, corpus.test, s.seq_len, max_tokens=s.test_tokens)
+    ood = spread(token_blocks(tok, ood_text(), s.seq_len), test.shape[0])
     bank = CandidateBuilder(model, "nf", cfg.block_size)
-    return BenchSetup(run, cfg, prep, Counter(prep), model, train, val, test, bank)
+    return BenchSetup(run, cfg, prep, Counter(prep), model, train, val, test, bank, ood)
 
 
 def write_json(path: str | Path, doc: Any) -> None:
