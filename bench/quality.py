@@ -13,9 +13,12 @@ B = 0), loftq-first-k (4-bit first k blocks, 2-bit rest: k as large as fits, the
 loftq-uniform-2bit, and the ceiling every LoftQ table has, lora-16bit (the bf16 backbone with rank-16
 adapters on every target layer, PEFT's default init, same steps, lr, sequence length and seeds; not
 held to the budget: each row also gives its perplexity as a ratio to this one's after fine-tuning).
-Perplexity on the test split only (never used for a choice); after fine-tuning,
-mean and std over seeds (seed = data order + random init). SmolLM2's packaged weights were Q4_1
-before dequantisation: the fp32 "reference" is a dequantised Q4_1 model, not pristine fp16.
+Evaluation (bench.evaluation): perplexity on the pydoc test split (never used for a choice) and
+on the out-of-domain text of bench/texts/ (never calibrated on), each with the per-token KL
+divergence (mean, p99) to the unquantized model at step 0, and after fine-tuning the KL to the
+lora-16bit model of the same seed; after fine-tuning, mean and std over seeds (seed = data order +
+random init). SmolLM2's packaged weights were Q4_1 before dequantisation: the fp32 "reference" is a
+dequantised Q4_1 model, not pristine fp16.
 """
 from __future__ import annotations
 
@@ -33,39 +36,48 @@ import torch
 
 from bench.common import (BANK_STORE, FULL, QUICK, Assignment, BenchSetup, Setting, describe, first_k, setup, uniform,
                           write_json)
+from bench.evaluation import RESULT_FIELDS, Ceiling, describe_texts, row_fields, score_texts
 from planner.artifact.atomic import atomic_write
-from planner.scoring.ftproxy import FinetuneSettings, eval_loss, finetune
+from planner.scoring.ftproxy import FinetuneSettings, finetune
 from planner.search.pipeline import make_plan
 
 Plans = dict[str, tuple[Assignment | None, str, dict[str, Any]]]  # method -> (plan, init, extra fields)
 CEILING = "lora-16bit"
 
 
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
-    return math.exp(eval_loss(model, blocks, batch_size=4))
-
-
-def run_method(b: BenchSetup, plan: Assignment, init: str, s: Setting) -> dict[str, Any]:
-    """Test perplexity of ``plan`` (``init``: "loftq" or PEFT's "default") at step 0 and after
-    ``s.steps`` fine-tune steps, mean and std over ``s.seeds`` seeds."""
+def run_method(b: BenchSetup, plan: Assignment, init: str, s: Setting, ceiling: Ceiling | None = None,
+               is_ceiling: bool = False) -> dict[str, Any]:
+    """Perplexity and KL (bench.evaluation's fields) of ``plan`` (``init``: "loftq" or PEFT's
+    "default") on both texts at step 0 and after ``s.steps`` fine-tune steps, mean and std over
+    ``s.seeds`` seeds; KL to ``ceiling``'s model of the same seed when given. ``is_ceiling``: this
+    row is the ceiling itself (its fine-tuned models are ``ceiling``'s)."""
     assignment = dict(zip(b.names, plan))
+    texts = b.texts
     torch.manual_seed(0)
-    before = perplexity(b.bank.build(assignment, init=init), b.test)
-    if not any(r for _, r in plan):  # no adapter: fine-tuning trains nothing, every seed ends where it began
-        return {"ppl_before": before, "ppl_after": before, "ppl_after_std": 0.0, "ppl_after_seeds": [before] * s.seeds,
-                "ft_seconds": 0.0, "trained": False}
-    after, secs = [], []
+    net = b.bank.build(assignment, init=init)
+    before = score_texts(net, texts, {"fp32": b.model})
+    trained = any(r for _, r in plan)  # no adapter: fine-tuning trains nothing, every seed ends where it began
+    after: dict[str, list[Any]] = {t: [] for t in texts}
+    secs = []
     for seed in range(s.seeds):
-        torch.manual_seed(seed)
-        net = b.bank.build(assignment, init=init)
-        t0 = time.perf_counter()
-        finetune(net, b.train, FinetuneSettings(steps=s.steps, lr=s.lr, seed=seed))
-        secs.append(time.perf_counter() - t0)
-        after.append(perplexity(net, b.test))
-        del net
-    return {"ppl_before": before, "ppl_after": statistics.mean(after),
-            "ppl_after_std": statistics.stdev(after) if len(after) > 1 else 0.0, "ppl_after_seeds": after,
-            "ft_seconds": statistics.mean(secs)}
+        if is_ceiling and ceiling is not None:
+            net = ceiling.model(seed)
+            secs.append(ceiling.seconds[seed])
+        elif trained:
+            torch.manual_seed(seed)
+            net = b.bank.build(assignment, init=init)
+            t0 = time.perf_counter()
+            finetune(net, b.train, FinetuneSettings(steps=s.steps, lr=s.lr, seed=seed))
+            secs.append(time.perf_counter() - t0)
+        refs = {"lora16": ceiling.model(seed)} if ceiling is not None and not is_ceiling else {}
+        for t, score in (score_texts(net, texts, refs) if trained or refs else before).items():
+            after[t].append(score)
+        del refs
+    fields = row_fields(before, after)
+    fields["ft_seconds"] = statistics.mean(secs) if secs else 0.0
+    if not trained:
+        fields["trained"] = False
+    return fields
 
 
 def plans_at(b: BenchSetup, budget: int, s: Setting) -> Plans:
@@ -120,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.budgets:
         s = replace(s, budgets=tuple(args.budgets.split(",")))
 
+    texts: dict[str, Any] = {}
+
     def save(rows: list[dict[str, Any]]) -> None:
         if args.out:
-            write_json(args.out, {"setting": s.__dict__, "rows": rows})
+            write_json(args.out, {"setting": s.__dict__, "texts": texts, "rows": rows})
 
-    rows = run_quality(s, args.methods.split(",") if args.methods else None, on_row=save)
+    rows = run_quality(s, args.methods.split(",") if args.methods else None, on_row=save, texts_info=texts)
     save(rows)
     if args.out:
         plot(rows, Path(args.out).with_suffix(".png"))
@@ -137,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure_row(b: BenchSetup, s: Setting, done: dict[tuple, dict[str, Any]], label: str, budget: int,
                 method: str, plan: Assignment | None, init: str, extra: dict[str, Any], *, tag: str | None = None,
-                builder: Any = None) -> dict[str, Any]:
-    """One results row: ``plan``'s bytes and histograms, and its perplexities (:func:`run_method`
-    with ``init``, over ``builder`` if given, else ``b.bank``), or ``infeasible`` when ``plan`` is
-    None. A plan measured before under the same ``tag`` (default: ``init``) reuses that row's numbers
-    (``done`` holds them)."""
+                builder: Any = None, ceiling: Ceiling | None = None) -> dict[str, Any]:
+    """One results row: ``plan``'s bytes and histograms, and its perplexities and KL (:func:`run_method`
+    with ``init``, over ``builder`` if given, else ``b.bank``; KL to ``ceiling``'s models too), or
+    ``infeasible`` when ``plan`` is None. A plan measured before under the same ``tag`` (default:
+    ``init``) reuses that row's numbers (``done`` holds them)."""
     row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget,
                            "budget_bits_per_weight": round(b.counter.bits_per_weight(budget), 3)}
     if plan is None:
@@ -151,22 +165,29 @@ def measure_row(b: BenchSetup, s: Setting, done: dict[tuple, dict[str, Any]], la
     key = (tuple(plan), tag or init)
     t0 = time.perf_counter()
     if key in done:
-        row.update({k: done[key][k] for k in ("ppl_before", "ppl_after", "ppl_after_std", "ppl_after_seeds",
-                                              "ft_seconds")}, same_plan_as=done[key]["method"])
+        row.update({k: v for k, v in done[key].items() if k in RESULT_FIELDS}, same_plan_as=done[key]["method"])
     else:
-        row.update(run_method(b if builder is None else replace(b, bank=builder), plan, init, s))
+        row.update(run_method(b if builder is None else replace(b, bank=builder), plan, init, s, ceiling,
+                              is_ceiling=method == CEILING))
         done[key] = row
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
 def run_quality(s: Setting, methods: list[str] | None = None,
-                on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+                on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+                texts_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rows for every budget x method; ``on_row(rows)`` after each (the bench saves as it goes). A
     method whose plan and init equal an earlier method's at the same budget reuses its numbers
-    (e.g. first-k with k = all blocks is the uniform 4-bit plan)."""
+    (e.g. first-k with k = all blocks is the uniform 4-bit plan). The lora-16bit models every row's
+    KL is measured against are trained at the first fine-tuned row, also when ``methods`` leaves the
+    ceiling's own row out. ``texts_info`` is filled with the texts' description."""
     b = setup(s)
-    print(f"test tokens {b.test.numel()}, train tokens/run {s.steps * s.seq_len}, seeds {s.seeds}", file=sys.stderr)
+    ceiling = Ceiling(b.bank, b.names, b.train, s.steps, s.lr)
+    if texts_info is not None:
+        texts_info.update(describe_texts(b.texts))
+    print(f"test tokens {b.test.numel()}, ood tokens {b.ood.numel()}, train tokens/run {s.steps * s.seq_len}, "
+          f"seeds {s.seeds}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     done: dict[tuple, dict[str, Any]] = {}  # across budgets: the ceiling runs once
     for label in s.budgets:
@@ -177,7 +198,7 @@ def run_quality(s: Setting, methods: list[str] | None = None,
         for method, (plan, init, extra) in plans.items():
             if methods and method not in methods:
                 continue
-            row = measure_row(b, s, done, label, budget, method, plan, init, extra)
+            row = measure_row(b, s, done, label, budget, method, plan, init, extra, ceiling=ceiling)
             rows.append(row)
             if row.get("infeasible"):
                 print(f"[{label}] {method}: does not fit", file=sys.stderr)
@@ -185,24 +206,36 @@ def run_quality(s: Setting, methods: list[str] | None = None,
             ratios(rows)
             if on_row:
                 on_row(rows)
-            print(f"[{label}] {method}: {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± "
-                  f"{row['ppl_after_std']:.2f} ({row['seconds']}s)", file=sys.stderr)
+            print(f"[{label}] {method}: {progress_line(row)}", file=sys.stderr)
     return rows
 
 
+def progress_line(row: dict[str, Any]) -> str:
+    """PPL step 0 -> fine-tuned on both texts, KL to fp32 at step 0, KL to lora-16bit after."""
+    def kld(key: str) -> str:
+        return f"{row[key]['mean']:.4f}/{row[key]['p99']:.3f}" if key in row else "-"
+
+    return (f"test {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± {row['ppl_after_std']:.2f}, "
+            f"ood {row['ppl_before_ood']:.2f} -> {row['ppl_after_ood']:.2f} ± {row['ppl_after_ood_std']:.2f}; "
+            f"KL0 fp32 mean/p99 test {kld('kld_before')} ood {kld('kld_before_ood')}; "
+            f"KL ft lora16 test {kld('kld_lora16_after')} ood {kld('kld_lora16_after_ood')} ({row['seconds']}s)")
+
+
 def ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's perplexity (step 0 and fine-tuned) over the lora-16bit row's fine-tuned one."""
+    """Each row's perplexity (step 0 and fine-tuned) over the lora-16bit row's fine-tuned one (on the
+    OOD text too, where the rows have it)."""
     ceiling = next((r for r in rows if r["method"] == CEILING and not r.get("infeasible")), None)
     for r in rows:
-        if ceiling is not None and "ppl_after" in r:
-            r["ppl_before_vs_lora16"] = round(r["ppl_before"] / ceiling["ppl_after"], 3)
-            r["ppl_after_vs_lora16"] = round(r["ppl_after"] / ceiling["ppl_after"], 3)
+        for sfx in ("", "_ood"):
+            if ceiling is not None and f"ppl_after{sfx}" in r and f"ppl_after{sfx}" in ceiling:
+                r[f"ppl_before{sfx}_vs_lora16"] = round(r[f"ppl_before{sfx}"] / ceiling[f"ppl_after{sfx}"], 3)
+                r[f"ppl_after{sfx}_vs_lora16"] = round(r[f"ppl_after{sfx}"] / ceiling[f"ppl_after{sfx}"], 3)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     ratios(rows)
     print(f"{'budget':>7} {'method':<24} {'b/w':>6} {'bytes':>12} {'ppl0':>12} {'ppl_ft':>12} {'std':>8} "
-          f"{'ft/16bit':>9}")
+          f"{'ft/16bit':>9} {'ood_ft':>9} {'kl0':>8} {'kl0_ood':>8} {'kl16':>8} {'kl16_ood':>8}")
     for r in rows:
         if r.get("infeasible"):
             print(f"{r['budget']:>7} {r['method']:<24} {'':>6} {'does not fit':>12}")
@@ -210,8 +243,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         flag = " (invalid)" if r.get("invalid") else " (superseded)" if r.get("superseded") else ""
         print(f"{r['budget']:>7} {r['method']:<24} {r['bits_per_weight']:>6.2f} {r['bytes']:>12} "
               f"{r['ppl_before']:>12.4g} {r['ppl_after']:>12.4g} {r['ppl_after_std']:>8.2g} "
-              f"{r.get('ppl_after_vs_lora16', float('nan')):>8.2f}x{flag}")
+              f"{r.get('ppl_after_vs_lora16', float('nan')):>8.2f}x {r.get('ppl_after_ood', float('nan')):>9.4g} "
+              f"{_kl(r, 'kld_before')} {_kl(r, 'kld_before_ood')} {_kl(r, 'kld_lora16_after')} "
+              f"{_kl(r, 'kld_lora16_after_ood')}{flag}")
     verdicts(rows)
+
+
+def _kl(row: dict[str, Any], key: str) -> str:
+    """A KL field's mean for the table (blank in result files written before the field existed)."""
+    return f"{row[key]['mean']:>8.4f}" if key in row else f"{'':>8}"
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
