@@ -251,7 +251,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def _kl(row: dict[str, Any], key: str) -> str:
     """A KL field's mean for the table (blank in result files written before the field existed)."""
-    return f"{row[key]['mean']:>8.4f}" if key in row else f"{'':>8}"
+    return f"{row[key]['mean']:>8.3g}" if key in row else f"{'':>8}"
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
