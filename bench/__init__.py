@@ -2,6 +2,7 @@
 against a peer measured in the same run. Results live in bench/results/.
 
 common       settings, the byte counter, the baselines (uniform, first-k) and the SmolLM2 set-up
+evaluation   the two evaluation texts (pydoc test split, bench/texts/ out of domain), PPL + KL row fields
 quality      SmolLM2: planned vs uniform / first-k / QLoRA at equal memory, perplexity after fine-tuning
 correlation  SmolLM2: do the short fine-tune proxy and zero-step KL rank plans like a longer fine-tune?
 embedding    MiniLM-L6: embedding cosine of planned vs uniform models at equal memory (serving)

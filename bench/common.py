@@ -20,14 +20,16 @@ from typing import Any
 
 import torch
 
+from bench.evaluation import ood_text, spread
 from planner.files.atomic import atomic_write_bytes
 from planner.search.config import PlanConfig
 from planner.memory import LayerChoice, layer_bytes
-from planner.scoring.bank import MemoryStore
+from planner.scoring.bank import MemoryStore, WeightBank
 from planner.scoring.ftproxy import CandidateBuilder
 from planner.search.prepare import Prepared, prepare
 from planner.settings import RunSettings
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
+from search_spaces.choices import menu
 from search_spaces.widths import Width, WidthKey
 
 RANK_GRID = (0, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -107,29 +109,37 @@ def first_k(counter: Counter, budget: int, rank: int | None = None, hi: WidthKey
     return None
 
 
-# issue 15's levers, the planner's variants in bench.ablation and bench.embedding:
-# name -> (bits menu, --double-quant, --init, --rounding); the first five are "all on" and each
-# lever off; "+fb" plans with --rounding feedback (tables, Fisher and bank all score feedback Q)
-VARIANTS: dict[str, tuple[tuple[int, ...], str, str, str]] = {
-    "plain": ((2, 4, 8), "off", "loftq", "nearest"),
-    "nf3+dq+data": ((2, 3, 4, 8), "search", "loftq-data", "nearest"),
-    "nf3+dq": ((2, 3, 4, 8), "search", "loftq", "nearest"),
-    "nf3+data": ((2, 3, 4, 8), "off", "loftq-data", "nearest"),
-    "dq+data": ((2, 4, 8), "search", "loftq-data", "nearest"),
-    "nf3": ((2, 3, 4, 8), "off", "loftq", "nearest"),
-    "dq": ((2, 4, 8), "search", "loftq", "nearest"),
-    "data": ((2, 4, 8), "off", "loftq-data", "nearest"),
-    "nf3+dq+data+fb": ((2, 3, 4, 8), "search", "loftq-data", "feedback"),
+# the planner's variants in bench.ablation and bench.embedding: name -> the PlanConfig fields it sets
+# (every other lever at the product's default). "default" sets nothing: the planner a user runs.
+# issue 15's lever rows set all four levers by hand (the first five are "all on" and each lever
+# off; "+fb" plans with --rounding feedback: tables, Fisher and bank all score feedback Q); "quick"
+# is --quick (the first planner); "+rot" adds rotated widths (--rotation search: chosen per layer).
+LEVERS = ("bits", "double_quant", "init", "rounding")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "default+rot": {"rotation": "search"},
+    "default+rot-on": {"rotation": "on"},
+    "quick": {"quick": True},
+    "plain": dict(zip(LEVERS, ((2, 4, 8), "off", "loftq", "nearest"))),
+    "nf3+dq+data": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq-data", "nearest"))),
+    "nf3+dq": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq", "nearest"))),
+    "nf3+data": dict(zip(LEVERS, ((2, 3, 4, 8), "off", "loftq-data", "nearest"))),
+    "dq+data": dict(zip(LEVERS, ((2, 4, 8), "search", "loftq-data", "nearest"))),
+    "nf3": dict(zip(LEVERS, ((2, 3, 4, 8), "off", "loftq", "nearest"))),
+    "dq": dict(zip(LEVERS, ((2, 4, 8), "search", "loftq", "nearest"))),
+    "data": dict(zip(LEVERS, ((2, 4, 8), "off", "loftq-data", "nearest"))),
+    "nf3+dq+data+fb": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq-data", "feedback"))),
 }
+# every width any variant can plan: the benches' weight banks hold them (entries are computed lazily)
+BANK_MENU = menu((2, 3, 4, 8), "search", rotation="search")
 
 
 def variant_config(cfg: PlanConfig, name: str, tag: str) -> PlanConfig:
-    """``cfg`` with variant ``name``'s levers, planned on one machine (the default SQLite storage:
-    ``--init loftq-data`` is refused with a shared --storage) in a study of its own (a fresh name,
-    so no earlier run's trials are resumed)."""
-    bits, dq, init, rounding = VARIANTS[name]
-    return replace(cfg, bits=bits, double_quant=dq, init=init, rounding=rounding, storage=None,
-                   study_name=f"bench-{name}-{tag}-{time.time_ns()}")
+    """``cfg`` with variant ``name``'s fields, planned on one machine (the default SQLite storage) in
+    a study of its own (a fresh name, so no earlier run's trials are resumed). The levers ``cfg``
+    leaves at None take the product's defaults for the variant (PlanConfig fills them)."""
+    levers = dict(bits=None, double_quant=None, init=None, rounding=None, rotation=None, quick=False)
+    return replace(cfg, **{**levers, **VARIANTS[name]}, storage=None, study_name=f"bench-{name}-{tag}-{time.time_ns()}")
 
 
 def lever_baselines(counter: Counter, budget: int) -> dict[str, Assignment | None]:
@@ -149,7 +159,7 @@ def describe(plan: Assignment) -> dict[str, Any]:
     """Histograms of bits and ranks over the layers."""
     bits = [str(b) for b, _ in plan]
     ranks = [r for _, r in plan]
-    return {"bits_hist": {b: bits.count(b) for b in sorted(set(bits), key=lambda w: (int(w.rstrip("dq")), w))},
+    return {"bits_hist": {b: bits.count(b) for b in sorted(set(bits), key=lambda w: (int(re.match(r"\d+", w)[0]), w))},
             "rank_hist": {str(r): ranks.count(r) for r in sorted(set(ranks))}}
 
 
@@ -175,7 +185,8 @@ def fresh_config(model: str, trials: int, prefix: str, **extra: Any) -> PlanConf
 class BenchSetup:
     """A prepared SmolLM2 fine-tune bench: planner inputs, the fp32 model and token blocks
     (``train``/``val``/``test``: int64 [n_blocks, seq_len], deterministic splits of the pydoc corpus;
-    ``test`` is never used for a choice)."""
+    ``test`` is never used for a choice; ``ood``: as many blocks as ``test`` of the out-of-domain
+    text, bench.evaluation.ood_text, spread over all of it; never used for anything but reporting)."""
 
     run: RunSettings
     cfg: PlanConfig
@@ -186,10 +197,16 @@ class BenchSetup:
     val: torch.Tensor
     test: torch.Tensor
     bank: CandidateBuilder
+    ood: torch.Tensor
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.prep.targets]
+
+    @property
+    def texts(self) -> dict[str, torch.Tensor]:
+        """The evaluation texts' blocks by name (bench.evaluation.SUFFIX)."""
+        return {"test": self.test, "ood": self.ood}
 
 
 def setup(s: Setting) -> BenchSetup:
@@ -203,10 +220,33 @@ def setup(s: Setting) -> BenchSetup:
     train = token_blocks(tok, corpus.train, s.seq_len, max_tokens=s.seq_len * max(64, s.steps * 2))
     val = token_blocks(tok, corpus.val, s.seq_len, max_tokens=s.seq_len * 8)
     test = token_blocks(tok, corpus.test, s.seq_len, max_tokens=s.test_tokens)
+    ood = spread(token_blocks(tok, ood_text(), s.seq_len), test.shape[0])
     bank = CandidateBuilder(model, "nf", cfg.block_size)
-    return BenchSetup(run, cfg, prep, Counter(prep), model, train, val, test, bank)
+    return BenchSetup(run, cfg, prep, Counter(prep), model, train, val, test, bank, ood)
 
 
 def write_json(path: str | Path, doc: Any) -> None:
     """A bench result, written atomically (parent folders made)."""
     atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+class Builders:
+    """One CandidateBuilder per initialisation over the same fp32 model (exact-SVD factors)."""
+
+    def __init__(self, b: BenchSetup) -> None:
+        self.b, self._data = b, {}
+
+    def get(self, init: str, plan_init: Any = None, rounding: str = "nearest") -> CandidateBuilder:
+        """The builder of a plan with ``init`` (its InitRecord ``plan_init`` names the calibration);
+        ``rounding`` "feedback": Q by error feedback under the moments (loftq.rounding)."""
+        if init == "loftq":
+            return self.b.bank
+        if rounding not in self._data:
+            from planner.scoring.bank import ModelWeights
+            from planner.scoring.moments import plan_moments
+
+            moments, _ = plan_moments(self.b.prep.source, self.b.names, plan_init, cache_dir=self.b.cfg.cache_path)
+            bank = WeightBank(ModelWeights(self.b.model, self.b.names), BANK_MENU, 64, "nf",
+                              self.b.cfg.block_size, svd="exact", moments=moments, rounding=rounding)
+            self._data[rounding] = CandidateBuilder(self.b.model, "nf", self.b.cfg.block_size, bank=bank)
+        return self._data[rounding]

@@ -6,8 +6,11 @@
 Serving (inference mode, CPU dtypes, no reserve): every method is counted by the planner's own byte
 function, budgets are bits per target weight of the bytes that depend on the layers' choices (as in
 bench.common). Metric: cosine between the fp32 model's and the quantized model's (deq(Q) + BA,
-LoftQ iters = 1) mean-pooled sentence embeddings on blocks of the corpus's TEST split (never used for
-a choice: the planner calibrates on train and scores on val). Methods: planner (guided search,
+LoftQ iters = 1) mean-pooled sentence embeddings on blocks of two texts (bench.evaluation): the
+corpus's TEST split (never used for a choice: the planner calibrates on train and scores on val),
+fields ``cosine`` / ``cosine_min`` / ``vs_planner``, and as many blocks of the out-of-domain text of
+bench/texts/ spread over all of it (never calibrated on), fields ``cosine_ood`` / ``cosine_min_ood``
+/ ``vs_planner_ood``. An encoder has no next-token distribution: no perplexity or KL here. Methods: planner (guided search,
 zero-step 1 - cos proxy), loftq-uniform-4bit / -2bit (largest rank of RANK_GRID that fits),
 loftq-first-k (4-bit first k blocks, 2-bit rest, rank 16). ``--variants`` (bench.common.VARIANTS)
 adds a planner row per variant (bit menu with NF3, double quantization, data-aware initialisation)
@@ -27,8 +30,9 @@ from typing import Any
 
 import torch
 
-from bench.common import (VARIANTS, Counter, bench_run, describe, first_k, fresh_config, lever_baselines,
+from bench.common import (BANK_MENU, VARIANTS, Counter, bench_run, describe, first_k, fresh_config, lever_baselines,
                           uniform, variant_config, write_json)
+from bench.evaluation import SUFFIX, ood_text, spread
 from planner.search.config import PlanConfig
 from planner.scoring.proxy import ZeroStepProxy
 from planner.scoring.bank import ModelWeights, WeightBank
@@ -36,33 +40,34 @@ from planner.search.prepare import prepare
 from planner.search.flow import make_plan
 from planner.settings import RunSettings
 from planner.train.data import CorpusConfig, load_corpus, token_blocks
-from search_spaces.choices import menu
 
 SEQ_LEN = 128
+Proxies = dict[str, ZeroStepProxy]  # text (bench.evaluation.SUFFIX) -> the proxy over its blocks, one bank
 
 
 @dataclass
 class EmbeddingSetup:
-    """MiniLM-L6 prepared for serving; ``proxy`` scores cosine distances on ``test_blocks`` test blocks."""
+    """MiniLM-L6 prepared for serving; ``proxy`` scores cosine distances on ``test_blocks`` blocks of
+    each text."""
 
     run: RunSettings
     cfg: PlanConfig
     counter: Counter
-    proxy: ZeroStepProxy
+    proxy: Proxies
     names: list[str]
     model: torch.nn.Module
-    test: torch.Tensor
+    texts: dict[str, torch.Tensor]
     prep: object
 
-    def data_proxy(self, init: object, rounding: str = "nearest") -> ZeroStepProxy:
-        """The proxy over the data-aware factors of a plan whose InitRecord is ``init`` (``rounding``
+    def data_proxy(self, init: object, rounding: str = "nearest") -> Proxies:
+        """The proxies over the data-aware factors of a plan whose InitRecord is ``init`` (``rounding``
         "feedback": Q by error feedback under the same moments, loftq.rounding)."""
         from planner.scoring.moments import plan_moments
 
         moments, _ = plan_moments(self.prep.source, self.names, init, cache_dir=self.cfg.cache_path)
-        bank = WeightBank(ModelWeights(self.model, self.names), menu((2, 3, 4, 8), "search"), max(self.cfg.ranks),
+        bank = WeightBank(ModelWeights(self.model, self.names), BANK_MENU, max(self.cfg.ranks),
                           moments=moments, rounding=rounding)
-        return ZeroStepProxy(self.model, bank, self.test)
+        return {t: ZeroStepProxy(self.model, bank, blocks) for t, blocks in self.texts.items()}
 
 
 def setup(trials: int, test_blocks: int) -> EmbeddingSetup:
@@ -71,24 +76,37 @@ def setup(trials: int, test_blocks: int) -> EmbeddingSetup:
     prep = prepare(cfg, run)
     model = prep.source.load_model(torch.float32)
     corpus = load_corpus(CorpusConfig(source="pydoc", seed=0))
-    test = token_blocks(prep.source.tokenizer(), corpus.test, SEQ_LEN, max_tokens=SEQ_LEN * test_blocks)
+    tok = prep.source.tokenizer()
+    test = token_blocks(tok, corpus.test, SEQ_LEN, max_tokens=SEQ_LEN * test_blocks)
+    texts = {"test": test, "ood": spread(token_blocks(tok, ood_text(), SEQ_LEN), test.shape[0])}
     names = [t.name for t in prep.targets]
-    bank = WeightBank(ModelWeights(model, names), menu((2, 3, 4, 8), "search"), max(cfg.ranks))
-    return EmbeddingSetup(run, cfg, Counter(prep), ZeroStepProxy(model, bank, test), names, model, test, prep)
+    bank = WeightBank(ModelWeights(model, names), BANK_MENU, max(cfg.ranks))
+    proxies = {t: ZeroStepProxy(model, bank, blocks) for t, blocks in texts.items()}
+    return EmbeddingSetup(run, cfg, Counter(prep), proxies, names, model, texts, prep)
+
+
+def versus(dists: dict[str, torch.Tensor], ref: str, method: str) -> dict[str, Any]:
+    """``method`` vs the planner row ``ref`` on per-block cosine distances: a win or loss only beyond
+    2 sigma of the paired per-block difference."""
+    diff = dists[method] - dists[ref]  # > 0: the planner is closer to fp32
+    two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff))
+    return {"mean_distance_diff": float(diff.mean()), "two_sigma": two_sigma,
+            "verdict": "planner wins" if float(diff.mean()) > two_sigma else
+            "planner loses" if -float(diff.mean()) > two_sigma else "no significant difference"}
 
 
 def run_bench(budgets: list[str], trials: int, test_blocks: int, variants: list[str] | None = None,
               rounding: bool = False) -> list[dict[str, Any]]:
     e = setup(trials, test_blocks)
     run, cfg, counter, proxy, names = e.run, e.cfg, e.counter, e.proxy, e.names
-    print(f"test blocks {len(proxy.blocks)} x {SEQ_LEN} tokens", file=sys.stderr)
+    print(", ".join(f"{t} blocks {len(p.blocks)} x {SEQ_LEN} tokens" for t, p in proxy.items()), file=sys.stderr)
     rows: list[dict[str, Any]] = []
     data_proxy = fb_proxy = None
     for label in budgets:
         budget = counter.budget_for(label)
         t0 = time.perf_counter()
         plans: dict[str, Any] = {}
-        proxies: dict[str, ZeroStepProxy] = {}
+        proxies: dict[str, Proxies] = {}
         for v in variants or [None]:
             vcfg = cfg if v is None else variant_config(cfg, v, label)
             outcome = make_plan(vcfg, run, budget)
@@ -112,27 +130,26 @@ def run_bench(budgets: list[str], trials: int, test_blocks: int, variants: list[
             plans.update({"loftq-uniform-4bit": uniform(counter, 4, budget), "loftq-first-k": fk[0] if fk else None,
                           "loftq-uniform-2bit": uniform(counter, 2, budget)})
         print(f"[{label}] planning {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-        dists: dict[str, torch.Tensor] = {}
+        dists: dict[str, dict[str, torch.Tensor]] = {t: {} for t in SUFFIX}  # text -> method -> [n_blocks]
         for method, plan in plans.items():
             row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget}
             if plan is None:
                 rows.append({**row, "infeasible": True})
                 continue
-            d = proxies.get(method, proxy).cosine_distances(dict(zip(names, plan))).double()
-            dists[method] = d
             used = counter.total(plan)
-            row.update(bytes=used, bits_per_weight=round(counter.bits_per_weight(used), 3), **describe(plan),
-                       cosine=float(1 - d.mean()), cosine_min=float(1 - d.max()))
+            row.update(bytes=used, bits_per_weight=round(counter.bits_per_weight(used), 3), **describe(plan))
+            for text, p in proxies.get(method, proxy).items():
+                d = p.cosine_distances(dict(zip(names, plan))).double()
+                dists[text][method] = d
+                row.update({f"cosine{SUFFIX[text]}": float(1 - d.mean()), f"cosine_min{SUFFIX[text]}": float(1 - d.max())})
             rows.append(row)
-            print(f"[{label}] {method}: cos {row['cosine']:.5f} (min {row['cosine_min']:.5f})", file=sys.stderr)
-        ref = next(iter(dists))  # the (first) planner row
+            print(f"[{label}] {method}: cos {row['cosine']:.5f} (min {row['cosine_min']:.5f}), ood cos "
+                  f"{row['cosine_ood']:.5f} (min {row['cosine_min_ood']:.5f})", file=sys.stderr)
+        ref = next(iter(dists["test"]))  # the (first) planner row
         for row in rows:
-            if row["budget"] == label and row["method"] != ref and row["method"] in dists:
-                diff = dists[row["method"]] - dists[ref]  # > 0: the planner is closer to fp32
-                two_sigma = 2 * float(diff.std()) / math.sqrt(len(diff))
-                row["vs_planner"] = {"mean_distance_diff": float(diff.mean()), "two_sigma": two_sigma,
-                                     "verdict": "planner wins" if float(diff.mean()) > two_sigma else
-                                     "planner loses" if -float(diff.mean()) > two_sigma else "no significant difference"}
+            if row["budget"] == label and row["method"] != ref and row["method"] in dists["test"]:
+                for text, sfx in SUFFIX.items():
+                    row[f"vs_planner{sfx}"] = versus(dists[text], ref, row["method"])
     return rows
 
 
@@ -159,15 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'budget':>7} {'method':<26} {'b/w':>6} {'cosine':>9} {'min':>9}  vs planner")
+    print(f"{'budget':>7} {'method':<26} {'b/w':>6} {'cosine':>9} {'min':>9} {'cos_ood':>9} {'min_ood':>9}  "
+          "vs planner (test; ood)")
     for r in rows:
         if r.get("infeasible"):
             print(f"{r['budget']:>7} {r['method']:<26} does not fit")
             continue
-        v = r.get("vs_planner")
-        verdict = f"{v['verdict']} (diff {v['mean_distance_diff']:+.2e}, 2σ {v['two_sigma']:.1e})" if v else ""
+        verdict = "; ".join(f"{v['verdict']} (diff {v['mean_distance_diff']:+.2e}, 2σ {v['two_sigma']:.1e})"
+                            for v in (r.get("vs_planner"), r.get("vs_planner_ood")) if v)
         print(f"{r['budget']:>7} {r['method']:<26} {r['bits_per_weight']:>6.2f} {r['cosine']:>9.5f} "
-              f"{r['cosine_min']:>9.5f}  {verdict}")
+              f"{r['cosine_min']:>9.5f} {r['cosine_ood']:>9.5f} {r['cosine_min_ood']:>9.5f}  {verdict}")
     return 0
 
 

@@ -6,16 +6,21 @@
 
 Byte counting, budget names and baselines: bench.common (fine-tune mode, the run's seq_len / batch,
 CPU dtypes: fp32 adapters with fp32 grads and AdamW states; no reserve).
-Methods: planner (make_plan, guided search, zero-step KL), planner-exact (the exact optimum of the
-neutral additive objective, i.e. no Optuna layer), planner+ft (the same candidates re-scored by
-planner.scoring.ftproxy), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
+Methods: planner (make_plan with the product's defaults: guided search, zero-step KL, the strongest
+levers; built as materialize builds it, data-aware factors and error-feedback Q), planner-exact (the
+exact optimum of the neutral additive objective, i.e. no Optuna layer), planner+ft (the same
+candidates re-scored by planner.scoring.ftproxy), planner-quick (``--quick``: the first planner's
+2/4/8 menu, plain LoftQ, round to nearest), loftq-uniform-4bit, qlora-uniform-4bit (NF4 + PEFT default init: A random,
 B = 0), loftq-first-k (4-bit first k blocks, 2-bit rest: k as large as fits, then the largest rank),
 loftq-uniform-2bit, and the ceiling every LoftQ table has, lora-16bit (the bf16 backbone with rank-16
 adapters on every target layer, PEFT's default init, same steps, lr, sequence length and seeds; not
 held to the budget: each row also gives its perplexity as a ratio to this one's after fine-tuning).
-Perplexity on the test split only (never used for a choice); after fine-tuning,
-mean and std over seeds (seed = data order + random init). SmolLM2's packaged weights were Q4_1
-before dequantisation: the fp32 "reference" is a dequantised Q4_1 model, not pristine fp16.
+Evaluation (bench.evaluation): perplexity on the pydoc test split (never used for a choice) and
+on the out-of-domain text of bench/texts/ (never calibrated on), each with the per-token KL
+divergence (mean, p99) to the unquantized model at step 0, and after fine-tuning the KL to the
+lora-16bit model of the same seed; after fine-tuning, mean and std over seeds (seed = data order +
+random init). SmolLM2's packaged weights were Q4_1 before dequantisation: the fp32 "reference" is a
+dequantised Q4_1 model, not pristine fp16.
 """
 from __future__ import annotations
 
@@ -31,67 +36,86 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import (BANK_STORE, FULL, QUICK, Assignment, BenchSetup, Setting, describe, first_k, setup, uniform,
-                          write_json)
+from bench.common import (BANK_STORE, FULL, QUICK, Assignment, BenchSetup, Builders, Setting, describe, first_k, setup,
+                          uniform, write_json)
+from bench.evaluation import RESULT_FIELDS, Ceiling, describe_texts, row_fields, score_texts
 from planner.files.atomic import atomic_write
-from planner.scoring.ftproxy import FinetuneSettings, eval_loss, finetune
+from planner.scoring.ftproxy import FinetuneSettings, finetune
 from planner.search.flow import make_plan
 
-Plans = dict[str, tuple[Assignment | None, str, dict[str, Any]]]  # method -> (plan, init, extra fields)
+# method -> (plan, init, extra fields, builder: None for the plain LoftQ bank, else the plan's own)
+Plans = dict[str, tuple[Assignment | None, str, dict[str, Any], Any]]
 CEILING = "lora-16bit"
 
 
-def perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
-    return math.exp(eval_loss(model, blocks, batch_size=4))
-
-
-def run_method(b: BenchSetup, plan: Assignment, init: str, s: Setting) -> dict[str, Any]:
-    """Test perplexity of ``plan`` (``init``: "loftq" or PEFT's "default") at step 0 and after
-    ``s.steps`` fine-tune steps, mean and std over ``s.seeds`` seeds."""
+def run_method(b: BenchSetup, plan: Assignment, init: str, s: Setting, ceiling: Ceiling | None = None,
+               is_ceiling: bool = False) -> dict[str, Any]:
+    """Perplexity and KL (bench.evaluation's fields) of ``plan`` (``init``: "loftq" or PEFT's
+    "default") on both texts at step 0 and after ``s.steps`` fine-tune steps, mean and std over
+    ``s.seeds`` seeds; KL to ``ceiling``'s model of the same seed when given. ``is_ceiling``: this
+    row is the ceiling itself (its fine-tuned models are ``ceiling``'s)."""
     assignment = dict(zip(b.names, plan))
+    texts = b.texts
     torch.manual_seed(0)
-    before = perplexity(b.bank.build(assignment, init=init), b.test)
-    if not any(r for _, r in plan):  # no adapter: fine-tuning trains nothing, every seed ends where it began
-        return {"ppl_before": before, "ppl_after": before, "ppl_after_std": 0.0, "ppl_after_seeds": [before] * s.seeds,
-                "ft_seconds": 0.0, "trained": False}
-    after, secs = [], []
+    net = b.bank.build(assignment, init=init)
+    before = score_texts(net, texts, {"fp32": b.model})
+    trained = any(r for _, r in plan)  # no adapter: fine-tuning trains nothing, every seed ends where it began
+    after: dict[str, list[Any]] = {t: [] for t in texts}
+    secs = []
     for seed in range(s.seeds):
-        torch.manual_seed(seed)
-        net = b.bank.build(assignment, init=init)
-        t0 = time.perf_counter()
-        finetune(net, b.train, FinetuneSettings(steps=s.steps, lr=s.lr, seed=seed))
-        secs.append(time.perf_counter() - t0)
-        after.append(perplexity(net, b.test))
-        del net
-    return {"ppl_before": before, "ppl_after": statistics.mean(after),
-            "ppl_after_std": statistics.stdev(after) if len(after) > 1 else 0.0, "ppl_after_seeds": after,
-            "ft_seconds": statistics.mean(secs)}
+        if is_ceiling and ceiling is not None:
+            net = ceiling.model(seed)
+            secs.append(ceiling.seconds[seed])
+        elif trained:
+            torch.manual_seed(seed)
+            net = b.bank.build(assignment, init=init)
+            t0 = time.perf_counter()
+            finetune(net, b.train, FinetuneSettings(steps=s.steps, lr=s.lr, seed=seed))
+            secs.append(time.perf_counter() - t0)
+        refs = {"lora16": ceiling.model(seed)} if ceiling is not None and not is_ceiling else {}
+        for t, score in (score_texts(net, texts, refs) if trained or refs else before).items():
+            after[t].append(score)
+        del refs
+    fields = row_fields(before, after)
+    fields["ft_seconds"] = statistics.mean(secs) if secs else 0.0
+    if not trained:
+        fields["trained"] = False
+    return fields
 
 
-def plans_at(b: BenchSetup, budget: int, s: Setting) -> Plans:
-    """Every method's plan at ``budget`` (None where it does not fit)."""
+def plans_at(b: BenchSetup, budget: int, s: Setting, builders: Builders) -> Plans:
+    """Every method's plan at ``budget`` (None where it does not fit). The planner's rows are built
+    as materialize builds them: with the plan's initialisation and rounding (the defaults:
+    data-aware factors, error-feedback Q)."""
     out: Plans = {}
     outcome = make_plan(b.cfg, b.run, budget, bank_store=BANK_STORE)
     opts, prob = outcome.problem.table.options, outcome.problem
+    own = builders.get(b.cfg.init, outcome.plan.init, b.cfg.rounding)
+    levers = {"init": b.cfg.init, "rounding": b.cfg.rounding}
     out["planner"] = ([opts[k] for k in outcome.chosen.choice], "loftq", {"kl": outcome.chosen.proxy.kl
-                                                                           if outcome.chosen.proxy else None})
+                                                                           if outcome.chosen.proxy else None,
+                                                                           **levers}, own)
     # the exact optimum of the neutral additive objective: what the planner would pick without the
     # Optuna layer (does the layer earn its keep after fine-tuning?)
     out["planner-exact"] = ([opts[k] for k in outcome.exact.choice], "loftq",
-                            {"kl": outcome.exact.proxy.kl if outcome.exact.proxy else None})
+                            {"kl": outcome.exact.proxy.kl if outcome.exact.proxy else None, **levers}, own)
     if s.proxy_top:
         from planner.scoring.ftproxy import rescore_with_finetune
         chosen, records = rescore_with_finetune(prob, outcome.candidates, b.model, b.train, b.val,
                                                 top_k=s.proxy_top,
-                                                steps=s.proxy_steps, seed=0, builder=b.bank)
-        out["planner+ft"] = ([opts[k] for k in chosen.choice], "loftq", {"proxy_records": records})
-    out["loftq-uniform-4bit"] = (uniform(b.counter, 4, budget), "loftq", {})
-    out["qlora-uniform-4bit"] = (uniform(b.counter, 4, budget), "default", {})
+                                                steps=s.proxy_steps, seed=0, builder=own)
+        out["planner+ft"] = ([opts[k] for k in chosen.choice], "loftq", {"proxy_records": records, **levers}, own)
+    quick = make_plan(replace(b.cfg, bits=None, double_quant=None, init=None, rounding=None, rotation=None, quick=True,
+                              study_name=f"{b.cfg.study_name or 'bench'}-quick-{budget}"), b.run, budget)
+    out["planner-quick"] = ([quick.problem.table.options[k] for k in quick.chosen.choice], "loftq",
+                            {"kl": quick.chosen.proxy.kl if quick.chosen.proxy else None}, None)
+    out["loftq-uniform-4bit"] = (uniform(b.counter, 4, budget), "loftq", {}, None)
+    out["qlora-uniform-4bit"] = (uniform(b.counter, 4, budget), "default", {}, None)
     fk = first_k(b.counter, budget)
     out["loftq-first-k"] = (fk[0] if fk else None, "loftq", {"k": fk[1] if fk else None,
-                                                               "rank": fk[0][0][1] if fk else None})
-    out["loftq-uniform-2bit"] = (uniform(b.counter, 2, budget), "loftq", {})
-    out[CEILING] = ([(16, 16)] * len(b.names), "default", {"ceiling": True})  # over budget: the reference
+                                                               "rank": fk[0][0][1] if fk else None}, None)
+    out["loftq-uniform-2bit"] = (uniform(b.counter, 2, budget), "loftq", {}, None)
+    out[CEILING] = ([(16, 16)] * len(b.names), "default", {"ceiling": True}, None)  # over budget: the reference
     return out
 
 
@@ -120,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.budgets:
         s = replace(s, budgets=tuple(args.budgets.split(",")))
 
+    texts: dict[str, Any] = {}
+
     def save(rows: list[dict[str, Any]]) -> None:
         if args.out:
-            write_json(args.out, {"setting": s.__dict__, "rows": rows})
+            write_json(args.out, {"setting": s.__dict__, "texts": texts, "rows": rows})
 
-    rows = run_quality(s, args.methods.split(",") if args.methods else None, on_row=save)
+    rows = run_quality(s, args.methods.split(",") if args.methods else None, on_row=save, texts_info=texts)
     save(rows)
     if args.out:
         plot(rows, Path(args.out).with_suffix(".png"))
@@ -137,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure_row(b: BenchSetup, s: Setting, done: dict[tuple, dict[str, Any]], label: str, budget: int,
                 method: str, plan: Assignment | None, init: str, extra: dict[str, Any], *, tag: str | None = None,
-                builder: Any = None) -> dict[str, Any]:
-    """One results row: ``plan``'s bytes and histograms, and its perplexities (:func:`run_method`
-    with ``init``, over ``builder`` if given, else ``b.bank``), or ``infeasible`` when ``plan`` is
-    None. A plan measured before under the same ``tag`` (default: ``init``) reuses that row's numbers
-    (``done`` holds them)."""
+                builder: Any = None, ceiling: Ceiling | None = None) -> dict[str, Any]:
+    """One results row: ``plan``'s bytes and histograms, and its perplexities and KL (:func:`run_method`
+    with ``init``, over ``builder`` if given, else ``b.bank``; KL to ``ceiling``'s models too), or
+    ``infeasible`` when ``plan`` is None. A plan measured before under the same ``tag`` (default:
+    ``init``) reuses that row's numbers (``done`` holds them)."""
     row: dict[str, Any] = {"method": method, "budget": label, "budget_bytes": budget,
                            "budget_bits_per_weight": round(b.counter.bits_per_weight(budget), 3)}
     if plan is None:
@@ -151,33 +177,43 @@ def measure_row(b: BenchSetup, s: Setting, done: dict[tuple, dict[str, Any]], la
     key = (tuple(plan), tag or init)
     t0 = time.perf_counter()
     if key in done:
-        row.update({k: done[key][k] for k in ("ppl_before", "ppl_after", "ppl_after_std", "ppl_after_seeds",
-                                              "ft_seconds")}, same_plan_as=done[key]["method"])
+        row.update({k: v for k, v in done[key].items() if k in RESULT_FIELDS}, same_plan_as=done[key]["method"])
     else:
-        row.update(run_method(b if builder is None else replace(b, bank=builder), plan, init, s))
+        row.update(run_method(b if builder is None else replace(b, bank=builder), plan, init, s, ceiling,
+                              is_ceiling=method == CEILING))
         done[key] = row
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
 def run_quality(s: Setting, methods: list[str] | None = None,
-                on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+                on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+                texts_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Rows for every budget x method; ``on_row(rows)`` after each (the bench saves as it goes). A
     method whose plan and init equal an earlier method's at the same budget reuses its numbers
-    (e.g. first-k with k = all blocks is the uniform 4-bit plan)."""
+    (e.g. first-k with k = all blocks is the uniform 4-bit plan). The lora-16bit models every row's
+    KL is measured against are trained at the first fine-tuned row, also when ``methods`` leaves the
+    ceiling's own row out. ``texts_info`` is filled with the texts' description."""
     b = setup(s)
-    print(f"test tokens {b.test.numel()}, train tokens/run {s.steps * s.seq_len}, seeds {s.seeds}", file=sys.stderr)
+    builders = Builders(b)
+    ceiling = Ceiling(b.bank, b.names, b.train, s.steps, s.lr)
+    if texts_info is not None:
+        texts_info.update(describe_texts(b.texts))
+    print(f"test tokens {b.test.numel()}, ood tokens {b.ood.numel()}, train tokens/run {s.steps * s.seq_len}, "
+          f"seeds {s.seeds}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
     done: dict[tuple, dict[str, Any]] = {}  # across budgets: the ceiling runs once
     for label in s.budgets:
         budget = b.counter.budget_for(label)
         t0 = time.perf_counter()
-        plans = plans_at(b, budget, s)
+        plans = plans_at(b, budget, s, builders)
         print(f"[{label}] planning {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-        for method, (plan, init, extra) in plans.items():
+        for method, (plan, init, extra, builder) in plans.items():
             if methods and method not in methods:
                 continue
-            row = measure_row(b, s, done, label, budget, method, plan, init, extra)
+            tag = f"{init}/{extra['init']}/{extra['rounding']}" if builder is not None else None
+            row = measure_row(b, s, done, label, budget, method, plan, init, extra, tag=tag, builder=builder,
+                              ceiling=ceiling)
             rows.append(row)
             if row.get("infeasible"):
                 print(f"[{label}] {method}: does not fit", file=sys.stderr)
@@ -185,24 +221,36 @@ def run_quality(s: Setting, methods: list[str] | None = None,
             ratios(rows)
             if on_row:
                 on_row(rows)
-            print(f"[{label}] {method}: {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± "
-                  f"{row['ppl_after_std']:.2f} ({row['seconds']}s)", file=sys.stderr)
+            print(f"[{label}] {method}: {progress_line(row)}", file=sys.stderr)
     return rows
 
 
+def progress_line(row: dict[str, Any]) -> str:
+    """PPL step 0 -> fine-tuned on both texts, KL to fp32 at step 0, KL to lora-16bit after."""
+    def kld(key: str) -> str:
+        return f"{row[key]['mean']:.4f}/{row[key]['p99']:.3f}" if key in row else "-"
+
+    return (f"test {row['ppl_before']:.2f} -> {row['ppl_after']:.2f} ± {row['ppl_after_std']:.2f}, "
+            f"ood {row['ppl_before_ood']:.2f} -> {row['ppl_after_ood']:.2f} ± {row['ppl_after_ood_std']:.2f}; "
+            f"KL0 fp32 mean/p99 test {kld('kld_before')} ood {kld('kld_before_ood')}; "
+            f"KL ft lora16 test {kld('kld_lora16_after')} ood {kld('kld_lora16_after_ood')} ({row['seconds']}s)")
+
+
 def ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's perplexity (step 0 and fine-tuned) over the lora-16bit row's fine-tuned one."""
+    """Each row's perplexity (step 0 and fine-tuned) over the lora-16bit row's fine-tuned one (on the
+    OOD text too, where the rows have it)."""
     ceiling = next((r for r in rows if r["method"] == CEILING and not r.get("infeasible")), None)
     for r in rows:
-        if ceiling is not None and "ppl_after" in r:
-            r["ppl_before_vs_lora16"] = round(r["ppl_before"] / ceiling["ppl_after"], 3)
-            r["ppl_after_vs_lora16"] = round(r["ppl_after"] / ceiling["ppl_after"], 3)
+        for sfx in ("", "_ood"):
+            if ceiling is not None and f"ppl_after{sfx}" in r and f"ppl_after{sfx}" in ceiling:
+                r[f"ppl_before{sfx}_vs_lora16"] = round(r[f"ppl_before{sfx}"] / ceiling[f"ppl_after{sfx}"], 3)
+                r[f"ppl_after{sfx}_vs_lora16"] = round(r[f"ppl_after{sfx}"] / ceiling[f"ppl_after{sfx}"], 3)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     ratios(rows)
     print(f"{'budget':>7} {'method':<24} {'b/w':>6} {'bytes':>12} {'ppl0':>12} {'ppl_ft':>12} {'std':>8} "
-          f"{'ft/16bit':>9}")
+          f"{'ft/16bit':>9} {'ood_ft':>9} {'kl0':>8} {'kl0_ood':>8} {'kl16':>8} {'kl16_ood':>8}")
     for r in rows:
         if r.get("infeasible"):
             print(f"{r['budget']:>7} {r['method']:<24} {'':>6} {'does not fit':>12}")
@@ -210,8 +258,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         flag = " (invalid)" if r.get("invalid") else " (superseded)" if r.get("superseded") else ""
         print(f"{r['budget']:>7} {r['method']:<24} {r['bits_per_weight']:>6.2f} {r['bytes']:>12} "
               f"{r['ppl_before']:>12.4g} {r['ppl_after']:>12.4g} {r['ppl_after_std']:>8.2g} "
-              f"{r.get('ppl_after_vs_lora16', float('nan')):>8.2f}x{flag}")
+              f"{r.get('ppl_after_vs_lora16', float('nan')):>8.2f}x {r.get('ppl_after_ood', float('nan')):>9.4g} "
+              f"{_kl(r, 'kld_before')} {_kl(r, 'kld_before_ood')} {_kl(r, 'kld_lora16_after')} "
+              f"{_kl(r, 'kld_lora16_after_ood')}{flag}")
     verdicts(rows)
+
+
+def _kl(row: dict[str, Any], key: str) -> str:
+    """A KL field's mean for the table (blank in result files written before the field existed)."""
+    return f"{row[key]['mean']:>8.3g}" if key in row else f"{'':>8}"
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> None:

@@ -17,7 +17,7 @@ from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, estimate, layer_bytes
 from planner.settings import LayerChoice, RunSettings, resolve_engine
 
-DRY_RUN_METHOD = "nf"  # NF2 / NF3 / NF4 / NF8, as planner.search.pipeline plans them
+DRY_RUN_METHOD = "nf"  # NF2 / NF3 / NF4 / NF8, as the planning flow plans them
 
 
 def extreme_choices(targets: Sequence, space: Any, run: RunSettings, facts: Any) -> tuple[dict, dict]:
