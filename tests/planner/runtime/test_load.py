@@ -3,6 +3,7 @@ wrongly typed adapter_config.json, links out of the folder. One PlannerError lin
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -95,7 +96,7 @@ FAULTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "rank_pattern is a list": (_edit_adapter_config(rank_pattern=["x"]), "rank_pattern must be an object"),
     "r is a string": (_edit_adapter_config(r="eight", rank_pattern={}), "must be numbers"),
     "alpha is null": (_edit_adapter_config(lora_alpha=None, alpha_pattern={}), "must be numbers"),
-    "backbone config.json": (_backbone_config, "cannot build the model"),
+    "backbone config.json": (_backbone_config, "cannot build the model|config.json: unreadable"),  # transformers 5 validates at read
     "layer file links out": (_link_out, "points outside"),
 }
 
@@ -112,7 +113,7 @@ def test_altered_artifact_is_one_line(artifact: Path, tmp_path: Path, capsys: py
     assert "\n" not in str(err.value) and (path.name in str(err.value) or path.parent.name in str(err.value))
     assert main(["verify", str(folder), "--steps", "1", "--seq-len", "16", "--device", "cpu"]) == 2
     line = capsys.readouterr().err.strip()
-    assert line.count("\n") == 0 and line.startswith("error: ") and message in line, line
+    assert line.count("\n") == 0 and line.startswith("error: ") and re.search(message, line), line
 
 
 def test_the_unaltered_copy_loads(artifact: Path, tmp_path: Path) -> None:
