@@ -130,25 +130,34 @@ def test_weights_sha256_is_stable_and_sensitive(checkpoints: dict[str, Path], tm
 
 def test_fingerprint_ignores_safetensors_metadata_order_not_values(tmp_path: Path) -> None:
     """safetensors writes its metadata map in no fixed order: two conversions of the same weights
-    must share a fingerprint (plans name it), and a changed weight must not."""
+    must share both fingerprints (plans name them), and a changed weight must change them; a change
+    in the middle of the file (neither the first nor the last MiB) changes the content fingerprint."""
     from safetensors.torch import save_file
 
-    from planner.sources.files import fingerprint
+    from planner.files.fingerprint import content_fingerprint, partial_fingerprint
+
+    def prints(d: Path) -> tuple[str, str]:
+        return partial_fingerprint([d / "model.safetensors"], d), content_fingerprint([d / "model.safetensors"], d)
 
     torch.manual_seed(0)
-    tensors = {"a.weight": torch.randn(600, 600), "b.weight": torch.randn(8, 8)}  # > 2 MiB: head + tail hashed
-    prints = []
+    tensors = {"a.weight": torch.randn(1200, 600), "b.weight": torch.randn(8, 8)}  # 2.9 MB: a middle exists
+    same = []
     for i, meta in enumerate(({"x": "1", "y": "2", "z": "3"}, {"z": "3", "y": "2", "x": "1"})):
         d = tmp_path / f"m{i}"
         d.mkdir()
         save_file(tensors, str(d / "model.safetensors"), metadata=meta)
-        prints.append(fingerprint([d / "model.safetensors"], d))
-    assert prints[0] == prints[1]
-    tensors["b.weight"][0, 0] += 1  # 'b' sorts after 'a': its bytes are in the last MiB
-    d = tmp_path / "m2"
-    d.mkdir()
-    save_file(tensors, str(d / "model.safetensors"), metadata={"x": "1", "y": "2", "z": "3"})
-    assert fingerprint([d / "model.safetensors"], d) != prints[0]
+        same.append(prints(d))
+    assert same[0] == same[1]
+    tail, middle = ({k: v.clone() for k, v in tensors.items()} for _ in range(2))
+    tail["b.weight"][0, 0] += 1  # 'b' sorts after 'a': its bytes are in the last MiB
+    middle["a.weight"][600, 0] += 1  # 1.44 MB into a 2.9 MB file: hashed by the content fingerprint only
+    for name, edited in (("tail", tail), ("middle", middle)):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(edited, str(d / "model.safetensors"), metadata={"x": "1", "y": "2", "z": "3"})
+        partial, content = prints(d)
+        assert content != same[0][1], name
+        assert (partial != same[0][0]) == (name == "tail"), name
 
 
 def test_head_lookup_under_tied_alias(checkpoints: dict[str, Path]) -> None:
