@@ -117,6 +117,7 @@ def first_k(counter: Counter, budget: int, rank: int | None = None, hi: WidthKey
 LEVERS = ("bits", "double_quant", "init", "rounding")
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "default+exact": {"search": "exact"},  # the exact solver alone, no Optuna trials (issue 27: the default --search)
     "default+rot": {"rotation": "search"},
     "default+rot-on": {"rotation": "on"},
     "quick": {"quick": True},
