@@ -23,9 +23,36 @@ from planner.cli.app import _register, main
 from planner.artifact.plan import Plan, load_plan
 from planner.progress import stdout_console
 
-BUDGET = "2.2GB"  # binds (the space spans 1.89-2.26 GB) and leaves room for adapters
-SERVE_BUDGET = "0.79GB"  # serving: the space spans 0.73-0.86 GB, so the weights mix 4 and 8 bits
+# The budgets are placed inside the search space this machine's run has (its dry run: a GPU's run
+# counts bf16 activations and a CUDA context, a CPU run fp32 and none), where the planner must choose:
+FINETUNE_AT = 0.18  # fine-tune: this far from the smallest plan towards the largest (adapters of mixed ranks)
+SERVE_AT = 0.3  # serving: the weights get this far from all-2-bit towards all-8-bit (the widths mix)
 OUT = Path("demo-out")
+
+
+def space(*argv: str) -> dict:
+    """The dry run's JSON report (smallest and largest plan) of the default model for these settings."""
+    import contextlib
+    import io
+    import json
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["--budget", "1GB", "--dry-run", "--json", *argv])
+    if rc != 0:
+        sys.exit(rc)
+    return json.loads(buf.getvalue())
+
+
+def budgets() -> tuple[str, str]:
+    """(fine-tune budget, serving budget) in GB, two decimals, inside this machine's search space."""
+    ft = space()
+    serve = space("--mode", "inference")
+    lo, hi = ft["min_bytes"], ft["max_bytes"]
+    finetune = lo + FINETUNE_AT * (hi - lo)
+    weights = (serve["max"]["breakdown"]["backbone"] - serve["min"]["breakdown"]["backbone"])
+    serving = serve["min_bytes"] + SERVE_AT * weights
+    return f"{finetune / 1e9:.2f}GB", f"{serving / 1e9:.3f}GB"
 
 
 def step(console: Console, title: str, argv: list[str]) -> None:
@@ -72,17 +99,18 @@ def run() -> None:
     _register()
     OUT.mkdir(exist_ok=True)
     plan = str(OUT / "plan.json")
-    step(console, "1. memory range of the search space (no weights read)", ["--budget", BUDGET, "--dry-run"])
+    budget, serve_budget = budgets()
+    step(console, "1. memory range of the search space (no weights read)", ["--budget", budget, "--dry-run"])
     step(console, "2. plan SmolLM2-135M for a LoRA fine-tune under the budget (Optuna-guided, zero-step KL, "
          "then the 2 most diverse good candidates re-scored by 10 LoRA steps each)",
-         ["--budget", BUDGET, "--trials", "8", "--proxy-top", "2", "--proxy-steps", "10", "--out", plan,
+         ["--budget", budget, "--trials", "8", "--proxy-top", "2", "--proxy-steps", "10", "--out", plan,
           "--pareto", str(OUT / "pareto")])
     step(console, "3. the plan file", ["show", plan])
     console.print(why(load_plan(plan)), style="bold")
     serve = str(OUT / "serve-plan.json")
-    step(console, f"3b. the same model served (inference) within {SERVE_BUDGET}: here the weights themselves must "
+    step(console, f"3b. the same model served (inference) within {serve_budget}: here the weights themselves must "
          "shrink, so the widths mix (the tables and sensitivities above are reused from the cache)",
-         ["--budget", SERVE_BUDGET, "--mode", "inference", "--trials", "8", "--out", serve])
+         ["--budget", serve_budget, "--mode", "inference", "--trials", "8", "--out", serve])
     console.print(why(load_plan(serve)), style="bold")
     model_dir = OUT / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
