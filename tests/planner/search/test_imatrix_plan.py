@@ -182,3 +182,10 @@ def test_every_key_the_importance_reaches_changes_with_the_files_sha256(planned,
     assert fingerprint(prep_b, p.budget, "f") != fingerprint(p.prep, p.budget, "f")
     assert fingerprint(p.prep, p.budget, "f")["space"]["imatrix"] == p.plan.init.imatrix_sha256
     assert study_name_for(prep_b, p.budget) != study_name_for(p.prep, p.budget)
+    # materialize's resume key: the matrix by its digest, not by the path it was given under
+    from planner.build.materialize import job_key
+
+    iters = {layer.name: 1 for layer in p.plan.layers}
+    moved = dataclasses.replace(p.plan, init=dataclasses.replace(p.plan.init, imatrix="elsewhere.gguf"))
+    changed = dataclasses.replace(p.plan, init=dataclasses.replace(p.plan.init, imatrix_sha256="0" * 64))
+    assert job_key(moved, "w", iters) == job_key(p.plan, "w", iters) != job_key(changed, "w", iters)
