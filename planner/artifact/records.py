@@ -179,8 +179,8 @@ class InitRecord:
             if getattr(self, name) is not None:
                 whole(f"init.{name}", getattr(self, name), 1)
         self._check_imatrix()
-        given = [f.name for f in fields(self) if f.name not in ("method", "data", "rounding", "imatrix", "imatrix_sha256")
-                 and getattr(self, f.name) is not None]
+        calibration = ("seqs", "seq_len", "corpus", "damp")
+        given = [name for name in calibration if getattr(self, name) is not None]
         if self.data_aware and not {"seqs", "seq_len", "damp"} <= set(given):
             raise ValueError("init loftq-data needs seqs, seq_len and damp")
         if not self.data_aware and (given or self.data is not None or self.rounding is not None):

@@ -328,8 +328,8 @@ def with_imatrix(init: InitRecord, given: str | None) -> InitRecord:
                            f"{init.imatrix_sha256[:12]}...): pass --imatrix {init.imatrix}")
     digest = file_sha256(given)
     if digest != init.imatrix_sha256:
-        raise PlannerError(f"--imatrix {given} has sha256 {digest[:12]}..., not the plan's {init.imatrix_sha256[:12]}... "
-                           f"({init.imatrix}): pass that file, or re-plan with this one")
+        raise PlannerError(f"--imatrix {given} has sha256 {digest[:12]}..., not the plan's "
+                           f"{init.imatrix_sha256[:12]}... ({init.imatrix}): pass that file, or re-plan with this one")
     return dataclasses.replace(init, imatrix=str(given))
 
 

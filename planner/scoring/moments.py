@@ -168,8 +168,9 @@ def imatrix_moments(path: str | Path, targets: Sequence[str], in_features: Mappi
     missing = [name for name in targets if names[name] not in imatrix.importance]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise PlannerError(f"imatrix {path} has no entry for target {missing[0]} ({names[missing[0]]}){more}: it covers "
-                           f"{len(targets) - len(missing)} of {len(targets)} target layers (an imatrix of another model?)")
+        raise PlannerError(f"imatrix {path} has no entry for target {missing[0]} ({names[missing[0]]}){more}: it "
+                           f"covers {len(targets) - len(missing)} of {len(targets)} target layers (an imatrix of "
+                           "another model?)")
     importance = {name: imatrix.importance[names[name]] for name in targets}
     for name, values in importance.items():
         if not float(values.double().sum()) > 0:

@@ -105,7 +105,8 @@ def test_the_plan_records_the_files_sha256_and_materialize_builds_under_its_impo
         assert torch.equal(a.float(), want.lora_a), meta.name
         # the residual in the norm L = diag(sqrt(imp + 0.01 mean(imp))), from the plan's own tables too
         l_diag = (imp.double() + 0.01 * imp.double().mean()).sqrt()
-        res = ((w.double() - want.quantized.dequantize(torch.float32).double() - want.lora_b.double() @ want.lora_a.double()) * l_diag).norm()
+        deq = want.quantized.dequantize(torch.float32).double()
+        res = ((w.double() - deq - want.lora_b.double() @ want.lora_a.double()) * l_diag).norm()
         assert float(res / (w.double() * l_diag).norm()) == pytest.approx(want.weighted_errors[0], rel=1e-6)
         assert layer.residual == pytest.approx(want.weighted_errors[0], abs=2e-6), meta.name
         checked += 1
