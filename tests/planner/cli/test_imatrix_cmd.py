@@ -70,3 +70,41 @@ def test_refusals_are_one_line_and_write_nothing(tiny_dir: Path, tmp_path: Path,
         assert err.count("\n") == 1 and err.startswith("error: ") and says in err, err
         assert text.read_bytes() == before
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_planning_with_its_own_imatrix_builds_the_q_of_the_calibration_moments(tiny_dir: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    """The planner's imatrix fed back with --imatrix (gguf, round to nearest): the plan records its
+    sha256, materialize (given the file) works, and each stored GGUF Q is the one the calibration
+    moments' diagonal gives: the same importance, whichever way it arrives."""
+    import hashlib
+    import json
+
+    from loftq.gguf_quants import gguf_quantize
+    from planner.artifact.layout import read_artifact, read_layer
+
+    cache = tmp_path / "cache"
+    calib = ["--calib-seqs", "2", "--calib-seq-len", "64", "--cache-dir", str(cache)]
+    im = tmp_path / "own.imatrix.gguf"
+    assert main(["imatrix", "--model", str(tiny_dir), *calib, "--out", str(im)]) == 0
+    plan = tmp_path / "plan.json"
+    assert main(["--model", str(tiny_dir), *calib, "--proxy-seqs", "1", "--quant", "gguf", "--rounding", "nearest",
+                 "--bits", "4,8", "--ranks", "0,4", "--search", "exact", "--mode", "inference", "--seq-len", "128",
+                 "--device", "cpu", "--budget", "19950000", "--imatrix", str(im), "--out", str(plan), "--json"]) == 0
+    init = json.loads(plan.read_text())["init"]
+    assert init["imatrix"] == str(im) and init["imatrix_sha256"] == hashlib.sha256(im.read_bytes()).hexdigest()
+    assert main(["materialize", str(plan), "--out", str(tmp_path / "built"), "--device", "cpu",
+                 "--imatrix", str(im)]) == 0
+    src = resolve(str(tiny_dir))
+    names = [t.name for t in src.targets()]
+    blocks, corpus = calibration_blocks(src, None, 2, 64)
+    store = input_moments(src, names, blocks, corpus, cache_dir=cache)
+    weights = {t.name: w.float() for t, w in src.iter_weights(src.targets())}
+    art = read_artifact(tmp_path / "built")
+    planned = {layer["name"]: layer["quant"] for layer in json.loads(plan.read_text())["layers"]}
+    quants = set(planned.values())
+    for meta in art.meta.layers:
+        quant = planned[meta.name]
+        want = gguf_quantize(weights[meta.name], quant, importance=store[meta.name].diagonal())
+        assert torch.equal(read_layer(art.backbone, meta).data, want.data), meta.name
+    assert len(quants) >= 2, quants
