@@ -106,6 +106,11 @@ def test_an_imatrix_is_a_diagonal_moment_every_consumer_takes_as_it_takes_h(tmp_
     col_err = lambda deq: float((((w - deq) ** 2).sum(0) * attn).sum())  # noqa: E731
     assert col_err(weighted) < 0.9 * col_err(plain)  # the importance-weighted error drops by > 10 %
 
+    from planner.sources.imatrix import write_imatrix
+
+    legacy = imatrix_moments(write_imatrix(tmp_path / "a.dat", imp, tokens=512, fmt="dat"), names, widths)
+    assert all(torch.equal(legacy[n], store[n]) for n in names) and legacy.key != store.key  # same values, other file
+
     other = _imatrix_file(tmp_path / "b.gguf", {**imp, names[2]: imp[names[2]] * 2})
     assert imatrix_moments(other, names).key != store.key
     assert imatrix_moments(path, names[:2]).key != store.key  # and with the targets
