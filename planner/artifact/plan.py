@@ -240,8 +240,10 @@ class Plan:
         """The oldest schema version that says all this plan says (see :mod:`planner.artifact.plan_versions`):
         v4 for plain LoftQ served by torch (every v4 reader reads it right), v5 for a data-aware one,
         v6 for one served by llama.cpp (its run records ``engine`` and ``ubatch``) or whose Q is
-        rounded by error feedback (``init.rounding``)."""
-        if self.run.engine != "auto" or self.init.rounding is not None:
+        rounded by error feedback (``init.rounding``) or whose data-aware norm is an importance matrix's
+        (``init.imatrix``: a v6 field with a default, no schema bump; a v6 reader older than it refuses
+        the field by name)."""
+        if self.run.engine != "auto" or self.init.rounding is not None or self.init.imatrix is not None:
             return SCHEMA_VERSION
         return DATA_VERSION if self.init.data_aware else PLAIN_VERSION
 

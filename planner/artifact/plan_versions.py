@@ -26,6 +26,9 @@ was made and is built with plain LoftQ (``{"method": "loftq"}``). A plan with pl
 *written* as a v4 document (no ``init``), byte for byte what the v4 code wrote, because every
 planner reads it right; only a data-aware plan, which a v4 reader would build with the wrong
 initialisation, is written as v5, so an older planner refuses it with one line.
+v6 (no bump): ``init`` may carry ``imatrix`` and ``imatrix_sha256`` (the data-aware norm's diagonal
+from a llama.cpp importance matrix); absent, a v6 plan means what it meant before, so older v6 files
+load unchanged.
 """
 from __future__ import annotations
 
@@ -101,8 +104,9 @@ def _v5_to_v6(d: dict[str, Any]) -> dict[str, Any]:
     run, init = d.get("run"), d.get("init")
     if isinstance(run, dict) and ("engine" in run or "ubatch" in run):
         raise ValueError("plan run has unknown field(s) engine/ubatch (a schema v5 plan has none; they came with v6)")
-    if isinstance(init, dict) and "rounding" in init:
-        raise ValueError("plan init has unknown field(s) rounding (a schema v5 plan has none; it came with v6)")
+    for name in ("rounding", "imatrix", "imatrix_sha256"):
+        if isinstance(init, dict) and name in init:
+            raise ValueError(f"plan init has unknown field(s) {name} (a schema v5 plan has none; it came with v6)")
     return {**d, "schema_version": 6}
 
 

@@ -133,6 +133,7 @@ class SearchRecord:
 
 from planner.settings import INITS  # noqa: E402  (one definition: the plan command's choices)
 
+HEX = frozenset("0123456789abcdef")
 DEFAULT_DAMP = 0.01  # loftq.solver.calibration_factor's ridge, as a fraction of mean(diag H)
 # the calibration the plan command uses by default (PlanConfig's --calib-seqs / --calib-seq-len), and
 # what materialize --init loftq-data takes for a plan made without one: defined once, here
@@ -149,7 +150,12 @@ class InitRecord:
     moment over the first ``seqs`` sequences of ``seq_len`` tokens of the train split of ``data``
     (None: pydoc), whose corpus fingerprint is ``corpus`` (materialize checks it; None: not known yet).
     ``rounding`` ``feedback`` (loftq-data only): Q's codes are chosen by error feedback under the same
-    moments (:mod:`loftq.rounding`); None: round to nearest."""
+    moments (:mod:`loftq.rounding`); None: round to nearest.
+    ``imatrix`` (loftq-data only): H is not the calibration moment but diag(importance) of the
+    llama.cpp importance matrix at that path (the per-column mean of x_j^2 it holds), whose bytes
+    have the sha256 ``imatrix_sha256``; materialize must be given a file with that digest. Both or
+    neither; not with feedback rounding (it needs the full moments, an imatrix is their diagonal).
+    The calibration fields still say which text the Fisher sensitivity ran on."""
 
     method: str = "loftq"
     data: str | None = None
@@ -158,6 +164,8 @@ class InitRecord:
     corpus: str | None = None
     damp: float | None = None
     rounding: str | None = None
+    imatrix: str | None = None
+    imatrix_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in INITS:
@@ -170,13 +178,26 @@ class InitRecord:
         for name in ("seqs", "seq_len"):
             if getattr(self, name) is not None:
                 whole(f"init.{name}", getattr(self, name), 1)
-        given = [f.name for f in fields(self) if f.name not in ("method", "data", "rounding")
-                 and getattr(self, f.name) is not None]
+        self._check_imatrix()
+        calibration = ("seqs", "seq_len", "corpus", "damp")
+        given = [name for name in calibration if getattr(self, name) is not None]
         if self.data_aware and not {"seqs", "seq_len", "damp"} <= set(given):
             raise ValueError("init loftq-data needs seqs, seq_len and damp")
         if not self.data_aware and (given or self.data is not None or self.rounding is not None):
             raise ValueError(f"init loftq takes no calibration settings, got "
                              f"{', '.join(given or (['data'] if self.data is not None else ['rounding']))}")
+
+    def _check_imatrix(self) -> None:
+        text("init.imatrix", self.imatrix, optional=True)
+        sha = self.imatrix_sha256
+        if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in HEX for c in sha)):
+            raise ValueError(f"init.imatrix_sha256 must be 64 lowercase hex digits, got {sha!r}")
+        if (self.imatrix is None) != (sha is None):
+            raise ValueError("init.imatrix and init.imatrix_sha256 go together (the file and its digest)")
+        if sha is not None and not self.data_aware:
+            raise ValueError("init.imatrix is the data-aware norm's diagonal: it needs method loftq-data")
+        if sha is not None and self.rounding is not None:
+            raise ValueError("init.imatrix cannot go with rounding feedback (it needs the full input moments)")
 
     @property
     def data_aware(self) -> bool:

@@ -68,7 +68,7 @@ from planner.devices import default_device, resolve_device
 from planner.errors import PlannerError
 from planner.files.atomic import (atomic_save_tensors, atomic_write_bytes, check_dir_target, check_writable, rename_dir,
                                    storage_errors, sweep_temps)
-from planner.files.paths import Input, Output, check_links, check_outputs
+from planner.files.paths import Input, Output, check_input_file, check_links, check_outputs
 from planner.files.tensors import open_safetensors
 from planner.options import option as _opt
 from planner.runtime.build import build_layer
@@ -111,6 +111,8 @@ class MaterializeConfig:
                          "error; needs the data-aware initialisation's moments, i.e. a loftq-data plan or --init "
                          "loftq-data; codebook layers whose input width is a multiple of the block size, the others "
                          "round to nearest)", choices=ROUNDINGS)
+    imatrix: str | None = _opt(None, "the importance matrix a plan made with --imatrix was made with (the same "
+                               "file: its sha256 must be the plan's init.imatrix_sha256)")
 
     def __post_init__(self) -> None:
         if self.iters is not None and (not isinstance(self.iters, int) or isinstance(self.iters, bool)
@@ -167,16 +169,16 @@ def _materialize(plan_path: str | Path, out: Path, config: MaterializeConfig, t0
     if config.format == "hf-bnb":
         check_nf4_only(plan)
     base = _gguf_base(plan, config.model) if config.format == "gguf" else None
-    check_io(out, plan_path, config.model, base)  # before a GGUF model is converted
+    check_io(out, plan_path, config.model, base, imatrix=config.imatrix)  # before a GGUF model is converted
+    init = with_imatrix(init_of(plan, config), config.imatrix)
     source = _source(plan, config)
-    check_io(out, plan_path, config.model, base, source.folder)
+    check_io(out, plan_path, config.model, base, source.folder, imatrix=config.imatrix)
     try:
         plan.run.check_model(source.facts, source.reference)
     except ValueError as err:
         raise PlannerError(f"{plan_path}: {err}") from None
     targets = _targets(source, plan)
     iters = {layer.name: config.iters or max(1, layer.iters) for layer in plan.layers}
-    init = init_of(plan, config)
     device = resolve_device(config.device)
     h: Mapping[str, torch.Tensor] = {}
     rounding = config.rounding or init.rounding or "nearest"
@@ -184,6 +186,9 @@ def _materialize(plan_path: str | Path, out: Path, config: MaterializeConfig, t0
         if not init.data_aware:
             raise PlannerError("--rounding feedback rounds under the layers' input moments: use it with a loftq-data "
                                "plan or add --init loftq-data")
+        if init.imatrix is not None:
+            raise PlannerError("--rounding feedback needs the full input moments; this plan's are an importance "
+                               "matrix's diagonal: drop --rounding feedback")
         if not any(layer.spec is not None and layer.spec.feedback_applies(layer.shape) for layer in plan.layers):
             raise PlannerError("--rounding feedback rounds codebook layers (NF) whose blocks are runs of input "
                                "columns; this plan has none")
@@ -231,10 +236,13 @@ def preflight(out: str | Path, force: bool) -> Path:
 
 
 def check_io(out: Path, plan_path: str | Path, model: str | None, base: Path | None,
-             folder: Path | None = None) -> None:
+             folder: Path | None = None, imatrix: str | None = None) -> None:
     """``--out`` (and its ``.partial``) is not, does not hold and does not replace the plan, the model
-    (``--model`` given as a path, and the folder its weights are read from) or the base GGUF."""
+    (``--model`` given as a path, and the folder its weights are read from), the base GGUF or the
+    ``--imatrix`` file (a regular file)."""
     inputs = [Input(Path(plan_path), "plan")]
+    if imatrix:
+        inputs.append(Input(check_input_file(imatrix, "imatrix"), "importance matrix (--imatrix)"))
     if model and os.path.lexists(Path(model).expanduser()):
         inputs.append(Input(Path(model).expanduser(), "model (--model)"))
     inputs += [Input(p, what) for p, what in ((folder, "model folder"), (base, "base GGUF")) if p is not None]
@@ -305,6 +313,26 @@ def init_of(plan: Plan, config: MaterializeConfig) -> InitRecord:
     return InitRecord("loftq-data", data=None, seqs=DEFAULT_CALIB_SEQS, seq_len=DEFAULT_CALIB_SEQ_LEN, damp=DEFAULT_DAMP)
 
 
+def with_imatrix(init: InitRecord, given: str | None) -> InitRecord:
+    """``init`` with ``init.imatrix`` the file the user gave, which must have the plan's sha256: a plan
+    made with an importance matrix builds with that matrix, one made without builds without."""
+    from planner.sources.imatrix import file_sha256
+
+    if init.imatrix_sha256 is None:
+        if given:
+            raise PlannerError("--imatrix: this plan (as built: init " + init.method + ") uses no importance matrix; "
+                               "drop --imatrix")
+        return init
+    if not given:
+        raise PlannerError(f"this plan was made with the importance matrix {init.imatrix} (sha256 "
+                           f"{init.imatrix_sha256[:12]}...): pass --imatrix {init.imatrix}")
+    digest = file_sha256(given)
+    if digest != init.imatrix_sha256:
+        raise PlannerError(f"--imatrix {given} has sha256 {digest[:12]}..., not the plan's "
+                           f"{init.imatrix_sha256[:12]}... ({init.imatrix}): pass that file, or re-plan with this one")
+    return dataclasses.replace(init, imatrix=str(given))
+
+
 def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int], svd: str = "randomized",
             rounding: str = "nearest") -> str:
     """What a partial run's layers depend on: each layer's choice and T, the SVD method, the
@@ -312,7 +340,8 @@ def job_key(plan: Plan, weights_sha: str, iters: Mapping[str, int], svd: str = "
     loftq's numbers."""
     spec = [[layer.name, list(layer.shape), layer.bits, layer.quant, layer.block_size, layer.double_quant,
              layer.rank, float(layer.alpha), iters[layer.name]] for layer in plan.layers]
-    extra = {"init": plan.init.to_dict()} if plan.init.data_aware else {}
+    # the imatrix by its digest, not by the path it was given under
+    extra = {"init": {k: v for k, v in plan.init.to_dict().items() if k != "imatrix"}} if plan.init.data_aware else {}
     if rounding != "nearest":
         extra["rounding"] = rounding
     # a build resumed across a change of the quantizers' numbers would mix two encodings: loftq's version

@@ -35,7 +35,8 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 DEFAULT_COMMAND = "plan"
-COMMAND_MODULES = ("planner.cli.plan_cmd", "planner.cli.build_cmd")  # each registers its entries in COMMANDS on import
+# each registers its entries in COMMANDS on import
+COMMAND_MODULES = ("planner.cli.plan_cmd", "planner.cli.build_cmd", "planner.cli.imatrix_cmd")
 LOCAL_DEVICE_COMMANDS = ("materialize", "finetune", "verify")
 
 

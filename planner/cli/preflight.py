@@ -93,13 +93,15 @@ def plan_outputs(cfg: PlanConfig, out: str | Path | None = None) -> None:
 
 def plan_inputs(cfg: PlanConfig) -> list[Input]:
     """What a plan run reads from the user's files: a model given as a path, the ``--data`` file
-    (a regular file: checked here), a SQLite study database."""
+    and the ``--imatrix`` file (regular files: checked here), a SQLite study database."""
     inputs = []
     model = Path(cfg.model).expanduser()
     if os.path.lexists(model):
         inputs.append(Input(model, "model"))
     if cfg.data and not cfg.data.startswith("hf:") and os.path.lexists(cfg.data):
         inputs.append(Input(check_input_file(cfg.data, "data file"), "calibration text (--data)"))
+    if cfg.imatrix:
+        inputs.append(Input(check_input_file(cfg.imatrix, "imatrix"), "importance matrix (--imatrix)"))
     db = sqlite_path(cfg.storage)
     if db is not None:
         inputs.append(Input(db, "study database (--storage)"))

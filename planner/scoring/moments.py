@@ -11,9 +11,17 @@ by identity on the first sequence) share one moment. Each block's moments go to 
 file in the cache (``moments/KEY/block-NNNN.safetensors``) before the next block loads, so RAM
 holds one block's moments at most (phi-2's fc2: 10240^2 fp32 = 419 MB), never all layers'.
 :class:`MomentStore` reads them back memory-mapped, one layer at a time.
+
+``--imatrix FILE``: :class:`DiagonalMoments` is the same mapping with H = diag(importance) from a
+llama.cpp importance matrix (:mod:`planner.sources.imatrix`), so every consumer of a moment (the
+GGUF encoders' per-column importance, which is diag H; the data-aware norm, L = diag(sqrt(imp +
+damp mean(imp)))) takes it where it took the calibration moment, and every cache key that holds the
+moments' key holds the file's sha256. :func:`calibration_importance` goes the other way: the diagonal
+of the planner's own moments, what ``python -m planner imatrix`` writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import struct
@@ -30,6 +38,7 @@ from planner.errors import PlannerError
 
 log = logging.getLogger(__name__)
 PRODUCER = "input-moments/1"  # bump when the moments change for the same weights and data
+IMATRIX_PRODUCER = "imatrix-moments/1"  # diag(importance) of an imatrix file, keyed by its sha256
 DONE = "done.json"
 
 
@@ -106,6 +115,79 @@ class MomentStore(Mapping[str, torch.Tensor]):
         """Layers with the same group share one moment (the same input)."""
         path, tensor = self._where[name]
         return f"{path.name}/{tensor}"
+
+
+class DiagonalMoments(Mapping[str, torch.Tensor]):
+    """Layer name -> H = diag(importance) [in, in] fp32, from a llama.cpp importance matrix: what a
+    :class:`MomentStore` gives, when only the diagonal is known. ``key``: its cache key (the file's
+    sha256 and the target names); ``sha256``: the file's digest; layers with equal importance (q/k/v,
+    gate/up: one input) share a :meth:`group`, as they share one moment."""
+
+    def __init__(self, importance: Mapping[str, torch.Tensor], sha256: str, key: str) -> None:
+        self.importance = {name: v.detach().to(torch.float32).contiguous() for name, v in importance.items()}
+        self.sha256, self.key = sha256, key
+        self._groups = {name: hashlib.sha256(v.numpy().tobytes()).hexdigest()[:16]
+                        for name, v in self.importance.items()}
+
+    def complete(self) -> bool:
+        return True
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.diag(self.importance[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.importance)
+
+    def __len__(self) -> int:
+        return len(self.importance)
+
+    def group(self, name: str) -> str:
+        return self._groups[name]
+
+
+def imatrix_moments(path: str | Path, targets: Sequence[str], in_features: Mapping[str, int] | None = None,
+                    sha256: str | None = None) -> DiagonalMoments:
+    """The diagonal moments of ``targets`` (llama-family module names) from the imatrix file at
+    ``path`` (:func:`planner.sources.imatrix.read_imatrix`; ``in_features``: widths to check). Every
+    target must have an entry (PlannerError naming the first that has none: no silent fallback to the
+    calibration moments); ``sha256``: the digest the file must have (a plan's, or one taken before)."""
+    from planner.sources.imatrix import file_sha256, gguf_tensor_name, read_imatrix
+
+    digest = file_sha256(path)
+    if sha256 is not None and digest != sha256:
+        raise PlannerError(f"imatrix {path} has sha256 {digest[:12]}..., not the expected {sha256[:12]}... (the "
+                           "plan's; or the file changed since it was first read)")
+    names = {}
+    for name in targets:
+        try:
+            names[name] = gguf_tensor_name(name)
+        except PlannerError:
+            raise PlannerError(f"--imatrix: target {name} has no llama.cpp tensor name (imatrix names map to the "
+                               "llama family: model.layers.N.self_attn/mlp.*_proj)") from None
+    imatrix = read_imatrix(path, in_features=in_features)
+    missing = [name for name in targets if names[name] not in imatrix.importance]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise PlannerError(f"imatrix {path} has no entry for target {missing[0]} ({names[missing[0]]}){more}: it "
+                           f"covers {len(targets) - len(missing)} of {len(targets)} target layers (an imatrix of "
+                           "another model?)")
+    importance = {name: imatrix.importance[names[name]] for name in targets}
+    for name, values in importance.items():
+        if not float(values.double().sum()) > 0:
+            raise PlannerError(f"imatrix {path}: {names[name]} is all zero (no input column would count)")
+    return DiagonalMoments(importance, digest, cache_key(IMATRIX_PRODUCER, {"imatrix": digest,
+                                                                             "targets": sorted(targets)}))
+
+
+def calibration_importance(source: Any, targets: Sequence[str], data: str | None, seqs: int, seq_len: int, *,
+                           cache_dir: Path | None = None, device: torch.device | str = "cpu"
+                           ) -> tuple[dict[str, torch.Tensor], int]:
+    """The planner's own per-column importance: diag H [in] fp32 of each target over the calibration
+    sequences the plan command uses (``data``, ``seqs`` x ``seq_len``; moments from the cache when
+    there), and the tokens behind it (``seqs * seq_len``)."""
+    blocks, corpus = calibration_blocks(source, data, seqs, seq_len)
+    store = input_moments(source, targets, blocks, corpus, cache_dir=cache_dir, device=device)
+    return {name: store[name].diagonal().clone() for name in targets}, int(blocks.numel())
 
 
 def collect_moments(stream: Any, blocks: torch.Tensor, folder: Path, key: str) -> MomentStore:
@@ -188,23 +270,33 @@ def input_moments(source: Any, targets: Sequence[str], blocks: torch.Tensor, cor
     return collect_moments(stream, blocks, folder, key)
 
 
-def data_init(source: Any, targets: Sequence[str], train: torch.Tensor, corpus_sha: str, cfg: Any,
-              scorer: Any) -> tuple[MomentStore, Any]:
+def data_init(source: Any, targets: Sequence[Any], train: torch.Tensor, corpus_sha: str, cfg: Any,
+              scorer: Any, imatrix_sha256: str | None = None) -> tuple[Mapping[str, torch.Tensor], Any]:
     """``--init loftq-data`` in the plan command: the moments over its calibration sequences
-    ``train`` (cached; on the scorer's stream) and the plan's InitRecord. ``cfg``: the PlanConfig."""
+    ``train`` (cached; on the scorer's stream), or with ``cfg.imatrix`` the imatrix's diagonal ones
+    (the file must still have ``imatrix_sha256`` when given), and the plan's InitRecord (rounding
+    not set). ``cfg``: the PlanConfig; ``targets``: TargetLayers."""
     from planner.artifact.records import DEFAULT_DAMP, InitRecord
 
-    moments = input_moments(source, targets, train, corpus_sha, cache_dir=cfg.cache_path, device=scorer.device,
+    names = [t.name for t in targets]
+    record = dict(data=cfg.data, seqs=cfg.calib_seqs, seq_len=cfg.calib_seq_len, corpus=corpus_sha, damp=DEFAULT_DAMP)
+    if cfg.imatrix:
+        moments = imatrix_moments(cfg.imatrix, names, {t.name: int(t.shape[-1]) for t in targets}, imatrix_sha256)
+        return moments, InitRecord("loftq-data", **record, imatrix=cfg.imatrix, imatrix_sha256=moments.sha256)
+    moments = input_moments(source, names, train, corpus_sha, cache_dir=cfg.cache_path, device=scorer.device,
                             stream=scorer.stream)
-    return moments, InitRecord("loftq-data", data=cfg.data, seqs=cfg.calib_seqs, seq_len=cfg.calib_seq_len,
-                               corpus=corpus_sha, damp=DEFAULT_DAMP)
+    return moments, InitRecord("loftq-data", **record)
 
 
 def plan_moments(source: Any, targets: Sequence[str], init: Any, device: torch.device | str = "cpu",
-                 cache_dir: Path | None = None) -> tuple[MomentStore, str]:
+                 cache_dir: Path | None = None) -> tuple[Mapping[str, torch.Tensor], str | None]:
     """What materialize needs for a data-aware plan (``init``: its InitRecord): the moments over the
     plan's calibration sequences, from the cache (the plan command left them there) or recomputed,
-    and the calibration text's fingerprint. The text must be the one the plan recorded."""
+    and the calibration text's fingerprint. The text must be the one the plan recorded. With
+    ``init.imatrix`` (the file materialize was given), its diagonal moments, the file's sha256
+    checked against ``init.imatrix_sha256``, and the recorded fingerprint (no text is read)."""
+    if init.imatrix is not None:
+        return imatrix_moments(init.imatrix, targets, sha256=init.imatrix_sha256), init.corpus
     blocks, corpus = calibration_blocks(source, init.data, init.seqs, init.seq_len)
     if init.corpus is not None and corpus != init.corpus:
         raise PlannerError(f"the calibration text {init.data or 'pydoc'} is not the one the plan was made with "

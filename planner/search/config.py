@@ -61,6 +61,12 @@ class PlanConfig:
                                 "lower output error; the default for nf, nearest with --quick or --init loftq and for "
                                 "other families). The residual tables, the Fisher errors and the search's candidates "
                                 "all score that Q, and materialize builds it", choices=("nearest", "feedback"))
+    imatrix: str | None = _opt(None, "a llama.cpp importance matrix (what llama-imatrix writes: GGUF, or the legacy "
+                               ".dat) whose per-column importance replaces the calibration moments' diagonal: the GGUF "
+                               "encoders' importance and the data-aware norm (then diagonal) in the tables, the bank, "
+                               "the Fisher errors and the candidates. Needs --init loftq-data and --rounding nearest "
+                               "(feedback rounding needs the full moments); every target must have an entry. The plan "
+                               "records the file's sha256: materialize needs --imatrix with the same file")
     quick: bool = _opt(False, "the quick plan of the first planner: the 2/4/8 menu without double quantization, plain "
                        "LoftQ, round to nearest (several times faster to plan, and worse at tight budgets: README "
                        "\"Defaults\")")
@@ -73,7 +79,7 @@ class PlanConfig:
     storage: str | None = _opt(None, "Optuna storage URL (default: SQLite in the cache dir)")
     study_name: str | None = _opt(None, "Optuna study name (default: derived from model, settings, budget)")
     data: str | None = _opt(None, "calibration text: a .txt or .jsonl file (default: Python's pydoc topics)")
-    calib_seqs: int = _opt(DEFAULT_CALIB_SEQS, "sequences for the Fisher sensitivity")
+    calib_seqs: int = _opt(DEFAULT_CALIB_SEQS, "calibration sequences (the Fisher sensitivity and the input moments)")
     proxy_seqs: int = _opt(4, "held-out sequences for the zero-step proxy")
     calib_seq_len: int = _opt(DEFAULT_CALIB_SEQ_LEN, "tokens per calibration / proxy sequence")
     proxy_top: int = _opt(0, "re-score this many diverse candidates by a short LoRA fine-tune each and keep the "
@@ -152,6 +158,8 @@ class PlanConfig:
         if self.rounding == "feedback" and (self.init != "loftq-data" or self.quant != "nf"):
             raise ConfigError("--rounding feedback rounds under the calibration moments of codebook widths: it needs "
                               "--init loftq-data and --quant nf")
+        if self.imatrix is not None:
+            self._check_imatrix()
         for name, low in (("trials", 0), ("proxy_top", 0), ("seed", 0), ("calib_seqs", 1), ("proxy_seqs", 1),
                           ("calib_seq_len", 2), ("proxy_steps", 1), ("block_size", 1)):
             value = getattr(self, name)
@@ -165,6 +173,17 @@ class PlanConfig:
                                   f"got {value!r}")
         if self.timeout is not None and (not _real(self.timeout) or self.timeout <= 0):
             raise ConfigError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+
+    def _check_imatrix(self) -> None:
+        """--imatrix stands in for the data-aware moments, of which it holds the diagonal only."""
+        if not isinstance(self.imatrix, str) or not self.imatrix:
+            raise ConfigError(f"imatrix must be a file path, got {self.imatrix!r}")
+        if self.init != "loftq-data":
+            raise ConfigError("--imatrix gives the data-aware norm's moments (their diagonal): it needs --init "
+                              "loftq-data (the default; with --quick, pass --init loftq-data)")
+        if self.rounding == "feedback":
+            raise ConfigError("--imatrix holds only the diagonal of the input moments, and --rounding feedback (the "
+                              "default for --quant nf) needs the full moments: pass --rounding nearest with --imatrix")
 
     def fitted_to(self, targets: Sequence[TargetLayer]) -> "PlanConfig":
         """This config for a model's ``targets``: the default ``ranks`` lose the ranks above the

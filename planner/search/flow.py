@@ -398,6 +398,8 @@ def collect(url: str, name: str, cache_dir: str | None = None) -> PlanOutcome:
     prep = prepare(cfg, run)
     if prep.source.weights_sha256() != fp["weights"]:
         raise PlannerError(f"study {name!r} was made with other weights than {cfg.model} here")
+    if prep.imatrix_sha256 != fp.get("space", {}).get("imatrix"):
+        raise PlannerError(f"study {name!r} was made with another importance matrix than {cfg.imatrix} here")
     corpus = load_corpus(CorpusConfig(source=cfg.data or "pydoc", seed=0))
     ctx = Context(prep, corpus, *stages.calibration(prep, corpus))
     done = {stages.unit_key(t.user_attrs): t.user_attrs["result"] for t in open_study(storage, name + ":work", 0)
@@ -429,15 +431,16 @@ def collect(url: str, name: str, cache_dir: str | None = None) -> PlanOutcome:
             "workers": sorted({t.user_attrs.get("worker") for t in open_study(storage, name + ":work", 0).get_trials(
                 deepcopy=False) if t.user_attrs.get("kind") == "worker"} - {None})}
     plan = build_plan(prep, tables, problem.table, chosen, exact, candidates, budget, info, {}, records,
-                      init=_init_of(cfg, ctx.corpus_sha))
+                      init=_init_of(cfg, ctx.corpus_sha, prep.imatrix_sha256))
     return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact, problem)
 
 
-def _init_of(cfg: PlanConfig, corpus_sha: str) -> InitRecord:
+def _init_of(cfg: PlanConfig, corpus_sha: str, imatrix_sha256: str | None = None) -> InitRecord:
     """The InitRecord a worker records for ``cfg`` (collect does not compute the moments)."""
     from planner.artifact.records import DEFAULT_DAMP
 
     if cfg.init != "loftq-data":
         return InitRecord()
     return InitRecord("loftq-data", data=cfg.data, seqs=cfg.calib_seqs, seq_len=cfg.calib_seq_len, corpus=corpus_sha,
-                      damp=DEFAULT_DAMP, rounding=None if cfg.rounding == "nearest" else cfg.rounding)
+                      damp=DEFAULT_DAMP, rounding=None if cfg.rounding == "nearest" else cfg.rounding,
+                      imatrix=cfg.imatrix, imatrix_sha256=imatrix_sha256)

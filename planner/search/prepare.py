@@ -41,6 +41,7 @@ class Prepared:
     fixed_bytes: int = 0
     groups: list[list[int]] = field(default_factory=list)
     group_names: list[str] = field(default_factory=list)
+    imatrix_sha256: str | None = None  # --imatrix's file digest, taken once (runs and studies are keyed by it)
 
     def choice_of(self, option: tuple[WidthKey, int], target: TargetLayer) -> LayerChoice:
         """What ``target`` stores for a search option (a width may store another type on rows it
@@ -84,6 +85,10 @@ def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
     except ValueError as err:
         raise PlannerError(str(err)) from None
     prep = Prepared(cfg, run, source, targets, options_of(cfg), torch.empty(0))
+    if cfg.imatrix:
+        from planner.sources.imatrix import file_sha256
+
+        prep.imatrix_sha256 = file_sha256(cfg.imatrix)
     facts = source.facts
     prep.costs = torch.tensor([[layer_bytes(t, prep.choice_of(o, t), run, facts) for o in prep.options]
                                for t in targets], dtype=torch.int64)
@@ -117,10 +122,12 @@ def table_settings(cfg: PlanConfig) -> TableSettings:
 
 
 # ---------------------------------------------------------------- a run's identity
-def levers(cfg: PlanConfig) -> dict[str, str]:
-    """The levers beyond the first planner's (double quantization, family, init, rounding) for names
-    and fingerprints; each absent at that old value, so a plan with none of them keeps its old name."""
-    return {**({} if cfg.double_quant == "off" else {"double_quant": cfg.double_quant}),
+def levers(cfg: PlanConfig, imatrix_sha256: str | None = None) -> dict[str, str]:
+    """The levers beyond the first planner's (double quantization, family, init, rounding, an imatrix
+    by its digest) for names and fingerprints; each absent at that old value, so a plan with none of
+    them keeps its old name."""
+    return {**({} if imatrix_sha256 is None else {"imatrix": imatrix_sha256}),
+            **({} if cfg.double_quant == "off" else {"double_quant": cfg.double_quant}),
             **({} if cfg.quant == "nf" else {"quant": cfg.quant}),
             **({} if cfg.rotation == "off" else {"rotation": cfg.rotation}),
             **({} if cfg.rounding == "nearest" else {"rounding": cfg.rounding}),
@@ -133,7 +140,8 @@ def study_name_for(prep: Prepared, budget: int) -> str:
     blob = json.dumps({"model": cfg.model, "weights": prep.source.weights_sha256(), "bits": cfg.bits,
                        "ranks": cfg.ranks, "block": cfg.block_size, "gran": cfg.granularity, "targets": cfg.target_modules,
                        "run": prep.run.to_dict(), "search": cfg.search, "data": cfg.data,
-                       "calib": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len], **levers(cfg)},
+                       "calib": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len],
+                       **levers(cfg, prep.imatrix_sha256)},
                       sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
     return f"{cfg.model.replace('/', '_')}-{cfg.search}-{budget}B-{digest}"
@@ -145,7 +153,8 @@ def fingerprint(prep: Prepared, budget: int, corpus_sha: str) -> dict[str, Any]:
     cfg = prep.cfg
     return {"weights": prep.source.weights_sha256(), "targets": [t.name for t in prep.targets],
             "space": {"bits": list(cfg.bits), "ranks": list(cfg.ranks), "block": cfg.block_size,
-                      "granularity": cfg.granularity, "search": cfg.search, **levers(cfg)},
+                      "granularity": cfg.granularity, "search": cfg.search,
+                      **levers(cfg, prep.imatrix_sha256)},
             "run": prep.run.to_dict(), "budget": int(budget), "data": corpus_sha,
             "calibration": [cfg.calib_seqs, cfg.proxy_seqs, cfg.calib_seq_len],
             "proxy": {"top": cfg.proxy_top, "steps": cfg.proxy_steps, "lr": cfg.proxy_lr, "seed": cfg.seed,

@@ -3,7 +3,7 @@
 | stage | reads | unit | cached as |
 |---|---|---|---|
 | calibration | corpus, tokenizer | (all) | token blocks, cheap: recomputed |
-| moments (data-aware) | calibration | a transformer block | cache/moments/KEY/block-NNNN |
+| moments (data-aware) | calibration, or --imatrix's diagonal | a transformer block | cache/moments/KEY/block-NNNN |
 | bank | weights (+ moments) | a (layer, spec) | cache/bank/KEY/LAYER.SPEC |
 | tables | weights (+ moments, + bank when Q is not round-to-nearest's) | a transformer block | cache/tables/KEY/UNIT |
 | Fisher errors | calibration, bank | a calibration sequence | cache/fisher/KEY/UNIT |
@@ -54,7 +54,7 @@ class Context:
     val: torch.Tensor  # [proxy_seqs, seq_len] held-out proxy blocks
     timings: dict[str, float] = field(default_factory=dict)
     scorer: Any = None  # planner.scoring.scorer.Scorer, opened by the first stage that needs the model
-    moments: Any = None  # planner.scoring.moments.MomentStore (data-aware initialisation)
+    moments: Any = None  # name -> H (data-aware initialisation): a MomentStore, or DiagonalMoments (--imatrix)
     init: InitRecord | None = None
     bank: Any = None  # planner.scoring.bank.WeightBank
 
@@ -100,13 +100,14 @@ def open_scorer(ctx: Context) -> Any:
 
 def moments(ctx: Context) -> None:
     """``--init loftq-data``: the layers' input second moments over the calibration blocks (one unit
-    per transformer block, each cached as it is done) and the plan's InitRecord."""
+    per transformer block, each cached as it is done), or with ``--imatrix`` that file's diagonal
+    ones (the same mapping: every later stage takes them alike), and the plan's InitRecord."""
     from planner.scoring.moments import data_init
 
     t0 = time.perf_counter()
     cfg = ctx.prep.cfg
-    ctx.moments, init = data_init(ctx.prep.source, [t.name for t in ctx.prep.targets], ctx.train, ctx.corpus_sha, cfg,
-                                  open_scorer(ctx))
+    ctx.moments, init = data_init(ctx.prep.source, ctx.prep.targets, ctx.train, ctx.corpus_sha, cfg,
+                                  open_scorer(ctx), ctx.prep.imatrix_sha256)
     ctx.init = InitRecord(**{**asdict(init), "rounding": None if cfg.rounding == "nearest" else cfg.rounding})
     ctx.timed("moments", t0)
 
@@ -133,7 +134,8 @@ def bank(ctx: Context, store: Any = None) -> None:
 
 
 def _data_key(ctx: Context) -> dict[str, Any]:
-    """What data-aware results add to their cache keys (nothing for plain LoftQ: the keys of old)."""
+    """What data-aware results add to their cache keys (nothing for plain LoftQ: the keys of old); an
+    imatrix's diagonal moments have a key of the file's sha256."""
     out: dict[str, Any] = {}
     if ctx.moments is not None:
         out.update(moments=ctx.moments.key, damp=DEFAULT_DAMP)

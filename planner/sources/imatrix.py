@@ -30,6 +30,7 @@ File I/O only. Imports numpy, torch, gguf, :mod:`planner.errors` and the one ato
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import mmap
@@ -122,6 +123,22 @@ def _is_expert(name: str) -> bool:
 
 
 # -- reading ------------------------------------------------------------------------------------
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of every byte of ``path`` (what a plan records of its imatrix); PlannerError naming it
+    when it cannot be read or is not a regular file."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise PlannerError(f"imatrix {path} is not a regular file (a directory, device, FIFO or socket)")
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    except OSError as err:
+        raise PlannerError(f"imatrix {path}: cannot read it ({err.strerror or err})") from None
+    return h.hexdigest()
+
 
 def read_imatrix(path: str | os.PathLike, *, in_features: Mapping[str, int] | None = None) -> Imatrix:
     """Read a GGUF or legacy ``.dat`` imatrix (told apart by the GGUF magic, as llama.cpp does).

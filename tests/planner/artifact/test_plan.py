@@ -466,3 +466,31 @@ def test_v5_plan_written_by_the_v5_code_loads_and_is_written_back_byte_for_byte(
     assert plan.schema_version == SCHEMA_VERSION == 6 and plan.init == DATA_INIT and plan.document_version == 5
     assert not plan.run.llamacpp and plan.run.engine == "auto"
     assert save_plan(plan, tmp_path / "again.json").read_bytes() == raw
+
+
+IMATRIX_INIT = InitRecord("loftq-data", seqs=16, seq_len=256, corpus="0123456789abcdef", damp=0.01,
+                          imatrix="smol.imatrix.gguf", imatrix_sha256="cd" * 32)
+
+
+def test_an_imatrix_plan_records_file_and_digest_in_a_v6_init_and_older_files_keep_loading(tmp_path: Path) -> None:
+    """init.imatrix / imatrix_sha256: two v6 fields with defaults (no schema bump). A plan with them is
+    written as v6 and reads back equal; v5 and v6 files without them load as before (their own tests)."""
+    plan = make_plan(init=IMATRIX_INIT)
+    doc = json.loads(save_plan(plan, tmp_path / "p.json").read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION == 6
+    assert doc["init"] == {"method": "loftq-data", "seqs": 16, "seq_len": 256, "corpus": "0123456789abcdef",
+                           "damp": 0.01, "imatrix": "smol.imatrix.gguf", "imatrix_sha256": "cd" * 32}
+    assert load_plan(tmp_path / "p.json") == plan
+    assert load_plan(DATA / "plan_v5_manual.json").init.imatrix_sha256 is None
+    (tmp_path / "v5.json").write_text(json.dumps(dict(doc, schema_version=5)))
+    with pytest.raises(PlannerError, match="unknown field.s. imatrix .a schema v5 plan has none"):
+        load_plan(tmp_path / "v5.json")
+    for change, message in (({"imatrix_sha256": None}, "go together"),
+                            ({"imatrix_sha256": "CD" * 32}, "64 lowercase hex digits"),
+                            ({"imatrix_sha256": "cd" * 31}, "64 lowercase hex digits"),
+                            ({"rounding": "feedback"}, "cannot go with rounding feedback")):
+        (tmp_path / "bad.json").write_text(json.dumps(dict(doc, init={**doc["init"], **change})))
+        with pytest.raises(PlannerError, match=message):
+            load_plan(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="needs method loftq-data"):
+        InitRecord(imatrix="x.gguf", imatrix_sha256="cd" * 32)

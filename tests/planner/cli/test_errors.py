@@ -72,6 +72,7 @@ def _option_dataclasses() -> list[type]:
     from planner.build.materialize import MaterializeConfig
     from planner.cli.build_cmd import FinetuneOutput, MaterializeOutput
     from planner.cli.flags import Report
+    from planner.cli.imatrix_cmd import ImatrixOutput
     from planner.cli.plan_cmd import CollectCommand, PlanCommand
     from planner.search.config import PlanConfig
     from planner.verify.report import VerifyConfig
@@ -79,7 +80,7 @@ def _option_dataclasses() -> list[type]:
     from planner.train.loop import FinetuneConfig
 
     return [PlanConfig, RunSettings, PlanCommand, Report, MaterializeConfig, MaterializeOutput, FinetuneConfig,
-            FinetuneOutput, VerifyConfig, CollectCommand]
+            FinetuneOutput, VerifyConfig, CollectCommand, ImatrixOutput]
 
 
 def test_every_option_of_every_command_is_a_dataclass_field() -> None:
@@ -162,7 +163,7 @@ def test_every_command_builds_its_parser_and_help(capsys) -> None:
     from planner.cli.app import COMMANDS, _register, main
 
     _register()
-    assert {"plan", "models", "show", "collect", "materialize", "finetune", "verify"} <= set(COMMANDS)
+    assert {"plan", "models", "show", "collect", "materialize", "finetune", "verify", "imatrix"} <= set(COMMANDS)
     for name in COMMANDS:
         assert main([name, "--help"]) == 0, name
         assert "usage: python -m planner" in capsys.readouterr().out
