@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 
@@ -23,10 +23,13 @@ from planner.errors import PlannerError
 from planner.files.atomic import atomic_save_tensors, atomic_write_bytes
 from planner.files.tensors import load_tensors
 
+if TYPE_CHECKING:  # annotations only
+    from planner.sources import ModelSource
+
 log = logging.getLogger(__name__)
 
 
-def write_hf_bnb(artifact: Path, source: Any) -> Path:
+def write_hf_bnb(artifact: Path, source: ModelSource) -> Path:
     """``artifact/hf-bnb``, loadable with ``AutoModelForCausalLM.from_pretrained(DIR/hf-bnb)`` and
     then ``PeftModel.from_pretrained(model, DIR/adapter)``. The whole state is built in memory (about
     the backbone's size) before it is written. The plan was checked to hold only NF4 and 16-bit

@@ -7,14 +7,17 @@ memory model a searched plan's does, so a hand-made plan and a planned one compa
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 from planner.artifact.plan import SCHEMA_VERSION, LayerPlan, Plan, SearchRecord, created_with
 from planner.memory import estimate, layer_bytes
 from planner.settings import LayerChoice, RunSettings
 
+if TYPE_CHECKING:  # annotations only
+    from planner.sources import ModelSource
 
-def plan_from_choices(source: Any, choices: Mapping[str, LayerChoice], run: RunSettings, *,
+
+def plan_from_choices(source: ModelSource, choices: Mapping[str, LayerChoice], run: RunSettings, *,
                       budget_bytes: int | None = None, iters: int = 1, model: Mapping[str, Any] | None = None) -> Plan:
     """A plan for ``source``'s targets named in ``choices`` (the head too when named), each with its
     choice and alpha = rank; the budget defaults to the estimate's total. ``model``: the plan's model

@@ -46,7 +46,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -73,6 +73,9 @@ from planner.files.tensors import open_safetensors
 from planner.options import option as _opt
 from planner.runtime.build import build_layer
 from planner.settings import INITS, LayerChoice
+
+if TYPE_CHECKING:  # annotations only
+    from planner.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +274,7 @@ def _source(plan: Plan, config: MaterializeConfig) -> Any:
     return source
 
 
-def _targets(source: Any, plan: Plan) -> list[Any]:
+def _targets(source: ModelSource, plan: Plan) -> list[Any]:
     """The plan's layers as TargetLayers of the source, in module order; shapes must agree."""
     try:
         targets = source.targets([re.escape(layer.name) for layer in plan.layers], include_head=True)
@@ -439,7 +442,7 @@ def _read_work(partial: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[
         return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
 
 
-def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: Sequence[Any],
+def _finalize(artifact: Path, partial: Path, plan: Plan, source: ModelSource, targets: Sequence[Any],
               iters: Mapping[str, int], config: MaterializeConfig) -> Plan:
     """Write everything but the layer codes into ``artifact`` and return the updated plan."""
     results = {t.name: _read_work(partial, t.name) for t in targets}
@@ -472,7 +475,7 @@ def _finalize(artifact: Path, partial: Path, plan: Plan, source: Any, targets: S
     return new_plan
 
 
-def non_target_state(source: Any, targets: Sequence[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def non_target_state(source: ModelSource, targets: Sequence[Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every parameter that is not a target weight, streamed from the checkpoint, under the model's
     parameter names, in ``dtype`` (non-finite values: PlannerError, from the reader)."""
     index = source.index

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TYPE_CHECKING
 
 from planner.budget import format_bytes, parse_budget
 from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 from planner.memory import MemoryEstimate, estimate, layer_bytes
 from planner.settings import LayerChoice, RunSettings, resolve_engine
+
+if TYPE_CHECKING:  # annotations only
+    from planner.sources import ModelSource
 
 DRY_RUN_METHOD = "nf"  # NF2 / NF3 / NF4 / NF8, as the planning flow plans them
 
@@ -106,7 +109,7 @@ def dry_run(cfg: PlanConfig, run: RunSettings, as_json: bool = False) -> int:
     return 0
 
 
-def _planner_peak(cfg: PlanConfig, source: Any, targets: Sequence, non_target: Sequence, est_max: MemoryEstimate):
+def _planner_peak(cfg: PlanConfig, source: ModelSource, targets: Sequence, non_target: Sequence, est_max: MemoryEstimate):
     from planner.devices import resolve_device
     from planner.scoring.footprint import planner_peak
 

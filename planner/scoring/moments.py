@@ -26,7 +26,7 @@ import json
 import logging
 import struct
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ from planner import progress
 from planner.files.atomic import sweep_temps
 from planner.files.cache import cache_key, default_cache_dir
 from planner.errors import PlannerError
+
+if TYPE_CHECKING:  # annotations only
+    from planner.sources import ModelSource
+    from planner.scoring.scorer import Scorer
 
 log = logging.getLogger(__name__)
 PRODUCER = "input-moments/1"  # bump when the moments change for the same weights and data
@@ -179,7 +183,7 @@ def imatrix_moments(path: str | Path, targets: Sequence[str], in_features: Mappi
                                                                              "targets": sorted(targets)}))
 
 
-def calibration_importance(source: Any, targets: Sequence[str], data: str | None, seqs: int, seq_len: int, *,
+def calibration_importance(source: ModelSource, targets: Sequence[str], data: str | None, seqs: int, seq_len: int, *,
                            cache_dir: Path | None = None, device: torch.device | str = "cpu"
                            ) -> tuple[dict[str, torch.Tensor], int]:
     """The planner's own per-column importance: diag H [in] fp32 of each target over the calibration
@@ -240,7 +244,7 @@ def collect_moments(stream: Any, blocks: torch.Tensor, folder: Path, key: str) -
     return MomentStore(folder, key)
 
 
-def calibration_blocks(source: Any, data: str | None, seqs: int, seq_len: int) -> tuple[torch.Tensor, str]:
+def calibration_blocks(source: ModelSource, data: str | None, seqs: int, seq_len: int) -> tuple[torch.Tensor, str]:
     """The planner's calibration sequences (the Fisher's train blocks) and the corpus fingerprint."""
     from planner.train.data import CorpusConfig, load_corpus, token_blocks
 
@@ -248,7 +252,7 @@ def calibration_blocks(source: Any, data: str | None, seqs: int, seq_len: int) -
     return token_blocks(source.tokenizer(), corpus.train, seq_len, max_tokens=seq_len * seqs), corpus.fingerprint
 
 
-def input_moments(source: Any, targets: Sequence[str], blocks: torch.Tensor, corpus_sha: str, *,
+def input_moments(source: ModelSource, targets: Sequence[str], blocks: torch.Tensor, corpus_sha: str, *,
                   cache_dir: Path | None = None, device: torch.device | str = "cpu", stream: Any = None) -> MomentStore:
     """The moments of ``targets`` over ``blocks``, from the cache when complete, else computed on
     ``stream`` (a BlockStream over the same targets; None: one is opened)."""
@@ -270,8 +274,8 @@ def input_moments(source: Any, targets: Sequence[str], blocks: torch.Tensor, cor
     return collect_moments(stream, blocks, folder, key)
 
 
-def data_init(source: Any, targets: Sequence[Any], train: torch.Tensor, corpus_sha: str, cfg: Any,
-              scorer: Any, imatrix_sha256: str | None = None) -> tuple[Mapping[str, torch.Tensor], Any]:
+def data_init(source: ModelSource, targets: Sequence[Any], train: torch.Tensor, corpus_sha: str, cfg: Any,
+              scorer: Scorer, imatrix_sha256: str | None = None) -> tuple[Mapping[str, torch.Tensor], Any]:
     """``--init loftq-data`` in the plan command: the moments over its calibration sequences
     ``train`` (cached; on the scorer's stream), or with ``cfg.imatrix`` the imatrix's diagonal ones
     (the file must still have ``imatrix_sha256`` when given), and the plan's InitRecord (rounding
@@ -288,7 +292,7 @@ def data_init(source: Any, targets: Sequence[Any], train: torch.Tensor, corpus_s
     return moments, InitRecord("loftq-data", **record)
 
 
-def plan_moments(source: Any, targets: Sequence[str], init: Any, device: torch.device | str = "cpu",
+def plan_moments(source: ModelSource, targets: Sequence[str], init: Any, device: torch.device | str = "cpu",
                  cache_dir: Path | None = None) -> tuple[Mapping[str, torch.Tensor], str | None]:
     """What materialize needs for a data-aware plan (``init``: its InitRecord): the moments over the
     plan's calibration sequences, from the cache (the plan command left them there) or recomputed,

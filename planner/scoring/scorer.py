@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from planner.errors import PlannerError
+
+if TYPE_CHECKING:  # annotations only
+    from planner.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ log = logging.getLogger(__name__)
 class SourceWeights(Mapping[str, torch.Tensor]):
     """Target name -> fp32 [out, in] weight, read from the checkpoint on every lookup (no copy kept)."""
 
-    def __init__(self, source: Any, targets: Sequence[Any]) -> None:
+    def __init__(self, source: ModelSource, targets: Sequence[Any]) -> None:
         self.source = source
         self._targets = {t.name: t for t in targets}
 
@@ -44,7 +47,7 @@ class SourceWeights(Mapping[str, torch.Tensor]):
         return len(self._targets)
 
 
-def shell_model(source: Any, targets: Sequence[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+def shell_model(source: ModelSource, targets: Sequence[str], dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model with every parameter except the target weights read from the checkpoint (in
     ``dtype``); the target weights stay on the meta device, for :func:`planner.runtime.layers.swap_linears`
     to replace. Costs the embeddings, norms and biases, not the model."""
@@ -68,7 +71,7 @@ def shell_model(source: Any, targets: Sequence[str], dtype: torch.dtype = torch.
 class Scorer:
     """Sensitivity, zero-step proxy and fine-tune base for one model; see the module docstring."""
 
-    def __init__(self, source: Any, targets: Sequence[Any], causal: bool, device: torch.device | str = "cpu",
+    def __init__(self, source: ModelSource, targets: Sequence[Any], causal: bool, device: torch.device | str = "cpu",
                  scratch: Path | None = None, stream: bool = True) -> None:
         from planner.scoring.stream import stream_or_none
 
@@ -137,7 +140,7 @@ class Scorer:
                                 adapter_dtype=adapter, device=self.device)
 
 
-def check_non_targets(source: Any, targets: Sequence[str]) -> None:
+def check_non_targets(source: ModelSource, targets: Sequence[str]) -> None:
     """Read every parameter that is not a target weight (norms, biases, embeddings: small) once, so
     a non-finite value anywhere fails now, in one line naming it, as loading the whole model did;
     the target weights are checked as the tables stream them."""
@@ -148,7 +151,7 @@ def check_non_targets(source: Any, targets: Sequence[str]) -> None:
             source.read_tensor(name)
 
 
-def load_full_model(source: Any, causal: bool) -> nn.Module:
+def load_full_model(source: ModelSource, causal: bool) -> nn.Module:
     """The full fp32 model, checked against the config's facts (the fallback for non-streaming models)."""
     from transformers.utils import logging as hf_logging
 

@@ -23,12 +23,15 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from search_spaces.discovery import weight_out_in
+
+if TYPE_CHECKING:  # annotations only
+    from planner.sources import ModelSource
 
 
 class StreamUnsupported(Exception):
@@ -90,7 +93,7 @@ class BlockStream:
     on ``device``; the frame (embeddings, final norm, head) stays resident there.
     """
 
-    def __init__(self, source: Any, targets: Sequence[str], dtype: torch.dtype = torch.float32,
+    def __init__(self, source: ModelSource, targets: Sequence[str], dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
         from planner.runtime.load import parameters_on_meta
         from planner.sources import model_class
@@ -208,7 +211,7 @@ class BlockStream:
             setattr(parent, leaf, blocks)
 
 
-def stream_or_none(source: Any, targets: Sequence[str], dtype: torch.dtype = torch.float32,
+def stream_or_none(source: ModelSource, targets: Sequence[str], dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> tuple[BlockStream | None, str]:
     """A :class:`BlockStream`, or None and the reason this model cannot stream."""
     try:

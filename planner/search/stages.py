@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TYPE_CHECKING
 
 import torch
 
@@ -33,6 +33,9 @@ from planner.artifact.records import DEFAULT_DAMP, InitRecord
 from planner.files.cache import cache_key, default_cache_dir, load_cached, save_cached
 from planner.scoring.tables import PRODUCER as TABLES_PRODUCER, ResidualTables, compute_tables, valid_tables
 from planner.search.prepare import METHOD, Prepared, table_settings
+
+if TYPE_CHECKING:  # annotations only
+    from planner.scoring.scorer import Scorer
 
 FISHER_PRODUCER = "fisher-errors/2"  # 2: per calibration sequence, summed in order
 BANK_PRODUCER = "weight-bank/3"  # 2: entries by spec, a format's own tensors; 3: GGUF Q under diag(H)
@@ -53,7 +56,7 @@ class Context:
     train: torch.Tensor  # [calib_seqs, seq_len] calibration token blocks
     val: torch.Tensor  # [proxy_seqs, seq_len] held-out proxy blocks
     timings: dict[str, float] = field(default_factory=dict)
-    scorer: Any = None  # planner.scoring.scorer.Scorer, opened by the first stage that needs the model
+    scorer: Scorer | None = None  # opened by the first stage that needs the model
     moments: Any = None  # name -> H (data-aware initialisation): a MomentStore, or DiagonalMoments (--imatrix)
     init: InitRecord | None = None
     bank: Any = None  # planner.scoring.bank.WeightBank
