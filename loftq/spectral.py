@@ -112,10 +112,14 @@ def top_squared_singular_values(m: torch.Tensor, k: int, dtype: torch.dtype | No
             vals = top_squared_singular_values(m[live], k, dtype)
             out[live, :vals.shape[-1]] = vals
         return out
+    vals = None
     if applies(tuple(m.shape), k):
         _, _, t = krylov(m, dtype)
-        vals = torch.linalg.eigvalsh(t).double()
-    else:
+        try:
+            vals = torch.linalg.eigvalsh(t).double()
+        except torch.linalg.LinAlgError:  # a near-exact fit's basis is noise: take the exact spectrum
+            vals = None
+    if vals is None:
         a = m.float()
         gram = a @ a.transpose(-2, -1) if a.shape[-2] <= a.shape[-1] else a.transpose(-2, -1) @ a
         vals = torch.linalg.eigvalsh(gram.double())

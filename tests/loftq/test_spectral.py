@@ -105,3 +105,21 @@ def test_an_exact_fit_has_zero_spectrum() -> None:
     assert got.shape == (2, 64) and torch.equal(got[0], torch.zeros(64, dtype=torch.float64))
     assert torch.equal(got[1], top_squared_singular_values(live, 64)[0])
     assert torch.equal(top_squared_singular_values(torch.zeros(2, 8, 4), 16), torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_a_failed_ritz_solve_falls_back_to_the_exact_spectrum(monkeypatch) -> None:
+    """LAPACK refused a Krylov Ritz matrix once while planning --quant gguf on SmolLM2 (a near-exact
+    fit of the data-aware residual): the exact spectrum (the Gram's eigenvalues in float64) is used instead."""
+    torch.manual_seed(0)
+    m = torch.randn(2, 576, 576)
+    real = torch.linalg.eigvalsh
+
+    def refuse_fp32(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+        return real(t)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", refuse_fp32)
+    got = top_squared_singular_values(m, 64)
+    exact = real((m @ m.transpose(-2, -1)).double()).flip(-1)[..., :64]
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=0)
