@@ -11,9 +11,9 @@ On the packaged SmolLM2 (its Q4_1 GGUF, ``M``), with the tools of ``bench/build_
    dequantized) and ``llama-perplexity -m W/ref-f32.gguf -f W/TEXT.txt -c CTX --kl-divergence-base
    W/TEXT.kld`` (its logits);
 3. ``llama-imatrix -m M -f W/calib.txt -o W/imatrix.gguf -c 256 --chunks 16 --no-ppl``;
-4. peers: ``llama-quantize --allow-requantize --imatrix W/imatrix.gguf --token-embedding-type q4_1
-   M W/peer-R.gguf R`` per recipe R (the embedding stays the base's q4_1, as in our model.gguf, so
-   only the 210 target tensors differ); the effective types from its log;
+4. peers: ``llama-quantize --allow-requantize --imatrix W/imatrix.gguf --token-embedding-type q8_0
+   M W/peer-R.gguf R`` per recipe R (q8_0: the base's own embedding type, which our model.gguf
+   copies, so only the 210 target tensors differ); the effective types from its log;
 5. ours at each peer's bytes: ``python -m planner --budget B --quant gguf --mode inference --engine
    llama.cpp --seq-len CTX --adapter-dtype fp16`` (every other option at the planner's default),
    where B is the planner's own llama.cpp memory model of the peer's target bytes less
@@ -119,12 +119,20 @@ def gguf_targets(path: Path) -> tuple[int, list[tuple[str, str]]]:
     return total, named
 
 
+def embedding_type(model: Path) -> str:
+    """The base's token-embedding type (the packaged SmolLM2 "Q4_1" file keeps it in q8_0), which
+    our model.gguf copies: the peers get it too, so only the target tensors differ."""
+    import gguf
+
+    return next(t.tensor_type.name.lower() for t in gguf.GGUFReader(str(model)).tensors if t.name == "token_embd.weight")
+
+
 def peer(work: Path, model: Path, recipe: str, args: argparse.Namespace) -> dict[str, Any]:
     """llama.cpp's recipe with the imatrix; its effective types as its quantize log states them."""
     out, log = work / f"peer-{recipe}.gguf", work / f"peer-{recipe}.log"
     if not (out.is_file() and log.is_file()):
         run_tool("llama-quantize", "--allow-requantize", "--imatrix", work / "imatrix.gguf", "--token-embedding-type",
-                 "q4_1", model, out, recipe, args.threads, rel=work, log_path=log)
+                 embedding_type(model), model, out, recipe, args.threads, rel=work, log_path=log)
     text = log.read_text()
     target_bytes, stored = gguf_targets(out)
     tensors = quantize_log_tensors(text)
