@@ -105,10 +105,21 @@ def top_squared_singular_values(m: torch.Tensor, k: int, dtype: torch.dtype | No
     Krylov Ritz values where :func:`applies`, else exact (eigenvalues of the smaller Gram matrix)."""
     if k == 0:
         return torch.zeros(m.shape[0], 0, dtype=torch.float64, device=m.device)
+    live = m.flatten(1).abs().amax(-1) > 0
+    if not bool(live.all()):  # an exact fit (q5_1 on Q4_1-derived weights): a zero Krylov basis has no Ritz values
+        out = torch.zeros(m.shape[0], min(k, *m.shape[-2:]), dtype=torch.float64, device=m.device)
+        if bool(live.any()):
+            vals = top_squared_singular_values(m[live], k, dtype)
+            out[live, :vals.shape[-1]] = vals
+        return out
+    vals = None
     if applies(tuple(m.shape), k):
         _, _, t = krylov(m, dtype)
-        vals = torch.linalg.eigvalsh(t).double()
-    else:
+        try:
+            vals = torch.linalg.eigvalsh(t).double()
+        except torch.linalg.LinAlgError:  # a near-exact fit's basis is noise: take the exact spectrum
+            vals = None
+    if vals is None:
         a = m.float()
         gram = a @ a.transpose(-2, -1) if a.shape[-2] <= a.shape[-1] else a.transpose(-2, -1) @ a
         vals = torch.linalg.eigvalsh(gram.double())

@@ -92,3 +92,34 @@ def test_low_rank_and_zero_matrices() -> None:
     assert torch.equal(zero, torch.zeros(1, 16, dtype=torch.float64))
     u, s, vh = truncated_svd(torch.zeros(300, 400), 8)
     assert torch.equal(s, torch.zeros(8)) and torch.isfinite(u).all() and torch.isfinite(vh).all()
+
+
+def test_an_exact_fit_has_zero_spectrum() -> None:
+    """q5_1 reproduces SmolLM2's Q4_1-derived weights exactly: a zero residual next to a live one
+    gives zeros, not a failed eigensolver (its Krylov basis is empty), and the live one is unchanged."""
+    torch.manual_seed(0)
+    live = torch.randn(1, 576, 576)
+    m = torch.cat([torch.zeros(1, 576, 576), live])
+    assert applies(tuple(m.shape), 64)
+    got = top_squared_singular_values(m, 64)
+    assert got.shape == (2, 64) and torch.equal(got[0], torch.zeros(64, dtype=torch.float64))
+    assert torch.equal(got[1], top_squared_singular_values(live, 64)[0])
+    assert torch.equal(top_squared_singular_values(torch.zeros(2, 8, 4), 16), torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_a_failed_ritz_solve_falls_back_to_the_exact_spectrum(monkeypatch) -> None:
+    """LAPACK refused a Krylov Ritz matrix once while planning --quant gguf on SmolLM2 (a near-exact
+    fit of the data-aware residual): the exact spectrum (the Gram's eigenvalues in float64) is used instead."""
+    torch.manual_seed(0)
+    m = torch.randn(2, 576, 576)
+    real = torch.linalg.eigvalsh
+
+    def refuse_fp32(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype != torch.float64:
+            raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+        return real(t)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", refuse_fp32)
+    got = top_squared_singular_values(m, 64)
+    exact = real((m @ m.transpose(-2, -1)).double()).flip(-1)[..., :64]
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=0)
