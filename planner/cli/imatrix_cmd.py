@@ -45,21 +45,14 @@ def imatrix_command(args: argparse.Namespace) -> int:
     from planner.devices import resolve_device
     from planner.progress import stdout_console
     from planner.scoring.moments import calibration_importance
-    from planner.sources import resolve
+    from planner.search.prepare import source_and_targets
     from planner.sources.imatrix import gguf_tensor_name, write_imatrix
 
     cfg, io = config_from(PlanConfig, args), config_from(ImatrixOutput, args)
     out = preflight.output_file(io.out)
     check_outputs([Output(out, "--out")], preflight.plan_inputs(cfg))
     preflight.cache_dir(cfg)
-    source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_path,
-                     allow_download=False if cfg.offline else None)
-    try:
-        targets = source.targets(cfg.target_list)
-    except ValueError as err:
-        raise PlannerError(str(err)) from None
-    if not targets:
-        raise PlannerError(f"{cfg.model}: no target layers found")
+    source, targets = source_and_targets(cfg)
     for t in targets:  # before the calibration pass: a model llama.cpp's names do not cover fails now
         try:
             gguf_tensor_name(t.name)

@@ -62,14 +62,11 @@ def options_of(cfg: PlanConfig) -> list[tuple[WidthKey, int]]:
     return [(w, r) for w in menu(cfg.bits, cfg.double_quant, cfg.quant, cfg.rotation) for r in sorted(set(cfg.ranks))]
 
 
-def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
-    """Resolve the model, its targets and the byte cost of every (layer, option); no weights read."""
+def source_and_targets(cfg: PlanConfig) -> tuple[Any, list[Any]]:
+    """``cfg.model`` resolved (no weights read) and its target layers; none found, or a bad
+    ``--target-modules``: PlannerError."""
     from planner.sources import resolve
 
-    try:  # engine auto -> llama.cpp for a GGUF inference plan
-        run = resolve_engine(run, cfg.quant)
-    except ValueError as err:
-        raise PlannerError(str(err)) from None
     source = resolve(cfg.model, trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_path,
                      allow_download=False if cfg.offline else None)
     try:
@@ -78,6 +75,16 @@ def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
         raise PlannerError(str(err)) from None
     if not targets:
         raise PlannerError(f"{cfg.model}: no target layers found")
+    return source, targets
+
+
+def prepare(cfg: PlanConfig, run: RunSettings) -> Prepared:
+    """Resolve the model, its targets and the byte cost of every (layer, option); no weights read."""
+    try:  # engine auto -> llama.cpp for a GGUF inference plan
+        run = resolve_engine(run, cfg.quant)
+    except ValueError as err:
+        raise PlannerError(str(err)) from None
+    source, targets = source_and_targets(cfg)
     cfg = cfg.fitted_to(targets)  # a small model: the default ranks lose those no layer can hold
     try:  # the search space's own rule, so the dry run and the plan refuse the same ranks alike
         for t in targets:
