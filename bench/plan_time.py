@@ -7,7 +7,8 @@ default at another budget; and each plan against its floor.
 The floor of a plan is what it cannot do without: one streamed forward + backward over the
 calibration tokens (the Fisher pass with nothing to compute per layer) plus one encoding of every
 (layer, width) of its menu (round to nearest for --quick; error feedback under the layers' input
-moments for the default, whose moments pass is counted too). Run it alone (``uptime`` is printed
+moments for the default, a layer's widths in one column loop as the weight bank does, whose
+moments pass is counted too). Run it alone (``uptime`` is printed
 before and after: a load above the core count makes the times noise, not a result).
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ def _hist(values: Any) -> dict[str, int]:
 
 def floor(cfg: PlanConfig, seq_len: int) -> dict[str, float]:
     """One forward + backward over the calibration tokens, and one encoding per (layer, width)."""
+    from loftq.formats import quantize_many
     from loftq.rounding import inverse_factor
     from planner.artifact.records import DEFAULT_DAMP
     from planner.train.data import CorpusConfig, load_corpus
@@ -78,9 +80,8 @@ def floor(cfg: PlanConfig, seq_len: int) -> dict[str, float]:
     for t, w in prep.source.iter_weights(prep.targets):
         moment = ctx.moments[t.name] if ctx.moments is not None else None
         upper = inverse_factor(moment, DEFAULT_DAMP) if cfg.rounding == "feedback" else None
-        for width in widths:
-            spec = resolve(width, tuple(w.shape), "nf", cfg.block_size)
-            spec.quantize(w, rounding=cfg.rounding, moment=moment, upper=upper, damp=DEFAULT_DAMP)
+        specs = [resolve(width, tuple(w.shape), "nf", cfg.block_size) for width in widths]
+        quantize_many(w, specs, rounding=cfg.rounding, moment=moment, upper=upper, damp=DEFAULT_DAMP)
     out["encode_s"] = time.perf_counter() - t0
     out["total_s"] = sum(out.values())
     return {k: round(v, 2) for k, v in out.items()}

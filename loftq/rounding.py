@@ -79,22 +79,41 @@ def inverse_factor(second_moment: torch.Tensor, damp: float = 0.01) -> torch.Ten
     return upper.float()
 
 
-def _feedback(w: torch.Tensor, upper: torch.Tensor, codebook: torch.Tensor, block: int,
-              scales: torch.Tensor) -> torch.Tensor:
-    """Round ``w`` (fp32 [out, in]) column by column with error feedback.
+def _feedback(w: torch.Tensor, upper: torch.Tensor, codebooks: list[torch.Tensor], block: int,
+              scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Round ``w`` (fp32 [out, in]) column by column with error feedback, once per (codebook, scales).
 
-    ``scales``: the absmax [out, in // block] to round against (the stored ones). Returns the uint8
-    codes [out, in].
+    ``scales``: per format, the absmax [out, in // block] to round against (the stored ones).
+    Returns each format's uint8 codes [out, in]. The formats are stacked along the output rows
+    (the feedback moves errors along the input columns, so every output row evolves alone): one
+    column step serves every format, and each format's codes are what a call with it alone gives.
     Works on W^T so that a column is a contiguous row; the loop is per column, so each step is a
-    few small calls (torch.bucketize on a 576-vector cost 4 ms here under load; a compare-and-count
-    against the midpoints gives the same codes in microseconds).
+    few small calls. The code is the number of midpoints strictly below the scaled value (ties to
+    the lower entry: code_lookup's codes), by a binary search: ``bucketize`` for one codebook, a
+    row-wise ``searchsorted`` over midpoints padded with +inf for several (a compare against all
+    255 of NF8's midpoints cost 3x the rest of the step).
     """
     out, n = w.shape
-    wt = w.t().clone(memory_format=torch.contiguous_format)  # [in, out], never the caller's tensor
-    mids = (codebook[:-1] + codebook[1:]) / 2  # nearest entry, ties to the lower one: code_lookup's codes
-    codes = torch.empty(n, out, dtype=torch.uint8, device=w.device)
-    used = scales.t().contiguous()
-    err = w.new_empty(block, out)
+    k = len(codebooks)
+    rows = k * out
+    wt = w.t().repeat(1, k)  # [in, k * out]: a copy per format, never the caller's tensor
+    if k == 1:
+        book = codebooks[0]
+        mids = (book[:-1] + book[1:]) / 2
+        offsets = None
+    else:
+        width = max(len(b) for b in codebooks)
+        table = w.new_zeros(k, width)
+        pad = w.new_full((k, width - 1), float("inf"))
+        for i, b in enumerate(codebooks):
+            table[i, :len(b)] = b
+            pad[i, :len(b) - 1] = (b[:-1] + b[1:]) / 2
+        book = table.reshape(-1)
+        mids = pad.repeat_interleave(out, dim=0)  # [k * out, width - 1], each row sorted
+        offsets = (torch.arange(k, device=w.device) * width).repeat_interleave(out)
+    codes = torch.empty(n, rows, dtype=torch.uint8, device=w.device)
+    used = torch.cat(scales).t().contiguous()  # [in // block, k * out]
+    err = w.new_empty(block, rows)
     for g, c0 in enumerate(range(0, n, block)):
         c1 = c0 + block
         part = wt[c0:c1]
@@ -105,8 +124,12 @@ def _feedback(w: torch.Tensor, upper: torch.Tensor, codebook: torch.Tensor, bloc
             s1 = min(block, s0 + STEP)
             for j in range(s0, s1):
                 scaled = (part[j] * inv).clamp_(-1.0, 1.0)
-                code = (scaled.unsqueeze(1) > mids).sum(dim=1)  # = number of midpoints strictly below
-                deq = codebook.index_select(0, code) * absmax  # dequantize()'s product, bit for bit
+                if offsets is None:
+                    code = torch.bucketize(scaled, mids)
+                    deq = book.index_select(0, code) * absmax  # dequantize()'s product, bit for bit
+                else:
+                    code = torch.searchsorted(mids, scaled.unsqueeze(1)).squeeze(1)
+                    deq = book.index_select(0, code + offsets) * absmax
                 torch.div(part[j] - deq, diag[j, j], out=err[j])
                 if j + 1 < s1:  # small enough to stay on one thread
                     part[j + 1:s1].sub_(diag[j, j + 1:s1, None] * err[j])
@@ -115,7 +138,7 @@ def _feedback(w: torch.Tensor, upper: torch.Tensor, codebook: torch.Tensor, bloc
                 part[s1:].addmm_(diag[s0:s1, s1:].t(), err[s0:s1], alpha=-1.0)
         if c1 < n:
             wt[c1:].addmm_(upper[c0:c1, c1:].t(), err, alpha=-1.0)
-    return codes.t().contiguous()
+    return [codes[:, i * out:(i + 1) * out].t().contiguous() for i in range(k)]
 
 
 def _check(weight: torch.Tensor, config: QuantConfig) -> None:
@@ -147,7 +170,25 @@ def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: 
     round-to-nearest gives 0.2700), NF3 0.0809 / 0.0810, NF4 0.0369 / 0.0364.
     Raises ValueError on non-finite input, a shape mismatch, a row-wise method or in % block != 0.
     """
-    _check(weight, config)
+    return quantize_feedback_many(weight, [config], second_moment, damp, upper=upper)[0]
+
+
+BATCH_BYTES = 256 << 20  # the stacked working copy of W per call of the column loop, at most
+
+
+def quantize_feedback_many(weight: torch.Tensor, configs: list[QuantConfig], second_moment: torch.Tensor | None = None,
+                           damp: float = 0.01, *, upper: torch.Tensor | None = None) -> list[QuantizedTensor]:
+    """:func:`quantize_feedback` of ``weight`` in each of ``configs`` (same block size), in one column
+    loop for as many of them as fit BATCH_BYTES of working copy: each result is the one a call with
+    that config alone returns, code for code (the planner's weight bank encodes a layer's widths so).
+    """
+    if not configs:
+        return []
+    for config in configs:
+        _check(weight, config)
+    block = configs[0].block_size
+    if any(c.block_size != block for c in configs):
+        raise ValueError(f"quantize_feedback_many() needs one block size, got {sorted({c.block_size for c in configs})}")
     if upper is None:
         if second_moment is None:
             raise ValueError("quantize_feedback() needs the input second moment (or its inverse factor)")
@@ -155,17 +196,25 @@ def quantize_feedback(weight: torch.Tensor, config: QuantConfig, second_moment: 
     if tuple(upper.shape) != (weight.shape[1],) * 2:
         raise ValueError(f"the input second moment is {tuple(upper.shape)}, the weight has "
                          f"{weight.shape[1]} inputs")
-    codebook = config.spec.codebook(config.bits).to(weight.device)
     w = weight.detach().float()
-    block = config.block_size
+    upper = upper.to(w.device, torch.float32)
     absmax = w.view(w.shape[0], -1, block).abs().amax(dim=2).reshape(-1)  # the scales are W's, fixed
-    if config.double_quant:
-        consts = _double_quantize(absmax)
-        fixed = _dq_absmax(consts["absmax_codes"], consts["absmax_scale"], consts["absmax_offset"])
-    else:
-        consts, fixed = {"absmax": absmax.contiguous()}, absmax
-    codes = _feedback(w, upper.to(w.device, torch.float32), codebook, block, fixed.view(w.shape[0], -1))
-    return QuantizedTensor(pack(codes, config.bits), tuple(weight.shape), weight.dtype, config, block=block, **consts)
+    consts, fixed = [], []
+    for config in configs:
+        if config.double_quant:
+            c = _double_quantize(absmax)
+            consts.append(c)
+            fixed.append(_dq_absmax(c["absmax_codes"], c["absmax_scale"], c["absmax_offset"]).view(w.shape[0], -1))
+        else:
+            consts.append({"absmax": absmax.clone()})
+            fixed.append(absmax.view(w.shape[0], -1))
+    per_call = max(1, BATCH_BYTES // max(1, w.numel() * 4))
+    codes: list[torch.Tensor] = []
+    for i in range(0, len(configs), per_call):
+        part = configs[i:i + per_call]
+        codes += _feedback(w, upper, [c.spec.codebook(c.bits).to(w.device) for c in part], block, fixed[i:i + per_call])
+    return [QuantizedTensor(pack(q, c.bits), tuple(weight.shape), weight.dtype, c, block=block, **k)
+            for q, c, k in zip(codes, configs, consts)]
 
 
 ROUNDERS["feedback"] = quantize_feedback  # QuantConfig.quantize(rounding="feedback") rounds by it

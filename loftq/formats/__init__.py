@@ -115,7 +115,9 @@ class Family:
     for each spec on a stack [L, out, in] (one fused pass where the family has one).
     ``bits``: the ``--bits`` it offers; ``double_quant`` / ``rotation``: whether ``--double-quant`` /
     ``--rotation`` apply;
-    ``key(spec)``: the menu width a spec is shown as in reports."""
+    ``key(spec)``: the menu width a spec is shown as in reports.
+    ``encode(weight, specs, **quantize_kwargs)``: each spec's ``quantize`` of one weight, code for
+    code, computed together where the family shares work between widths (None: one by one)."""
 
     name: str
     parse: Callable[[str, "int | None", int, bool], "Spec | None"]
@@ -126,6 +128,7 @@ class Family:
     key: Callable[["Spec"], Any] = lambda spec: spec.name  # the menu width a spec is shown as (4, 4dq, q4_k)
     description: str = ""
     rotation: bool = False
+    encode: Callable[..., list["Quantized"]] | None = None
 
 
 FAMILIES: Registry[Family] = Registry("quantizer family")
@@ -160,6 +163,20 @@ def residuals(stack: torch.Tensor, specs: Sequence[Spec], dtype: torch.dtype) ->
         idx = [i for i, s in enumerate(specs) if s.family == family]
         for i, r in zip(idx, FAMILIES.get(family).residuals(stack, [specs[i] for i in idx], dtype)):
             out[i] = r
+    return [out[i] for i in range(len(specs))]
+
+
+def quantize_many(weight: torch.Tensor, specs: Sequence[Spec], **kwargs: Any) -> list[Quantized]:
+    """``[spec.quantize(weight, **kwargs) for spec in specs]``, code for code; a family with an
+    ``encode`` encodes its specs together (the codebook family: one feedback column loop for all
+    its widths)."""
+    out: dict[int, Quantized] = {}
+    for family in dict.fromkeys(s.family for s in specs):
+        idx = [i for i, s in enumerate(specs) if s.family == family]
+        encode = FAMILIES.get(family).encode
+        mine = [specs[i] for i in idx]
+        out.update(zip(idx, encode(weight, mine, **kwargs) if encode is not None else
+                       [spec.quantize(weight, **kwargs) for spec in mine]))
     return [out[i] for i in range(len(specs))]
 
 

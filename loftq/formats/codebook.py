@@ -14,7 +14,7 @@ widths one more on the rotated stack).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import total_ordering
 from typing import Iterable, Sequence
 
@@ -134,11 +134,47 @@ def residuals(stack: torch.Tensor, specs: Sequence[QuantConfig | RotatedSpec],
     return [out[i] for i in range(len(specs))]
 
 
+def encode(weight: torch.Tensor, specs: Sequence[QuantConfig | RotatedSpec], *, rounding: str = "nearest",
+           moment: torch.Tensor | None = None, upper: torch.Tensor | None = None,
+           importance: torch.Tensor | None = None, damp: float = 0.01) -> list:
+    """Each spec's ``quantize`` of ``weight`` [out, in], code for code. With feedback rounding the
+    plain widths of one block size share one column loop (:func:`loftq.rounding.quantize_feedback_many`),
+    and the rotated widths of one basis another, on the weight and moment rotated once; the rest
+    (round to nearest, layers feedback cannot round) are encoded one by one."""
+    from ..rounding import quantize_feedback_many
+
+    kwargs = dict(rounding=rounding, moment=moment, upper=upper, importance=importance, damp=damp)
+    shape = tuple(int(s) for s in weight.shape)
+    out: dict[int, object] = {}
+    groups: dict[tuple, list[int]] = {}
+    if rounding == "feedback":
+        for i, s in enumerate(specs):
+            if s.feedback_applies(shape):
+                basis = s.seeds if isinstance(s, RotatedSpec) else None
+                groups.setdefault((basis, s.block_size), []).append(i)
+    if groups and moment is None and (upper is None or any(basis for basis, _ in groups)):
+        raise ValueError("rounding='feedback' needs the input second moment (moment=H)")
+    for (basis, _), idx in groups.items():
+        if basis is None:
+            out.update(zip(idx, quantize_feedback_many(weight, [specs[i] for i in idx], moment, damp, upper=upper)))
+            continue
+        for i in idx:
+            specs[i].check_shape(shape)
+        w_rot = rotate(weight.detach().float(), *basis)
+        h_rot = rotate(moment.detach().to(torch.float64), basis[1], basis[1])
+        qs = quantize_feedback_many(w_rot, [specs[i].inner for i in idx], h_rot, damp)
+        out.update((i, specs[i].wrap(replace(q, dtype=weight.dtype))) for i, q in zip(idx, qs))
+    for i, s in enumerate(specs):
+        if i not in out:
+            out[i] = s.quantize(weight, **kwargs)
+    return [out[i] for i in range(len(specs))]
+
+
 def key(spec: QuantConfig | RotatedSpec):
     if isinstance(spec, RotatedSpec):
         return Width(spec.bits, spec.double_quant, True)
     return Width(spec.bits) if spec.double_quant else spec.bits
 
 
-FAMILY = register(Family("nf", parse, menu, residuals, bits=(2, 3, 4, 8), double_quant=True, key=key, rotation=True,
+FAMILY = register(Family("nf", parse, menu, residuals, bits=(2, 3, 4, 8), double_quant=True, key=key, rotation=True, encode=encode,
                          description="NormalFloat codebooks with blockwise absmax (planner.load, bitsandbytes)"))

@@ -106,7 +106,11 @@ class RotatedSpec:
             q = self.inner.quantize(w_rot, rounding="feedback", moment=h_rot, damp=damp)
         else:
             q = self.inner.quantize(w_rot)
-        return RotatedTensor(replace(q, dtype=weight.dtype), self)
+        return self.wrap(replace(q, dtype=weight.dtype))
+
+    def wrap(self, inner: QuantizedTensor) -> "RotatedTensor":
+        """The rotated tensor whose codes (of the rotated weight) are ``inner``."""
+        return RotatedTensor(inner, self)
 
     def feedback_applies(self, shape: Sequence[int]) -> bool:
         return self.inner.feedback_applies(shape)

@@ -23,7 +23,7 @@ from typing import Iterator, Mapping, NamedTuple, Protocol, Sequence
 import torch
 from torch import nn
 
-from loftq.formats import Quantized, Spec, spec_from_fields
+from loftq.formats import Quantized, Spec, quantize_many, spec_from_fields
 from loftq.rounding import check_rounding, inverse_factor
 from search_spaces.widths import WidthKey, resolve
 
@@ -245,20 +245,32 @@ class WeightBank:
     def entry(self, name: str, bits: WidthKey, factors: bool = True) -> BankEntry:
         """The entry of (name, width), computed and stored on first lookup; ``factors``: with its
         factors (computed and stored now if the stored entry has none yet)."""
+        spec = self._spec(name, bits)
+        entry = self._stored(name, spec, factors)
+        if entry is None:
+            entry = self._compute(name, spec, factors)
+            self.store.put(name, entry_key(spec), entry)
+        return entry
+
+    def _spec(self, name: str, bits: WidthKey) -> Spec:
         s = self.settings
         if bits not in s.bits or bits >= 16:
             raise ValueError(f"bits {bits!r} is not a quantized width of this bank ({s.bits})")
-        spec = s.spec(bits, self._shape(name))
+        return s.spec(bits, self._shape(name))
+
+    def _stored(self, name: str, spec: Spec, factors: bool) -> BankEntry | None:
+        """The store's entry at ``spec`` (None when it has none), checked against this bank's
+        settings; with its factors added (and stored) when ``factors`` asks and it has none."""
+        s = self.settings
         key = entry_key(spec)
         entry = self.store.get(name, key)
         if entry is None:
-            entry = self._compute(name, spec, factors)
-            self.store.put(name, key, entry)
-        elif (entry.quantized.spec != spec or entry.svd != self.label
-              or (entry.b is not None and (entry.b.dtype != s.dtype or entry.rank < min(s.max_rank, *entry.quantized.shape)))):
-            raise ValueError(f"the bank's store holds {name} at {bits} built with other settings "
+            return None
+        if (entry.quantized.spec != spec or entry.svd != self.label
+                or (entry.b is not None and (entry.b.dtype != s.dtype or entry.rank < min(s.max_rank, *entry.quantized.shape)))):
+            raise ValueError(f"the bank's store holds {name} at {entry.quantized.spec.name} built with other settings "
                              f"({entry.quantized.spec}, {entry.svd} SVD, rank {entry.rank}) than this bank's {s}")
-        elif factors and entry.b is None:
+        if factors and entry.b is None:
             entry = self._with_factors(name, entry)
             self.store.put(name, key, entry)
         return entry
@@ -273,17 +285,29 @@ class WeightBank:
         return (original.to(self.device) if self.device is not None else original).float(), home
 
     def _compute(self, name: str, spec: Spec, factors: bool) -> BankEntry:
-        """Q at ``spec``: by error feedback under the layer's moment where the bank rounds so and the
-        format can (elsewhere to nearest, as materialize builds it)."""
-        s = self.settings
+        """Q at ``spec`` (as :meth:`_compute_many` encodes it), with its factors when ``factors`` asks."""
         w, home = self._source(name)
-        moment = self.moments[name].to(w.device) if self.moments is not None else None
-        upper = self._upper(name, moment) if self.rounding == "feedback" and spec.feedback_applies(tuple(w.shape)) \
-            else None
-        qt = spec.quantize(w, rounding=self.rounding, moment=moment, upper=upper, damp=self.damp)
+        (qt,) = self._encode(name, [spec], w)
         deq = qt.dequantize(torch.float32)
-        entry = BankEntry(qt.to(home), deq.to(home, s.dtype), None, None, self.label)
+        entry = BankEntry(qt.to(home), deq.to(home, self.settings.dtype), None, None, self.label)
         return self._with_factors(name, entry, w, deq) if factors else entry
+
+    def _compute_many(self, name: str, specs: Sequence[Spec]) -> list[BankEntry]:
+        """Q at each of ``specs``, no factors: the widths encoded together (:meth:`_encode`)."""
+        w, home = self._source(name)
+        return [BankEntry(qt.to(home), qt.dequantize(torch.float32).to(home, self.settings.dtype), None, None,
+                          self.label) for qt in self._encode(name, specs, w)]
+
+    def _encode(self, name: str, specs: Sequence[Spec], w: torch.Tensor) -> list[Quantized]:
+        """Q at each of ``specs``: by error feedback under the layer's moment where
+        the bank rounds so and the format can (elsewhere to nearest, as materialize builds it). The
+        widths are encoded together (:func:`loftq.formats.quantize_many`: one feedback column loop for
+        a layer's codebook widths); each Q is what encoding its width alone gives, code for code."""
+        shape = tuple(w.shape)
+        moment = self.moments[name].to(w.device) if self.moments is not None else None
+        upper = self._upper(name, moment) if self.rounding == "feedback" and any(
+            spec.feedback_applies(shape) for spec in specs) else None
+        return quantize_many(w, specs, rounding=self.rounding, moment=moment, upper=upper, damp=self.damp)
 
     def _upper(self, name: str, moment: torch.Tensor) -> torch.Tensor:
         """The layer's inverse factor for feedback rounding, computed once for all its widths."""
@@ -368,11 +392,14 @@ class WeightBank:
         return LayerBuild(stored, peft_pair(f.a.float(), f.b.float(), rank, float(rank if alpha is None else alpha)))
 
     def fill(self, names: Sequence[str] | None = None, label: str = "quantized weight bank") -> None:
-        """Quantize every (layer, width) now, with a progress bar (factors come on first use)."""
+        """Quantize every (layer, width) now, with a progress bar (factors come on first use); the
+        widths a layer's store lacks are encoded together (:meth:`_compute_many`)."""
         names = list(names) if names is not None else self.names
         widths = [b for b in self.settings.bits if b < 16]
         with progress.task(label, len(names)) as advance:
             for name in names:
-                for b in widths:
-                    self.entry(name, b, factors=False)
+                specs = [self._spec(name, b) for b in widths]
+                missing = [spec for spec in specs if self._stored(name, spec, factors=False) is None]
+                for spec, entry in zip(missing, self._compute_many(name, missing) if missing else []):
+                    self.store.put(name, entry_key(spec), entry)
                 advance(1)

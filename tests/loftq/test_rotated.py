@@ -126,6 +126,31 @@ def test_feedback_runs_under_the_rotated_moment(weights) -> None:
         spec.quantize(w, rounding="feedback", upper=inverse_factor(h))
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "feedback"])
+def test_encoding_a_layers_widths_together_gives_each_specs_own_tensor(weights, rounding: str) -> None:
+    """loftq.formats.quantize_many (the weight bank's path): plain and rotated codebook widths and a
+    GGUF type of one layer, encoded together, are each spec's ``quantize`` code for code (feedback:
+    the plain widths in one loop, the rotated ones in another on the weight and moment rotated once)."""
+    from loftq.formats import quantize_many
+
+    torch.manual_seed(2)
+    x = torch.randn(512, 1536) * torch.linspace(0.1, 4.0, 1536)
+    h = (x.T @ x / 512).double()
+    w = weights["model.layers.3.mlp.down_proj"]  # [576, 1536]
+    specs = [spec_from_fields(n, None) for n in ("nf2", "nf3", "nf4", "nf8", "nf3-rot", "nf4-rot", "q4_0")]
+    specs += [spec_from_fields("nf3", None, double_quant=True), spec_from_fields("nf2-rot", None, double_quant=True)]
+    kw = dict(rounding=rounding, moment=h, upper=inverse_factor(h)) if rounding == "feedback" else {}
+    together = quantize_many(w, specs, **kw)
+    for spec, got in zip(specs, together):
+        alone = spec.quantize(w, **kw)
+        assert got.spec == alone.spec if hasattr(alone, "spec") else got.config == alone.config
+        for k, v in alone.tensors().items():
+            assert torch.equal(got.tensors()[k], v), (spec.name, k)
+    if rounding == "feedback":
+        with pytest.raises(ValueError, match="needs the input second moment"):
+            quantize_many(w, specs, rounding="feedback", upper=inverse_factor(h))
+
+
 def test_runtime_layer_forward_backward_equal_dense(weights) -> None:
     w = weights["model.layers.3.mlp.down_proj"]
     q = RotatedSpec(QuantConfig(3, "nf", 64, True)).quantize(w)

@@ -146,3 +146,28 @@ def test_bad_input_raises_value_error(smollm2_linears) -> None:
     for call, word in cases:
         with pytest.raises(ValueError, match=word):
             call()
+
+
+def test_many_widths_in_one_column_loop_are_each_widths_own_codes(smol, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The weight bank encodes a layer's widths in one feedback loop (stacked along the output
+    rows): every width's codes and constants are those of a call with that width alone, also when
+    the batch is split to bound its working copy."""
+    import loftq.rounding as rounding
+
+    _, store, weights = smol
+    configs = [QuantConfig(b, "nf", 64, dq) for b in (2, 3, 4, 8) for dq in (False, True)]
+    for name in (LAYERS[0], LAYERS[4]):  # k_proj [192, 576], down_proj [576, 1536]
+        w, h = weights[name], store[name]
+        upper = inverse_factor(h)
+        alone = [quantize_feedback(w, c, upper=upper) for c in configs]
+        for batch in (None, 3 * w.numel() * 4):  # all 8 in one loop; 3 per loop
+            if batch is not None:
+                monkeypatch.setattr(rounding, "BATCH_BYTES", batch)
+            together = rounding.quantize_feedback_many(w, configs, h)
+            for c, a, t in zip(configs, alone, together):
+                assert t.config == c and torch.equal(t.packed, a.packed), (name, c)
+                assert a.constants().keys() == t.constants().keys()
+                assert all(torch.equal(a.constants()[k], t.constants()[k]) for k in a.constants())
+    with pytest.raises(ValueError, match="one block size"):
+        rounding.quantize_feedback_many(w, [QuantConfig(4, "nf", 64), QuantConfig(4, "nf", 32)], h)
+    assert rounding.quantize_feedback_many(w, [], h) == []

@@ -130,3 +130,42 @@ def test_feedback_rounding_entries_are_their_own_and_never_mixed(smol, tmp_path)
         WeightBank({name: w}, (2,), 16, rounding="feedback")
     with pytest.raises(ValueError, match="rounding"):
         WeightBank({name: w}, (2,), 16, moments=moments, rounding="stochastic")
+
+
+def test_fill_encodes_a_layers_widths_together_as_lookups_one_by_one_would(smol, tmp_path, monkeypatch) -> None:  # noqa: F811
+    """fill() encodes the widths a layer's store lacks in one feedback loop: every entry equals the
+    one a lookup computes alone, a filled store serves later lookups (nothing is encoded again), and
+    a store already holding some widths gets only the others."""
+    import loftq.formats as formats
+    import planner.scoring.bank as bank_module
+    from loftq.formats.codebook import Width
+    from planner.scoring.bank import DiskStore
+    from tests.planner.scoring.test_data_tables import LAYERS as SMOL
+
+    _, moments, weights = smol
+    names = [SMOL[0], SMOL[4]]  # k_proj [192, 576], down_proj [576, 1536]
+    sub = {n: weights[n] for n in names}
+    menu = (2, 3, Width(3), Width(4), 8, Width(8))  # Width(b): b bits, double-quantized
+    kw = dict(svd="exact", moments=moments, rounding="feedback")
+    one = WeightBank(sub, menu, 16, store=MemoryStore(), **kw)
+    for n in names:
+        for b in menu:
+            one.entry(n, b, factors=False)
+    calls = []
+    real = formats.quantize_many
+
+    def counting(weight, specs, **k):
+        calls.append(len(specs))
+        return real(weight, specs, **k)
+
+    monkeypatch.setattr(bank_module, "quantize_many", counting)
+    store = DiskStore(tmp_path, "k")
+    WeightBank(sub, menu[:2], 16, store=store, **kw).fill()
+    together = WeightBank(sub, menu, 16, store=store, **kw)
+    together.fill()
+    for n in names:
+        for b in menu:
+            got, ref = together.quantized(n, b), one.quantized(n, b)
+            assert got.spec == ref.spec and all(torch.equal(v, ref.tensors()[k]) for k, v in got.tensors().items())
+            assert torch.equal(together.deq(n, b), one.deq(n, b))
+    assert calls == [2, 2, 4, 4]  # two widths per layer, then the four the store lacked; lookups encode nothing

@@ -265,7 +265,7 @@ def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(
         digest = hashlib.sha1(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
         return digest, f"{config.quant_name}{'dq' if config.double_quant else ''}"
 
-    real_quantize, real_feedback = quant.quantize, rounding.quantize_feedback
+    real_quantize, real_many = quant.quantize, rounding.quantize_feedback_many
     real_residuals = quant.quantization_residuals
 
     def counting_quantize(weight, bits=None, *, config=None, **kw):
@@ -274,9 +274,10 @@ def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(
         counts[key(weight, cfg)] += 1
         return real_quantize(weight, bits, config=config, **kw)
 
-    def counting_feedback(weight, config, *args, **kw):
-        counts[key(weight, config)] += 1
-        return real_feedback(weight, config, *args, **kw)
+    def counting_feedback(weight, configs, *args, **kw):  # every feedback encoding runs through it
+        for c in configs:
+            counts[key(weight, c)] += 1
+        return real_many(weight, configs, *args, **kw)
 
     def counting_residuals(weight, configs, **kw):
         for m in (weight if weight.ndim == 3 else weight[None]):
@@ -285,8 +286,7 @@ def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(
         return real_residuals(weight, configs, **kw)
 
     monkeypatch.setattr(quant, "quantize", counting_quantize)
-    monkeypatch.setattr(rounding, "quantize_feedback", counting_feedback)
-    monkeypatch.setitem(quant.ROUNDERS, "feedback", counting_feedback)
+    monkeypatch.setattr(rounding, "quantize_feedback_many", counting_feedback)
     monkeypatch.setattr(quant, "quantization_residuals", counting_residuals)
     import loftq.formats.codebook as codebook
 
