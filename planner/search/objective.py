@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from search_spaces.facts import TargetLayer
-from search_spaces.widths import WidthKey, width_bits
+from search_spaces.widths import WidthKey, is_double_quant, is_rotated, width_bits
 
 from planner.scoring.tables import ResidualTables
 
@@ -32,6 +32,7 @@ class Shaping:
     mix: float = 0.0
     capacity: float = 0.0
     rank_floor: int = 0
+    rotated: bool = True  # False: no rotated width (the plan a menu without rotation gives)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mix <= 1.0:
@@ -97,4 +98,16 @@ class OptionTable:
             drop = torch.tensor([r < s.rank_floor for _, r in self.options])
             if not bool(drop.all()):
                 out[:, drop] = math.inf
+        if not s.rotated and self.rotation_choice:
+            out[:, torch.tensor([is_rotated(b) for b, _ in self.options])] = math.inf
         return out
+
+    @property
+    def rotation_choice(self) -> bool:
+        """Whether the menu offers a width both plain and rotated (``--rotation search``): then a
+        shaping may forbid the rotated ones, and the guided search compares the two plans."""
+        def kind(b: WidthKey) -> tuple[int, bool]:
+            return width_bits(b), is_double_quant(b)
+
+        rotated = {kind(b) for b, _ in self.options if is_rotated(b)}
+        return bool(rotated & {kind(b) for b, _ in self.options if not is_rotated(b)})

@@ -311,7 +311,10 @@ class SearchProblem:
         return cand
 
 
-def sample_shaping(trial: optuna.Trial, module_types: Sequence[str], ranks: Sequence[int]) -> Shaping:
+def sample_shaping(trial: optuna.Trial, module_types: Sequence[str], ranks: Sequence[int],
+                   rotation: bool = False) -> Shaping:
+    """``rotation``: the menu offers widths plain and rotated, and the trial also draws whether
+    rotated widths may be chosen at all."""
     weights = {t: trial.suggest_float(f"type.{t}", *SHAPE_RANGE, log=True) for t in module_types}
     return Shaping(
         type_weights=weights,
@@ -319,12 +322,15 @@ def sample_shaping(trial: optuna.Trial, module_types: Sequence[str], ranks: Sequ
         mix=trial.suggest_float("mix.residual", 0.0, 1.0),
         capacity=trial.suggest_float("capacity", 0.0, 2.0),
         rank_floor=trial.suggest_categorical("rank_floor", sorted(set(ranks))),
+        rotated=trial.suggest_categorical("rotated", [True, False]) if rotation else True,
     )
 
 
-def neutral_params(module_types: Sequence[str], rank_floor: int = 0, capacity: float = 0.0) -> dict:
+def neutral_params(module_types: Sequence[str], rank_floor: int = 0, capacity: float = 0.0,
+                   rotated: bool | None = None) -> dict:
+    """The neutral shaping's parameters (``rotated``: given where the menu has the rotation choice)."""
     return {**{f"type.{t}": 1.0 for t in module_types}, "depth.slope": 0.0, "mix.residual": 0.0,
-            "capacity": capacity, "rank_floor": rank_floor}
+            "capacity": capacity, "rank_floor": rank_floor, **({} if rotated is None else {"rotated": rotated})}
 
 
 def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials: int, timeout: float | None,
@@ -338,17 +344,21 @@ def guided_search(problem: SearchProblem, proxy: ZeroStepProxy | None, *, trials
     types = sorted({t.module_type for t in problem.table.targets})
     ranks = sorted({r for _, r in problem.table.options})
     study = open_study(storage, study_name, seed if sampler_seed is None else sampler_seed, fingerprint)
+    rotation = problem.table.rotation_choice
+    rot = True if rotation else None
     if not study.trials:  # seeds: the plain Fisher knapsack, and with an adapter on every layer
-        study.enqueue_trial(neutral_params(types), skip_if_exists=True)
+        study.enqueue_trial(neutral_params(types, rotated=rot), skip_if_exists=True)
+        if rotation:  # and the knapsack without rotated widths: the proxy compares the two plans
+            study.enqueue_trial(neutral_params(types, rotated=False), skip_if_exists=True)
         floors = sorted({next((r for r in ranks if r > 0), ranks[-1]), next((r for r in ranks if r >= 16), ranks[-1])})
         for floor in floors:
             if floor > 0:
-                study.enqueue_trial(neutral_params(types, rank_floor=floor), skip_if_exists=True)
+                study.enqueue_trial(neutral_params(types, rank_floor=floor, rotated=rot), skip_if_exists=True)
 
     def objective(trial: optuna.Trial) -> float:
         if worker is not None:
             trial.set_user_attr("worker", worker)
-        shaping = sample_shaping(trial, types, ranks)
+        shaping = sample_shaping(trial, types, ranks, rotation)
         try:
             cand = problem.solve(problem.table.shaped(shaping))
         except InfeasibleBudget:  # e.g. a rank floor that cannot fit: not a plan, prune it
@@ -380,7 +390,8 @@ def shaping_of(params: dict[str, Any]) -> Shaping | None:
     try:
         return Shaping(type_weights={k[5:]: float(v) for k, v in params.items() if k.startswith("type.")},
                        depth_slope=float(params["depth.slope"]), mix=float(params["mix.residual"]),
-                       capacity=float(params["capacity"]), rank_floor=int(params["rank_floor"]))
+                       capacity=float(params["capacity"]), rank_floor=int(params["rank_floor"]),
+                       rotated=bool(params.get("rotated", True)))
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -86,3 +86,25 @@ def test_rank_floor_drops_options_below_it_unless_it_drops_all(table: OptionTabl
 def test_shaping_validation_names_the_value(kwargs: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):
         Shaping(**kwargs)
+
+
+def test_a_shaping_without_rotation_drops_the_rotated_widths_where_the_menu_has_both() -> None:
+    """``--rotation search`` offers 3 and 3r: a shaping with rotated=False leaves the plan of the
+    menu without rotation (the guided search seeds it, so the zero-step proxy compares both plans);
+    ``--rotation on`` (3r only) has no such choice and the flag changes nothing."""
+    from search_spaces.widths import Width
+
+    targets = [TargetLayer("model.layers.0.self_attn.q_proj", (64, 64), "q_proj", 0)]
+    rot = Width(3, False, True)
+    tables = ResidualTables(names=[targets[0].name], settings=TableSettings(bits=(3, rot), ranks=(0,)),
+                            table=torch.tensor([[[0.2], [0.1]]]), sq_norm=torch.tensor([1.0], dtype=torch.float64))
+    fisher = torch.tensor([[2.0, 1.0]], dtype=torch.float64)
+    both = OptionTable.build(targets, tables, fisher, [(3, 0), (rot, 0), (16, 0)])
+    assert both.rotation_choice
+    _close(both.shaped(Shaping()), [[2.0, 1.0, 0.0]])
+    _close(both.shaped(Shaping(rotated=False)), [[2.0, math.inf, 0.0]])
+    only = OptionTable.build(targets, ResidualTables(names=[targets[0].name], settings=TableSettings(bits=(rot,), ranks=(0,)),
+                                                     table=torch.tensor([[[0.1]]]), sq_norm=torch.tensor([1.0], dtype=torch.float64)),
+                             fisher[:, 1:], [(rot, 0), (16, 0)])
+    assert not only.rotation_choice
+    _close(only.shaped(Shaping(rotated=False)), [[1.0, 0.0]])
