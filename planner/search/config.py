@@ -49,9 +49,10 @@ class PlanConfig:
                       "q6_k -> q8_0, iq4_xs -> iq4_nl)", choices=QUANTS)
     rotation: str | None = _opt(None, "quantize the 2-4-bit codebook widths in a randomized Hadamard basis (QuIP#'s "
                                 "incoherence processing; the adapter stays an ordinary one): off, on for every such "
-                                "width, or search (the planner chooses per layer). Layers without a Hadamard order "
-                                "store the plain width; GGUF and bitsandbytes exports refuse rotated layers. Default: "
-                                "README \"Defaults\"", choices=DQ_MODES)
+                                "width, or search (the planner chooses per layer; the guided search also scores the plan "
+                                "without rotation). Layers without a Hadamard order store the plain width; GGUF and "
+                                "bitsandbytes exports refuse rotated layers. Default: off (README \"Defaults\"; search "
+                                "pays at 3.5-4 bits/weight)", choices=DQ_MODES)
     init: str | None = _opt(None, "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
                             "norm; loftq-data (the default; loftq with --quick) fits the layer's output on the "
                             "calibration sequences (--data, --calib-seqs, --calib-seq-len), and the planner's "
@@ -71,7 +72,8 @@ class PlanConfig:
                        "LoftQ, round to nearest (several times faster to plan, and worse at tight budgets: README "
                        "\"Defaults\")")
     target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
-    search: str = _opt("guided", "guided: Optuna shapes the exact solver's objective; exact: the solver alone",
+    search: str = _opt("guided", "guided (the default): Optuna shapes the exact solver's objective, its first trial the "
+                       "solver's own optimum, and the zero-step proxy keeps the best; exact: the solver alone",
                        choices=SEARCHES)
     trials: int = _opt(12, "Optuna trials")
     timeout: float | None = _opt(None, "stop the search after this many seconds", type=float)
