@@ -18,6 +18,8 @@ On the packaged SmolLM2 (its Q4_1 GGUF, ``M``), with the tools of ``bench/build_
    llama.cpp --seq-len CTX --adapter-dtype fp16`` (every other option at the planner's default),
    where B is the planner's own llama.cpp memory model of the peer's target bytes less
    ``SLACK`` (the adapter file's header), then ``python -m planner materialize --format gguf``;
+   With ``--ablate-bits 2,3,4,6,8`` the planner also plans at ``--ablate-recipes``' bytes with that
+   menu (no q5_1, which reproduces the shipped Q4_1 blocks exactly): how much of the margin that is;
 6. every file: ``llama-perplexity -m FILE [--lora adapter.gguf] --kl-divergence-base W/TEXT.kld
    --kl-divergence -c CTX``: PPL, mean KLD with the tool's ±, its 99th percentile, both texts.
 
@@ -171,21 +173,24 @@ def planner_cli(argv: list[str], work: Path, log: Path) -> dict[str, Any]:
     return {"command": command, "seconds": seconds}
 
 
-def ours(work: Path, peer_row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The planner's plan at the peer's bytes, materialized for llama.cpp."""
+def ours(work: Path, peer_row: dict[str, Any], args: argparse.Namespace, bits: str | None = None) -> dict[str, Any]:
+    """The planner's plan at the peer's bytes, materialized for llama.cpp (with ``bits``: that ``--bits``
+    menu instead of the default, an ablation row of kind ``planner --bits BITS``)."""
     recipe = peer_row["recipe"]
-    plan, folder = work / f"ours-{recipe}.json", work / f"ours-{recipe}"
+    name = f"ours-{recipe}" + (f"-bits{bits.replace(',', '')}" if bits else "")
+    plan, folder = work / f"{name}.json", work / name
     budget, _ = budget_for(peer_row["target_bytes"], args.ctx)
     plan_argv = ["--model", MODEL, "--budget", str(budget), "--quant", "gguf", "--mode", "inference", "--engine",
                  "llama.cpp", "--seq-len", str(args.ctx), "--adapter-dtype", "fp16", "--out", str(plan)]
+    plan_argv += ["--bits", bits] if bits else []
     build_argv = ["materialize", str(plan), "--out", str(folder), "--format", "gguf", "--force"]
-    steps = [cached(work / f"ours-{recipe}.{step}.json", lambda argv=argv, step=step: planner_cli(
-        argv, work, work / f"ours-{recipe}.{step}.log")) for step, argv in (("plan", plan_argv), ("build", build_argv))]
+    steps = [cached(work / f"{name}.{step}.json", lambda argv=argv, step=step: planner_cli(
+        argv, work, work / f"{name}.{step}.log")) for step, argv in (("plan", plan_argv), ("build", build_argv))]
     model, adapter = folder / "gguf" / "model.gguf", folder / "gguf" / "adapter.gguf"
     layers = json.loads(plan.read_text())["layers"]
     extra = adapter.stat().st_size if adapter.is_file() else 0
     target_bytes, stored = gguf_targets(model)
-    return {"recipe": recipe, "kind": "planner", "file": str(model.relative_to(work)),
+    return {"recipe": recipe, "kind": f"planner --bits {bits}" if bits else "planner", "file": str(model.relative_to(work)),
             "adapter": str(adapter.relative_to(work)) if extra else None, "budget": budget,
             "model_bytes": model.stat().st_size, "adapter_bytes": extra, "total_bytes": model.stat().st_size + extra,
             "target_bytes": target_bytes, "types": dict(Counter(t for _, t in stored).most_common()),
@@ -256,6 +261,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             evaluate(work, row, texts, args)
             result["rows"].append(row)
             print(json.dumps({k: row[k] for k in ("recipe", "total_bytes", "types", "adapters")}), flush=True)
+    for recipe in args.ablate_recipes if args.stage != "peers" and args.ablate_bits else ():
+        if not (args.report_only and not evaluated(work, f"ours-{recipe}-bits{args.ablate_bits.replace(',', '')}")):
+            row = ours(work, peers[recipe], args, bits=args.ablate_bits)
+            evaluate(work, row, texts, args)
+            result["rows"].append(row)
+            print(json.dumps({k: row[k] for k in ("recipe", "kind", "total_bytes", "types", "adapters")}), flush=True)
     result["verdicts"] = verdicts(result["rows"])
     return result
 
@@ -265,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="folder for every file; a rerun reuses what is there")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="llama-quantize recipes (peers)")
     ap.add_argument("--plan-recipes", default="Q3_K_M,Q4_K_M,Q5_K_M", help="recipes at whose bytes the planner plans")
+    ap.add_argument("--ablate-bits", default=None, help="also plan with this --bits menu (e.g. 2,3,4,6,8: no q5_0/q5_1/"
+                    "q5_k) at --ablate-recipes' bytes: rows of kind 'planner --bits BITS', outside the verdicts")
+    ap.add_argument("--ablate-recipes", default="Q3_K_M,Q4_K_M", help="recipes at whose bytes --ablate-bits plans")
     ap.add_argument("--ctx", type=int, default=512, help="llama-perplexity -c (it scores the second half of each window)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llamacpp_frontier.json")
@@ -276,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     args.plan_recipes = [r.strip() for r in args.plan_recipes.split(",") if r.strip()]
-    if unknown := [r for r in args.plan_recipes if r not in args.recipes]:
-        ap.error(f"--plan-recipes {unknown[0]} is not among --recipes")
+    args.ablate_recipes = [r.strip() for r in args.ablate_recipes.split(",") if r.strip()]
+    if unknown := [r for r in args.plan_recipes + args.ablate_recipes if r not in args.recipes]:
+        ap.error(f"--plan-recipes/--ablate-recipes {unknown[0]} is not among --recipes")
     if problem := missing_tools():
         print(f"bench.llamacpp_frontier: {problem}", file=sys.stderr)
         return 2

@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 
 TEXTS = {"test": "pydoc test split", "ood": "out-of-domain (bench/texts)"}
+PEER = "llama.cpp + imatrix"
 TEN_PCT = ("Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M")  # issue 28: >= 10 % lower KLD from Q3_K_M's bytes to Q5_K_M's
 
 
 def _pair(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        out.setdefault(r["recipe"], {})["ours" if r["kind"] == "planner" else "peer"] = r
+    for r in rows:  # ablation rows ("planner --bits ...") are neither side of a verdict
+        if r["kind"] in ("planner", PEER):
+            out.setdefault(r["recipe"], {})["ours" if r["kind"] == "planner" else "peer"] = r
     return {k: v for k, v in out.items() if len(v) == 2}
 
 
@@ -52,8 +54,9 @@ def table(result: dict[str, Any]) -> str:
                  f"{ref['test']['ppl']:.3f} ± {ref['test']['ppl_err']:.3f} | 0 | 0 | "
                  f"{ref['ood']['ppl']:.3f} ± {ref['ood']['ppl_err']:.3f} | 0 | 0 |")
     for r in sorted(result["rows"], key=lambda r: (r["total_bytes"], r["kind"])):
-        who = f"llama.cpp {r['recipe']} + imatrix" if r["kind"] != "planner" else \
-            f"**planner at {r['recipe']}'s bytes** ({r['adapters']} adapters)"
+        who = (f"llama.cpp {r['recipe']} + imatrix" if r["kind"] == PEER else
+               f"**planner at {r['recipe']}'s bytes** ({r['adapters']} adapters)" if r["kind"] == "planner" else
+               f"{r['kind']} at {r['recipe']}'s bytes ({r['adapters']} adapters)")
         size = f"{r['model_bytes'] / 1e6:.2f}" + (f" + {r['adapter_bytes'] / 1e6:.2f}" if r["adapter_bytes"] else "")
         cells = [who, _types(r["types"]), size]
         for t in TEXTS:
@@ -81,7 +84,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     from planner.files.atomic import atomic_write_bytes
 
     fig, axes = plt.subplots(1, len(TEXTS), figsize=(12, 4.8))
-    styles = {"llama.cpp + imatrix": dict(marker="o", color="tab:blue"), "planner": dict(marker="s", color="tab:red")}
+    styles = {PEER: dict(marker="o", color="tab:blue"), "planner": dict(marker="s", color="tab:red")}
+    for kind in sorted({r["kind"] for r in result["rows"]} - set(styles)):  # ablations
+        styles[kind] = dict(marker="^", color="tab:gray", linestyle="none")
     for ax, (text, title) in zip(axes, TEXTS.items()):
         for kind, style in styles.items():
             rows = sorted((r for r in result["rows"] if r["kind"] == kind and text in r), key=lambda r: r["total_bytes"])
