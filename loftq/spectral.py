@@ -119,11 +119,26 @@ def top_squared_singular_values(m: torch.Tensor, k: int, dtype: torch.dtype | No
             vals = torch.linalg.eigvalsh(t).double()
         except torch.linalg.LinAlgError:  # a near-exact fit's basis is noise: take the exact spectrum
             vals = None
+        if vals is not None:
+            # A near-exact fit of rank ~1 (SmolLM2's Q4_1-derived weights at q5_1, data-aware norm) exhausts
+            # the Krylov space: the basis loses orthogonality (Ritz values above the true spectrum, whose sum
+            # is ||M||^2) and T's later blocks are fp32 subnormals, for which fp32 eigvalsh returns NaN. Those
+            # matrices alone take the exact spectrum; the others keep their Ritz values bit for bit.
+            total = m.double().pow(2).sum((-2, -1))
+            bad = ~torch.isfinite(vals).all(-1) | (vals.clamp(min=0).sum(-1) > total * (1 + 1e-3))
+            if bool(bad.any()):
+                vals[bad] = _exact(m[bad])[..., -vals.shape[-1]:]
     if vals is None:
-        a = m.float()
-        gram = a @ a.transpose(-2, -1) if a.shape[-2] <= a.shape[-1] else a.transpose(-2, -1) @ a
-        vals = torch.linalg.eigvalsh(gram.double())
+        vals = _exact(m)
     return vals.flip(-1)[..., :k].clamp(min=0)
+
+
+def _exact(m: torch.Tensor) -> torch.Tensor:
+    """Every squared singular value of each M [L, out, in], ascending, float64 (the smaller Gram matrix's
+    eigenvalues)."""
+    a = m.float()
+    gram = a @ a.transpose(-2, -1) if a.shape[-2] <= a.shape[-1] else a.transpose(-2, -1) @ a
+    return torch.linalg.eigvalsh(gram.double())
 
 
 def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,6 +150,10 @@ def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     a = m.float()
     rows, k, t = krylov(a.unsqueeze(0))
     vals, vecs = torch.linalg.eigh(t[0].double())
+    if not bool(torch.isfinite(vals).all()) or float(vals.clamp(min=0).sum()) > float(a.double().pow(2).sum()) * (1 + 1e-3):
+        # an exhausted Krylov space (a near-exact fit of rank ~1): see top_squared_singular_values
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
     top = vecs[:, -rank:].flip(-1).float()
     s = vals[-rank:].flip(-1).clamp(min=0).sqrt().float()
     ritz = k[0] @ top  # [p, r] orthonormal: left singular vectors (rows) or right ones

@@ -71,13 +71,13 @@ def load_cached(path: Path, key: str, check: Callable[[dict[str, torch.Tensor]],
 
 
 def non_negative(*names: str) -> Callable[[dict[str, torch.Tensor]], str | None]:
-    """A ``check`` for :func:`load_cached`: the named tensors are present and have no negative entry."""
+    """A ``check`` for :func:`load_cached`: the named tensors are present and have no negative or NaN entry."""
     def check(tensors: dict[str, torch.Tensor]) -> str | None:
         for name in names:
             if name not in tensors:
                 return f"no {name}"
-            if bool((tensors[name] < 0).any()):
-                return f"{name} has negative entries"
+            if not bool((tensors[name] >= 0).all()):
+                return f"{name} has negative or NaN entries"
         return None
 
     return check

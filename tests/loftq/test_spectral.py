@@ -7,7 +7,7 @@ import torch
 
 from loftq import QuantConfig, dequantize, loftq, residual_table
 from loftq.quant import fake_quantize
-from loftq.spectral import applies, top_squared_singular_values, truncated_svd
+from loftq.spectral import applies, krylov, top_squared_singular_values, truncated_svd
 
 BITS, RANKS = (2, 4, 8), (0, 8, 16, 32, 64)
 BLOCKS = (0, 14, 29)
@@ -123,3 +123,39 @@ def test_a_failed_ritz_solve_falls_back_to_the_exact_spectrum(monkeypatch) -> No
     got = top_squared_singular_values(m, 64)
     exact = real((m @ m.transpose(-2, -1)).double()).flip(-1)[..., :64]
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=0)
+
+
+def _exhausted() -> torch.Tensor:
+    """A real near-exact fit: SmolLM2's layer-1 q_proj at q5_1 under the data-aware norm (the planner's
+    default calibration) leaves two identical non-zero rows of ~1e-4; planning --quant gguf at Q5_K_M's
+    bytes got NaN in its residual table there (fp32 eigvalsh of a Ritz matrix with subnormal entries)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    row = load_file(str(Path(__file__).parent / "data" / "krylov_exhausted_row.safetensors"))["row"]
+    m = torch.zeros(576, 576)
+    m[161] = m[177] = row
+    return m
+
+
+def test_an_exhausted_krylov_space_takes_the_exact_spectrum() -> None:
+    """A residual of rank ~1 exhausts the Krylov space: its Ritz values came out NaN (the real layer)
+    or above the true spectrum (one non-zero entry: 4x its only singular value squared). Such matrices
+    take the exact spectrum; a healthy matrix in the same batch keeps its Ritz values bit for bit."""
+    torch.manual_seed(0)
+    live = torch.randn(1, 576, 576)
+    single = torch.zeros(1, 576, 576)
+    single[0, 7, 11] = 4e-4
+    m = torch.cat([_exhausted().unsqueeze(0), single, live])
+    assert applies(tuple(m.shape), 64)
+    got = top_squared_singular_values(m, 64)
+    assert bool(torch.isfinite(got).all())
+    exact = torch.linalg.eigvalsh((m[:2] @ m[:2].transpose(-2, -1)).double()).flip(-1)[..., :64]
+    torch.testing.assert_close(got[:2], exact, rtol=1e-5, atol=1e-18)
+    assert abs(float(got[1, 0]) - 4e-4 ** 2) < 1e-12  # the one entry, squared
+    _, _, t = krylov(m)  # the batch's own Ritz values: the healthy matrix keeps its own
+    assert torch.equal(got[2], torch.linalg.eigvalsh(t[2]).double().flip(-1)[:64].clamp(min=0))
+    # materialize's low-rank step on the real one: the rank-1 fit leaves nothing of it
+    u, s, vh = truncated_svd(m[0], 8)
+    assert float(torch.linalg.norm(m[0] - (u * s) @ vh) / torch.linalg.norm(m[0])) < 1e-4

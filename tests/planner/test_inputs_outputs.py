@@ -387,6 +387,8 @@ def test_a_cached_fisher_error_below_zero_is_recomputed(tmp_path: Path) -> None:
     assert valid_tables({"table": table, "sq_norm": torch.tensor([1.0])}) is None
     assert valid_tables({"table": table.flip(-1), "sq_norm": torch.tensor([1.0])}) == "residuals rise with the rank"
     assert "negative" in valid_tables({"table": -table, "sq_norm": torch.tensor([1.0])})
+    # a NaN cell (a residual table once held one at rank 64 of an exact fit) is not a valid cache
+    assert "NaN" in valid_tables({"table": torch.tensor([[[0.4, 0.0, float("nan")]]]), "sq_norm": torch.tensor([1.0])})
 
 
 def test_collect_on_a_malformed_study_config_is_one_line(tmp_path: Path, capsys) -> None:
