@@ -375,8 +375,6 @@ def collect(url: str, name: str, cache_dir: str | None = None) -> PlanOutcome:
     import optuna
     from optuna.trial import TrialState
 
-    from planner.files.paths import one_line
-    from planner.search.study import FINGERPRINT
     from planner.train.data import CorpusConfig, load_corpus
 
     storage = open_storage(url)
@@ -384,17 +382,7 @@ def collect(url: str, name: str, cache_dir: str | None = None) -> PlanOutcome:
         main = optuna.load_study(storage=storage, study_name=name)
     except KeyError:
         raise PlannerError(f"--storage {redact(url)} has no study {name!r}") from None
-    record, fp = main.user_attrs.get(CONFIG), main.user_attrs.get(FINGERPRINT)
-    if record is None or fp is None:
-        raise PlannerError(f"study {name!r} was not made by a shared planner run (no {CONFIG} attribute)")
-    try:
-        cfg = PlanConfig(**{**record["plan"], "bits": tuple(record["plan"]["bits"]),
-                            "ranks": tuple(record["plan"]["ranks"]), "cache_dir": cache_dir, "storage": url,
-                            "study_name": name})
-        run, budget = RunSettings.from_dict(record["run"]), int(record["budget"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited or foreign study
-        raise PlannerError(f"study {name!r}: its stored configuration ({CONFIG}) is malformed "
-                           f"({type(err).__name__}: {one_line(err)})") from None
+    cfg, run, budget, fp = _stored_config(main, url, name, cache_dir)
     prep = prepare(cfg, run)
     if prep.source.weights_sha256() != fp["weights"]:
         raise PlannerError(f"study {name!r} was made with other weights than {cfg.model} here")
@@ -433,6 +421,24 @@ def collect(url: str, name: str, cache_dir: str | None = None) -> PlanOutcome:
     plan = build_plan(prep, tables, problem.table, chosen, exact, candidates, budget, info, {}, records,
                       init=_init_of(cfg, ctx.corpus_sha, prep.imatrix_sha256))
     return PlanOutcome(plan, exact.budget_binds, candidates, chosen, exact, problem)
+
+
+def _stored_config(main: Any, url: str, name: str, cache_dir: str | None) -> tuple[PlanConfig, RunSettings, int, dict]:
+    """The plan configuration, run settings, budget and fingerprint a shared run stored on its study."""
+    from planner.files.paths import one_line
+    from planner.search.study import FINGERPRINT
+
+    record, fp = main.user_attrs.get(CONFIG), main.user_attrs.get(FINGERPRINT)
+    if record is None or fp is None:
+        raise PlannerError(f"study {name!r} was not made by a shared planner run (no {CONFIG} attribute)")
+    try:
+        cfg = PlanConfig(**{**record["plan"], "bits": tuple(record["plan"]["bits"]),
+                            "ranks": tuple(record["plan"]["ranks"]), "cache_dir": cache_dir, "storage": url,
+                            "study_name": name})
+        return cfg, RunSettings.from_dict(record["run"]), int(record["budget"]), fp
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited or foreign study
+        raise PlannerError(f"study {name!r}: its stored configuration ({CONFIG}) is malformed "
+                           f"({type(err).__name__}: {one_line(err)})") from None
 
 
 def _init_of(cfg: PlanConfig, corpus_sha: str, imatrix_sha256: str | None = None) -> InitRecord:
