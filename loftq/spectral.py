@@ -150,7 +150,8 @@ def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     a = m.float()
     rows, k, t = krylov(a.unsqueeze(0))
     vals, vecs = torch.linalg.eigh(t[0].double())
-    if not bool(torch.isfinite(vals).all()) or float(vals.clamp(min=0).sum()) > float(a.double().pow(2).sum()) * (1 + 1e-3):
+    total = float(a.double().pow(2).sum())
+    if not bool(torch.isfinite(vals).all()) or float(vals.clamp(min=0).sum()) > total * (1 + 1e-3):
         # an exhausted Krylov space (a near-exact fit of rank ~1): see top_squared_singular_values
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]

@@ -71,7 +71,8 @@ def test_peak_of_a_small_vocabulary_step(trainer: str, arch: str, setting: dict)
 # runs every trainer with checkpointing off + SDPA and on + eager at 1k tokens, and the planner's own
 # loop at 4k (the largest logits peak); PLANNER_FULL_ORACLE=1 runs the whole grid (11 cases more).
 FULL = os.environ.get("PLANNER_FULL_ORACLE") == "1"
-_FULL_ONLY = pytest.mark.skipif(not FULL, reason="PLANNER_FULL_ORACLE=1 runs the whole grid (1-5 min a case on 2 cores)")
+_FULL_ONLY = pytest.mark.skipif(not FULL,
+                                reason="PLANNER_FULL_ORACLE=1 runs the whole grid (1-5 min a case on 2 cores)")
 
 
 def _in_suite(seq: int, trainer: str, ck: bool, attn: str) -> bool:
