@@ -173,11 +173,16 @@ def planner_cli(argv: list[str], work: Path, log: Path) -> dict[str, Any]:
     return {"command": command, "seconds": seconds}
 
 
+def ours_name(recipe: str, bits: str | None = None) -> str:
+    """The plan's file stem and folder name in the work folder."""
+    return f"ours-{recipe}" + (f"-bits{bits.replace(',', '')}" if bits else "")
+
+
 def ours(work: Path, peer_row: dict[str, Any], args: argparse.Namespace, bits: str | None = None) -> dict[str, Any]:
     """The planner's plan at the peer's bytes, materialized for llama.cpp (with ``bits``: that ``--bits``
     menu instead of the default, an ablation row of kind ``planner --bits BITS``)."""
     recipe = peer_row["recipe"]
-    name = f"ours-{recipe}" + (f"-bits{bits.replace(',', '')}" if bits else "")
+    name = ours_name(recipe, bits)
     plan, folder = work / f"{name}.json", work / name
     budget, _ = budget_for(peer_row["target_bytes"], args.ctx)
     plan_argv = ["--model", MODEL, "--budget", str(budget), "--quant", "gguf", "--mode", "inference", "--engine",
@@ -256,13 +261,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["rows"].append(peers[recipe])
             print(json.dumps({k: peers[recipe][k] for k in ("recipe", "total_bytes", "types")}), flush=True)
         if args.stage != "peers" and recipe in args.plan_recipes and not (
-                args.report_only and not evaluated(work, f"ours-{recipe}")):
+                args.report_only and not evaluated(work, ours_name(recipe))):
             row = ours(work, peers[recipe], args)
             evaluate(work, row, texts, args)
             result["rows"].append(row)
             print(json.dumps({k: row[k] for k in ("recipe", "total_bytes", "types", "adapters")}), flush=True)
     for recipe in args.ablate_recipes if args.stage != "peers" and args.ablate_bits else ():
-        if not (args.report_only and not evaluated(work, f"ours-{recipe}-bits{args.ablate_bits.replace(',', '')}")):
+        if not (args.report_only and not evaluated(work, ours_name(recipe, args.ablate_bits))):
             row = ours(work, peers[recipe], args, bits=args.ablate_bits)
             evaluate(work, row, texts, args)
             result["rows"].append(row)

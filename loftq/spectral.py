@@ -124,13 +124,19 @@ def top_squared_singular_values(m: torch.Tensor, k: int, dtype: torch.dtype | No
             # the Krylov space: the basis loses orthogonality (Ritz values above the true spectrum, whose sum
             # is ||M||^2) and T's later blocks are fp32 subnormals, for which fp32 eigvalsh returns NaN. Those
             # matrices alone take the exact spectrum; the others keep their Ritz values bit for bit.
-            total = m.double().pow(2).sum((-2, -1))
-            bad = ~torch.isfinite(vals).all(-1) | (vals.clamp(min=0).sum(-1) > total * (1 + 1e-3))
+            bad = _exhausted(vals, m)
             if bool(bad.any()):
                 vals[bad] = _exact(m[bad])[..., -vals.shape[-1]:]
     if vals is None:
         vals = _exact(m)
     return vals.flip(-1)[..., :k].clamp(min=0)
+
+
+def _exhausted(vals: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per matrix of M [..., out, in]: whether its Ritz values ``vals`` [..., D] cannot be right (not finite,
+    or summing above ||M||^2, which no orthonormal basis allows)."""
+    total = m.double().pow(2).sum((-2, -1))
+    return ~torch.isfinite(vals).all(-1) | (vals.clamp(min=0).sum(-1) > total * (1 + 1e-3))
 
 
 def _exact(m: torch.Tensor) -> torch.Tensor:
@@ -150,9 +156,7 @@ def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     a = m.float()
     rows, k, t = krylov(a.unsqueeze(0))
     vals, vecs = torch.linalg.eigh(t[0].double())
-    total = float(a.double().pow(2).sum())
-    if not bool(torch.isfinite(vals).all()) or float(vals.clamp(min=0).sum()) > total * (1 + 1e-3):
-        # an exhausted Krylov space (a near-exact fit of rank ~1): see top_squared_singular_values
+    if bool(_exhausted(vals, a)):  # a near-exact fit of rank ~1: see top_squared_singular_values
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank]
     top = vecs[:, -rank:].flip(-1).float()

@@ -75,14 +75,17 @@ _FULL_ONLY = pytest.mark.skipif(not FULL,
                                 reason="PLANNER_FULL_ORACLE=1 runs the whole grid (1.5-6 min a case on 2 cores)")
 
 
+PAIRS = ((False, "sdpa"), (True, "eager"))  # (checkpointing, attention) at 4k tokens, and in the suite at 1k
+
+
 def _in_suite(seq: int, trainer: str, ck: bool, attn: str) -> bool:
-    return (ck, attn) in ((False, "sdpa"), (True, "eager")) and (seq == 256 or (trainer, ck) == ("finetune", False))
+    return (ck, attn) in PAIRS and (seq == 256 or (trainer, ck) == ("finetune", False))
 
 
-GRID = [pytest.param(*case, marks=() if _in_suite(*case) else _FULL_ONLY)
-        for case in ((seq, trainer, ck, attn) for seq in (256, 1024) for trainer in ("finetune", "hf", "trl")
-                     for ck in (False, True) for attn in ("sdpa", "eager"))
-        if case[0] == 256 or (case[2], case[3]) in ((False, "sdpa"), (True, "eager"))]
+GRID = [pytest.param(seq, trainer, ck, attn, marks=() if _in_suite(seq, trainer, ck, attn) else _FULL_ONLY)
+        for seq in (256, 1024) for trainer in ("finetune", "hf", "trl")
+        for ck in (False, True) for attn in ("sdpa", "eager")
+        if seq == 256 or (ck, attn) in PAIRS]
 
 
 @pytest.mark.slow
