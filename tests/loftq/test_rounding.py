@@ -171,3 +171,27 @@ def test_many_widths_in_one_column_loop_are_each_widths_own_codes(smol, monkeypa
     with pytest.raises(ValueError, match="one block size"):
         rounding.quantize_feedback_many(w, [QuantConfig(4, "nf", 64), QuantConfig(4, "nf", 32)], h)
     assert rounding.quantize_feedback_many(w, [], h) == []
+
+
+def test_the_grid_rounds_like_a_binary_search_at_and_around_every_midpoint() -> None:
+    """The column loop reads codes off :class:`loftq.rounding._Grid`'s cells instead of a search: at
+    every midpoint of NF2/3/4/8 and an even 255-step book, one fp32 step either side of it, the ends
+    and random values, each row in its own book, the codes are bucketize's (ties to the lower
+    entry) and the rounded values those codes' entries."""
+    from loftq.rounding import _Grid
+
+    books = [QuantConfig(b, "nf", 64).spec.codebook(b) for b in (2, 3, 4, 8)] + [torch.linspace(-1, 1, 255)]
+    values = []
+    for b in books:
+        mids = (b[:-1] + b[1:]) / 2
+        near = torch.cat([mids, torch.nextafter(mids, torch.tensor(-2.0)), torch.nextafter(mids, torch.tensor(2.0))])
+        values.append(torch.cat([near, torch.tensor([-1.0, 1.0, 0.0, -0.0]), torch.rand(500) * 2 - 1]))
+    out = max(len(v) for v in values)
+    scaled = torch.stack([torch.cat([v, v.new_zeros(out - len(v))]) for v in values]).reshape(-1)
+    grid = _Grid(books, out, scaled.device)
+    codes = grid.codes(scaled.view(1, -1)).view(len(books), out)
+    rounded = grid.rounded(scaled).view(len(books), out)
+    for i, b in enumerate(books):
+        want = torch.bucketize(scaled.view(len(books), out)[i], (b[:-1] + b[1:]) / 2)
+        assert torch.equal(codes[i], want), i
+        assert torch.equal(rounded[i], b[want]), i
