@@ -16,8 +16,6 @@ callers of the bank do not change when it stops living in RAM.
 from __future__ import annotations
 
 import json
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Protocol, Sequence
@@ -204,40 +202,6 @@ def top_factors(residual: torch.Tensor, rank: int, svd: str = "randomized") -> L
     return LowRank((u[:, :rank] * root).contiguous(), (root.unsqueeze(1) * vh[:rank]).contiguous())
 
 
-def encode(w: torch.Tensor, specs: Sequence[Spec], rounding: str, moment: torch.Tensor | None, damp: float,
-           upper: torch.Tensor | None = None) -> list[Quantized]:
-    """Q of ``w`` at each of ``specs``: by error feedback under the layer's moment where the bank
-    rounds so and the format can (elsewhere to nearest, as materialize builds it). The widths are
-    encoded together (:func:`loftq.formats.quantize_many`: one feedback column loop for a layer's
-    codebook widths); each Q is what encoding its width alone gives, code for code. ``upper``: the
-    moment's inverse factor when the caller has it."""
-    if moment is not None:
-        moment = moment.to(w.device)
-    if upper is None and rounding == "feedback" and any(spec.feedback_applies(tuple(w.shape)) for spec in specs):
-        upper = inverse_factor(moment, damp)
-    return quantize_many(w, specs, rounding=rounding, moment=moment, upper=upper, damp=damp)
-
-
-def encode_entries(w: torch.Tensor, specs: Sequence[Spec], home: torch.device, dtype: torch.dtype, label: str,
-                   rounding: str, moment: torch.Tensor | None, damp: float) -> list["BankEntry"]:
-    """:func:`encode`'s Q at each of ``specs`` as bank entries on ``home``, no factors."""
-    return [BankEntry(qt.to(home), qt.dequantize(torch.float32).to(home, dtype), None, None, label)
-            for qt in encode(w, specs, rounding, moment, damp)]
-
-
-def _one_thread(fn, *args):  # noqa: ANN001, ANN202
-    """``fn(*args)`` with this thread's torch (OpenMP) thread count at 1: it is per calling thread."""
-    torch.set_num_threads(1)
-    return fn(*args)
-
-
-def _done(value):  # noqa: ANN001, ANN202
-    """A finished future holding ``value`` (the one-thread path of :meth:`WeightBank.fill`)."""
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
 class WeightBank:
     """Lookups by (layer name, bits) over ``weights`` (name -> [out, in] original weight).
 
@@ -321,23 +285,35 @@ class WeightBank:
         return (original.to(self.device) if self.device is not None else original).float(), home
 
     def _compute(self, name: str, spec: Spec, factors: bool) -> BankEntry:
-        """Q at ``spec`` (as :meth:`fill` encodes it), with its factors when ``factors`` asks."""
+        """Q at ``spec`` (as :meth:`_compute_many` encodes it), with its factors when ``factors`` asks."""
         w, home = self._source(name)
         (qt,) = self._encode(name, [spec], w)
         deq = qt.dequantize(torch.float32)
         entry = BankEntry(qt.to(home), deq.to(home, self.settings.dtype), None, None, self.label)
         return self._with_factors(name, entry, w, deq) if factors else entry
 
+    def _compute_many(self, name: str, specs: Sequence[Spec]) -> list[BankEntry]:
+        """Q at each of ``specs``, no factors: the widths encoded together (:meth:`_encode`)."""
+        w, home = self._source(name)
+        return [BankEntry(qt.to(home), qt.dequantize(torch.float32).to(home, self.settings.dtype), None, None,
+                          self.label) for qt in self._encode(name, specs, w)]
+
     def _encode(self, name: str, specs: Sequence[Spec], w: torch.Tensor) -> list[Quantized]:
-        """Q at each of ``specs`` (:func:`encode`), the layer's inverse factor computed once for all
-        its widths."""
+        """Q at each of ``specs``: by error feedback under the layer's moment where
+        the bank rounds so and the format can (elsewhere to nearest, as materialize builds it). The
+        widths are encoded together (:func:`loftq.formats.quantize_many`: one feedback column loop for
+        a layer's codebook widths); each Q is what encoding its width alone gives, code for code."""
+        shape = tuple(w.shape)
         moment = self.moments[name].to(w.device) if self.moments is not None else None
-        upper = None
-        if self.rounding == "feedback" and any(spec.feedback_applies(tuple(w.shape)) for spec in specs):
-            if self._upper_of[0] != name:
-                self._upper_of = (name, inverse_factor(moment, self.damp))
-            upper = self._upper_of[1]
-        return encode(w, specs, self.rounding, moment, self.damp, upper)
+        upper = self._upper(name, moment) if self.rounding == "feedback" and any(
+            spec.feedback_applies(shape) for spec in specs) else None
+        return quantize_many(w, specs, rounding=self.rounding, moment=moment, upper=upper, damp=self.damp)
+
+    def _upper(self, name: str, moment: torch.Tensor) -> torch.Tensor:
+        """The layer's inverse factor for feedback rounding, computed once for all its widths."""
+        if self._upper_of[0] != name:
+            self._upper_of = (name, inverse_factor(moment, self.damp))
+        return self._upper_of[1]
 
     def _with_factors(self, name: str, e: BankEntry, w: torch.Tensor | None = None,
                       deq: torch.Tensor | None = None) -> BankEntry:
@@ -417,34 +393,13 @@ class WeightBank:
 
     def fill(self, names: Sequence[str] | None = None, label: str = "quantized weight bank") -> None:
         """Quantize every (layer, width) now, with a progress bar (factors come on first use); the
-        widths a layer's store lacks are encoded together (:func:`encode_entries`). On a CPU with
-        several torch threads, that many layers are encoded at once, each on one thread (the column
-        loop's steps are too small for threads inside an op: measured on SmolLM2's 210 layers x 8
-        widths on 2 cores, README "Planning time"); weights and moments are read, and entries stored,
-        by the calling thread, in layer order. Each entry is the one a lone encoding gives, bit for bit."""
+        widths a layer's store lacks are encoded together (:meth:`_compute_many`)."""
         names = list(names) if names is not None else self.names
         widths = [b for b in self.settings.bits if b < 16]
-        on_cpu = self.device is None or torch.device(self.device).type == "cpu"
-        workers = max(1, torch.get_num_threads()) if on_cpu else 1
-        waiting: deque = deque()  # (name, the specs it lacked, their encoding's future), in layer order
-        with progress.task(label, len(names)) as advance, ThreadPoolExecutor(workers) as pool:
-            def store_oldest() -> None:
-                name, specs, job = waiting.popleft()
-                for spec, entry in zip(specs, job.result() if job is not None else []):
-                    self.store.put(name, entry_key(spec), entry)
-                advance(1)
-
+        with progress.task(label, len(names)) as advance:
             for name in names:
                 specs = [self._spec(name, b) for b in widths]
                 missing = [spec for spec in specs if self._stored(name, spec, factors=False) is None]
-                job = None
-                if missing:
-                    w, home = self._source(name)
-                    args = (w, missing, home, self.settings.dtype, self.label, self.rounding,
-                            self.moments[name] if self.moments is not None else None, self.damp)
-                    job = pool.submit(_one_thread, encode_entries, *args) if workers > 1 else _done(encode_entries(*args))
-                waiting.append((name, missing, job))
-                while len(waiting) > workers:
-                    store_oldest()
-            while waiting:
-                store_oldest()
+                for spec, entry in zip(missing, self._compute_many(name, missing) if missing else []):
+                    self.store.put(name, entry_key(spec), entry)
+                advance(1)
