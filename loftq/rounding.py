@@ -99,8 +99,9 @@ class _Grid:
         self.near = torch.stack([self.threshold, torch.cat(below), torch.cat(above)], dim=1)  # [k * size, 3]
         self.offsets = (torch.arange(len(codebooks), device=device) * size).repeat_interleave(out)
 
-    def rounded(self, scaled: torch.Tensor) -> torch.Tensor:
-        """The book entry each value of one stacked column (fp32 [rows]) rounds to."""
+    def rounded(self, scaled: torch.Tensor, j: int = 0) -> torch.Tensor:
+        """The book entry each value of one stacked column (fp32 [rows]) rounds to (``j``: its
+        column in the block, unused)."""
         near = self.near.index_select(0, self.cells(scaled).add_(self.offsets))
         return torch.where(scaled > near[:, 0], near[:, 2], near[:, 1])
 
@@ -110,6 +111,22 @@ class _Grid:
         codes = self.base.index_select(0, idx)
         codes += scaled.reshape(-1) > self.threshold.index_select(0, idx)
         return codes.view_as(scaled)
+
+
+class _Search:
+    """One codebook: the code by ``bucketize`` over its midpoints (a one-book step needs fewer
+    calls so than through :class:`_Grid`: measured 1.5x faster for one width at a time), kept per
+    column of the block for :meth:`codes`."""
+
+    def __init__(self, codebook: torch.Tensor, block: int, out: int) -> None:
+        self.book, self.mids = codebook, (codebook[:-1] + codebook[1:]) / 2
+        self.kept = torch.empty(block, out, dtype=torch.long, device=codebook.device)
+
+    def rounded(self, scaled: torch.Tensor, j: int) -> torch.Tensor:
+        return self.book.index_select(0, torch.bucketize(scaled, self.mids, out=self.kept[j]))
+
+    def codes(self, scaled: torch.Tensor) -> torch.Tensor:
+        return self.kept
 
 
 def _feedback(w: torch.Tensor, upper: torch.Tensor, codebooks: list[torch.Tensor], block: int,
@@ -123,7 +140,7 @@ def _feedback(w: torch.Tensor, upper: torch.Tensor, codebooks: list[torch.Tensor
     Works on W^T so that a column is a contiguous row; the loop is per column, so each step is a
     few small calls. A value rounds to the book entry whose code is the number of midpoints strictly
     below it (ties to the lower entry: code_lookup's codes), read from :class:`_Grid`'s cells by one
-    gather for every format at once; the step needs only the entry, so the codes of a block of
+    gather for every format at once (one format: :class:`_Search`); the step needs only the entry, so the codes of a block of
     columns are read once at its end from the scaled values it kept. (A compare against all 255 of
     NF8's midpoints cost 3x the rest of the step, a row-wise ``searchsorted`` over the books' padded
     midpoints 2-3x, one ``bucketize`` per format 1x, measured on SmolLM2's layers.)
@@ -132,7 +149,7 @@ def _feedback(w: torch.Tensor, upper: torch.Tensor, codebooks: list[torch.Tensor
     k = len(codebooks)
     rows = k * out
     wt = w.t().repeat(1, k)  # [in, k * out]: a copy per format, never the caller's tensor
-    grid = _Grid(codebooks, out, w.device)
+    grid = _Grid(codebooks, out, w.device) if k > 1 else _Search(codebooks[0].to(w.device), block, out)
     codes = torch.empty(n, rows, dtype=torch.uint8, device=w.device)
     used = torch.cat(scales).t().contiguous()  # [in // block, k * out]
     err = w.new_empty(block, rows)
@@ -147,7 +164,7 @@ def _feedback(w: torch.Tensor, upper: torch.Tensor, codebooks: list[torch.Tensor
             s1 = min(block, s0 + STEP)
             for j in range(s0, s1):
                 x = torch.mul(part[j], inv, out=scaled[j]).clamp_(-1.0, 1.0)
-                deq = grid.rounded(x) * absmax  # dequantize()'s product, bit for bit
+                deq = grid.rounded(x, j) * absmax  # dequantize()'s product, bit for bit
                 torch.div(part[j] - deq, diag[j, j], out=err[j])
                 if j + 1 < s1:  # small enough to stay on one thread
                     part[j + 1:s1].sub_(diag[j, j + 1:s1, None] * err[j])
