@@ -114,9 +114,9 @@ class _Grid:
 
 
 class _Search:
-    """One codebook: the code by ``bucketize`` over its midpoints (a one-book step needs fewer
-    calls so than through :class:`_Grid`: measured 1.5x faster for one width at a time), kept per
-    column of the block for :meth:`codes`."""
+    """One codebook: the code by ``bucketize`` over its midpoints (a one-book step needs fewer calls
+    so than through :class:`_Grid`: 7 SmolLM2 layers x 4 widths one at a time, 2.38 s against 3.34
+    s), kept per column of the block for :meth:`codes`."""
 
     def __init__(self, codebook: torch.Tensor, block: int, out: int) -> None:
         self.book, self.mids = codebook, (codebook[:-1] + codebook[1:]) / 2
@@ -140,10 +140,10 @@ def _feedback(w: torch.Tensor, upper: torch.Tensor, codebooks: list[torch.Tensor
     Works on W^T so that a column is a contiguous row; the loop is per column, so each step is a
     few small calls. A value rounds to the book entry whose code is the number of midpoints strictly
     below it (ties to the lower entry: code_lookup's codes), read from :class:`_Grid`'s cells by one
-    gather for every format at once (one format: :class:`_Search`); the step needs only the entry, so the codes of a block of
-    columns are read once at its end from the scaled values it kept. (A compare against all 255 of
-    NF8's midpoints cost 3x the rest of the step, a row-wise ``searchsorted`` over the books' padded
-    midpoints 2-3x, one ``bucketize`` per format 1x, measured on SmolLM2's layers.)
+    gather for every format at once (one format: :class:`_Search`); the step needs only the entry,
+    so the codes of a block of columns are read once at its end from the scaled values it kept.
+    (Profiled on SmolLM2's layers: a compare against all 255 of NF8's midpoints cost 3x the rest of
+    the step; a row-wise ``searchsorted`` over the books' padded midpoints was 65-70% of the loop.)
     """
     out, n = w.shape
     k = len(codebooks)
