@@ -228,7 +228,7 @@ def measure_step(model: nn.Module, ids: torch.Tensor, run: Any, *, trainer: str 
     (labels = inputs) through ``trainer`` with ``run``'s optimizer and checkpointing (a
     :class:`planner.settings.RunSettings`). The model is trained in place (two optimizer steps).
     ``compute=False``: the steps allocate as they do but skip the heavy arithmetic (:class:`ShapesOnly`;
-    the model's weights become garbage)."""
+    what they do to the trainable weights is then meaningless)."""
     if trainer not in RUNNERS:
         raise ValueError(f"trainer must be one of {', '.join(RUNNERS)}; got {trainer!r}")
     gc.collect()
