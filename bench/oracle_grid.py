@@ -5,10 +5,11 @@ computed step beside it (same bytes expected, and how much longer it takes).
     python -m bench.oracle_grid [--computed CASES] [--out bench/results/oracle_grid.json]
 
 The grid is ``tests/planner/test_oracle.py``'s (tiny Llama: hidden 64, 2 blocks, NF4 r8, bf16,
-vocabulary 128,256, batch 4). Each row: the predicted allocated bytes, the measured peak, their
-ratio and the seconds of the measurement. ``--computed all`` (or a comma list of row numbers, 0-based)
-also measures those rows with the arithmetic done (``measure_step(compute=True)``: 1.5-6 min a case
-on 2 cores) and records whether the bytes are identical. Run it alone (``uptime`` before and after).
+vocabulary 128,256, batch 4), measured by the test's own ``measure_case``. Each row: the predicted
+allocated bytes, the measured peak, their ratio and the seconds of the case (the tiny model built
+and measured). ``--computed all`` (or a comma list of row numbers, 0-based) also measures those
+rows with the arithmetic done (``measure_step(compute=True)``: 1.5-6 min a case on 2 cores) and
+records whether the bytes are identical. Run it alone (``uptime`` before and after).
 """
 from __future__ import annotations
 
@@ -23,20 +24,14 @@ from bench.common import write_json
 
 
 def measure(seq: int, trainer: str, ck: bool, attn: str, compute: bool) -> tuple[int, int, float]:
-    """(predicted allocated bytes, measured peak bytes, seconds) of one grid case."""
-    from planner.memory import estimate
-    from planner.settings import RunSettings
-    from planner.verify.oracle import measure_step, tiny_case
-    from tests.planner.test_oracle import LLAMA3_VOCAB
+    """(predicted allocated bytes, measured peak bytes, seconds) of one grid case: the test's own
+    case (model, batch and settings), timed with building the tiny model."""
+    from tests.planner.test_oracle import LLAMA3_VOCAB, measure_case
 
-    run = RunSettings(seq_len=seq, batch_size=4, compute_dtype="bf16", device="cuda", trainer=trainer,
-                      gradient_checkpointing=ck, attn_implementation=attn)
-    pm, facts, targets, choices, non_target = tiny_case("llama", run, vocab=LLAMA3_VOCAB)
-    ids = torch.randint(3, LLAMA3_VOCAB, (run.batch_size, seq), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    peak = measure_step(pm, ids, run, trainer=trainer, compute=compute).peak_bytes
-    seconds = time.perf_counter() - t0
-    return estimate(facts, targets, choices, run, non_target).allocated_bytes, peak, seconds
+    predicted, step = measure_case("llama", trainer, seq, LLAMA3_VOCAB, compute=compute,
+                                   gradient_checkpointing=ck, attn_implementation=attn)
+    return predicted, step.peak_bytes, time.perf_counter() - t0
 
 
 def main() -> None:

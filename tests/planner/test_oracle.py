@@ -47,8 +47,10 @@ def test_step_tracker_measures_the_step_after_warmup() -> None:
     assert tracker.result.start_bytes >= keep.nbytes
 
 
-def _measure(arch: str, trainer: str, seq: int, vocab: int, compute: bool = True, **setting) -> tuple[int, StepPeak]:
-    """(the memory model's allocated bytes, the oracle's measured step) for a tiny ``arch`` model."""
+def measure_case(arch: str, trainer: str, seq: int, vocab: int, compute: bool = True,
+                 **setting) -> tuple[int, StepPeak]:
+    """(the memory model's allocated bytes, the oracle's measured step) for a tiny ``arch`` model
+    (bench.oracle_grid measures the grid with it)."""
     run = RunSettings(seq_len=seq, batch_size=4, compute_dtype="bf16", device="cuda", trainer=trainer, **setting)
     pm, facts, targets, choices, non_target = tiny_case(arch, run, vocab=vocab)
     ids = torch.randint(3, vocab, (run.batch_size, run.seq_len), generator=torch.Generator().manual_seed(0))
@@ -65,22 +67,22 @@ SMALL = [("finetune", "llama", {}), ("hf", "llama", dict(gradient_checkpointing=
 def test_peak_of_a_small_vocabulary_step(trainer: str, arch: str, setting: dict) -> None:
     """The memory model against the computed step; the shapes-only step (the 128k cases below run
     so) allocates exactly what the computed one does, byte for byte, through every trainer."""
-    predicted, measured = _measure(arch, trainer, 256, 320, **setting)
+    predicted, measured = measure_case(arch, trainer, 256, 320, **setting)
     assert abs(predicted / measured.peak_bytes - 1) <= TOLERANCE, (predicted, measured)
-    _, shapes_only = _measure(arch, trainer, 256, 320, compute=False, **setting)
+    _, shapes_only = measure_case(arch, trainer, 256, 320, compute=False, **setting)
     assert shapes_only == measured
 
 
 # Computed, a case costs 1.5 min on a 2-core CPU at 1k tokens and 3-6 min at 4k (a 128k vocabulary:
 # bf16 products over the vocabulary); shapes-only (measure_step(compute=False): every allocation, no
 # arithmetic in the products and the loss) it measures the same bytes in seconds (the small cases
-# above check byte equality through every trainer; README "Trainer-exact memory" lists the 128k
+# above check byte equality through every trainer; README "Shapes-only steps" lists the 128k
 # cases measured both ways). The suite runs every trainer with checkpointing off + SDPA and on +
 # eager at 1k tokens, and the planner's own loop at 4k (the largest logits peak);
 # PLANNER_FULL_ORACLE=1 runs the whole grid (11 cases more).
 FULL = os.environ.get("PLANNER_FULL_ORACLE") == "1"
 _FULL_ONLY = pytest.mark.skipif(not FULL,
-                                reason="PLANNER_FULL_ORACLE=1 runs the whole grid (10-80 s a case; python -m bench.oracle_grid prints it)")
+                                reason="PLANNER_FULL_ORACLE=1 runs the whole grid (6-42 s a case, quiet; python -m bench.oracle_grid prints it)")
 
 
 PAIRS = ((False, "sdpa"), (True, "eager"))  # (checkpointing, attention) at 4k tokens, and in the suite at 1k
@@ -100,6 +102,6 @@ GRID = [pytest.param(seq, trainer, ck, attn, marks=() if _in_suite(seq, trainer,
 @pytest.mark.parametrize("seq,trainer,ck,attn", GRID, ids=lambda v: str(v))
 def test_peak_with_a_128k_vocabulary(seq: int, trainer: str, ck: bool, attn: str) -> None:
     """1k and 4k tokens (seq 256 / 1024 x batch 4), checkpointing on and off, SDPA and eager."""
-    predicted, measured = _measure("llama", trainer, seq, LLAMA3_VOCAB, compute=False, gradient_checkpointing=ck,
+    predicted, measured = measure_case("llama", trainer, seq, LLAMA3_VOCAB, compute=False, gradient_checkpointing=ck,
                                    attn_implementation=attn)
     assert abs(predicted / measured.peak_bytes - 1) <= TOLERANCE, (predicted, measured)
