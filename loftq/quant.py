@@ -52,8 +52,10 @@ class QuantConfig:
         if self.bits not in m.bits:
             raise ValueError(f"method {self.method!r} supports bits {m.bits}, got bits={self.bits!r}")
         bs = self.block_size
-        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 16 or bs & (bs - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {bs!r}")
+        # A power of two (the menu's blocks), or any multiple of 16: a row-scaled width's block is
+        # the layer's row length (576, 1536, ...), so its blocks are whole rows.
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 16 or bs % 16:
+            raise ValueError(f"block_size must be a multiple of 16 (a power of two, or a row length), got {bs!r}")
 
     @property
     def spec(self) -> Method:

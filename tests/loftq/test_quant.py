@@ -187,8 +187,9 @@ def test_rejects_non_finite_and_bad_config() -> None:
         QuantConfig(3, "int8")
     with pytest.raises(KeyError, match="known: int8, nf, uniform"):
         QuantConfig(4, "fp4")
-    with pytest.raises(ValueError, match="block_size"):
-        QuantConfig(4, "nf", block_size=48)
+    with pytest.raises(ValueError, match="block_size must be a multiple of 16"):
+        QuantConfig(4, "nf", block_size=40)
+    assert QuantConfig(4, "nf", block_size=576).block_size == 576  # a row length (row-scaled widths)
 
 
 @pytest.mark.parametrize("method,bits", [("nf", 2), ("nf", 3), ("nf", 4), ("nf", 8), ("int8", 8), ("uniform", 4)])

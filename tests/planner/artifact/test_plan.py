@@ -176,7 +176,7 @@ BAD_EDITS = {
     "quant mismatch": (_set("layers", 0, "quant", value="nf2"), "quant 'nf2' stores 2-bit codes, not bits 4"),
     "quant unknown": (_set("layers", 0, "quant", value="q7_1"), "unknown quantizer 'q7_1'; known: int8, nf2"),
     "keep16 fp32": (lambda d: d["layers"][0].update(bits=16, quant="fp32"), "16-bit layer's quant must be one of"),
-    "block size 7": (_set("layers", 0, "block_size", value=7), "block_size must be a power of two >= 16, got 7"),
+    "block size 7": (_set("layers", 0, "block_size", value=7), "block_size must be a multiple of 16 (a power of two, or a row length), got 7"),
     "bits_per_weight edited": (_set("layers", 0, "bits_per_weight", value=4.0), "bits_per_weight 4.0 is not what nf4"),
     "bits_per_weight missing": (_del("layers", 0, "bits_per_weight"), "layer is missing field(s) bits_per_weight"),
     "bits_per_weight null": (_set("layers", 0, "bits_per_weight", value=None), "bits_per_weight must be a finite"),
@@ -377,7 +377,7 @@ def test_v1_reader_keeps_unknown_search_keys_and_checks_what_v1_missed() -> None
     doc["search"]["sampler"] = "tpe"
     assert Plan.from_dict(doc).search.extra == {"sampler": "tpe"}
     doc["layers"][0]["block_size"] = 7  # v1 accepted this; the quantizer does not
-    with pytest.raises(ValueError, match="block_size must be a power of two >= 16, got 7"):
+    with pytest.raises(ValueError, match="block_size must be a multiple of 16 \\(a power of two, or a row length\\), got 7"):
         Plan.from_dict(doc)
 
 
