@@ -115,7 +115,7 @@ class Family:
     for each spec on a stack [L, out, in] (one fused pass where the family has one).
     ``bits``: the ``--bits`` it offers; ``double_quant`` / ``rotation``: whether ``--double-quant`` /
     ``--rotation`` apply;
-    ``key(spec)``: the menu width a spec is shown as in reports.
+    ``key(spec, shape)``: the menu width a spec stored on a layer of ``shape`` is shown as in reports.
     ``encode(weight, specs, **quantize_kwargs)``: each spec's ``quantize`` of one weight, code for
     code, computed together where the family shares work between widths (None: one by one)."""
 
@@ -125,7 +125,7 @@ class Family:
     residuals: Callable[[torch.Tensor, Sequence["Spec"], torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]]
     bits: tuple[int, ...]
     double_quant: bool
-    key: Callable[["Spec"], Any] = lambda spec: spec.name  # the menu width a spec is shown as (4, 4dq, q4_k)
+    key: Callable[["Spec", Any], Any] = lambda spec, shape=None: spec.name  # the menu width shown (4, 4dq, q4_k)
     description: str = ""
     rotation: bool = False
     encode: Callable[..., list["Quantized"]] | None = None
@@ -191,9 +191,10 @@ def sort_key(width: Any) -> tuple[int, int]:
     raise TypeError(f"not a menu width: {width!r}")
 
 
-def menu_key(spec: Spec) -> Any:
-    """The menu width ``spec`` is shown as (``4``, ``4dq``, ``q4_k``), by its family."""
-    return FAMILIES.get(spec.family).key(spec)
+def menu_key(spec: Spec, shape: Sequence[int] | None = None) -> Any:
+    """The menu width ``spec`` is shown as (``4``, ``4dq``, ``q4_k``, ``3rdq-row``: a row-scaled width
+    is told by its block being the row of ``shape``), by its family."""
+    return FAMILIES.get(spec.family).key(spec, shape)
 
 
 def widths(family: str, bits: Iterable[int], double_quant: str = "off", rotation: str = "off") -> tuple[Any, ...]:

@@ -34,7 +34,6 @@ KEEP_BITS = 16
 DQ_MODES = ("off", "on", "search")
 ROTATION_MODES = ("off", "on", "search")  # plain widths only, rotated only, both
 ROTATION_MAX_BITS = 4  # rotated widths on the menu: the low ones (8-bit codes lose nothing to outliers)
-ROW_MIN = 256  # a row-scaled width's row must be longer than this (else it is the menu's block, not a row)
 
 
 @total_ordering
@@ -75,11 +74,11 @@ class Width:
     def spec(self, shape: Sequence[int], block_size: int = 64, method: str = "nf") -> QuantConfig | RotatedSpec:
         """The spec a layer of ``shape`` [out, in] stores: rotated where both sides have a Hadamard
         order (else the plain spec at ``block_size``); a row-scaled width's block is the row length
-        where that is a multiple of 16 above ROW_MIN (else ``block_size``: the rotated width)."""
+        where that is a multiple of 16 longer than ``block_size`` (else it is the rotated width)."""
         if not (self.rotated and rotatable(shape)):
             return QuantConfig(self.bits, method, block_size, self.double_quant)
         row = int(shape[1])
-        block = row if self.rows and row > max(ROW_MIN, block_size) and row % 16 == 0 else block_size
+        block = row if self.rows and row > block_size and row % 16 == 0 else block_size
         return RotatedSpec(QuantConfig(self.bits, method, block, self.double_quant))
 
 
@@ -189,9 +188,9 @@ def encode(weight: torch.Tensor, specs: Sequence[QuantConfig | RotatedSpec], *, 
     return [out[i] for i in range(len(specs))]
 
 
-def key(spec: QuantConfig | RotatedSpec):
-    if isinstance(spec, RotatedSpec):  # a block longer than ROW_MIN is a row-scaled width's row
-        return Width(spec.bits, spec.double_quant, True, rows=spec.block_size > ROW_MIN)
+def key(spec: QuantConfig | RotatedSpec, shape: Sequence[int] | None = None):
+    if isinstance(spec, RotatedSpec):  # stored on a layer whose row is one block: row-scaled
+        return Width(spec.bits, spec.double_quant, True, rows=shape is not None and spec.block_size == int(shape[-1]))
     return Width(spec.bits) if spec.double_quant else spec.bits
 
 

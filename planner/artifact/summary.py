@@ -75,7 +75,7 @@ def summary_by_block(plan: Plan) -> BlockSummary:
     rows: dict[int | None, dict[str, Any]] = {}
     for (block, path), layer in split:
         row = rows.setdefault(block, {"cells": {}, "params": 0, "bytes": 0, "bits": 0})
-        kind = menu_key(layer.spec) if layer.spec is not None else layer.bits  # 4, 4dq, q4_k (q4_k and iq4_nl are both 4)
+        kind = menu_key(layer.spec, layer.shape) if layer.spec is not None else layer.bits  # 4, 4dq, q4_k (q4_k and iq4_nl are both 4)
         row["cells"][short[path]] = (kind, layer.rank)
         row["params"] += layer.numel
         row["bytes"] += layer.bytes

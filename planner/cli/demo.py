@@ -66,7 +66,7 @@ def step(console: Console, title: str, argv: list[str]) -> None:
 
 def _width_label(layer) -> str:
     """``8-bit``, ``4-bit+dq``, or a type's own name (``q4_k``)."""
-    key = menu_key(layer.spec) if layer.spec is not None else layer.bits
+    key = menu_key(layer.spec, layer.shape) if layer.spec is not None else layer.bits
     if str(key).isdigit():
         return f"{key}-bit"
     return f"{width_bits(key)}-bit+dq" if is_double_quant(key) else str(key)

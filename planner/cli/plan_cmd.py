@@ -117,7 +117,7 @@ def rotated_note(plan: Any, console: Console) -> None:
     from loftq.formats import menu_key
     from search_spaces.widths import is_rotated
 
-    rotated = [layer.name for layer in plan.layers if layer.spec is not None and is_rotated(menu_key(layer.spec))]
+    rotated = [layer.name for layer in plan.layers if layer.spec is not None and is_rotated(menu_key(layer.spec, layer.shape))]
     if rotated:
         console.print(f"note: r = rotated: {len(rotated)} of {len(plan.layers)} layers store their codes in a randomized "
                       f"Hadamard basis (e.g. {rotated[0]}); planner.load, finetune and verify run them, GGUF and "

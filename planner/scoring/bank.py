@@ -63,9 +63,11 @@ class BankSettings:
 
 
 def entry_key(spec: Spec) -> str:
-    """What a bank stores an entry under: its spec's name (two widths that store one spec, a GGUF
-    type and its fallback on a narrow row, share one entry)."""
-    return spec.name + ("dq" if spec.double_quant else "")
+    """What a bank stores an entry under: its spec's name, and its block where that is not the menu's
+    64 (two widths that store one spec, a GGUF type and its fallback on a narrow row, or a row-scaled
+    width on a row no longer than a block, share one entry)."""
+    block = getattr(spec, "block_size", 64)
+    return spec.name + ("dq" if spec.double_quant else "") + (f"-b{block}" if block != 64 else "")
 
 
 class LowRank(NamedTuple):

@@ -194,14 +194,15 @@ def test_rotated_dequantize_needs_no_workspace_beyond_the_plain_width(weights, d
 
 def test_row_scaled_width_is_the_rotated_spec_at_the_row_length(weights) -> None:
     """``3rdq-row``: the rotated codes with one (double-quantized) absmax per row; on a row too short
-    to gain (<= ROW_MIN or the menu block) it is the rotated width, and reports name it back."""
+    to gain (not longer than the menu block) it is the rotated width, and reports name it back."""
     from loftq.formats import menu_key
 
     row = Width(3, True, True, rows=True)
     assert row.spec((576, 1536)) == RotatedSpec(QuantConfig(3, "nf", 1536, True))
     assert row.spec((64, 128)) == Width(3, True, True).spec((64, 128)) == RotatedSpec(QuantConfig(3, "nf", 64, True))
     assert row.spec((576, 1001)) == QuantConfig(3, "nf", 64, True)  # no Hadamard order: the plain width
-    assert menu_key(row.spec((576, 1536))) == row and menu_key(Width(3, True, True).spec((576, 1536))) == Width(3, True, True)
+    assert menu_key(row.spec((576, 1536)), (576, 1536)) == row and menu_key(row.spec((576, 1536))) == Width(3, True, True)
+    assert menu_key(Width(3, True, True).spec((576, 1536)), (576, 1536)) == Width(3, True, True)
     assert Width(3, True, True) < row < 4 and str(Width(4, False, True, rows=True)) == "4r-row"
     w = weights["model.layers.3.mlp.down_proj"]
     spec = row.spec(tuple(w.shape))

@@ -104,7 +104,44 @@ def test_guided_search_with_rotation_search_scores_the_plan_without_rotation_too
 
     study = optuna.load_study(study_name=plan.search.study_name, storage=cfg.storage)
     hists = [t.user_attrs["bits_hist"] for t in study.trials[:2]]
-    assert any(w.endswith("r") for w in hists[0]) and not any(w.endswith("r") for w in hists[1]), hists
+    assert any(re.match(r"\dr", w) for w in hists[0]) and not any(re.match(r"\dr", w) for w in hists[1]), hists
     assert rows[1]["kl"] >= 0
     chosen = plan.search.proxy.chosen()
     assert chosen["kl"] == min(row["kl"] for row in rows)
+
+
+def test_row_scaled_rotated_layers_materialize_load_and_show(rotated, capsys) -> None:
+    """A hand-made plan at ``3r-row`` (one absmax per row of the rotated weight): the MLP's down
+    projection, whose 160-long rows are longer than a block, stores blocks of 160 and fewer bytes than
+    ``3r``; materialize writes exactly the spec's codes, ``planner.load`` runs it, ``show`` names it."""
+    import planner
+    from loftq.formats.codebook import Width
+    from planner.build.manual import plan_from_choices
+    from planner.settings import LayerChoice
+    from planner.sources import resolve
+
+    src = resolve(str(rotated["root"] / "tiny"))
+    targets = src.targets()
+    run = rotated["plan"].run
+    row, rot = Width(3, False, True, rows=True), Width(3, False, True)
+    choices = {t.name: LayerChoice.of(row, 0, shape=tuple(t.shape)) for t in targets}
+    plan = plan_from_choices(src, choices, run)
+    down = [layer for layer in plan.layers if layer.name.endswith("down_proj")]
+    assert down and all(layer.block_size == 160 and layer.quant == "nf3-rot" for layer in down)
+    assert all(layer.block_size == 64 for layer in plan.layers if not layer.name.endswith("down_proj"))
+    plain = plan_from_choices(src, {t.name: LayerChoice.of(rot, 0, shape=tuple(t.shape)) for t in targets}, run)
+    by_name = {layer.name: layer for layer in plain.layers}
+    assert all(layer.bytes < by_name[layer.name].bytes for layer in down)
+    path = rotated["root"] / "row-plan.json"
+    path.write_text(json.dumps(plan.to_dict()))
+    built = planner.materialize(path, rotated["root"] / "row-built")
+    model = planner.load(built.path, "cpu")
+    weights = dict(src.iter_weights([t for t in targets if t.name == down[0].name]))
+    (target, w), = weights.items()
+    layer = model.get_submodule(down[0].name)  # no adapters: a plain model of QuantLinear layers
+    want = row.spec(tuple(w.shape)).quantize(w)
+    assert torch.equal(layer.quantized().inner.packed, want.inner.packed)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 300, (1, 16))).logits).all()
+    assert main(["show", str(path)]) == 0
+    assert "3r-row" in capsys.readouterr().out
