@@ -297,6 +297,45 @@ def _blocks(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
     return flat.view(-1, block), tail
 
 
+CLIP_GRID = tuple(1.0 - i / 20 for i in range(15))  # 1.00, 0.95, ..., 0.30: a row scale's share of its absmax
+SEARCH_CHUNK = 1 << 20  # weights per step of the scale search
+
+
+def searches_scale(config: "QuantConfig", shape: Sequence[int]) -> bool:
+    """Whether ``config`` on a weight of ``shape`` picks its block scales by search (:func:`row_scales`):
+    a blockwise codebook whose block is a whole row longer than 64 (a row-scaled width,
+    ``3rdq-row``). One absmax per 64 weights is close to the best scale; one per row of 576 or more
+    is not: the largest of hundreds of entries sets it, and most codes go unused."""
+    return (not config.spec.rowwise and len(shape) >= 2 and config.block_size > 64
+            and config.block_size == int(shape[-1]))
+
+
+def row_scales(blocks: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Per block [n, block] (fp32), the scale among ``CLIP_GRID`` x its absmax whose round-to-nearest
+    codes have the least squared error (ties keep the larger scale; an all-zero block keeps 0).
+    Entries beyond the scale take the end code. Measured on 12 SmolLM2 layers in a rotated basis,
+    error feedback, output error ||(W - Q) L|| / ||W L|| against the absmax: NF2 0.250 -> 0.152,
+    NF3 0.081 -> 0.072, NF4 0.036 -> 0.034 (README "Below 4 bits")."""
+    absmax = blocks.abs().amax(dim=1)
+    out = absmax.clone()
+    lookup = code_lookup(codebook)
+    step = max(1, SEARCH_CHUNK // max(1, blocks.shape[1]))
+    for start in range(0, blocks.shape[0], step):
+        part, am = blocks[start:start + step], absmax[start:start + step]
+        best = None
+        for c in CLIP_GRID:
+            scale = (am * c).unsqueeze(1)
+            scaled = (part * scale.clamp(min=1e-38).reciprocal()).clamp_(-1.0, 1.0)
+            err = (codebook[lookup.codes(scaled.reshape(-1)).long()].view(part.shape) * scale - part).square_().sum(dim=1)
+            if best is None:
+                best = err
+                continue
+            better = err < best
+            best = torch.where(better, err, best)
+            out[start:start + step] = torch.where(better, am * c, out[start:start + step])
+    return out
+
+
 def _encode(flat: torch.Tensor, block: int, codebook: torch.Tensor, absmax: torch.Tensor | None,
             rowwise: bool, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [n] -> (uint8 codes [n, padded to a whole byte], absmax [n_blocks]).
@@ -353,10 +392,10 @@ def quantize(weight: torch.Tensor, bits: int | None = None, *, method: str = "nf
     block = weight.shape[-1] if spec.rowwise else config.block_size
     flat = weight.detach().reshape(-1).float()
     codebook = spec.codebook(config.bits).to(weight.device)
-    absmax = None
+    absmax = row_scales(_blocks(flat, block)[0], codebook) if searches_scale(config, weight.shape) else None
     consts: dict[str, torch.Tensor] = {}
     if config.double_quant:
-        true_absmax = _blocks(flat, block)[0].abs().amax(dim=1)
+        true_absmax = _blocks(flat, block)[0].abs().amax(dim=1) if absmax is None else absmax
         consts = _double_quantize(true_absmax)
         # Encode against the absmax that dequantization will see, not the exact one.
         absmax = _dq_absmax(consts["absmax_codes"], consts["absmax_scale"], consts["absmax_offset"])
@@ -440,7 +479,7 @@ def quantization_residuals(weight: torch.Tensor, configs: Sequence[QuantConfig],
     share one pass (absmax, scaled values and lookup cells are computed once for all widths)."""
     if not checked:
         check_finite(weight)
-    shared = [c for c in configs if not (c.spec.rowwise or c.double_quant)]
+    shared = [c for c in configs if not (c.spec.rowwise or c.double_quant or searches_scale(c, weight.shape))]
     sizes = {c.block_size for c in shared}
     straddle = weight.ndim == 3 and any((weight.shape[1] * weight.shape[2]) % bs for bs in sizes)
     out: dict[QuantConfig, tuple[torch.Tensor, torch.Tensor]] = {}

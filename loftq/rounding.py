@@ -23,7 +23,8 @@ import torch
 
 from .codebooks import code_lookup
 from .packing import pack
-from .quant import ROUNDERS, QuantConfig, QuantizedTensor, _double_quantize, _dq_absmax, check_finite, count_nonfinite
+from .quant import (ROUNDERS, QuantConfig, QuantizedTensor, _double_quantize, _dq_absmax, check_finite, count_nonfinite,
+                    row_scales, searches_scale)
 
 ROUNDINGS = ("nearest", "feedback")
 STEP = 8  # columns updated one by one; the rest of their block gets their errors in one product
@@ -234,15 +235,18 @@ def quantize_feedback_many(weight: torch.Tensor, configs: list[QuantConfig], sec
     w = weight.detach().float()
     upper = upper.to(w.device, torch.float32)
     absmax = w.view(w.shape[0], -1, block).abs().amax(dim=2).reshape(-1)  # the scales are W's, fixed
+    searched = [searches_scale(c, w.shape) for c in configs]
     consts, fixed = [], []
-    for config in configs:
+    for config, search in zip(configs, searched):
+        # a row-scaled width's scales: round-to-nearest's search (the same codes' scales as quantize())
+        scales = row_scales(w, config.spec.codebook(config.bits).to(w.device)) if search else absmax
         if config.double_quant:
-            c = _double_quantize(absmax)
+            c = _double_quantize(scales)
             consts.append(c)
             fixed.append(_dq_absmax(c["absmax_codes"], c["absmax_scale"], c["absmax_offset"]).view(w.shape[0], -1))
         else:
-            consts.append({"absmax": absmax.clone()})
-            fixed.append(absmax.view(w.shape[0], -1))
+            consts.append({"absmax": scales.clone()})
+            fixed.append(scales.view(w.shape[0], -1))
     per_call = max(1, BATCH_BYTES // max(1, w.numel() * 4))
     codes: list[torch.Tensor] = []
     for i in range(0, len(configs), per_call):

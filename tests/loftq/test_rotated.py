@@ -199,7 +199,8 @@ def test_row_scaled_width_is_the_rotated_spec_at_the_row_length(weights) -> None
 
     row = Width(3, True, True, rows=True)
     assert row.spec((576, 1536)) == RotatedSpec(QuantConfig(3, "nf", 1536, True))
-    assert row.spec((64, 128)) == Width(3, True, True).spec((64, 128)) == RotatedSpec(QuantConfig(3, "nf", 64, True))
+    assert row.spec((128, 64)) == Width(3, True, True).spec((128, 64)) == RotatedSpec(QuantConfig(3, "nf", 64, True))
+    assert row.spec((64, 128)) == RotatedSpec(QuantConfig(3, "nf", 128, True))
     assert row.spec((576, 1001)) == QuantConfig(3, "nf", 64, True)  # no Hadamard order: the plain width
     assert menu_key(row.spec((576, 1536)), (576, 1536)) == row and menu_key(row.spec((576, 1536))) == Width(3, True, True)
     assert menu_key(Width(3, True, True).spec((576, 1536)), (576, 1536)) == Width(3, True, True)
@@ -217,11 +218,12 @@ def test_row_scaled_width_is_the_rotated_spec_at_the_row_length(weights) -> None
     assert 8 * q.nbytes / w.numel() < 3.01 < 3.12 < 8 * Width(3, True, True).spec(w.shape).nbytes(w.shape) / w.numel()
 
 
-def test_row_scaled_width_with_feedback_beats_the_plain_blocks_for_fewer_bytes(weights) -> None:
-    """Under error feedback (the default rounding) the row-scaled rotated NF2/3/4 has a lower output
-    error ||(W - Q) L|| than the plain double-quantized width at blocks of 64 (measured 0.73-0.85x on
-    these layers), for 0.11 fewer bits per weight; to nearest it is the worse of the two (a row's
-    absmax spans more spread than a block's), which is why the width asks for feedback."""
+def test_row_scaled_width_beats_the_plain_blocks_for_fewer_bytes(weights) -> None:
+    """The row-scaled rotated NF2/3/4 (a searched scale per row) against the plain double-quantized
+    width at blocks of 64, for 0.11 fewer bits per weight. Under error feedback (the default
+    rounding) its output error ||(W - Q) L|| is lower at every width (measured 0.56-0.75x on these
+    layers); to nearest it is far lower at 2 bits (0.68x: one absmax per 64 wastes NF2's four codes),
+    about equal at 3 and up to 6% higher at 4."""
     for name, w in weights.items():
         torch.manual_seed(1)
         x = torch.randn(512, w.shape[1]) * torch.linspace(0.1, 4.0, w.shape[1])
@@ -231,10 +233,41 @@ def test_row_scaled_width_with_feedback_beats_the_plain_blocks_for_fewer_bytes(w
             e = (w.float() - q.dequantize(torch.float32)).double()
             return float(torch.einsum("oi,ij,oj->", e, h, e)) ** 0.5
 
-        for bits in (2, 3, 4):
+        for bits, near_ratio in ((2, 0.75), (3, 1.0), (4, 1.07)):
             plain, row = QuantConfig(bits, "nf", 64, True), Width(bits, True, True, rows=True).spec(tuple(w.shape))
             assert row.nbytes(w.shape) < plain.nbytes(w.shape) * (bits + 0.02) / (bits + 0.127), name
             fb = [out_err(s.quantize(w, rounding="feedback", moment=h)) for s in (plain, row)]
-            assert fb[1] < 0.9 * fb[0], (name, bits, fb)
+            assert fb[1] < 0.8 * fb[0], (name, bits, fb)
             near = [rel(s.quantize(w).dequantize(torch.float32), w.float()) for s in (plain, row)]
-            assert near[1] > near[0], (name, bits, near)
+            assert near[1] < near_ratio * near[0], (name, bits, near)
+
+
+def test_row_scales_search_lowers_every_rows_error(weights) -> None:
+    """loftq.quant.row_scales: per row, the grid scale with the least round-to-nearest error, never
+    above the absmax's (1.0 is on the grid, ties keep it); an all-zero row keeps scale 0; a block of
+    64 is not searched (its absmax is stored as before)."""
+    from loftq.codebooks import nf_codebook
+    from loftq.quant import CLIP_GRID, row_scales, searches_scale
+
+    w = rotate(weights["model.layers.3.self_attn.q_proj"].float(), *SEEDS).clone()
+    w[5] = 0
+    for bits in (2, 3, 4):
+        cb = nf_codebook(bits)
+        scales = row_scales(w, cb)
+        absmax = w.abs().amax(dim=1)
+        assert float(scales[5]) == 0.0 and bool((scales <= absmax).all())
+        ratio = (scales / absmax.clamp(min=1e-30))[absmax > 0]
+        assert all(min(abs(float(r) - c) for c in CLIP_GRID) < 1e-6 for r in ratio[:50])
+
+        def err(sc):
+            q = QuantConfig(bits, "nf", 576)
+            y = (w / sc.clamp(min=1e-38).unsqueeze(1)).clamp(-1, 1)
+            idx = (y.unsqueeze(-1) - cb).abs().argmin(-1)
+            return (cb[idx] * sc.unsqueeze(1) - w).square().sum(1), q
+        e_search, q = err(scales)
+        e_abs, _ = err(absmax)
+        assert bool((e_search <= e_abs * (1 + 1e-5) + 1e-12).all()) and float(e_search.sum()) < 0.9 * float(e_abs.sum())
+        assert searches_scale(q, (576, 576)) and not searches_scale(QuantConfig(bits), (576, 576))
+        assert not searches_scale(QuantConfig(bits, "nf", 576), (576, 1152))  # blocks of half a row
+        stored = q.quantize(w)
+        assert torch.allclose(stored.tensors()["absmax"], scales)
