@@ -20,12 +20,16 @@
    residual ||W - Q - BA|| / ||W||) and under the default one (data-aware, error feedback: the output
    error ||(W - Q - BA) L|| / ||W L|| on the fit moment and on the held-out one), mean [min, max]
    over the layers, the count of layers where rotating lowers it, and seconds per layer.
-5. phi-2 shapes (random data, timed once): a 10240^2 moment's Cholesky (calibration_factor:
+5. ``--rows`` (instead of 1 and 2): the row-scaled rotated widths (``2rdq-row``, ``3rdq-row``,
+   ``4rdq-row``: one searched scale per row of the rotated weight) against the double-quantized
+   width at blocks of 64, plain and rotated, ranks 0 and 16, under the default LoftQ (data-aware,
+   error feedback): output error on the fit and held-out moments, bits per weight.
+6. phi-2 shapes (random data, timed once): a 10240^2 moment's Cholesky (calibration_factor:
    float64) and its peak RSS rise, the weighted product W L for W [2560, 10240], loftq() on that
    shape with and without calibration, the X^T X flop rate measured here applied to phi-2's moments
    pass, and the moments' cache size.
 
-    python -m bench.init_residuals [--seqs 16] [--seq-len 256] [--skip-phi2] [--rounding | --rotation] [--json F]
+    python -m bench.init_residuals [--seqs 16] [--seq-len 256] [--skip-phi2] [--rounding | --rotation | --rows] [--json F]
 
 Timings are wall seconds on this machine; ``uptime`` is printed beside them (a shared machine's
 numbers are noise-prone: compare within a run).
@@ -266,6 +270,38 @@ def rotation_rows(weights: dict[str, torch.Tensor], moments: Any, held_out: Any)
     return rows
 
 
+def row_rows(weights: dict[str, torch.Tensor], moments: Any, held_out: Any) -> list[dict[str, Any]]:
+    """Row-scaled rotated widths against the 64-blocks, plain and rotated (double-quantized, data-aware
+    LoftQ with error feedback): output error on the fit and held-out moments, bits per weight."""
+    from loftq.formats.codebook import Width
+
+    rows = []
+    factors = {n: calibration_factor(moments[n]) for n in weights}
+    held = {n: calibration_factor(held_out[n]) for n in weights}
+    for bits in ROUNDING_BITS:
+        for rank in ROUNDING_RANKS:
+            for label, width in (("plain", Width(bits)), ("rotated", Width(bits, True, True)),
+                                 ("row", Width(bits, True, True, rows=True))):
+                cells: dict[str, list[float]] = {"L": [], "Lval": [], "s": []}
+                numel = nbytes = 0
+                for name, w in weights.items():
+                    spec = width.spec(tuple(w.shape))
+                    res, seconds, _ = measured(lambda: loftq(w, spec, rank, svd="exact", calibration=moments[name],
+                                                             rounding="feedback"))
+                    cells["L"].append(_residuals(w, res, factors[name])[0])
+                    cells["Lval"].append(_residuals(w, res, held[name])[0])
+                    cells["s"].append(seconds)
+                    numel, nbytes = numel + w.numel(), nbytes + spec.nbytes(tuple(w.shape))
+                row: dict[str, Any] = {"bits": bits, "rank": rank, "width": str(width), "kind": label,
+                                       "bits_per_weight": 8 * nbytes / numel}
+                for k, v in cells.items():
+                    row[k] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+                rows.append(row)
+                print(f"{str(width):>9} r{rank:<2} {row['bits_per_weight']:.3f} b/w  ||(W-Q-BA)L||/||WL|| fit "
+                      f"{row['L']['mean']:.4f} held-out {row['Lval']['mean']:.4f}  {row['s']['mean']:.2f} s/layer", flush=True)
+    return rows
+
+
 def _held_out_moments(src: Any, names: list[str], seqs: int, seq_len: int) -> Any:
     """The same count of sequences from the validation split (the fit never sees them)."""
     from planner.train.data import CorpusConfig, load_corpus, token_blocks
@@ -285,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the round-to-nearest vs error-feedback table (section 3)")
     ap.add_argument("--rotation", action="store_true",
                     help="only the plain vs rotated widths table (section 4)")
+    ap.add_argument("--rows", action="store_true",
+                    help="only the row-scaled rotated widths against the 64-blocks (section 5)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     progress.set_enabled(False)
@@ -293,10 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [t.name for t in src.targets()]
     blocks, corpus = calibration_blocks(src, None, args.seqs, args.seq_len)
     weights = {t.name: w for t, w in src.iter_weights([t for t in src.targets() if t.name in LAYERS])}
-    if args.rounding or args.rotation:
+    if args.rounding or args.rotation or args.rows:
         store = input_moments(src, names, blocks, corpus, cache_dir=Path(tempfile.mkdtemp(prefix="init-bench-")))
         held_out = _held_out_moments(src, names, args.seqs, args.seq_len)
-        key, fn = ("rotation", rotation_rows) if args.rotation else ("rounding", rounding_rows)
+        key, fn = (("rotation", rotation_rows) if args.rotation else ("rows", row_rows) if args.rows
+                   else ("rounding", rounding_rows))
         report = {"layers": LAYERS, "seqs": args.seqs, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
                   key: fn(weights, store, held_out), "uptime": uptime()}
         print(report["uptime"], flush=True)

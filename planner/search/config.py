@@ -49,10 +49,12 @@ class PlanConfig:
                       "q6_k -> q8_0, iq4_xs -> iq4_nl)", choices=QUANTS)
     rotation: str | None = _opt(None, "quantize the 2-4-bit codebook widths in a randomized Hadamard basis (QuIP#'s "
                                 "incoherence processing; the adapter stays an ordinary one): off, on for every such "
-                                "width, or search (the planner chooses per layer; the guided search also scores the plan "
-                                "without rotation). Layers without a Hadamard order store the plain width; GGUF and "
-                                "bitsandbytes exports refuse rotated layers. Default: off (README \"Defaults\"; search "
-                                "pays at 3.5-4 bits/weight)", choices=DQ_MODES)
+                                "width (also row-scaled: one searched scale per row, e.g. 3rdq-row), or search (the "
+                                "planner chooses per layer; the guided search also scores the plan without rotation). "
+                                "Layers without a Hadamard order store the plain width; GGUF and bitsandbytes exports "
+                                "refuse rotated layers. Default: off (README \"Defaults\": it costs planning time); "
+                                "search pays below 4 bits/weight (SmolLM2 at 3.0: perplexity 56.9 -> 30.6)",
+                                choices=DQ_MODES)
     init: str | None = _opt(None, "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
                             "norm; loftq-data (the default; loftq with --quick) fits the layer's output on the "
                             "calibration sequences (--data, --calib-seqs, --calib-seq-len), and the planner's "
