@@ -133,7 +133,10 @@ class QuantConfig:
 
     @property
     def bnb_4bit(self) -> bool:
-        return self.method == "nf" and self.bits == 4
+        """NF4 at a power-of-two block, which bitsandbytes' kernels take (a row-scaled width's block of
+        576 or 1536 is not one: such a layer dequantizes through our own decoder, even on CUDA)."""
+        bs = self.block_size
+        return self.method == "nf" and self.bits == 4 and not bs & (bs - 1)
 
 
         return Width(self.bits) if self.double_quant else self.bits

@@ -271,3 +271,11 @@ def test_row_scales_search_lowers_every_rows_error(weights) -> None:
         assert not searches_scale(QuantConfig(bits, "nf", 576), (576, 1152))  # blocks of half a row
         stored = q.quantize(w)
         assert torch.allclose(stored.tensors()["absmax"], scales)
+
+
+def test_a_row_block_is_not_handed_to_bitsandbytes() -> None:
+    """bitsandbytes' NF4 kernels take power-of-two blocks: a plain NF4 at 64 is theirs (CUDA
+    dequantize, hf-bnb export), the row-scaled NF4's block of 576 is not (our decoder runs it)."""
+    assert QuantConfig(4, "nf", 64, True).bnb_4bit and QuantConfig(4, "nf", 1024).bnb_4bit
+    assert not QuantConfig(4, "nf", 576, True).bnb_4bit and not QuantConfig(3, "nf", 64).bnb_4bit
+    assert not Width(4, True, True, rows=True).spec((576, 576)).bnb_4bit
