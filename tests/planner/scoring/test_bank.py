@@ -58,8 +58,12 @@ def test_lookups_are_lazy_and_a_shared_store_computes_each_entry_once(minilm_lin
     assert second.entry(Q, 4) is first.entry(Q, 4)  # the stored entry, not a recomputation
     second.fill()
     assert len(store) == 4  # 2 layers x 2 widths
-    with pytest.raises(ValueError, match="other settings"):  # a store never serves another block size
-        WeightBank(weights, (2, 4), max_rank=8, block_size=128, store=store).entry(Q, 4)
+    # a store never serves another block size: a bank at 128 stores its own entry beside the 64 one
+    other = WeightBank(weights, (2, 4), max_rank=8, block_size=128, store=store).entry(Q, 4)
+    assert other.quantized.spec.block_size == 128 and first.entry(Q, 4).quantized.spec.block_size == 64
+    assert len(store) == 5
+    with pytest.raises(ValueError, match="other settings"):  # nor one built with another SVD
+        WeightBank(weights, (2, 4), max_rank=8, svd="exact", store=store).entry(Q, 4)
     with pytest.raises(ValueError, match="exceeds the bank's max_rank 8"):
         first.factors(Q, 4, 16)
     with pytest.raises(ValueError, match="not a quantized width"):
