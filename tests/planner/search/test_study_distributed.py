@@ -95,7 +95,10 @@ def test_two_workers_split_the_work_and_survive_a_sigkill(tiny_dir: Path, postgr
     want = [f"{s['kind']}/{s['shard']}" for s in table_units(prep) + fisher_units(6)]
     assert sorted(keys) == sorted(want)
     by_worker = {t.user_attrs["worker"].split(":")[1] for t in shards}
-    assert by_worker == {str(a.pid), str(b.pid)}, by_worker
+    # which worker claims which unit is start-up timing: usually both get some, but on a loaded
+    # machine one worker has claimed every unit before the other finished importing (seen once in a
+    # full suite on 2 cores); what must hold is that each unit ran once, by one of the two
+    assert by_worker and by_worker <= {str(a.pid), str(b.pid)}, by_worker
 
     # collect writes the same plan from the storage alone
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
