@@ -307,8 +307,8 @@ SEARCH_CHUNK = 1 << 20  # weights per step of the scale search
 def searches_scale(config: "QuantConfig", shape: Sequence[int]) -> bool:
     """Whether ``config`` on a weight of ``shape`` picks its block scales by search (:func:`row_scales`):
     a blockwise codebook whose block is a whole row longer than 64 (a row-scaled width,
-    ``3rdq-row``). One absmax per 64 weights is close to the best scale; one per row of 576 or more
-    is not: the largest of hundreds of entries sets it, and most codes go unused."""
+    ``3rdq-row``). One absmax per 64 weights is close to the best scale; one per row of hundreds of
+    entries (384 on MiniLM, 576 on SmolLM2) is not: the largest sets it, and most codes go unused."""
     return (not config.spec.rowwise and len(shape) >= 2 and config.block_size > 64
             and config.block_size == int(shape[-1]))
 

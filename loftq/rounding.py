@@ -235,11 +235,10 @@ def quantize_feedback_many(weight: torch.Tensor, configs: list[QuantConfig], sec
     w = weight.detach().float()
     upper = upper.to(w.device, torch.float32)
     absmax = w.view(w.shape[0], -1, block).abs().amax(dim=2).reshape(-1)  # the scales are W's, fixed
-    searched = [searches_scale(c, w.shape) for c in configs]
     consts, fixed = [], []
-    for config, search in zip(configs, searched):
+    for config in configs:
         # a row-scaled width's scales: round-to-nearest's search (the same codes' scales as quantize())
-        scales = row_scales(w, config.spec.codebook(config.bits).to(w.device)) if search else absmax
+        scales = row_scales(w, config.spec.codebook(config.bits).to(w.device)) if searches_scale(config, w.shape) else absmax
         if config.double_quant:
             c = _double_quantize(scales)
             consts.append(c)

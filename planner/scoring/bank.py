@@ -64,9 +64,10 @@ class BankSettings:
 
 def entry_key(spec: Spec) -> str:
     """What a bank stores an entry under: its spec's name, and its block where that is not the menu's
-    64 (two widths that store one spec, a GGUF type and its fallback on a narrow row, or a row-scaled
-    width on a row no longer than a block, share one entry)."""
-    block = getattr(spec, "block_size", 64)
+    64 (a row-scaled width's row, a GGUF type's 32 or 256), so ``nf3-rot`` at 64 and at 576 are two
+    entries; two widths that store one spec (a GGUF type and its fallback on a narrow row, a
+    row-scaled width on a row no longer than a block) share one."""
+    block = spec.block_size
     return spec.name + ("dq" if spec.double_quant else "") + (f"-b{block}" if block != 64 else "")
 
 
