@@ -11,7 +11,7 @@ No files, no printing, no device moves: every function runs where its inputs liv
 # randomized eigensolver on an fp32 Gram; loftq(svd="randomized") added (svd="exact" unchanged).
 # 4: the q4_0 / iq4_nl GGUF encoders choose block scales under the rms+|w| weighted error (gguf_fit).
 # 5: so do the q2_k, q4_k and q6_k encoders (q3_k keeps least squares: measured no better).
-__version__ = "6"
+__version__ = "7"
 
 from .codebooks import int8_codebook, nf_codebook, uniform_codebook
 from .packing import pack, packed_numel, unpack

@@ -318,24 +318,33 @@ def row_scales(blocks: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     codes have the least squared error (ties keep the larger scale; an all-zero block keeps 0).
     Entries beyond the scale take the end code. Measured on 12 SmolLM2 layers in a rotated basis,
     error feedback, output error ||(W - Q) L|| / ||W L|| against the absmax: NF2 0.250 -> 0.152,
-    NF3 0.081 -> 0.072, NF4 0.036 -> 0.034 (README "Below 4 bits")."""
+    NF3 0.081 -> 0.072, NF4 0.036 -> 0.034 (README "Below 4 bits").
+
+    Every grid scale at once, from each block's sorted values y = w / absmax: the entries that
+    round to book value q_k at scale c are a run of the sorted block (between c x its midpoints),
+    so the error is sum_k (n_k (c q_k)^2 - 2 c q_k S_k) + sum y^2 from the run lengths n_k and
+    prefix sums S_k: one sort and a search of G x (K - 1) bounds per block instead of G roundings
+    of every entry (the same scales, 3x faster on SmolLM2's rotated layers)."""
+    n, m = blocks.shape
     absmax = blocks.abs().amax(dim=1)
     out = absmax.clone()
-    lookup = code_lookup(codebook)
-    step = max(1, SEARCH_CHUNK // max(1, blocks.shape[1]))
-    for start in range(0, blocks.shape[0], step):
-        part, am = blocks[start:start + step], absmax[start:start + step]
-        best = None
-        for c in CLIP_GRID:
-            scale = (am * c).unsqueeze(1)
-            scaled = (part * scale.clamp(min=1e-38).reciprocal()).clamp_(-1.0, 1.0)
-            err = (codebook[lookup.codes(scaled.reshape(-1)).long()].view(part.shape) * scale - part).square_().sum(dim=1)
-            if best is None:
-                best = err
-                continue
-            better = err < best
-            best = torch.where(better, err, best)
-            out[start:start + step] = torch.where(better, am * c, out[start:start + step])
+    book = codebook.to(blocks.device, torch.float64)
+    grid = torch.tensor(CLIP_GRID, dtype=torch.float64, device=blocks.device)
+    bounds = (grid[:, None] * (book[:-1] + book[1:])[None, :] / 2).reshape(-1).float()  # [G * (K - 1)]
+    level = grid[:, None] * book[None, :]  # [G, K]: the value a code dequantizes to, in units of absmax
+    step = max(1, SEARCH_CHUNK // max(1, m))
+    for start in range(0, n, step):
+        am = absmax[start:start + step]
+        y = (blocks[start:start + step] / am.clamp(min=1e-30)[:, None]).sort(dim=1).values
+        r = y.shape[0]
+        prefix = torch.nn.functional.pad(y.double().cumsum(dim=1), (1, 0))  # [r, m + 1]
+        # a value rounds to the entry whose code counts the midpoints strictly below it
+        cut = torch.searchsorted(y, bounds.expand(r, -1).contiguous(), right=True).view(r, len(grid), -1)
+        edges = torch.cat([cut.new_zeros(r, len(grid), 1), cut, cut.new_full((r, len(grid), 1), m)], dim=2)
+        count = edges.diff(dim=2).double()
+        total = prefix.gather(1, edges.view(r, -1)).view(r, len(grid), -1).diff(dim=2)
+        err = (count * level.square() - 2 * level * total).sum(dim=2)  # [r, G], less sum y^2 (the same for every c)
+        out[start:start + step] = am * grid.to(am.dtype)[err.argmin(dim=1)]  # argmin: the first, the larger scale
     return out
 
 

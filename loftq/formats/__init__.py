@@ -169,15 +169,24 @@ def residuals(stack: torch.Tensor, specs: Sequence[Spec], dtype: torch.dtype) ->
 def quantize_many(weight: torch.Tensor, specs: Sequence[Spec], **kwargs: Any) -> list[Quantized]:
     """``[spec.quantize(weight, **kwargs) for spec in specs]``, code for code; a family with an
     ``encode`` encodes its specs together (the codebook family: one feedback column loop for all
-    its widths)."""
+    its widths). Equal specs are encoded once and share their result (two menu widths can store a
+    layer alike: a row-scaled width on a row of 64 is the rotated 64-block)."""
+    unique: list[Spec] = []
+    slot: list[int] = []
+    for s in specs:
+        j = next((j for j, u in enumerate(unique) if u == s), None)
+        if j is None:
+            unique.append(s)
+            j = len(unique) - 1
+        slot.append(j)
     out: dict[int, Quantized] = {}
-    for family in dict.fromkeys(s.family for s in specs):
-        idx = [i for i, s in enumerate(specs) if s.family == family]
+    for family in dict.fromkeys(s.family for s in unique):
+        idx = [i for i, s in enumerate(unique) if s.family == family]
         encode = FAMILIES.get(family).encode
-        mine = [specs[i] for i in idx]
+        mine = [unique[i] for i in idx]
         out.update(zip(idx, encode(weight, mine, **kwargs) if encode is not None else
                        [spec.quantize(weight, **kwargs) for spec in mine]))
-    return [out[i] for i in range(len(specs))]
+    return [out[j] for j in slot]
 
 
 def sort_key(width: Any) -> tuple[int, int]:

@@ -156,9 +156,10 @@ def encode(weight: torch.Tensor, specs: Sequence[QuantConfig | RotatedSpec], *, 
            moment: torch.Tensor | None = None, upper: torch.Tensor | None = None,
            importance: torch.Tensor | None = None, damp: float = 0.01) -> list:
     """Each spec's ``quantize`` of ``weight`` [out, in], code for code. With feedback rounding the
-    plain widths of one block size share one column loop (:func:`loftq.rounding.quantize_feedback_many`),
-    and the rotated widths of one basis another, on the weight and moment rotated once; the rest
-    (round to nearest, layers feedback cannot round) are encoded one by one."""
+    plain widths share one column loop (:func:`loftq.rounding.quantize_feedback_many`, one per
+    :func:`~loftq.rounding.loop_block`), and the rotated widths of one basis another, row-scaled or
+    not, on the weight and moment rotated once; the rest (round to nearest, layers feedback cannot
+    round) are encoded one by one."""
     from ..rounding import quantize_feedback_many
 
     kwargs = dict(rounding=rounding, moment=moment, upper=upper, importance=importance, damp=damp)
@@ -169,10 +170,10 @@ def encode(weight: torch.Tensor, specs: Sequence[QuantConfig | RotatedSpec], *, 
         for i, s in enumerate(specs):
             if s.feedback_applies(shape):
                 basis = s.seeds if isinstance(s, RotatedSpec) else None
-                groups.setdefault((basis, s.block_size), []).append(i)
-    if groups and moment is None and (upper is None or any(basis for basis, _ in groups)):
+                groups.setdefault(basis, []).append(i)
+    if groups and moment is None and (upper is None or any(basis for basis in groups)):
         raise ValueError("rounding='feedback' needs the input second moment (moment=H)")
-    for (basis, _), idx in groups.items():
+    for basis, idx in groups.items():
         if basis is None:
             out.update(zip(idx, quantize_feedback_many(weight, [specs[i] for i in idx], moment, damp, upper=upper)))
             continue

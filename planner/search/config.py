@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 SEARCHES = ("guided", "exact")
 STRONG_BITS = {"nf": (2, 3, 4, 8), "gguf": (2, 3, 4, 5, 6, 8)}  # the default menus (README "Defaults")
 QUICK_BITS = (2, 4, 8)  # --quick: the first planner's menu
-STRONG_ROTATION = "off"  # the default --rotation for families that rotate (README "Defaults")
+STRONG_ROTATION = "search"  # the default --rotation for families that rotate (README "Defaults")
+STRONG_DOUBLE_QUANT = "on"  # the default --double-quant for families with it (README "Defaults")
 _SPACE = SearchSpace()  # the search-space defaults live there, once
 
 
@@ -39,9 +40,10 @@ class PlanConfig:
     granularity: str = _opt(_SPACE.granularity, "one choice per module, per block, or per module type",
                             choices=GRANULARITIES)
     double_quant: str | None = _opt(None, "double quantization of the blocks' absmax constants (QLoRA: 8-bit, blocks "
-                                    "of 256; NF4 4.5 -> 4.127 bits/weight): off, on for every quantized width, or "
-                                    "search (the planner chooses per layer; the default for nf, off with --quick and "
-                                    "for families with their own constants)", choices=DQ_MODES)
+                                    "of 256; NF4 4.5 -> 4.127 bits/weight): on for every quantized width (the default for "
+                                    "nf: measured plans chose it for all but 0-4 of 210 layers), search (both offered, "
+                                    "the planner chooses per layer), or off (with --quick and for families with their "
+                                    "own constants)", choices=DQ_MODES)
     quant: str = _opt("nf", "quantizer family: nf (NormalFloat codebooks, for planner.load and bitsandbytes) or "
                       "gguf (llama.cpp's block types, for `materialize --format gguf`: --bits 2 = q2_k, 3 = q3_k, "
                       "4 = q4_0/iq4_nl/q4_k/iq4_xs, 5 = q5_0/q5_1/q5_k, 6 = q6_k, 8 = q8_0; a type on rows it cannot "
@@ -52,8 +54,8 @@ class PlanConfig:
                                 "width (also row-scaled: one searched scale per row, e.g. 3rdq-row), or search (the "
                                 "planner chooses per layer; the guided search also scores the plan without rotation). "
                                 "Layers without a Hadamard order store the plain width; GGUF and bitsandbytes exports "
-                                "refuse rotated layers. Default: off (README \"Defaults\": it costs planning time); "
-                                "search pays below 4 bits/weight (SmolLM2 at 3.0: perplexity 56.9 -> 30.6)",
+                                "refuse rotated layers: plan with off for them. Default: search (off with --quick; "
+                                "SmolLM2 at 3.0 bits/weight: perplexity 56.9 -> 30.6)",
                                 choices=DQ_MODES)
     init: str | None = _opt(None, "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
                             "norm; loftq-data (the default; loftq with --quick) fits the layer's output on the "
@@ -121,7 +123,7 @@ class PlanConfig:
             bits = QUICK_BITS if quick else STRONG_BITS.get(self.quant, family.bits)
             object.__setattr__(self, "bits", tuple(b for b in bits if b in family.bits) or family.bits)
         if self.double_quant is None:
-            object.__setattr__(self, "double_quant", "search" if family.double_quant and not quick else "off")
+            object.__setattr__(self, "double_quant", STRONG_DOUBLE_QUANT if family.double_quant and not quick else "off")
         if self.rotation is None:
             object.__setattr__(self, "rotation", STRONG_ROTATION if family.rotation and not quick else "off")
         if self.init is None:

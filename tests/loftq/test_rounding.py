@@ -168,9 +168,33 @@ def test_many_widths_in_one_column_loop_are_each_widths_own_codes(smol, monkeypa
                 assert t.config == c and torch.equal(t.packed, a.packed), (name, c)
                 assert a.constants().keys() == t.constants().keys()
                 assert all(torch.equal(a.constants()[k], t.constants()[k]) for k in a.constants())
-    with pytest.raises(ValueError, match="one block size"):
-        rounding.quantize_feedback_many(w, [QuantConfig(4, "nf", 64), QuantConfig(4, "nf", 32)], h)
     assert rounding.quantize_feedback_many(w, [], h) == []
+
+
+def test_widths_of_other_blocks_share_a_loop_and_keep_their_own_codes(smol) -> None:  # noqa: F811
+    """A row-scaled block (the row length) and a 192-block loop at 64 columns a run beside the
+    64-blocks (a 32-block loops alone at 32): each width's codes and constants are its own call's,
+    and every block's scale is what dequantization reads."""
+    import loftq.rounding as rounding
+
+    _, store, weights = smol
+    for name in (LAYERS[0], LAYERS[4]):
+        w, h = weights[name], store[name]
+        row = int(w.shape[1])
+        configs = [QuantConfig(3, "nf", 64, True), QuantConfig(3, "nf", row, True), QuantConfig(2, "nf", row, False),
+                   QuantConfig(4, "nf", 192, True), QuantConfig(4, "nf", 32, False)]
+        assert [rounding.loop_block(c.block_size) for c in configs] == [64, 64, 64, 64, 32]
+        upper = rounding.inverse_factor(h)
+        together = rounding.quantize_feedback_many(w, configs, upper=upper)
+        for c, t in zip(configs, together):
+            a = quantize_feedback(w, c, upper=upper)
+            assert t.config == c and t.block == c.block_size and torch.equal(t.packed, a.packed), (name, c)
+            assert all(torch.equal(a.constants()[k], t.constants()[k]) for k in a.constants())
+            # the feedback beats round to nearest at the same scales, in the output norm it minimises
+            lower = torch.linalg.cholesky(h.double() + 0.01 * h.diagonal().mean() * torch.eye(row, dtype=torch.float64))
+            near = c.quantize(w).dequantize().double()
+            fb = t.dequantize().double()
+            assert ((w.double() - fb) @ lower).norm() < ((w.double() - near) @ lower).norm(), (name, c)
 
 
 def test_the_grid_rounds_like_a_binary_search_at_and_around_every_midpoint() -> None:

@@ -18,10 +18,13 @@ from planner.cli.app import main
 from planner.search.config import PlanConfig
 from planner.errors import PlannerError
 from planner.scoring.moments import plan_moments
+from planner.scoring.bank import entry_key
 from planner.search.prepare import extremes, prepare
 from planner.search.flow import make_plan
 from planner.settings import RunSettings
 from planner.sources import resolve
+from search_spaces.choices import menu
+from search_spaces.widths import resolve as resolve_width
 from tests.tiny_models import save_tiny_llama_with_real_tokenizer
 
 RUN = RunSettings(seq_len=128, batch_size=1, device="cpu")
@@ -252,7 +255,9 @@ def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(
                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 27: with feedback rounding the weight bank's Q is the one source of the residual tables,
     the Fisher errors and the candidates: every (layer, spec) is encoded exactly once in a plan (a
-    guided search with a fine-tune proxy: every stage that reads Q runs)."""
+    guided search with a fine-tune proxy: every stage that reads Q runs), with the default menu
+    (double-quantized widths, plain, rotated and row-scaled rotated: a rotated spec is encoded on
+    the rotated weight, so its key is that weight's digest)."""
     import hashlib
     from collections import Counter
 
@@ -263,7 +268,7 @@ def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(
 
     def key(weight: torch.Tensor, config) -> tuple[str, str]:
         digest = hashlib.sha1(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-        return digest, f"{config.quant_name}{'dq' if config.double_quant else ''}"
+        return digest, f"{config.quant_name}{'dq' if config.double_quant else ''}-b{config.block_size}"
 
     real_quantize, real_many = quant.quantize, rounding.quantize_feedback_many
     real_residuals = quant.quantization_residuals
@@ -292,12 +297,17 @@ def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(
 
     monkeypatch.setattr(codebook, "quantization_residuals", counting_residuals)
     model = save_tiny_llama_with_real_tokenizer(tmp_path / "tiny")
-    cfg = PlanConfig(model=str(model), bits=(2, 3, 4, 8), ranks=(0, 4), double_quant="search", init="loftq-data",
-                     rounding="feedback", trials=3, proxy_top=1, proxy_steps=2, calib_seqs=2, proxy_seqs=1,
+    cfg = PlanConfig(model=str(model), ranks=(0, 4), trials=3, proxy_top=1, proxy_steps=2, calib_seqs=2, proxy_seqs=1,
                      calib_seq_len=64, cache_dir=str(tmp_path / "cache"))
     prep = prepare(cfg, RUN)
     lo, hi = extremes(prep)
     make_plan(cfg, RUN, (prep.estimate(lo).total_bytes + prep.estimate(hi).total_bytes) // 2)
-    n_layers, n_widths = len(prep.targets), 8  # 2, 2dq, 3, 3dq, 4, 4dq, 8, 8dq
-    assert len(counts) == n_layers * n_widths, len(counts)
+    assert (cfg.double_quant, cfg.rotation, cfg.init, cfg.rounding) == ("on", "search", "loftq-data", "feedback")
+    widths = menu(cfg.bits, cfg.double_quant, cfg.quant, cfg.rotation)
+    assert [str(w) for w in widths] == ["2dq", "2rdq", "2rdq-row", "3dq", "3rdq", "3rdq-row", "4dq", "4rdq", "4rdq-row",
+                                        "8dq"]
+    specs = {(t.name, entry_key(resolve_width(w, tuple(t.shape)))) for t in prep.targets for w in widths}
+    # every layer rotatable; the 160-long rows of down_proj also row-scaled (64-long rows: the 64-block)
+    assert {k for _, k in specs} >= {"nf2dq", "nf3-rotdq", "nf3-rotdq-b160", "nf8dq"}, sorted({k for _, k in specs})
+    assert len(counts) == len(specs), (len(counts), len(specs))
     assert set(counts.values()) == {1}, [k for k, v in counts.items() if v > 1][:5]
