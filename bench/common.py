@@ -112,24 +112,27 @@ def first_k(counter: Counter, budget: int, rank: int | None = None, hi: WidthKey
 # the planner's variants in bench.ablation and bench.embedding: name -> the PlanConfig fields it sets
 # (every other lever at the product's default). "default" sets nothing: the planner a user runs.
 # issue 15's lever rows set all four levers by hand (the first five are "all on" and each lever
-# off; "+fb" plans with --rounding feedback: tables, Fisher and bank all score feedback Q); "quick"
-# is --quick (the first planner); "+rot" adds rotated widths (--rotation search: chosen per layer).
-LEVERS = ("bits", "double_quant", "init", "rounding")
+# off; "+fb" plans with --rounding feedback: tables, Fisher and bank all score feedback Q; none of
+# them rotates); "quick" is --quick (the first planner); "previous" the default before rotated widths
+# joined it (--double-quant search --rotation off); "default+rot" that with --rotation search (the
+# rows measured before the change).
+LEVERS = ("bits", "double_quant", "init", "rounding", "rotation")
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "default+exact": {"search": "exact"},  # the exact solver alone, no Optuna trials (issue 27: the default --search)
-    "default+rot": {"rotation": "search"},
+    "previous": {"double_quant": "search", "rotation": "off"},
+    "default+rot": {"double_quant": "search", "rotation": "search"},
     "default+rot-on": {"rotation": "on"},
     "quick": {"quick": True},
-    "plain": dict(zip(LEVERS, ((2, 4, 8), "off", "loftq", "nearest"))),
-    "nf3+dq+data": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq-data", "nearest"))),
-    "nf3+dq": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq", "nearest"))),
-    "nf3+data": dict(zip(LEVERS, ((2, 3, 4, 8), "off", "loftq-data", "nearest"))),
-    "dq+data": dict(zip(LEVERS, ((2, 4, 8), "search", "loftq-data", "nearest"))),
-    "nf3": dict(zip(LEVERS, ((2, 3, 4, 8), "off", "loftq", "nearest"))),
-    "dq": dict(zip(LEVERS, ((2, 4, 8), "search", "loftq", "nearest"))),
-    "data": dict(zip(LEVERS, ((2, 4, 8), "off", "loftq-data", "nearest"))),
-    "nf3+dq+data+fb": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq-data", "feedback"))),
+    "plain": dict(zip(LEVERS, ((2, 4, 8), "off", "loftq", "nearest", "off"))),
+    "nf3+dq+data": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq-data", "nearest", "off"))),
+    "nf3+dq": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq", "nearest", "off"))),
+    "nf3+data": dict(zip(LEVERS, ((2, 3, 4, 8), "off", "loftq-data", "nearest", "off"))),
+    "dq+data": dict(zip(LEVERS, ((2, 4, 8), "search", "loftq-data", "nearest", "off"))),
+    "nf3": dict(zip(LEVERS, ((2, 3, 4, 8), "off", "loftq", "nearest", "off"))),
+    "dq": dict(zip(LEVERS, ((2, 4, 8), "search", "loftq", "nearest", "off"))),
+    "data": dict(zip(LEVERS, ((2, 4, 8), "off", "loftq-data", "nearest", "off"))),
+    "nf3+dq+data+fb": dict(zip(LEVERS, ((2, 3, 4, 8), "search", "loftq-data", "feedback", "off"))),
 }
 # every width any variant can plan: the benches' weight banks hold them (entries are computed lazily)
 BANK_MENU = menu((2, 3, 4, 8), "search", rotation="search")

@@ -121,7 +121,7 @@ def rotated_note(plan: Any, console: Console) -> None:
     if rotated:
         console.print(f"note: r = rotated: {len(rotated)} of {len(plan.layers)} layers store their codes in a randomized "
                       f"Hadamard basis (e.g. {rotated[0]}); planner.load, finetune and verify run them, GGUF and "
-                      "hf-bnb exports cannot.")
+                      "hf-bnb exports cannot (plan with --rotation off for those).")
 
 
 def low_bit_note(outcome: Any, console: Console) -> None:
