@@ -2,11 +2,12 @@
 (``--quick``) on SmolLM2, per stage, each from a cold cache, in one run; then a warm re-plan of the
 default at another budget; and each plan against its floor.
 
-    python -m bench.plan_time [--budget 4.0] [--other 3.5] [--search guided|exact]
+    python -m bench.plan_time [--budget 4.0] [--other 3.5] [--search guided|exact] [--rotation] [--previous]
                               [--out bench/results/plan_time.json]
 
-A third cold plan is the previous default (``--double-quant search --rotation off``, the default
-before the rotated widths joined it), so what the rotated widths cost is measured in the same run.
+``--rotation`` adds a cold plan of the default with ``--rotation search`` (the rotated widths'
+cost, measured in the same run); ``--previous`` one of the default before 8 December
+(``--double-quant search``: double quantization chosen per layer).
 
 The floor of a plan is what it cannot do without: one streamed forward + backward over the
 calibration tokens (the Fisher pass with nothing to compute per layer) plus one encoding of every
@@ -38,7 +39,8 @@ from planner.search.stages import Context, calibration, moments, open_scorer
 STAGES = ("moments_s", "bank_s", "tables_s", "fisher_s", "reference_s", "search_s", "finetune_proxy_s", "total_s")
 
 
-PREVIOUS = "previous default (--double-quant search --rotation off)"
+PREVIOUS = "previous default (--double-quant search)"
+ROTATION = "default --rotation search"
 
 def uptime() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
@@ -100,14 +102,19 @@ def main() -> None:
     ap.add_argument("--search", default=None, help="guided or exact (default: the planner's)")
     ap.add_argument("--trials", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--rotation", action="store_true", help="also the default with --rotation search, cold")
+    ap.add_argument("--previous", action="store_true", help="also the previous default (--double-quant search), cold")
     ap.add_argument("--out", default="bench/results/plan_time.json")
     args = ap.parse_args()
     progress.set_enabled(False)
     before = uptime()
     extra = {k: v for k, v in (("search", args.search), ("trials", args.trials)) if v is not None}
-    configs = {"quick (the first planner's default)": PlanConfig(quick=True, **extra),
-               PREVIOUS: PlanConfig(double_quant="search", rotation="off", **extra),
-               "default": PlanConfig(**extra)}
+    configs = {"quick (the first planner's default)": PlanConfig(quick=True, **extra)}
+    if args.previous:
+        configs[PREVIOUS] = PlanConfig(double_quant="search", **extra)
+    configs["default"] = PlanConfig(**extra)
+    if args.rotation:
+        configs[ROTATION] = PlanConfig(rotation="search", **extra)
     counter = Counter(prepare(configs["default"], bench_run("finetune", args.seq_len)))
     budget, other = counter.budget_for(args.budget), counter.budget_for(args.other)
     rows: dict[str, Any] = {}
@@ -120,18 +127,21 @@ def main() -> None:
         row["floor"] = floor(replace(cfg, cache_dir=tempfile.mkdtemp(prefix="plan-floor-")), args.seq_len)
         rows[label] = row
     quick, default = rows["quick (the first planner's default)"], rows["default"]
-    doc = {"command": "python -m bench.plan_time " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                            if v is not None and k != "out"),
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+             if v is not None and v is not False and k != "out"]
+    doc = {"command": "python -m bench.plan_time " + " ".join(flags),
            "budget": args.budget, "budget_bytes": budget, "other": args.other, "threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "loadavg_before": before, "loadavg_after": uptime(), "rows": rows,
            "ratios": {"default / quick (cold)": round(default["wall_s"] / quick["wall_s"], 3),
                       "warm re-plan / cold (default)": round(default["warm_replan"]["wall_s"] / default["wall_s"], 3),
                       "quick / its floor": round(quick["wall_s"] / quick["floor"]["total_s"], 3),
                       "default / its floor": round(default["wall_s"] / default["floor"]["total_s"], 3)}}
-    previous = rows[PREVIOUS]
-    doc["ratios"].update({"default / previous default (cold)": round(default["wall_s"] / previous["wall_s"], 3),
-                          "previous default / quick (cold)": round(previous["wall_s"] / quick["wall_s"], 3),
-                          "previous default / its floor": round(previous["wall_s"] / previous["floor"]["total_s"], 3)})
+    for label, name in ((PREVIOUS, "previous default"), (ROTATION, "rotation search")):
+        row = rows.get(label)
+        if row is not None:
+            doc["ratios"].update({f"{name} / default (cold)": round(row["wall_s"] / default["wall_s"], 3),
+                                  f"{name} / quick (cold)": round(row["wall_s"] / quick["wall_s"], 3),
+                                  f"{name} / its floor": round(row["wall_s"] / row["floor"]["total_s"], 3)})
     write_json(args.out, doc)
     print(f"load average before {before}, after {doc['loadavg_after']}; {doc['threads']} threads")
     print(f"{'stage':20}" + "".join(f"{label.split(' (')[0]:>28}" for label in rows))

@@ -34,6 +34,10 @@ KEEP_BITS = 16
 DQ_MODES = ("off", "on", "search")
 ROTATION_MODES = ("off", "on", "search")  # plain widths only, rotated only, both
 ROTATION_MAX_BITS = 4  # rotated widths on the menu: the low ones (8-bit codes lose nothing to outliers)
+# rotated bits offered row-scaled only: at 2 and 3 bits the row-scaled width had the lower (NF2) or
+# the same (NF3) output error as the 64-block one for 0.116 fewer bits per weight (README "Below 4
+# bits"), and no measured plan chose a 64-block 2r/2rdq/3r/3rdq once it was on the menu beside it
+ROW_ONLY_MAX_BITS = 3
 
 
 @total_ordering
@@ -115,7 +119,9 @@ def parse(quant: str, bits: int, block_size: int, double_quant: bool) -> QuantCo
 def menu(bits: Iterable[int], double_quant: str = "off", rotation: str = "off") -> tuple:
     """Plain widths (``double_quant="off"``), double-quantized (``on``) or both (``search``), each
     (at most ROTATION_MAX_BITS) also rotated (``rotation="search"``) or only rotated (``on``); every
-    rotated bits also row-scaled (double-quantized unless ``double_quant="off"``); in menu order."""
+    rotated bits also row-scaled (double-quantized unless ``double_quant="off"``), and at most
+    ROW_ONLY_MAX_BITS only row-scaled (a layer whose row is one 64-block stores the rotated
+    64-block there); in menu order."""
     if double_quant not in DQ_MODES:
         raise ValueError(f"double_quant must be one of {', '.join(DQ_MODES)}, got {double_quant!r}")
     if rotation not in ROTATION_MODES:
@@ -124,7 +130,8 @@ def menu(bits: Iterable[int], double_quant: str = "off", rotation: str = "off") 
     out: list = []
     for b in sorted({int(b) for b in bits if b < KEEP_BITS}):
         rots = (False,) if b > ROTATION_MAX_BITS else {"off": (False,), "on": (True,), "search": (False, True)}[rotation]
-        out += [Width(b, dq, rot) if dq or rot else b for rot in rots for dq in dqs]
+        out += [Width(b, dq, rot) if dq or rot else b for rot in rots for dq in dqs
+                if not (rot and b <= ROW_ONLY_MAX_BITS)]
         if True in rots:
             out.append(Width(b, dqs[-1], True, rows=True))
     return tuple(sorted(out, key=sort_key))

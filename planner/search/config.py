@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 SEARCHES = ("guided", "exact")
 STRONG_BITS = {"nf": (2, 3, 4, 8), "gguf": (2, 3, 4, 5, 6, 8)}  # the default menus (README "Defaults")
 QUICK_BITS = (2, 4, 8)  # --quick: the first planner's menu
-STRONG_ROTATION = "search"  # the default --rotation for families that rotate (README "Defaults")
+STRONG_ROTATION = "off"  # the default --rotation for families that rotate (README "Defaults")
 STRONG_DOUBLE_QUANT = "on"  # the default --double-quant for families with it (README "Defaults")
 _SPACE = SearchSpace()  # the search-space defaults live there, once
 
@@ -54,8 +54,9 @@ class PlanConfig:
                                 "width (also row-scaled: one searched scale per row, e.g. 3rdq-row), or search (the "
                                 "planner chooses per layer; the guided search also scores the plan without rotation). "
                                 "Layers without a Hadamard order store the plain width; GGUF and bitsandbytes exports "
-                                "refuse rotated layers: plan with off for them. Default: search (off with --quick; "
-                                "SmolLM2 at 3.0 bits/weight: perplexity 56.9 -> 30.6)",
+                                "refuse rotated layers: plan with off for them. Default: off (README \"Defaults\": it costs "
+                                "planning time); search pays below 4 bits/weight (SmolLM2 at 3.0: perplexity "
+                                "56.9 -> 30.6)",
                                 choices=DQ_MODES)
     init: str | None = _opt(None, "adapter initialisation, recorded in the plan: loftq fits B A to W - Q in the plain "
                             "norm; loftq-data (the default; loftq with --quick) fits the layer's output on the "

@@ -31,11 +31,13 @@ def weights(smollm2_linears) -> dict[str, torch.Tensor]:
 
 
 def test_menu_and_names() -> None:
+    # at 2 and 3 bits the rotated width is row-scaled only (README "Below 4 bits"); 4 has both
     assert [str(w) for w in widths("nf", (2, 3, 4, 8), "search", "search")] == [
-        "2", "2dq", "2r", "2rdq", "2rdq-row", "3", "3dq", "3r", "3rdq", "3rdq-row", "4", "4dq", "4r", "4rdq",
-        "4rdq-row", "8", "8dq"]
-    assert [str(w) for w in widths("nf", (3, 8), "off", "on")] == ["3r", "3r-row", "8"]
-    assert [str(w) for w in widths("nf", (3,), "on", "on")] == ["3rdq", "3rdq-row"]
+        "2", "2dq", "2rdq-row", "3", "3dq", "3rdq-row", "4", "4dq", "4r", "4rdq", "4rdq-row", "8", "8dq"]
+    assert [str(w) for w in widths("nf", (2, 3, 4, 8), "on", "search")] == [
+        "2dq", "2rdq-row", "3dq", "3rdq-row", "4dq", "4rdq", "4rdq-row", "8dq"]
+    assert [str(w) for w in widths("nf", (3, 8), "off", "on")] == ["3r-row", "8"]
+    assert [str(w) for w in widths("nf", (3, 4), "on", "on")] == ["3rdq-row", "4rdq", "4rdq-row"]
     with pytest.raises(ValueError, match="row-scaled width is a rotated one"):
         Width(3, True, False, rows=True)
     with pytest.raises(ValueError, match="cannot be rotated"):

@@ -36,7 +36,7 @@ def test_the_plan_and_show_name_the_rotated_layers(rotated, capsys) -> None:
     assert plan.init.rounding == "feedback"  # error feedback ran in the rotated basis
     assert main(["show", str(rotated["root"] / "plan.json")]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\b[23]r/[04]\b", out) and "r = rotated: 21 of 21 layers" in out, out
+    assert re.search(r"\b[23]r(-row)?/[04]\b", out) and "r = rotated: 21 of 21 layers" in out, out
 
 
 def test_materialized_rotated_layers_load_and_fine_tune(rotated, capsys) -> None:

@@ -136,5 +136,6 @@ def test_a_rank_above_a_layer_is_refused_by_the_space_and_the_dry_run_like_the_r
     assert json.loads(capsys.readouterr().out)["max"]["plan"]["ranks"] == [32]
     assert main(common + ["--dry-run", "--json", "--ranks", "0,8,32"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["max"]["plan"] == {"bits": [8], "ranks": [32]}
-    assert report["min"]["plan"] == {"bits": [2], "ranks": [0], "double_quant": True}  # 2dq: the smallest by default
+    # every width double-quantized by default: 8dq the largest, 2dq the smallest
+    assert report["max"]["plan"] == {"bits": [8], "ranks": [32], "double_quant": True}
+    assert report["min"]["plan"] == {"bits": [2], "ranks": [0], "double_quant": True}

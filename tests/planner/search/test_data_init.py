@@ -255,9 +255,9 @@ def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(
                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 27: with feedback rounding the weight bank's Q is the one source of the residual tables,
     the Fisher errors and the candidates: every (layer, spec) is encoded exactly once in a plan (a
-    guided search with a fine-tune proxy: every stage that reads Q runs), with the default menu
-    (double-quantized widths, plain, rotated and row-scaled rotated: a rotated spec is encoded on
-    the rotated weight, so its key is that weight's digest)."""
+    guided search with a fine-tune proxy: every stage that reads Q runs), with the default levers
+    and --rotation search (double-quantized widths, plain, rotated and row-scaled rotated: a rotated
+    spec is encoded on the rotated weight, so its key is that weight's digest)."""
     import hashlib
     from collections import Counter
 
@@ -297,17 +297,16 @@ def test_each_layer_and_width_is_quantized_once_per_plan_with_feedback_rounding(
 
     monkeypatch.setattr(codebook, "quantization_residuals", counting_residuals)
     model = save_tiny_llama_with_real_tokenizer(tmp_path / "tiny")
-    cfg = PlanConfig(model=str(model), ranks=(0, 4), trials=3, proxy_top=1, proxy_steps=2, calib_seqs=2, proxy_seqs=1,
+    cfg = PlanConfig(model=str(model), ranks=(0, 4), rotation="search", trials=3, proxy_top=1, proxy_steps=2, calib_seqs=2, proxy_seqs=1,
                      calib_seq_len=64, cache_dir=str(tmp_path / "cache"))
     prep = prepare(cfg, RUN)
     lo, hi = extremes(prep)
     make_plan(cfg, RUN, (prep.estimate(lo).total_bytes + prep.estimate(hi).total_bytes) // 2)
-    assert (cfg.double_quant, cfg.rotation, cfg.init, cfg.rounding) == ("on", "search", "loftq-data", "feedback")
+    assert (cfg.double_quant, cfg.init, cfg.rounding) == ("on", "loftq-data", "feedback")
     widths = menu(cfg.bits, cfg.double_quant, cfg.quant, cfg.rotation)
-    assert [str(w) for w in widths] == ["2dq", "2rdq", "2rdq-row", "3dq", "3rdq", "3rdq-row", "4dq", "4rdq", "4rdq-row",
-                                        "8dq"]
+    assert [str(w) for w in widths] == ["2dq", "2rdq-row", "3dq", "3rdq-row", "4dq", "4rdq", "4rdq-row", "8dq"]
     specs = {(t.name, entry_key(resolve_width(w, tuple(t.shape)))) for t in prep.targets for w in widths}
-    # every layer rotatable; the 160-long rows of down_proj also row-scaled (64-long rows: the 64-block)
-    assert {k for _, k in specs} >= {"nf2dq", "nf3-rotdq", "nf3-rotdq-b160", "nf8dq"}, sorted({k for _, k in specs})
+    # every layer rotatable; the 160-long rows of down_proj row-scaled (64-long rows: the rotated 64-block)
+    assert {k for _, k in specs} >= {"nf2dq", "nf3-rotdq", "nf3-rotdq-b160", "nf4-rotdq", "nf8dq"}, sorted({k for _, k in specs})
     assert len(counts) == len(specs), (len(counts), len(specs))
     assert set(counts.values()) == {1}, [k for k, v in counts.items() if v > 1][:5]
