@@ -113,15 +113,16 @@ def first_k(counter: Counter, budget: int, rank: int | None = None, hi: WidthKey
 # (every other lever at the product's default). "default" sets nothing: the planner a user runs.
 # issue 15's lever rows set all four levers by hand (the first five are "all on" and each lever
 # off; "+fb" plans with --rounding feedback: tables, Fisher and bank all score feedback Q; none of
-# them rotates); "quick" is --quick (the first planner); "previous" the default before rotated widths
-# joined it (--double-quant search --rotation off); "default+rot" that with --rotation search (the
-# rows measured before the change).
+# them rotates); "quick" is --quick (the first planner); "previous" the default before 8 December
+# (--double-quant search: double quantization chosen per layer); "+rot" adds rotated widths
+# (--rotation search: chosen per layer).
 LEVERS = ("bits", "double_quant", "init", "rounding", "rotation")
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "default+exact": {"search": "exact"},  # the exact solver alone, no Optuna trials (issue 27: the default --search)
-    "previous": {"double_quant": "search", "rotation": "off"},
-    "default+rot": {"double_quant": "search", "rotation": "search"},
+    "previous": {"double_quant": "search"},
+    "default+rot": {"rotation": "search"},
+    "previous+rot": {"double_quant": "search", "rotation": "search"},
     "default+rot-on": {"rotation": "on"},
     "quick": {"quick": True},
     "plain": dict(zip(LEVERS, ((2, 4, 8), "off", "loftq", "nearest", "off"))),

@@ -41,7 +41,7 @@ class PlanConfig:
                             choices=GRANULARITIES)
     double_quant: str | None = _opt(None, "double quantization of the blocks' absmax constants (QLoRA: 8-bit, blocks "
                                     "of 256; NF4 4.5 -> 4.127 bits/weight): on for every quantized width (the default for "
-                                    "nf: measured plans chose it for all but 0-4 of 210 layers), search (both offered, "
+                                    "nf: measured plans chose it for all but 0-2 of 210 layers), search (both offered, "
                                     "the planner chooses per layer), or off (with --quick and for families with their "
                                     "own constants)", choices=DQ_MODES)
     quant: str = _opt("nf", "quantizer family: nf (NormalFloat codebooks, for planner.load and bitsandbytes) or "
@@ -74,7 +74,7 @@ class PlanConfig:
                                "(feedback rounding needs the full moments); every target must have an entry. The plan "
                                "records the file's sha256: materialize needs --imatrix with the same file")
     quick: bool = _opt(False, "the quick plan of the first planner: the 2/4/8 menu without double quantization, plain "
-                       "LoftQ, round to nearest (several times faster to plan, and worse at tight budgets: README "
+                       "LoftQ, round to nearest (1.8x faster to plan on SmolLM2, and worse at tight budgets: README "
                        "\"Defaults\")")
     target_modules: str | None = _opt(None, "override target modules: comma-separated leaf names or regexes")
     search: str = _opt("guided", "guided (the default): Optuna shapes the exact solver's objective, its first trial the "
