@@ -111,7 +111,7 @@ def first_k(counter: Counter, budget: int, rank: int | None = None, hi: WidthKey
 
 # the planner's variants in bench.ablation and bench.embedding: name -> the PlanConfig fields it sets
 # (every other lever at the product's default). "default" sets nothing: the planner a user runs.
-# issue 15's lever rows set all four levers by hand (the first five are "all on" and each lever
+# issue 15's lever rows set all four levers by hand, and --rotation off (the first five are "all on" and each lever
 # off; "+fb" plans with --rounding feedback: tables, Fisher and bank all score feedback Q; none of
 # them rotates); "quick" is --quick (the first planner); "previous" the default before 8 December
 # (--double-quant search: double quantization chosen per layer); "+rot" adds rotated widths

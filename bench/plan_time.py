@@ -42,6 +42,7 @@ STAGES = ("moments_s", "bank_s", "tables_s", "fisher_s", "reference_s", "search_
 PREVIOUS = "previous default (--double-quant search)"
 ROTATION = "default --rotation search"
 
+
 def uptime() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 

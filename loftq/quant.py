@@ -325,27 +325,36 @@ def row_scales(blocks: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     so the error is sum_k (n_k (c q_k)^2 - 2 c q_k S_k) + sum y^2 from the run lengths n_k and
     prefix sums S_k: one sort and a search of G x (K - 1) bounds per block instead of G roundings
     of every entry (the same scales, 3x faster on SmolLM2's rotated layers)."""
+    return row_scales_many(blocks, [codebook])[0]
+
+
+def row_scales_many(blocks: torch.Tensor, codebooks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`row_scales` of ``blocks`` for each codebook, the blocks sorted once for all of them
+    (a layer's row-scaled NF2, NF3 and NF4 search one rotated weight)."""
     n, m = blocks.shape
     absmax = blocks.abs().amax(dim=1)
-    out = absmax.clone()
-    book = codebook.to(blocks.device, torch.float64)
+    outs = [absmax.clone() for _ in codebooks]
     grid = torch.tensor(CLIP_GRID, dtype=torch.float64, device=blocks.device)
-    bounds = (grid[:, None] * (book[:-1] + book[1:])[None, :] / 2).reshape(-1).float()  # [G * (K - 1)]
-    level = grid[:, None] * book[None, :]  # [G, K]: the value a code dequantizes to, in units of absmax
+    searches = []
+    for codebook in codebooks:
+        book = codebook.to(blocks.device, torch.float64)
+        bounds = (grid[:, None] * (book[:-1] + book[1:])[None, :] / 2).reshape(-1).float()  # [G * (K - 1)]
+        searches.append((bounds, grid[:, None] * book[None, :]))  # [G, K]: a code's value, in units of absmax
     step = max(1, SEARCH_CHUNK // max(1, m))
     for start in range(0, n, step):
         am = absmax[start:start + step]
         y = (blocks[start:start + step] / am.clamp(min=1e-30)[:, None]).sort(dim=1).values
         r = y.shape[0]
         prefix = torch.nn.functional.pad(y.double().cumsum(dim=1), (1, 0))  # [r, m + 1]
-        # a value rounds to the entry whose code counts the midpoints strictly below it
-        cut = torch.searchsorted(y, bounds.expand(r, -1).contiguous(), right=True).view(r, len(grid), -1)
-        edges = torch.cat([cut.new_zeros(r, len(grid), 1), cut, cut.new_full((r, len(grid), 1), m)], dim=2)
-        count = edges.diff(dim=2).double()
-        total = prefix.gather(1, edges.view(r, -1)).view(r, len(grid), -1).diff(dim=2)
-        err = (count * level.square() - 2 * level * total).sum(dim=2)  # [r, G], less sum y^2 (the same for every c)
-        out[start:start + step] = am * grid.to(am.dtype)[err.argmin(dim=1)]  # argmin: the first, the larger scale
-    return out
+        for out, (bounds, level) in zip(outs, searches):
+            # a value rounds to the entry whose code counts the midpoints strictly below it
+            cut = torch.searchsorted(y, bounds.expand(r, -1).contiguous(), right=True).view(r, len(grid), -1)
+            edges = torch.cat([cut.new_zeros(r, len(grid), 1), cut, cut.new_full((r, len(grid), 1), m)], dim=2)
+            count = edges.diff(dim=2).double()
+            total = prefix.gather(1, edges.view(r, -1)).view(r, len(grid), -1).diff(dim=2)
+            err = (count * level.square() - 2 * level * total).sum(dim=2)  # [r, G], less sum y^2 (the same for every c)
+            out[start:start + step] = am * grid.to(am.dtype)[err.argmin(dim=1)]  # argmin: the first, the larger scale
+    return outs
 
 
 def _encode(flat: torch.Tensor, block: int, codebook: torch.Tensor, absmax: torch.Tensor | None,

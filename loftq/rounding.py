@@ -24,7 +24,7 @@ import torch
 from .codebooks import code_lookup
 from .packing import pack
 from .quant import (ROUNDERS, QuantConfig, QuantizedTensor, _double_quantize, _dq_absmax, check_finite, count_nonfinite,
-                    row_scales, searches_scale)
+                    row_scales_many, searches_scale)
 
 ROUNDINGS = ("nearest", "feedback")
 STEP = 8  # columns updated one by one; the rest of their block gets their errors in one product
@@ -245,13 +245,22 @@ def quantize_feedback_many(weight: torch.Tensor, configs: list[QuantConfig], sec
     w = weight.detach().float()
     upper = upper.to(w.device, torch.float32)
     out = w.shape[0]
+    # the scales are W's absmax (once per block) or, for a row-scaled width, round-to-nearest's
+    # search (the same codes' scales as quantize(); one sort of W for all of them), fixed before
+    # any column is rounded
+    searched = [i for i, c in enumerate(configs) if searches_scale(c, w.shape)]
+    found = dict(zip(searched, row_scales_many(w, [configs[i].spec.codebook(configs[i].bits).to(w.device)
+                                                   for i in searched]))) if searched else {}
+    absmax: dict[int, torch.Tensor] = {}
     consts, fixed = [], []
-    for config in configs:  # the scales are W's (or the searched ones), fixed before any column is rounded
+    for i, config in enumerate(configs):
         block = config.block_size
-        if searches_scale(config, w.shape):  # round-to-nearest's search: the same codes' scales as quantize()
-            scales = row_scales(w, config.spec.codebook(config.bits).to(w.device))
+        if i in found:
+            scales = found[i]
         else:
-            scales = w.view(out, -1, block).abs().amax(dim=2).reshape(-1)
+            if block not in absmax:
+                absmax[block] = w.view(out, -1, block).abs().amax(dim=2).reshape(-1)
+            scales = absmax[block]
         if config.double_quant:
             c = _double_quantize(scales)
             consts.append(c)

@@ -172,13 +172,10 @@ def quantize_many(weight: torch.Tensor, specs: Sequence[Spec], **kwargs: Any) ->
     its widths). Equal specs are encoded once and share their result (two menu widths can store a
     layer alike: a row-scaled width on a row of 64 is the rotated 64-block)."""
     unique: list[Spec] = []
-    slot: list[int] = []
-    for s in specs:
-        j = next((j for j, u in enumerate(unique) if u == s), None)
-        if j is None:
+    for s in specs:  # by equality, not hash: a family's spec need not be hashable
+        if s not in unique:
             unique.append(s)
-            j = len(unique) - 1
-        slot.append(j)
+    slot = [unique.index(s) for s in specs]
     out: dict[int, Quantized] = {}
     for family in dict.fromkeys(s.family for s in unique):
         idx = [i for i, s in enumerate(unique) if s.family == family]

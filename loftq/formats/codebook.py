@@ -178,7 +178,7 @@ def encode(weight: torch.Tensor, specs: Sequence[QuantConfig | RotatedSpec], *, 
             if s.feedback_applies(shape):
                 basis = s.seeds if isinstance(s, RotatedSpec) else None
                 groups.setdefault(basis, []).append(i)
-    if groups and moment is None and (upper is None or any(basis for basis in groups)):
+    if groups and moment is None and (upper is None or any(groups)):  # a rotated basis needs the moment
         raise ValueError("rounding='feedback' needs the input second moment (moment=H)")
     for basis, idx in groups.items():
         if basis is None:

@@ -249,7 +249,7 @@ def test_row_scales_search_lowers_every_rows_error(weights) -> None:
     above the absmax's (1.0 is on the grid, ties keep it); an all-zero row keeps scale 0; a block of
     64 is not searched (its absmax is stored as before)."""
     from loftq.codebooks import nf_codebook
-    from loftq.quant import CLIP_GRID, row_scales, searches_scale
+    from loftq.quant import CLIP_GRID, row_scales, row_scales_many, searches_scale
 
     w = rotate(weights["model.layers.3.self_attn.q_proj"].float(), *SEEDS).clone()
     w[5] = 0
@@ -273,6 +273,9 @@ def test_row_scales_search_lowers_every_rows_error(weights) -> None:
         assert not searches_scale(QuantConfig(bits, "nf", 576), (576, 1152))  # blocks of half a row
         stored = q.quantize(w)
         assert torch.allclose(stored.tensors()["absmax"], scales)
+    # the three bits' searches from one sort give each search's own scales
+    books = [nf_codebook(bits) for bits in (2, 3, 4)]
+    assert all(torch.equal(a, row_scales(w, cb)) for a, cb in zip(row_scales_many(w, books), books))
 
 
 def test_a_row_block_is_not_handed_to_bitsandbytes() -> None:

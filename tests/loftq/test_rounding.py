@@ -186,12 +186,12 @@ def test_widths_of_other_blocks_share_a_loop_and_keep_their_own_codes(smol) -> N
         assert [rounding.loop_block(c.block_size) for c in configs] == [64, 64, 64, 64, 32]
         upper = rounding.inverse_factor(h)
         together = rounding.quantize_feedback_many(w, configs, upper=upper)
+        lower = torch.linalg.cholesky(h.double() + 0.01 * h.diagonal().mean() * torch.eye(row, dtype=torch.float64))
         for c, t in zip(configs, together):
             a = quantize_feedback(w, c, upper=upper)
             assert t.config == c and t.block == c.block_size and torch.equal(t.packed, a.packed), (name, c)
             assert all(torch.equal(a.constants()[k], t.constants()[k]) for k in a.constants())
             # the feedback beats round to nearest at the same scales, in the output norm it minimises
-            lower = torch.linalg.cholesky(h.double() + 0.01 * h.diagonal().mean() * torch.eye(row, dtype=torch.float64))
             near = c.quantize(w).dequantize().double()
             fb = t.dequantize().double()
             assert ((w.double() - fb) @ lower).norm() < ((w.double() - near) @ lower).norm(), (name, c)
